@@ -1,0 +1,342 @@
+//! How much of each unit a request uses, and what that costs, in exact
+//! decimal arithmetic. Charges are turned into integer counter amounts
+//! here, rounding up so that a budget is never under-charged.
+
+use rust_decimal::Decimal;
+
+use super::request::Estimate;
+use super::RequestError;
+use crate::policy::{Defaults, ImagePrice, ModelPrice, Unit};
+
+/// Usage with every field known: an estimate filled from defaults, or the
+/// actual usage reported at settle.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub images: u64,
+    pub image_quality: String,
+    pub video_jobs: u64,
+    pub video_seconds: Decimal,
+    pub audio_seconds: Decimal,
+}
+
+impl Usage {
+    /// Fills what the estimate leaves open from the defaults, by modality:
+    /// text assumes the default prompt and the model's (or the default)
+    /// output length; images, video and audio assume one default-sized item.
+    pub fn from_estimate(
+        est: &Estimate,
+        modality: Option<&str>,
+        price: Option<&ModelPrice>,
+        defaults: &Defaults,
+    ) -> Usage {
+        let text = matches!(modality, None | Some("text"));
+        let default_output = price
+            .and_then(|p| p.default_output_tokens)
+            .unwrap_or(defaults.output_tokens);
+        Usage {
+            input_tokens: est.input_tokens.unwrap_or(match modality {
+                None | Some("text") | Some("embedding") => defaults.input_tokens,
+                _ => 0,
+            }),
+            cached_input_tokens: est.cached_input_tokens.unwrap_or(0),
+            output_tokens: est
+                .output_tokens
+                .unwrap_or(if text { default_output } else { 0 }),
+            images: est.images.unwrap_or(if modality == Some("image") {
+                defaults.images
+            } else {
+                0
+            }),
+            image_quality: est
+                .image_quality
+                .clone()
+                .unwrap_or_else(|| defaults.image_quality.clone()),
+            video_jobs: u64::from(modality == Some("video")),
+            video_seconds: est.video_seconds.unwrap_or(if modality == Some("video") {
+                defaults.video_seconds
+            } else {
+                Decimal::ZERO
+            }),
+            audio_seconds: est.audio_seconds.unwrap_or(if modality == Some("audio") {
+                defaults.audio_seconds
+            } else {
+                Decimal::ZERO
+            }),
+        }
+    }
+}
+
+/// The counter amount a usage adds to a counter of `unit`. `price` is only
+/// consulted for spend; `model` only names it in errors.
+pub fn counter_amount(
+    unit: Unit,
+    usage: &Usage,
+    price: Option<&ModelPrice>,
+    model: Option<&str>,
+) -> Result<i64, RequestError> {
+    let whole = |n: u64| i64::try_from(n).map_err(|_| RequestError::too_large(unit));
+    let seconds = |d: Decimal| to_counter(d, 1, unit);
+    match unit {
+        Unit::Requests | Unit::Concurrent => Ok(1),
+        Unit::InputTokens => whole(usage.input_tokens),
+        Unit::OutputTokens => whole(usage.output_tokens),
+        Unit::Tokens => whole(usage.input_tokens.saturating_add(usage.output_tokens)),
+        Unit::Images => whole(usage.images),
+        Unit::VideoJobs => whole(usage.video_jobs),
+        Unit::VideoSeconds => seconds(usage.video_seconds),
+        Unit::AudioSeconds => seconds(usage.audio_seconds),
+        Unit::Spend => {
+            let model = model.ok_or_else(|| RequestError::Unpriced {
+                message: "the request names no model, and a spend rule applies to it".to_string(),
+            })?;
+            let price = price.ok_or_else(|| RequestError::Unpriced {
+                message: format!("model `{model}` has no price, and a spend rule applies to it"),
+            })?;
+            to_counter(cost(price, usage, model)?, Unit::Spend.scale(), unit)
+        }
+    }
+}
+
+/// Exact USD cost of a usage at a model's prices. Parts the model has no
+/// price for cost nothing, but a usage none of whose parts is priced is an
+/// error rather than a free request.
+pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, RequestError> {
+    let mtok = Decimal::from(1_000_000);
+    let mut total = Decimal::ZERO;
+    let mut priced = false;
+    let mut unpriced_parts: Vec<&str> = Vec::new();
+    let overflow = || RequestError::too_large(Unit::Spend);
+    let mut add =
+        |part: Option<Decimal>, qty: Decimal, name: &'static str| -> Result<(), RequestError> {
+            match part {
+                Some(p) => {
+                    priced = true;
+                    let c = p.checked_mul(qty).ok_or_else(overflow)?;
+                    total = total.checked_add(c).ok_or_else(overflow)?;
+                }
+                None if !qty.is_zero() => unpriced_parts.push(name),
+                None => {}
+            }
+            Ok(())
+        };
+    let uncached = usage.input_tokens.saturating_sub(usage.cached_input_tokens);
+    add(
+        price.input_per_mtok.map(|p| p / mtok),
+        Decimal::from(uncached),
+        "input tokens",
+    )?;
+    let cached_rate = price.cached_input_per_mtok.or(price.input_per_mtok);
+    add(
+        cached_rate.map(|p| p / mtok),
+        Decimal::from(usage.cached_input_tokens),
+        "cached input tokens",
+    )?;
+    add(
+        price.output_per_mtok.map(|p| p / mtok),
+        Decimal::from(usage.output_tokens),
+        "output tokens",
+    )?;
+    add(price.per_request, Decimal::ONE, "requests")?;
+    let image_rate = match &price.per_image {
+        None => None,
+        Some(ImagePrice::Flat(p)) => Some(*p),
+        Some(ImagePrice::ByQuality(by)) => match by.get(&usage.image_quality) {
+            Some(p) => Some(*p),
+            None if usage.images == 0 => None,
+            None => {
+                let known: Vec<&str> = by.keys().map(String::as_str).collect();
+                return Err(RequestError::invalid(format!(
+                    "image quality {:?} has no price for model `{model}`; priced qualities: {}",
+                    usage.image_quality,
+                    known.join(", ")
+                )));
+            }
+        },
+    };
+    add(image_rate, Decimal::from(usage.images), "images")?;
+    add(price.per_video_second, usage.video_seconds, "video seconds")?;
+    let per_audio_second = price.per_audio_minute.map(|p| p / Decimal::from(60));
+    add(per_audio_second, usage.audio_seconds, "audio seconds")?;
+    if !priced && !unpriced_parts.is_empty() {
+        return Err(RequestError::Unpriced {
+            message: format!(
+                "model `{model}` has no price for {}, and a spend rule applies to it",
+                unpriced_parts.join(", ")
+            ),
+        });
+    }
+    Ok(total)
+}
+
+/// Converts a natural amount to counter units (`scale` per unit), rounding
+/// up: a charge never rounds down to less than was used.
+pub fn to_counter(amount: Decimal, scale: i64, unit: Unit) -> Result<i64, RequestError> {
+    let scaled = amount
+        .checked_mul(Decimal::from(scale))
+        .ok_or_else(|| RequestError::too_large(unit))?
+        .ceil();
+    i64::try_from(scaled)
+        .ok()
+        .filter(|v| *v <= MAX_COUNTER)
+        .ok_or_else(|| RequestError::too_large(unit))
+}
+
+/// The largest amount a counter may hold; keeps sums far from overflow in
+/// every store (Lua numbers are exact up to 2^53).
+pub const MAX_COUNTER: i64 = 1 << 52;
+
+/// A counter amount back in the unit's natural scale.
+pub fn from_counter(value: i64, unit: Unit) -> Decimal {
+    (Decimal::from(value) / Decimal::from(unit.scale())).normalize()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn gpt4o() -> ModelPrice {
+        ModelPrice {
+            input_per_mtok: Some(d("2.50")),
+            output_per_mtok: Some(d("10.00")),
+            cached_input_per_mtok: Some(d("1.25")),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn token_cost_is_exact() {
+        let usage = Usage {
+            input_tokens: 1_000,
+            cached_input_tokens: 200,
+            output_tokens: 500,
+            ..Default::default()
+        };
+        // 800 * 2.5e-6 + 200 * 1.25e-6 + 500 * 1e-5 = 0.002 + 0.00025 + 0.005
+        assert_eq!(cost(&gpt4o(), &usage, "gpt-4o").unwrap(), d("0.00725"));
+        assert_eq!(
+            counter_amount(Unit::Spend, &usage, Some(&gpt4o()), Some("gpt-4o")).unwrap(),
+            7_250
+        );
+    }
+
+    #[test]
+    fn tenths_add_up_exactly() {
+        let p = ModelPrice {
+            per_request: Some(d("0.1")),
+            ..Default::default()
+        };
+        let one = cost(&p, &Usage::default(), "m").unwrap();
+        let ten: Decimal = (0..10).map(|_| one).sum();
+        assert_eq!(ten, Decimal::ONE);
+    }
+
+    #[test]
+    fn charges_round_up_to_the_micro_dollar() {
+        let cheap = ModelPrice {
+            input_per_mtok: Some(d("0.15")),
+            ..Default::default()
+        };
+        let one_token = Usage {
+            input_tokens: 1,
+            ..Default::default()
+        };
+        // 0.00000015 USD is 0.15 micro-USD: charged as 1.
+        assert_eq!(
+            counter_amount(Unit::Spend, &one_token, Some(&cheap), Some("m")).unwrap(),
+            1
+        );
+        assert_eq!(
+            to_counter(d("0.000002"), 1_000_000, Unit::Spend).unwrap(),
+            2
+        );
+        assert_eq!(
+            to_counter(d("0.0000020001"), 1_000_000, Unit::Spend).unwrap(),
+            3
+        );
+    }
+
+    #[test]
+    fn image_video_and_audio_prices() {
+        let image = ModelPrice {
+            per_image: Some(ImagePrice::ByQuality(BTreeMap::from([
+                ("low".to_string(), d("0.011")),
+                ("high".to_string(), d("0.167")),
+            ]))),
+            ..Default::default()
+        };
+        let usage = Usage {
+            images: 3,
+            image_quality: "high".to_string(),
+            ..Default::default()
+        };
+        assert_eq!(cost(&image, &usage, "img").unwrap(), d("0.501"));
+        let bad_quality = Usage {
+            image_quality: "ultra".to_string(),
+            ..usage.clone()
+        };
+        assert!(cost(&image, &bad_quality, "img").is_err());
+
+        let video = ModelPrice {
+            per_video_second: Some(d("0.10")),
+            ..Default::default()
+        };
+        let clip = Usage {
+            video_seconds: d("12.5"),
+            video_jobs: 1,
+            ..Default::default()
+        };
+        assert_eq!(cost(&video, &clip, "sora").unwrap(), d("1.25"));
+        assert_eq!(
+            counter_amount(Unit::VideoSeconds, &clip, None, None).unwrap(),
+            13
+        );
+
+        let audio = ModelPrice {
+            per_audio_minute: Some(d("0.006")),
+            ..Default::default()
+        };
+        let minute_and_half = Usage {
+            audio_seconds: d("90"),
+            ..Default::default()
+        };
+        assert_eq!(
+            cost(&audio, &minute_and_half, "whisper").unwrap(),
+            d("0.009")
+        );
+    }
+
+    #[test]
+    fn unpriced_usage_is_an_error_not_free() {
+        let video_only = ModelPrice {
+            per_video_second: Some(d("0.10")),
+            ..Default::default()
+        };
+        let text = Usage {
+            input_tokens: 10,
+            ..Default::default()
+        };
+        assert!(matches!(
+            cost(&video_only, &text, "sora"),
+            Err(RequestError::Unpriced { .. })
+        ));
+        assert!(matches!(
+            counter_amount(Unit::Spend, &text, None, Some("mystery")),
+            Err(RequestError::Unpriced { .. })
+        ));
+    }
+
+    #[test]
+    fn overflow_is_refused() {
+        assert!(to_counter(Decimal::MAX, 1_000_000, Unit::Spend).is_err());
+        assert!(to_counter(Decimal::from(MAX_COUNTER) + Decimal::ONE, 1, Unit::Tokens).is_err());
+    }
+}

@@ -1,0 +1,568 @@
+//! From request to counter operations ([`plan`]), and from the store's
+//! answer to a decision ([`decide`]).
+
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+use super::charge::{counter_amount, from_counter, to_counter, Usage};
+use super::request::{Attributes, Estimate};
+use super::window::{self, format_utc, seconds_until, Millis};
+use super::RequestError;
+use crate::policy::{hex, CompiledPolicy, Enforcement, OnExceed, Rule, Unit, Window};
+use crate::store::{fit, Candidate, CounterOp, CounterState, Expiry, Fit, ReserveOutcome};
+
+/// Counters of a calendar window outlive it by this much, so a late settle
+/// still finds them; the window id in the key keeps them from being reused.
+pub const EXPIRY_GRACE: Millis = 3_600_000;
+
+/// How long a client should wait before retrying a concurrency denial.
+pub const CONCURRENCY_RETRY_SECS: u64 = 1;
+
+/// Longest downgrade chain followed (the model asked for, then two more).
+const MAX_CANDIDATES: usize = 3;
+
+/// The counters one rule uses for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleCounter {
+    pub rule: usize,
+    pub key: String,
+    /// `team=growth,key=checkout-prod`, or `all` for a shared counter.
+    pub scope: String,
+    pub limit: i64,
+    pub window_end: Option<Millis>,
+}
+
+/// What the store is asked to do, plus what is needed to explain it.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub candidates: Vec<Candidate>,
+    /// Parallel to each candidate's ops: which rule and scope each op is.
+    pub counters: Vec<Vec<RuleCounter>>,
+    /// A rule that denies outright, before any counter is touched.
+    pub gate: Option<Decision>,
+}
+
+impl Plan {
+    /// True when no counter needs touching: the decision needs no store.
+    pub fn is_free(&self) -> bool {
+        self.candidates.iter().all(|c| c.ops.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Allow,
+    Deny,
+    Downgrade,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    Allowed,
+    Downgraded,
+    BudgetExceeded,
+    ConcurrencyLimit,
+    ApprovalRequired,
+    /// The store could not be reached and every matched rule fails open.
+    StoreUnavailableFailOpen,
+}
+
+impl Reason {
+    pub fn code(self) -> &'static str {
+        match self {
+            Reason::Allowed => "allowed",
+            Reason::Downgraded => "downgraded",
+            Reason::BudgetExceeded => "budget_exceeded",
+            Reason::ConcurrencyLimit => "concurrency_limit",
+            Reason::ApprovalRequired => "approval_required",
+            Reason::StoreUnavailableFailOpen => "store_unavailable_fail_open",
+        }
+    }
+}
+
+/// A counter's standing after (or, for a denial, without) this request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterReport {
+    pub rule: String,
+    pub scope: String,
+    pub unit: Unit,
+    pub window: Window,
+    pub limit: Decimal,
+    pub used: Decimal,
+    pub remaining: Decimal,
+    pub resets_at: Option<Millis>,
+    pub enforced: bool,
+}
+
+/// An alert threshold this request's reservation crossed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertCrossing {
+    pub rule: String,
+    pub scope: String,
+    pub threshold: u32,
+    pub used: Decimal,
+    pub limit: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub reason: Reason,
+    /// For people: names the rule, the scope, the limit and the reset.
+    pub message: String,
+    pub rule: Option<String>,
+    pub scope: Option<String>,
+    /// The model to call instead, on a downgrade.
+    pub model: Option<String>,
+    pub retry_after: Option<u64>,
+    /// Whether retrying the same request can succeed later.
+    pub retryable: bool,
+    /// Most constrained first.
+    pub counters: Vec<CounterReport>,
+    pub alerts: Vec<AlertCrossing>,
+    pub reservation_id: Option<String>,
+}
+
+impl Decision {
+    pub fn allow_unmetered() -> Decision {
+        Decision {
+            verdict: Verdict::Allow,
+            reason: Reason::Allowed,
+            message: "no budget applies to this request".to_string(),
+            rule: None,
+            scope: None,
+            model: None,
+            retry_after: None,
+            retryable: false,
+            counters: Vec::new(),
+            alerts: Vec::new(),
+            reservation_id: None,
+        }
+    }
+}
+
+/// Finds the matching rules and the counter operations for the request as
+/// asked and for each downgrade it may fall back to.
+pub fn plan(
+    policy: &CompiledPolicy,
+    attrs: &Attributes,
+    estimate: &Estimate,
+    now: Millis,
+) -> Result<Plan, RequestError> {
+    estimate.validate()?;
+    attrs.validate()?;
+    let mut plan = Plan {
+        candidates: Vec::new(),
+        counters: Vec::new(),
+        gate: None,
+    };
+    let mut attrs = attrs.clone();
+    loop {
+        attrs.families = attrs
+            .model
+            .as_deref()
+            .map(|m| policy.families_of(m))
+            .unwrap_or_default();
+        let matched = policy.matching_rules(&attrs);
+        if let Some(gate) = matched
+            .iter()
+            .map(|&i| &policy.rules()[i])
+            .find(|r| r.enforcement == Enforcement::Approval)
+        {
+            let scope = scope_of(gate, &attrs)?;
+            plan.gate = Some(approval_gate(gate, &scope.0));
+            return Ok(plan);
+        }
+        let price = attrs.model.as_deref().and_then(|m| policy.price(m));
+        let usage = Usage::from_estimate(
+            estimate,
+            attrs.modality.as_deref(),
+            price,
+            &policy.set.defaults,
+        );
+        let mut ops = Vec::with_capacity(matched.len());
+        let mut counters = Vec::with_capacity(matched.len());
+        let mut downgrade_to = None;
+        for &i in &matched {
+            let rule = &policy.rules()[i];
+            let amount = counter_amount(rule.limit.unit, &usage, price, attrs.model.as_deref())?;
+            if amount == 0 {
+                continue;
+            }
+            let counter = rule_counter(policy, i, &attrs, now)?;
+            let downgradable = matches!(&rule.on_exceed, OnExceed::Downgrade(_));
+            if let (OnExceed::Downgrade(target), None) = (&rule.on_exceed, &downgrade_to) {
+                downgrade_to = Some(target.clone());
+            }
+            ops.push(CounterOp {
+                key: counter.key.clone(),
+                unit: rule.limit.unit,
+                amount,
+                limit: counter.limit,
+                enforced: rule.enforcement == Enforcement::Hard,
+                downgradable,
+                expiry: expiry(rule.limit.window, counter.window_end),
+                release_on_settle: rule.limit.unit == Unit::Concurrent,
+            });
+            counters.push(counter);
+        }
+        plan.candidates.push(Candidate {
+            model: attrs.model.clone(),
+            ops,
+        });
+        plan.counters.push(counters);
+        let next = downgrade_to.filter(|m| {
+            plan.candidates.len() < MAX_CANDIDATES
+                && !plan
+                    .candidates
+                    .iter()
+                    .any(|c| c.model.as_deref() == Some(m.as_str()))
+        });
+        match next {
+            Some(model) => attrs.model = Some(model),
+            None => return Ok(plan),
+        }
+    }
+}
+
+/// The counters of every rule matching `attrs`, charged or not: what a
+/// usage report reads.
+pub fn scope_counters(
+    policy: &CompiledPolicy,
+    attrs: &Attributes,
+    now: Millis,
+) -> Result<Vec<RuleCounter>, RequestError> {
+    attrs.validate()?;
+    let mut attrs = attrs.clone();
+    attrs.families = attrs
+        .model
+        .as_deref()
+        .map(|m| policy.families_of(m))
+        .unwrap_or_default();
+    policy
+        .matching_rules(&attrs)
+        .into_iter()
+        .map(|i| rule_counter(policy, i, &attrs, now))
+        .collect()
+}
+
+fn rule_counter(
+    policy: &CompiledPolicy,
+    i: usize,
+    attrs: &Attributes,
+    now: Millis,
+) -> Result<RuleCounter, RequestError> {
+    let rule = &policy.rules()[i];
+    let (scope, scope_hash) = scope_of(rule, attrs)?;
+    let span = window::span(rule.limit.window, now);
+    let limit = to_counter(rule.limit.amount, rule.limit.unit.scale(), rule.limit.unit)?;
+    Ok(RuleCounter {
+        rule: i,
+        key: format!("{}|{}|{}", rule.id, scope_hash, span.id),
+        scope,
+        limit,
+        window_end: span.end,
+    })
+}
+
+/// The display scope and the hash that goes into the counter key.
+fn scope_of(rule: &Rule, attrs: &Attributes) -> Result<(String, String), RequestError> {
+    if rule.per.is_empty() {
+        return Ok(("all".to_string(), "all".to_string()));
+    }
+    let mut display = String::new();
+    let mut hasher = Sha256::new();
+    for attr in &rule.per {
+        let value = attrs
+            .get(attr)
+            .ok_or_else(|| RequestError::MissingAttribute {
+                rule: rule.id.clone(),
+                attr: attr.to_string(),
+            })?;
+        if !display.is_empty() {
+            display.push(',');
+        }
+        display.push_str(&format!("{attr}={value}"));
+        hasher.update(attr.to_string().as_bytes());
+        hasher.update([0]);
+        hasher.update(value.as_bytes());
+        hasher.update([0]);
+    }
+    Ok((display, hex(&hasher.finalize()[..12])))
+}
+
+fn expiry(window: Window, end: Option<Millis>) -> Expiry {
+    match (window, end) {
+        (Window::Calendar(_), Some(end)) => Expiry::At(end + EXPIRY_GRACE),
+        (Window::Rolling(secs), _) => Expiry::AfterFirstUse(secs as i64 * 1000),
+        _ => Expiry::Never,
+    }
+}
+
+fn approval_gate(rule: &Rule, scope: &str) -> Decision {
+    let owner = rule.owner.as_deref().unwrap_or("the rule's owner");
+    Decision {
+        verdict: Verdict::Deny,
+        reason: Reason::ApprovalRequired,
+        message: format!(
+            "rule `{}` requires approval for scope {scope}; ask {owner} to approve it",
+            rule.id
+        ),
+        rule: Some(rule.id.clone()),
+        scope: Some(scope.to_string()),
+        model: None,
+        retry_after: None,
+        retryable: false,
+        counters: Vec::new(),
+        alerts: Vec::new(),
+        reservation_id: None,
+    }
+}
+
+/// Turns the store's answer into the decision.
+pub fn decide(
+    policy: &CompiledPolicy,
+    plan: &Plan,
+    outcome: &ReserveOutcome,
+    now: Millis,
+) -> Decision {
+    let Some(last) = outcome.tried.len().checked_sub(1) else {
+        return Decision::allow_unmetered();
+    };
+    let candidate = &plan.candidates[last];
+    let counters = &plan.counters[last];
+    let states = &outcome.tried[last];
+    let applied = outcome.applied == Some(last);
+    let rules = policy.rules();
+
+    let mut reports: Vec<CounterReport> = candidate
+        .ops
+        .iter()
+        .zip(counters)
+        .zip(states)
+        .map(|((op, c), s)| {
+            let used = if applied {
+                s.used_before.saturating_add(op.amount)
+            } else {
+                s.used_before
+            };
+            let rule = &rules[c.rule];
+            CounterReport {
+                rule: rule.id.clone(),
+                scope: c.scope.clone(),
+                unit: op.unit,
+                window: rule.limit.window,
+                limit: from_counter(op.limit, op.unit),
+                used: from_counter(used, op.unit),
+                remaining: from_counter((op.limit - used).max(0), op.unit),
+                resets_at: s.resets_at.or(c.window_end),
+                enforced: op.enforced,
+            }
+        })
+        .collect();
+
+    if applied {
+        let alerts = candidate
+            .ops
+            .iter()
+            .zip(counters)
+            .zip(states)
+            .flat_map(|((op, c), s)| {
+                let rule = &rules[c.rule];
+                crossed(&rule.alerts, s.used_before, op.amount, op.limit).map(move |threshold| {
+                    AlertCrossing {
+                        rule: rule.id.clone(),
+                        scope: c.scope.clone(),
+                        threshold,
+                        used: from_counter(s.used_before.saturating_add(op.amount), op.unit),
+                        limit: from_counter(op.limit, op.unit),
+                    }
+                })
+            })
+            .collect();
+        sort_most_constrained(&mut reports);
+        let downgraded = last > 0;
+        let message = if downgraded {
+            let from = plan.candidates[0]
+                .model
+                .as_deref()
+                .unwrap_or("the requested model");
+            let to = candidate.model.as_deref().unwrap_or("another model");
+            format!("{from} is over budget here; downgraded to {to}")
+        } else {
+            "within budget".to_string()
+        };
+        return Decision {
+            verdict: if downgraded {
+                Verdict::Downgrade
+            } else {
+                Verdict::Allow
+            },
+            reason: if downgraded {
+                Reason::Downgraded
+            } else {
+                Reason::Allowed
+            },
+            message,
+            rule: None,
+            scope: None,
+            model: downgraded.then(|| candidate.model.clone()).flatten(),
+            retry_after: None,
+            retryable: false,
+            counters: reports,
+            alerts,
+            reservation_id: outcome.reservation_id.clone(),
+        };
+    }
+
+    // Denied: report the first enforced op that did not fit.
+    let blocking = candidate
+        .ops
+        .iter()
+        .zip(counters)
+        .zip(states)
+        .find(|((op, _), s)| op.blocks_at(s.used_before));
+    let Some(((op, counter), state)) = blocking else {
+        // The store found no fit but no op blocks: only possible if it
+        // disagrees with the plan. Deny rather than guess.
+        return store_disagreement();
+    };
+    let rule = &rules[counter.rule];
+    let resets_at = state.resets_at.or(counter.window_end);
+    let unit = op.unit;
+    let limit = from_counter(op.limit, unit);
+    let used = from_counter(state.used_before, unit);
+    let needs = from_counter(op.amount, unit);
+    let reset_text = match resets_at {
+        Some(t) => format!("resets at {}", format_utc(t)),
+        None => "does not reset".to_string(),
+    };
+    let (reason, retry_after, retryable, message) = if unit == Unit::Concurrent {
+        (
+            Reason::ConcurrencyLimit,
+            Some(CONCURRENCY_RETRY_SECS),
+            true,
+            format!(
+                "rule `{}` allows {limit} concurrent requests for scope {}; {used} are in flight",
+                rule.id, counter.scope
+            ),
+        )
+    } else {
+        let amount_text = if unit == Unit::Spend {
+            format!("{limit} USD of spend")
+        } else {
+            format!("{limit} {unit}")
+        };
+        let base = format!(
+            "rule `{}` allows {amount_text} per {} window for scope {}; {used} used, this request needs {needs}; {reset_text}",
+            rule.id, rule.limit.window, counter.scope
+        );
+        match rule.on_exceed {
+            OnExceed::Approval => {
+                let owner = rule.owner.as_deref().unwrap_or("the rule's owner");
+                (
+                    Reason::ApprovalRequired,
+                    None,
+                    false,
+                    format!("{base}; going further needs approval from {owner}"),
+                )
+            }
+            _ => (
+                Reason::BudgetExceeded,
+                resets_at.map(|t| seconds_until(now, t)),
+                false,
+                base,
+            ),
+        }
+    };
+    sort_most_constrained(&mut reports);
+    Decision {
+        verdict: Verdict::Deny,
+        reason,
+        message,
+        rule: Some(rule.id.clone()),
+        scope: Some(counter.scope.clone()),
+        model: None,
+        retry_after,
+        retryable,
+        counters: reports,
+        alerts: Vec::new(),
+        reservation_id: None,
+    }
+}
+
+fn store_disagreement() -> Decision {
+    Decision {
+        verdict: Verdict::Deny,
+        reason: Reason::BudgetExceeded,
+        message: "the counter store refused the reservation".to_string(),
+        retryable: true,
+        retry_after: Some(CONCURRENCY_RETRY_SECS),
+        ..Decision::allow_unmetered()
+    }
+}
+
+/// Thresholds (percent of `limit`) that usage passes going from `before`
+/// to `before + amount`: below before, at or above after.
+pub fn crossed(
+    thresholds: &[u32],
+    before: i64,
+    amount: i64,
+    limit: i64,
+) -> impl Iterator<Item = u32> + '_ {
+    let after = before.saturating_add(amount);
+    thresholds.iter().copied().filter(move |&t| {
+        let mark = i128::from(limit) * i128::from(t);
+        i128::from(before) * 100 < mark && i128::from(after) * 100 >= mark
+    })
+}
+
+fn sort_most_constrained(reports: &mut [CounterReport]) {
+    let share = |r: &CounterReport| {
+        if r.limit.is_zero() {
+            Decimal::ZERO
+        } else {
+            r.remaining / r.limit
+        }
+    };
+    reports.sort_by(|a, b| b.enforced.cmp(&a.enforced).then(share(a).cmp(&share(b))));
+}
+
+/// The decision when the store failed and every matched rule fails open.
+pub fn fail_open() -> Decision {
+    Decision {
+        reason: Reason::StoreUnavailableFailOpen,
+        message: "the counter store is unavailable; every matched rule fails open".to_string(),
+        ..Decision::allow_unmetered()
+    }
+}
+
+/// The outcome the plan would meet on an empty store, without a store:
+/// what `explain` shows.
+pub fn empty_store_outcome(plan: &Plan) -> ReserveOutcome {
+    let mut tried = Vec::new();
+    let mut applied = None;
+    for (i, c) in plan.candidates.iter().enumerate() {
+        tried.push(vec![
+            CounterState {
+                used_before: 0,
+                resets_at: None,
+            };
+            c.ops.len()
+        ]);
+        match fit(&c.ops, |_| 0) {
+            Fit::Fits => {
+                applied = Some(i);
+                break;
+            }
+            Fit::TryNext => {}
+            Fit::Blocked => break,
+        }
+    }
+    ReserveOutcome {
+        applied,
+        tried,
+        reservation_id: None,
+        replayed: false,
+    }
+}

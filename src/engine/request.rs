@@ -1,0 +1,238 @@
+//! What a decision is made about: the request's attributes and its usage
+//! estimate, both already free of raw secrets.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use sha2::{Digest, Sha256};
+
+use super::RequestError;
+use crate::policy::{hex, Attr, AttrLookup, CompiledPolicy, ATTEMPT_KINDS, MODALITIES};
+
+/// The longest attribute value accepted; longer ones are refused, not cut.
+pub const MAX_VALUE_LEN: usize = 256;
+pub const MAX_LABELS: usize = 32;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes {
+    /// The key's registry id, or `sha256:<prefix>` for an unregistered key.
+    /// Never a raw key.
+    pub key: Option<String>,
+    pub team: Option<String>,
+    pub workflow: Option<String>,
+    pub environment: Option<String>,
+    pub model: Option<String>,
+    pub modality: Option<String>,
+    pub customer: Option<String>,
+    pub user: Option<String>,
+    pub action: Option<String>,
+    pub attempt_kind: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Filled from the policy's families for `model`; not set by callers.
+    pub families: Vec<String>,
+}
+
+impl Attributes {
+    pub fn get(&self, attr: &Attr) -> Option<&str> {
+        match attr {
+            Attr::Key => self.key.as_deref(),
+            Attr::Team => self.team.as_deref(),
+            Attr::Workflow => self.workflow.as_deref(),
+            Attr::Environment => self.environment.as_deref(),
+            Attr::Model => self.model.as_deref(),
+            Attr::ModelFamily => self.families.first().map(String::as_str),
+            Attr::Modality => self.modality.as_deref(),
+            Attr::Customer => self.customer.as_deref(),
+            Attr::User => self.user.as_deref(),
+            Attr::Action => self.action.as_deref(),
+            Attr::AttemptKind => self.attempt_kind.as_deref(),
+            Attr::Label(name) => self.labels.get(name).map(String::as_str),
+        }
+    }
+
+    pub fn slot(&mut self, attr: &Attr) -> Option<&mut Option<String>> {
+        Some(match attr {
+            Attr::Key => &mut self.key,
+            Attr::Team => &mut self.team,
+            Attr::Workflow => &mut self.workflow,
+            Attr::Environment => &mut self.environment,
+            Attr::Model => &mut self.model,
+            Attr::Modality => &mut self.modality,
+            Attr::Customer => &mut self.customer,
+            Attr::User => &mut self.user,
+            Attr::Action => &mut self.action,
+            Attr::AttemptKind => &mut self.attempt_kind,
+            Attr::ModelFamily | Attr::Label(_) => return None,
+        })
+    }
+
+    /// Sets an attribute by name, treating empty values as absent.
+    pub fn set(&mut self, attr: &Attr, value: String) {
+        if value.is_empty() {
+            return;
+        }
+        match attr {
+            Attr::Label(name) => {
+                self.labels.insert(name.clone(), value);
+            }
+            Attr::ModelFamily => {}
+            other => {
+                if let Some(slot) = self.slot(other) {
+                    *slot = Some(value);
+                }
+            }
+        }
+    }
+
+    /// Refuses values that are oversized or outside their closed sets.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        for attr in Attr::WELL_KNOWN.iter().filter(|a| **a != Attr::ModelFamily) {
+            if let Some(v) = self.get(attr) {
+                check_len(attr.name(), v)?;
+            }
+        }
+        if self.labels.len() > MAX_LABELS {
+            return Err(RequestError::invalid(format!(
+                "{} labels given; at most {MAX_LABELS} are accepted",
+                self.labels.len()
+            )));
+        }
+        for (name, value) in &self.labels {
+            check_len("a label name", name)?;
+            check_len(name, value)?;
+        }
+        if let Some(m) = &self.modality {
+            if !MODALITIES.contains(&m.as_str()) {
+                return Err(RequestError::invalid(format!(
+                    "modality {m:?} is not one of {}",
+                    MODALITIES.join(", ")
+                )));
+            }
+        }
+        if let Some(k) = &self.attempt_kind {
+            if !ATTEMPT_KINDS.contains(&k.as_str()) {
+                return Err(RequestError::invalid(format!(
+                    "attempt_kind {k:?} is not one of {}",
+                    ATTEMPT_KINDS.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_len(name: &str, value: &str) -> Result<(), RequestError> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(RequestError::invalid(format!(
+            "attribute `{name}` is {} bytes long; at most {MAX_VALUE_LEN} are accepted",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+impl AttrLookup for Attributes {
+    fn value(&self, attr: &Attr) -> Option<&str> {
+        self.get(attr)
+    }
+
+    fn families(&self) -> &[String] {
+        &self.families
+    }
+}
+
+/// The SHA-256 of a raw API key. The raw key goes no further than this.
+pub fn hash_key(raw: &str) -> [u8; 32] {
+    Sha256::digest(raw.trim().as_bytes()).into()
+}
+
+/// Resolves a hashed key against the registry: the key attribute becomes
+/// the registered id, and the registry fills attributes the request left
+/// empty. An unregistered key is known by a prefix of its hash.
+pub fn apply_key(policy: &CompiledPolicy, attrs: &mut Attributes, sha256: &[u8; 32]) -> bool {
+    match policy.key_by_hash(sha256) {
+        Some(entry) => {
+            attrs.key = Some(entry.id.clone());
+            for (attr, value) in &entry.attributes {
+                if attrs.get(attr).is_none() {
+                    attrs.set(attr, value.clone());
+                }
+            }
+            true
+        }
+        None => {
+            attrs.key = Some(format!("sha256:{}", hex(&sha256[..8])));
+            false
+        }
+    }
+}
+
+/// What the caller expects a request to use. Absent fields are filled from
+/// the policy's defaults by modality.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Estimate {
+    pub input_tokens: Option<u64>,
+    pub cached_input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub images: Option<u64>,
+    pub image_quality: Option<String>,
+    pub video_seconds: Option<Decimal>,
+    pub audio_seconds: Option<Decimal>,
+}
+
+/// Upper bounds on one request's usage; anything larger is refused as
+/// absurd rather than risk overflow or a budget-wiping typo.
+pub const MAX_TOKENS: u64 = 100_000_000;
+pub const MAX_IMAGES: u64 = 10_000;
+pub const MAX_MEDIA_SECONDS: u64 = 7 * 86_400;
+
+impl Estimate {
+    pub fn validate(&self) -> Result<(), RequestError> {
+        let tokens = [
+            ("input_tokens", self.input_tokens),
+            ("cached_input_tokens", self.cached_input_tokens),
+            ("output_tokens", self.output_tokens),
+        ];
+        for (name, v) in tokens {
+            bound(name, v, MAX_TOKENS)?;
+        }
+        if let (Some(cached), Some(input)) = (self.cached_input_tokens, self.input_tokens) {
+            if cached > input {
+                return Err(RequestError::invalid(format!(
+                    "cached_input_tokens ({cached}) exceeds input_tokens ({input})"
+                )));
+            }
+        }
+        bound("images", self.images, MAX_IMAGES)?;
+        if let Some(q) = &self.image_quality {
+            check_len("image_quality", q)?;
+        }
+        for (name, v) in [
+            ("video_seconds", self.video_seconds),
+            ("audio_seconds", self.audio_seconds),
+        ] {
+            if let Some(v) = v {
+                if v.is_sign_negative() && !v.is_zero() {
+                    return Err(RequestError::invalid(format!(
+                        "{name} must not be negative, got {v}"
+                    )));
+                }
+                if v > Decimal::from(MAX_MEDIA_SECONDS) {
+                    return Err(RequestError::invalid(format!(
+                        "{name} of {v} is beyond the accepted maximum of {MAX_MEDIA_SECONDS}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn bound(name: &str, v: Option<u64>, max: u64) -> Result<(), RequestError> {
+    match v {
+        Some(v) if v > max => Err(RequestError::invalid(format!(
+            "{name} of {v} is beyond the accepted maximum of {max}"
+        ))),
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,201 @@
+//! `tollgate explain`: which rules a request meets, why, what each would
+//! charge, and the decision on an empty store, as a table for people.
+
+use std::fmt::Write;
+use std::sync::Arc;
+
+use crate::engine::charge::from_counter;
+use crate::engine::decide::scope_counters;
+use crate::engine::request::{apply_key, hash_key};
+use crate::engine::window::format_utc;
+use crate::engine::{Decision, RequestError, Verdict};
+use crate::gate::{CheckInput, Gate, GateConfig, ManualClock};
+use crate::policy::{Attr, CompiledPolicy, Condition, Enforcement, OnExceed, Unit};
+use crate::store::MemoryStore;
+
+pub fn explain(
+    policy: CompiledPolicy,
+    input: CheckInput,
+    now: i64,
+) -> Result<String, RequestError> {
+    let gate = Gate::new(
+        policy,
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::new(now)),
+        GateConfig::default(),
+    );
+    let policy = gate.policy();
+    let (plan, decision) = gate.explain(input.clone()).map_err(|e| match e {
+        crate::gate::GateError::Request(r) => r,
+        other => RequestError::invalid(other.to_string()),
+    })?;
+
+    let mut attrs = input.attributes.clone();
+    if let Some(raw) = input.api_key.as_deref() {
+        apply_key(&policy, &mut attrs, &hash_key(raw));
+    }
+    attrs.families = attrs
+        .model
+        .as_deref()
+        .map(|m| policy.families_of(m))
+        .unwrap_or_default();
+    let counters = scope_counters(&policy, &attrs, now)?;
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "policy {} ({} rules)",
+        policy.version,
+        policy.rules().len()
+    );
+    let _ = writeln!(out, "request: {}", describe_attrs(&attrs));
+    let _ = writeln!(out);
+    if counters.is_empty() {
+        let _ = writeln!(out, "no rule matches this request");
+    } else {
+        let charges = &plan
+            .candidates
+            .first()
+            .map(|c| c.ops.as_slice())
+            .unwrap_or(&[]);
+        let mut rows = vec![[
+            "RULE".to_string(),
+            "KIND".to_string(),
+            "SCOPE".to_string(),
+            "LIMIT".to_string(),
+            "CHARGE".to_string(),
+            "MATCHED BECAUSE".to_string(),
+        ]];
+        for c in &counters {
+            let rule = &policy.rules()[c.rule];
+            let unit = rule.limit.unit;
+            let charge = charges
+                .iter()
+                .find(|op| op.key == c.key)
+                .map(|op| amount_text(from_counter(op.amount, unit), unit))
+                .unwrap_or_else(|| "0".to_string());
+            let kind = match (&rule.enforcement, &rule.on_exceed) {
+                (Enforcement::Soft, _) => "soft".to_string(),
+                (Enforcement::Approval, _) => "approval gate".to_string(),
+                (Enforcement::Hard, OnExceed::Deny) => "hard".to_string(),
+                (Enforcement::Hard, OnExceed::Approval) => "hard, then approval".to_string(),
+                (Enforcement::Hard, OnExceed::Downgrade(m)) => {
+                    format!("hard, then downgrade to {m}")
+                }
+            };
+            let retry_budget = rule.per.contains(&Attr::Action)
+                || rule.conditions.iter().any(|c| c.attr == Attr::AttemptKind);
+            rows.push([
+                if retry_budget {
+                    format!("{} (retry/fallback budget)", rule.id)
+                } else {
+                    rule.id.clone()
+                },
+                kind,
+                c.scope.clone(),
+                format!(
+                    "{} / {}",
+                    amount_text(rule.limit.amount, unit),
+                    rule.limit.window
+                ),
+                charge,
+                why(&rule.conditions, &attrs),
+            ]);
+        }
+        out.push_str(&table(&rows));
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "decision on an empty store: {}",
+        verdict_line(&decision)
+    );
+    if decision.verdict != Verdict::Allow || decision.model.is_some() {
+        let _ = writeln!(out, "  {}", decision.message);
+    }
+    for c in decision
+        .counters
+        .iter()
+        .filter(|c| c.resets_at.is_some())
+        .take(1)
+    {
+        let _ = writeln!(
+            out,
+            "most constrained: {} ({}) resets at {}",
+            c.rule,
+            c.scope,
+            format_utc(c.resets_at.unwrap_or_default())
+        );
+    }
+    Ok(out)
+}
+
+fn verdict_line(d: &Decision) -> String {
+    match d.verdict {
+        Verdict::Allow => "ALLOW".to_string(),
+        Verdict::Downgrade => format!("DOWNGRADE to {}", d.model.as_deref().unwrap_or("?")),
+        Verdict::Deny => format!("DENY ({})", d.reason.code()),
+    }
+}
+
+fn amount_text(amount: rust_decimal::Decimal, unit: Unit) -> String {
+    match unit {
+        Unit::Spend => format!("${amount}"),
+        other => format!("{amount} {other}"),
+    }
+}
+
+fn describe_attrs(attrs: &crate::engine::Attributes) -> String {
+    let mut parts: Vec<String> = Attr::WELL_KNOWN
+        .iter()
+        .filter(|a| **a != Attr::ModelFamily)
+        .filter_map(|a| attrs.get(a).map(|v| format!("{a}={v}")))
+        .collect();
+    if !attrs.families.is_empty() {
+        parts.push(format!("model_family={}", attrs.families.join("|")));
+    }
+    parts.extend(attrs.labels.iter().map(|(k, v)| format!("labels.{k}={v}")));
+    if parts.is_empty() {
+        "(no attributes)".to_string()
+    } else {
+        parts.join(" ")
+    }
+}
+
+fn why(conditions: &[Condition], attrs: &crate::engine::Attributes) -> String {
+    if conditions.is_empty() {
+        return "no conditions: applies to every request".to_string();
+    }
+    conditions
+        .iter()
+        .map(|c| {
+            let patterns: Vec<&str> = c.patterns.iter().map(|p| p.as_str()).collect();
+            let value = if c.attr == Attr::ModelFamily {
+                attrs.families.join("|")
+            } else {
+                attrs.get(&c.attr).unwrap_or("").to_string()
+            };
+            format!("{}={value} ~ {}", c.attr, patterns.join("|"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}

@@ -1,0 +1,310 @@
+//! The gate: the one place a request meets the policy and the store.
+//!
+//! Every front end (native gRPC, Envoy, HTTP) turns its input into
+//! [`CheckInput`] and calls [`Gate::check`]; none of them decides anything
+//! itself. The data flows one way: attributes → plan → one store call →
+//! decision.
+
+use std::fmt;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rust_decimal::Decimal;
+
+use crate::engine::charge::{counter_amount, from_counter, Usage};
+use crate::engine::decide::{self, empty_store_outcome};
+use crate::engine::request::{apply_key, hash_key};
+use crate::engine::window::Millis;
+use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
+use crate::policy::{CompiledPolicy, StoreFailure, Unit};
+use crate::store::{CounterStore, ReserveRequest, SettleOutcome, StoreError};
+
+/// Where the gate gets the time; tests move it by hand.
+pub trait Clock: Send + Sync + fmt::Debug {
+    fn now(&self) -> Millis;
+}
+
+#[derive(Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Millis {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(now: Millis) -> ManualClock {
+        ManualClock(AtomicI64::new(now))
+    }
+    pub fn set(&self, now: Millis) {
+        self.0.store(now, Ordering::SeqCst);
+    }
+    pub fn advance(&self, by: Millis) {
+        self.0.fetch_add(by, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Millis {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GateConfig {
+    /// How long an unsettled reservation lives.
+    pub reservation_ttl: Duration,
+    /// Bounds every store call, so a dead store never hangs a request.
+    pub store_timeout: Duration,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            reservation_ttl: Duration::from_secs(600),
+            store_timeout: Duration::from_millis(50),
+        }
+    }
+}
+
+/// A request to decide, as every front end hands it over.
+#[derive(Debug, Clone, Default)]
+pub struct CheckInput {
+    pub attributes: Attributes,
+    /// Only ever hashed; see [`hash_key`].
+    pub api_key: Option<String>,
+    pub estimate: Estimate,
+    pub request_id: Option<String>,
+}
+
+/// What a call really used, reported at settle. Absent fields are zero.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActualUsage {
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub images: u64,
+    pub image_quality: Option<String>,
+    pub video_seconds: Decimal,
+    pub audio_seconds: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GateError {
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("reservation {0:?} is unknown or has expired; an expired reservation keeps its estimate charged")]
+    UnknownReservation(String),
+}
+
+#[derive(Debug)]
+pub struct Gate {
+    policy: ArcSwap<CompiledPolicy>,
+    store: Arc<dyn CounterStore>,
+    clock: Arc<dyn Clock>,
+    config: GateConfig,
+}
+
+impl Gate {
+    pub fn new(
+        policy: CompiledPolicy,
+        store: Arc<dyn CounterStore>,
+        clock: Arc<dyn Clock>,
+        config: GateConfig,
+    ) -> Gate {
+        Gate {
+            policy: ArcSwap::from_pointee(policy),
+            store,
+            clock,
+            config,
+        }
+    }
+
+    pub fn policy(&self) -> Arc<CompiledPolicy> {
+        self.policy.load_full()
+    }
+
+    /// Swaps in a new policy set; decisions under way finish on the old one.
+    pub fn replace_policy(&self, policy: CompiledPolicy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    /// Decides a request, reserving its estimate when it is allowed.
+    pub async fn check(&self, input: CheckInput) -> Result<Decision, GateError> {
+        let policy = self.policy.load_full();
+        let now = self.clock.now();
+        let attrs = resolve(&policy, input.attributes, input.api_key.as_deref());
+        let plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
+        if let Some(gate) = plan.gate {
+            return Ok(gate);
+        }
+        if plan.is_free() {
+            return Ok(Decision::allow_unmetered());
+        }
+        let request = ReserveRequest {
+            now,
+            candidates: plan.candidates.clone(),
+            reservation_id: new_reservation_id(),
+            reservation_ttl: self.config.reservation_ttl.as_millis() as Millis,
+            request_id: input.request_id,
+        };
+        match self.bounded(self.store.reserve(&request)).await {
+            Ok(outcome) => Ok(decide::decide(&policy, &plan, &outcome, now)),
+            Err(e) => {
+                let all_fail_open = plan.counters[0]
+                    .iter()
+                    .all(|c| policy.rules()[c.rule].on_store_error == StoreFailure::FailOpen);
+                if all_fail_open {
+                    tracing::warn!(error = %e, "counter store failed; allowing because every matched rule fails open");
+                    Ok(decide::fail_open())
+                } else {
+                    Err(e.into())
+                }
+            }
+        }
+    }
+
+    /// The decision a request would get on an empty store; touches nothing.
+    pub fn explain(&self, input: CheckInput) -> Result<(decide::Plan, Decision), GateError> {
+        let policy = self.policy.load_full();
+        let now = self.clock.now();
+        let attrs = resolve(&policy, input.attributes, input.api_key.as_deref());
+        let plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
+        let decision = match &plan.gate {
+            Some(gate) => gate.clone(),
+            None => decide::decide(&policy, &plan, &empty_store_outcome(&plan), now),
+        };
+        Ok((plan, decision))
+    }
+
+    /// Replaces a reservation's estimate with the actual usage.
+    pub async fn settle(
+        &self,
+        reservation_id: &str,
+        actual: &ActualUsage,
+    ) -> Result<SettleOutcome, GateError> {
+        let policy = self.policy.load_full();
+        let now = self.clock.now();
+        let unknown = || GateError::UnknownReservation(reservation_id.to_string());
+        let reservation = self
+            .bounded(self.store.reservation(reservation_id, now))
+            .await?
+            .ok_or_else(unknown)?;
+        let usage = Usage {
+            input_tokens: actual.input_tokens,
+            cached_input_tokens: actual.cached_input_tokens,
+            output_tokens: actual.output_tokens,
+            images: actual.images,
+            image_quality: actual
+                .image_quality
+                .clone()
+                .unwrap_or_else(|| policy.set.defaults.image_quality.clone()),
+            video_jobs: 0,
+            video_seconds: actual.video_seconds,
+            audio_seconds: actual.audio_seconds,
+        };
+        let model = reservation.model.as_deref();
+        let price = model.and_then(|m| policy.price(m));
+        let amounts: Vec<i64> = reservation
+            .ops
+            .iter()
+            .map(|op| match op.unit {
+                // An attempt, a started job and a held slot are what they
+                // were at check time; only metered usage is trued up.
+                Unit::Requests | Unit::VideoJobs | Unit::Concurrent => op.amount,
+                unit => counter_amount(unit, &usage, price, model).unwrap_or_else(|e| {
+                    tracing::warn!(reservation = reservation_id, error = %e, "cannot price actual usage; keeping the estimate");
+                    op.amount
+                }),
+            })
+            .collect();
+        match self
+            .bounded(self.store.settle(reservation_id, &amounts, now))
+            .await?
+        {
+            SettleOutcome::Unknown => Err(unknown()),
+            outcome => Ok(outcome),
+        }
+    }
+
+    /// The counters that apply to these attributes, read without charging.
+    pub async fn usage(
+        &self,
+        attributes: Attributes,
+        api_key: Option<&str>,
+    ) -> Result<Vec<CounterReport>, GateError> {
+        let policy = self.policy.load_full();
+        let now = self.clock.now();
+        let attrs = resolve(&policy, attributes, api_key);
+        let counters = decide::scope_counters(&policy, &attrs, now)?;
+        let keys: Vec<String> = counters.iter().map(|c| c.key.clone()).collect();
+        let states = self.bounded(self.store.read(&keys, now)).await?;
+        Ok(counters
+            .iter()
+            .zip(states)
+            .map(|(c, s)| {
+                let rule = &policy.rules()[c.rule];
+                let unit = rule.limit.unit;
+                CounterReport {
+                    rule: rule.id.clone(),
+                    scope: c.scope.clone(),
+                    unit,
+                    window: rule.limit.window,
+                    limit: from_counter(c.limit, unit),
+                    used: from_counter(s.used_before, unit),
+                    remaining: from_counter((c.limit - s.used_before).max(0), unit),
+                    resets_at: c.window_end.or(s.resets_at),
+                    enforced: rule.enforcement != crate::policy::Enforcement::Soft,
+                }
+            })
+            .collect())
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let limit = self.config.store_timeout;
+        match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(limit.as_millis() as u64)),
+        }
+    }
+}
+
+/// Hashes the raw key (if any) and applies the key registry.
+fn resolve(policy: &CompiledPolicy, mut attrs: Attributes, api_key: Option<&str>) -> Attributes {
+    if let Some(raw) = api_key.filter(|k| !k.trim().is_empty()) {
+        apply_key(policy, &mut attrs, &hash_key(raw));
+    }
+    attrs
+}
+
+/// 128 random bits, hex: a reservation id nobody can guess and settle.
+fn new_reservation_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // The OS RNG failing is not a reason to refuse traffic; fall back to
+        // a process-unique id mixed with the time.
+        static COUNTER: AtomicI64 = AtomicI64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        bytes[..8].copy_from_slice(&n.to_le_bytes());
+        bytes[8..].copy_from_slice(&SystemClock.now().to_le_bytes());
+    }
+    crate::policy::hex(&bytes)
+}

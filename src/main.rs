@@ -1,0 +1,274 @@
+//! The `tollgate` command: serve, validate and explain.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use rust_decimal::Decimal;
+
+use tollgate::engine::{Attributes, Estimate};
+use tollgate::gate::{CheckInput, Clock, Gate, GateConfig, SystemClock};
+use tollgate::policy::{self, parse_duration, Attr};
+use tollgate::store::MemoryStore;
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Keeps AI API spend inside approved budgets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar: native gRPC API and gRPC health on one port.
+    Serve(ServeArgs),
+    /// Check policy directories; print every error with file:line:column.
+    Validate {
+        /// Policy directories, read together as one set.
+        #[arg(required = true)]
+        dirs: Vec<PathBuf>,
+    },
+    /// Show which rules a request meets and the decision on an empty store.
+    Explain(ExplainArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address of the gRPC listener.
+    #[arg(long, env = "TOLLGATE_LISTEN", default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Policy directory; may be given several times.
+    #[arg(
+        long = "policies",
+        env = "TOLLGATE_POLICIES",
+        default_value = "./policies",
+        value_delimiter = ','
+    )]
+    policies: Vec<PathBuf>,
+    /// How long an unsettled reservation holds its estimate and slots.
+    #[arg(long, env = "TOLLGATE_RESERVATION_TTL", default_value = "10m", value_parser = duration_arg)]
+    reservation_ttl: Duration,
+    /// Upper bound on any one counter-store call.
+    #[arg(long, env = "TOLLGATE_STORE_TIMEOUT_MS", default_value_t = 50)]
+    store_timeout_ms: u64,
+    /// Most live counters the embedded store holds.
+    #[arg(long, env = "TOLLGATE_MAX_COUNTERS", default_value_t = tollgate::store::memory::DEFAULT_MAX_COUNTERS)]
+    max_counters: usize,
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// Policy directory.
+    dir: PathBuf,
+    /// A request attribute, such as team=growth or labels.tier=gold.
+    #[arg(long = "attr", value_name = "NAME=VALUE")]
+    attrs: Vec<String>,
+    /// A raw API key to look up in the key registry (hashed, never printed).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// An estimate field: input_tokens, cached_input_tokens, output_tokens,
+    /// images, image_quality, video_seconds or audio_seconds.
+    #[arg(long = "estimate", value_name = "FIELD=VALUE")]
+    estimate: Vec<String>,
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is not a duration such as 30s, 10m or 1h"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { dirs } => validate(&dirs),
+        Command::Explain(args) => explain(args),
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn validate(dirs: &[PathBuf]) -> ExitCode {
+    match policy::load_dirs(dirs) {
+        Ok(p) => {
+            println!(
+                "ok: {} rules, policy version {}",
+                p.rules().len(),
+                p.version
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{} error(s)", errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain(args: ExplainArgs) -> ExitCode {
+    let policy = match policy::load_dirs(std::slice::from_ref(&args.dir)) {
+        Ok(p) => p,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let input = match explain_input(&args) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match tollgate::explain::explain(policy, input, SystemClock.now()) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", e.code());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn explain_input(args: &ExplainArgs) -> Result<CheckInput, String> {
+    let mut attributes = Attributes::default();
+    for pair in &args.attrs {
+        let (name, value) = split_pair(pair)?;
+        let attr = Attr::parse(name)
+            .filter(|a| *a != Attr::ModelFamily)
+            .ok_or_else(|| {
+                format!("unknown attribute {name:?}; model_family is derived from the model")
+            })?;
+        attributes.set(&attr, value.to_string());
+    }
+    let mut estimate = Estimate::default();
+    for pair in &args.estimate {
+        let (name, value) = split_pair(pair)?;
+        let int = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{name} must be a whole number"))
+        };
+        let dec = || Decimal::from_str(value).map_err(|_| format!("{name} must be a number"));
+        match name {
+            "input_tokens" => estimate.input_tokens = Some(int()?),
+            "cached_input_tokens" => estimate.cached_input_tokens = Some(int()?),
+            "output_tokens" => estimate.output_tokens = Some(int()?),
+            "images" => estimate.images = Some(int()?),
+            "image_quality" => estimate.image_quality = Some(value.to_string()),
+            "video_seconds" => estimate.video_seconds = Some(dec()?),
+            "audio_seconds" => estimate.audio_seconds = Some(dec()?),
+            other => return Err(format!("unknown estimate field {other:?}")),
+        }
+    }
+    Ok(CheckInput {
+        attributes,
+        api_key: args.api_key.clone(),
+        estimate,
+        request_id: None,
+    })
+}
+
+fn split_pair(pair: &str) -> Result<(&str, &str), String> {
+    pair.split_once('=')
+        .ok_or_else(|| format!("{pair:?} is not NAME=VALUE"))
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    init_logging();
+    let policy = match policy::load_dirs(&args.policies) {
+        Ok(p) => p,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!(
+                "refusing to start: {} error(s) in the policies",
+                errors.0.len()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(rules = policy.rules().len(), version = %policy.version, "policies loaded");
+    let gate = Arc::new(Gate::new(
+        policy,
+        Arc::new(MemoryStore::new(args.max_counters)),
+        Arc::new(SystemClock),
+        GateConfig {
+            reservation_ttl: args.reservation_ttl,
+            store_timeout: Duration::from_millis(args.store_timeout_ms),
+        },
+    ));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot listen on {}: {e}", args.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(address = %args.listen, "serving gRPC");
+        match tollgate::server::serve_grpc(gate, listener, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("server error: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutting down");
+}
+
+/// Logs go to stderr; `TOLLGATE_LOG` takes a filter such as `debug` or
+/// `tollgate=debug,info`.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

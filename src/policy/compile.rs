@@ -1,0 +1,186 @@
+//! The compiled, immutable form of a policy set: an index that finds the
+//! rules matching a request without scanning all of them.
+//!
+//! Each rule is filed under one *anchor*: a condition whose values are all
+//! exact strings, preferring attributes that split traffic finely (key,
+//! customer, ...). A request probes one hash bucket per anchored attribute it
+//! carries, so the work depends on how many rules share its values, not on
+//! how many rules exist. Rules with no exact condition (only globs, or no
+//! conditions at all) are checked on every request; they are few in
+//! practice and their count is reported by [`CompiledPolicy::unanchored`].
+
+use std::collections::HashMap;
+
+use super::glob::Pattern;
+use super::model::*;
+
+/// What the index needs to know about a request.
+pub trait AttrLookup {
+    /// The single value of an attribute. Never called for `ModelFamily`.
+    fn value(&self, attr: &Attr) -> Option<&str>;
+    /// Every family the request's model belongs to.
+    fn families(&self) -> &[String];
+}
+
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    pub set: PolicySet,
+    /// Content hash of the files this set came from.
+    pub version: String,
+    anchored: Vec<(Attr, HashMap<String, Vec<u32>>)>,
+    unanchored: Vec<u32>,
+    keys_by_hash: HashMap<[u8; 32], u32>,
+    exact_prices: HashMap<String, u32>,
+    glob_prices: Vec<u32>,
+}
+
+impl CompiledPolicy {
+    pub fn new(set: PolicySet, version: String) -> CompiledPolicy {
+        let mut buckets: HashMap<Attr, HashMap<String, Vec<u32>>> = HashMap::new();
+        let mut unanchored = Vec::new();
+        for (i, rule) in set.rules.iter().enumerate() {
+            let i = i as u32;
+            match anchor(rule) {
+                Some(cond) => {
+                    let bucket = buckets.entry(cond.attr.clone()).or_default();
+                    for value in cond.patterns.iter().filter_map(Pattern::exact) {
+                        let rules = bucket.entry(value.to_string()).or_default();
+                        if rules.last() != Some(&i) {
+                            rules.push(i);
+                        }
+                    }
+                }
+                None => unanchored.push(i),
+            }
+        }
+        let mut anchored: Vec<_> = buckets.into_iter().collect();
+        anchored.sort_by(|a, b| a.0.cmp(&b.0));
+
+        let keys_by_hash = set
+            .keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.sha256, i as u32))
+            .collect();
+        let mut exact_prices = HashMap::new();
+        let mut glob_prices = Vec::new();
+        for (i, (pattern, _, _)) in set.pricing.models.iter().enumerate() {
+            match pattern.exact() {
+                Some(name) => {
+                    exact_prices.insert(name.to_string(), i as u32);
+                }
+                None => glob_prices.push(i as u32),
+            }
+        }
+        CompiledPolicy {
+            set,
+            version,
+            anchored,
+            unanchored,
+            keys_by_hash,
+            exact_prices,
+            glob_prices,
+        }
+    }
+
+    /// An empty policy: nothing matches, so everything is allowed.
+    pub fn empty() -> CompiledPolicy {
+        CompiledPolicy::new(PolicySet::default(), "empty".to_string())
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.set.rules
+    }
+
+    /// How many rules are checked on every request because they have no
+    /// exact-valued condition to be indexed by.
+    pub fn unanchored(&self) -> usize {
+        self.unanchored.len()
+    }
+
+    /// Indices of the rules that match, in declaration order.
+    pub fn matching_rules(&self, req: &impl AttrLookup) -> Vec<usize> {
+        let mut out: Vec<usize> = Vec::new();
+        for (attr, bucket) in &self.anchored {
+            if *attr == Attr::ModelFamily {
+                for family in req.families() {
+                    if let Some(rules) = bucket.get(family.as_str()) {
+                        out.extend(rules.iter().map(|&i| i as usize));
+                    }
+                }
+            } else if let Some(value) = req.value(attr) {
+                if let Some(rules) = bucket.get(value) {
+                    out.extend(rules.iter().map(|&i| i as usize));
+                }
+            }
+        }
+        out.extend(self.unanchored.iter().map(|&i| i as usize));
+        out.sort_unstable();
+        out.dedup();
+        out.retain(|&i| {
+            self.set.rules[i]
+                .conditions
+                .iter()
+                .all(|c| condition_holds(c, req))
+        });
+        out
+    }
+
+    /// The registered key with this SHA-256, if any.
+    pub fn key_by_hash(&self, sha256: &[u8; 32]) -> Option<&KeyEntry> {
+        self.keys_by_hash
+            .get(sha256)
+            .map(|&i| &self.set.keys[i as usize])
+    }
+
+    /// The price of a model: an exact entry, else the first glob that matches.
+    pub fn price(&self, model: &str) -> Option<&ModelPrice> {
+        let i = self.exact_prices.get(model).copied().or_else(|| {
+            self.glob_prices
+                .iter()
+                .copied()
+                .find(|&i| self.set.pricing.models[i as usize].0.matches(model))
+        })?;
+        Some(&self.set.pricing.models[i as usize].1)
+    }
+
+    /// Every family whose patterns match the model.
+    pub fn families_of(&self, model: &str) -> Vec<String> {
+        self.set
+            .pricing
+            .families
+            .iter()
+            .filter(|(_, (patterns, _))| patterns.iter().any(|p| p.matches(model)))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+fn anchor(rule: &Rule) -> Option<&Condition> {
+    let exact =
+        |c: &&Condition| !c.patterns.is_empty() && c.patterns.iter().all(|p| p.exact().is_some());
+    for attr in Attr::WELL_KNOWN {
+        if let Some(c) = rule
+            .conditions
+            .iter()
+            .filter(exact)
+            .find(|c| c.attr == attr)
+        {
+            return Some(c);
+        }
+    }
+    rule.conditions.iter().find(exact)
+}
+
+fn condition_holds(cond: &Condition, req: &impl AttrLookup) -> bool {
+    if cond.attr == Attr::ModelFamily {
+        return req
+            .families()
+            .iter()
+            .any(|f| cond.patterns.iter().any(|p| p.matches(f)));
+    }
+    match req.value(&cond.attr) {
+        Some(v) => cond.patterns.iter().any(|p| p.matches(v)),
+        None => false,
+    }
+}

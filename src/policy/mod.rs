@@ -1,0 +1,169 @@
+//! Policy files: reading, validating and compiling a directory of YAML into
+//! a [`CompiledPolicy`] the engine can decide from.
+//!
+//! Loading never stops at the first problem: every file is read and every
+//! error is returned, each with `file:line:column`.
+
+mod compile;
+pub mod glob;
+pub mod model;
+mod parse;
+mod validate;
+pub mod yaml;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+pub use compile::{AttrLookup, CompiledPolicy};
+pub use model::*;
+pub use parse::parse_duration;
+pub use yaml::Pos;
+
+/// One problem found in the policy files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: String,
+    pub pos: Pos,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.pos.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(f, "{}:{}: {}", self.file, self.pos, self.message)
+        }
+    }
+}
+
+/// Every problem found while loading, in file order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadErrors(pub Vec<Diagnostic>);
+
+impl fmt::Display for LoadErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for LoadErrors {}
+
+/// A policy file's name and full text, as read from disk.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    pub name: String,
+    pub text: String,
+}
+
+/// Reads every `*.yaml` / `*.yml` file directly inside each directory,
+/// following symlinks (a Kubernetes ConfigMap mount is all symlinks) and
+/// skipping hidden entries such as `..data`.
+pub fn read_dirs(dirs: &[PathBuf]) -> Result<Vec<SourceFile>, LoadErrors> {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    for dir in dirs {
+        let entries = match std::fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) => {
+                errors.push(io_error(dir, &e));
+                continue;
+            }
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_policy_file(p))
+            .collect();
+        paths.sort();
+        for path in paths {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => files.push(SourceFile {
+                    name: path.display().to_string(),
+                    text,
+                }),
+                Err(e) => errors.push(io_error(&path, &e)),
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(files)
+    } else {
+        Err(LoadErrors(errors))
+    }
+}
+
+fn is_policy_file(path: &Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml")) && path.is_file()
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> Diagnostic {
+    Diagnostic {
+        file: path.display().to_string(),
+        pos: Pos::default(),
+        message: format!("cannot read: {e}"),
+    }
+}
+
+/// Parses, validates and compiles a set of files as one policy set.
+pub fn compile_sources(files: &[SourceFile]) -> Result<CompiledPolicy, LoadErrors> {
+    let mut diags = Vec::new();
+    let mut parts = Vec::with_capacity(files.len());
+    for file in files {
+        match yaml::parse(&file.text) {
+            Ok(Some(root)) => parts.push(parse::parse_file(&file.name, &root, &mut diags)),
+            Ok(None) => {}
+            Err(e) => diags.push(Diagnostic {
+                file: file.name.clone(),
+                pos: e.pos,
+                message: format!("invalid YAML: {}", e.message),
+            }),
+        }
+    }
+    let set = validate::merge(parts, &mut diags);
+    if !diags.is_empty() {
+        return Err(LoadErrors(diags));
+    }
+    Ok(CompiledPolicy::new(set, content_version(files)))
+}
+
+/// Reads and compiles the policy directories.
+pub fn load_dirs(dirs: &[PathBuf]) -> Result<CompiledPolicy, LoadErrors> {
+    compile_sources(&read_dirs(dirs)?)
+}
+
+/// A short hash of every file's name and content: the policy version.
+fn content_version(files: &[SourceFile]) -> String {
+    let mut h = Sha256::new();
+    for f in files {
+        let base = Path::new(&f.name)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        h.update((base.len() as u64).to_le_bytes());
+        h.update(base.as_bytes());
+        h.update((f.text.len() as u64).to_le_bytes());
+        h.update(f.text.as_bytes());
+    }
+    hex(&h.finalize()[..8])
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}

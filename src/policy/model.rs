@@ -1,0 +1,340 @@
+//! The policy set as the rest of tollgate sees it: plain data, already
+//! validated. Nothing here knows about YAML.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use rust_decimal::Decimal;
+
+use super::glob::Pattern;
+use super::yaml::Pos;
+
+/// Where a piece of policy was written, for messages.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Origin {
+    pub file: String,
+    pub pos: Pos,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file, self.pos)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    pub pricing: Pricing,
+    pub keys: Vec<KeyEntry>,
+    pub defaults: Defaults,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Pricing {
+    /// Model name (or glob) to price, in declaration order; exact names win
+    /// over globs at lookup time.
+    pub models: Vec<(Pattern, ModelPrice, Origin)>,
+    pub families: BTreeMap<String, (Vec<Pattern>, Origin)>,
+    /// With `reject`, a spend rule may match models that have no price;
+    /// requests for such models are then refused at check time.
+    pub unpriced_models: UnpricedModels,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnpricedModels {
+    /// A spend rule that could match an unpriced model is a validation error.
+    #[default]
+    Error,
+    Reject,
+}
+
+/// Prices in USD. Token prices are per million tokens.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ModelPrice {
+    pub input_per_mtok: Option<Decimal>,
+    pub cached_input_per_mtok: Option<Decimal>,
+    pub output_per_mtok: Option<Decimal>,
+    pub per_request: Option<Decimal>,
+    pub per_image: Option<ImagePrice>,
+    pub per_video_second: Option<Decimal>,
+    pub per_audio_minute: Option<Decimal>,
+    /// Output tokens assumed when a request names no maximum.
+    pub default_output_tokens: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImagePrice {
+    Flat(Decimal),
+    ByQuality(BTreeMap<String, Decimal>),
+}
+
+/// One registered API key. Only the SHA-256 of the raw key is ever held.
+#[derive(Debug, Clone)]
+pub struct KeyEntry {
+    pub id: String,
+    pub sha256: [u8; 32],
+    /// Attributes the key stands for; a request's own values take precedence.
+    pub attributes: Vec<(Attr, String)>,
+    pub owner: Option<String>,
+    pub origin: Origin,
+}
+
+/// Estimates used when a request does not say.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub images: u64,
+    pub image_quality: String,
+    pub video_seconds: Decimal,
+    pub audio_seconds: Decimal,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults {
+            input_tokens: 1_000,
+            output_tokens: 1_000,
+            images: 1,
+            image_quality: "medium".to_string(),
+            video_seconds: Decimal::from(8),
+            audio_seconds: Decimal::from(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub id: String,
+    pub description: Option<String>,
+    pub owner: Option<String>,
+    pub conditions: Vec<Condition>,
+    pub per: Vec<Attr>,
+    pub limit: Limit,
+    pub enforcement: Enforcement,
+    pub on_exceed: OnExceed,
+    /// Percentages of the limit, ascending.
+    pub alerts: Vec<u32>,
+    pub on_store_error: StoreFailure,
+    pub origin: Origin,
+}
+
+/// `attr` must be present and match one of `patterns`.
+#[derive(Debug, Clone)]
+pub struct Condition {
+    pub attr: Attr,
+    pub patterns: Vec<Pattern>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Attr {
+    Key,
+    Team,
+    Workflow,
+    Environment,
+    Model,
+    ModelFamily,
+    Modality,
+    Customer,
+    User,
+    Action,
+    AttemptKind,
+    Label(String),
+}
+
+impl Attr {
+    /// The well-known attributes, in the order the index prefers them as
+    /// anchors: the ones most likely to split traffic finely come first.
+    pub const WELL_KNOWN: [Attr; 11] = [
+        Attr::Key,
+        Attr::Customer,
+        Attr::User,
+        Attr::Action,
+        Attr::Workflow,
+        Attr::Team,
+        Attr::Model,
+        Attr::ModelFamily,
+        Attr::Environment,
+        Attr::Modality,
+        Attr::AttemptKind,
+    ];
+
+    pub fn parse(name: &str) -> Option<Attr> {
+        Some(match name {
+            "key" => Attr::Key,
+            "team" => Attr::Team,
+            "workflow" => Attr::Workflow,
+            "environment" => Attr::Environment,
+            "model" => Attr::Model,
+            "model_family" => Attr::ModelFamily,
+            "modality" => Attr::Modality,
+            "customer" => Attr::Customer,
+            "user" => Attr::User,
+            "action" => Attr::Action,
+            "attempt_kind" => Attr::AttemptKind,
+            other => {
+                let label = other.strip_prefix("labels.")?;
+                if label.is_empty() {
+                    return None;
+                }
+                Attr::Label(label.to_string())
+            }
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Attr::Key => "key",
+            Attr::Team => "team",
+            Attr::Workflow => "workflow",
+            Attr::Environment => "environment",
+            Attr::Model => "model",
+            Attr::ModelFamily => "model_family",
+            Attr::Modality => "modality",
+            Attr::Customer => "customer",
+            Attr::User => "user",
+            Attr::Action => "action",
+            Attr::AttemptKind => "attempt_kind",
+            Attr::Label(name) => name,
+        }
+    }
+}
+
+impl fmt::Display for Attr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Attr::Label(name) => write!(f, "labels.{name}"),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
+pub const MODALITIES: [&str; 5] = ["text", "image", "video", "audio", "embedding"];
+pub const ATTEMPT_KINDS: [&str; 3] = ["primary", "retry", "fallback"];
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limit {
+    pub unit: Unit,
+    /// In the unit's natural scale (USD for spend).
+    pub amount: Decimal,
+    pub window: Window,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Unit {
+    Requests,
+    InputTokens,
+    OutputTokens,
+    Tokens,
+    Images,
+    VideoJobs,
+    VideoSeconds,
+    AudioSeconds,
+    Spend,
+    Concurrent,
+}
+
+impl Unit {
+    pub const ALL: [Unit; 10] = [
+        Unit::Requests,
+        Unit::InputTokens,
+        Unit::OutputTokens,
+        Unit::Tokens,
+        Unit::Images,
+        Unit::VideoJobs,
+        Unit::VideoSeconds,
+        Unit::AudioSeconds,
+        Unit::Spend,
+        Unit::Concurrent,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::InputTokens => "input_tokens",
+            Unit::OutputTokens => "output_tokens",
+            Unit::Tokens => "tokens",
+            Unit::Images => "images",
+            Unit::VideoJobs => "video_jobs",
+            Unit::VideoSeconds => "video_seconds",
+            Unit::AudioSeconds => "audio_seconds",
+            Unit::Spend => "spend",
+            Unit::Concurrent => "concurrent",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Unit> {
+        Unit::ALL.into_iter().find(|u| u.name() == name)
+    }
+
+    /// Counters hold integers; this is how many counter units make one
+    /// natural unit. Spend is counted in micro-USD.
+    pub fn scale(self) -> i64 {
+        match self {
+            Unit::Spend => 1_000_000,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for Unit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// Calendar windows in UTC, reset at the start of each period.
+    Calendar(CalendarPeriod),
+    /// Starts at the counter's first use and lasts this many seconds.
+    Rolling(u64),
+    /// Never resets.
+    Lifetime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CalendarPeriod {
+    Minute,
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+impl fmt::Display for Window {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Window::Calendar(CalendarPeriod::Minute) => f.write_str("minute"),
+            Window::Calendar(CalendarPeriod::Hour) => f.write_str("hour"),
+            Window::Calendar(CalendarPeriod::Day) => f.write_str("daily"),
+            Window::Calendar(CalendarPeriod::Week) => f.write_str("weekly"),
+            Window::Calendar(CalendarPeriod::Month) => f.write_str("monthly"),
+            Window::Rolling(secs) => write!(f, "{secs}s from first use"),
+            Window::Lifetime => f.write_str("lifetime"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    Hard,
+    /// Counts and alerts, never denies.
+    Soft,
+    /// Denies every request in scope until a grant covers it.
+    Approval,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnExceed {
+    Deny,
+    Downgrade(String),
+    Approval,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    FailClosed,
+    FailOpen,
+}

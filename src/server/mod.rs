@@ -1,0 +1,38 @@
+//! Network front ends. Each one converts its wire format into a
+//! [`CheckInput`](crate::gate::CheckInput), calls the [`Gate`], and converts
+//! the answer back; errors become protocol responses in `status.rs` only.
+
+pub mod native;
+pub mod status;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::gate::Gate;
+use crate::proto::v1::tollgate_server::TollgateServer;
+
+/// Requests larger than this are refused before decoding: no attribute or
+/// estimate needs more, and it bounds what a hostile client can make us hold.
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Serves the native API and gRPC health on `listener` until `shutdown`.
+pub async fn serve_grpc(
+    gate: Arc<Gate>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<TollgateServer<native::NativeApi>>()
+        .await;
+    let api = TollgateServer::new(native::NativeApi::new(gate))
+        .max_decoding_message_size(MAX_REQUEST_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(api)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}

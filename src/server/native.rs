@@ -1,0 +1,187 @@
+//! The native gRPC API: `tollgate.v1.Tollgate`.
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+use tonic::{Request, Response, Status};
+
+use super::status::{bad_field, grpc_status};
+use crate::engine::{Attributes, CounterReport, Decision, Estimate, Verdict};
+use crate::gate::{ActualUsage, CheckInput, Gate};
+use crate::policy::Attr;
+use crate::proto::v1 as pb;
+use crate::store::SettleOutcome;
+
+#[derive(Debug, Clone)]
+pub struct NativeApi {
+    gate: Arc<Gate>,
+}
+
+impl NativeApi {
+    pub fn new(gate: Arc<Gate>) -> NativeApi {
+        NativeApi { gate }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::tollgate_server::Tollgate for NativeApi {
+    async fn check(
+        &self,
+        request: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let req = request.into_inner();
+        let (attributes, api_key) = attributes(req.attributes.unwrap_or_default());
+        let input = CheckInput {
+            attributes,
+            api_key,
+            estimate: estimate(req.estimate.unwrap_or_default())?,
+            request_id: non_empty(req.request_id),
+        };
+        let version = self.gate.policy().version.clone();
+        let decision = self.gate.check(input).await.map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(check_response(decision, version)))
+    }
+
+    async fn settle(
+        &self,
+        request: Request<pb::SettleRequest>,
+    ) -> Result<Response<pb::SettleResponse>, Status> {
+        let req = request.into_inner();
+        if req.reservation_id.is_empty() {
+            return Err(bad_field("reservation_id", "is required"));
+        }
+        let u = req.usage.unwrap_or_default();
+        let actual = ActualUsage {
+            input_tokens: u.input_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            output_tokens: u.output_tokens,
+            images: u.images,
+            image_quality: non_empty(u.image_quality),
+            video_seconds: decimal("usage.video_seconds", &u.video_seconds)?.unwrap_or_default(),
+            audio_seconds: decimal("usage.audio_seconds", &u.audio_seconds)?.unwrap_or_default(),
+        };
+        let outcome = self
+            .gate
+            .settle(&req.reservation_id, &actual)
+            .await
+            .map_err(|e| grpc_status(&e))?;
+        let outcome = match outcome {
+            SettleOutcome::Settled => "settled",
+            SettleOutcome::AlreadySettled => "already_settled",
+            SettleOutcome::Unknown => "unknown",
+        };
+        Ok(Response::new(pb::SettleResponse {
+            outcome: outcome.to_string(),
+        }))
+    }
+
+    async fn usage(
+        &self,
+        request: Request<pb::UsageRequest>,
+    ) -> Result<Response<pb::UsageResponse>, Status> {
+        let (attributes, api_key) = attributes(request.into_inner().attributes.unwrap_or_default());
+        let version = self.gate.policy().version.clone();
+        let counters = self
+            .gate
+            .usage(attributes, api_key.as_deref())
+            .await
+            .map_err(|e| grpc_status(&e))?;
+        Ok(Response::new(pb::UsageResponse {
+            counters: counters.into_iter().map(counter_status).collect(),
+            policy_version: version,
+        }))
+    }
+}
+
+fn non_empty(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn attributes(a: pb::Attributes) -> (Attributes, Option<String>) {
+    let mut attrs = Attributes::default();
+    let fields = [
+        (Attr::Team, a.team),
+        (Attr::Workflow, a.workflow),
+        (Attr::Environment, a.environment),
+        (Attr::Model, a.model),
+        (Attr::Modality, a.modality),
+        (Attr::Customer, a.customer),
+        (Attr::User, a.user),
+        (Attr::Action, a.action),
+        (Attr::AttemptKind, a.attempt_kind),
+    ];
+    for (attr, value) in fields {
+        attrs.set(&attr, value);
+    }
+    for (name, value) in a.labels {
+        attrs.set(&Attr::Label(name), value);
+    }
+    (attrs, non_empty(a.api_key))
+}
+
+fn estimate(e: pb::Estimate) -> Result<Estimate, Status> {
+    Ok(Estimate {
+        input_tokens: e.input_tokens,
+        cached_input_tokens: e.cached_input_tokens,
+        output_tokens: e.output_tokens,
+        images: e.images,
+        image_quality: non_empty(e.image_quality),
+        video_seconds: decimal("estimate.video_seconds", &e.video_seconds)?,
+        audio_seconds: decimal("estimate.audio_seconds", &e.audio_seconds)?,
+    })
+}
+
+fn decimal(field: &str, text: &str) -> Result<Option<Decimal>, Status> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    if text.len() > 40 {
+        return Err(bad_field(field, "is too long for a number"));
+    }
+    match Decimal::from_str(text) {
+        Ok(d) if d.is_sign_negative() && !d.is_zero() => Err(bad_field(
+            field,
+            format!("must not be negative, got {text}"),
+        )),
+        Ok(d) => Ok(Some(d)),
+        Err(_) => Err(bad_field(
+            field,
+            format!("must be a decimal number, got {text:?}"),
+        )),
+    }
+}
+
+pub fn check_response(d: Decision, policy_version: String) -> pb::CheckResponse {
+    pb::CheckResponse {
+        verdict: match d.verdict {
+            Verdict::Allow => pb::Verdict::Allow,
+            Verdict::Deny => pb::Verdict::Deny,
+            Verdict::Downgrade => pb::Verdict::Downgrade,
+        } as i32,
+        reason: d.reason.code().to_string(),
+        message: d.message,
+        rule: d.rule.unwrap_or_default(),
+        scope: d.scope.unwrap_or_default(),
+        retry_after_seconds: d.retry_after.unwrap_or(0),
+        retryable: d.retryable,
+        reservation_id: d.reservation_id.unwrap_or_default(),
+        model: d.model.unwrap_or_default(),
+        counters: d.counters.into_iter().map(counter_status).collect(),
+        policy_version,
+    }
+}
+
+fn counter_status(c: CounterReport) -> pb::CounterStatus {
+    pb::CounterStatus {
+        rule: c.rule,
+        scope: c.scope,
+        unit: c.unit.to_string(),
+        window: c.window.to_string(),
+        limit: c.limit.to_string(),
+        used: c.used.to_string(),
+        remaining: c.remaining.to_string(),
+        resets_at: c.resets_at.map(|t| t.div_euclid(1000)).unwrap_or(0),
+        enforced: c.enforced,
+    }
+}

@@ -1,0 +1,287 @@
+//! The embedded store: counters in this process, for a single instance.
+//!
+//! One mutex guards everything, which makes every reserve trivially
+//! all-or-nothing; it is held for microseconds and never across an await.
+//! Memory stays bounded: counters and reservations are swept once their
+//! window or lifetime is over, and the number of live counters is capped.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+
+use super::*;
+
+/// How long a request id is remembered for replays.
+pub const REPLAY_WINDOW: Millis = 60_000;
+/// How often expired entries are swept, in store time.
+const SWEEP_EVERY: Millis = 1_000;
+pub const DEFAULT_MAX_COUNTERS: usize = 1_000_000;
+
+#[derive(Debug)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    max_counters: usize,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    counters: HashMap<String, Counter>,
+    reservations: HashMap<String, Reservation>,
+    replays: HashMap<String, (ReserveOutcome, Millis)>,
+    next_sweep: Millis,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    value: i64,
+    expires_at: Option<Millis>,
+}
+
+impl Counter {
+    fn live(&self, now: Millis) -> bool {
+        self.expires_at.is_none_or(|t| t > now)
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(DEFAULT_MAX_COUNTERS)
+    }
+}
+
+impl MemoryStore {
+    pub fn new(max_counters: usize) -> MemoryStore {
+        MemoryStore {
+            inner: Mutex::new(Inner::default()),
+            max_counters,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing under this lock can panic halfway through an update, so
+        // a poisoned lock still guards consistent data.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Live counters right now; for tests and metrics.
+    pub fn counter_count(&self) -> usize {
+        self.lock().counters.len()
+    }
+}
+
+impl Inner {
+    fn state(&self, key: &str, expiry: Expiry, now: Millis) -> CounterState {
+        match self.counters.get(key).filter(|c| c.live(now)) {
+            Some(c) => CounterState {
+                used_before: c.value,
+                resets_at: match expiry {
+                    Expiry::AfterFirstUse(_) => c.expires_at,
+                    _ => None,
+                },
+            },
+            None => CounterState {
+                used_before: 0,
+                resets_at: match expiry {
+                    Expiry::AfterFirstUse(d) => Some(now + d),
+                    _ => None,
+                },
+            },
+        }
+    }
+
+    fn sweep(&mut self, now: Millis) {
+        self.counters.retain(|_, c| c.live(now));
+        let expired: Vec<String> = self
+            .reservations
+            .iter()
+            .filter(|(_, r)| r.expires_at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if let Some(r) = self.reservations.remove(&id) {
+                if !r.settled {
+                    // The estimate stays charged; only held slots come back.
+                    for op in r.ops.iter().filter(|op| op.release_on_settle) {
+                        self.add(&op.key, -op.amount, now);
+                    }
+                }
+            }
+        }
+        self.replays.retain(|_, (_, until)| *until > now);
+        self.next_sweep = now + SWEEP_EVERY;
+    }
+
+    /// Adds to a live counter, never taking it below zero.
+    fn add(&mut self, key: &str, delta: i64, now: Millis) {
+        if let Some(c) = self.counters.get_mut(key).filter(|c| c.live(now)) {
+            c.value = c.value.saturating_add(delta).max(0);
+        }
+    }
+
+    fn new_keys(&self, ops: &[CounterOp], now: Millis) -> usize {
+        ops.iter()
+            .filter(|op| !self.counters.get(&op.key).is_some_and(|c| c.live(now)))
+            .count()
+    }
+}
+
+#[async_trait]
+impl CounterStore for MemoryStore {
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        let now = req.now;
+        let mut inner = self.lock();
+        if now >= inner.next_sweep {
+            inner.sweep(now);
+        }
+        if let Some(rid) = &req.request_id {
+            if let Some((outcome, until)) = inner.replays.get(rid) {
+                if *until > now {
+                    return Ok(ReserveOutcome {
+                        replayed: true,
+                        ..outcome.clone()
+                    });
+                }
+            }
+        }
+
+        let mut tried = Vec::new();
+        let mut applied = None;
+        for (i, candidate) in req.candidates.iter().enumerate() {
+            let states: Vec<CounterState> = candidate
+                .ops
+                .iter()
+                .map(|op| inner.state(&op.key, op.expiry, now))
+                .collect();
+            let verdict = fit(&candidate.ops, |j| states[j].used_before);
+            tried.push(states);
+            match verdict {
+                Fit::Fits => {
+                    applied = Some(i);
+                    break;
+                }
+                Fit::TryNext => continue,
+                Fit::Blocked => break,
+            }
+        }
+
+        if let Some(i) = applied {
+            let candidate = &req.candidates[i];
+            let new_keys = inner.new_keys(&candidate.ops, now);
+            if inner.counters.len() + new_keys > self.max_counters {
+                inner.sweep(now);
+                if inner.counters.len() + new_keys > self.max_counters {
+                    return Err(StoreError::Full(self.max_counters));
+                }
+            }
+            for op in &candidate.ops {
+                let counter = inner.counters.entry(op.key.clone()).or_insert(Counter {
+                    value: 0,
+                    expires_at: Some(now),
+                });
+                if !counter.live(now) {
+                    *counter = Counter {
+                        value: 0,
+                        expires_at: match op.expiry {
+                            Expiry::At(t) => Some(t),
+                            Expiry::AfterFirstUse(d) => Some(now + d),
+                            Expiry::Never => None,
+                        },
+                    };
+                }
+                counter.value = counter.value.saturating_add(op.amount);
+            }
+            inner.reservations.insert(
+                req.reservation_id.clone(),
+                Reservation {
+                    model: candidate.model.clone(),
+                    ops: candidate
+                        .ops
+                        .iter()
+                        .map(|op| ReservedOp {
+                            key: op.key.clone(),
+                            unit: op.unit,
+                            amount: op.amount,
+                            release_on_settle: op.release_on_settle,
+                        })
+                        .collect(),
+                    settled: false,
+                    expires_at: now + req.reservation_ttl,
+                },
+            );
+        }
+
+        let outcome = ReserveOutcome {
+            applied,
+            tried,
+            reservation_id: applied.map(|_| req.reservation_id.clone()),
+            replayed: false,
+        };
+        if let Some(rid) = &req.request_id {
+            inner
+                .replays
+                .insert(rid.clone(), (outcome.clone(), now + REPLAY_WINDOW));
+        }
+        Ok(outcome)
+    }
+
+    async fn reservation(&self, id: &str, now: Millis) -> Result<Option<Reservation>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .reservations
+            .get(id)
+            .filter(|r| r.expires_at > now)
+            .cloned())
+    }
+
+    async fn settle(
+        &self,
+        id: &str,
+        actual: &[i64],
+        now: Millis,
+    ) -> Result<SettleOutcome, StoreError> {
+        let mut inner = self.lock();
+        if now >= inner.next_sweep {
+            inner.sweep(now);
+        }
+        let Some(r) = inner.reservations.get(id).filter(|r| r.expires_at > now) else {
+            return Ok(SettleOutcome::Unknown);
+        };
+        if r.settled {
+            return Ok(SettleOutcome::AlreadySettled);
+        }
+        let deltas: Vec<(String, i64)> = r
+            .ops
+            .iter()
+            .zip(actual.iter().copied().chain(std::iter::repeat(0)))
+            .map(|(op, actual)| {
+                let actual = if op.release_on_settle { 0 } else { actual };
+                (op.key.clone(), actual - op.amount)
+            })
+            .collect();
+        for (key, delta) in deltas {
+            inner.add(&key, delta, now);
+        }
+        if let Some(r) = inner.reservations.get_mut(id) {
+            r.settled = true;
+        }
+        Ok(SettleOutcome::Settled)
+    }
+
+    async fn read(&self, keys: &[String], now: Millis) -> Result<Vec<CounterState>, StoreError> {
+        let inner = self.lock();
+        Ok(keys
+            .iter()
+            .map(|k| match inner.counters.get(k).filter(|c| c.live(now)) {
+                Some(c) => CounterState {
+                    used_before: c.value,
+                    resets_at: c.expires_at,
+                },
+                None => CounterState {
+                    used_before: 0,
+                    resets_at: None,
+                },
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,178 @@
+//! Counter storage behind one trait.
+//!
+//! The engine turns a request into a [`ReserveRequest`]: one or more
+//! *candidates* (the request as asked, then each downgrade), each a list of
+//! counter operations. A store applies the first candidate that fits, all of
+//! its operations or none, in one atomic step; for Redis that is a single
+//! script, so a decision costs one round trip whatever the number of rules.
+
+pub mod memory;
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::engine::window::Millis;
+use crate::policy::Unit;
+
+pub use memory::MemoryStore;
+
+/// When a counter resets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expiry {
+    /// At a known moment (the end of a calendar window).
+    At(Millis),
+    /// This long after the counter is first created (a rolling window).
+    AfterFirstUse(Millis),
+    /// Never (lifetime totals and concurrency gauges).
+    Never,
+}
+
+/// One counter a candidate adds to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterOp {
+    /// Rule id, scope hash and window id; never a raw value.
+    pub key: String,
+    pub unit: Unit,
+    pub amount: i64,
+    pub limit: i64,
+    /// Whether exceeding `limit` blocks the candidate (hard rules) or only
+    /// gets counted (soft rules).
+    pub enforced: bool,
+    /// A blocked enforced op with this flag lets the store try the next
+    /// candidate; without it the whole request is denied.
+    pub downgradable: bool,
+    pub expiry: Expiry,
+    /// Given back on settle or reservation expiry (concurrency slots).
+    pub release_on_settle: bool,
+}
+
+impl CounterOp {
+    /// Whether adding this op to a counter at `used` breaks an enforced limit.
+    pub fn blocks_at(&self, used: i64) -> bool {
+        self.enforced && used.saturating_add(self.amount) > self.limit
+    }
+}
+
+/// Whether a candidate fits the counters as they stand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fit {
+    Fits,
+    /// Blocked only by ops that allow a downgrade: try the next candidate.
+    TryNext,
+    /// Blocked by an op that denies outright.
+    Blocked,
+}
+
+/// The one rule every store applies: `used(i)` is op i's counter now.
+pub fn fit(ops: &[CounterOp], used: impl Fn(usize) -> i64) -> Fit {
+    let mut result = Fit::Fits;
+    for (i, op) in ops.iter().enumerate() {
+        if op.blocks_at(used(i)) {
+            if !op.downgradable {
+                return Fit::Blocked;
+            }
+            result = Fit::TryNext;
+        }
+    }
+    result
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The model this candidate would call; kept on the reservation so that
+    /// settle can price the actual usage.
+    pub model: Option<String>,
+    pub ops: Vec<CounterOp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveRequest {
+    pub now: Millis,
+    pub candidates: Vec<Candidate>,
+    /// Fresh and unguessable; becomes the reservation's id if one applies.
+    pub reservation_id: String,
+    /// How long an unsettled reservation lives before its estimate is kept
+    /// for good and its concurrency slots are freed.
+    pub reservation_ttl: Millis,
+    /// A caller's request id: a repeat within the idempotency window gets
+    /// the first outcome back and charges nothing more.
+    pub request_id: Option<String>,
+}
+
+/// A counter as the store saw it, just before this request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CounterState {
+    pub used_before: i64,
+    /// When the counter resets, if it does.
+    pub resets_at: Option<Millis>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveOutcome {
+    /// The candidate that was applied, if any.
+    pub applied: Option<usize>,
+    /// For each candidate tried, in order, the state of each of its ops.
+    /// The last entry is the applied candidate or the one that blocked last.
+    pub tried: Vec<Vec<CounterState>>,
+    /// Set when a candidate applied.
+    pub reservation_id: Option<String>,
+    /// True when this is a repeat of an earlier request id.
+    pub replayed: bool,
+}
+
+/// A reservation as kept by the store until settled or expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub model: Option<String>,
+    pub ops: Vec<ReservedOp>,
+    pub settled: bool,
+    pub expires_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReservedOp {
+    pub key: String,
+    pub unit: Unit,
+    pub amount: i64,
+    pub release_on_settle: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Settled,
+    AlreadySettled,
+    /// Never existed, or expired (its estimate stays charged).
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("counter store unavailable: {0}")]
+    Unavailable(String),
+    #[error("counter store is full ({0} counters); refusing to grow further")]
+    Full(usize),
+    #[error("counter store timed out after {0} ms")]
+    Timeout(u64),
+}
+
+#[async_trait]
+pub trait CounterStore: Send + Sync + fmt::Debug + 'static {
+    /// Applies the first candidate whose enforced ops all fit, atomically.
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError>;
+
+    /// Looks up a live reservation.
+    async fn reservation(&self, id: &str, now: Millis) -> Result<Option<Reservation>, StoreError>;
+
+    /// Replaces each reserved amount with `actual[i]` (same order as the
+    /// reservation's ops) and frees concurrency slots, once.
+    async fn settle(
+        &self,
+        id: &str,
+        actual: &[i64],
+        now: Millis,
+    ) -> Result<SettleOutcome, StoreError>;
+
+    /// Current values of counters, for reporting. Missing counters read 0.
+    async fn read(&self, keys: &[String], now: Millis) -> Result<Vec<CounterState>, StoreError>;
+}
