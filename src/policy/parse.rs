@@ -378,6 +378,11 @@ impl Reader<'_> {
         let mut sha = None;
         let mut owner = None;
         let mut attributes = Vec::new();
+        for required in ["id", "sha256"] {
+            if !fields.iter().any(|(k, _)| *k == required) {
+                self.error(node.pos, format!("a key entry needs `{required}`"));
+            }
+        }
         for (key, value) in fields {
             match key {
                 "id" => id = self.ident(value, "keys[].id"),
@@ -396,16 +401,6 @@ impl Reader<'_> {
                     }
                 }
             }
-        }
-        let mut missing = |field: &str, present: bool| {
-            if !present {
-                self.error(node.pos, format!("a key entry needs `{field}`"));
-            }
-            present
-        };
-        let complete = missing("id", id.is_some()) & missing("sha256", sha.is_some());
-        if !complete {
-            return None;
         }
         Some(KeyEntry {
             id: id?,
@@ -499,6 +494,7 @@ impl Reader<'_> {
             ],
         )?;
         let errors_before = self.diags.len();
+        let fields_given: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
         let mut id = None;
         let mut description = None;
         let mut owner = None;
@@ -557,19 +553,10 @@ impl Reader<'_> {
                 _ => unreachable!(),
             }
         }
-        if id.is_none()
-            && !self.diags[errors_before..]
-                .iter()
-                .any(|d| d.message.contains("`id`"))
-        {
-            self.error(node.pos, "a rule needs an `id`");
-        }
-        if limit.is_none()
-            && !self.diags[errors_before..]
-                .iter()
-                .any(|d| d.message.contains("limit") || d.message.contains("unit"))
-        {
-            self.error(node.pos, "a rule needs a `limit`");
+        for required in ["id", "limit"] {
+            if !fields_given.contains(&required) {
+                self.error(node.pos, format!("a rule needs `{required}`"));
+            }
         }
         if let Some(pos) = on_exceed_pos {
             match (&enforcement, &on_exceed) {
@@ -698,6 +685,8 @@ impl Reader<'_> {
             return None;
         };
         let mut unit: Option<(Unit, Decimal)> = None;
+        // A unit whose amount was invalid still counts as named.
+        let mut unit_seen: Option<Unit> = None;
         let mut window = None;
         let mut window_pos = node.pos;
         let mut ok = true;
@@ -725,6 +714,7 @@ impl Reader<'_> {
             };
             let Some(amount) = self.amount(v, name) else {
                 ok = false;
+                unit_seen.get_or_insert(u);
                 continue;
             };
             if u != Unit::Spend && amount.fract() != Decimal::ZERO {
@@ -738,7 +728,7 @@ impl Reader<'_> {
                 );
                 ok = false;
             }
-            if let Some((first, _)) = unit {
+            if let Some(first) = unit.map(|(u, _)| u).or(unit_seen) {
                 self.error(
                     k.pos,
                     format!("a limit counts exactly one unit; found both `{first}` and `{name}`"),
@@ -748,6 +738,9 @@ impl Reader<'_> {
             unit = Some((u, amount));
         }
         let Some((unit, amount)) = unit else {
+            if unit_seen.is_some() {
+                return None;
+            }
             self.error(
                 node.pos,
                 format!(

@@ -164,9 +164,14 @@ impl MarkedEventReceiver for TreeBuilder {
                 self.keys.push(None);
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                if let Some((node, anchor)) = self.stack.pop() {
-                    if matches!(node.value, Value::Map(_)) {
+                if let Some((mut node, anchor)) = self.stack.pop() {
+                    if let Value::Map(entries) = &node.value {
                         self.keys.pop();
+                        // A block mapping's start event is marked after its
+                        // first key; point at the key itself instead.
+                        if let Some((first_key, _)) = entries.first() {
+                            node.pos = node.pos.min(first_key.pos);
+                        }
                     }
                     self.push_value(node, anchor);
                 }

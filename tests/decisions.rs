@@ -1,0 +1,589 @@
+//! Decisions end to end through the gate on the embedded store: matching,
+//! per-scope counters, charges, downgrades, approval gates, settle, windows.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{at, memory_gate, policy};
+use tollgate::engine::{Attributes, Estimate, Reason, RequestError, Verdict};
+use tollgate::gate::{ActualUsage, CheckInput, GateError};
+use tollgate::store::SettleOutcome;
+
+fn attrs(pairs: &[(&str, &str)]) -> Attributes {
+    let mut a = Attributes::default();
+    for (k, v) in pairs {
+        let attr = tollgate::policy::Attr::parse(k).unwrap_or_else(|| panic!("attribute {k}"));
+        a.set(&attr, v.to_string());
+    }
+    a
+}
+
+fn input(pairs: &[(&str, &str)]) -> CheckInput {
+    CheckInput {
+        attributes: attrs(pairs),
+        ..Default::default()
+    }
+}
+
+const MATRIX: &str = "
+pricing:
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
+    gpt-4o-mini: { input_per_mtok: 0.15, output_per_mtok: 0.60 }
+    gpt-5: { input_per_mtok: 1.25, output_per_mtok: 10.00 }
+    claude-opus-4: { input_per_mtok: 15, output_per_mtok: 75 }
+  families:
+    premium: [\"gpt-5*\", \"claude-opus-*\"]
+rules:
+  - id: prod
+    match: { environment: production }
+    limit: { requests: 100, window: daily }
+  - id: team-list
+    match: { team: [growth, data] }
+    limit: { requests: 100, window: daily }
+  - id: glob-model
+    match: { model: \"gpt-4o*\" }
+    limit: { requests: 100, window: daily }
+  - id: family
+    match: { model_family: premium }
+    limit: { requests: 100, window: daily }
+  - id: two-conditions
+    match: { environment: production, labels.tier: gold }
+    limit: { requests: 100, window: daily }
+  - id: label-map-form
+    match: { labels: { region: eu } }
+    limit: { requests: 100, window: daily }
+  - id: everything
+    limit: { requests: 100000, window: daily }
+";
+
+#[test]
+fn matching_table() {
+    let p = policy(MATRIX);
+    let cases: &[(&[(&str, &str)], &[&str])] = &[
+        (&[], &["everything"]),
+        (&[("environment", "production")], &["prod", "everything"]),
+        (&[("environment", "staging")], &["everything"]),
+        (&[("team", "data")], &["team-list", "everything"]),
+        (&[("team", "support")], &["everything"]),
+        (&[("model", "gpt-4o")], &["glob-model", "everything"]),
+        (&[("model", "gpt-4o-mini")], &["glob-model", "everything"]),
+        (&[("model", "gpt-5")], &["family", "everything"]),
+        (&[("model", "claude-opus-4")], &["family", "everything"]),
+        (&[("model", "claude-sonnet-4")], &["everything"]),
+        (
+            &[("environment", "production"), ("labels.tier", "gold")],
+            &["prod", "two-conditions", "everything"],
+        ),
+        (&[("labels.tier", "gold")], &["everything"]),
+        (
+            &[("labels.region", "eu")],
+            &["label-map-form", "everything"],
+        ),
+    ];
+    for (pairs, expected) in cases {
+        let mut a = attrs(pairs);
+        a.families = a
+            .model
+            .as_deref()
+            .map(|m| p.families_of(m))
+            .unwrap_or_default();
+        let got: Vec<&str> = p
+            .matching_rules(&a)
+            .into_iter()
+            .map(|i| p.rules()[i].id.as_str())
+            .collect();
+        assert_eq!(&got, expected, "{pairs:?}");
+    }
+}
+
+#[test]
+fn per_splits_counters_by_attribute_values() {
+    let yaml = "
+rules:
+  - id: per-team
+    per: [team]
+    limit: { requests: 2, window: daily }
+  - id: per-team-user
+    per: [team, user]
+    limit: { requests: 3, window: daily }
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let check = |pairs: &'static [(&'static str, &'static str)]| gate.check(input(pairs));
+        // Each team has its own two requests.
+        assert_eq!(
+            check(&[("team", "a"), ("user", "u1")])
+                .await
+                .unwrap()
+                .verdict,
+            Verdict::Allow
+        );
+        assert_eq!(
+            check(&[("team", "a"), ("user", "u2")])
+                .await
+                .unwrap()
+                .verdict,
+            Verdict::Allow
+        );
+        let denied = check(&[("team", "a"), ("user", "u3")]).await.unwrap();
+        assert_eq!(denied.verdict, Verdict::Deny);
+        assert_eq!(denied.rule.as_deref(), Some("per-team"));
+        assert_eq!(denied.scope.as_deref(), Some("team=a"));
+        assert_eq!(
+            check(&[("team", "b"), ("user", "u1")])
+                .await
+                .unwrap()
+                .verdict,
+            Verdict::Allow
+        );
+        // The denial charged nothing: team b's first user still has room.
+        let usage = gate
+            .usage(attrs(&[("team", "a"), ("user", "u3")]), None)
+            .await
+            .unwrap();
+        let per_user = usage.iter().find(|c| c.rule == "per-team-user").unwrap();
+        assert_eq!(per_user.used.to_string(), "0");
+        assert_eq!(per_user.scope, "team=a,user=u3");
+
+        // A `per` attribute the request lacks is a specific error, not an allow.
+        match check(&[("user", "u1")]).await {
+            Err(GateError::Request(RequestError::MissingAttribute { rule, attr })) => {
+                assert_eq!((rule.as_str(), attr.as_str()), ("per-team", "team"));
+            }
+            other => panic!("expected missing_attribute, got {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn spend_is_charged_exactly_and_denies_with_reason_and_reset() {
+    let yaml = "
+pricing:
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
+rules:
+  - id: daily-spend
+    owner: ops@example.com
+    match: { model: gpt-4o }
+    limit: { spend: 0.03, window: daily }
+";
+    let now = at(2026, 11, 21, 22, 0);
+    let (gate, _) = memory_gate(yaml, now);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // 1000 in + 1000 out = 0.0025 + 0.01 = 0.0125 USD each.
+        let req = || CheckInput {
+            attributes: attrs(&[("model", "gpt-4o")]),
+            estimate: Estimate {
+                input_tokens: Some(1000),
+                output_tokens: Some(1000),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let first = gate.check(req()).await.unwrap();
+        assert_eq!(first.verdict, Verdict::Allow);
+        assert_eq!(first.counters[0].used.to_string(), "0.0125");
+        assert_eq!(first.counters[0].remaining.to_string(), "0.0175");
+        assert!(first.reservation_id.is_some());
+        assert_eq!(gate.check(req()).await.unwrap().verdict, Verdict::Allow);
+        let denied = gate.check(req()).await.unwrap();
+        assert_eq!(denied.verdict, Verdict::Deny);
+        assert_eq!(denied.reason, Reason::BudgetExceeded);
+        assert!(!denied.retryable);
+        // Two hours to UTC midnight.
+        assert_eq!(denied.retry_after, Some(7200));
+        for needle in [
+            "daily-spend",
+            "0.03 USD",
+            "scope all",
+            "0.025 used",
+            "2026-11-22T00:00:00Z",
+        ] {
+            assert!(
+                denied.message.contains(needle),
+                "{needle:?} not in {}",
+                denied.message
+            );
+        }
+    });
+}
+
+#[test]
+fn settle_trues_up_once_and_releases_concurrency() {
+    let yaml = "
+pricing:
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
+rules:
+  - id: spend
+    match: { model: gpt-4o }
+    limit: { spend: 1, window: daily }
+  - id: in-flight
+    limit: { concurrent: 1 }
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let req = || CheckInput {
+            attributes: attrs(&[("model", "gpt-4o")]),
+            estimate: Estimate {
+                input_tokens: Some(10_000),
+                output_tokens: Some(10_000),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let first = gate.check(req()).await.unwrap();
+        assert_eq!(first.verdict, Verdict::Allow);
+        let busy = gate.check(req()).await.unwrap();
+        assert_eq!(busy.verdict, Verdict::Deny);
+        assert_eq!(busy.reason, Reason::ConcurrencyLimit);
+        assert!(busy.retryable);
+        assert_eq!(busy.retry_after, Some(1));
+
+        let id = first.reservation_id.unwrap();
+        let actual = ActualUsage {
+            input_tokens: 1000,
+            output_tokens: 100,
+            ..Default::default()
+        };
+        assert_eq!(
+            gate.settle(&id, &actual).await.unwrap(),
+            SettleOutcome::Settled
+        );
+        assert_eq!(
+            gate.settle(&id, &actual).await.unwrap(),
+            SettleOutcome::AlreadySettled
+        );
+        let usage = gate
+            .usage(attrs(&[("model", "gpt-4o")]), None)
+            .await
+            .unwrap();
+        let spend = usage.iter().find(|c| c.rule == "spend").unwrap();
+        // 1000 * 2.5e-6 + 100 * 1e-5 = 0.0035, replacing the 0.125 estimate.
+        assert_eq!(spend.used.to_string(), "0.0035");
+        let slots = usage.iter().find(|c| c.rule == "in-flight").unwrap();
+        assert_eq!(slots.used.to_string(), "0");
+        assert_eq!(gate.check(req()).await.unwrap().verdict, Verdict::Allow);
+
+        assert!(matches!(
+            gate.settle("no-such-reservation", &actual).await,
+            Err(GateError::UnknownReservation(_))
+        ));
+    });
+}
+
+#[test]
+fn unsettled_reservations_expire_keeping_the_estimate_and_freeing_slots() {
+    let yaml = "
+rules:
+  - id: tokens
+    limit: { tokens: 100000, window: daily }
+  - id: in-flight
+    limit: { concurrent: 1 }
+";
+    let (gate, clock) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let req = || CheckInput {
+            estimate: Estimate {
+                input_tokens: Some(500),
+                output_tokens: Some(500),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let first = gate.check(req()).await.unwrap();
+        assert_eq!(first.verdict, Verdict::Allow);
+        assert_eq!(
+            gate.check(req()).await.unwrap().reason,
+            Reason::ConcurrencyLimit
+        );
+        // Default reservation lifetime is ten minutes.
+        clock.advance(10 * 60_000 + 1_000);
+        let after = gate.check(req()).await.unwrap();
+        assert_eq!(after.verdict, Verdict::Allow, "{}", after.message);
+        let tokens = after.counters.iter().find(|c| c.rule == "tokens").unwrap();
+        assert_eq!(
+            tokens.used.to_string(),
+            "2000",
+            "the expired estimate stays charged"
+        );
+        assert!(matches!(
+            gate.settle(
+                first.reservation_id.as_deref().unwrap(),
+                &ActualUsage::default()
+            )
+            .await,
+            Err(GateError::UnknownReservation(_))
+        ));
+    });
+}
+
+#[test]
+fn downgrade_moves_to_the_cheaper_model_when_the_premium_cap_is_reached() {
+    let yaml = "
+pricing:
+  models:
+    gpt-5: { input_per_mtok: 1.25, output_per_mtok: 10.00 }
+    gpt-4o-mini: { input_per_mtok: 0.15, output_per_mtok: 0.60 }
+  families:
+    premium: [\"gpt-5*\"]
+rules:
+  - id: premium
+    match: { model_family: premium }
+    limit: { requests: 1, window: daily }
+    on_exceed: { downgrade: gpt-4o-mini }
+  - id: mini
+    match: { model: gpt-4o-mini }
+    limit: { requests: 1, window: daily }
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let req = || input(&[("model", "gpt-5")]);
+        assert_eq!(gate.check(req()).await.unwrap().verdict, Verdict::Allow);
+        let second = gate.check(req()).await.unwrap();
+        assert_eq!(second.verdict, Verdict::Downgrade, "{}", second.message);
+        assert_eq!(second.model.as_deref(), Some("gpt-4o-mini"));
+        // The downgrade is charged to the cheaper model's rules.
+        let third = gate.check(req()).await.unwrap();
+        assert_eq!(third.verdict, Verdict::Deny);
+        assert_eq!(third.rule.as_deref(), Some("mini"));
+    });
+}
+
+#[test]
+fn approval_gates_and_soft_rules() {
+    let yaml = "
+rules:
+  - id: backfills
+    owner: data-lead@example.com
+    match: { workflow: backfill }
+    limit: { requests: 1000, window: daily }
+    enforcement: approval
+  - id: soft-watch
+    limit: { requests: 1, window: daily }
+    enforcement: soft
+    alerts: [50, 100, 200]
+  - id: renders
+    owner: art@example.com
+    match: { workflow: render }
+    limit: { requests: 1, window: daily }
+    on_exceed: approval
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let gated = gate
+            .check(input(&[("workflow", "backfill")]))
+            .await
+            .unwrap();
+        assert_eq!(gated.verdict, Verdict::Deny);
+        assert_eq!(gated.reason, Reason::ApprovalRequired);
+        assert!(
+            gated.message.contains("data-lead@example.com"),
+            "{}",
+            gated.message
+        );
+
+        // A soft rule counts past its limit and reports the thresholds crossed.
+        let first = gate.check(input(&[])).await.unwrap();
+        assert_eq!(first.verdict, Verdict::Allow);
+        let crossed: Vec<u32> = first.alerts.iter().map(|a| a.threshold).collect();
+        assert_eq!(crossed, vec![50, 100]);
+        let second = gate.check(input(&[])).await.unwrap();
+        assert_eq!(second.verdict, Verdict::Allow);
+        assert_eq!(
+            second
+                .alerts
+                .iter()
+                .map(|a| a.threshold)
+                .collect::<Vec<_>>(),
+            vec![200]
+        );
+        assert!(gate.check(input(&[])).await.unwrap().alerts.is_empty());
+
+        assert_eq!(
+            gate.check(input(&[("workflow", "render")]))
+                .await
+                .unwrap()
+                .verdict,
+            Verdict::Allow
+        );
+        let over = gate.check(input(&[("workflow", "render")])).await.unwrap();
+        assert_eq!(over.reason, Reason::ApprovalRequired);
+        assert!(!over.retryable);
+        assert!(
+            over.message.contains("approval from art@example.com"),
+            "{}",
+            over.message
+        );
+    });
+}
+
+#[test]
+fn daily_window_rolls_over_at_utc_midnight_with_an_injected_clock() {
+    let yaml = "
+rules:
+  - id: daily
+    match: { workflow: w }
+    limit: { requests: 1, window: daily }
+  - id: rolling
+    match: { team: t }
+    limit: { requests: 1, window: 30m }
+";
+    let (gate, clock) = memory_gate(yaml, at(2026, 11, 21, 23, 59));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let w = || input(&[("workflow", "w")]);
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Allow);
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Deny);
+        clock.set(at(2026, 11, 22, 0, 0) - 1);
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Deny);
+        clock.set(at(2026, 11, 22, 0, 0));
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Allow);
+
+        // Rolling windows start at first use.
+        clock.set(at(2026, 11, 23, 10, 0));
+        assert_eq!(
+            gate.check(input(&[("team", "t")])).await.unwrap().verdict,
+            Verdict::Allow
+        );
+        clock.set(at(2026, 11, 23, 10, 20));
+        let denied = gate.check(input(&[("team", "t")])).await.unwrap();
+        assert_eq!(denied.rule.as_deref(), Some("rolling"));
+        assert_eq!(denied.retry_after, Some(600));
+        clock.set(at(2026, 11, 23, 10, 30));
+        assert_eq!(
+            gate.check(input(&[("team", "t")])).await.unwrap().verdict,
+            Verdict::Allow
+        );
+    });
+}
+
+#[test]
+fn registered_keys_are_resolved_by_hash_and_unknown_keys_by_hash_prefix() {
+    let yaml = "
+keys:
+  - id: checkout-prod
+    sha256: \"74c8b108068d5afd4a40bef2782d1ec6a90b0cde13b56d932971801f8b1e4262\"
+    team: growth
+    environment: production
+rules:
+  - id: per-key
+    per: [key]
+    match: { environment: production }
+    limit: { requests: 1, window: daily }
+  - id: any-key
+    per: [key]
+    limit: { requests: 5, window: daily }
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let with_key = |k: &str| CheckInput {
+            api_key: Some(k.to_string()),
+            ..Default::default()
+        };
+        let known = gate
+            .check(with_key("sk-example-checkout-prod"))
+            .await
+            .unwrap();
+        assert_eq!(known.verdict, Verdict::Allow);
+        assert!(known
+            .counters
+            .iter()
+            .any(|c| c.scope == "key=checkout-prod"));
+        let denied = gate
+            .check(with_key("sk-example-checkout-prod"))
+            .await
+            .unwrap();
+        assert_eq!(denied.scope.as_deref(), Some("key=checkout-prod"));
+
+        let unknown = gate
+            .check(with_key("sk-not-registered-secret"))
+            .await
+            .unwrap();
+        let scope = &unknown.counters[0].scope;
+        assert!(scope.starts_with("key=sha256:"), "{scope}");
+        assert!(!format!("{unknown:?}").contains("sk-not-registered-secret"));
+    });
+}
+
+#[test]
+fn bad_estimates_are_refused_with_specific_errors() {
+    let p = MATRIX;
+    let (gate, _) = memory_gate(p, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let absurd = CheckInput {
+            estimate: Estimate {
+                output_tokens: Some(u64::MAX),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let err = gate.check(absurd).await.unwrap_err();
+        assert!(err.to_string().contains("output_tokens"), "{err}");
+
+        let mut huge = Attributes::default();
+        huge.team = Some("x".repeat(2_000_000));
+        let err = gate
+            .check(CheckInput {
+                attributes: huge,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("`team` is 2000000 bytes"), "{err}");
+
+        let mut labels = BTreeMap::new();
+        for i in 0..40 {
+            labels.insert(format!("l{i}"), "v".to_string());
+        }
+        let err = gate
+            .check(CheckInput {
+                attributes: Attributes {
+                    labels,
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("40 labels"), "{err}");
+    });
+}
+
+#[test]
+fn unpriced_models_under_a_spend_rule_are_refused_not_free() {
+    let yaml = "
+pricing:
+  unpriced_models: reject
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
+rules:
+  - id: spend
+    limit: { spend: 10, window: daily }
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let err = gate
+            .check(input(&[("model", "mystery-9")]))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, GateError::Request(RequestError::Unpriced { .. })),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("mystery-9"));
+        let err = gate.check(input(&[])).await.unwrap_err();
+        assert!(err.to_string().contains("names no model"), "{err}");
+    });
+}

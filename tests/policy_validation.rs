@@ -1,0 +1,217 @@
+//! Validation reports every problem, each at its file:line:column.
+
+mod common;
+
+use common::compile;
+
+/// Loads and returns every diagnostic as `file:line:col: message`.
+fn errors(files: &[(&str, &str)]) -> Vec<String> {
+    match compile(files) {
+        Ok(_) => panic!("expected validation errors"),
+        Err(e) => e.0.iter().map(|d| d.to_string()).collect(),
+    }
+}
+
+fn has(errors: &[String], prefix: &str, needle: &str) {
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with(prefix) && e.contains(needle)),
+        "no error at {prefix} containing {needle:?} in:\n{}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn every_error_is_reported_with_its_position() {
+    let yaml = "\
+rules:
+  - id: a
+    limit: { requests: 10, window: daily }
+    colour: blue
+  - id: b
+    limit: { requests: 10, window: fortnightly }
+  - id: c
+    limit: { window: daily }
+  - id: d
+    limit: { requests: 10, tokens: 5, window: daily }
+  - id: e
+    limit: { spend: -5, window: daily }
+    match: { model: gpt-4o }
+  - id: f
+    match: { model_family: premium }
+    limit: { requests: 1, window: daily }
+";
+    let errs = errors(&[("p.yaml", yaml)]);
+    has(&errs, "p.yaml:4:5:", "unknown field `colour`");
+    has(&errs, "p.yaml:6:36:", "bad window \"fortnightly\"");
+    has(&errs, "p.yaml:8:12:", "names no unit");
+    has(&errs, "p.yaml:10:28:", "exactly one unit");
+    has(&errs, "p.yaml:12:21:", "must not be negative");
+    has(
+        &errs,
+        "p.yaml:15:28:",
+        "model family `premium` is not defined",
+    );
+    assert_eq!(errs.len(), 6, "{}", errs.join("\n"));
+}
+
+#[test]
+fn duplicate_ids_across_files_name_both_places() {
+    let one = "rules:\n  - id: shared\n    limit: { requests: 1, window: daily }\n";
+    let two = "\n\nrules:\n  - id: shared\n    limit: { requests: 2, window: daily }\n";
+    let errs = errors(&[("one.yaml", one), ("two.yaml", two)]);
+    has(
+        &errs,
+        "two.yaml:4:5:",
+        "duplicate rule id `shared`: first defined at one.yaml:2:5",
+    );
+}
+
+#[test]
+fn a_spend_rule_that_can_match_unpriced_models_is_refused() {
+    let yaml = "\
+pricing:
+  models:
+    gpt-4o: { input_per_mtok: 2.5, output_per_mtok: 10 }
+  families:
+    premium: [\"gpt-5*\"]
+rules:
+  - id: everything
+    limit: { spend: 10, window: daily }
+  - id: named
+    match: { model: [gpt-4o, mystery-model] }
+    limit: { spend: 10, window: daily }
+  - id: family
+    match: { model_family: premium }
+    limit: { spend: 10, window: daily }
+  - id: fine
+    match: { model: gpt-4o }
+    limit: { spend: 10, window: daily }
+";
+    let errs = errors(&[("p.yaml", yaml)]);
+    has(&errs, "p.yaml:7:5:", "it matches every model");
+    has(&errs, "p.yaml:9:5:", "`mystery-model`");
+    has(&errs, "p.yaml:12:5:", "`gpt-5*`");
+    assert_eq!(errs.len(), 3, "{}", errs.join("\n"));
+
+    // Opting into refusal at check time, or a catch-all price, makes it valid.
+    let reject = yaml.replace("pricing:\n", "pricing:\n  unpriced_models: reject\n");
+    assert!(compile(&[("p.yaml", &reject)]).is_ok());
+    let catch_all = yaml.replace(
+        "  models:\n",
+        "  models:\n    \"*\": { per_request: 0.01 }\n",
+    );
+    assert!(compile(&[("p.yaml", &catch_all)]).is_ok());
+}
+
+#[test]
+fn half_written_and_malformed_files_are_positioned_errors() {
+    let half = "rules:\n  - id: a\n    limit: { requests: 10, window: da";
+    let errs = errors(&[("half.yaml", half)]);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].starts_with("half.yaml:"), "{errs:?}");
+    assert!(errs[0].contains("invalid YAML"), "{errs:?}");
+
+    let tabs = "rules:\n\t- id: a\n";
+    has(
+        &errors(&[("tabs.yaml", tabs)]),
+        "tabs.yaml:2:",
+        "invalid YAML",
+    );
+
+    let two_docs = "rules: []\n---\nrules: []\n";
+    has(
+        &errors(&[("docs.yaml", two_docs)]),
+        "docs.yaml:2:1:",
+        "one YAML document",
+    );
+
+    let not_a_map = "- just\n- a list\n";
+    has(
+        &errors(&[("list.yaml", not_a_map)]),
+        "list.yaml:1:1:",
+        "must be a mapping",
+    );
+}
+
+#[test]
+fn field_level_mistakes() {
+    let yaml = "\
+keys:
+  - id: k
+    sha256: not-a-hash
+rules:
+  - id: has space
+    limit: { requests: 1.5, window: daily }
+  - id: soft-downgrade
+    enforcement: soft
+    on_exceed: { downgrade: gpt-4o-mini }
+    limit: { requests: 1, window: daily }
+  - id: conc
+    limit: { concurrent: 3, window: daily }
+  - id: alerts
+    alerts: [90, 50, 0]
+    limit: { requests: 1, window: daily }
+  - id: modality
+    match: { modality: hologram, attempt_kind: third }
+    limit: { requests: 1, window: daily }
+  - id: per
+    per: [team, team, colour]
+    limit: { requests: 1, window: daily }
+";
+    let errs = errors(&[("p.yaml", yaml)]);
+    has(&errs, "p.yaml:3:13:", "64 hex digits");
+    has(&errs, "p.yaml:5:9:", "may only use letters");
+    has(&errs, "p.yaml:6:24:", "whole number");
+    has(&errs, "p.yaml:9:16:", "soft rule never blocks");
+    has(&errs, "p.yaml:12:37:", "takes no window");
+    has(&errs, "p.yaml:14:18:", "ascending");
+    has(&errs, "p.yaml:14:22:", "from 1 to 1000");
+    has(&errs, "p.yaml:17:24:", "modality");
+    has(&errs, "p.yaml:17:48:", "attempt_kind");
+    has(&errs, "p.yaml:20:17:", "appears twice");
+    has(&errs, "p.yaml:20:23:", "unknown attribute `colour`");
+}
+
+#[test]
+fn exact_decimals_are_read_from_the_source_text() {
+    let yaml = "\
+pricing:
+  models:
+    m: { per_request: 0.1 }
+rules:
+  - id: r
+    match: { model: m }
+    limit: { spend: 0.3, window: daily }
+";
+    let policy = common::policy(yaml);
+    let rule = &policy.rules()[0];
+    assert_eq!(rule.limit.amount.to_string(), "0.3");
+    let price = policy.price("m").expect("priced");
+    assert_eq!(
+        price.per_request.map(|d| d.to_string()).as_deref(),
+        Some("0.1")
+    );
+}
+
+#[test]
+fn the_shipped_policies_load() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let policy = tollgate::policy::load_dirs(&[dir]).unwrap_or_else(|e| panic!("{e}"));
+    let ids: Vec<&str> = policy.rules().iter().map(|r| r.id.as_str()).collect();
+    for expected in [
+        "prod-key-monthly",
+        "team-monthly",
+        "research-agent-daily",
+        "staging-daily",
+        "premium-models-monthly",
+        "customer-tokens-monthly",
+        "final-render-images-daily",
+        "video-jobs-in-flight",
+        "attempts-per-action",
+        "fallback-spend-monthly",
+    ] {
+        assert!(ids.contains(&expected), "missing {expected} in {ids:?}");
+    }
+}

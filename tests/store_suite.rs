@@ -1,0 +1,301 @@
+//! Counter-store scenarios. Every scenario is written once against
+//! `Arc<dyn CounterStore>` and run for each backend listed in `backends()`.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{at, gate_with, policy};
+use tollgate::engine::{Attributes, Estimate, Verdict};
+use tollgate::gate::{CheckInput, ManualClock};
+use tollgate::store::{
+    Candidate, CounterOp, CounterStore, Expiry, MemoryStore, ReserveRequest, SettleOutcome,
+    StoreError,
+};
+
+type Backend = (&'static str, Arc<dyn CounterStore>);
+
+fn backends() -> Vec<Backend> {
+    vec![(
+        "memory",
+        Arc::new(MemoryStore::default()) as Arc<dyn CounterStore>,
+    )]
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+const SHARED_BUDGET: &str = "
+rules:
+  - id: all-traffic
+    limit: { tokens: 100, window: daily }
+  - id: model-one
+    match: { model: m1 }
+    limit: { tokens: 60, window: daily }
+  - id: count
+    limit: { requests: 100000, window: daily }
+";
+
+/// 64 tasks hammer 100 units shared by two rules: no counter ever passes
+/// its cap, no counter is left partly incremented, and when demand exceeds
+/// the cap it is filled exactly.
+#[test]
+fn reserve_is_all_or_nothing_under_contention() {
+    for (name, store) in backends() {
+        let rt = runtime();
+        rt.block_on(async {
+            let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 12, 0)));
+            let gate = Arc::new(gate_with(policy(SHARED_BUDGET), store, clock));
+            let allowed_m1 = Arc::new(AtomicU64::new(0));
+            let allowed_m2 = Arc::new(AtomicU64::new(0));
+            let mut tasks = Vec::new();
+            for t in 0..64 {
+                let gate = gate.clone();
+                let (a1, a2) = (allowed_m1.clone(), allowed_m2.clone());
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..10 {
+                        let model = if t % 2 == 0 { "m1" } else { "m2" };
+                        let mut attributes = Attributes::default();
+                        attributes.model = Some(model.to_string());
+                        let input = CheckInput {
+                            attributes,
+                            estimate: Estimate {
+                                input_tokens: Some(1),
+                                output_tokens: Some(0),
+                                ..Default::default()
+                            },
+                            ..Default::default()
+                        };
+                        let d = gate.check(input).await.expect("decision");
+                        if d.verdict == Verdict::Allow {
+                            if model == "m1" { &a1 } else { &a2 }.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            let m1 = allowed_m1.load(Ordering::SeqCst);
+            let m2 = allowed_m2.load(Ordering::SeqCst);
+            assert_eq!(
+                m1 + m2,
+                100,
+                "{name}: demand of 640 must fill the cap of 100 exactly"
+            );
+            assert!(
+                m1 <= 60,
+                "{name}: model-one allowed {m1} past its cap of 60"
+            );
+
+            let read = |model: &str| {
+                let mut a = Attributes::default();
+                a.model = Some(model.to_string());
+                a
+            };
+            let usage = gate.usage(read("m1"), None).await.unwrap();
+            let used = |rule: &str| {
+                usage
+                    .iter()
+                    .find(|c| c.rule == rule)
+                    .unwrap()
+                    .used
+                    .to_string()
+            };
+            assert_eq!(
+                used("all-traffic"),
+                (m1 + m2).to_string(),
+                "{name}: shared counter drifted"
+            );
+            assert_eq!(
+                used("model-one"),
+                m1.to_string(),
+                "{name}: model counter drifted"
+            );
+            assert_eq!(
+                used("count"),
+                (m1 + m2).to_string(),
+                "{name}: a denied request was counted"
+            );
+        });
+    }
+}
+
+fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
+    CounterOp {
+        key: key.to_string(),
+        unit: tollgate::policy::Unit::Requests,
+        amount,
+        limit,
+        enforced: true,
+        downgradable: false,
+        expiry: Expiry::Never,
+        release_on_settle: false,
+    }
+}
+
+fn request(ops: Vec<CounterOp>, id: &str, now: i64) -> ReserveRequest {
+    ReserveRequest {
+        now,
+        candidates: vec![Candidate { model: None, ops }],
+        reservation_id: id.to_string(),
+        reservation_ttl: 60_000,
+        request_id: None,
+    }
+}
+
+#[test]
+fn a_blocked_op_leaves_every_other_counter_untouched() {
+    for (name, store) in backends() {
+        runtime().block_on(async {
+            let ok = store
+                .reserve(&request(vec![op("a", 5, 10), op("b", 5, 5)], "r1", 0))
+                .await
+                .unwrap();
+            assert_eq!(ok.applied, Some(0), "{name}");
+            let blocked = store
+                .reserve(&request(vec![op("a", 1, 10), op("b", 1, 5)], "r2", 0))
+                .await
+                .unwrap();
+            assert_eq!(blocked.applied, None, "{name}");
+            assert_eq!(blocked.tried[0][1].used_before, 5);
+            let states = store
+                .read(&["a".to_string(), "b".to_string()], 0)
+                .await
+                .unwrap();
+            assert_eq!(
+                (states[0].used_before, states[1].used_before),
+                (5, 5),
+                "{name}"
+            );
+            assert!(
+                store.reservation("r2", 0).await.unwrap().is_none(),
+                "{name}"
+            );
+        });
+    }
+}
+
+#[test]
+fn settle_applies_the_difference_once() {
+    for (name, store) in backends() {
+        runtime().block_on(async {
+            let mut slot = op("slots", 1, 2);
+            slot.release_on_settle = true;
+            store
+                .reserve(&request(vec![op("tokens", 100, 1000), slot], "r", 0))
+                .await
+                .unwrap();
+            assert_eq!(
+                store.settle("r", &[30, 1], 10).await.unwrap(),
+                SettleOutcome::Settled,
+                "{name}"
+            );
+            assert_eq!(
+                store.settle("r", &[30, 1], 20).await.unwrap(),
+                SettleOutcome::AlreadySettled,
+                "{name}"
+            );
+            let s = store
+                .read(&["tokens".to_string(), "slots".to_string()], 30)
+                .await
+                .unwrap();
+            assert_eq!((s[0].used_before, s[1].used_before), (30, 0), "{name}");
+            assert_eq!(
+                store.settle("missing", &[1], 30).await.unwrap(),
+                SettleOutcome::Unknown,
+                "{name}"
+            );
+        });
+    }
+}
+
+#[test]
+fn a_repeated_request_id_is_not_charged_twice() {
+    for (name, store) in backends() {
+        runtime().block_on(async {
+            let mut first = request(vec![op("n", 1, 10)], "r1", 0);
+            first.request_id = Some("req-1".to_string());
+            let mut again = request(vec![op("n", 1, 10)], "r2", 5);
+            again.request_id = Some("req-1".to_string());
+            let a = store.reserve(&first).await.unwrap();
+            let b = store.reserve(&again).await.unwrap();
+            assert!(b.replayed, "{name}");
+            assert_eq!(a.reservation_id, b.reservation_id, "{name}");
+            let s = store.read(&["n".to_string()], 5).await.unwrap();
+            assert_eq!(s[0].used_before, 1, "{name}");
+        });
+    }
+}
+
+#[test]
+fn counters_expire_with_their_window() {
+    for (name, store) in backends() {
+        runtime().block_on(async {
+            let mut daily = op("d", 3, 10);
+            daily.expiry = Expiry::At(1_000);
+            let mut rolling = op("r", 3, 10);
+            rolling.expiry = Expiry::AfterFirstUse(500);
+            let out = store
+                .reserve(&request(vec![daily, rolling], "x", 100))
+                .await
+                .unwrap();
+            assert_eq!(out.tried[0][1].resets_at, Some(600), "{name}");
+            let live = store
+                .read(&["d".to_string(), "r".to_string()], 599)
+                .await
+                .unwrap();
+            assert_eq!((live[0].used_before, live[1].used_before), (3, 3), "{name}");
+            let later = store
+                .read(&["d".to_string(), "r".to_string()], 1_000)
+                .await
+                .unwrap();
+            assert_eq!(
+                (later[0].used_before, later[1].used_before),
+                (0, 0),
+                "{name}"
+            );
+        });
+    }
+}
+
+#[test]
+fn memory_stays_bounded_under_millions_of_distinct_keys() {
+    let store = MemoryStore::new(10_000);
+    runtime().block_on(async {
+        let mut full_errors = 0;
+        // Each minute brings 5,000 fresh keys; the previous minute's expire.
+        for i in 0..200_000i64 {
+            let now = (i / 5_000) * 60_000;
+            let mut o = op(&format!("k{i}"), 1, 10);
+            o.expiry = Expiry::At(now + 60_000);
+            match store
+                .reserve(&request(vec![o], &format!("r{i}"), now))
+                .await
+            {
+                Ok(_) => {}
+                Err(StoreError::Full(_)) => full_errors += 1,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(store.counter_count() <= 10_000);
+        }
+        assert_eq!(full_errors, 0, "expired counters must make room");
+        // Past the cap with live counters, the store refuses rather than grows.
+        for i in 0..10_001i64 {
+            let mut o = op(&format!("live{i}"), 1, 10);
+            o.expiry = Expiry::Never;
+            let r = store
+                .reserve(&request(vec![o], &format!("l{i}"), 100 * 60_000))
+                .await;
+            if i >= 10_000 {
+                assert!(matches!(r, Err(StoreError::Full(10_000))), "{r:?}");
+            }
+        }
+    });
+}
