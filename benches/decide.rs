@@ -1,1 +1,119 @@
-fn main() {}
+//! Decision cost against policy size: matching must not grow with the
+//! number of rules. Run with `cargo bench --bench decide`.
+
+use std::fmt::Write;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use tollgate::engine::{decide, Attributes, Estimate};
+use tollgate::gate::{CheckInput, Gate, GateConfig, ManualClock};
+use tollgate::policy::{compile_sources, CompiledPolicy, SourceFile};
+use tollgate::store::MemoryStore;
+
+/// `n` rules in the shape of a real matrix: per-customer and per-team
+/// quotas, per-workflow caps, model rules, plus a few global and glob rules
+/// that every request is checked against.
+fn policy(n: usize) -> CompiledPolicy {
+    let mut yaml = String::from(
+        "pricing:\n  unpriced_models: reject\n  models:\n    gpt-4o: { input_per_mtok: 2.5, output_per_mtok: 10 }\n  families:\n    premium: [\"gpt-5*\"]\nrules:\n",
+    );
+    let globals = [
+        "  - id: global-prod\n    match: { environment: production }\n    per: [key]\n    limit: { spend: 500, window: monthly }\n",
+        "  - id: any-team\n    match: { team: \"*\" }\n    per: [team]\n    limit: { spend: 2000, window: monthly }\n    enforcement: soft\n",
+        "  - id: premium\n    match: { model_family: premium }\n    limit: { requests: 100, window: daily }\n",
+        "  - id: per-action\n    match: { action: \"*\" }\n    per: [action]\n    limit: { requests: 2, window: 1h }\n",
+    ];
+    for g in globals.iter().take(n.min(4)) {
+        yaml.push_str(g);
+    }
+    for i in 0..n.saturating_sub(4) {
+        let (attr, value) = match i % 4 {
+            0 => ("customer", format!("customer-{i}")),
+            1 => ("team", format!("team-{i}")),
+            2 => ("workflow", format!("workflow-{i}")),
+            _ => ("key", format!("key-{i}")),
+        };
+        let _ = write!(
+            yaml,
+            "  - id: r{i}\n    match: {{ {attr}: {value} }}\n    limit: {{ tokens: 1000000, window: daily }}\n"
+        );
+    }
+    compile_sources(&[SourceFile {
+        name: "bench.yaml".to_string(),
+        text: yaml,
+    }])
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn request() -> (Attributes, Estimate) {
+    let attrs = Attributes {
+        key: Some("key-3".to_string()),
+        team: Some("team-1".to_string()),
+        customer: Some("customer-0".to_string()),
+        workflow: Some("workflow-2".to_string()),
+        environment: Some("production".to_string()),
+        model: Some("gpt-4o".to_string()),
+        action: Some("act-1".to_string()),
+        ..Default::default()
+    };
+    let estimate = Estimate {
+        input_tokens: Some(1200),
+        output_tokens: Some(800),
+        ..Default::default()
+    };
+    (attrs, estimate)
+}
+
+fn bench(c: &mut Criterion) {
+    let (attrs, estimate) = request();
+    let now = 1_795_000_000_000;
+    for n in [10usize, 1_000, 10_000] {
+        let p = policy(n);
+        let plan = decide::plan(&p, &attrs, &estimate, now).unwrap();
+        assert_eq!(
+            plan.candidates[0].ops.len(),
+            7,
+            "the same 7 rules match at every size"
+        );
+        c.bench_function(&format!("plan/{n}-rules"), |b| {
+            b.iter(|| {
+                decide::plan(black_box(&p), black_box(&attrs), black_box(&estimate), now).unwrap()
+            })
+        });
+    }
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let gate = Gate::new(
+        policy(10_000),
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::new(now)),
+        GateConfig::default(),
+    );
+    let mut i = 0u64;
+    c.bench_function("check-memory-store/10000-rules", |b| {
+        b.iter(|| {
+            i += 1;
+            let (mut attrs, estimate) = request();
+            // A fresh action each time so the per-action budget never blocks.
+            attrs.action = Some(format!("act-{i}"));
+            attrs.customer = Some(format!("customer-{}", (i % 2_500) * 4));
+            rt.block_on(gate.check(CheckInput {
+                attributes: attrs,
+                estimate,
+                ..Default::default()
+            }))
+            .unwrap()
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(50).measurement_time(std::time::Duration::from_secs(3));
+    targets = bench
+}
+criterion_main!(benches);

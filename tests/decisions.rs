@@ -587,3 +587,54 @@ rules:
         assert!(err.to_string().contains("names no model"), "{err}");
     });
 }
+
+#[test]
+fn the_most_specific_glob_price_wins_wherever_it_is_written() {
+    let p = policy(
+        "
+pricing:
+  models:
+    \"*\": { per_request: 1 }
+    \"gpt-4o*\": { per_request: 2 }
+    gpt-4o-mini: { per_request: 3 }
+",
+    );
+    let price = |m: &str| {
+        p.price(m)
+            .and_then(|p| p.per_request)
+            .map(|d| d.to_string())
+    };
+    assert_eq!(price("gpt-4o-mini").as_deref(), Some("3"));
+    assert_eq!(price("gpt-4o-2024").as_deref(), Some("2"));
+    assert_eq!(price("llama").as_deref(), Some("1"));
+}
+
+#[test]
+fn a_downgrade_target_behind_an_approval_gate_is_not_taken() {
+    let yaml = "
+rules:
+  - id: premium
+    match: { model: big }
+    limit: { requests: 1, window: daily }
+    on_exceed: { downgrade: small }
+  - id: small-needs-approval
+    match: { model: small }
+    limit: { requests: 100, window: daily }
+    enforcement: approval
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Within budget, the gated downgrade target does not matter.
+        assert_eq!(
+            gate.check(input(&[("model", "big")]))
+                .await
+                .unwrap()
+                .verdict,
+            Verdict::Allow
+        );
+        let over = gate.check(input(&[("model", "big")])).await.unwrap();
+        assert_eq!(over.verdict, Verdict::Deny);
+        assert_eq!(over.rule.as_deref(), Some("premium"));
+    });
+}

@@ -111,14 +111,16 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
     let overflow = || RequestError::too_large(Unit::Spend);
     let mut add =
         |part: Option<Decimal>, qty: Decimal, name: &'static str| -> Result<(), RequestError> {
+            if qty.is_zero() {
+                return Ok(());
+            }
             match part {
                 Some(p) => {
                     priced = true;
                     let c = p.checked_mul(qty).ok_or_else(overflow)?;
                     total = total.checked_add(c).ok_or_else(overflow)?;
                 }
-                None if !qty.is_zero() => unpriced_parts.push(name),
-                None => {}
+                None => unpriced_parts.push(name),
             }
             Ok(())
         };

@@ -169,8 +169,11 @@ pub fn plan(
             .map(|&i| &policy.rules()[i])
             .find(|r| r.enforcement == Enforcement::Approval)
         {
-            let scope = scope_of(gate, &attrs)?;
-            plan.gate = Some(approval_gate(gate, &scope.0));
+            if plan.candidates.is_empty() {
+                let scope = scope_of(gate, &attrs)?;
+                plan.gate = Some(approval_gate(gate, &scope.0));
+            }
+            // A downgrade target behind an approval gate is no way out.
             return Ok(plan);
         }
         let price = attrs.model.as_deref().and_then(|m| policy.price(m));
@@ -258,7 +261,7 @@ fn rule_counter(
     let limit = to_counter(rule.limit.amount, rule.limit.unit.scale(), rule.limit.unit)?;
     Ok(RuleCounter {
         rule: i,
-        key: format!("{}|{}|{}", rule.id, scope_hash, span.id),
+        key: format!("{}|{}|{}|{}", rule.id, rule.limit.unit, scope_hash, span.id),
         scope,
         limit,
         window_end: span.end,

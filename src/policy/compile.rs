@@ -72,6 +72,12 @@ impl CompiledPolicy {
                 None => glob_prices.push(i as u32),
             }
         }
+        // The most specific glob wins: a catch-all `*` never hides
+        // `gpt-4o*`, wherever each was written.
+        glob_prices.sort_by_key(|&i| {
+            let text = set.pricing.models[i as usize].0.as_str();
+            std::cmp::Reverse(text.chars().filter(|&c| c != '*').count())
+        });
         CompiledPolicy {
             set,
             version,
@@ -133,7 +139,8 @@ impl CompiledPolicy {
             .map(|&i| &self.set.keys[i as usize])
     }
 
-    /// The price of a model: an exact entry, else the first glob that matches.
+    /// The price of a model: an exact entry, else the matching glob with the
+    /// most literal characters.
     pub fn price(&self, model: &str) -> Option<&ModelPrice> {
         let i = self.exact_prices.get(model).copied().or_else(|| {
             self.glob_prices

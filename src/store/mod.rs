@@ -31,7 +31,7 @@ pub enum Expiry {
 /// One counter a candidate adds to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CounterOp {
-    /// Rule id, scope hash and window id; never a raw value.
+    /// Rule id, unit, scope hash and window id; never a raw value.
     pub key: String,
     pub unit: Unit,
     pub amount: i64,
