@@ -23,6 +23,9 @@ pub struct FilePolicy {
     /// Where each family name was referenced, so undefined ones can be
     /// reported once the whole set is known.
     pub family_refs: Vec<(String, Origin)>,
+    /// Every rule id written, valid rule or not, so that duplicates are
+    /// reported even next to other mistakes.
+    pub rule_ids: Vec<(String, Origin)>,
 }
 
 pub fn parse_file(file: &str, root: &Node, diags: &mut Vec<Diagnostic>) -> FilePolicy {
@@ -52,7 +55,7 @@ pub fn parse_file(file: &str, root: &Node, diags: &mut Vec<Diagnostic>) -> FileP
             }
             "rules" => {
                 for item in r.seq(value, "rules") {
-                    if let Some(rule) = r.rule(item, &mut out.family_refs) {
+                    if let Some(rule) = r.rule(item, &mut out.family_refs, &mut out.rule_ids) {
                         out.rules.push(rule);
                     }
                 }
@@ -476,7 +479,12 @@ impl Reader<'_> {
         Some(d)
     }
 
-    fn rule(&mut self, node: &Node, family_refs: &mut Vec<(String, Origin)>) -> Option<Rule> {
+    fn rule(
+        &mut self,
+        node: &Node,
+        family_refs: &mut Vec<(String, Origin)>,
+        rule_ids: &mut Vec<(String, Origin)>,
+    ) -> Option<Rule> {
         let fields = self.map(
             node,
             "a rule",
@@ -552,6 +560,9 @@ impl Reader<'_> {
                 }
                 _ => unreachable!(),
             }
+        }
+        if let Some(id) = &id {
+            rule_ids.push((id.clone(), self.origin(node.pos)));
         }
         for required in ["id", "limit"] {
             if !fields_given.contains(&required) {

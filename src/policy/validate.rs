@@ -10,6 +10,7 @@ use super::Diagnostic;
 pub fn merge(parts: Vec<FilePolicy>, diags: &mut Vec<Diagnostic>) -> PolicySet {
     let mut set = PolicySet::default();
     let mut refs = Vec::new();
+    let mut rule_ids = Vec::new();
     let mut defaults_at: Option<Origin> = None;
     let mut unpriced_at: Option<Origin> = None;
     for part in parts {
@@ -51,6 +52,7 @@ pub fn merge(parts: Vec<FilePolicy>, diags: &mut Vec<Diagnostic>) -> PolicySet {
         }
         set.keys.extend(part.keys);
         set.rules.extend(part.rules);
+        rule_ids.extend(part.rule_ids);
         refs.extend(part.family_refs);
     }
 
@@ -74,7 +76,7 @@ pub fn merge(parts: Vec<FilePolicy>, diags: &mut Vec<Diagnostic>) -> PolicySet {
     );
     first_seen(
         diags,
-        set.rules.iter().map(|r| (r.id.clone(), &r.origin)),
+        rule_ids.iter().map(|(id, o)| (id.clone(), o)),
         |id, first| format!("duplicate rule id `{id}`: first defined at {first}"),
     );
 
