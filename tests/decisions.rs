@@ -61,7 +61,8 @@ rules:
 #[test]
 fn matching_table() {
     let p = policy(MATRIX);
-    let cases: &[(&[(&str, &str)], &[&str])] = &[
+    type Pairs<'a> = &'a [(&'a str, &'a str)];
+    let cases: &[(Pairs, &[&str])] = &[
         (&[], &["everything"]),
         (&[("environment", "production")], &["prod", "everything"]),
         (&[("environment", "staging")], &["everything"]),
@@ -531,8 +532,10 @@ fn bad_estimates_are_refused_with_specific_errors() {
         let err = gate.check(absurd).await.unwrap_err();
         assert!(err.to_string().contains("output_tokens"), "{err}");
 
-        let mut huge = Attributes::default();
-        huge.team = Some("x".repeat(2_000_000));
+        let huge = Attributes {
+            team: Some("x".repeat(2_000_000)),
+            ..Default::default()
+        };
         let err = gate
             .check(CheckInput {
                 attributes: huge,

@@ -61,8 +61,10 @@ fn reserve_is_all_or_nothing_under_contention() {
                 tasks.push(tokio::spawn(async move {
                     for _ in 0..10 {
                         let model = if t % 2 == 0 { "m1" } else { "m2" };
-                        let mut attributes = Attributes::default();
-                        attributes.model = Some(model.to_string());
+                        let attributes = Attributes {
+                            model: Some(model.to_string()),
+                            ..Default::default()
+                        };
                         let input = CheckInput {
                             attributes,
                             estimate: Estimate {
@@ -94,10 +96,9 @@ fn reserve_is_all_or_nothing_under_contention() {
                 "{name}: model-one allowed {m1} past its cap of 60"
             );
 
-            let read = |model: &str| {
-                let mut a = Attributes::default();
-                a.model = Some(model.to_string());
-                a
+            let read = |model: &str| Attributes {
+                model: Some(model.to_string()),
+                ..Default::default()
             };
             let usage = gate.usage(read("m1"), None).await.unwrap();
             let used = |rule: &str| {
