@@ -291,6 +291,7 @@ rules:
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let req = || CheckInput {
+            attributes: attrs(&[("team", "t")]),
             estimate: Estimate {
                 input_tokens: Some(500),
                 output_tokens: Some(500),
@@ -393,11 +394,11 @@ rules:
         );
 
         // A soft rule counts past its limit and reports the thresholds crossed.
-        let first = gate.check(input(&[])).await.unwrap();
+        let first = gate.check(input(&[("team", "t")])).await.unwrap();
         assert_eq!(first.verdict, Verdict::Allow);
         let crossed: Vec<u32> = first.alerts.iter().map(|a| a.threshold).collect();
         assert_eq!(crossed, vec![50, 100]);
-        let second = gate.check(input(&[])).await.unwrap();
+        let second = gate.check(input(&[("team", "t")])).await.unwrap();
         assert_eq!(second.verdict, Verdict::Allow);
         assert_eq!(
             second
@@ -407,7 +408,12 @@ rules:
                 .collect::<Vec<_>>(),
             vec![200]
         );
-        assert!(gate.check(input(&[])).await.unwrap().alerts.is_empty());
+        assert!(gate
+            .check(input(&[("team", "t")]))
+            .await
+            .unwrap()
+            .alerts
+            .is_empty());
 
         assert_eq!(
             gate.check(input(&[("workflow", "render")]))
@@ -586,7 +592,7 @@ rules:
             "{err:?}"
         );
         assert!(err.to_string().contains("mystery-9"));
-        let err = gate.check(input(&[])).await.unwrap_err();
+        let err = gate.check(input(&[("team", "t")])).await.unwrap_err();
         assert!(err.to_string().contains("names no model"), "{err}");
     });
 }

@@ -28,10 +28,8 @@ rules:
     limit: { requests: 2, window: daily }
 ";
 
-async fn start() -> (
-    TollgateClient<tonic::transport::Channel>,
-    tokio::sync::oneshot::Sender<()>,
-) {
+/// Starts a server on a free port; it stops when the sender is dropped.
+async fn start() -> (tonic::transport::Channel, tokio::sync::oneshot::Sender<()>) {
     let gate = Arc::new(Gate::new(
         common::policy(POLICY),
         Arc::new(MemoryStore::default()),
@@ -44,10 +42,20 @@ async fn start() -> (
     tokio::spawn(tollgate::server::serve_grpc(gate, listener, async {
         let _ = stopped.await;
     }));
-    let client = TollgateClient::connect(format!("http://{addr}"))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
-    (client, stop)
+    (channel, stop)
+}
+
+async fn client() -> (
+    TollgateClient<tonic::transport::Channel>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (channel, stop) = start().await;
+    (TollgateClient::new(channel), stop)
 }
 
 fn check(team: &str, customer: &str, model: &str) -> pb::CheckRequest {
@@ -69,7 +77,7 @@ fn check(team: &str, customer: &str, model: &str) -> pb::CheckRequest {
 
 #[tokio::test]
 async fn check_settle_and_usage_end_to_end() {
-    let (mut client, _stop) = start().await;
+    let (mut client, _stop) = client().await;
 
     let allowed = client
         .check(check("growth", "acme", "gpt-4o"))
@@ -158,7 +166,7 @@ async fn check_settle_and_usage_end_to_end() {
 
 #[tokio::test]
 async fn request_ids_make_checks_idempotent() {
-    let (mut client, _stop) = start().await;
+    let (mut client, _stop) = client().await;
     let mut req = check("t", "idem", "gpt-4o-mini");
     req.request_id = "req-42".to_string();
     let a = client.check(req.clone()).await.unwrap().into_inner();
@@ -181,7 +189,7 @@ async fn request_ids_make_checks_idempotent() {
 
 #[tokio::test]
 async fn malformed_requests_get_invalid_argument_with_a_reason() {
-    let (mut client, _stop) = start().await;
+    let (mut client, _stop) = client().await;
     let expect_invalid = |r: Result<tonic::Response<pb::CheckResponse>, tonic::Status>,
                           needle: &str| {
         let status = r.expect_err("must be refused");
@@ -193,6 +201,11 @@ async fn malformed_requests_get_invalid_argument_with_a_reason() {
         );
     };
 
+    // Nothing to attribute the request to.
+    expect_invalid(
+        client.check(pb::CheckRequest::default()).await,
+        "no attributes",
+    );
     // Unknown model under a spend rule.
     expect_invalid(
         client.check(check("growth", "", "mystery-model")).await,
@@ -249,24 +262,7 @@ async fn malformed_requests_get_invalid_argument_with_a_reason() {
 
 #[tokio::test]
 async fn grpc_health_reports_serving() {
-    let gate = Arc::new(Gate::new(
-        common::policy(POLICY),
-        Arc::new(MemoryStore::default()),
-        Arc::new(SystemClock),
-        GateConfig::default(),
-    ));
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(tollgate::server::serve_grpc(
-        gate,
-        listener,
-        std::future::pending(),
-    ));
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let (channel, _stop) = start().await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
     let resp = health
         .check(tonic_health::pb::HealthCheckRequest {

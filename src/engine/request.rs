@@ -84,8 +84,17 @@ impl Attributes {
         }
     }
 
-    /// Refuses values that are oversized or outside their closed sets.
+    /// Refuses empty requests, and values that are oversized or outside
+    /// their closed sets.
     pub fn validate(&self) -> Result<(), RequestError> {
+        let named =
+            Attr::WELL_KNOWN.iter().any(|a| self.get(a).is_some()) || !self.labels.is_empty();
+        if !named {
+            return Err(RequestError::invalid(
+                "the request carries no attributes; give at least a key, team, model or another \
+                 attribute so that its budgets can be found",
+            ));
+        }
         for attr in Attr::WELL_KNOWN.iter().filter(|a| **a != Attr::ModelFamily) {
             if let Some(v) = self.get(attr) {
                 check_len(attr.name(), v)?;
