@@ -332,6 +332,9 @@ pub fn decide(
     let Some(last) = outcome.tried.len().checked_sub(1) else {
         return Decision::allow_unmetered();
     };
+    if last >= plan.candidates.len() || outcome.applied.is_some_and(|i| i != last) {
+        return store_disagreement();
+    }
     let candidate = &plan.candidates[last];
     let counters = &plan.counters[last];
     let states = &outcome.tried[last];
