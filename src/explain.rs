@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use crate::engine::charge::from_counter;
 use crate::engine::decide::scope_counters;
-use crate::engine::request::{apply_key, hash_key};
 use crate::engine::window::format_utc;
 use crate::engine::{Decision, RequestError, Verdict};
 use crate::gate::{CheckInput, Gate, GateConfig, ManualClock};
@@ -30,10 +29,8 @@ pub fn explain(
         other => RequestError::invalid(other.to_string()),
     })?;
 
-    let mut attrs = input.attributes.clone();
-    if let Some(raw) = input.api_key.as_deref() {
-        apply_key(&policy, &mut attrs, &hash_key(raw));
-    }
+    let mut attrs =
+        crate::gate::resolve(&policy, input.attributes.clone(), input.api_key.as_deref());
     attrs.families = attrs
         .model
         .as_deref()

@@ -288,7 +288,11 @@ impl Gate {
 }
 
 /// Hashes the raw key (if any) and applies the key registry.
-fn resolve(policy: &CompiledPolicy, mut attrs: Attributes, api_key: Option<&str>) -> Attributes {
+pub fn resolve(
+    policy: &CompiledPolicy,
+    mut attrs: Attributes,
+    api_key: Option<&str>,
+) -> Attributes {
     if let Some(raw) = api_key.filter(|k| !k.trim().is_empty()) {
         apply_key(policy, &mut attrs, &hash_key(raw));
     }
