@@ -19,7 +19,7 @@ use crate::engine::request::{apply_key, hash_key};
 use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
 use crate::policy::{CompiledPolicy, StoreFailure, Unit};
-use crate::store::{CounterStore, ReserveRequest, SettleOutcome, StoreError};
+use crate::store::{CounterRef, CounterStore, ReserveRequest, SettleOutcome, StoreError};
 
 /// Where the gate gets the time; tests move it by hand.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -252,8 +252,14 @@ impl Gate {
         let now = self.clock.now();
         let attrs = resolve(&policy, attributes, api_key);
         let counters = decide::scope_counters(&policy, &attrs, now)?;
-        let keys: Vec<String> = counters.iter().map(|c| c.key.clone()).collect();
-        let states = self.bounded(self.store.read(&keys, now)).await?;
+        let refs: Vec<CounterRef> = counters
+            .iter()
+            .map(|c| CounterRef {
+                key: c.key.clone(),
+                gauge: policy.rules()[c.rule].limit.unit == Unit::Concurrent,
+            })
+            .collect();
+        let states = self.bounded(self.store.read(&refs, now)).await?;
         Ok(counters
             .iter()
             .zip(states)

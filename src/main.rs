@@ -15,7 +15,7 @@ use rust_decimal::Decimal;
 use tollgate::engine::{Attributes, Estimate};
 use tollgate::gate::{CheckInput, Clock, Gate, GateConfig, SystemClock};
 use tollgate::policy::{self, parse_duration, Attr};
-use tollgate::store::MemoryStore;
+use tollgate::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
 
 #[derive(Parser)]
 #[command(
@@ -61,6 +61,13 @@ struct ServeArgs {
     /// Upper bound on any one counter-store call.
     #[arg(long, env = "TOLLGATE_STORE_TIMEOUT_MS", default_value_t = 50)]
     store_timeout_ms: u64,
+    /// Redis URL (`redis://` or `rediss://`, with credentials if needed).
+    /// Without it, counters live in this process only.
+    #[arg(long, env = "TOLLGATE_REDIS_URL")]
+    redis: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
+    redis_prefix: String,
     /// Most live counters the embedded store holds.
     #[arg(long, env = "TOLLGATE_MAX_COUNTERS", default_value_t = tollgate::store::memory::DEFAULT_MAX_COUNTERS)]
     max_counters: usize,
@@ -200,9 +207,37 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     tracing::info!(rules = policy.rules().len(), version = %policy.version, "policies loaded");
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let store: Arc<dyn CounterStore> = match &args.redis {
+        None => Arc::new(MemoryStore::new(args.max_counters)),
+        Some(url) => {
+            let config = RedisConfig {
+                prefix: args.redis_prefix.clone(),
+                ..RedisConfig::new(url.clone())
+            };
+            // The connection is made lazily and remade after failures, so it
+            // must be created inside the runtime.
+            match runtime.block_on(async { RedisStore::connect(&config) }) {
+                Ok(store) => {
+                    tracing::info!(prefix = %args.redis_prefix, "counters in Redis");
+                    Arc::new(store)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
     let gate = Arc::new(Gate::new(
         policy,
-        Arc::new(MemoryStore::new(args.max_counters)),
+        store,
         Arc::new(SystemClock),
         GateConfig {
             reservation_ttl: args.reservation_ttl,

@@ -10,17 +10,32 @@ use common::{at, gate_with, policy};
 use tollgate::engine::{Attributes, Estimate, Verdict};
 use tollgate::gate::{CheckInput, ManualClock};
 use tollgate::store::{
-    Candidate, CounterOp, CounterStore, Expiry, MemoryStore, ReserveRequest, SettleOutcome,
-    StoreError,
+    Candidate, CounterOp, CounterRef, CounterStore, Expiry, MemoryStore, ReserveRequest,
+    SettleOutcome, StoreError,
 };
 
-type Backend = (&'static str, Arc<dyn CounterStore>);
+/// A store under test; a Redis one keeps its server alive with it.
+struct Backend {
+    name: &'static str,
+    store: Arc<dyn CounterStore>,
+    _server: Option<common::RedisServer>,
+}
 
+/// Every backend every scenario runs against.
 fn backends() -> Vec<Backend> {
-    vec![(
-        "memory",
-        Arc::new(MemoryStore::default()) as Arc<dyn CounterStore>,
-    )]
+    let redis = common::RedisServer::start();
+    vec![
+        Backend {
+            name: "memory",
+            store: Arc::new(MemoryStore::default()),
+            _server: None,
+        },
+        Backend {
+            name: "redis",
+            store: Arc::new(redis.store()),
+            _server: Some(redis),
+        },
+    ]
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -47,9 +62,13 @@ rules:
 /// the cap it is filled exactly.
 #[test]
 fn reserve_is_all_or_nothing_under_contention() {
-    for (name, store) in backends() {
-        let rt = runtime();
-        rt.block_on(async {
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _server,
+        } in backends()
+        {
             let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 12, 0)));
             let gate = Arc::new(gate_with(policy(SHARED_BUDGET), store, clock));
             let allowed_m1 = Arc::new(AtomicU64::new(0));
@@ -124,8 +143,8 @@ fn reserve_is_all_or_nothing_under_contention() {
                 (m1 + m2).to_string(),
                 "{name}: a denied request was counted"
             );
-        });
-    }
+        }
+    });
 }
 
 fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
@@ -141,6 +160,24 @@ fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
     }
 }
 
+fn counter(key: &str) -> CounterRef {
+    CounterRef {
+        key: key.to_string(),
+        gauge: false,
+    }
+}
+
+fn gauge(key: &str) -> CounterRef {
+    CounterRef {
+        key: key.to_string(),
+        gauge: true,
+    }
+}
+
+fn refs(keys: &[&str]) -> Vec<CounterRef> {
+    keys.iter().map(|k| counter(k)).collect()
+}
+
 fn request(ops: Vec<CounterOp>, id: &str, now: i64) -> ReserveRequest {
     ReserveRequest {
         now,
@@ -153,8 +190,13 @@ fn request(ops: Vec<CounterOp>, id: &str, now: i64) -> ReserveRequest {
 
 #[test]
 fn a_blocked_op_leaves_every_other_counter_untouched() {
-    for (name, store) in backends() {
-        runtime().block_on(async {
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _server,
+        } in backends()
+        {
             let ok = store
                 .reserve(&request(vec![op("a", 5, 10), op("b", 5, 5)], "r1", 0))
                 .await
@@ -166,10 +208,7 @@ fn a_blocked_op_leaves_every_other_counter_untouched() {
                 .unwrap();
             assert_eq!(blocked.applied, None, "{name}");
             assert_eq!(blocked.tried[0][1].used_before, 5);
-            let states = store
-                .read(&["a".to_string(), "b".to_string()], 0)
-                .await
-                .unwrap();
+            let states = store.read(&refs(&["a", "b"]), 0).await.unwrap();
             assert_eq!(
                 (states[0].used_before, states[1].used_before),
                 (5, 5),
@@ -179,14 +218,19 @@ fn a_blocked_op_leaves_every_other_counter_untouched() {
                 store.reservation("r2", 0).await.unwrap().is_none(),
                 "{name}"
             );
-        });
-    }
+        }
+    });
 }
 
 #[test]
 fn settle_applies_the_difference_once() {
-    for (name, store) in backends() {
-        runtime().block_on(async {
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _server,
+        } in backends()
+        {
             let mut slot = op("slots", 1, 2);
             slot.release_on_settle = true;
             store
@@ -204,7 +248,7 @@ fn settle_applies_the_difference_once() {
                 "{name}"
             );
             let s = store
-                .read(&["tokens".to_string(), "slots".to_string()], 30)
+                .read(&[counter("tokens"), gauge("slots")], 30)
                 .await
                 .unwrap();
             assert_eq!((s[0].used_before, s[1].used_before), (30, 0), "{name}");
@@ -213,14 +257,19 @@ fn settle_applies_the_difference_once() {
                 SettleOutcome::Unknown,
                 "{name}"
             );
-        });
-    }
+        }
+    });
 }
 
 #[test]
 fn a_repeated_request_id_is_not_charged_twice() {
-    for (name, store) in backends() {
-        runtime().block_on(async {
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _server,
+        } in backends()
+        {
             let mut first = request(vec![op("n", 1, 10)], "r1", 0);
             first.request_id = Some("req-1".to_string());
             let mut again = request(vec![op("n", 1, 10)], "r2", 5);
@@ -229,16 +278,21 @@ fn a_repeated_request_id_is_not_charged_twice() {
             let b = store.reserve(&again).await.unwrap();
             assert!(b.replayed, "{name}");
             assert_eq!(a.reservation_id, b.reservation_id, "{name}");
-            let s = store.read(&["n".to_string()], 5).await.unwrap();
+            let s = store.read(&refs(&["n"]), 5).await.unwrap();
             assert_eq!(s[0].used_before, 1, "{name}");
-        });
-    }
+        }
+    });
 }
 
 #[test]
 fn counters_expire_with_their_window() {
-    for (name, store) in backends() {
-        runtime().block_on(async {
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _server,
+        } in backends()
+        {
             let mut daily = op("d", 3, 10);
             daily.expiry = Expiry::At(1_000);
             let mut rolling = op("r", 3, 10);
@@ -248,22 +302,16 @@ fn counters_expire_with_their_window() {
                 .await
                 .unwrap();
             assert_eq!(out.tried[0][1].resets_at, Some(600), "{name}");
-            let live = store
-                .read(&["d".to_string(), "r".to_string()], 599)
-                .await
-                .unwrap();
+            let live = store.read(&refs(&["d", "r"]), 599).await.unwrap();
             assert_eq!((live[0].used_before, live[1].used_before), (3, 3), "{name}");
-            let later = store
-                .read(&["d".to_string(), "r".to_string()], 1_000)
-                .await
-                .unwrap();
+            let later = store.read(&refs(&["d", "r"]), 1_000).await.unwrap();
             assert_eq!(
                 (later[0].used_before, later[1].used_before),
                 (0, 0),
                 "{name}"
             );
-        });
-    }
+        }
+    });
 }
 
 #[test]

@@ -268,20 +268,26 @@ impl CounterStore for MemoryStore {
         Ok(SettleOutcome::Settled)
     }
 
-    async fn read(&self, keys: &[String], now: Millis) -> Result<Vec<CounterState>, StoreError> {
+    async fn read(
+        &self,
+        counters: &[CounterRef],
+        now: Millis,
+    ) -> Result<Vec<CounterState>, StoreError> {
         let inner = self.lock();
-        Ok(keys
+        Ok(counters
             .iter()
-            .map(|k| match inner.counters.get(k).filter(|c| c.live(now)) {
-                Some(c) => CounterState {
-                    used_before: c.value,
-                    resets_at: c.expires_at,
+            .map(
+                |c| match inner.counters.get(&c.key).filter(|c| c.live(now)) {
+                    Some(c) => CounterState {
+                        used_before: c.value,
+                        resets_at: c.expires_at,
+                    },
+                    None => CounterState {
+                        used_before: 0,
+                        resets_at: None,
+                    },
                 },
-                None => CounterState {
-                    used_before: 0,
-                    resets_at: None,
-                },
-            })
+            )
             .collect())
     }
 }

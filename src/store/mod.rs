@@ -7,6 +7,7 @@
 //! script, so a decision costs one round trip whatever the number of rules.
 
 pub mod memory;
+pub mod redis;
 
 use std::fmt;
 
@@ -16,6 +17,15 @@ use crate::engine::window::Millis;
 use crate::policy::Unit;
 
 pub use memory::MemoryStore;
+pub use redis::{RedisConfig, RedisStore};
+
+/// A counter to read for a usage report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterRef {
+    pub key: String,
+    /// A concurrency gauge (requests in flight) rather than a total.
+    pub gauge: bool,
+}
 
 /// When a counter resets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,5 +184,9 @@ pub trait CounterStore: Send + Sync + fmt::Debug + 'static {
     ) -> Result<SettleOutcome, StoreError>;
 
     /// Current values of counters, for reporting. Missing counters read 0.
-    async fn read(&self, keys: &[String], now: Millis) -> Result<Vec<CounterState>, StoreError>;
+    async fn read(
+        &self,
+        counters: &[CounterRef],
+        now: Millis,
+    ) -> Result<Vec<CounterState>, StoreError>;
 }
