@@ -207,7 +207,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     tracing::info!(rules = policy.rules().len(), version = %policy.version, "policies loaded");
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

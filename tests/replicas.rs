@@ -1,0 +1,202 @@
+//! Several tollgate processes sharing one real Redis: budgets hold exactly
+//! under concurrency, and a Redis outage is answered, then recovered from.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{policy_dir, RedisServer, TollgateProcess};
+use rust_decimal::Decimal;
+use tollgate::proto::v1 as pb;
+use tollgate::proto::v1::tollgate_client::TollgateClient;
+use tonic::transport::Channel;
+
+const POLICY: &str = "
+pricing:
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
+rules:
+  - id: requests
+    match: { team: requests }
+    limit: { requests: 100, window: daily }
+  - id: spend
+    match: { team: spend, model: gpt-4o }
+    limit: { spend: 1, window: daily }
+  - id: open
+    match: { team: open }
+    limit: { requests: 1000000, window: daily }
+    on_store_error: fail_open
+  - id: closed
+    match: { team: closed }
+    limit: { requests: 1000000, window: daily }
+";
+
+async fn channel(endpoint: String) -> Channel {
+    Channel::from_shared(endpoint)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn request(team: &str, output_tokens: u64) -> pb::CheckRequest {
+    pb::CheckRequest {
+        attributes: Some(pb::Attributes {
+            team: team.to_string(),
+            model: "gpt-4o".to_string(),
+            ..Default::default()
+        }),
+        estimate: Some(pb::Estimate {
+            input_tokens: Some(0),
+            output_tokens: Some(output_tokens),
+            ..Default::default()
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// Sends `n` concurrent Checks spread evenly over the clients; returns the
+/// allowed responses. Any RPC error fails the test.
+async fn burst(
+    clients: &[TollgateClient<Channel>],
+    n: usize,
+    make: impl Fn(usize) -> pb::CheckRequest,
+) -> Vec<(usize, pb::CheckResponse)> {
+    let mut tasks = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut client = clients[i % clients.len()].clone();
+        let req = make(i);
+        tasks.push(tokio::spawn(async move { client.check(req).await }));
+    }
+    let mut allowed = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let resp = t.await.unwrap().expect("no Check may fail").into_inner();
+        if resp.verdict() == pb::Verdict::Allow {
+            allowed.push((i, resp));
+        }
+    }
+    allowed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_share_one_budget_exactly() {
+    let redis = RedisServer::start();
+    let dir = policy_dir(&[("p.yaml", POLICY)]);
+    let args = [
+        "--redis",
+        &redis.url(),
+        "--policies",
+        dir.path().to_str().unwrap(),
+        // A burst of 1,000 on two cores queues; this test is about
+        // correctness, the timeout is tested below.
+        "--store-timeout-ms",
+        "5000",
+    ];
+    let a = TollgateProcess::start(&args);
+    let b = TollgateProcess::start(&args);
+    let clients = vec![
+        TollgateClient::new(channel(a.endpoint()).await),
+        TollgateClient::new(channel(b.endpoint()).await),
+    ];
+
+    let allowed = burst(&clients, 1000, |_| request("requests", 1)).await;
+    assert_eq!(allowed.len(), 100, "exactly the cap of 100 must be allowed");
+
+    // Mixed sizes against 1 USD: each request costs 0.001 to 0.01 USD.
+    let size = |i: usize| (i % 10 + 1) as u64 * 100;
+    let allowed = burst(&clients, 1000, |i| request("spend", size(i))).await;
+    let per_token = Decimal::new(1, 5); // 10 USD per million output tokens
+    let reserved: Decimal = allowed
+        .iter()
+        .map(|(i, _)| Decimal::from(size(*i)) * per_token)
+        .sum();
+    let mut usage_client = clients[1].clone();
+    let usage = usage_client
+        .usage(pb::UsageRequest {
+            attributes: request("spend", 0).attributes,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let used = Decimal::from_str_exact(&usage.counters[0].used).unwrap();
+    assert_eq!(
+        used, reserved,
+        "the counter must hold exactly what the allowed requests reserved"
+    );
+    assert!(used <= Decimal::ONE, "spend {used} passed the cap");
+    // Filled to within one request: the largest costs 0.01.
+    assert!(
+        used > Decimal::ONE - Decimal::new(1, 2),
+        "cap not filled: {used}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_redis_outage_is_answered_within_the_timeout_and_recovered_from() {
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let dir = policy_dir(&[("p.yaml", POLICY)]);
+    let server = TollgateProcess::start(&[
+        "--redis",
+        &redis.url(),
+        "--policies",
+        dir.path().to_str().unwrap(),
+    ]);
+    let mut client = TollgateClient::new(channel(server.endpoint()).await);
+
+    for team in ["open", "closed"] {
+        let r = client.check(request(team, 1)).await.unwrap().into_inner();
+        assert_eq!(r.reason, "allowed", "{team} before the outage");
+    }
+
+    // Load in the background while Redis dies under it.
+    let mut load_client = client.clone();
+    let load = tokio::spawn(async move {
+        let mut answered = 0;
+        let until = Instant::now() + Duration::from_millis(1500);
+        while Instant::now() < until {
+            let _ = load_client.check(request("closed", 1)).await;
+            answered += 1;
+        }
+        answered
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.kill();
+
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        let closed = client.check(request("closed", 1)).await;
+        worst = worst.max(started.elapsed());
+        let status = closed.expect_err("a fail-closed rule must not allow without its store");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
+        let started = Instant::now();
+        let open = client.check(request("open", 1)).await.unwrap().into_inner();
+        worst = worst.max(started.elapsed());
+        assert_eq!(open.verdict(), pb::Verdict::Allow);
+        assert_eq!(open.reason, "store_unavailable_fail_open");
+    }
+    // The store timeout is 50 ms; the rest is the round trip to tollgate.
+    assert!(
+        worst < Duration::from_millis(300),
+        "a Check took {worst:?} with Redis down"
+    );
+    assert!(load.await.unwrap() > 0);
+
+    // Redis comes back on the same address; tollgate is not restarted.
+    let _redis = RedisServer::start_on(port);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match client.check(request("closed", 1)).await {
+            Ok(r) if r.get_ref().reason == "allowed" => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "decisions did not resume: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
