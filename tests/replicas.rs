@@ -200,3 +200,35 @@ async fn a_redis_outage_is_answered_within_the_timeout_and_recovered_from() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_auth_is_used_and_a_wrong_password_fails_closed() {
+    let port = common::free_port();
+    let _redis = RedisServer::start_with(port, &["--requirepass", "s3cret"]);
+    let dir = policy_dir(&[("p.yaml", POLICY)]);
+    let policies = dir.path().to_str().unwrap();
+
+    let good = TollgateProcess::start(&[
+        "--redis",
+        &format!("redis://:s3cret@127.0.0.1:{port}"),
+        "--policies",
+        policies,
+    ]);
+    let mut client = TollgateClient::new(channel(good.endpoint()).await);
+    let r = client
+        .check(request("closed", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.reason, "allowed");
+
+    let bad = TollgateProcess::start(&[
+        "--redis",
+        &format!("redis://:wrong@127.0.0.1:{port}"),
+        "--policies",
+        policies,
+    ]);
+    let mut client = TollgateClient::new(channel(bad.endpoint()).await);
+    let status = client.check(request("closed", 1)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}

@@ -73,6 +73,11 @@ impl RedisServer {
     }
 
     pub fn start_on(port: u16) -> RedisServer {
+        Self::start_with(port, &[])
+    }
+
+    /// Starts with extra `redis-server` arguments, such as `--requirepass`.
+    pub fn start_with(port: u16, extra: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().unwrap();
         let child = std::process::Command::new("redis-server")
             .args([
@@ -85,6 +90,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(extra)
             .arg("--dir")
             .arg(dir.path())
             .stdout(std::process::Stdio::null())
@@ -106,7 +112,9 @@ impl RedisServer {
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"PING\r\n");
                 let mut buf = [0u8; 7];
-                if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                // Without the password the server answers NOAUTH, which
+                // still shows it is up.
+                if s.read(&mut buf).is_ok_and(|n| n > 0) && (buf[0] == b'+' || buf[0] == b'-') {
                     return;
                 }
             }
