@@ -17,6 +17,12 @@ use tollgate::gate::{CheckInput, Clock, Gate, GateConfig, SystemClock};
 use tollgate::policy::{self, parse_duration, Attr};
 use tollgate::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
 
+/// glibc's allocator showed up as a fifth of the CPU time of a decision
+/// under load; mimalloc's thread-local caches suit tokio's small, short-lived
+/// allocations much better.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",

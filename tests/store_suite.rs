@@ -285,7 +285,7 @@ fn a_repeated_request_id_is_not_charged_twice() {
 }
 
 #[test]
-fn counters_expire_with_their_window() {
+fn rolling_windows_start_at_first_use_and_lapse() {
     runtime().block_on(async {
         for Backend {
             name,
@@ -293,22 +293,67 @@ fn counters_expire_with_their_window() {
             _server,
         } in backends()
         {
-            let mut daily = op("d", 3, 10);
-            daily.expiry = Expiry::At(1_000);
             let mut rolling = op("r", 3, 10);
             rolling.expiry = Expiry::AfterFirstUse(500);
             let out = store
-                .reserve(&request(vec![daily, rolling], "x", 100))
+                .reserve(&request(vec![rolling.clone()], "x", 100))
                 .await
                 .unwrap();
-            assert_eq!(out.tried[0][1].resets_at, Some(600), "{name}");
-            let live = store.read(&refs(&["d", "r"]), 599).await.unwrap();
-            assert_eq!((live[0].used_before, live[1].used_before), (3, 3), "{name}");
-            let later = store.read(&refs(&["d", "r"]), 1_000).await.unwrap();
+            assert_eq!(out.tried[0][0].resets_at, Some(600), "{name}");
+            let again = store
+                .reserve(&request(vec![rolling.clone()], "y", 599))
+                .await
+                .unwrap();
+            assert_eq!(again.tried[0][0].used_before, 3, "{name}");
+            let live = store.read(&refs(&["r"]), 599).await.unwrap();
+            assert_eq!(live[0].used_before, 6, "{name}");
             assert_eq!(
-                (later[0].used_before, later[1].used_before),
-                (0, 0),
+                store.read(&refs(&["r"]), 600).await.unwrap()[0].used_before,
+                0,
                 "{name}"
+            );
+            // The next use after the end starts a new window of its own.
+            let fresh = store
+                .reserve(&request(vec![rolling], "z", 700))
+                .await
+                .unwrap();
+            assert_eq!(fresh.tried[0][0].used_before, 0, "{name}");
+            assert_eq!(fresh.tried[0][0].resets_at, Some(1_200), "{name}");
+        }
+    });
+}
+
+#[test]
+fn a_daily_budget_resets_at_utc_midnight_on_an_injected_clock() {
+    let yaml = "rules:\n  - id: daily\n    limit: { requests: 2, window: daily }\n";
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _server,
+        } in backends()
+        {
+            let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 23, 59)));
+            let gate = gate_with(policy(yaml), store, clock.clone());
+            let check = || {
+                gate.check(CheckInput {
+                    attributes: Attributes {
+                        team: Some("t".to_string()),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+            };
+            assert_eq!(check().await.unwrap().verdict, Verdict::Allow, "{name}");
+            assert_eq!(check().await.unwrap().verdict, Verdict::Allow, "{name}");
+            let denied = check().await.unwrap();
+            assert_eq!(denied.verdict, Verdict::Deny, "{name}");
+            assert_eq!(denied.retry_after, Some(60), "{name}");
+            clock.set(at(2026, 11, 22, 0, 0));
+            assert_eq!(
+                check().await.unwrap().verdict,
+                Verdict::Allow,
+                "{name}: a new day"
             );
         }
     });

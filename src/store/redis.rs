@@ -53,6 +53,7 @@ pub struct RedisStore {
     prefix: Arc<str>,
     reserve: Arc<Script>,
     settle: Arc<Script>,
+    read: Arc<Script>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -93,6 +94,7 @@ impl RedisStore {
             prefix: config.prefix.as_str().into(),
             reserve: Arc::new(Script::new(include_str!("reserve.lua"))),
             settle: Arc::new(Script::new(include_str!("settle.lua"))),
+            read: Arc::new(Script::new(include_str!("read.lua"))),
         })
     }
 
@@ -135,23 +137,24 @@ impl CounterStore for RedisStore {
             .arg(CLEANUP_GRACE)
             .arg(req.candidates.len());
         for candidate in &req.candidates {
+            let keys: Vec<String> = candidate
+                .ops
+                .iter()
+                .map(|op| self.counter_key(&op.key))
+                .collect();
             inv.arg(candidate.ops.len())
-                .arg(candidate.model.as_deref().unwrap_or(""));
-            for op in &candidate.ops {
-                inv.key(self.counter_key(&op.key));
-                let (kind, value) = match op.expiry {
-                    Expiry::Never => ("n", 0),
-                    Expiry::At(t) => ("t", t),
-                    Expiry::AfterFirstUse(d) => ("a", d),
+                .arg(reservation_record(candidate, &keys));
+            for (op, key) in candidate.ops.iter().zip(keys) {
+                inv.key(key);
+                let flags = u8::from(op.enforced)
+                    | u8::from(op.downgradable) << 1
+                    | u8::from(op.release_on_settle) << 2;
+                let expiry = match op.expiry {
+                    Expiry::Never => 0,
+                    Expiry::At(t) => t.max(1),
+                    Expiry::AfterFirstUse(d) => -d.max(1),
                 };
-                inv.arg(op.amount)
-                    .arg(op.limit)
-                    .arg(u8::from(op.enforced))
-                    .arg(u8::from(op.downgradable))
-                    .arg(kind)
-                    .arg(value)
-                    .arg(u8::from(op.release_on_settle))
-                    .arg(op.unit.name());
+                inv.arg(op.amount).arg(op.limit).arg(flags).arg(expiry);
             }
         }
         let mut conn = self.conn.clone();
@@ -163,41 +166,17 @@ impl CounterStore for RedisStore {
 
     async fn reservation(&self, id: &str, _now: Millis) -> Result<Option<Reservation>, StoreError> {
         let mut conn = self.conn.clone();
-        let fields: Vec<Option<String>> = ::redis::cmd("HMGET")
+        let text: Option<String> = ::redis::cmd("GET")
             .arg(self.reservation_key(id))
-            .arg(&["m", "s", "x", "o"])
             .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let [model, settled, expires, ops] = <[Option<String>; 4]>::try_from(fields)
-            .map_err(|_| StoreError::Unavailable("unexpected HMGET reply".to_string()))?;
-        let (Some(settled), Some(expires), Some(ops)) = (settled, expires, ops) else {
+        let Some(text) = text else {
             return Ok(None);
         };
-        let counter_prefix = format!("{}c:", self.prefix);
-        let ops = ops
-            .lines()
-            .map(|line| {
-                let mut parts = line.splitn(4, '\t');
-                let unit = Unit::parse(parts.next()?)?;
-                let amount = parts.next()?.parse().ok()?;
-                let gauge = parts.next()? == "1";
-                let key = parts.next()?.strip_prefix(&counter_prefix)?.to_string();
-                Some(ReservedOp {
-                    key,
-                    unit,
-                    amount,
-                    release_on_settle: gauge,
-                })
-            })
-            .collect::<Option<Vec<_>>>()
-            .ok_or_else(|| StoreError::Unavailable(format!("reservation {id} is malformed")))?;
-        Ok(Some(Reservation {
-            model: model.filter(|m| !m.is_empty()),
-            ops,
-            settled: settled == "1",
-            expires_at: expires.parse().unwrap_or(0),
-        }))
+        parse_reservation(&text, &format!("{}c:", self.prefix))
+            .map(Some)
+            .ok_or_else(|| StoreError::Unavailable(format!("reservation {id} is malformed")))
     }
 
     async fn settle(
@@ -230,47 +209,71 @@ impl CounterStore for RedisStore {
         counters: &[CounterRef],
         now: Millis,
     ) -> Result<Vec<CounterState>, StoreError> {
-        let mut pipe = ::redis::pipe();
-        for c in counters {
-            let key = self.counter_key(&c.key);
-            if c.gauge {
-                pipe.cmd("ZCOUNT")
-                    .arg(key)
-                    .arg(format!("({now}"))
-                    .arg("+inf");
-            } else {
-                pipe.cmd("HMGET").arg(key).arg("v").arg("e");
-            }
+        if counters.is_empty() {
+            return Ok(Vec::new());
         }
+        let mut inv = self.read.prepare_invoke();
+        for c in counters {
+            inv.key(self.counter_key(&c.key));
+        }
+        inv.arg(now);
         let mut conn = self.conn.clone();
-        let replies: Vec<::redis::Value> =
-            pipe.query_async(&mut conn).await.map_err(unavailable)?;
-        Ok(counters
-            .iter()
-            .zip(replies)
-            .map(|(c, reply)| {
-                if c.gauge {
-                    let n: i64 = ::redis::from_redis_value(reply).unwrap_or(0);
-                    return CounterState {
-                        used_before: n,
-                        resets_at: None,
-                    };
-                }
-                let (v, e): (Option<i64>, Option<i64>) =
-                    ::redis::from_redis_value(reply).unwrap_or((None, None));
-                match (v, e) {
-                    (Some(v), Some(e)) if e == 0 || e > now => CounterState {
-                        used_before: v,
-                        resets_at: (e > 0).then_some(e),
-                    },
-                    _ => CounterState {
-                        used_before: 0,
-                        resets_at: None,
-                    },
-                }
+        let values: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        Ok(values
+            .chunks(2)
+            .map(|pair| CounterState {
+                used_before: pair[0],
+                resets_at: pair.get(1).copied().filter(|t| *t >= 0),
             })
             .collect())
     }
+}
+
+/// What a candidate's reservation will hold if it is applied: the model,
+/// then one line per counter with its kind (plain, rolling or gauge), unit,
+/// reserved amount and key. Built here so that the script only stores it.
+fn reservation_record(candidate: &Candidate, keys: &[String]) -> String {
+    let mut record = candidate.model.clone().unwrap_or_default();
+    for (op, key) in candidate.ops.iter().zip(keys) {
+        let kind = match (op.release_on_settle, op.expiry) {
+            (true, _) => 'g',
+            (false, Expiry::AfterFirstUse(_)) => 'r',
+            _ => 'p',
+        };
+        record.push_str(&format!(
+            "\n{kind}\t{}\t{}\t{key}",
+            op.unit.name(),
+            op.amount
+        ));
+    }
+    record
+}
+
+fn parse_reservation(text: &str, counter_prefix: &str) -> Option<Reservation> {
+    let mut lines = text.split('\n');
+    let (settled, expires) = lines.next()?.split_once(' ')?;
+    let model = lines.next()?;
+    let ops = lines
+        .map(|line| {
+            let mut parts = line.splitn(4, '\t');
+            let kind = parts.next()?;
+            let unit = Unit::parse(parts.next()?)?;
+            let amount = parts.next()?.parse().ok()?;
+            let key = parts.next()?.strip_prefix(counter_prefix)?.to_string();
+            Some(ReservedOp {
+                key,
+                unit,
+                amount,
+                release_on_settle: kind == "g",
+            })
+        })
+        .collect::<Option<Vec<_>>>()?;
+    Some(Reservation {
+        model: (!model.is_empty()).then(|| model.to_string()),
+        ops,
+        settled: settled == "1",
+        expires_at: expires.parse().ok()?,
+    })
 }
 
 fn parse_outcome(text: &str, replayed: bool) -> Option<ReserveOutcome> {

@@ -1,26 +1,29 @@
 -- Reserves one decision atomically: tries each candidate in order and
 -- applies the first whose enforced counters all fit, all of its counters or
--- none. Time is the caller's logical time (ARGV[1]); Redis TTLs only clean
--- up, they never decide.
+-- none. Time is the caller's (ARGV[1]); Redis TTLs only clean up.
 --
--- KEYS[1]  reservation hash      KEYS[2]  replay key (request id)
+-- KEYS[1]  reservation key       KEYS[2]  replay key (request id)
 -- KEYS[3..] counter keys, candidate by candidate, op by op
 -- ARGV: now, reservation ttl, reservation id, replay window (0 = none),
---       cleanup grace, candidate count, then per candidate: op count, model,
---       then per op: amount, limit, enforced, downgradable, expiry kind
---       (n = never, t = at time, a = after first use), expiry value,
---       gauge (1 = concurrency slot), unit
+--       cleanup grace, candidate count, then per candidate: op count and
+--       its reservation record, then per op: amount, limit, flags, expiry.
+--   flags: 1 enforced, 2 downgradable, 4 concurrency gauge
+--   expiry: 0 never, > 0 end of a calendar window (the key already names
+--   the window, so this only sets the TTL), < 0 minus a rolling duration
+--   that starts at first use
 --
--- Returns {replayed (0/1), result} where result is
+-- Counters are plain integers, except rolling ones (a hash of value `v`
+-- and logical end `e`) and gauges (a sorted set of reservation ids scored
+-- by when they lapse).
+--
+-- Returns {replayed (0/1), result}; result is
 -- "<reservation id or -> <applied index or -1> <tried> (<ops> (<used> <resets_at or -1>)*)*"
 
--- Lua prints large numbers in exponent form, so integers leave the script
--- through this.
+-- Lua prints large numbers in exponent form; integers leave through this.
 local function int(x) return string.format('%d', x) end
 
 local now = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local rid = ARGV[3]
 local replay_ms = tonumber(ARGV[4])
 local grace = tonumber(ARGV[5])
 
@@ -34,56 +37,60 @@ if replay_ms > 0 then
   end
 end
 
-local candidates = {}
+local ncand = tonumber(ARGV[6])
 local a, k = 7, 3
-for c = 1, tonumber(ARGV[6]) do
-  local n = tonumber(ARGV[a])
-  local cand = {model = ARGV[a + 1], ops = {}}
-  a = a + 2
-  for o = 1, n do
-    cand.ops[o] = {
-      key = KEYS[k],
-      amount = tonumber(ARGV[a]),
-      amount_text = ARGV[a],
-      limit = tonumber(ARGV[a + 1]),
-      enforced = ARGV[a + 2] == '1',
-      down = ARGV[a + 3] == '1',
-      kind = ARGV[a + 4],
-      exp = tonumber(ARGV[a + 5]),
-      gauge = ARGV[a + 6] == '1',
-      unit = ARGV[a + 7],
-    }
-    a = a + 8
-    k = k + 1
-  end
-  candidates[c] = cand
-end
-
--- Current value and known reset of one counter; expired counters read 0.
-local function state(op)
-  if op.gauge then
-    redis.call('ZREMRANGEBYSCORE', op.key, '-inf', now)
-    return redis.call('ZCARD', op.key), -1, false
-  end
-  local v = redis.call('HMGET', op.key, 'v', 'e')
-  local used, e = tonumber(v[1]), tonumber(v[2])
-  if used == nil or (e > 0 and e <= now) then
-    if op.kind == 'a' then return 0, now + op.exp, true end
-    return 0, -1, true
-  end
-  if op.kind == 'a' then return used, e, false end
-  return used, -1, false
-end
-
 local tried, applied = {}, -1
-for c, cand in ipairs(candidates) do
+local starts = {}
+for c = 1, ncand do
+  local n = tonumber(ARGV[a])
+  starts[c] = {a = a + 2, k = k, n = n, record = ARGV[a + 1]}
+  a = a + 2 + 4 * n
+  k = k + n
+end
+
+for c = 1, ncand do
+  local s = starts[c]
+  local n = s.n
+  -- One MGET for every plain counter of the candidate.
+  local plain, plain_at = {}, {}
+  for o = 0, n - 1 do
+    local flags = tonumber(ARGV[s.a + 4 * o + 2])
+    local exp = tonumber(ARGV[s.a + 4 * o + 3])
+    if flags < 4 and exp >= 0 then
+      plain[#plain + 1] = KEYS[s.k + o]
+      plain_at[o] = #plain
+    end
+  end
+  local values = {}
+  if #plain > 0 then values = redis.call('MGET', unpack(plain)) end
+
   local states, blocked, only_downgradable = {}, false, true
-  for i, op in ipairs(cand.ops) do
-    local used, reset, fresh = state(op)
-    states[i] = {used, reset, fresh}
-    if op.enforced and used + op.amount > op.limit then
+  for o = 0, n - 1 do
+    local key = KEYS[s.k + o]
+    local base = s.a + 4 * o
+    local amount, limit = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
+    local flags, exp = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+    local used, reset, fresh
+    if flags >= 4 then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      used, reset, fresh = redis.call('ZCARD', key), -1, false
+    elseif exp < 0 then
+      local v = redis.call('HMGET', key, 'v', 'e')
+      local e = tonumber(v[2])
+      if v[1] and e > now then
+        used, reset, fresh = tonumber(v[1]), e, false
+      else
+        used, reset, fresh = 0, now - exp, true
+      end
+    else
+      local v = values[plain_at[o]]
+      if v then used, fresh = tonumber(v), false else used, fresh = 0, true end
+      reset = -1
+    end
+    states[o + 1] = {used, reset, fresh}
+    if flags % 2 == 1 and used + amount > limit then
       blocked = true
-      if not op.down then only_downgradable = false end
+      if flags % 4 < 2 then only_downgradable = false end
     end
   end
   tried[c] = states
@@ -94,37 +101,45 @@ for c, cand in ipairs(candidates) do
   if not only_downgradable then break end
 end
 
+local rid = '-'
 if applied > 0 then
-  local cand = candidates[applied]
-  local record = {}
-  for i, op in ipairs(cand.ops) do
-    if op.gauge then
-      redis.call('ZADD', op.key, int(now + ttl), rid)
-      redis.call('PEXPIRE', op.key, int(ttl + grace))
-    elseif tried[applied][i][3] then
-      local exp = 0
-      if op.kind == 't' then exp = op.exp elseif op.kind == 'a' then exp = now + op.exp end
-      redis.call('HSET', op.key, 'v', op.amount_text, 'e', int(exp))
-      if exp > 0 then
-        redis.call('PEXPIRE', op.key, int(math.max(exp - now, 1) + grace))
+  local s = starts[applied]
+  rid = ARGV[3]
+  for o = 0, s.n - 1 do
+    local key = KEYS[s.k + o]
+    local base = s.a + 4 * o
+    local amount = ARGV[base]
+    local flags, exp = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+    local fresh = tried[applied][o + 1][3]
+    if flags >= 4 then
+      redis.call('ZADD', key, int(now + ttl), rid)
+      redis.call('PEXPIRE', key, int(ttl + grace))
+    elseif exp < 0 then
+      if fresh then
+        redis.call('HSET', key, 'v', amount, 'e', int(now - exp))
+        redis.call('PEXPIRE', key, int(grace - exp))
       else
-        redis.call('PERSIST', op.key)
+        redis.call('HINCRBY', key, 'v', amount)
+      end
+    elseif fresh then
+      if exp > 0 then
+        redis.call('SET', key, amount, 'PX', int(math.max(exp - now, 1) + grace))
+      else
+        redis.call('SET', key, amount)
       end
     else
-      redis.call('HINCRBY', op.key, 'v', op.amount_text)
+      redis.call('INCRBY', key, amount)
     end
-    record[i] = op.unit .. '\t' .. op.amount_text .. '\t' .. (op.gauge and '1' or '0') .. '\t' .. op.key
   end
-  redis.call('HSET', KEYS[1], 'm', cand.model, 's', '0', 'x', int(now + ttl), 'o', table.concat(record, '\n'))
-  redis.call('PEXPIRE', KEYS[1], int(ttl + grace))
+  redis.call('SET', KEYS[1], '0 ' .. int(now + ttl) .. '\n' .. s.record, 'PX', int(ttl + grace))
 end
 
-local out = {applied > 0 and rid or '-', int(applied - 1), int(#tried)}
+local out = {rid, int(applied - 1), int(#tried)}
 for _, states in ipairs(tried) do
   out[#out + 1] = int(#states)
-  for _, s in ipairs(states) do
-    out[#out + 1] = int(s[1])
-    out[#out + 1] = int(s[2])
+  for _, st in ipairs(states) do
+    out[#out + 1] = int(st[1])
+    out[#out + 1] = int(st[2])
   end
 end
 local result = table.concat(out, ' ')

@@ -1,35 +1,46 @@
 -- Settles a reservation once: each counter moves by (actual - reserved),
--- never below zero; concurrency slots are given back.
+-- never below zero, and concurrency slots are given back.
 --
--- KEYS[1]   reservation hash
+-- KEYS[1]   reservation key
 -- KEYS[2..] the reservation's counter keys, in its own order
 -- ARGV: now, reservation id, then the actual amount for each counter
 -- Returns 'settled', 'already_settled' or 'unknown'.
+--
+-- A reservation is "<settled 0|1> <expires at>\n<model>\n" followed by one
+-- line per counter: "<p|r|g>\t<unit>\t<reserved amount>\t<key>" (plain,
+-- rolling, gauge).
 
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
-local r = redis.call('HMGET', KEYS[1], 's', 'x', 'o')
-if not r[1] or tonumber(r[2]) <= now then return 'unknown' end
-if r[1] == '1' then return 'already_settled' end
+local r = redis.call('GET', KEYS[1])
+if not r then return 'unknown' end
+local settled, expires = string.match(r, '^(%d) (%d+)\n')
+if tonumber(expires) <= now then return 'unknown' end
+if settled == '1' then return 'already_settled' end
 
-local i = 1
-for line in string.gmatch(r[3], '[^\n]+') do
-  local unit, amount, gauge, key = string.match(line, '^([^\t]*)\t([^\t]*)\t([^\t]*)\t(.*)$')
+local i = 0
+for kind, amount, key in string.gmatch(r, '\n([prg])\t[^\t]*\t([^\t]*)\t([^\n]*)') do
+  i = i + 1
   if key ~= KEYS[i + 1] then
     return redis.error_reply('settle keys do not match the reservation')
   end
-  if gauge == '1' then
+  local delta = tonumber(ARGV[i + 2]) - tonumber(amount)
+  if kind == 'g' then
     redis.call('ZREM', key, rid)
-  else
+  elseif kind == 'r' then
     local v = redis.call('HMGET', key, 'v', 'e')
-    local used, e = tonumber(v[1]), tonumber(v[2])
-    if used ~= nil and (e == 0 or e > now) then
-      local delta = tonumber(ARGV[i + 2]) - tonumber(amount)
+    local used = tonumber(v[1])
+    if used ~= nil and tonumber(v[2]) > now then
       if used + delta < 0 then delta = -used end
       redis.call('HINCRBY', key, 'v', string.format('%d', delta))
     end
+  else
+    local used = tonumber(redis.call('GET', key))
+    if used ~= nil then
+      if used + delta < 0 then delta = -used end
+      redis.call('INCRBY', key, string.format('%d', delta))
+    end
   end
-  i = i + 1
 end
-redis.call('HSET', KEYS[1], 's', '1')
+redis.call('SETRANGE', KEYS[1], 0, '1')
 return 'settled'
