@@ -305,16 +305,28 @@ pub fn resolve(
     attrs
 }
 
-/// 128 random bits, hex: a reservation id nobody can guess and settle.
+/// A reservation id nobody can guess (and so settle for someone else):
+/// the SHA-256 of a per-process random secret and a counter, cut to 128
+/// bits. One OS random read per process instead of one per decision.
 fn new_reservation_id() -> String {
-    let mut bytes = [0u8; 16];
-    if getrandom::fill(&mut bytes).is_err() {
-        // The OS RNG failing is not a reason to refuse traffic; fall back to
-        // a process-unique id mixed with the time.
-        static COUNTER: AtomicI64 = AtomicI64::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        bytes[..8].copy_from_slice(&n.to_le_bytes());
-        bytes[8..].copy_from_slice(&SystemClock.now().to_le_bytes());
-    }
-    crate::policy::hex(&bytes)
+    use sha2::{Digest, Sha256};
+    use std::sync::OnceLock;
+    static SECRET: OnceLock<[u8; 32]> = OnceLock::new();
+    static COUNTER: AtomicI64 = AtomicI64::new(0);
+    let secret = SECRET.get_or_init(|| {
+        let mut bytes = [0u8; 32];
+        if getrandom::fill(&mut bytes).is_err() {
+            // Without an OS random source, fall back to what differs per
+            // process and moment; weaker, but never a reason to stop.
+            bytes[..8].copy_from_slice(&SystemClock.now().to_le_bytes());
+            bytes[8..12].copy_from_slice(&std::process::id().to_le_bytes());
+        }
+        bytes
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let digest = Sha256::new()
+        .chain_update(secret)
+        .chain_update(n.to_le_bytes())
+        .finalize();
+    crate::policy::hex(&digest[..16])
 }

@@ -13,6 +13,7 @@
 //! of removed rules and old windows disappear by themselves.
 
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,8 @@ pub struct RedisConfig {
     pub prefix: String,
     /// How long a new connection attempt may take.
     pub connect_timeout: Duration,
+    /// Multiplexed connections kept open.
+    pub connections: usize,
 }
 
 impl RedisConfig {
@@ -43,13 +46,17 @@ impl RedisConfig {
             url: url.into(),
             prefix: "tollgate:".to_string(),
             connect_timeout: Duration::from_millis(500),
+            connections: 2,
         }
     }
 }
 
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    /// A few multiplexed connections, used in turn, so that one connection's
+    /// driver task is not the only path to Redis.
+    conns: Arc<[ConnectionManager]>,
+    next: Arc<AtomicUsize>,
     prefix: Arc<str>,
     reserve: Arc<Script>,
     settle: Arc<Script>,
@@ -87,10 +94,15 @@ impl RedisStore {
             .set_connection_timeout(Some(config.connect_timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(unavailable)?;
+        let conns = (0..config.connections.max(1))
+            .map(|_| {
+                ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(unavailable)?;
         Ok(RedisStore {
-            conn,
+            conns: conns.into(),
+            next: Arc::new(AtomicUsize::new(0)),
             prefix: config.prefix.as_str().into(),
             reserve: Arc::new(Script::new(include_str!("reserve.lua"))),
             settle: Arc::new(Script::new(include_str!("settle.lua"))),
@@ -100,12 +112,17 @@ impl RedisStore {
 
     /// Answers once Redis answers a PING.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         ::redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
             .map(|_| ())
             .map_err(unavailable)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        self.conns[i].clone()
     }
 
     fn counter_key(&self, key: &str) -> String {
@@ -157,15 +174,14 @@ impl CounterStore for RedisStore {
                 inv.arg(op.amount).arg(op.limit).arg(flags).arg(expiry);
             }
         }
-        let mut conn = self.conn.clone();
-        let (replayed, result): (i64, String) =
-            inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        parse_outcome(&result, replayed == 1)
-            .ok_or_else(|| StoreError::Unavailable(format!("unexpected reserve reply {result:?}")))
+        let mut conn = self.conn();
+        let reply: Vec<::redis::Value> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        parse_outcome(&reply)
+            .ok_or_else(|| StoreError::Unavailable(format!("unexpected reserve reply {reply:?}")))
     }
 
     async fn reservation(&self, id: &str, _now: Millis) -> Result<Option<Reservation>, StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let text: Option<String> = ::redis::cmd("GET")
             .arg(self.reservation_key(id))
             .query_async(&mut conn)
@@ -195,7 +211,7 @@ impl CounterStore for RedisStore {
             inv.key(self.counter_key(&op.key));
             inv.arg(actual.get(i).copied().unwrap_or(0));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let outcome: String = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         Ok(match outcome.as_str() {
             "settled" => SettleOutcome::Settled,
@@ -217,7 +233,7 @@ impl CounterStore for RedisStore {
             inv.key(self.counter_key(&c.key));
         }
         inv.arg(now);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let values: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         Ok(values
             .chunks(2)
@@ -276,19 +292,28 @@ fn parse_reservation(text: &str, counter_prefix: &str) -> Option<Reservation> {
     })
 }
 
-fn parse_outcome(text: &str, replayed: bool) -> Option<ReserveOutcome> {
-    let mut tokens = text.split(' ');
-    let rid = tokens.next()?;
-    let applied: i64 = tokens.next()?.parse().ok()?;
-    let tried_count: usize = tokens.next()?.parse().ok()?;
-    let mut int = || -> Option<i64> { tokens.next()?.parse().ok() };
+fn parse_outcome(reply: &[::redis::Value]) -> Option<ReserveOutcome> {
+    use ::redis::Value;
+    let int = |v: &Value| match v {
+        Value::Int(n) => Some(*n),
+        _ => None,
+    };
+    let mut it = reply.iter();
+    let replayed = int(it.next()?)? == 1;
+    let rid = match it.next()? {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+        Value::SimpleString(s) => s.clone(),
+        _ => return None,
+    };
+    let applied = int(it.next()?)?;
+    let tried_count = usize::try_from(int(it.next()?)?).ok()?;
     let mut tried = Vec::with_capacity(tried_count);
     for _ in 0..tried_count {
-        let n = int()? as usize;
+        let n = usize::try_from(int(it.next()?)?).ok()?;
         let mut states = Vec::with_capacity(n);
         for _ in 0..n {
-            let used = int()?;
-            let reset = int()?;
+            let used = int(it.next()?)?;
+            let reset = int(it.next()?)?;
             states.push(CounterState {
                 used_before: used,
                 resets_at: (reset >= 0).then_some(reset),
@@ -299,7 +324,7 @@ fn parse_outcome(text: &str, replayed: bool) -> Option<ReserveOutcome> {
     Some(ReserveOutcome {
         applied: usize::try_from(applied).ok(),
         tried,
-        reservation_id: (rid != "-").then(|| rid.to_string()),
+        reservation_id: (rid != "-").then_some(rid),
         replayed,
     })
 }

@@ -16,8 +16,9 @@
 -- and logical end `e`) and gauges (a sorted set of reservation ids scored
 -- by when they lapse).
 --
--- Returns {replayed (0/1), result}; result is
--- "<reservation id or -> <applied index or -1> <tried> (<ops> (<used> <resets_at or -1>)*)*"
+-- Returns {replayed (0/1), reservation id or '-', applied index or -1,
+-- candidates tried, then per candidate tried: op count, then per op: used
+-- before, resets_at or -1}.
 
 -- Lua prints large numbers in exponent form; integers leave through this.
 local function int(x) return string.format('%d', x) end
@@ -32,7 +33,11 @@ if replay_ms > 0 then
   if prev then
     local sep = string.find(prev, ' ', 1, true)
     if tonumber(string.sub(prev, 1, sep - 1)) > now then
-      return {1, string.sub(prev, sep + 1)}
+      local out = {1}
+      for token in string.gmatch(string.sub(prev, sep + 1), '%S+') do
+        out[#out + 1] = tonumber(token) or token
+      end
+      return out
     end
   end
 end
@@ -134,16 +139,18 @@ if applied > 0 then
   redis.call('SET', KEYS[1], '0 ' .. int(now + ttl) .. '\n' .. s.record, 'PX', int(ttl + grace))
 end
 
-local out = {rid, int(applied - 1), int(#tried)}
+-- Integers go back as integers; only a replay needs the text form.
+local out = {0, rid, applied - 1, #tried}
 for _, states in ipairs(tried) do
-  out[#out + 1] = int(#states)
+  out[#out + 1] = #states
   for _, st in ipairs(states) do
-    out[#out + 1] = int(st[1])
-    out[#out + 1] = int(st[2])
+    out[#out + 1] = st[1]
+    out[#out + 1] = st[2]
   end
 end
-local result = table.concat(out, ' ')
 if replay_ms > 0 then
-  redis.call('SET', KEYS[2], int(now + replay_ms) .. ' ' .. result, 'PX', int(replay_ms + grace))
+  local text = {}
+  for i = 2, #out do text[i - 1] = type(out[i]) == 'number' and int(out[i]) or out[i] end
+  redis.call('SET', KEYS[2], int(now + replay_ms) .. ' ' .. table.concat(text, ' '), 'PX', int(replay_ms + grace))
 end
-return {0, result}
+return out
