@@ -71,6 +71,9 @@ struct ServeArgs {
     /// Without it, counters live in this process only.
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
     redis: Option<String>,
+    /// Treat `--redis` as a comma-separated list of Redis Cluster nodes.
+    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
+    redis_cluster: bool,
     /// Prefix of every Redis key.
     #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
     redis_prefix: String,
@@ -228,11 +231,11 @@ fn serve(args: ServeArgs) -> ExitCode {
         Some(url) => {
             let config = RedisConfig {
                 prefix: args.redis_prefix.clone(),
+                cluster: args.redis_cluster,
                 ..RedisConfig::new(url.clone())
             };
-            // The connection is made lazily and remade after failures, so it
-            // must be created inside the runtime.
-            match runtime.block_on(async { RedisStore::connect(&config) }) {
+            // Connections live on the runtime that creates them.
+            match runtime.block_on(RedisStore::connect(&config)) {
                 Ok(store) => {
                     tracing::info!(prefix = %args.redis_prefix, "counters in Redis");
                     Arc::new(store)

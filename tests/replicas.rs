@@ -22,6 +22,12 @@ rules:
   - id: spend
     match: { team: spend, model: gpt-4o }
     limit: { spend: 1, window: daily }
+  # Counted per scope as well, so that on a cluster each decision spans
+  # two slots and takes the one-script-per-slot path.
+  - id: per-team-too
+    match: { team: [requests, spend] }
+    per: [team]
+    limit: { requests: 100000, window: daily }
   - id: open
     match: { team: open }
     limit: { requests: 1000000, window: daily }
@@ -81,17 +87,28 @@ async fn burst(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_replicas_share_one_budget_exactly() {
     let redis = RedisServer::start();
+    two_replicas_hold_the_caps(&["--redis", &redis.url()]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_on_a_redis_cluster_share_one_budget_exactly() {
+    let cluster = common::RedisCluster::start();
+    two_replicas_hold_the_caps(&["--redis-cluster", "--redis", &cluster.urls()]).await;
+}
+
+/// 1,000 concurrent Checks over two tollgate processes against a cap of
+/// 100 requests, then against a 1 USD spend cap with mixed sizes.
+async fn two_replicas_hold_the_caps(store_args: &[&str]) {
     let dir = policy_dir(&[("p.yaml", POLICY)]);
-    let args = [
-        "--redis",
-        &redis.url(),
+    let mut args: Vec<&str> = store_args.to_vec();
+    args.extend([
         "--policies",
         dir.path().to_str().unwrap(),
         // A burst of 1,000 on two cores queues; this test is about
         // correctness, the timeout is tested below.
         "--store-timeout-ms",
         "5000",
-    ];
+    ]);
     let a = TollgateProcess::start(&args);
     let b = TollgateProcess::start(&args);
     let clients = vec![
@@ -118,7 +135,8 @@ async fn two_replicas_share_one_budget_exactly() {
         .await
         .unwrap()
         .into_inner();
-    let used = Decimal::from_str_exact(&usage.counters[0].used).unwrap();
+    let spend = usage.counters.iter().find(|c| c.rule == "spend").unwrap();
+    let used = Decimal::from_str_exact(&spend.used).unwrap();
     assert_eq!(
         used, reserved,
         "the counter must hold exactly what the allowed requests reserved"

@@ -14,26 +14,33 @@ use tollgate::store::{
     SettleOutcome, StoreError,
 };
 
-/// A store under test; a Redis one keeps its server alive with it.
+/// A store under test; a Redis one keeps its servers alive with it.
 struct Backend {
     name: &'static str,
     store: Arc<dyn CounterStore>,
-    _server: Option<common::RedisServer>,
+    _servers: (Option<common::RedisServer>, Option<common::RedisCluster>),
 }
 
-/// Every backend every scenario runs against.
-fn backends() -> Vec<Backend> {
+/// Every backend every scenario runs against: the embedded store, one
+/// Redis, and a three-master Redis Cluster.
+async fn backends() -> Vec<Backend> {
     let redis = common::RedisServer::start();
+    let cluster = common::RedisCluster::start();
     vec![
         Backend {
             name: "memory",
             store: Arc::new(MemoryStore::default()),
-            _server: None,
+            _servers: (None, None),
         },
         Backend {
             name: "redis",
-            store: Arc::new(redis.store()),
-            _server: Some(redis),
+            store: Arc::new(redis.store().await),
+            _servers: (Some(redis), None),
+        },
+        Backend {
+            name: "redis-cluster",
+            store: Arc::new(cluster.store().await),
+            _servers: (None, Some(cluster)),
         },
     ]
 }
@@ -66,8 +73,8 @@ fn reserve_is_all_or_nothing_under_contention() {
         for Backend {
             name,
             store,
-            _server,
-        } in backends()
+            _servers,
+        } in backends().await
         {
             let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 12, 0)));
             let gate = Arc::new(gate_with(policy(SHARED_BUDGET), store, clock));
@@ -147,6 +154,103 @@ fn reserve_is_all_or_nothing_under_contention() {
     });
 }
 
+const SCOPED_BUDGETS: &str = "
+rules:
+  - id: global
+    limit: { tokens: 100, window: daily }
+  - id: per-team
+    per: [team]
+    limit: { tokens: 30, window: daily }
+";
+
+/// Counters in different scopes (on a cluster, different slots) under
+/// contention: no cap is passed, and a request that did not fit leaves no
+/// charge behind on the counters it had already reserved.
+#[test]
+fn reserve_across_scopes_leaves_no_partial_charge() {
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _servers,
+        } in backends().await
+        {
+            let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 12, 0)));
+            let gate = Arc::new(gate_with(policy(SCOPED_BUDGETS), store, clock));
+            let teams = ["a", "b", "c", "d"];
+            let allowed: Arc<Vec<AtomicU64>> =
+                Arc::new(teams.iter().map(|_| AtomicU64::new(0)).collect());
+            let check = |gate: Arc<tollgate::gate::Gate>, team: usize| async move {
+                let input = CheckInput {
+                    attributes: Attributes {
+                        team: Some(["a", "b", "c", "d"][team].to_string()),
+                        ..Default::default()
+                    },
+                    estimate: Estimate {
+                        input_tokens: Some(1),
+                        output_tokens: Some(0),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                gate.check(input).await.expect("decision").verdict == Verdict::Allow
+            };
+            let mut tasks = Vec::new();
+            for t in 0..64 {
+                let (gate, allowed) = (gate.clone(), allowed.clone());
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..10 {
+                        if check(gate.clone(), t % 4).await {
+                            allowed[t % 4].fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            // Top up one at a time: with no contention, every team fills
+            // until the global cap is reached.
+            for _ in 0..200 {
+                for team in 0..4 {
+                    if check(gate.clone(), team).await {
+                        allowed[team].fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }
+            let per_team: Vec<u64> = allowed.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+            assert_eq!(per_team.iter().sum::<u64>(), 100, "{name}: {per_team:?}");
+            for (team, n) in teams.iter().zip(&per_team) {
+                assert!(*n <= 30, "{name}: team {team} allowed {n}");
+                let usage = gate
+                    .usage(
+                        Attributes {
+                            team: Some(team.to_string()),
+                            ..Default::default()
+                        },
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                let used = |rule: &str| {
+                    usage
+                        .iter()
+                        .find(|c| c.rule == rule)
+                        .unwrap()
+                        .used
+                        .to_string()
+                };
+                assert_eq!(
+                    used("per-team"),
+                    n.to_string(),
+                    "{name}: team {team} counter drifted"
+                );
+                assert_eq!(used("global"), "100", "{name}: global counter drifted");
+            }
+        }
+    });
+}
+
 fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
     CounterOp {
         key: key.to_string(),
@@ -194,8 +298,8 @@ fn a_blocked_op_leaves_every_other_counter_untouched() {
         for Backend {
             name,
             store,
-            _server,
-        } in backends()
+            _servers,
+        } in backends().await
         {
             let ok = store
                 .reserve(&request(vec![op("a", 5, 10), op("b", 5, 5)], "r1", 0))
@@ -228,8 +332,8 @@ fn settle_applies_the_difference_once() {
         for Backend {
             name,
             store,
-            _server,
-        } in backends()
+            _servers,
+        } in backends().await
         {
             let mut slot = op("slots", 1, 2);
             slot.release_on_settle = true;
@@ -267,8 +371,8 @@ fn a_repeated_request_id_is_not_charged_twice() {
         for Backend {
             name,
             store,
-            _server,
-        } in backends()
+            _servers,
+        } in backends().await
         {
             let mut first = request(vec![op("n", 1, 10)], "r1", 0);
             first.request_id = Some("req-1".to_string());
@@ -290,8 +394,8 @@ fn rolling_windows_start_at_first_use_and_lapse() {
         for Backend {
             name,
             store,
-            _server,
-        } in backends()
+            _servers,
+        } in backends().await
         {
             let mut rolling = op("r", 3, 10);
             rolling.expiry = Expiry::AfterFirstUse(500);
@@ -330,8 +434,8 @@ fn a_daily_budget_resets_at_utc_midnight_on_an_injected_clock() {
         for Backend {
             name,
             store,
-            _server,
-        } in backends()
+            _servers,
+        } in backends().await
         {
             let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 23, 59)));
             let gate = gate_with(policy(yaml), store, clock.clone());

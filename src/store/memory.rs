@@ -203,6 +203,7 @@ impl CounterStore for MemoryStore {
                             unit: op.unit,
                             amount: op.amount,
                             release_on_settle: op.release_on_settle,
+                            rolling: matches!(op.expiry, Expiry::AfterFirstUse(_)),
                         })
                         .collect(),
                     settled: false,

@@ -146,6 +146,8 @@ pub struct ReservedOp {
     pub unit: Unit,
     pub amount: i64,
     pub release_on_settle: bool,
+    /// Counted in a rolling window (which some stores keep differently).
+    pub rolling: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,23 +6,35 @@
 //! integers (spend in micro-USD); time is the caller's, passed in, so that
 //! window edges do not depend on Redis's clock.
 //!
-//! Keys: `<prefix>c:<rule>|<unit>|<scope hash>|<window>` for counters (a
-//! hash of `v` value and `e` logical expiry, or a sorted set of reservation
-//! ids for concurrency gauges), `<prefix>r:<id>` for reservations and
-//! `<prefix>q:<request id>` for replays. Every key carries a TTL, so counters
-//! of removed rules and old windows disappear by themselves.
+//! Keys: `<prefix>c:{<scope>}<rule>|<unit>|<scope>|<window>` for counters (a
+//! plain integer; a hash of value `v` and logical end `e` for rolling
+//! windows; a sorted set of reservation ids for concurrency gauges),
+//! `<prefix>r:{..}<id>` for reservations and `<prefix>q:{..}<hash>` for
+//! request-id replays. Every key carries a TTL, so counters of removed rules
+//! and old windows disappear by themselves.
+//!
+//! On Redis Cluster the `{scope}` hash tag puts counters that share a scope
+//! in one slot. A decision whose keys all share a slot is still one script;
+//! otherwise it runs one script per slot, in order, and undoes the slots
+//! already reserved when a later one does not fit. Each slot's check and
+//! reserve is atomic, so no counter ever ends above its cap; the price is
+//! that a request undone this way may briefly have held budget that a
+//! concurrent request was then denied.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::Script;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{FromRedisValue, Script, ScriptInvocation, Value};
 use async_trait::async_trait;
+use sha2::{Digest, Sha256};
 
 use super::*;
-use crate::policy::Unit;
+use crate::policy::{hex, Unit};
 
 /// Extra lifetime on every key beyond its logical end, so that a settle
 /// arriving just after still finds it.
@@ -30,13 +42,16 @@ const CLEANUP_GRACE: Millis = 60_000;
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS.
+    /// `redis://[user:password@]host:port[/db]` or `rediss://` for TLS. For
+    /// a cluster, one or more node URLs separated by commas.
     pub url: String,
+    /// Talk to a Redis Cluster rather than one server.
+    pub cluster: bool,
     /// Prepended to every key, so several deployments can share a server.
     pub prefix: String,
     /// How long a new connection attempt may take.
     pub connect_timeout: Duration,
-    /// Multiplexed connections kept open.
+    /// Multiplexed connections kept open to a single server.
     pub connections: usize,
 }
 
@@ -44,6 +59,7 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> RedisConfig {
         RedisConfig {
             url: url.into(),
+            cluster: false,
             prefix: "tollgate:".to_string(),
             connect_timeout: Duration::from_millis(500),
             connections: 2,
@@ -52,21 +68,32 @@ impl RedisConfig {
 }
 
 #[derive(Clone)]
+enum Conn {
+    /// Connections used in turn; each reconnects by itself.
+    Single(Arc<[ConnectionManager]>, Arc<AtomicUsize>),
+    Cluster(ClusterConnection),
+}
+
+#[derive(Clone)]
 pub struct RedisStore {
-    /// A few multiplexed connections, used in turn, so that one connection's
-    /// driver task is not the only path to Redis.
-    conns: Arc<[ConnectionManager]>,
-    next: Arc<AtomicUsize>,
+    conn: Conn,
     prefix: Arc<str>,
     reserve: Arc<Script>,
     settle: Arc<Script>,
     read: Arc<Script>,
+    adjust: Arc<Script>,
+    claim: Arc<Script>,
 }
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mode = match self.conn {
+            Conn::Single(..) => "single",
+            Conn::Cluster(_) => "cluster",
+        };
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
+            .field("mode", &mode)
             .finish()
     }
 }
@@ -75,92 +102,154 @@ fn unavailable(e: ::redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+fn invalid_url(e: ::redis::RedisError) -> StoreError {
+    StoreError::Unavailable(format!(
+        "invalid Redis URL: {}",
+        e.detail().unwrap_or("cannot parse")
+    ))
+}
+
 impl RedisStore {
-    /// Sets up a connection that is made on first use and remade by itself
-    /// whenever it breaks, so tollgate can start before Redis and recovers
-    /// when Redis comes back.
-    pub fn connect(config: &RedisConfig) -> Result<RedisStore, StoreError> {
-        if config.url.starts_with("rediss://") {
+    /// Connects to a single server lazily (made on first use, remade
+    /// whenever it breaks), or to a cluster (which must answer now). Must be
+    /// called inside a Tokio runtime.
+    pub async fn connect(config: &RedisConfig) -> Result<RedisStore, StoreError> {
+        if config.prefix.contains(['{', '}']) {
+            return Err(StoreError::Unavailable(
+                "the Redis key prefix may not contain { or }: they choose cluster slots"
+                    .to_string(),
+            ));
+        }
+        if config.url.contains("rediss://") {
             // Any provider already installed is kept.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = ::redis::Client::open(config.url.as_str()).map_err(|e| {
-            StoreError::Unavailable(format!(
-                "invalid Redis URL: {}",
-                e.detail().unwrap_or("cannot parse")
-            ))
-        })?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(200));
-        let conns = (0..config.connections.max(1))
-            .map(|_| {
-                ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(unavailable)?;
+        let conn = if config.cluster {
+            let nodes: Vec<&str> = config
+                .url
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let client = ::redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(config.connect_timeout)
+                .build()
+                .map_err(invalid_url)?;
+            Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
+        } else {
+            let client = ::redis::Client::open(config.url.as_str()).map_err(invalid_url)?;
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(200));
+            let conns = (0..config.connections.max(1))
+                .map(|_| {
+                    ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(unavailable)?;
+            Conn::Single(conns.into(), Arc::new(AtomicUsize::new(0)))
+        };
         Ok(RedisStore {
-            conns: conns.into(),
-            next: Arc::new(AtomicUsize::new(0)),
+            conn,
             prefix: config.prefix.as_str().into(),
             reserve: Arc::new(Script::new(include_str!("reserve.lua"))),
             settle: Arc::new(Script::new(include_str!("settle.lua"))),
             read: Arc::new(Script::new(include_str!("read.lua"))),
+            adjust: Arc::new(Script::new(include_str!("adjust.lua"))),
+            claim: Arc::new(Script::new(include_str!("claim.lua"))),
         })
+    }
+
+    async fn invoke<T: FromRedisValue>(&self, inv: &ScriptInvocation<'_>) -> Result<T, StoreError> {
+        match &self.conn {
+            Conn::Single(conns, next) => {
+                let mut c = conns[next.fetch_add(1, Ordering::Relaxed) % conns.len()].clone();
+                inv.invoke_async(&mut c).await.map_err(unavailable)
+            }
+            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await.map_err(unavailable),
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, StoreError> {
+        match &self.conn {
+            Conn::Single(conns, next) => {
+                let mut c = conns[next.fetch_add(1, Ordering::Relaxed) % conns.len()].clone();
+                cmd.query_async(&mut c).await.map_err(unavailable)
+            }
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await.map_err(unavailable),
+        }
     }
 
     /// Answers once Redis answers a PING.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        ::redis::cmd("PING")
-            .query_async::<String>(&mut conn)
+        self.query::<String>(&::redis::cmd("PING"))
             .await
             .map(|_| ())
-            .map_err(unavailable)
     }
 
-    fn conn(&self) -> ConnectionManager {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        self.conns[i].clone()
+    fn cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
     }
 
     fn counter_key(&self, key: &str) -> String {
-        format!("{}c:{key}", self.prefix)
+        format!("{}c:{{{}}}{key}", self.prefix, slot_tag(key))
     }
 
+    /// Reservation ids are `<random>` or `<random>.<tag>`; the tag puts the
+    /// reservation in the slot of the counters it holds.
     fn reservation_key(&self, id: &str) -> String {
-        format!("{}r:{id}", self.prefix)
+        match id.split_once('.') {
+            Some((random, tag)) => format!("{}r:{{{tag}}}{random}", self.prefix),
+            None => format!("{}r:{{{id}}}", self.prefix),
+        }
     }
-}
 
-#[async_trait]
-impl CounterStore for RedisStore {
-    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+    fn replay_key(&self, tag: &str, request_id: Option<&str>) -> String {
+        let hash = request_id
+            .map(|r| hex(&Sha256::digest(r.as_bytes())[..16]))
+            .unwrap_or_default();
+        format!("{}q:{{{tag}}}{hash}", self.prefix)
+    }
+
+    /// Runs `reserve.lua` for `candidates` whose keys all share `tag`'s
+    /// slot. `key_id` places the reservation key; `reservation_id` is what
+    /// the reservation is known by (and what holds concurrency slots).
+    async fn reserve_in_slot(
+        &self,
+        req: &ReserveRequest,
+        candidates: &[&Candidate],
+        tag: &str,
+        key_id: &str,
+        reservation_id: &str,
+        record: bool,
+    ) -> Result<ReserveOutcome, StoreError> {
         let mut inv = self.reserve.prepare_invoke();
-        inv.key(self.reservation_key(&req.reservation_id));
-        match &req.request_id {
-            Some(id) => inv.key(format!("{}q:{id}", self.prefix)),
-            None => inv.key(format!("{}q:", self.prefix)),
+        inv.key(self.reservation_key(key_id));
+        inv.key(self.replay_key(tag, req.request_id.as_deref()));
+        let replay = if record && req.request_id.is_some() {
+            memory::REPLAY_WINDOW
+        } else {
+            0
         };
         inv.arg(req.now)
             .arg(req.reservation_ttl)
-            .arg(&req.reservation_id)
-            .arg(if req.request_id.is_some() {
-                memory::REPLAY_WINDOW
-            } else {
-                0
-            })
+            .arg(reservation_id)
+            .arg(replay)
             .arg(CLEANUP_GRACE)
-            .arg(req.candidates.len());
-        for candidate in &req.candidates {
+            .arg(candidates.len());
+        for candidate in candidates {
             let keys: Vec<String> = candidate
                 .ops
                 .iter()
                 .map(|op| self.counter_key(&op.key))
                 .collect();
-            inv.arg(candidate.ops.len())
-                .arg(reservation_record(candidate, &keys));
+            let text = if record {
+                reservation_record(candidate, &keys)
+            } else {
+                String::new()
+            };
+            inv.arg(candidate.ops.len()).arg(text);
             for (op, key) in candidate.ops.iter().zip(keys) {
                 inv.key(key);
                 let flags = u8::from(op.enforced)
@@ -174,23 +263,205 @@ impl CounterStore for RedisStore {
                 inv.arg(op.amount).arg(op.limit).arg(flags).arg(expiry);
             }
         }
-        let mut conn = self.conn();
-        let reply: Vec<::redis::Value> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        let reply: Vec<Value> = self.invoke(&inv).await?;
         parse_outcome(&reply)
             .ok_or_else(|| StoreError::Unavailable(format!("unexpected reserve reply {reply:?}")))
     }
 
+    /// Moves each `(key, kind, delta)` in one slot; see `adjust.lua`.
+    async fn adjust(
+        &self,
+        now: Millis,
+        rid: &str,
+        moves: &[(String, char, i64)],
+    ) -> Result<(), StoreError> {
+        for group in by_tag(moves.iter().map(|(k, _, _)| k.as_str())).values() {
+            let mut inv = self.adjust.prepare_invoke();
+            inv.arg(now).arg(rid);
+            for &i in group {
+                let (key, kind, delta) = &moves[i];
+                inv.key(self.counter_key(key))
+                    .arg(kind.to_string())
+                    .arg(*delta);
+            }
+            self.invoke::<String>(&inv).await?;
+        }
+        Ok(())
+    }
+
+    /// A decision whose keys span several cluster slots: one script per
+    /// slot, undoing earlier slots when a later one does not fit.
+    async fn reserve_across_slots(
+        &self,
+        req: &ReserveRequest,
+    ) -> Result<ReserveOutcome, StoreError> {
+        let replay_key = self.replay_key(
+            &format!("q{}", req.request_id.as_deref().unwrap_or("")),
+            req.request_id.as_deref(),
+        );
+        if req.request_id.is_some() {
+            let prev: Option<String> = self.query(::redis::cmd("GET").arg(&replay_key)).await?;
+            if let Some(outcome) = prev.as_deref().and_then(|p| parse_replay(p, req.now)) {
+                return Ok(outcome);
+            }
+        }
+        let rid = req.reservation_id.clone();
+        let mut tried = Vec::new();
+        let mut applied = None;
+        for (ci, candidate) in req.candidates.iter().enumerate() {
+            let groups = by_tag(candidate.ops.iter().map(|op| op.key.as_str()));
+            let mut states: Vec<Option<CounterState>> = vec![None; candidate.ops.len()];
+            let mut done: Vec<usize> = Vec::new();
+            let mut fit_result = Fit::Fits;
+            for (tag, indices) in &groups {
+                let part = Candidate {
+                    model: candidate.model.clone(),
+                    ops: indices.iter().map(|&i| candidate.ops[i].clone()).collect(),
+                };
+                let out = self
+                    .reserve_in_slot(req, &[&part], tag, &format!("{rid}.{tag}"), &rid, false)
+                    .await?;
+                for (&i, s) in indices.iter().zip(&out.tried[0]) {
+                    states[i] = Some(*s);
+                }
+                if out.applied.is_some() {
+                    done.extend(indices);
+                    continue;
+                }
+                fit_result = fit(&part.ops, |j| out.tried[0][j].used_before);
+                break;
+            }
+            if fit_result != Fit::Fits {
+                let undo: Vec<(String, char, i64)> = done
+                    .iter()
+                    .map(|&i| {
+                        let op = &candidate.ops[i];
+                        (op.key.clone(), kind_of(op), -op.amount)
+                    })
+                    .collect();
+                if let Err(e) = self.adjust(req.now, &rid, &undo).await {
+                    tracing::error!(error = %e, "could not undo a partial reservation across slots; its counters stay charged");
+                }
+                let missing: Vec<usize> =
+                    (0..states.len()).filter(|&i| states[i].is_none()).collect();
+                if !missing.is_empty() {
+                    let refs: Vec<CounterRef> = missing
+                        .iter()
+                        .map(|&i| CounterRef {
+                            key: candidate.ops[i].key.clone(),
+                            gauge: candidate.ops[i].release_on_settle,
+                        })
+                        .collect();
+                    for (&i, s) in missing.iter().zip(self.read(&refs, req.now).await?) {
+                        states[i] = Some(s);
+                    }
+                }
+            }
+            tried.push(
+                states
+                    .into_iter()
+                    .map(|s| {
+                        s.unwrap_or(CounterState {
+                            used_before: 0,
+                            resets_at: None,
+                        })
+                    })
+                    .collect(),
+            );
+            match fit_result {
+                Fit::Fits => {
+                    applied = Some(ci);
+                    break;
+                }
+                Fit::TryNext => continue,
+                Fit::Blocked => break,
+            }
+        }
+        if let Some(ci) = applied {
+            let candidate = &req.candidates[ci];
+            let keys: Vec<String> = candidate
+                .ops
+                .iter()
+                .map(|op| self.counter_key(&op.key))
+                .collect();
+            let text = format!(
+                "0 {}\n{}",
+                req.now + req.reservation_ttl,
+                reservation_record(candidate, &keys)
+            );
+            self.query::<()>(
+                ::redis::cmd("SET")
+                    .arg(self.reservation_key(&rid))
+                    .arg(text)
+                    .arg("PX")
+                    .arg(req.reservation_ttl + CLEANUP_GRACE),
+            )
+            .await?;
+        }
+        let outcome = ReserveOutcome {
+            applied,
+            tried,
+            reservation_id: applied.map(|_| rid),
+            replayed: false,
+        };
+        if req.request_id.is_some() {
+            let text = format!(
+                "{} {}",
+                req.now + memory::REPLAY_WINDOW,
+                replay_text(&outcome)
+            );
+            self.query::<()>(
+                ::redis::cmd("SET")
+                    .arg(&replay_key)
+                    .arg(text)
+                    .arg("PX")
+                    .arg(memory::REPLAY_WINDOW + CLEANUP_GRACE),
+            )
+            .await?;
+        }
+        Ok(outcome)
+    }
+}
+
+#[async_trait]
+impl CounterStore for RedisStore {
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        let candidates: Vec<&Candidate> = req.candidates.iter().collect();
+        if !self.cluster() {
+            return self
+                .reserve_in_slot(
+                    req,
+                    &candidates,
+                    "",
+                    &req.reservation_id,
+                    &req.reservation_id,
+                    true,
+                )
+                .await;
+        }
+        let tags = by_tag(
+            req.candidates
+                .iter()
+                .flat_map(|c| c.ops.iter().map(|op| op.key.as_str())),
+        );
+        match tags.keys().next() {
+            Some(tag) if tags.len() == 1 => {
+                let id = format!("{}.{tag}", req.reservation_id);
+                self.reserve_in_slot(req, &candidates, tag, &id, &id, true)
+                    .await
+            }
+            _ => self.reserve_across_slots(req).await,
+        }
+    }
+
     async fn reservation(&self, id: &str, _now: Millis) -> Result<Option<Reservation>, StoreError> {
-        let mut conn = self.conn();
-        let text: Option<String> = ::redis::cmd("GET")
-            .arg(self.reservation_key(id))
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let text: Option<String> = self
+            .query(::redis::cmd("GET").arg(self.reservation_key(id)))
+            .await?;
         let Some(text) = text else {
             return Ok(None);
         };
-        parse_reservation(&text, &format!("{}c:", self.prefix))
+        parse_reservation(&text, &self.prefix)
             .map(Some)
             .ok_or_else(|| StoreError::Unavailable(format!("reservation {id} is malformed")))
     }
@@ -204,20 +475,50 @@ impl CounterStore for RedisStore {
         let Some(reservation) = self.reservation(id, now).await? else {
             return Ok(SettleOutcome::Unknown);
         };
-        let mut inv = self.settle.prepare_invoke();
-        inv.key(self.reservation_key(id));
-        inv.arg(now).arg(id);
-        for (i, op) in reservation.ops.iter().enumerate() {
-            inv.key(self.counter_key(&op.key));
-            inv.arg(actual.get(i).copied().unwrap_or(0));
+        let record_tag = id.split_once('.').map(|(_, t)| t);
+        let one_slot = !self.cluster()
+            || reservation
+                .ops
+                .iter()
+                .all(|op| Some(slot_tag(&op.key)) == record_tag);
+        if one_slot {
+            let mut inv = self.settle.prepare_invoke();
+            inv.key(self.reservation_key(id));
+            inv.arg(now).arg(id);
+            for (i, op) in reservation.ops.iter().enumerate() {
+                inv.key(self.counter_key(&op.key));
+                inv.arg(actual.get(i).copied().unwrap_or(0));
+            }
+            let outcome: String = self.invoke(&inv).await?;
+            return Ok(match outcome.as_str() {
+                "settled" => SettleOutcome::Settled,
+                "already_settled" => SettleOutcome::AlreadySettled,
+                _ => SettleOutcome::Unknown,
+            });
         }
-        let mut conn = self.conn();
-        let outcome: String = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        Ok(match outcome.as_str() {
-            "settled" => SettleOutcome::Settled,
-            "already_settled" => SettleOutcome::AlreadySettled,
-            _ => SettleOutcome::Unknown,
-        })
+        // Across slots: claim the reservation once, then move each slot.
+        let mut inv = self.claim.prepare_invoke();
+        inv.key(self.reservation_key(id)).arg(now);
+        let claimed: String = self.invoke(&inv).await?;
+        match claimed.as_str() {
+            "unknown" => return Ok(SettleOutcome::Unknown),
+            "already_settled" => return Ok(SettleOutcome::AlreadySettled),
+            _ => {}
+        }
+        let moves: Vec<(String, char, i64)> = reservation
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                (
+                    op.key.clone(),
+                    kind_of_reserved(op),
+                    actual.get(i).copied().unwrap_or(0) - op.amount,
+                )
+            })
+            .collect();
+        self.adjust(now, id, &moves).await?;
+        Ok(SettleOutcome::Settled)
     }
 
     async fn read(
@@ -225,23 +526,61 @@ impl CounterStore for RedisStore {
         counters: &[CounterRef],
         now: Millis,
     ) -> Result<Vec<CounterState>, StoreError> {
-        if counters.is_empty() {
-            return Ok(Vec::new());
+        let mut out = vec![
+            CounterState {
+                used_before: 0,
+                resets_at: None
+            };
+            counters.len()
+        ];
+        for group in by_tag(counters.iter().map(|c| c.key.as_str())).values() {
+            let mut inv = self.read.prepare_invoke();
+            for &i in group {
+                inv.key(self.counter_key(&counters[i].key));
+            }
+            inv.arg(now);
+            let values: Vec<i64> = self.invoke(&inv).await?;
+            for (&i, pair) in group.iter().zip(values.chunks(2)) {
+                out[i] = CounterState {
+                    used_before: pair[0],
+                    resets_at: pair.get(1).copied().filter(|t| *t >= 0),
+                };
+            }
         }
-        let mut inv = self.read.prepare_invoke();
-        for c in counters {
-            inv.key(self.counter_key(&c.key));
-        }
-        inv.arg(now);
-        let mut conn = self.conn();
-        let values: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        Ok(values
-            .chunks(2)
-            .map(|pair| CounterState {
-                used_before: pair[0],
-                resets_at: pair.get(1).copied().filter(|t| *t >= 0),
-            })
-            .collect())
+        Ok(out)
+    }
+}
+
+/// The hash tag of a counter: its scope hash (`rule|unit|scope|window`), so
+/// that counters of one scope share a cluster slot.
+fn slot_tag(key: &str) -> &str {
+    key.split('|').nth(2).unwrap_or(key)
+}
+
+/// Indices of `keys` grouped by hash tag, in a stable order.
+fn by_tag<'a>(keys: impl Iterator<Item = &'a str>) -> BTreeMap<String, Vec<usize>> {
+    let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, key) in keys.enumerate() {
+        groups.entry(slot_tag(key).to_string()).or_default().push(i);
+    }
+    groups
+}
+
+fn kind_of(op: &CounterOp) -> char {
+    match (op.release_on_settle, op.expiry) {
+        (true, _) => 'g',
+        (false, Expiry::AfterFirstUse(_)) => 'r',
+        _ => 'p',
+    }
+}
+
+fn kind_of_reserved(op: &ReservedOp) -> char {
+    if op.release_on_settle {
+        'g'
+    } else if op.rolling {
+        'r'
+    } else {
+        'p'
     }
 }
 
@@ -251,13 +590,9 @@ impl CounterStore for RedisStore {
 fn reservation_record(candidate: &Candidate, keys: &[String]) -> String {
     let mut record = candidate.model.clone().unwrap_or_default();
     for (op, key) in candidate.ops.iter().zip(keys) {
-        let kind = match (op.release_on_settle, op.expiry) {
-            (true, _) => 'g',
-            (false, Expiry::AfterFirstUse(_)) => 'r',
-            _ => 'p',
-        };
         record.push_str(&format!(
-            "\n{kind}\t{}\t{}\t{key}",
+            "\n{}\t{}\t{}\t{key}",
+            kind_of(op),
             op.unit.name(),
             op.amount
         ));
@@ -265,7 +600,8 @@ fn reservation_record(candidate: &Candidate, keys: &[String]) -> String {
     record
 }
 
-fn parse_reservation(text: &str, counter_prefix: &str) -> Option<Reservation> {
+fn parse_reservation(text: &str, prefix: &str) -> Option<Reservation> {
+    let counter_prefix = format!("{prefix}c:");
     let mut lines = text.split('\n');
     let (settled, expires) = lines.next()?.split_once(' ')?;
     let model = lines.next()?;
@@ -275,12 +611,18 @@ fn parse_reservation(text: &str, counter_prefix: &str) -> Option<Reservation> {
             let kind = parts.next()?;
             let unit = Unit::parse(parts.next()?)?;
             let amount = parts.next()?.parse().ok()?;
-            let key = parts.next()?.strip_prefix(counter_prefix)?.to_string();
+            let tagged = parts.next()?.strip_prefix(&counter_prefix)?;
+            let key = tagged
+                .split_once('}')
+                .map(|(_, k)| k)
+                .unwrap_or(tagged)
+                .to_string();
             Some(ReservedOp {
                 key,
                 unit,
                 amount,
                 release_on_settle: kind == "g",
+                rolling: kind == "r",
             })
         })
         .collect::<Option<Vec<_>>>()?;
@@ -292,8 +634,7 @@ fn parse_reservation(text: &str, counter_prefix: &str) -> Option<Reservation> {
     })
 }
 
-fn parse_outcome(reply: &[::redis::Value]) -> Option<ReserveOutcome> {
-    use ::redis::Value;
+fn parse_outcome(reply: &[Value]) -> Option<ReserveOutcome> {
     let int = |v: &Value| match v {
         Value::Int(n) => Some(*n),
         _ => None,
@@ -305,15 +646,25 @@ fn parse_outcome(reply: &[::redis::Value]) -> Option<ReserveOutcome> {
         Value::SimpleString(s) => s.clone(),
         _ => return None,
     };
-    let applied = int(it.next()?)?;
-    let tried_count = usize::try_from(int(it.next()?)?).ok()?;
+    let mut rest = Vec::new();
+    for v in it {
+        rest.push(int(v)?);
+    }
+    outcome_from(&rid, &rest, replayed)
+}
+
+/// `<rid or -> <applied or -1> <tried> (<n> (<used> <reset or -1>)*)*`
+fn outcome_from(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveOutcome> {
+    let mut it = numbers.iter().copied();
+    let applied = it.next()?;
+    let tried_count = usize::try_from(it.next()?).ok()?;
     let mut tried = Vec::with_capacity(tried_count);
     for _ in 0..tried_count {
-        let n = usize::try_from(int(it.next()?)?).ok()?;
+        let n = usize::try_from(it.next()?).ok()?;
         let mut states = Vec::with_capacity(n);
         for _ in 0..n {
-            let used = int(it.next()?)?;
-            let reset = int(it.next()?)?;
+            let used = it.next()?;
+            let reset = it.next()?;
             states.push(CounterState {
                 used_before: used,
                 resets_at: (reset >= 0).then_some(reset),
@@ -324,7 +675,36 @@ fn parse_outcome(reply: &[::redis::Value]) -> Option<ReserveOutcome> {
     Some(ReserveOutcome {
         applied: usize::try_from(applied).ok(),
         tried,
-        reservation_id: (rid != "-").then_some(rid),
+        reservation_id: (rid != "-").then(|| rid.to_string()),
         replayed,
     })
+}
+
+fn replay_text(o: &ReserveOutcome) -> String {
+    let mut parts = vec![
+        o.reservation_id.clone().unwrap_or_else(|| "-".to_string()),
+        o.applied.map(|a| a as i64).unwrap_or(-1).to_string(),
+        o.tried.len().to_string(),
+    ];
+    for states in &o.tried {
+        parts.push(states.len().to_string());
+        for s in states {
+            parts.push(s.used_before.to_string());
+            parts.push(s.resets_at.unwrap_or(-1).to_string());
+        }
+    }
+    parts.join(" ")
+}
+
+fn parse_replay(text: &str, now: Millis) -> Option<ReserveOutcome> {
+    let (until, rest) = text.split_once(' ')?;
+    if until.parse::<Millis>().ok()? <= now {
+        return None;
+    }
+    let (rid, numbers) = rest.split_once(' ')?;
+    let numbers: Vec<i64> = numbers
+        .split(' ')
+        .map(|n| n.parse().ok())
+        .collect::<Option<_>>()?;
+    outcome_from(rid, &numbers, true)
 }

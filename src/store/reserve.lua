@@ -136,7 +136,11 @@ if applied > 0 then
       redis.call('INCRBY', key, amount)
     end
   end
-  redis.call('SET', KEYS[1], '0 ' .. int(now + ttl) .. '\n' .. s.record, 'PX', int(ttl + grace))
+  -- Partial reservations across cluster slots pass no record; the caller
+  -- stores it once every slot has fitted.
+  if s.record ~= '' then
+    redis.call('SET', KEYS[1], '0 ' .. int(now + ttl) .. '\n' .. s.record, 'PX', int(ttl + grace))
+  end
 end
 
 -- Integers go back as integers; only a replay needs the text form.

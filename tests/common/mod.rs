@@ -131,8 +131,10 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    pub fn store(&self) -> tollgate::store::RedisStore {
+    /// A store on this server; call inside a Tokio runtime.
+    pub async fn store(&self) -> tollgate::store::RedisStore {
         tollgate::store::RedisStore::connect(&tollgate::store::RedisConfig::new(self.url()))
+            .await
             .unwrap()
     }
 
@@ -213,4 +215,74 @@ pub fn policy_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
         std::fs::write(dir.path().join(name), text).unwrap();
     }
     dir
+}
+
+/// A local Redis Cluster of three masters, made with `redis-cli --cluster
+/// create`, stopped on drop.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                let port = free_port();
+                RedisServer::start_with(
+                    port,
+                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("redis-cli must be installed for these tests: {e}"));
+        assert!(
+            out.status.success(),
+            "cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        for n in &nodes {
+            loop {
+                let info = std::process::Command::new("redis-cli")
+                    .args(["-p", &n.port.to_string(), "cluster", "info"])
+                    .output()
+                    .unwrap();
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "cluster did not become ready"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// Every node's URL, comma-separated, as `--redis` takes it.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub async fn store(&self) -> tollgate::store::RedisStore {
+        let config = tollgate::store::RedisConfig {
+            cluster: true,
+            ..tollgate::store::RedisConfig::new(self.urls())
+        };
+        tollgate::store::RedisStore::connect(&config).await.unwrap()
+    }
 }
