@@ -71,6 +71,9 @@ struct ServeArgs {
     /// Without it, counters live in this process only.
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
     redis: Option<String>,
+    /// CA certificate (PEM) that signed the Redis server's TLS certificate.
+    #[arg(long, env = "TOLLGATE_REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
     /// Treat `--redis` as a comma-separated list of Redis Cluster nodes.
     #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
     redis_cluster: bool,
@@ -232,12 +235,26 @@ fn serve(args: ServeArgs) -> ExitCode {
             let config = RedisConfig {
                 prefix: args.redis_prefix.clone(),
                 cluster: args.redis_cluster,
+                ca_file: args.redis_ca_file.clone(),
                 ..RedisConfig::new(url.clone())
             };
             // Connections live on the runtime that creates them.
             match runtime.block_on(RedisStore::connect(&config)) {
                 Ok(store) => {
-                    tracing::info!(prefix = %args.redis_prefix, "counters in Redis");
+                    // Connecting (and a TLS handshake) takes longer than one
+                    // decision may; do it now rather than on the first
+                    // request. An unreachable Redis is reported, not fatal:
+                    // rules' failure policies apply until it answers.
+                    let warm = async {
+                        tokio::time::timeout(Duration::from_secs(3), store.warm_up()).await
+                    };
+                    match runtime.block_on(warm) {
+                        Ok(Ok(())) => {
+                            tracing::info!(prefix = %args.redis_prefix, "counters in Redis")
+                        }
+                        Ok(Err(e)) => tracing::warn!(error = %e, "Redis is not answering yet"),
+                        Err(_) => tracing::warn!("Redis did not answer within 3 s; continuing"),
+                    }
                     Arc::new(store)
                 }
                 Err(e) => {

@@ -250,3 +250,41 @@ async fn redis_auth_is_used_and_a_wrong_password_fails_closed() {
     let status = client.check(request("closed", 1)).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_works_with_a_private_ca_and_refuses_an_untrusted_certificate() {
+    let (redis, ca) = RedisServer::start_tls();
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let dir = policy_dir(&[("p.yaml", POLICY)]);
+    let policies = dir.path().to_str().unwrap();
+
+    let trusted = TollgateProcess::start(&[
+        "--redis",
+        &url,
+        "--redis-ca-file",
+        ca.to_str().unwrap(),
+        "--policies",
+        policies,
+    ]);
+    let mut client = TollgateClient::new(channel(trusted.endpoint()).await);
+    let r = client
+        .check(request("closed", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.reason, "allowed");
+    let r = client
+        .check(request("closed", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let c = r.counters.iter().find(|c| c.rule == "closed").unwrap();
+    assert_eq!(c.used, "2", "counted in the TLS Redis");
+
+    // The same server, without trusting its CA: the handshake fails, and a
+    // fail-closed rule answers UNAVAILABLE.
+    let untrusted = TollgateProcess::start(&["--redis", &url, "--policies", policies]);
+    let mut client = TollgateClient::new(channel(untrusted.endpoint()).await);
+    let status = client.check(request("closed", 1)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}

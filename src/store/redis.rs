@@ -53,6 +53,9 @@ pub struct RedisConfig {
     pub connect_timeout: Duration,
     /// Multiplexed connections kept open to a single server.
     pub connections: usize,
+    /// A PEM file of the CA that signed Redis's TLS certificate, for a
+    /// private CA; without it, `rediss://` trusts the public web roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl RedisConfig {
@@ -63,6 +66,7 @@ impl RedisConfig {
             prefix: "tollgate:".to_string(),
             connect_timeout: Duration::from_millis(500),
             connections: 2,
+            ca_file: None,
         }
     }
 }
@@ -124,6 +128,19 @@ impl RedisStore {
             // Any provider already installed is kept.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
+        let root_cert = match &config.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                StoreError::Unavailable(format!(
+                    "cannot read the Redis CA file {}: {e}",
+                    path.display()
+                ))
+            })?),
+            None => None,
+        };
+        let certs = || ::redis::TlsCertificates {
+            client_tls: None,
+            root_cert: root_cert.clone(),
+        };
         let conn = if config.cluster {
             let nodes: Vec<&str> = config
                 .url
@@ -131,13 +148,19 @@ impl RedisStore {
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .collect();
-            let client = ::redis::cluster::ClusterClientBuilder::new(nodes)
-                .connection_timeout(config.connect_timeout)
-                .build()
-                .map_err(invalid_url)?;
+            let mut builder = ::redis::cluster::ClusterClientBuilder::new(nodes)
+                .connection_timeout(config.connect_timeout);
+            if root_cert.is_some() {
+                builder = builder.certs(certs());
+            }
+            let client = builder.build().map_err(invalid_url)?;
             Conn::Cluster(client.get_async_connection().await.map_err(unavailable)?)
         } else {
-            let client = ::redis::Client::open(config.url.as_str()).map_err(invalid_url)?;
+            let client = match root_cert {
+                Some(_) => ::redis::Client::build_with_tls(config.url.as_str(), certs()),
+                None => ::redis::Client::open(config.url.as_str()),
+            }
+            .map_err(invalid_url)?;
             let manager_config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
                 .set_number_of_retries(1)
@@ -186,6 +209,29 @@ impl RedisStore {
         self.query::<String>(&::redis::cmd("PING"))
             .await
             .map(|_| ())
+    }
+
+    /// Opens every connection and loads the scripts, so that the first
+    /// decisions do not pay for a handshake.
+    pub async fn warm_up(&self) -> Result<(), StoreError> {
+        let conns = match &self.conn {
+            Conn::Single(conns, _) => conns.len(),
+            Conn::Cluster(_) => 1,
+        };
+        for _ in 0..conns {
+            self.ping().await?;
+        }
+        if let Conn::Single(conns, _) = &self.conn {
+            let mut c = conns[0].clone();
+            for script in [&self.reserve, &self.settle, &self.read] {
+                script
+                    .prepare_invoke()
+                    .load_async(&mut c)
+                    .await
+                    .map_err(unavailable)?;
+            }
+        }
+        Ok(())
     }
 
     fn cluster(&self) -> bool {
