@@ -42,6 +42,13 @@ impl Tollgate for Floor {
         Err(Status::unimplemented("floor server"))
     }
 
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Err(Status::unimplemented("floor server"))
+    }
+
     async fn usage(
         &self,
         _: Request<pb::UsageRequest>,

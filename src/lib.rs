@@ -13,5 +13,6 @@ pub mod explain;
 pub mod gate;
 pub mod policy;
 pub mod proto;
+pub mod reload;
 pub mod server;
 pub mod store;

@@ -15,6 +15,7 @@ use rust_decimal::Decimal;
 use tollgate::engine::{Attributes, Estimate};
 use tollgate::gate::{CheckInput, Clock, Gate, GateConfig, SystemClock};
 use tollgate::policy::{self, parse_duration, Attr};
+use tollgate::reload::{self, ReloadConfig, Reloader};
 use tollgate::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
 
 /// glibc's allocator showed up as a fifth of the CPU time of a decision
@@ -80,6 +81,15 @@ struct ServeArgs {
     /// Prefix of every Redis key.
     #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
     redis_prefix: String,
+    /// Address of the HTTP listener (`/status`).
+    #[arg(long, env = "TOLLGATE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+    /// Start even when the policy directories hold no policy files.
+    #[arg(long, env = "TOLLGATE_ALLOW_EMPTY")]
+    allow_empty: bool,
+    /// Read the policy directories this often even without file events.
+    #[arg(long, env = "TOLLGATE_RESCAN_EVERY", default_value = "10s", value_parser = duration_arg)]
+    rescan_every: Duration,
     /// Most live counters the embedded store holds.
     #[arg(long, env = "TOLLGATE_MAX_COUNTERS", default_value_t = tollgate::store::memory::DEFAULT_MAX_COUNTERS)]
     max_counters: usize,
@@ -207,7 +217,7 @@ fn split_pair(pair: &str) -> Result<(&str, &str), String> {
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_logging();
-    let policy = match policy::load_dirs(&args.policies) {
+    let policy = match reload::load(&args.policies, args.allow_empty) {
         Ok(p) => p,
         Err(errors) => {
             eprintln!("{errors}");
@@ -229,70 +239,66 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let store: Arc<dyn CounterStore> = match &args.redis {
-        None => Arc::new(MemoryStore::new(args.max_counters)),
-        Some(url) => {
-            let config = RedisConfig {
-                prefix: args.redis_prefix.clone(),
-                cluster: args.redis_cluster,
-                ca_file: args.redis_ca_file.clone(),
-                ..RedisConfig::new(url.clone())
-            };
-            // Connections live on the runtime that creates them.
-            match runtime.block_on(RedisStore::connect(&config)) {
-                Ok(store) => {
-                    // Connecting (and a TLS handshake) takes longer than one
-                    // decision may; do it now rather than on the first
-                    // request. An unreachable Redis is reported, not fatal:
-                    // rules' failure policies apply until it answers.
-                    let warm = async {
-                        tokio::time::timeout(Duration::from_secs(3), store.warm_up()).await
-                    };
-                    match runtime.block_on(warm) {
-                        Ok(Ok(())) => {
-                            tracing::info!(prefix = %args.redis_prefix, "counters in Redis")
-                        }
-                        Ok(Err(e)) => tracing::warn!(error = %e, "Redis is not answering yet"),
-                        Err(_) => tracing::warn!("Redis did not answer within 3 s; continuing"),
-                    }
-                    Arc::new(store)
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    return ExitCode::FAILURE;
-                }
-            }
-        }
-    };
-    let gate = Arc::new(Gate::new(
-        policy,
-        store,
-        Arc::new(SystemClock),
-        GateConfig {
-            reservation_ttl: args.reservation_ttl,
-            store_timeout: Duration::from_millis(args.store_timeout_ms),
-        },
-    ));
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     runtime.block_on(async move {
-        let listener = match tokio::net::TcpListener::bind(args.listen).await {
+        let store = match open_store(&args).await {
+            Ok(store) => store,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let gate = Arc::new(Gate::new(
+            policy,
+            store,
+            Arc::new(SystemClock),
+            GateConfig {
+                reservation_ttl: args.reservation_ttl,
+                store_timeout: Duration::from_millis(args.store_timeout_ms),
+            },
+        ));
+        let reloader = Reloader::new(
+            gate.clone(),
+            ReloadConfig {
+                dirs: args.policies.clone(),
+                debounce: reload::DEFAULT_DEBOUNCE,
+                rescan_every: args.rescan_every,
+                allow_empty: args.allow_empty,
+            },
+        );
+        let grpc = match tokio::net::TcpListener::bind(args.listen).await {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("cannot listen on {}: {e}", args.listen);
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(address = %args.listen, "serving gRPC");
-        match tollgate::server::serve_grpc(gate, listener, shutdown_signal()).await {
+        let http = match tokio::net::TcpListener::bind(args.http_listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("cannot listen on {}: {e}", args.http_listen);
+                return ExitCode::FAILURE;
+            }
+        };
+
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let shutdown = move || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }
+        };
+        if let Err(e) = reloader.spawn(shutdown()) {
+            tracing::warn!(error = %e, "cannot watch the policy directories; relying on the periodic rescan");
+        }
+        let http_task = tokio::spawn(tollgate::server::http::serve_http(reloader.clone(), http, shutdown()));
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = stop.send(true);
+        });
+        tracing::info!(grpc = %args.listen, http = %args.http_listen, "serving gRPC");
+        let grpc_result = tollgate::server::serve_grpc(gate, reloader, grpc, shutdown()).await;
+        let _ = http_task.await;
+        match grpc_result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("server error: {e}");
@@ -300,6 +306,32 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         }
     })
+}
+
+/// The embedded store, or Redis with its connections opened (an
+/// unreachable Redis is reported, not fatal: rules' failure policies apply
+/// until it answers).
+async fn open_store(args: &ServeArgs) -> Result<Arc<dyn CounterStore>, String> {
+    let Some(url) = &args.redis else {
+        return Ok(Arc::new(MemoryStore::new(args.max_counters)));
+    };
+    let config = RedisConfig {
+        prefix: args.redis_prefix.clone(),
+        cluster: args.redis_cluster,
+        ca_file: args.redis_ca_file.clone(),
+        ..RedisConfig::new(url.clone())
+    };
+    let store = RedisStore::connect(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    // A handshake takes longer than one decision may: do it now rather than
+    // on the first request.
+    match tokio::time::timeout(Duration::from_secs(3), store.warm_up()).await {
+        Ok(Ok(())) => tracing::info!(prefix = %args.redis_prefix, "counters in Redis"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "Redis is not answering yet"),
+        Err(_) => tracing::warn!("Redis did not answer within 3 s; continuing"),
+    }
+    Ok(Arc::new(store))
 }
 
 async fn shutdown_signal() {

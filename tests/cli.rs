@@ -151,6 +151,8 @@ fn serve_refuses_to_start_on_broken_policies_and_serves_good_ones() {
             "serve",
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--http-listen",
+            "127.0.0.1:0",
             "--policies",
             &shipped_policies(),
         ])

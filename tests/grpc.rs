@@ -39,9 +39,15 @@ async fn start() -> (tonic::transport::Channel, tokio::sync::oneshot::Sender<()>
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tollgate::server::serve_grpc(gate, listener, async {
-        let _ = stopped.await;
-    }));
+    let reloader = tollgate::reload::Reloader::new(gate.clone(), common::reload_config(&[]));
+    tokio::spawn(tollgate::server::serve_grpc(
+        gate,
+        reloader,
+        listener,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()

@@ -142,8 +142,10 @@ pub fn load_dirs(dirs: &[PathBuf]) -> Result<CompiledPolicy, LoadErrors> {
     compile_sources(&read_dirs(dirs)?)
 }
 
-/// A short hash of every file's name and content: the policy version.
-fn content_version(files: &[SourceFile]) -> String {
+/// A short hash of every file's name and content: the policy version. Two
+/// reads of unchanged files give the same version, which is how a reload
+/// knows there is nothing to do.
+pub fn content_version(files: &[SourceFile]) -> String {
     let mut h = Sha256::new();
     for f in files {
         let base = Path::new(&f.name)

@@ -2,6 +2,7 @@
 //! [`CheckInput`](crate::gate::CheckInput), calls the [`Gate`], and converts
 //! the answer back; errors become protocol responses in `status.rs` only.
 
+pub mod http;
 pub mod native;
 pub mod status;
 
@@ -13,6 +14,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::gate::Gate;
 use crate::proto::v1::tollgate_server::TollgateServer;
+use crate::reload::Reloader;
 
 /// Requests larger than this are refused before decoding: no attribute or
 /// estimate needs more, and it bounds what a hostile client can make us hold.
@@ -21,6 +23,7 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Serves the native API and gRPC health on `listener` until `shutdown`.
 pub async fn serve_grpc(
     gate: Arc<Gate>,
+    reloader: Arc<Reloader>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
@@ -28,7 +31,7 @@ pub async fn serve_grpc(
     health
         .set_serving::<TollgateServer<native::NativeApi>>()
         .await;
-    let api = TollgateServer::new(native::NativeApi::new(gate))
+    let api = TollgateServer::new(native::NativeApi::new(gate, reloader))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
         .add_service(health_service)

@@ -11,16 +11,18 @@ use crate::engine::{Attributes, CounterReport, Decision, Estimate, Verdict};
 use crate::gate::{ActualUsage, CheckInput, Gate};
 use crate::policy::Attr;
 use crate::proto::v1 as pb;
+use crate::reload::Reloader;
 use crate::store::SettleOutcome;
 
 #[derive(Debug, Clone)]
 pub struct NativeApi {
     gate: Arc<Gate>,
+    reloader: Arc<Reloader>,
 }
 
 impl NativeApi {
-    pub fn new(gate: Arc<Gate>) -> NativeApi {
-        NativeApi { gate }
+    pub fn new(gate: Arc<Gate>, reloader: Arc<Reloader>) -> NativeApi {
+        NativeApi { gate, reloader }
     }
 }
 
@@ -73,6 +75,22 @@ impl pb::tollgate_server::Tollgate for NativeApi {
         };
         Ok(Response::new(pb::SettleResponse {
             outcome: outcome.to_string(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = self.reloader.status();
+        Ok(Response::new(pb::StatusResponse {
+            policy_version: s.version,
+            loaded_at: s.loaded_at,
+            rules: s.rules as u32,
+            reloads: s.reloads,
+            failed_reloads: s.failed_reloads,
+            last_error: s.last_error.unwrap_or_default(),
+            error_since: s.error_since.unwrap_or_default(),
         }))
     }
 

@@ -155,6 +155,7 @@ impl Drop for RedisServer {
 pub struct TollgateProcess {
     child: std::process::Child,
     pub port: u16,
+    pub http_port: u16,
 }
 
 impl TollgateProcess {
@@ -162,9 +163,11 @@ impl TollgateProcess {
     pub fn start(args: &[&str]) -> TollgateProcess {
         use std::io::BufRead;
         let port = free_port();
+        let http_port = free_port();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .arg("serve")
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(args)
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -185,7 +188,11 @@ impl TollgateProcess {
         });
         rx.recv_timeout(std::time::Duration::from_secs(20))
             .expect("tollgate did not start serving");
-        TollgateProcess { child, port }
+        TollgateProcess {
+            child,
+            port,
+            http_port,
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -407,5 +414,16 @@ impl RedisServer {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         (server, ca)
+    }
+}
+
+/// Reload settings for tests: a short debounce, and a rescan far enough
+/// away that only real file events can explain a reload.
+pub fn reload_config(dirs: &[&std::path::Path]) -> tollgate::reload::ReloadConfig {
+    tollgate::reload::ReloadConfig {
+        dirs: dirs.iter().map(|d| d.to_path_buf()).collect(),
+        debounce: std::time::Duration::from_millis(100),
+        rescan_every: std::time::Duration::from_secs(3600),
+        allow_empty: false,
     }
 }
