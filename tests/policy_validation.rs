@@ -127,6 +127,19 @@ fn half_written_and_malformed_files_are_positioned_errors() {
         "one YAML document",
     );
 
+    // Empty is what a reader sees mid-write: an error, not "no rules".
+    has(
+        &errors(&[("empty.yaml", "")]),
+        "empty.yaml:1:1:",
+        "no YAML document",
+    );
+    has(
+        &errors(&[("comments.yaml", "# nothing yet\n")]),
+        "comments.yaml:1:1:",
+        "no YAML document",
+    );
+    assert!(common::compile(&[("empty.yaml", "rules: []\n")]).is_ok());
+
     let not_a_map = "- just\n- a list\n";
     has(
         &errors(&[("list.yaml", not_a_map)]),

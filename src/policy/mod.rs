@@ -122,7 +122,16 @@ pub fn compile_sources(files: &[SourceFile]) -> Result<CompiledPolicy, LoadError
     for file in files {
         match yaml::parse(&file.text) {
             Ok(Some(root)) => parts.push(parse::parse_file(&file.name, &root, &mut diags)),
-            Ok(None) => {}
+            // An empty file is what a reader sees between a writer's
+            // truncate and its write; taking it as "no rules" would drop
+            // every rule for a moment. An intentionally empty file says
+            // `rules: []`.
+            Ok(None) => diags.push(Diagnostic {
+                file: file.name.clone(),
+                pos: Pos { line: 1, col: 1 },
+                message: "the file holds no YAML document (being written?); write `rules: []` for an empty policy file"
+                    .to_string(),
+            }),
             Err(e) => diags.push(Diagnostic {
                 file: file.name.clone(),
                 pos: e.pos,
