@@ -1,5 +1,7 @@
 //! The `tollgate` binary: validate, explain and serve as a user runs them.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -176,4 +178,128 @@ fn serve_refuses_to_start_on_broken_policies_and_serves_good_ones() {
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
     child.kill().unwrap();
     let _ = child.wait();
+}
+
+/// The status of the policy in force, over HTTP and gRPC, from a real
+/// server process whose directory is edited while it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_served_over_http_and_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.yaml");
+    std::fs::write(
+        &file,
+        "rules:\n  - id: a\n    limit: { requests: 1, window: daily }\n",
+    )
+    .unwrap();
+    let server = common::TollgateProcess::start(&["--policies", dir.path().to_str().unwrap()]);
+
+    let get_status = || async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", server.http_port))
+            .await
+            .unwrap();
+        s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+        serde_json::from_str::<serde_json::Value>(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+    };
+    let first = get_status().await;
+    assert_eq!(first["rules"], 1);
+    assert!(first["last_error"].is_null());
+
+    std::fs::write(
+        &file,
+        "rules:\n  - id: a\n    limit: { requests: 1, window: sometimes }\n",
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let broken = loop {
+        let s = get_status().await;
+        if !s["last_error"].is_null() || Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let error = broken["last_error"]
+        .as_str()
+        .expect("the rejected edit is reported");
+    assert!(error.contains("p.yaml:3:35: bad window"), "{error}");
+    assert_eq!(
+        broken["version"], first["version"],
+        "the bad edit is not in force"
+    );
+
+    let channel = tonic::transport::Channel::from_shared(server.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = tollgate::proto::v1::tollgate_client::TollgateClient::new(channel);
+    let rpc = client
+        .status(tollgate::proto::v1::StatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rpc.policy_version, first["version"].as_str().unwrap());
+    assert_eq!(rpc.rules, 1);
+    assert!(rpc.last_error.contains("bad window"));
+}
+
+#[test]
+fn allow_empty_and_several_policy_directories() {
+    let empty = tempfile::tempdir().unwrap();
+    let refused = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--policies",
+        ])
+        .arg(empty.path())
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--allow-empty"));
+    let server = common::TollgateProcess::start(&[
+        "--allow-empty",
+        "--policies",
+        empty.path().to_str().unwrap(),
+    ]);
+    drop(server);
+
+    // Several directories form one set; a rule id in two of them is an error.
+    let one = common::policy_dir(&[(
+        "a.yaml",
+        "rules:\n  - id: same\n    limit: { requests: 1, window: daily }\n",
+    )]);
+    let two = common::policy_dir(&[(
+        "b.yaml",
+        "rules:\n  - id: same\n    limit: { requests: 2, window: daily }\n",
+    )]);
+    let out = Command::new(BIN)
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--policies")
+        .arg(one.path())
+        .arg("--policies")
+        .arg(two.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("b.yaml:2:5: duplicate rule id `same`: first defined at"),
+        "{err}"
+    );
 }
