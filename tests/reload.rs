@@ -387,3 +387,36 @@ async fn decisions_never_fail_or_mix_sets_while_the_policy_churns() {
         "invalid versions were seen and rejected"
     );
 }
+
+/// A change no directory event reports (the target of a symlinked file,
+/// edited in place elsewhere) is caught by the periodic rescan.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_periodic_rescan_catches_what_no_event_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let target = elsewhere.path().join("real.yaml");
+    std::fs::write(&target, policy(1)).unwrap();
+    std::os::unix::fs::symlink(&target, dir.path().join("policy.yaml")).unwrap();
+
+    let policy_set = reload::load(&[dir.path().to_path_buf()], false).unwrap();
+    let gate = Arc::new(Gate::new(
+        policy_set,
+        Arc::new(MemoryStore::default()),
+        Arc::new(SystemClock),
+        GateConfig::default(),
+    ));
+    let config = tollgate::reload::ReloadConfig {
+        rescan_every: Duration::from_millis(300),
+        ..common::reload_config(&[dir.path()])
+    };
+    let reloader = Reloader::new(gate.clone(), config);
+    let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    reloader
+        .spawn(async {
+            let _ = stopped.await;
+        })
+        .unwrap();
+
+    std::fs::write(&target, policy(2)).unwrap();
+    within_a_second("rescan", || cap_of(&gate) == "2").await;
+}
