@@ -18,7 +18,7 @@ use crate::engine::decide::{self, empty_store_outcome};
 use crate::engine::request::{apply_key, hash_key};
 use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
-use crate::policy::{CompiledPolicy, StoreFailure, Unit};
+use crate::policy::{CompiledPolicy, StoreFailure, Unit, UnknownKeys};
 use crate::store::{CounterRef, CounterStore, ReserveRequest, SettleOutcome, StoreError};
 
 /// Where the gate gets the time; tests move it by hand.
@@ -148,7 +148,10 @@ impl Gate {
     pub async fn check(&self, input: CheckInput) -> Result<Decision, GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
-        let attrs = resolve(&policy, input.attributes, input.api_key.as_deref());
+        let (attrs, unknown_key) = resolve_key(&policy, input.attributes, input.api_key.as_deref());
+        if unknown_key && policy.set.attributes.unknown_keys == UnknownKeys::Deny {
+            return Ok(decide::unknown_key());
+        }
         let plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
         if let Some(gate) = plan.gate {
             return Ok(gate);
@@ -294,15 +297,22 @@ impl Gate {
 }
 
 /// Hashes the raw key (if any) and applies the key registry.
-pub fn resolve(
+pub fn resolve(policy: &CompiledPolicy, attrs: Attributes, api_key: Option<&str>) -> Attributes {
+    resolve_key(policy, attrs, api_key).0
+}
+
+/// Like [`resolve`], also saying whether a key was given that the registry
+/// does not know.
+fn resolve_key(
     policy: &CompiledPolicy,
     mut attrs: Attributes,
     api_key: Option<&str>,
-) -> Attributes {
+) -> (Attributes, bool) {
+    let mut unknown = false;
     if let Some(raw) = api_key.filter(|k| !k.trim().is_empty()) {
-        apply_key(policy, &mut attrs, &hash_key(raw));
+        unknown = !apply_key(policy, &mut attrs, &hash_key(raw));
     }
-    attrs
+    (attrs, unknown)
 }
 
 /// A reservation id nobody can guess (and so settle for someone else):

@@ -65,6 +65,8 @@ pub enum Reason {
     ApprovalRequired,
     /// The store could not be reached and every matched rule fails open.
     StoreUnavailableFailOpen,
+    /// The API key is not registered and the policy denies unknown keys.
+    UnknownKey,
 }
 
 impl Reason {
@@ -76,6 +78,7 @@ impl Reason {
             Reason::ConcurrencyLimit => "concurrency_limit",
             Reason::ApprovalRequired => "approval_required",
             Reason::StoreUnavailableFailOpen => "store_unavailable_fail_open",
+            Reason::UnknownKey => "unknown_key",
         }
     }
 }
@@ -532,6 +535,17 @@ fn sort_most_constrained(reports: &mut [CounterReport]) {
         }
     };
     reports.sort_by(|a, b| b.enforced.cmp(&a.enforced).then(share(a).cmp(&share(b))));
+}
+
+/// The denial of a key the registry does not know, under
+/// `attributes.unknown_keys: deny`.
+pub fn unknown_key() -> Decision {
+    Decision {
+        verdict: Verdict::Deny,
+        reason: Reason::UnknownKey,
+        message: "this API key is not registered; ask the platform team to register it".to_string(),
+        ..Decision::allow_unmetered()
+    }
 }
 
 /// The decision when the store failed and every matched rule fails open.

@@ -27,7 +27,57 @@ pub struct PolicySet {
     pub pricing: Pricing,
     pub keys: Vec<KeyEntry>,
     pub defaults: Defaults,
+    pub attributes: AttributeMapping,
     pub rules: Vec<Rule>,
+}
+
+/// How HTTP front ends (Envoy, nginx, forward auth) find a request's
+/// attributes. The defaults work untouched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttributeMapping {
+    pub unknown_keys: UnknownKeys,
+    /// Header read for each attribute, replacing the default
+    /// `x-tollgate-<attribute>` name.
+    pub headers: Vec<(Attr, String)>,
+    /// Path prefixes mapped to a modality, tried before the built-in ones.
+    pub modality_paths: Vec<(String, String)>,
+    /// The header that carries the model to call after a downgrade.
+    pub model_header: String,
+}
+
+impl Default for AttributeMapping {
+    fn default() -> Self {
+        AttributeMapping {
+            unknown_keys: UnknownKeys::Allow,
+            headers: Vec::new(),
+            modality_paths: Vec::new(),
+            model_header: "x-tollgate-model".to_string(),
+        }
+    }
+}
+
+impl AttributeMapping {
+    /// The header an attribute is read from.
+    pub fn header_for(&self, attr: &Attr) -> String {
+        if let Some((_, h)) = self.headers.iter().find(|(a, _)| a == attr) {
+            return h.clone();
+        }
+        match attr {
+            Attr::Action => "x-tollgate-action-id".to_string(),
+            Attr::AttemptKind => "x-tollgate-attempt".to_string(),
+            Attr::Label(name) => format!("x-tollgate-label-{name}"),
+            other => format!("x-tollgate-{}", other.name().replace('_', "-")),
+        }
+    }
+}
+
+/// What happens to a request whose API key is not in the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownKeys {
+    /// Counted under `sha256:<prefix>` like any other key.
+    Allow,
+    /// Denied with 403 `unknown_key`.
+    Deny,
 }
 
 #[derive(Debug, Clone, Default)]

@@ -19,6 +19,7 @@ pub struct FilePolicy {
     pub unpriced_models: Option<(UnpricedModels, Origin)>,
     pub keys: Vec<KeyEntry>,
     pub defaults: Option<(Defaults, Origin)>,
+    pub attributes: Option<(AttributeMapping, Origin)>,
     pub rules: Vec<Rule>,
     /// Where each family name was referenced, so undefined ones can be
     /// reported once the whole set is known.
@@ -34,7 +35,7 @@ pub fn parse_file(file: &str, root: &Node, diags: &mut Vec<Diagnostic>) -> FileP
     let Some(top) = r.map(
         root,
         "a policy file",
-        &["pricing", "keys", "rules", "defaults"],
+        &["pricing", "keys", "rules", "defaults", "attributes"],
     ) else {
         return out;
     };
@@ -46,6 +47,11 @@ pub fn parse_file(file: &str, root: &Node, diags: &mut Vec<Diagnostic>) -> FileP
                     if let Some(k) = r.key_entry(item) {
                         out.keys.push(k);
                     }
+                }
+            }
+            "attributes" => {
+                if let Some(m) = r.attribute_mapping(value) {
+                    out.attributes = Some((m, r.origin(value.pos)));
                 }
             }
             "defaults" => {
@@ -438,6 +444,66 @@ impl Reader<'_> {
             return None;
         }
         Some(out)
+    }
+
+    fn attribute_mapping(&mut self, node: &Node) -> Option<AttributeMapping> {
+        let fields = self.map(
+            node,
+            "attributes",
+            &["unknown_keys", "headers", "modality_paths", "model_header"],
+        )?;
+        let mut m = AttributeMapping::default();
+        for (key, value) in fields {
+            match key {
+                "unknown_keys" => match self.string(value, "unknown_keys").as_deref() {
+                    Some("allow") => m.unknown_keys = UnknownKeys::Allow,
+                    Some("deny") => m.unknown_keys = UnknownKeys::Deny,
+                    Some(other) => self.error(
+                        value.pos,
+                        format!("`unknown_keys` is allow or deny, found {other:?}"),
+                    ),
+                    None => {}
+                },
+                "headers" => {
+                    for (name, header, pos) in self.open_map(value, "attributes.headers") {
+                        let Some(attr) = Attr::parse(name)
+                            .filter(|a| *a != Attr::ModelFamily && *a != Attr::Key)
+                        else {
+                            self.error(pos, format!("`{name}` is not an attribute read from a header (the key always comes from authorization or x-api-key)"));
+                            continue;
+                        };
+                        if let Some(h) = self.string(header, name) {
+                            m.headers.push((attr, h.to_ascii_lowercase()));
+                        }
+                    }
+                }
+                "modality_paths" => {
+                    for (prefix, modality, _) in self.open_map(value, "attributes.modality_paths") {
+                        let Some(mo) = self.string(modality, prefix) else {
+                            continue;
+                        };
+                        if !MODALITIES.contains(&mo.as_str()) {
+                            self.error(
+                                modality.pos,
+                                format!(
+                                    "modality is one of {}, found {mo:?}",
+                                    MODALITIES.join(", ")
+                                ),
+                            );
+                            continue;
+                        }
+                        m.modality_paths.push((prefix.to_string(), mo));
+                    }
+                }
+                "model_header" => {
+                    if let Some(h) = self.string(value, "model_header") {
+                        m.model_header = h.to_ascii_lowercase();
+                    }
+                }
+                _ => unreachable!(),
+            }
+        }
+        Some(m)
     }
 
     fn defaults(&mut self, node: &Node) -> Option<Defaults> {

@@ -12,6 +12,7 @@ pub fn merge(parts: Vec<FilePolicy>, diags: &mut Vec<Diagnostic>) -> PolicySet {
     let mut refs = Vec::new();
     let mut rule_ids = Vec::new();
     let mut defaults_at: Option<Origin> = None;
+    let mut attributes_at: Option<Origin> = None;
     let mut unpriced_at: Option<Origin> = None;
     for part in parts {
         set.pricing.models.extend(part.pricing_models);
@@ -36,6 +37,18 @@ pub fn merge(parts: Vec<FilePolicy>, diags: &mut Vec<Diagnostic>) -> PolicySet {
             } else {
                 set.pricing.unpriced_models = mode;
                 unpriced_at = Some(origin);
+            }
+        }
+        if let Some((mapping, origin)) = part.attributes {
+            if let Some(first) = &attributes_at {
+                push(
+                    diags,
+                    &origin,
+                    format!("`attributes` is already given at {first}"),
+                );
+            } else {
+                set.attributes = mapping;
+                attributes_at = Some(origin);
             }
         }
         if let Some((defaults, origin)) = part.defaults {
