@@ -290,7 +290,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         if let Err(e) = reloader.spawn(shutdown()) {
             tracing::warn!(error = %e, "cannot watch the policy directories; relying on the periodic rescan");
         }
-        let http_task = tokio::spawn(tollgate::server::http::serve_http(reloader.clone(), http, shutdown()));
+        let http_task = tokio::spawn(tollgate::server::http::serve_http(gate.clone(), reloader.clone(), http, shutdown()));
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = stop.send(true);

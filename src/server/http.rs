@@ -1,24 +1,55 @@
-//! The HTTP port: operational endpoints for people and probes.
+//! The HTTP port: forward-auth endpoints for proxies that speak HTTP, settle
+//! for callers without gRPC, and `/status`.
+//!
+//! - `/v1/authz/forward` (Traefik ForwardAuth, Envoy `http_service`): 200
+//!   with the headers to copy upstream, or the denial itself (429 or 403
+//!   with the JSON error body).
+//! - `/v1/authz/nginx` (nginx `auth_request`): nginx turns every status but
+//!   2xx, 401 and 403 into a 500, so a denial answers 403 and says what the
+//!   client should get in `x-tollgate-status`, `x-tollgate-body` and
+//!   `retry-after`; the shipped nginx config replays them.
+//! - A counter-store fault answers 503: both proxies then refuse the
+//!   request (nginx's `auth_request` treats it as an error).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::State;
-use axum::routing::get;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
+use rust_decimal::Decimal;
+use serde::Deserialize;
 use tokio::net::TcpListener;
 
+use super::http_request::{check_input, HttpRequest};
+use super::status::{allowance, denial, http_gate_error, request_denial, HttpDenial};
+use crate::engine::Verdict;
+use crate::gate::{ActualUsage, Gate};
 use crate::reload::{PolicyStatus, Reloader};
+use crate::store::SettleOutcome;
+
+/// Largest body read by the forward endpoint and settle.
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Clone)]
 struct HttpState {
+    gate: Arc<Gate>,
     reloader: Arc<Reloader>,
 }
 
-pub fn router(reloader: Arc<Reloader>) -> Router {
+pub fn router(gate: Arc<Gate>, reloader: Arc<Reloader>) -> Router {
     Router::new()
         .route("/status", get(status))
-        .with_state(HttpState { reloader })
+        .route("/v1/authz/forward", any(forward))
+        .route("/v1/authz/forward/{*rest}", any(forward))
+        .route("/v1/authz/nginx", any(nginx))
+        .route("/v1/settle", post(settle))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(HttpState { gate, reloader })
 }
 
 /// The policy in force and the last reload error, as JSON.
@@ -26,13 +57,207 @@ async fn status(State(state): State<HttpState>) -> Json<PolicyStatus> {
     Json(state.reloader.status())
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    Forward,
+    Nginx,
+}
+
+async fn forward(
+    State(state): State<HttpState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    decide(&state, Flavor::Forward, method, uri, headers, body).await
+}
+
+async fn nginx(
+    State(state): State<HttpState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    decide(&state, Flavor::Nginx, method, uri, headers, Bytes::new()).await
+}
+
+async fn decide(
+    state: &HttpState,
+    flavor: Flavor,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let raw: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect();
+    let header = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()))
+            .map(str::to_string)
+    };
+    // The original request, as the proxy describes it.
+    let original_method =
+        header(&["x-original-method", "x-forwarded-method"]).unwrap_or_else(|| method.to_string());
+    let original_path = header(&["x-original-uri", "x-forwarded-uri"]).unwrap_or_else(|| {
+        // Envoy's http_service appends the original path to ours.
+        uri.path()
+            .strip_prefix("/v1/authz/forward")
+            .filter(|p| !p.is_empty())
+            .unwrap_or("/")
+            .to_string()
+    });
+    let context: HashMap<String, String> = HashMap::new();
+    let view = HttpRequest {
+        method: &original_method,
+        path: &original_path,
+        headers: raw,
+        context: Some(&context),
+        body: (!body.is_empty()).then_some(&body[..]),
+    };
+    let policy = state.gate.policy();
+    let mapping = &policy.set.attributes;
+    let input = match check_input(mapping, &view) {
+        Ok(input) => input,
+        Err(e) => return deny(flavor, request_denial(&e)),
+    };
+    match state.gate.check(input).await {
+        Ok(d) if d.verdict == Verdict::Deny => deny(flavor, denial(&d)),
+        Ok(d) => {
+            let a = allowance(&d, &mapping.model_header, state.gate.now());
+            let mut response = StatusCode::OK.into_response();
+            for (k, v) in a.upstream.into_iter().chain(a.downstream) {
+                put(response.headers_mut(), &k, &v);
+            }
+            response
+        }
+        Err(e) => match http_gate_error(&e) {
+            Ok(d) => deny(flavor, d),
+            Err(store) => {
+                tracing::warn!(error = %store, "counter store fault");
+                (StatusCode::SERVICE_UNAVAILABLE, store.to_string()).into_response()
+            }
+        },
+    }
+}
+
+fn put(headers: &mut HeaderMap, name: &str, value: &str) {
+    if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+        headers.insert(n, v);
+    }
+}
+
+fn deny(flavor: Flavor, d: HttpDenial) -> Response {
+    let status = match flavor {
+        Flavor::Forward => StatusCode::from_u16(d.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+        Flavor::Nginx => StatusCode::FORBIDDEN,
+    };
+    let mut response = (status, d.body.clone()).into_response();
+    let headers = response.headers_mut();
+    put(headers, "content-type", "application/json");
+    if flavor == Flavor::Nginx {
+        put(headers, "x-tollgate-status", &d.status.to_string());
+        put(headers, "x-tollgate-body", &d.body);
+    }
+    for (k, v) in &d.headers {
+        put(headers, k, v);
+    }
+    response
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettleBody {
+    reservation_id: String,
+    #[serde(default)]
+    usage: UsageBody,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UsageBody {
+    #[serde(default)]
+    input_tokens: u64,
+    #[serde(default)]
+    cached_input_tokens: u64,
+    #[serde(default)]
+    output_tokens: u64,
+    #[serde(default)]
+    images: u64,
+    image_quality: Option<String>,
+    video_seconds: Option<serde_json::Number>,
+    audio_seconds: Option<serde_json::Number>,
+}
+
+/// `POST /v1/settle` with `{"reservation_id": "...", "usage": {...}}`.
+async fn settle(State(state): State<HttpState>, body: Bytes) -> Response {
+    let bad = |message: String| {
+        let d = HttpDenial {
+            status: 400,
+            headers: Vec::new(),
+            body: serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_request"}}).to_string(),
+        };
+        deny(Flavor::Forward, d)
+    };
+    let parsed: SettleBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return bad(format!("settle body: {e}")),
+    };
+    let seconds = |n: &Option<serde_json::Number>, name: &str| -> Result<Decimal, String> {
+        match n {
+            None => Ok(Decimal::ZERO),
+            Some(n) => n
+                .to_string()
+                .parse::<Decimal>()
+                .ok()
+                .filter(|d| !d.is_sign_negative())
+                .ok_or_else(|| format!("`usage.{name}` must be a non-negative number")),
+        }
+    };
+    let u = &parsed.usage;
+    let actual = match (
+        seconds(&u.video_seconds, "video_seconds"),
+        seconds(&u.audio_seconds, "audio_seconds"),
+    ) {
+        (Ok(video_seconds), Ok(audio_seconds)) => ActualUsage {
+            input_tokens: u.input_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            output_tokens: u.output_tokens,
+            images: u.images,
+            image_quality: u.image_quality.clone(),
+            video_seconds,
+            audio_seconds,
+        },
+        (Err(e), _) | (_, Err(e)) => return bad(e),
+    };
+    match state.gate.settle(&parsed.reservation_id, &actual).await {
+        Ok(outcome) => {
+            let outcome = match outcome {
+                SettleOutcome::Settled => "settled",
+                SettleOutcome::AlreadySettled => "already_settled",
+                SettleOutcome::Unknown => "unknown",
+            };
+            Json(serde_json::json!({ "outcome": outcome })).into_response()
+        }
+        Err(e) => match http_gate_error(&e) {
+            Ok(d) => deny(Flavor::Forward, d),
+            Err(store) => (StatusCode::SERVICE_UNAVAILABLE, store.to_string()).into_response(),
+        },
+    }
+}
+
 /// Serves the HTTP endpoints on `listener` until `shutdown`.
 pub async fn serve_http(
+    gate: Arc<Gate>,
     reloader: Arc<Reloader>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(reloader))
+    axum::serve(listener, router(gate, reloader))
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -2,7 +2,10 @@
 //! [`CheckInput`](crate::gate::CheckInput), calls the [`Gate`], and converts
 //! the answer back; errors become protocol responses in `status.rs` only.
 
+pub mod body;
+pub mod envoy;
 pub mod http;
+pub mod http_request;
 pub mod native;
 pub mod status;
 
@@ -12,6 +15,8 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+
 use crate::gate::Gate;
 use crate::proto::v1::tollgate_server::TollgateServer;
 use crate::reload::Reloader;
@@ -19,6 +24,10 @@ use crate::reload::Reloader;
 /// Requests larger than this are refused before decoding: no attribute or
 /// estimate needs more, and it bounds what a hostile client can make us hold.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// Envoy's checks carry the request body (up to its `max_request_bytes`),
+/// so they may be larger.
+pub const MAX_ENVOY_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Serves the native API and gRPC health on `listener` until `shutdown`.
 pub async fn serve_grpc(
@@ -31,11 +40,15 @@ pub async fn serve_grpc(
     health
         .set_serving::<TollgateServer<native::NativeApi>>()
         .await;
-    let api = TollgateServer::new(native::NativeApi::new(gate, reloader))
+    let api = TollgateServer::new(native::NativeApi::new(gate.clone(), reloader))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(api)
+        .add_service(
+            AuthorizationServer::new(envoy::EnvoyAuthz::new(gate))
+                .max_decoding_message_size(MAX_ENVOY_REQUEST_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
 }

@@ -2,6 +2,8 @@
 
 use tonic::{Code, Status};
 
+use crate::engine::window::{seconds_until, Millis};
+use crate::engine::{Decision, Reason, RequestError, Verdict};
 use crate::gate::GateError;
 use crate::store::StoreError;
 
@@ -24,4 +26,115 @@ pub fn bad_field(field: &str, problem: impl std::fmt::Display) -> Status {
         Code::InvalidArgument,
         format!("invalid_request: `{field}` {problem}"),
     )
+}
+
+/// A denial as an HTTP response: status, headers and an OpenAI-style JSON
+/// error body. Every HTTP-shaped front end (Envoy, nginx, forward auth)
+/// sends exactly this.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpDenial {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+/// What an allowed request carries: headers for the upstream, and headers
+/// for the client's response (its remaining headroom).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HttpAllowance {
+    pub upstream: Vec<(String, String)>,
+    pub downstream: Vec<(String, String)>,
+}
+
+fn error_body(message: &str, kind: &str, code: &str) -> String {
+    serde_json::json!({ "error": { "message": message, "type": kind, "code": code } }).to_string()
+}
+
+/// 429 for budgets and concurrency, 403 for approvals and unknown keys.
+pub fn denial(d: &Decision) -> HttpDenial {
+    let (status, kind) = match d.reason {
+        Reason::ConcurrencyLimit => (429, "rate_limit_exceeded"),
+        Reason::ApprovalRequired | Reason::UnknownKey => (403, "permission_denied"),
+        _ => (429, "insufficient_quota"),
+    };
+    let mut headers = vec![
+        ("x-tollgate-reason".to_string(), d.reason.code().to_string()),
+        ("x-tollgate-retryable".to_string(), d.retryable.to_string()),
+    ];
+    if let Some(rule) = &d.rule {
+        headers.push(("x-tollgate-rule".to_string(), rule.clone()));
+    }
+    if let Some(secs) = d.retry_after {
+        headers.push(("retry-after".to_string(), secs.to_string()));
+    }
+    HttpDenial {
+        status,
+        headers,
+        body: error_body(&d.message, kind, d.reason.code()),
+    }
+}
+
+/// A request that cannot be decided is refused with 400, never let through.
+pub fn request_denial(e: &RequestError) -> HttpDenial {
+    HttpDenial {
+        status: 400,
+        headers: vec![
+            ("x-tollgate-reason".to_string(), e.code().to_string()),
+            ("x-tollgate-retryable".to_string(), "false".to_string()),
+        ],
+        body: error_body(&e.to_string(), "invalid_request_error", e.code()),
+    }
+}
+
+/// Headers for an allowed or downgraded request.
+pub fn allowance(d: &Decision, model_header: &str, now: Millis) -> HttpAllowance {
+    let mut a = HttpAllowance::default();
+    let downgraded = d.verdict == Verdict::Downgrade;
+    a.upstream.push((
+        "x-tollgate-decision".to_string(),
+        if downgraded { "downgrade" } else { "allow" }.to_string(),
+    ));
+    if let Some(id) = &d.reservation_id {
+        a.upstream
+            .push(("x-tollgate-reservation".to_string(), id.clone()));
+    }
+    if let (true, Some(model)) = (downgraded, &d.model) {
+        a.upstream.push((model_header.to_string(), model.clone()));
+    }
+    if let Some(c) = d.counters.iter().find(|c| c.enforced) {
+        let unit = c.unit.name().replace('_', "-");
+        a.downstream
+            .push((format!("x-ratelimit-limit-{unit}"), c.limit.to_string()));
+        a.downstream.push((
+            format!("x-ratelimit-remaining-{unit}"),
+            c.remaining.to_string(),
+        ));
+        if let Some(t) = c.resets_at {
+            a.downstream.push((
+                format!("x-ratelimit-reset-{unit}"),
+                format!("{}s", seconds_until(now, t)),
+            ));
+        }
+        a.downstream
+            .push(("x-tollgate-rule".to_string(), c.rule.clone()));
+    }
+    a
+}
+
+/// How an HTTP-shaped front end answers a gate error: a store fault is
+/// `Err` (the proxy's own failure mode decides); anything else is a 400.
+pub fn http_gate_error(e: &GateError) -> Result<HttpDenial, StoreError> {
+    match e {
+        GateError::Store(s) => Err(s.clone()),
+        GateError::Request(r) => Ok(request_denial(r)),
+        GateError::UnknownReservation(_) => Ok(HttpDenial {
+            status: 404,
+            headers: Vec::new(),
+            body: error_body(
+                &e.to_string(),
+                "invalid_request_error",
+                "unknown_reservation",
+            ),
+        }),
+    }
 }

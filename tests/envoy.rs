@@ -1,0 +1,572 @@
+//! The Envoy ext_authz path, with requests shaped exactly as Envoy sends
+//! them, from a client built on the real Envoy protos.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+    HttpRequest, Request as AttrRequest,
+};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use tokio::net::TcpListener;
+use tollgate::gate::{Gate, GateConfig, SystemClock};
+use tollgate::store::MemoryStore;
+use tonic::transport::Channel;
+
+const POLICY: &str = "
+pricing:
+  unpriced_models: reject
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
+    gpt-4o-mini: { input_per_mtok: 0.15, output_per_mtok: 0.60 }
+    gpt-5: { input_per_mtok: 1.25, output_per_mtok: 10.00 }
+  families:
+    premium: [\"gpt-5*\"]
+keys:
+  - id: checkout-prod
+    sha256: \"74c8b108068d5afd4a40bef2782d1ec6a90b0cde13b56d932971801f8b1e4262\"
+    team: growth
+rules:
+  - id: per-key-requests
+    match: { environment: production }
+    per: [key]
+    limit: { requests: 3, window: daily }
+  - id: agent-output
+    match: { workflow: research-agent }
+    limit: { output_tokens: 1000, window: daily }
+  - id: premium
+    match: { model_family: premium }
+    limit: { requests: 1, window: daily }
+    on_exceed: { downgrade: gpt-4o-mini }
+  - id: approval-gate
+    match: { workflow: backfill }
+    owner: data-lead@example.com
+    limit: { requests: 100, window: daily }
+    enforcement: approval
+";
+
+async fn start(policy: &str) -> AuthorizationClient<Channel> {
+    let gate = Arc::new(Gate::new(
+        common::policy(policy),
+        Arc::new(MemoryStore::default()),
+        Arc::new(SystemClock),
+        GateConfig::default(),
+    ));
+    let reloader = tollgate::reload::Reloader::new(gate.clone(), common::reload_config(&[]));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(tollgate::server::serve_grpc(
+        gate,
+        reloader,
+        listener,
+        std::future::pending(),
+    ));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    AuthorizationClient::new(channel)
+}
+
+/// A CheckRequest as Envoy builds it: lower-cased headers including the
+/// pseudo-headers, the body as raw bytes, and per-route context.
+fn envoy_request(
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    context: &[(&str, &str)],
+) -> CheckRequest {
+    let mut all: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    all.insert(":path".to_string(), path.to_string());
+    all.insert(":method".to_string(), "POST".to_string());
+    all.insert(":authority".to_string(), "api.example.com".to_string());
+    all.entry("x-request-id".to_string())
+        .or_insert_with(|| format!("{:x}", rand_id()));
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    id: "1".to_string(),
+                    method: "POST".to_string(),
+                    path: path.to_string(),
+                    host: "api.example.com".to_string(),
+                    headers: all,
+                    raw_body: body.as_bytes().to_vec(),
+                    size: body.len() as i64,
+                    protocol: "HTTP/1.1".to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            context_extensions: context
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn rand_id() -> u128 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    u128::from(N.fetch_add(1, Ordering::Relaxed)) << 32 | u128::from(std::process::id())
+}
+
+fn header<'a>(
+    headers: &'a [envoy_types::pb::envoy::config::core::v3::HeaderValueOption],
+    name: &str,
+) -> Option<&'a str> {
+    headers
+        .iter()
+        .filter_map(|h| h.header.as_ref())
+        .find(|h| h.key == name)
+        .map(|h| h.value.as_str())
+}
+
+enum Outcome {
+    Allowed {
+        upstream: Vec<envoy_types::pb::envoy::config::core::v3::HeaderValueOption>,
+        downstream: Vec<envoy_types::pb::envoy::config::core::v3::HeaderValueOption>,
+    },
+    Denied {
+        status: i32,
+        headers: Vec<envoy_types::pb::envoy::config::core::v3::HeaderValueOption>,
+        body: serde_json::Value,
+    },
+}
+
+fn outcome(r: CheckResponse) -> Outcome {
+    let code = r.status.as_ref().map(|s| s.code).unwrap_or(-1);
+    match r.http_response {
+        Some(HttpResponse::OkResponse(ok)) => {
+            assert_eq!(code, 0, "an allow carries an OK status");
+            Outcome::Allowed {
+                upstream: ok.headers,
+                downstream: ok.response_headers_to_add,
+            }
+        }
+        Some(HttpResponse::DeniedResponse(d)) => {
+            assert_ne!(code, 0, "a denial must not carry an OK status");
+            Outcome::Denied {
+                status: d.status.map(|s| s.code).unwrap_or(0),
+                headers: d.headers,
+                body: serde_json::from_str(&d.body).unwrap(),
+            }
+        }
+        other => panic!("unexpected response {other:?}"),
+    }
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"Summarise this."}],"max_tokens":200}"#;
+
+#[tokio::test]
+async fn budget_denials_carry_status_json_and_headers() {
+    let mut client = start(POLICY).await;
+    let prod = [("environment", "production")];
+    let auth = [
+        ("authorization", "Bearer sk-example-checkout-prod"),
+        ("content-type", "application/json"),
+    ];
+    for i in 0..3 {
+        let r = client
+            .check(envoy_request("/v1/chat/completions", &auth, CHAT, &prod))
+            .await
+            .unwrap()
+            .into_inner();
+        match outcome(r) {
+            Outcome::Allowed {
+                upstream,
+                downstream,
+            } => {
+                assert_eq!(header(&upstream, "x-tollgate-decision"), Some("allow"));
+                assert_eq!(
+                    header(&upstream, "x-tollgate-reservation").map(str::len),
+                    Some(32)
+                );
+                assert_eq!(
+                    header(&downstream, "x-ratelimit-remaining-requests"),
+                    Some(&*(2 - i).to_string())
+                );
+                assert!(header(&downstream, "x-ratelimit-reset-requests")
+                    .is_some_and(|v| v.ends_with('s')));
+            }
+            Outcome::Denied { body, .. } => panic!("request {i} denied: {body}"),
+        }
+    }
+    let r = client
+        .check(envoy_request("/v1/chat/completions", &auth, CHAT, &prod))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        r.status.as_ref().unwrap().code,
+        tonic::Code::ResourceExhausted as i32
+    );
+    let Outcome::Denied {
+        status,
+        headers,
+        body,
+    } = outcome(r)
+    else {
+        panic!("must deny")
+    };
+    assert_eq!(status, 429);
+    assert_eq!(
+        header(&headers, "x-tollgate-rule"),
+        Some("per-key-requests")
+    );
+    assert_eq!(header(&headers, "x-tollgate-retryable"), Some("false"));
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+    let retry: u64 = header(&headers, "retry-after").unwrap().parse().unwrap();
+    assert!(retry > 0 && retry <= 86_400);
+    let message = body["error"]["message"].as_str().unwrap();
+    for needle in [
+        "per-key-requests",
+        "key=checkout-prod",
+        "3 requests",
+        "resets at",
+    ] {
+        assert!(message.contains(needle), "{needle:?} not in {message}");
+    }
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(body["error"]["type"], "insufficient_quota");
+    assert!(
+        !format!("{body}").contains("sk-example-checkout-prod"),
+        "the raw key never leaves"
+    );
+}
+
+#[tokio::test]
+async fn the_body_context_and_path_supply_model_workflow_and_estimate() {
+    let mut client = start(POLICY).await;
+    // The route says research-agent; the body asks for 600 output tokens
+    // against a budget of 1,000.
+    let ctx = [("workflow", "research-agent")];
+    let body = r#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}],"max_tokens":600,"stream":true}"#;
+    let first = client
+        .check(envoy_request("/v1/chat/completions", &[], body, &ctx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(outcome(first), Outcome::Allowed { .. }));
+    let second = client
+        .check(envoy_request("/v1/chat/completions", &[], body, &ctx))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Denied { headers, .. } = outcome(second) else {
+        panic!("600 + 600 > 1000 must deny")
+    };
+    assert_eq!(header(&headers, "x-tollgate-rule"), Some("agent-output"));
+
+    // A header cannot override the route's context: the client claiming
+    // another workflow is still counted as research-agent.
+    let spoof = [("x-tollgate-workflow", "something-else")];
+    let third = client
+        .check(envoy_request("/v1/chat/completions", &spoof, body, &ctx))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(outcome(third), Outcome::Denied { .. }));
+
+    // A partial body is ignored: the defaults apply (1,000 output tokens).
+    let partial = [
+        ("x-envoy-auth-partial-body", "true"),
+        ("x-tollgate-workflow", "research-agent"),
+    ];
+    let small = r#"{"model":"gpt-4o","max_tokens":1}"#;
+    let fourth = client
+        .check(envoy_request("/v1/chat/completions", &partial, small, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(outcome(fourth), Outcome::Denied { .. }),
+        "defaults, not the partial body"
+    );
+
+    // Gemini names the model in the path.
+    let gemini = r#"{"contents":[{"parts":[{"text":"hello"}]}]}"#;
+    let r = client
+        .check(envoy_request(
+            "/v1beta/models/gemini-2.5-pro:generateContent",
+            &[],
+            gemini,
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(outcome(r), Outcome::Allowed { .. }),
+        "no rule applies to it"
+    );
+}
+
+#[tokio::test]
+async fn downgrades_and_approval_gates() {
+    let mut client = start(POLICY).await;
+    let premium = r#"{"model":"gpt-5","input":"hi","max_output_tokens":10}"#;
+    let first = client
+        .check(envoy_request("/v1/responses", &[], premium, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(outcome(first), Outcome::Allowed { .. }));
+    let second = client
+        .check(envoy_request("/v1/responses", &[], premium, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Allowed { upstream, .. } = outcome(second) else {
+        panic!("must downgrade")
+    };
+    assert_eq!(header(&upstream, "x-tollgate-decision"), Some("downgrade"));
+    assert_eq!(header(&upstream, "x-tollgate-model"), Some("gpt-4o-mini"));
+
+    let gated = client
+        .check(envoy_request(
+            "/v1/chat/completions",
+            &[("x-tollgate-workflow", "backfill")],
+            CHAT,
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        gated.status.as_ref().unwrap().code,
+        tonic::Code::PermissionDenied as i32
+    );
+    let Outcome::Denied { status, body, .. } = outcome(gated) else {
+        panic!("must deny")
+    };
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "approval_required");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("data-lead@example.com"));
+}
+
+#[tokio::test]
+async fn malformed_requests_are_denied_never_errors_that_a_failure_mode_could_allow() {
+    let mut client = start(POLICY).await;
+    // A raw header value that is not UTF-8 (encode_raw_headers).
+    let mut req = envoy_request("/v1/chat/completions", &[], CHAT, &[]);
+    let http = req
+        .attributes
+        .as_mut()
+        .unwrap()
+        .request
+        .as_mut()
+        .unwrap()
+        .http
+        .as_mut()
+        .unwrap();
+    http.headers.clear();
+    http.header_map = Some(HeaderMap {
+        headers: vec![
+            HeaderValue {
+                key: ":path".to_string(),
+                raw_value: b"/v1/chat/completions".to_vec(),
+                ..Default::default()
+            },
+            HeaderValue {
+                key: "x-api-key".to_string(),
+                raw_value: vec![0xff, 0xfe, b'k'],
+                ..Default::default()
+            },
+        ],
+    });
+    let r = client
+        .check(req)
+        .await
+        .expect("a decision, not an RPC error");
+    let Outcome::Denied { status, body, .. } = outcome(r.into_inner()) else {
+        panic!("must deny")
+    };
+    assert_eq!(status, 400);
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not valid UTF-8"));
+
+    // An unpriced model under a spend-free policy is fine; under a spend
+    // rule it is refused.
+    let spend_policy = "pricing:\n  unpriced_models: reject\n  models:\n    gpt-4o: { input_per_mtok: 1 }\nrules:\n  - id: s\n    limit: { spend: 10, window: daily }\n";
+    let mut client = start(spend_policy).await;
+    let unknown = r#"{"model":"mystery","messages":[]}"#;
+    let r = client
+        .check(envoy_request("/v1/chat/completions", &[], unknown, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Denied { status, body, .. } = outcome(r) else {
+        panic!("must deny")
+    };
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["code"], "unpriced_model");
+
+    // Garbage bodies fall back to defaults, and a bad estimate header is a 400.
+    let r = client
+        .check(envoy_request(
+            "/v1/chat/completions",
+            &[("x-tollgate-model", "gpt-4o")],
+            "{{{ not json",
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(outcome(r), Outcome::Allowed { .. }));
+    let r = client
+        .check(envoy_request(
+            "/v1/chat/completions",
+            &[
+                ("x-tollgate-model", "gpt-4o"),
+                ("x-tollgate-max-tokens", "many"),
+            ],
+            "",
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(outcome(r), Outcome::Denied { status: 400, .. }));
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_is_one_charge() {
+    let mut client = start(POLICY).await;
+    let headers = [
+        ("authorization", "Bearer sk-example-checkout-prod"),
+        ("x-request-id", "fixed-id-1"),
+    ];
+    let prod = [("environment", "production")];
+    for _ in 0..5 {
+        let r = client
+            .check(envoy_request("/v1/chat/completions", &headers, CHAT, &prod))
+            .await
+            .unwrap()
+            .into_inner();
+        let Outcome::Allowed { downstream, .. } = outcome(r) else {
+            panic!("a retry of one request is not a new request")
+        };
+        assert_eq!(
+            header(&downstream, "x-ratelimit-remaining-requests"),
+            Some("2")
+        );
+    }
+}
+
+/// The shipped Envoy config points its ext_authz filter at the port and
+/// service tollgate serves, with the settings the docs promise.
+#[test]
+fn the_shipped_envoy_config_matches_the_server() {
+    use tollgate::policy::yaml::{parse, Node, Value};
+    let source = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/envoy/envoy.yaml"
+    ))
+    .unwrap();
+    let root = parse(&source).unwrap().unwrap();
+    fn get<'a>(n: &'a Node, key: &str) -> &'a Node {
+        match &n.value {
+            Value::Map(entries) => entries
+                .iter()
+                .find(|(k, _)| matches!(&k.value, Value::Scalar { text, .. } if text == key))
+                .map(|(_, v)| v)
+                .unwrap_or_else(|| panic!("no `{key}`")),
+            _ => panic!("`{key}` looked up in a non-mapping"),
+        }
+    }
+    fn text(n: &Node) -> &str {
+        match &n.value {
+            Value::Scalar { text, .. } => text,
+            _ => panic!("not a scalar"),
+        }
+    }
+    fn items(n: &Node) -> &[Node] {
+        match &n.value {
+            Value::Seq(items) => items,
+            _ => panic!("not a list"),
+        }
+    }
+    let resources = get(&root, "static_resources");
+    let listener = &items(get(resources, "listeners"))[0];
+    let hcm = get(
+        &items(get(&items(get(listener, "filter_chains"))[0], "filters"))[0],
+        "typed_config",
+    );
+    let filters = items(get(hcm, "http_filters"));
+    let authz = filters
+        .iter()
+        .find(|f| text(get(f, "name")) == "envoy.filters.http.ext_authz")
+        .expect("ext_authz filter");
+    let config = get(authz, "typed_config");
+    assert_eq!(text(get(config, "transport_api_version")), "V3");
+    assert_eq!(text(get(config, "failure_mode_allow")), "false");
+    assert_eq!(text(get(config, "encode_raw_headers")), "true");
+    assert_eq!(
+        text(get(get(config, "with_request_body"), "pack_as_bytes")),
+        "true"
+    );
+    let cluster_name = text(get(
+        get(get(config, "grpc_service"), "envoy_grpc"),
+        "cluster_name",
+    ));
+    assert!(!text(get(get(config, "grpc_service"), "timeout")).is_empty());
+
+    let cluster = items(get(resources, "clusters"))
+        .iter()
+        .find(|c| text(get(c, "name")) == cluster_name)
+        .expect("the ext_authz cluster exists");
+    let opts = get(
+        get(cluster, "typed_extension_protocol_options"),
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+    );
+    get(get(opts, "explicit_http_config"), "http2_protocol_options");
+    let endpoint = &items(get(
+        &items(get(get(cluster, "load_assignment"), "endpoints"))[0],
+        "lb_endpoints",
+    ))[0];
+    let socket = get(get(get(endpoint, "endpoint"), "address"), "socket_address");
+    // The address and port tollgate serves gRPC on by default.
+    assert_eq!(
+        format!(
+            "{}:{}",
+            text(get(socket, "address")),
+            text(get(socket, "port_value"))
+        ),
+        "127.0.0.1:50051"
+    );
+
+    // Routes set environment and workflow through context_extensions.
+    let routes = items(get(
+        &items(get(get(hcm, "route_config"), "virtual_hosts"))[0],
+        "routes",
+    ));
+    let ctx = get(
+        get(
+            get(
+                get(&routes[0], "typed_per_filter_config"),
+                "envoy.filters.http.ext_authz",
+            ),
+            "check_settings",
+        ),
+        "context_extensions",
+    );
+    assert_eq!(text(get(ctx, "environment")), "production");
+    assert_eq!(text(get(ctx, "workflow")), "research-agent");
+}
