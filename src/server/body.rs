@@ -113,15 +113,17 @@ mod tests {
     #[test]
     fn real_bodies_of_every_supported_api() {
         // (body, model, input tokens, output tokens, images, quality, video seconds)
-        let cases: Vec<(
-            &str,
-            Option<&str>,
+        // (body, model, input tokens, output tokens, images, quality, video seconds)
+        type Case<'a> = (
+            &'a str,
+            Option<&'a str>,
             Option<u64>,
             Option<u64>,
             Option<u64>,
-            Option<&str>,
-            Option<&str>,
-        )> = vec![
+            Option<&'a str>,
+            Option<&'a str>,
+        );
+        let cases: Vec<Case> = vec![
             // OpenAI chat, plain and streaming, with content parts.
             (
                 r#"{"model":"gpt-4o","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"Hello there!"}],"max_tokens":50}"#,
