@@ -195,6 +195,32 @@ async fn a_redis_outage_is_answered_within_the_timeout_and_recovered_from() {
         assert_eq!(open.verdict(), pb::Verdict::Allow);
         assert_eq!(open.reason, "store_unavailable_fail_open");
     }
+    // On the Envoy path a store fault is a gRPC error, so that Envoy's own
+    // failure mode decides; never a silent allow.
+    let channel = channel(server.endpoint()).await;
+    let mut envoy =
+        envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+            channel,
+        );
+    let check = envoy_types::pb::envoy::service::auth::v3::CheckRequest {
+        attributes: Some(envoy_types::pb::envoy::service::auth::v3::AttributeContext {
+            request: Some(envoy_types::pb::envoy::service::auth::v3::attribute_context::Request {
+                http: Some(envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest {
+                    path: "/v1/chat/completions".to_string(),
+                    headers: [("x-tollgate-team".to_string(), "closed".to_string())].into_iter().collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    let status = envoy
+        .check(check)
+        .await
+        .expect_err("a store fault is not a decision");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+
     // The store timeout is 50 ms; the rest is the round trip to tollgate.
     assert!(
         worst < Duration::from_millis(300),
