@@ -570,3 +570,77 @@ fn the_shipped_envoy_config_matches_the_server() {
     assert_eq!(text(get(ctx, "environment")), "production");
     assert_eq!(text(get(ctx, "workflow")), "research-agent");
 }
+
+#[tokio::test]
+async fn blocked_models_unknown_keys_and_configured_paths() {
+    let policy = "
+attributes:
+  unknown_keys: deny
+  modality_paths:
+    /v2/generate-image: image
+keys:
+  - id: known
+    sha256: \"74c8b108068d5afd4a40bef2782d1ec6a90b0cde13b56d932971801f8b1e4262\"
+rules:
+  - id: no-preview-models
+    match: { model: \"*-preview\" }
+    limit: { requests: 0, window: daily }
+  - id: images
+    match: { modality: image }
+    limit: { images: 2, window: daily }
+";
+    let mut client = start(policy).await;
+    let known = [("x-api-key", "sk-example-checkout-prod")];
+
+    let preview = r#"{"model":"gpt-5-preview","input":"hi"}"#;
+    let r = client
+        .check(envoy_request("/v1/responses", &known, preview, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Denied {
+        status,
+        body,
+        headers,
+    } = outcome(r)
+    else {
+        panic!("a blocked model must be denied")
+    };
+    assert_eq!(status, 403);
+    assert_eq!(body["error"]["code"], "blocked");
+    assert!(
+        header(&headers, "retry-after").is_none(),
+        "waiting does not help"
+    );
+
+    let stranger = [("x-api-key", "sk-someone-else")];
+    let r = client
+        .check(envoy_request(
+            "/v1/responses",
+            &stranger,
+            r#"{"model":"gpt-4o"}"#,
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Denied { status, body, .. } = outcome(r) else {
+        panic!("unknown keys are denied")
+    };
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (403, Some("unknown_key"))
+    );
+
+    // The configured path is an image route: three images against two.
+    let images = r#"{"prompt":"a fox","n":3}"#;
+    let r = client
+        .check(envoy_request("/v2/generate-image", &known, images, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Denied { headers, .. } = outcome(r) else {
+        panic!("3 images over a cap of 2")
+    };
+    assert_eq!(header(&headers, "x-tollgate-rule"), Some("images"));
+}

@@ -67,6 +67,8 @@ pub enum Reason {
     StoreUnavailableFailOpen,
     /// The API key is not registered and the policy denies unknown keys.
     UnknownKey,
+    /// A rule with a limit of zero: the model or route is blocked.
+    Blocked,
 }
 
 impl Reason {
@@ -79,6 +81,7 @@ impl Reason {
             Reason::ApprovalRequired => "approval_required",
             Reason::StoreUnavailableFailOpen => "store_unavailable_fail_open",
             Reason::UnknownKey => "unknown_key",
+            Reason::Blocked => "blocked",
         }
     }
 }
@@ -446,7 +449,18 @@ pub fn decide(
         Some(t) => format!("resets at {}", format_utc(t)),
         None => "does not reset".to_string(),
     };
-    let (reason, retry_after, retryable, message) = if unit == Unit::Concurrent {
+    let (reason, retry_after, retryable, message) = if op.limit == 0 {
+        // A limit of zero is how a policy blocks a model or route outright.
+        (
+            Reason::Blocked,
+            None,
+            false,
+            format!(
+                "rule `{}` blocks this request for scope {} (its limit is 0)",
+                rule.id, counter.scope
+            ),
+        )
+    } else if unit == Unit::Concurrent {
         (
             Reason::ConcurrencyLimit,
             Some(CONCURRENCY_RETRY_SECS),

@@ -54,7 +54,9 @@ fn error_body(message: &str, kind: &str, code: &str) -> String {
 pub fn denial(d: &Decision) -> HttpDenial {
     let (status, kind) = match d.reason {
         Reason::ConcurrencyLimit => (429, "rate_limit_exceeded"),
-        Reason::ApprovalRequired | Reason::UnknownKey => (403, "permission_denied"),
+        Reason::ApprovalRequired | Reason::UnknownKey | Reason::Blocked => {
+            (403, "permission_denied")
+        }
         _ => (429, "insufficient_quota"),
     };
     let mut headers = vec![
