@@ -146,7 +146,12 @@ async fn decide(
 }
 
 fn put(headers: &mut HeaderMap, name: &str, value: &str) {
-    if let (Ok(n), Ok(v)) = (HeaderName::try_from(name), HeaderValue::try_from(value)) {
+    // from_bytes keeps non-ASCII text (a model or team name in a message)
+    // and still refuses control characters, so nothing can split a header.
+    if let (Ok(n), Ok(v)) = (
+        HeaderName::try_from(name),
+        HeaderValue::from_bytes(value.as_bytes()),
+    ) {
         headers.insert(n, v);
     }
 }
