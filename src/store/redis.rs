@@ -177,9 +177,15 @@ impl RedisStore {
             conn,
             prefix: config.prefix.as_str().into(),
             reserve: Arc::new(Script::new(include_str!("reserve.lua"))),
-            settle: Arc::new(Script::new(include_str!("settle.lua"))),
+            settle: Arc::new(Script::new(concat!(
+                include_str!("move_counter.lua"),
+                include_str!("settle.lua")
+            ))),
             read: Arc::new(Script::new(include_str!("read.lua"))),
-            adjust: Arc::new(Script::new(include_str!("adjust.lua"))),
+            adjust: Arc::new(Script::new(concat!(
+                include_str!("move_counter.lua"),
+                include_str!("adjust.lua")
+            ))),
             claim: Arc::new(Script::new(include_str!("claim.lua"))),
         })
     }

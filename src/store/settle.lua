@@ -24,23 +24,7 @@ for kind, amount, key in string.gmatch(r, '\n([prg])\t[^\t]*\t([^\t]*)\t([^\n]*)
   if key ~= KEYS[i + 1] then
     return redis.error_reply('settle keys do not match the reservation')
   end
-  local delta = tonumber(ARGV[i + 2]) - tonumber(amount)
-  if kind == 'g' then
-    redis.call('ZREM', key, rid)
-  elseif kind == 'r' then
-    local v = redis.call('HMGET', key, 'v', 'e')
-    local used = tonumber(v[1])
-    if used ~= nil and tonumber(v[2]) > now then
-      if used + delta < 0 then delta = -used end
-      redis.call('HINCRBY', key, 'v', string.format('%d', delta))
-    end
-  else
-    local used = tonumber(redis.call('GET', key))
-    if used ~= nil then
-      if used + delta < 0 then delta = -used end
-      redis.call('INCRBY', key, string.format('%d', delta))
-    end
-  end
+  move_counter(kind, key, tonumber(ARGV[i + 2]) - tonumber(amount), now, rid)
 end
 redis.call('SETRANGE', KEYS[1], 0, '1')
 return 'settled'
