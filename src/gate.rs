@@ -13,13 +13,26 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rust_decimal::Decimal;
 
-use crate::engine::charge::{counter_amount, from_counter, Usage};
+use crate::alerts::AlertSink;
+use crate::engine::charge::{counter_amount, from_counter, to_counter, Usage};
 use crate::engine::decide::{self, empty_store_outcome};
 use crate::engine::request::{apply_key, hash_key};
 use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
-use crate::policy::{CompiledPolicy, StoreFailure, Unit, UnknownKeys};
-use crate::store::{CounterRef, CounterStore, ReserveRequest, SettleOutcome, StoreError};
+use crate::policy::{CompiledPolicy, Enforcement, OnExceed, StoreFailure, Unit, UnknownKeys};
+use crate::store::{
+    CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError,
+};
+
+/// The append-only log of every approval and revocation.
+pub const APPROVALS_LOG: &str = "approvals";
+
+/// Admin calls are rare and made by people: they may wait longer for the
+/// store than a decision may.
+const ADMIN_STORE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The longest a grant may last.
+pub const MAX_GRANT: Duration = Duration::from_secs(366 * 86_400);
 
 /// Where the gate gets the time; tests move it by hand.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -106,6 +119,25 @@ pub enum GateError {
     Store(#[from] StoreError),
     #[error("reservation {0:?} is unknown or has expired; an expired reservation keeps its estimate charged")]
     UnknownReservation(String),
+    /// An approval or revocation that cannot be made as asked.
+    #[error("{0}")]
+    InvalidGrant(String),
+    #[error("rule `{rule}` has no active grant for scope {scope}")]
+    NoGrant { rule: String, scope: String },
+}
+
+/// An approval as an admin asks for it.
+#[derive(Debug, Clone)]
+pub struct GrantRequest {
+    pub rule: String,
+    /// `team=growth`, several joined by commas, or `all`.
+    pub scope: String,
+    /// Added to the rule's limit while the grant lasts, in the rule's unit
+    /// (USD for spend).
+    pub extra: Option<Decimal>,
+    pub duration: Duration,
+    pub approver: String,
+    pub reason: String,
 }
 
 #[derive(Debug)]
@@ -114,6 +146,7 @@ pub struct Gate {
     store: Arc<dyn CounterStore>,
     clock: Arc<dyn Clock>,
     config: GateConfig,
+    alerts: Option<Arc<dyn AlertSink>>,
 }
 
 impl Gate {
@@ -128,7 +161,14 @@ impl Gate {
             store,
             clock,
             config,
+            alerts: None,
         }
+    }
+
+    /// Sends the alert crossings of every decision to `sink`.
+    pub fn with_alerts(mut self, sink: Arc<dyn AlertSink>) -> Gate {
+        self.alerts = Some(sink);
+        self
     }
 
     pub fn policy(&self) -> Arc<CompiledPolicy> {
@@ -148,16 +188,30 @@ impl Gate {
     pub async fn check(&self, input: CheckInput) -> Result<Decision, GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
-        let (attrs, unknown_key) = resolve_key(&policy, input.attributes, input.api_key.as_deref());
+        let (mut attrs, unknown_key) =
+            resolve_key(&policy, input.attributes, input.api_key.as_deref());
         if unknown_key && policy.set.attributes.unknown_keys == UnknownKeys::Deny {
             return Ok(decide::unknown_key());
         }
+        input.estimate.validate()?;
+        attrs.validate()?;
+        // A request that names no action is an action of its own: it must
+        // never share a retry budget with another by accident.
+        let fresh_action = match attrs.action {
+            Some(_) => None,
+            None => {
+                let id = format!("act-{}", new_reservation_id());
+                attrs.action = Some(id.clone());
+                Some(id)
+            }
+        };
         let plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
-        if let Some(gate) = plan.gate {
-            return Ok(gate);
-        }
+        let with_action = |decision: Decision| Decision {
+            action_id: fresh_action.clone(),
+            ..decision
+        };
         if plan.is_free() {
-            return Ok(Decision::allow_unmetered());
+            return Ok(with_action(Decision::allow_unmetered()));
         }
         let request = ReserveRequest {
             now,
@@ -167,14 +221,23 @@ impl Gate {
             request_id: input.request_id,
         };
         match self.bounded(self.store.reserve(&request)).await {
-            Ok(outcome) => Ok(decide::decide(&policy, &plan, &outcome, now)),
+            Ok(outcome) => {
+                let decision = decide::decide(&policy, &plan, &outcome, now);
+                // A replay repeats a decision whose alerts already went out.
+                if let (Some(sink), false) = (&self.alerts, outcome.replayed) {
+                    if !decision.alerts.is_empty() {
+                        sink.send(&policy, &decision.alerts, now);
+                    }
+                }
+                Ok(with_action(decision))
+            }
             Err(e) => {
                 let all_fail_open = plan.counters[0]
                     .iter()
                     .all(|c| policy.rules()[c.rule].on_store_error == StoreFailure::FailOpen);
                 if all_fail_open {
                     tracing::warn!(error = %e, "counter store failed; allowing because every matched rule fails open");
-                    Ok(decide::fail_open())
+                    Ok(with_action(decide::fail_open()))
                 } else {
                     Err(e.into())
                 }
@@ -188,10 +251,7 @@ impl Gate {
         let now = self.clock.now();
         let attrs = resolve(&policy, input.attributes, input.api_key.as_deref());
         let plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
-        let decision = match &plan.gate {
-            Some(gate) => gate.clone(),
-            None => decide::decide(&policy, &plan, &empty_store_outcome(&plan), now),
-        };
+        let decision = decide::decide(&policy, &plan, &empty_store_outcome(&plan), now);
         Ok((plan, decision))
     }
 
@@ -284,17 +344,165 @@ impl Gate {
             .collect())
     }
 
+    /// Records a grant for a rule and scope, audited; replaces an earlier
+    /// grant for the same pair.
+    pub async fn approve(&self, req: GrantRequest) -> Result<Grant, GateError> {
+        let policy = self.policy.load_full();
+        let now = self.clock.now();
+        let invalid = |m: String| GateError::InvalidGrant(m);
+        let rule = policy
+            .rules()
+            .iter()
+            .find(|r| r.id == req.rule)
+            .ok_or_else(|| invalid(format!("no rule `{}` in the policy in force", req.rule)))?;
+        let gate = rule.enforcement == Enforcement::Approval;
+        if !gate && rule.on_exceed != OnExceed::Approval {
+            return Err(invalid(format!(
+                "rule `{}` takes no approvals: it is neither `enforcement: approval` nor `on_exceed: approval`",
+                rule.id
+            )));
+        }
+        let extra = match req.extra {
+            Some(d) if d.is_sign_negative() && !d.is_zero() => {
+                return Err(invalid("the extra amount must not be negative".to_string()))
+            }
+            Some(d) => to_counter(d, rule.limit.unit.scale(), rule.limit.unit)?,
+            None => 0,
+        };
+        if !gate && extra == 0 {
+            return Err(invalid(format!(
+                "rule `{}` is a cap that asks for approval once reached; an approval must add an extra amount ({})",
+                rule.id, rule.limit.unit
+            )));
+        }
+        if req.duration.is_zero() || req.duration > MAX_GRANT {
+            return Err(invalid(
+                "a grant lasts from 1 second to 366 days".to_string(),
+            ));
+        }
+        for (what, value) in [("approver", &req.approver), ("reason", &req.reason)] {
+            if value.trim().is_empty() || value.len() > 1024 {
+                return Err(invalid(format!(
+                    "the {what} must be given (at most 1024 bytes): approvals are audited"
+                )));
+            }
+        }
+        let (scope, scope_hash) = decide::grant_scope(rule, &req.scope)?;
+        let grant = Grant {
+            rule: rule.id.clone(),
+            scope,
+            key: decide::grant_key(&rule.id, &scope_hash),
+            unit: rule.limit.unit.name().to_string(),
+            extra,
+            expires_at: now.saturating_add(req.duration.as_millis() as Millis),
+            approver: req.approver.trim().to_string(),
+            reason: req.reason.trim().to_string(),
+            created_at: now,
+        };
+        self.admin(self.store.put_grant(&grant, now)).await?;
+        if let Err(e) = self.audit("approve", &grant, &grant.approver, &grant.reason, now).await {
+            // Nothing may be in force that the audit trail does not show.
+            let _ = self.admin(self.store.remove_grant(&grant.key, now)).await;
+            return Err(e);
+        }
+        Ok(grant)
+    }
+
+    /// Ends a grant before its time, audited.
+    pub async fn revoke(
+        &self,
+        rule_id: &str,
+        scope: &str,
+        by: &str,
+        reason: &str,
+    ) -> Result<Grant, GateError> {
+        let policy = self.policy.load_full();
+        let now = self.clock.now();
+        if by.trim().is_empty() {
+            return Err(GateError::InvalidGrant(
+                "say who revokes: revocations are audited".to_string(),
+            ));
+        }
+        let rule = policy
+            .rules()
+            .iter()
+            .find(|r| r.id == rule_id)
+            .ok_or_else(|| {
+                GateError::InvalidGrant(format!("no rule `{rule_id}` in the policy in force"))
+            })?;
+        let (scope, scope_hash) = decide::grant_scope(rule, scope)?;
+        let key = decide::grant_key(&rule.id, &scope_hash);
+        let grant = self
+            .admin(self.store.remove_grant(&key, now))
+            .await?
+            .ok_or_else(|| GateError::NoGrant {
+                rule: rule.id.clone(),
+                scope,
+            })?;
+        self.audit("revoke", &grant, by.trim(), reason.trim(), now)
+            .await?;
+        Ok(grant)
+    }
+
+    /// Every active grant.
+    pub async fn approvals(&self) -> Result<Vec<Grant>, GateError> {
+        let now = self.clock.now();
+        Ok(self.admin(self.store.grants(now)).await?)
+    }
+
+    /// The last `limit` entries of the approvals audit trail (JSON).
+    pub async fn approvals_log(&self, limit: usize) -> Result<Vec<String>, GateError> {
+        Ok(self
+            .admin(self.store.entries(APPROVALS_LOG, limit))
+            .await?)
+    }
+
+    async fn audit(
+        &self,
+        action: &str,
+        grant: &Grant,
+        by: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<(), GateError> {
+        let entry = serde_json::json!({
+            "action": action,
+            "at": crate::engine::window::format_utc(now),
+            "by": by,
+            "reason": reason,
+            "grant": grant,
+        })
+        .to_string();
+        tracing::info!(target: "tollgate::audit", action, rule = %grant.rule, scope = %grant.scope, by, reason, "approval {action}");
+        self.admin(self.store.append(APPROVALS_LOG, &entry)).await?;
+        Ok(())
+    }
+
+    async fn admin<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        bounded_by(ADMIN_STORE_TIMEOUT, call).await
+    }
+
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let limit = self.config.store_timeout;
-        match tokio::time::timeout(limit, call).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Timeout(limit.as_millis() as u64)),
-        }
+        bounded_by(self.config.store_timeout, call).await
     }
 }
+
+async fn bounded_by<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(result) => result,
+        Err(_) => Err(StoreError::Timeout(limit.as_millis() as u64)),
+    }
+}
+
 
 /// Hashes the raw key (if any) and applies the key registry.
 pub fn resolve(policy: &CompiledPolicy, attrs: Attributes, api_key: Option<&str>) -> Attributes {

@@ -8,9 +8,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin_client;
+pub mod alerts;
 pub mod engine;
 pub mod explain;
 pub mod gate;
+pub mod http_client;
 pub mod policy;
 pub mod proto;
 pub mod reload;

@@ -1,4 +1,5 @@
-//! The `tollgate` command: serve, validate and explain.
+//! The `tollgate` command: serve, validate, explain, and the approval
+//! commands.
 
 #![forbid(unsafe_code)]
 
@@ -12,10 +13,14 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use rust_decimal::Decimal;
 
+use tollgate::admin_client::{describe_grant, AdminCallError, AdminClient};
+use tollgate::alerts::{Dispatcher, DispatcherConfig};
 use tollgate::engine::{Attributes, Estimate};
 use tollgate::gate::{CheckInput, Clock, Gate, GateConfig, SystemClock};
 use tollgate::policy::{self, parse_duration, Attr};
 use tollgate::reload::{self, ReloadConfig, Reloader};
+use tollgate::server::admin::{self, AdminApi, AdminToken};
+use tollgate::server::AdminListener;
 use tollgate::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
 
 /// glibc's allocator showed up as a fifth of the CPU time of a decision
@@ -47,6 +52,77 @@ enum Command {
     },
     /// Show which rules a request meets and the decision on an empty store.
     Explain(ExplainArgs),
+    /// Approve a rule for a scope on a running server (needs the admin token).
+    Approve(ApproveArgs),
+    /// End an approval before its time.
+    Revoke(RevokeArgs),
+    /// List active approvals and the newest audit entries.
+    Approvals(ApprovalsArgs),
+}
+
+#[derive(clap::Args)]
+struct AdminClientArgs {
+    /// The server's HTTP port or admin listener: http://HOST:PORT or
+    /// unix:/path/to.sock.
+    #[arg(long, env = "TOLLGATE_ADMIN_URL", default_value = "http://127.0.0.1:8080")]
+    server: String,
+    /// File holding the admin token; or set TOLLGATE_ADMIN_TOKEN.
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ApproveArgs {
+    #[command(flatten)]
+    client: AdminClientArgs,
+    /// The rule to approve (`enforcement: approval` or `on_exceed: approval`).
+    #[arg(long)]
+    rule: String,
+    /// The scope, as the rule counts it: team=growth (comma-separated for
+    /// several attributes), or all.
+    #[arg(long, default_value = "all")]
+    scope: String,
+    /// Added to the rule's limit while the approval lasts, in its unit
+    /// (USD for spend).
+    #[arg(long)]
+    extra: Option<String>,
+    /// How long the approval lasts: 12h, 7d (at most 366d).
+    #[arg(long = "for", default_value = "1d")]
+    duration: String,
+    /// Why; recorded in the audit trail.
+    #[arg(long)]
+    reason: String,
+    /// Who approves; recorded in the audit trail. Defaults to $USER.
+    #[arg(long)]
+    approver: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct RevokeArgs {
+    #[command(flatten)]
+    client: AdminClientArgs,
+    #[arg(long)]
+    rule: String,
+    #[arg(long, default_value = "all")]
+    scope: String,
+    /// Why; recorded in the audit trail.
+    #[arg(long, default_value = "")]
+    reason: String,
+    /// Who revokes. Defaults to $USER.
+    #[arg(long)]
+    by: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ApprovalsArgs {
+    #[command(flatten)]
+    client: AdminClientArgs,
+    /// Also print this many of the newest audit entries.
+    #[arg(long, default_value_t = 0)]
+    audit: usize,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -93,6 +169,18 @@ struct ServeArgs {
     /// Most live counters the embedded store holds.
     #[arg(long, env = "TOLLGATE_MAX_COUNTERS", default_value_t = tollgate::store::memory::DEFAULT_MAX_COUNTERS)]
     max_counters: usize,
+    /// File holding the admin token (16 characters or more); or set
+    /// TOLLGATE_ADMIN_TOKEN. Without a token the admin API is not served.
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Serve the admin API (gRPC and HTTP) on its own address, HOST:PORT
+    /// or unix:/path/to.sock, instead of the gRPC and HTTP ports.
+    #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Alert deliveries waiting at most; beyond it alerts are dropped,
+    /// counted and logged.
+    #[arg(long, env = "TOLLGATE_ALERT_QUEUE", default_value_t = 10_000)]
+    alert_queue: usize,
 }
 
 #[derive(clap::Args)]
@@ -123,7 +211,135 @@ fn main() -> ExitCode {
         Command::Validate { dirs } => validate(&dirs),
         Command::Explain(args) => explain(args),
         Command::Serve(args) => serve(args),
+        Command::Approve(args) => approve(args),
+        Command::Revoke(args) => revoke(args),
+        Command::Approvals(args) => approvals(args),
     }
+}
+
+/// The admin token from a file or TOLLGATE_ADMIN_TOKEN; `None` when
+/// neither is set.
+fn admin_token(file: Option<&PathBuf>) -> Result<Option<String>, String> {
+    if let Some(path) = file {
+        return std::fs::read_to_string(path)
+            .map(|t| Some(t.trim().to_string()))
+            .map_err(|e| format!("cannot read the admin token file {}: {e}", path.display()));
+    }
+    Ok(std::env::var("TOLLGATE_ADMIN_TOKEN")
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty()))
+}
+
+fn admin_call<F>(args: &AdminClientArgs, call: impl FnOnce(AdminClient) -> F) -> ExitCode
+where
+    F: std::future::Future<Output = Result<String, AdminCallError>>,
+{
+    let token = match admin_token(args.token_file.as_ref()) {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            eprintln!("error: give the admin token with --token-file or TOLLGATE_ADMIN_TOKEN");
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let client = match AdminClient::new(&args.server, &token) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(call(client)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn current_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_default()
+}
+
+fn approve(args: ApproveArgs) -> ExitCode {
+    let body = serde_json::json!({
+        "rule": args.rule,
+        "scope": args.scope,
+        "extra": args.extra,
+        "for": args.duration,
+        "approver": args.approver.clone().unwrap_or_else(current_user),
+        "reason": args.reason,
+    });
+    admin_call(&args.client, |c| async move {
+        let grant = c.approve(&body).await?;
+        Ok(format!("approved: {}\n", describe_grant(&grant)))
+    })
+}
+
+fn revoke(args: RevokeArgs) -> ExitCode {
+    let body = serde_json::json!({
+        "rule": args.rule,
+        "scope": args.scope,
+        "revoked_by": args.by.clone().unwrap_or_else(current_user),
+        "reason": args.reason,
+    });
+    admin_call(&args.client, |c| async move {
+        let grant = c.revoke(&body).await?;
+        Ok(format!("revoked: {}\n", describe_grant(&grant)))
+    })
+}
+
+fn approvals(args: ApprovalsArgs) -> ExitCode {
+    let (audit, json) = (args.audit, args.json);
+    admin_call(&args.client, |c| async move {
+        let listing = c.list(audit).await?;
+        if json {
+            return Ok(format!("{listing:#}\n"));
+        }
+        let mut out = String::new();
+        let grants = listing["grants"].as_array().cloned().unwrap_or_default();
+        if grants.is_empty() {
+            out.push_str("no active approvals\n");
+        }
+        for g in &grants {
+            out.push_str(&describe_grant(g));
+            out.push('\n');
+        }
+        if audit > 0 {
+            out.push_str("\naudit trail (oldest first):\n");
+            for entry in listing["audit"].as_array().cloned().unwrap_or_default() {
+                out.push_str(&format!(
+                    "{}  {}  by {}: {}  [{}]\n",
+                    entry["at"].as_str().unwrap_or(""),
+                    entry["action"].as_str().unwrap_or(""),
+                    entry["by"].as_str().unwrap_or(""),
+                    entry["reason"].as_str().unwrap_or(""),
+                    describe_grant(&entry["grant"])
+                ));
+            }
+        }
+        Ok(out)
+    })
 }
 
 fn validate(dirs: &[PathBuf]) -> ExitCode {
@@ -247,15 +463,38 @@ fn serve(args: ServeArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let gate = Arc::new(Gate::new(
-            policy,
-            store,
-            Arc::new(SystemClock),
-            GateConfig {
-                reservation_ttl: args.reservation_ttl,
-                store_timeout: Duration::from_millis(args.store_timeout_ms),
+        let admin_token = match admin_token(args.admin_token_file.as_ref())
+            .and_then(|t| t.map(|t| AdminToken::new(&t)).transpose())
+        {
+            Ok(token) => token,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        if admin_token.is_none() && args.admin_listen.is_some() {
+            eprintln!("--admin-listen needs an admin token (--admin-token-file or TOLLGATE_ADMIN_TOKEN)");
+            return ExitCode::FAILURE;
+        }
+        let alerts = Dispatcher::start(
+            store.clone(),
+            DispatcherConfig {
+                queue: args.alert_queue,
+                ..DispatcherConfig::default()
             },
-        ));
+        );
+        let gate = Arc::new(
+            Gate::new(
+                policy,
+                store,
+                Arc::new(SystemClock),
+                GateConfig {
+                    reservation_ttl: args.reservation_ttl,
+                    store_timeout: Duration::from_millis(args.store_timeout_ms),
+                },
+            )
+            .with_alerts(alerts.clone()),
+        );
         let reloader = Reloader::new(
             gate.clone(),
             ReloadConfig {
@@ -290,14 +529,45 @@ fn serve(args: ServeArgs) -> ExitCode {
         if let Err(e) = reloader.spawn(shutdown()) {
             tracing::warn!(error = %e, "cannot watch the policy directories; relying on the periodic rescan");
         }
-        let http_task = tokio::spawn(tollgate::server::http::serve_http(gate.clone(), reloader.clone(), http, shutdown()));
+        let mut http_router = tollgate::server::http::router(gate.clone(), reloader.clone());
+        let mut grpc_admin = None;
+        let mut admin_task = None;
+        if let Some(token) = admin_token {
+            let api = AdminApi::new(gate.clone(), token.clone());
+            let routes = admin::http_routes(gate.clone(), token);
+            match &args.admin_listen {
+                Some(address) => {
+                    let listener = match AdminListener::bind(address).await {
+                        Ok(l) => l,
+                        Err(e) => {
+                            eprintln!("cannot listen on {address}: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    };
+                    tracing::info!(admin = %address, "serving the admin API on its own listener");
+                    admin_task = Some(tokio::spawn(tollgate::server::serve_admin(api, routes, listener, shutdown())));
+                }
+                None => {
+                    http_router = http_router.merge(routes);
+                    grpc_admin = Some(api);
+                }
+            }
+        }
+        let http_task = tokio::spawn(tollgate::server::http::serve_router(http_router, http, shutdown()));
         tokio::spawn(async move {
             shutdown_signal().await;
             let _ = stop.send(true);
         });
         tracing::info!(grpc = %args.listen, http = %args.http_listen, "serving gRPC");
-        let grpc_result = tollgate::server::serve_grpc(gate, reloader, grpc, shutdown()).await;
+        let grpc_result =
+            tollgate::server::serve_grpc(gate, reloader, grpc, grpc_admin, shutdown()).await;
         let _ = http_task.await;
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
+        if !alerts.flush(Duration::from_secs(5)).await {
+            tracing::warn!("some alerts were still being delivered at shutdown");
+        }
         match grpc_result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

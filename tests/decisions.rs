@@ -4,10 +4,11 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use common::{at, memory_gate, policy};
 use tollgate::engine::{Attributes, Estimate, Reason, RequestError, Verdict};
-use tollgate::gate::{ActualUsage, CheckInput, GateError};
+use tollgate::gate::{GrantRequest, ActualUsage, CheckInput, GateError};
 use tollgate::store::SettleOutcome;
 
 fn attrs(pairs: &[(&str, &str)]) -> Attributes {
@@ -426,7 +427,8 @@ rules:
         assert_eq!(over.reason, Reason::ApprovalRequired);
         assert!(!over.retryable);
         assert!(
-            over.message.contains("approval from art@example.com"),
+            over.message
+                .contains("ask art@example.com to approve it (tollgate approve --rule"),
             "{}",
             over.message
         );
@@ -642,8 +644,312 @@ rules:
                 .verdict,
             Verdict::Allow
         );
+        // Over budget, the way out is shut until someone approves it.
         let over = gate.check(input(&[("model", "big")])).await.unwrap();
         assert_eq!(over.verdict, Verdict::Deny);
-        assert_eq!(over.rule.as_deref(), Some("premium"));
+        assert_eq!(over.reason, Reason::ApprovalRequired);
+        assert_eq!(over.rule.as_deref(), Some("small-needs-approval"));
+
+        gate.approve(GrantRequest {
+            rule: "small-needs-approval".to_string(),
+            scope: "all".to_string(),
+            extra: None,
+            duration: std::time::Duration::from_secs(3600),
+            approver: "ana".to_string(),
+            reason: "spike".to_string(),
+        })
+        .await
+        .unwrap();
+        let approved = gate.check(input(&[("model", "big")])).await.unwrap();
+        assert_eq!(approved.verdict, Verdict::Downgrade);
+        assert_eq!(approved.model.as_deref(), Some("small"));
+    });
+}
+
+fn grant_request(rule: &str, scope: &str, extra: Option<&str>, secs: u64) -> GrantRequest {
+    GrantRequest {
+        rule: rule.to_string(),
+        scope: scope.to_string(),
+        extra: extra.map(|e| e.parse().unwrap()),
+        duration: std::time::Duration::from_secs(secs),
+        approver: "ana@example.com".to_string(),
+        reason: "launch week".to_string(),
+    }
+}
+
+const APPROVALS: &str = "
+pricing:
+  models:
+    \"*\": { per_image: 0.04 }
+rules:
+  - id: production-fine-tuning
+    owner: ml-platform@example.com
+    match: { workflow: fine-tune }
+    per: [team]
+    limit: { requests: 2, window: daily }
+    enforcement: approval
+  - id: final-renders
+    owner: creative@example.com
+    match: { labels.stage: final }
+    per: [team]
+    limit: { spend: 0.08, window: daily }
+    on_exceed: approval
+";
+
+#[test]
+fn an_approval_gate_opens_for_its_scope_only_and_for_as_long_as_granted() {
+    let (gate, clock) = memory_gate(APPROVALS, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let tune = |team: &str| input(&[("workflow", "fine-tune"), ("team", team)]);
+        let shut = gate.check(tune("growth")).await.unwrap();
+        assert_eq!(shut.reason, Reason::ApprovalRequired);
+        assert!(!shut.retryable);
+        assert!(
+            shut.message.contains("ask ml-platform@example.com")
+                && shut.message.contains("--rule production-fine-tuning --scope team=growth"),
+            "{}",
+            shut.message
+        );
+
+        let grant = gate
+            .approve(grant_request("production-fine-tuning", "team=growth", None, 3600))
+            .await
+            .unwrap();
+        assert_eq!(grant.scope, "team=growth");
+        assert_eq!(gate.check(tune("growth")).await.unwrap().verdict, Verdict::Allow);
+        // Another team is still shut out.
+        assert_eq!(
+            gate.check(tune("search")).await.unwrap().reason,
+            Reason::ApprovalRequired
+        );
+        // Open, the rule counts like a cap: two a day.
+        assert_eq!(gate.check(tune("growth")).await.unwrap().verdict, Verdict::Allow);
+        let used_up = gate.check(tune("growth")).await.unwrap();
+        assert_eq!(used_up.reason, Reason::ApprovalRequired);
+        assert!(used_up.message.contains("used up"), "{}", used_up.message);
+
+        // An expired grant opens nothing.
+        clock.advance(3_600_001);
+        gate.approve(grant_request("production-fine-tuning", "team=search", None, 60))
+            .await
+            .unwrap();
+        assert_eq!(gate.check(tune("search")).await.unwrap().verdict, Verdict::Allow);
+        clock.advance(60_001);
+        assert_eq!(
+            gate.check(tune("search")).await.unwrap().reason,
+            Reason::ApprovalRequired
+        );
+        assert!(gate.approvals().await.unwrap().is_empty());
+
+        // The audit trail has both approvals, oldest first, with who and why.
+        let log = gate.approvals_log(10).await.unwrap();
+        assert_eq!(log.len(), 2);
+        let first: serde_json::Value = serde_json::from_str(&log[0]).unwrap();
+        assert_eq!(first["action"], "approve");
+        assert_eq!(first["by"], "ana@example.com");
+        assert_eq!(first["grant"]["scope"], "team=growth");
+    });
+}
+
+#[test]
+fn an_extension_adds_its_extra_once_then_the_cap_holds_again_and_revoke_ends_it() {
+    let (gate, _) = memory_gate(APPROVALS, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let render = || {
+            let mut i = input(&[
+                ("labels.stage", "final"),
+                ("team", "art"),
+                ("modality", "image"),
+                ("model", "img-1"),
+            ]);
+            i.estimate.images = Some(1);
+            i
+        };
+        for _ in 0..2 {
+            assert_eq!(gate.check(render()).await.unwrap().verdict, Verdict::Allow);
+        }
+        let capped = gate.check(render()).await.unwrap();
+        assert_eq!(capped.reason, Reason::ApprovalRequired);
+        assert!(
+            capped.message.contains("ask creative@example.com"),
+            "{}",
+            capped.message
+        );
+
+        // A cap's approval must add something.
+        let err = gate
+            .approve(grant_request("final-renders", "team=art", None, 3600))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("extra"), "{err}");
+        // 0.12 USD more: exactly three more renders at 0.04.
+        gate.approve(grant_request("final-renders", "team=art", Some("0.12"), 3600))
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            let d = gate.check(render()).await.unwrap();
+            assert_eq!(d.verdict, Verdict::Allow);
+            assert_eq!(d.counters[0].limit.to_string(), "0.2");
+        }
+        assert_eq!(
+            gate.check(render()).await.unwrap().reason,
+            Reason::ApprovalRequired
+        );
+
+        // Revoked, the cap is back to 0.08, already passed.
+        gate.approve(grant_request("final-renders", "team=art", Some("1"), 3600))
+            .await
+            .unwrap();
+        assert_eq!(gate.check(render()).await.unwrap().verdict, Verdict::Allow);
+        let revoked = gate
+            .revoke("final-renders", "team=art", "ana@example.com", "over")
+            .await
+            .unwrap();
+        assert_eq!(revoked.rule, "final-renders");
+        assert_eq!(
+            gate.check(render()).await.unwrap().reason,
+            Reason::ApprovalRequired
+        );
+        let again = gate
+            .revoke("final-renders", "team=art", "ana@example.com", "over")
+            .await
+            .unwrap_err();
+        assert!(matches!(again, GateError::NoGrant { .. }), "{again}");
+    });
+}
+
+#[test]
+fn approvals_name_a_real_rule_and_scope_and_say_who_and_why() {
+    let (gate, _) = memory_gate(APPROVALS, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let cases = [
+            (grant_request("nope", "team=a", None, 60), "no rule `nope`"),
+            (
+                grant_request("production-fine-tuning", "all", None, 60),
+                "give team=VALUE",
+            ),
+            (
+                grant_request("production-fine-tuning", "customer=x", None, 60),
+                "not counted per customer",
+            ),
+            (
+                grant_request("production-fine-tuning", "team=a", Some("-1"), 60),
+                "negative",
+            ),
+            (
+                grant_request("production-fine-tuning", "team=a", None, 0),
+                "1 second to 366 days",
+            ),
+            (
+                GrantRequest {
+                    reason: " ".to_string(),
+                    ..grant_request("production-fine-tuning", "team=a", None, 60)
+                },
+                "reason must be given",
+            ),
+        ];
+        for (request, expected) in cases {
+            let err = gate.approve(request).await.unwrap_err();
+            assert!(err.to_string().contains(expected), "{err} lacks {expected:?}");
+        }
+        assert!(gate.approvals().await.unwrap().is_empty());
+        assert!(gate.approvals_log(10).await.unwrap().is_empty());
+    });
+}
+
+const RETRY_BUDGETS: &str = "
+pricing:
+  models:
+    \"*\": { per_request: 1 }
+rules:
+  - id: attempts-per-action
+    match: { action: \"*\" }
+    per: [action]
+    limit: { requests: 2, window: 1h }
+  - id: primary-spend
+    match: { attempt_kind: primary }
+    limit: { spend: 3, window: daily }
+  - id: fallback-spend
+    match: { attempt_kind: fallback }
+    limit: { spend: 2, window: daily }
+";
+
+#[test]
+fn the_third_attempt_of_an_action_is_denied_for_good() {
+    let (gate, _) = memory_gate(RETRY_BUDGETS, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let attempt =
+            |kind: &str| input(&[("action", "a1"), ("attempt_kind", kind), ("model", "m")]);
+        assert_eq!(gate.check(attempt("primary")).await.unwrap().verdict, Verdict::Allow);
+        assert_eq!(gate.check(attempt("retry")).await.unwrap().verdict, Verdict::Allow);
+        let third = gate.check(attempt("retry")).await.unwrap();
+        assert_eq!(third.verdict, Verdict::Deny);
+        assert_eq!(third.rule.as_deref(), Some("attempts-per-action"));
+        assert_eq!(third.reason, Reason::BudgetExceeded);
+        assert!(!third.retryable);
+        // Another action has its own budget.
+        let other = input(&[("action", "a2"), ("attempt_kind", "primary"), ("model", "m")]);
+        assert_eq!(gate.check(other).await.unwrap().verdict, Verdict::Allow);
+    });
+}
+
+#[test]
+fn the_fallback_cap_is_independent_of_the_primary_cap() {
+    let (gate, _) = memory_gate(RETRY_BUDGETS, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let attempt = |action: String, kind: &str| {
+            input(&[
+                ("action", action.as_str()),
+                ("attempt_kind", kind),
+                ("model", "m"),
+            ])
+        };
+        for i in 0..3 {
+            let d = gate.check(attempt(format!("p{i}"), "primary")).await.unwrap();
+            assert_eq!(d.verdict, Verdict::Allow);
+        }
+        let primary_spent = gate.check(attempt("p3".into(), "primary")).await.unwrap();
+        assert_eq!(primary_spent.rule.as_deref(), Some("primary-spend"));
+        // Fallbacks still have their own 2 USD, and only those.
+        for i in 0..2 {
+            let d = gate.check(attempt(format!("f{i}"), "fallback")).await.unwrap();
+            assert_eq!(d.verdict, Verdict::Allow);
+        }
+        let fallback_spent = gate.check(attempt("f2".into(), "fallback")).await.unwrap();
+        assert_eq!(fallback_spent.verdict, Verdict::Deny);
+        assert_eq!(fallback_spent.rule.as_deref(), Some("fallback-spend"));
+        assert!(!fallback_spent.retryable);
+    });
+}
+
+#[test]
+fn a_request_without_an_action_gets_a_fresh_one_its_retries_can_share() {
+    let clock = Arc::new(tollgate::gate::ManualClock::new(at(2026, 11, 21, 12, 0)));
+    let store = Arc::new(tollgate::store::MemoryStore::default());
+    let gate = common::gate_with(policy(RETRY_BUDGETS), store.clone(), clock);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut ids = Vec::new();
+        for _ in 0..5 {
+            let d = gate.check(input(&[("team", "t")])).await.unwrap();
+            assert_eq!(d.verdict, Verdict::Allow);
+            ids.push(d.action_id.expect("a fresh action id"));
+        }
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), 5, "every request is its own action");
+        assert_eq!(store.counter_count(), 5, "one attempt counted per action");
+        // Sending the id back makes the retry share the action's budget:
+        // the first attempt already counted.
+        let retry = |id: &str| input(&[("action", id), ("attempt_kind", "retry")]);
+        let second = gate.check(retry(&ids[0])).await.unwrap();
+        assert_eq!(second.verdict, Verdict::Allow);
+        assert_eq!(second.action_id, None, "a given action id is kept");
+        assert_eq!(gate.check(retry(&ids[0])).await.unwrap().verdict, Verdict::Deny);
     });
 }

@@ -10,8 +10,8 @@ use common::{at, gate_with, policy};
 use tollgate::engine::{Attributes, Estimate, Verdict};
 use tollgate::gate::{CheckInput, ManualClock};
 use tollgate::store::{
-    Candidate, CounterOp, CounterRef, CounterStore, Expiry, MemoryStore, ReserveRequest,
-    SettleOutcome, StoreError,
+    Candidate, CounterOp, CounterRef, CounterStore, Expiry, Grant, GrantRef, MemoryStore,
+    ReserveRequest, SettleOutcome, StoreError,
 };
 
 /// A store under test; a Redis one keeps its servers alive with it.
@@ -261,6 +261,7 @@ fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
         downgradable: false,
         expiry: Expiry::Never,
         release_on_settle: false,
+        grant: None,
     }
 }
 
@@ -494,6 +495,176 @@ fn memory_stays_bounded_under_millions_of_distinct_keys() {
             if i >= 10_000 {
                 assert!(matches!(r, Err(StoreError::Full(10_000))), "{r:?}");
             }
+        }
+    });
+}
+
+fn grant(key: &str, extra: i64, expires_at: i64) -> Grant {
+    Grant {
+        rule: key.split('|').next().unwrap().to_string(),
+        scope: "team=growth".to_string(),
+        key: key.to_string(),
+        unit: "requests".to_string(),
+        extra,
+        expires_at,
+        approver: "ana".to_string(),
+        reason: "launch".to_string(),
+        created_at: 0,
+    }
+}
+
+fn gated(key: &str, grant_key: &str, limit: i64, required: bool) -> CounterOp {
+    CounterOp {
+        grant: Some(GrantRef {
+            key: grant_key.to_string(),
+            required,
+        }),
+        ..op(key, 1, limit)
+    }
+}
+
+/// A gate stays shut until a grant opens it; an extension adds exactly its
+/// extra; an expired or revoked grant counts for nothing, on every backend
+/// (the cluster reads each grant in its counters' slot).
+#[test]
+fn grants_open_gates_and_extend_caps_until_expired_or_revoked() {
+    runtime().block_on(async {
+        for Backend { name, store, .. } in backends().await {
+            let now = 1_000_000;
+            let gate = || gated("fine-tune|requests|s1|all", "fine-tune|s1", 10, true);
+            let out = store
+                .reserve(&request(vec![gate()], "g1", now))
+                .await
+                .unwrap();
+            assert_eq!(out.applied, None, "{name}: a gate without a grant is shut");
+            assert_eq!(out.tried[0][0].grant, None, "{name}");
+
+            store
+                .put_grant(&grant("fine-tune|s1", 0, now + 10_000), now)
+                .await
+                .unwrap();
+            let out = store
+                .reserve(&request(vec![gate()], "g2", now + 1))
+                .await
+                .unwrap();
+            assert_eq!(out.applied, Some(0), "{name}: the grant opens the gate");
+            assert_eq!(out.tried[0][0].grant, Some(0), "{name}");
+
+            // A cap of 2 in another scope (another cluster slot), extended
+            // by 3 while a grant lasts.
+            let cap = || gated("final-renders|requests|s2|all", "final-renders|s2", 2, false);
+            let mut allowed = 0;
+            for i in 0..4 {
+                let out = store
+                    .reserve(&request(vec![cap()], &format!("c{i}"), now + 2))
+                    .await
+                    .unwrap();
+                allowed += usize::from(out.applied.is_some());
+            }
+            assert_eq!(allowed, 2, "{name}: the plain cap holds");
+            store
+                .put_grant(&grant("final-renders|s2", 3, now + 10_000), now + 3)
+                .await
+                .unwrap();
+            let mut extended = 0;
+            for i in 0..5 {
+                let out = store
+                    .reserve(&request(vec![cap()], &format!("e{i}"), now + 4))
+                    .await
+                    .unwrap();
+                if out.applied.is_some() {
+                    extended += 1;
+                    assert_eq!(out.tried[0][0].grant, Some(3), "{name}");
+                }
+            }
+            assert_eq!(extended, 3, "{name}: exactly the extra is added");
+
+            let listed: Vec<String> = store
+                .grants(now + 5)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|g| g.key)
+                .collect();
+            assert_eq!(listed, ["final-renders|s2", "fine-tune|s1"], "{name}");
+
+            // Expired: the gate is shut again and the listing forgets it.
+            let later = now + 10_001;
+            let out = store
+                .reserve(&request(vec![gate()], "g3", later))
+                .await
+                .unwrap();
+            assert_eq!(out.applied, None, "{name}: an expired grant opens nothing");
+            assert_eq!(store.grants(later).await.unwrap().len(), 0, "{name}");
+
+            // Revoked: gone at once.
+            store
+                .put_grant(&grant("fine-tune|s1", 0, later + 60_000), later)
+                .await
+                .unwrap();
+            let revoked = store.remove_grant("fine-tune|s1", later).await.unwrap();
+            assert_eq!(revoked.map(|g| g.key).as_deref(), Some("fine-tune|s1"), "{name}");
+            let out = store
+                .reserve(&request(vec![gate()], "g4", later + 1))
+                .await
+                .unwrap();
+            assert_eq!(out.applied, None, "{name}: a revoked grant opens nothing");
+            assert_eq!(
+                store.remove_grant("fine-tune|s1", later).await.unwrap(),
+                None,
+                "{name}: revoking twice finds nothing"
+            );
+        }
+    });
+}
+
+/// A decision spanning slots on the cluster still reads each grant.
+#[test]
+fn a_decision_across_scopes_reads_every_grant() {
+    runtime().block_on(async {
+        for Backend { name, store, .. } in backends().await {
+            let now = 5_000_000;
+            let ops = || {
+                vec![
+                    gated("gate-a|requests|sa|all", "gate-a|sa", 5, true),
+                    gated("gate-b|requests|sb|all", "gate-b|sb", 5, true),
+                ]
+            };
+            store
+                .put_grant(&grant("gate-a|sa", 0, now + 60_000), now)
+                .await
+                .unwrap();
+            let out = store.reserve(&request(ops(), "x1", now)).await.unwrap();
+            assert_eq!(out.applied, None, "{name}: one gate is still shut");
+            let read = store
+                .read(&refs(&["gate-a|requests|sa|all"]), now)
+                .await
+                .unwrap();
+            assert_eq!(read[0].used_before, 0, "{name}: nothing stays charged");
+            store
+                .put_grant(&grant("gate-b|sb", 0, now + 60_000), now)
+                .await
+                .unwrap();
+            let out = store.reserve(&request(ops(), "x2", now)).await.unwrap();
+            assert_eq!(out.applied, Some(0), "{name}: both gates open");
+        }
+    });
+}
+
+/// Append-only logs keep their order and return the newest entries.
+#[test]
+fn logs_keep_entries_in_order() {
+    runtime().block_on(async {
+        for Backend { name, store, .. } in backends().await {
+            for i in 0..5 {
+                store
+                    .append("approvals", &format!("{{\"n\":{i}}}"))
+                    .await
+                    .unwrap();
+            }
+            let last = store.entries("approvals", 3).await.unwrap();
+            assert_eq!(last, [r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#], "{name}");
+            assert!(store.entries("none", 3).await.unwrap().is_empty(), "{name}");
         }
     });
 }

@@ -9,7 +9,9 @@ use super::request::{Attributes, Estimate};
 use super::window::{self, format_utc, seconds_until, Millis};
 use super::RequestError;
 use crate::policy::{hex, CompiledPolicy, Enforcement, OnExceed, Rule, Unit, Window};
-use crate::store::{fit, Candidate, CounterOp, CounterState, Expiry, Fit, ReserveOutcome};
+use crate::store::{
+    fit, Candidate, CounterOp, CounterState, Expiry, Fit, GrantRef, ReserveOutcome,
+};
 
 /// Counters of a calendar window outlive it by this much, so a late settle
 /// still finds them; the window id in the key keeps them from being reused.
@@ -28,7 +30,10 @@ pub struct RuleCounter {
     pub key: String,
     /// `team=growth,key=checkout-prod`, or `all` for a shared counter.
     pub scope: String,
+    /// What the scope is keyed by: counters and grants use this.
+    pub scope_hash: String,
     pub limit: i64,
+    pub window_start: Option<Millis>,
     pub window_end: Option<Millis>,
 }
 
@@ -38,8 +43,6 @@ pub struct Plan {
     pub candidates: Vec<Candidate>,
     /// Parallel to each candidate's ops: which rule and scope each op is.
     pub counters: Vec<Vec<RuleCounter>>,
-    /// A rule that denies outright, before any counter is touched.
-    pub gate: Option<Decision>,
 }
 
 impl Plan {
@@ -106,8 +109,15 @@ pub struct AlertCrossing {
     pub rule: String,
     pub scope: String,
     pub threshold: u32,
+    pub unit: Unit,
     pub used: Decimal,
+    /// The rule's own limit: thresholds are percentages of it, granted
+    /// extras aside.
     pub limit: Decimal,
+    /// The counter's window, as far as it is known (a rolling window's
+    /// start is known from its end; a lifetime has neither).
+    pub window_start: Option<Millis>,
+    pub window_end: Option<Millis>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +137,9 @@ pub struct Decision {
     pub counters: Vec<CounterReport>,
     pub alerts: Vec<AlertCrossing>,
     pub reservation_id: Option<String>,
+    /// The action id tollgate made up for a request that had none; the
+    /// caller should send it with the retries and fallbacks of this action.
+    pub action_id: Option<String>,
 }
 
 impl Decision {
@@ -143,6 +156,7 @@ impl Decision {
             counters: Vec::new(),
             alerts: Vec::new(),
             reservation_id: None,
+            action_id: None,
         }
     }
 }
@@ -160,7 +174,6 @@ pub fn plan(
     let mut plan = Plan {
         candidates: Vec::new(),
         counters: Vec::new(),
-        gate: None,
     };
     let mut attrs = attrs.clone();
     loop {
@@ -170,18 +183,6 @@ pub fn plan(
             .map(|m| policy.families_of(m))
             .unwrap_or_default();
         let matched = policy.matching_rules(&attrs);
-        if let Some(gate) = matched
-            .iter()
-            .map(|&i| &policy.rules()[i])
-            .find(|r| r.enforcement == Enforcement::Approval)
-        {
-            if plan.candidates.is_empty() {
-                let scope = scope_of(gate, &attrs)?;
-                plan.gate = Some(approval_gate(gate, &scope.0));
-            }
-            // A downgrade target behind an approval gate is no way out.
-            return Ok(plan);
-        }
         let price = attrs.model.as_deref().and_then(|m| policy.price(m));
         let usage = Usage::from_estimate(
             estimate,
@@ -195,10 +196,16 @@ pub fn plan(
         for &i in &matched {
             let rule = &policy.rules()[i];
             let amount = counter_amount(rule.limit.unit, &usage, price, attrs.model.as_deref())?;
-            if amount == 0 {
+            let gate = rule.enforcement == Enforcement::Approval;
+            // An approval gate must be asked even when it charges nothing.
+            if amount == 0 && !gate {
                 continue;
             }
             let counter = rule_counter(policy, i, &attrs, now)?;
+            let grant = (gate || rule.on_exceed == OnExceed::Approval).then(|| GrantRef {
+                key: grant_key(&rule.id, &counter.scope_hash),
+                required: gate,
+            });
             let downgradable = matches!(&rule.on_exceed, OnExceed::Downgrade(_));
             if let (OnExceed::Downgrade(target), None) = (&rule.on_exceed, &downgrade_to) {
                 downgrade_to = Some(target.clone());
@@ -208,10 +215,11 @@ pub fn plan(
                 unit: rule.limit.unit,
                 amount,
                 limit: counter.limit,
-                enforced: rule.enforcement == Enforcement::Hard,
+                enforced: rule.enforcement != Enforcement::Soft,
                 downgradable,
                 expiry: expiry(rule.limit.window, counter.window_end),
                 release_on_settle: rule.limit.unit == Unit::Concurrent,
+                grant,
             });
             counters.push(counter);
         }
@@ -269,9 +277,53 @@ fn rule_counter(
         rule: i,
         key: format!("{}|{}|{}|{}", rule.id, rule.limit.unit, scope_hash, span.id),
         scope,
+        scope_hash,
         limit,
+        window_start: span.start,
         window_end: span.end,
     })
+}
+
+/// Where the grant for a rule and scope lives: one per pair, across
+/// windows, so that an approval outlives a window edge until it expires.
+pub fn grant_key(rule_id: &str, scope_hash: &str) -> String {
+    format!("{rule_id}|{scope_hash}")
+}
+
+/// The scope a grant names (`team=growth,environment=prod`, or `all`),
+/// checked against the rule's `per`, as its display form and hash.
+pub fn grant_scope(rule: &Rule, text: &str) -> Result<(String, String), RequestError> {
+    let invalid = |why: String| RequestError::invalid(format!("scope {text:?}: {why}"));
+    let mut attrs = Attributes::default();
+    let text = text.trim();
+    if !(text.is_empty() || text == "all") {
+        for pair in text.split(',') {
+            let (name, value) = pair
+                .split_once('=')
+                .ok_or_else(|| invalid(format!("{pair:?} is not NAME=VALUE")))?;
+            let attr = crate::policy::Attr::parse(name.trim())
+                .ok_or_else(|| invalid(format!("unknown attribute {name:?}")))?;
+            if !rule.per.contains(&attr) {
+                return Err(invalid(format!(
+                    "rule `{}` is not counted per {attr}",
+                    rule.id
+                )));
+            }
+            attrs.set(&attr, value.trim().to_string());
+        }
+    }
+    if let Some(missing) = rule.per.iter().find(|a| attrs.get(a).is_none()) {
+        return Err(invalid(format!(
+            "rule `{}` is counted per {}; give {missing}=VALUE",
+            rule.id,
+            rule.per
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    scope_of(rule, &attrs)
 }
 
 /// The display scope and the hash that goes into the counter key.
@@ -308,24 +360,13 @@ fn expiry(window: Window, end: Option<Millis>) -> Expiry {
     }
 }
 
-fn approval_gate(rule: &Rule, scope: &str) -> Decision {
+/// How to get past an approval rule, for denial messages.
+fn how_to_ask(rule: &Rule, scope: &str) -> String {
     let owner = rule.owner.as_deref().unwrap_or("the rule's owner");
-    Decision {
-        verdict: Verdict::Deny,
-        reason: Reason::ApprovalRequired,
-        message: format!(
-            "rule `{}` requires approval for scope {scope}; ask {owner} to approve it",
-            rule.id
-        ),
-        rule: Some(rule.id.clone()),
-        scope: Some(scope.to_string()),
-        model: None,
-        retry_after: None,
-        retryable: false,
-        counters: Vec::new(),
-        alerts: Vec::new(),
-        reservation_id: None,
-    }
+    format!(
+        "ask {owner} to approve it (tollgate approve --rule {} --scope {scope})",
+        rule.id
+    )
 }
 
 /// Turns the store's answer into the decision.
@@ -359,14 +400,15 @@ pub fn decide(
                 s.used_before
             };
             let rule = &rules[c.rule];
+            let limit = op.effective_limit(s);
             CounterReport {
                 rule: rule.id.clone(),
                 scope: c.scope.clone(),
                 unit: op.unit,
                 window: rule.limit.window,
-                limit: from_counter(op.limit, op.unit),
+                limit: from_counter(limit, op.unit),
                 used: from_counter(used, op.unit),
-                remaining: from_counter((op.limit - used).max(0), op.unit),
+                remaining: from_counter((limit - used).max(0), op.unit),
                 resets_at: s.resets_at.or(c.window_end),
                 enforced: op.enforced,
             }
@@ -381,13 +423,21 @@ pub fn decide(
             .zip(states)
             .flat_map(|((op, c), s)| {
                 let rule = &rules[c.rule];
+                let window_end = s.resets_at.or(c.window_end);
+                let window_start = c.window_start.or(match (rule.limit.window, window_end) {
+                    (Window::Rolling(secs), Some(end)) => Some(end - secs as i64 * 1000),
+                    _ => None,
+                });
                 crossed(&rule.alerts, s.used_before, op.amount, op.limit).map(move |threshold| {
                     AlertCrossing {
                         rule: rule.id.clone(),
                         scope: c.scope.clone(),
                         threshold,
+                        unit: op.unit,
                         used: from_counter(s.used_before.saturating_add(op.amount), op.unit),
                         limit: from_counter(op.limit, op.unit),
+                        window_start,
+                        window_end,
                     }
                 })
             })
@@ -424,6 +474,7 @@ pub fn decide(
             counters: reports,
             alerts,
             reservation_id: outcome.reservation_id.clone(),
+            action_id: None,
         };
     }
 
@@ -433,7 +484,7 @@ pub fn decide(
         .iter()
         .zip(counters)
         .zip(states)
-        .find(|((op, _), s)| op.blocks_at(s.used_before));
+        .find(|((op, _), s)| op.blocks_at(s));
     let Some(((op, counter), state)) = blocking else {
         // The store found no fit but no op blocks: only possible if it
         // disagrees with the plan. Deny rather than guess.
@@ -442,14 +493,28 @@ pub fn decide(
     let rule = &rules[counter.rule];
     let resets_at = state.resets_at.or(counter.window_end);
     let unit = op.unit;
-    let limit = from_counter(op.limit, unit);
+    let gate_closed = op.grant.as_ref().is_some_and(|g| g.required) && state.grant.is_none();
+    let effective_limit = op.effective_limit(state);
+    let limit = from_counter(effective_limit, unit);
     let used = from_counter(state.used_before, unit);
     let needs = from_counter(op.amount, unit);
     let reset_text = match resets_at {
         Some(t) => format!("resets at {}", format_utc(t)),
         None => "does not reset".to_string(),
     };
-    let (reason, retry_after, retryable, message) = if op.limit == 0 {
+    let (reason, retry_after, retryable, message) = if gate_closed {
+        (
+            Reason::ApprovalRequired,
+            None,
+            false,
+            format!(
+                "rule `{}` requires approval for scope {}; {}",
+                rule.id,
+                counter.scope,
+                how_to_ask(rule, &counter.scope)
+            ),
+        )
+    } else if effective_limit == 0 {
         // A limit of zero is how a policy blocks a model or route outright.
         (
             Reason::Blocked,
@@ -480,16 +545,25 @@ pub fn decide(
             "rule `{}` allows {amount_text} per {} window for scope {}; {used} used, this request needs {needs}; {reset_text}",
             rule.id, rule.limit.window, counter.scope
         );
-        match rule.on_exceed {
-            OnExceed::Approval => {
-                let owner = rule.owner.as_deref().unwrap_or("the rule's owner");
-                (
-                    Reason::ApprovalRequired,
-                    None,
-                    false,
-                    format!("{base}; going further needs approval from {owner}"),
-                )
-            }
+        match (&rule.on_exceed, rule.enforcement) {
+            (OnExceed::Approval, _) => (
+                Reason::ApprovalRequired,
+                None,
+                false,
+                format!(
+                    "{base}; going further needs an approved extension: {}",
+                    how_to_ask(rule, &counter.scope)
+                ),
+            ),
+            (_, Enforcement::Approval) => (
+                Reason::ApprovalRequired,
+                None,
+                false,
+                format!(
+                    "{base}; the approval's budget is used up: {}",
+                    how_to_ask(rule, &counter.scope)
+                ),
+            ),
             _ => (
                 Reason::BudgetExceeded,
                 resets_at.map(|t| seconds_until(now, t)),
@@ -511,6 +585,7 @@ pub fn decide(
         counters: reports,
         alerts: Vec::new(),
         reservation_id: None,
+        action_id: None,
     }
 }
 
@@ -577,14 +652,8 @@ pub fn empty_store_outcome(plan: &Plan) -> ReserveOutcome {
     let mut tried = Vec::new();
     let mut applied = None;
     for (i, c) in plan.candidates.iter().enumerate() {
-        tried.push(vec![
-            CounterState {
-                used_before: 0,
-                resets_at: None,
-            };
-            c.ops.len()
-        ]);
-        match fit(&c.ops, |_| 0) {
+        tried.push(vec![CounterState::default(); c.ops.len()]);
+        match fit(&c.ops, |_| CounterState::default()) {
             Fit::Fits => {
                 applied = Some(i);
                 break;

@@ -19,6 +19,8 @@ pub struct WindowSpan {
     /// windows reset a fixed time after first use, which only the store
     /// knows; lifetime windows never reset.
     pub end: Option<Millis>,
+    /// When the window began, when that is known without the store.
+    pub start: Option<Millis>,
 }
 
 pub fn span(window: Window, now: Millis) -> WindowSpan {
@@ -26,10 +28,12 @@ pub fn span(window: Window, now: Millis) -> WindowSpan {
         Window::Lifetime => WindowSpan {
             id: "all".to_string(),
             end: None,
+            start: None,
         },
         Window::Rolling(secs) => WindowSpan {
             id: format!("r{secs}"),
             end: None,
+            start: None,
         },
         Window::Calendar(period) => {
             let (start, end) = calendar_bounds(period, now);
@@ -43,7 +47,11 @@ pub fn span(window: Window, now: Millis) -> WindowSpan {
                 CalendarPeriod::Week => format!("w{y:04}-{m:02}-{d:02}"),
                 CalendarPeriod::Month => format!("{y:04}-{m:02}"),
             };
-            WindowSpan { id, end: Some(end) }
+            WindowSpan {
+                id,
+                end: Some(end),
+                start: Some(start),
+            }
         }
     }
 }

@@ -28,7 +28,71 @@ pub struct PolicySet {
     pub keys: Vec<KeyEntry>,
     pub defaults: Defaults,
     pub attributes: AttributeMapping,
+    pub notifiers: Vec<Notifier>,
     pub rules: Vec<Rule>,
+}
+
+/// The notifier every set has: alerts as structured log lines.
+pub const LOG_NOTIFIER: &str = "log";
+
+/// Where alert crossings go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notifier {
+    pub id: String,
+    pub kind: NotifierKind,
+    /// Rules without `notify` use every notifier marked default (or the
+    /// built-in `log` notifier when none is).
+    pub default: bool,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotifierKind {
+    /// A structured log line on the server's log output.
+    Log,
+    /// An HTTP POST of the alert as JSON, signed with HMAC-SHA256.
+    Webhook {
+        url: String,
+        /// The environment variable holding the signing secret; read when
+        /// a delivery is made, never stored in the policy.
+        secret_env: String,
+        timeout_ms: u64,
+        max_attempts: u32,
+    },
+    /// An entry in an append-only stream of the counter store (`XADD` on
+    /// Redis).
+    Stream { name: String },
+}
+
+impl PolicySet {
+    /// The notifiers a rule's alerts go to.
+    pub fn notifiers_for<'a>(&'a self, rule: &'a Rule) -> Vec<&'a str> {
+        if !rule.notify.is_empty() {
+            return rule.notify.iter().map(String::as_str).collect();
+        }
+        let defaults: Vec<&str> = self
+            .notifiers
+            .iter()
+            .filter(|n| n.default)
+            .map(|n| n.id.as_str())
+            .collect();
+        if defaults.is_empty() {
+            vec![LOG_NOTIFIER]
+        } else {
+            defaults
+        }
+    }
+
+    /// A notifier by id, including the built-in `log`.
+    pub fn notifier(&self, id: &str) -> Option<NotifierKind> {
+        if id == LOG_NOTIFIER {
+            return Some(NotifierKind::Log);
+        }
+        self.notifiers
+            .iter()
+            .find(|n| n.id == id)
+            .map(|n| n.kind.clone())
+    }
 }
 
 /// How HTTP front ends (Envoy, nginx, forward auth) find a request's
@@ -166,6 +230,8 @@ pub struct Rule {
     pub on_exceed: OnExceed,
     /// Percentages of the limit, ascending.
     pub alerts: Vec<u32>,
+    /// Notifier ids for this rule's alerts; empty means the defaults.
+    pub notify: Vec<String>,
     pub on_store_error: StoreFailure,
     pub origin: Origin,
 }

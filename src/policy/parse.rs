@@ -20,6 +20,7 @@ pub struct FilePolicy {
     pub keys: Vec<KeyEntry>,
     pub defaults: Option<(Defaults, Origin)>,
     pub attributes: Option<(AttributeMapping, Origin)>,
+    pub notifiers: Vec<Notifier>,
     pub rules: Vec<Rule>,
     /// Where each family name was referenced, so undefined ones can be
     /// reported once the whole set is known.
@@ -35,7 +36,14 @@ pub fn parse_file(file: &str, root: &Node, diags: &mut Vec<Diagnostic>) -> FileP
     let Some(top) = r.map(
         root,
         "a policy file",
-        &["pricing", "keys", "rules", "defaults", "attributes"],
+        &[
+            "pricing",
+            "keys",
+            "rules",
+            "defaults",
+            "attributes",
+            "notifiers",
+        ],
     ) else {
         return out;
     };
@@ -57,6 +65,13 @@ pub fn parse_file(file: &str, root: &Node, diags: &mut Vec<Diagnostic>) -> FileP
             "defaults" => {
                 if let Some(d) = r.defaults(value) {
                     out.defaults = Some((d, r.origin(value.pos)));
+                }
+            }
+            "notifiers" => {
+                for item in r.seq(value, "notifiers") {
+                    if let Some(n) = r.notifier(item) {
+                        out.notifiers.push(n);
+                    }
                 }
             }
             "rules" => {
@@ -564,6 +579,7 @@ impl Reader<'_> {
                 "enforcement",
                 "on_exceed",
                 "alerts",
+                "notify",
                 "on_store_error",
             ],
         )?;
@@ -579,6 +595,7 @@ impl Reader<'_> {
         let mut on_exceed = OnExceed::Deny;
         let mut on_exceed_pos = None;
         let mut alerts = Vec::new();
+        let mut notify = Vec::new();
         let mut on_store_error = None;
         for (key, value) in fields {
             match key {
@@ -608,6 +625,13 @@ impl Reader<'_> {
                     on_exceed = self.on_exceed(value).unwrap_or(OnExceed::Deny);
                 }
                 "alerts" => alerts = self.alerts(value),
+                "notify" => {
+                    for item in self.seq(value, "notify") {
+                        if let Some(id) = self.ident(item, "notify") {
+                            notify.push(id);
+                        }
+                    }
+                }
                 "on_store_error" => {
                     on_store_error = match self.string(value, "on_store_error").as_deref() {
                         Some("fail_closed") => Some(StoreFailure::FailClosed),
@@ -677,8 +701,146 @@ impl Reader<'_> {
             enforcement,
             on_exceed,
             alerts,
+            notify,
             origin: self.origin(node.pos),
         })
+    }
+
+    fn notifier(&mut self, node: &Node) -> Option<Notifier> {
+        let fields = self.map(
+            node,
+            "a notifier",
+            &["id", "default", "log", "webhook", "redis_stream"],
+        )?;
+        let errors_before = self.diags.len();
+        let mut id = None;
+        let mut default = false;
+        let mut kinds = Vec::new();
+        for (key, value) in fields {
+            match key {
+                "id" => id = self.ident(value, "id"),
+                "default" => match self.string(value, "default").as_deref() {
+                    Some("true") => default = true,
+                    Some("false") => default = false,
+                    Some(other) => self.error(
+                        value.pos,
+                        format!("`default` is true or false, found {other:?}"),
+                    ),
+                    None => {}
+                },
+                "log" => kinds.push(Some(NotifierKind::Log)),
+                "webhook" => kinds.push(self.webhook(value)),
+                "redis_stream" => kinds.push(self.stream(value)),
+                _ => unreachable!("map() rejects unknown keys"),
+            }
+        }
+        match id.as_deref() {
+            Some(LOG_NOTIFIER) => self.error(
+                node.pos,
+                format!("notifier id `{LOG_NOTIFIER}` is built in; choose another id"),
+            ),
+            None if self.diags.len() == errors_before => {
+                self.error(node.pos, "a notifier needs `id`")
+            }
+            _ => {}
+        }
+        if kinds.len() != 1 {
+            self.error(
+                node.pos,
+                "a notifier needs exactly one of `log`, `webhook` or `redis_stream`",
+            );
+        }
+        if self.diags.len() > errors_before {
+            return None;
+        }
+        Some(Notifier {
+            id: id?,
+            kind: kinds.pop()??,
+            default,
+            origin: self.origin(node.pos),
+        })
+    }
+
+    fn webhook(&mut self, node: &Node) -> Option<NotifierKind> {
+        let fields = self.map(
+            node,
+            "webhook",
+            &["url", "secret_env", "timeout", "max_attempts"],
+        )?;
+        let mut url = None;
+        let mut secret_env = None;
+        let mut timeout_ms = 5_000;
+        let mut max_attempts = 8;
+        let given: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+        for (key, value) in fields {
+            match key {
+                "url" => {
+                    url = self.string(value, "url").filter(|u| {
+                        let ok = (u.starts_with("http://") || u.starts_with("https://"))
+                            && u.len() > "https://".len();
+                        if !ok {
+                            self.error(
+                                value.pos,
+                                format!("webhook `url` must be an http:// or https:// URL, found {u:?}"),
+                            );
+                        }
+                        ok
+                    })
+                }
+                "secret_env" => {
+                    secret_env = self.string(value, "secret_env").filter(|v| {
+                        let ok = v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+                        if !ok {
+                            self.error(
+                                value.pos,
+                                format!("`secret_env` names an environment variable, found {v:?}"),
+                            );
+                        }
+                        ok
+                    })
+                }
+                "timeout" => {
+                    let text = self.string(value, "timeout");
+                    match text.as_deref().and_then(parse_duration) {
+                        Some(secs) if secs <= 60 => timeout_ms = secs * 1000,
+                        _ => self.error(
+                            value.pos,
+                            "webhook `timeout` is a duration from 1s to 60s, such as 5s",
+                        ),
+                    }
+                }
+                "max_attempts" => match self.count(value, "max_attempts") {
+                    Some(n) if (1..=20).contains(&n) => max_attempts = n as u32,
+                    Some(_) => self.error(value.pos, "`max_attempts` is from 1 to 20"),
+                    None => {}
+                },
+                _ => unreachable!("map() rejects unknown keys"),
+            }
+        }
+        for required in ["url", "secret_env"] {
+            if !given.contains(&required) {
+                self.error(
+                    node.pos,
+                    format!("a webhook needs `{required}` (deliveries are always signed)"),
+                );
+            }
+        }
+        Some(NotifierKind::Webhook {
+            url: url?,
+            secret_env: secret_env?,
+            timeout_ms,
+            max_attempts,
+        })
+    }
+
+    fn stream(&mut self, node: &Node) -> Option<NotifierKind> {
+        let fields = self.map(node, "redis_stream", &["stream"])?;
+        let Some((_, value)) = fields.first() else {
+            self.error(node.pos, "a redis_stream needs `stream`");
+            return None;
+        };
+        self.ident(value, "stream")
+            .map(|name| NotifierKind::Stream { name })
     }
 
     fn conditions(

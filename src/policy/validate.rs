@@ -64,6 +64,7 @@ pub fn merge(parts: Vec<FilePolicy>, diags: &mut Vec<Diagnostic>) -> PolicySet {
             }
         }
         set.keys.extend(part.keys);
+        set.notifiers.extend(part.notifiers);
         set.rules.extend(part.rules);
         rule_ids.extend(part.rule_ids);
         refs.extend(part.family_refs);
@@ -92,6 +93,30 @@ pub fn merge(parts: Vec<FilePolicy>, diags: &mut Vec<Diagnostic>) -> PolicySet {
         rule_ids.iter().map(|(id, o)| (id.clone(), o)),
         |id, first| format!("duplicate rule id `{id}`: first defined at {first}"),
     );
+
+    first_seen(
+        diags,
+        set.notifiers.iter().map(|n| (n.id.clone(), &n.origin)),
+        |id, first| format!("notifier `{id}` is already defined at {first}"),
+    );
+    for rule in &set.rules {
+        for id in &rule.notify {
+            if set.notifier(id).is_none() {
+                let known: Vec<&str> = std::iter::once(LOG_NOTIFIER)
+                    .chain(set.notifiers.iter().map(|n| n.id.as_str()))
+                    .collect();
+                push(
+                    diags,
+                    &rule.origin,
+                    format!(
+                        "rule `{}` notifies `{id}`, which is not defined (notifiers: {})",
+                        rule.id,
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+    }
 
     for (family, origin) in refs {
         if !set.pricing.families.contains_key(&family) {

@@ -262,7 +262,17 @@ pub async fn serve_http(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(gate, reloader))
+    serve_router(router(gate, reloader), listener, shutdown).await
+}
+
+/// Serves `router` (the endpoints above, perhaps with the admin routes
+/// merged in) on `listener` until `shutdown`.
+pub async fn serve_router(
+    router: Router,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
 }

@@ -2,6 +2,7 @@
 //! [`CheckInput`](crate::gate::CheckInput), calls the [`Gate`], and converts
 //! the answer back; errors become protocol responses in `status.rs` only.
 
+pub mod admin;
 pub mod body;
 pub mod envoy;
 pub mod http;
@@ -18,6 +19,7 @@ use tonic::transport::server::TcpIncoming;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 
 use crate::gate::Gate;
+use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::tollgate_server::TollgateServer;
 use crate::reload::Reloader;
 
@@ -29,11 +31,13 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// so they may be larger.
 pub const MAX_ENVOY_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
-/// Serves the native API and gRPC health on `listener` until `shutdown`.
+/// Serves the native API, Envoy's ext_authz, gRPC health and, when given,
+/// the admin API on `listener` until `shutdown`.
 pub async fn serve_grpc(
     gate: Arc<Gate>,
     reloader: Arc<Reloader>,
     listener: TcpListener,
+    admin: Option<admin::AdminApi>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -49,8 +53,73 @@ pub async fn serve_grpc(
             AuthorizationServer::new(envoy::EnvoyAuthz::new(gate))
                 .max_decoding_message_size(MAX_ENVOY_REQUEST_BYTES),
         )
+        .add_optional_service(admin.map(|a| AdminServer::new(a).max_decoding_message_size(MAX_REQUEST_BYTES)))
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
+}
+
+/// Where the admin API listens when it has an address of its own.
+pub enum AdminListener {
+    Tcp(TcpListener),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixListener),
+}
+
+impl AdminListener {
+    /// `HOST:PORT`, or `unix:/path/to.sock` (created with mode 0600, so
+    /// only the server's own user can connect; a stale socket file is
+    /// replaced).
+    pub async fn bind(address: &str) -> std::io::Result<AdminListener> {
+        if let Some(path) = address.strip_prefix("unix:") {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    std::fs::remove_file(path)?;
+                }
+                let listener = tokio::net::UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                return Ok(AdminListener::Unix(listener));
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = path;
+                return Err(std::io::Error::other("unix sockets are not available here"));
+            }
+        }
+        Ok(AdminListener::Tcp(TcpListener::bind(address).await?))
+    }
+}
+
+/// Serves the admin API alone, gRPC and its HTTP form on one listener
+/// (HTTP/1.1 requests go to the HTTP routes), until `shutdown`.
+pub async fn serve_admin(
+    api: admin::AdminApi,
+    http: axum::Router,
+    listener: AdminListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let routes = tonic::service::Routes::from(http).add_service(
+        AdminServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
+    );
+    let mut server = tonic::transport::Server::builder().accept_http1(true);
+    match listener {
+        AdminListener::Tcp(l) => {
+            server
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming(l), shutdown)
+                .await
+        }
+        #[cfg(unix)]
+        AdminListener::Unix(l) => {
+            server
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), shutdown)
+                .await
+        }
+    }
 }
 
 /// Accepted connections with Nagle's algorithm off: a decision is a few

@@ -187,6 +187,19 @@ pub fn check_response(d: Decision, policy_version: String) -> pb::CheckResponse 
         model: d.model.unwrap_or_default(),
         counters: d.counters.into_iter().map(counter_status).collect(),
         policy_version,
+        action_id: d.action_id.unwrap_or_default(),
+        alerts: d
+            .alerts
+            .into_iter()
+            .map(|a| pb::AlertCrossing {
+                rule: a.rule,
+                scope: a.scope,
+                threshold: a.threshold,
+                unit: a.unit.to_string(),
+                used: a.used.to_string(),
+                limit: a.limit.to_string(),
+            })
+            .collect(),
     }
 }
 

@@ -16,8 +16,48 @@ pub fn grpc_status(err: &GateError) -> Status {
         GateError::Store(
             e @ (StoreError::Unavailable(_) | StoreError::Timeout(_) | StoreError::Full(_)),
         ) => Status::new(Code::Unavailable, e.to_string()),
-        GateError::UnknownReservation(_) => Status::new(Code::NotFound, err.to_string()),
+        GateError::UnknownReservation(_) | GateError::NoGrant { .. } => {
+            Status::new(Code::NotFound, err.to_string())
+        }
+        GateError::InvalidGrant(_) => Status::new(
+            Code::InvalidArgument,
+            format!("invalid_grant: {err}"),
+        ),
     }
+}
+
+/// An admin call without the right credential. The reason is logged, not
+/// told: a caller probing for tokens learns nothing from the answer.
+pub fn admin_refused() -> Status {
+    Status::new(
+        Code::Unauthenticated,
+        "admin calls need `authorization: Bearer <admin token>`",
+    )
+}
+
+/// The HTTP form of [`admin_refused`] and of admin errors.
+pub fn http_admin_error(err: Option<&GateError>) -> (u16, String) {
+    let Some(err) = err else {
+        return (
+            401,
+            error_body(
+                "admin calls need `Authorization: Bearer <admin token>`",
+                "authentication_error",
+                "unauthenticated",
+            ),
+        );
+    };
+    let (status, code) = match err {
+        GateError::Request(e) => (400, e.code()),
+        GateError::InvalidGrant(_) => (400, "invalid_grant"),
+        GateError::NoGrant { .. } => (404, "no_grant"),
+        GateError::UnknownReservation(_) => (404, "unknown_reservation"),
+        GateError::Store(_) => (503, "store_unavailable"),
+    };
+    (
+        status,
+        error_body(&err.to_string(), "invalid_request_error", code),
+    )
 }
 
 /// A malformed field of a request, named.
@@ -100,6 +140,14 @@ pub fn allowance(d: &Decision, model_header: &str, now: Millis) -> HttpAllowance
         a.upstream
             .push(("x-tollgate-reservation".to_string(), id.clone()));
     }
+    if let Some(id) = &d.action_id {
+        // Both ways: the upstream service and the client learn the action
+        // id to send with this action's retries and fallbacks.
+        a.upstream
+            .push(("x-tollgate-action-id".to_string(), id.clone()));
+        a.downstream
+            .push(("x-tollgate-action-id".to_string(), id.clone()));
+    }
     if let (true, Some(model)) = (downgraded, &d.model) {
         a.upstream.push((model_header.to_string(), model.clone()));
     }
@@ -129,6 +177,11 @@ pub fn http_gate_error(e: &GateError) -> Result<HttpDenial, StoreError> {
     match e {
         GateError::Store(s) => Err(s.clone()),
         GateError::Request(r) => Ok(request_denial(r)),
+        GateError::InvalidGrant(_) | GateError::NoGrant { .. } => Ok(HttpDenial {
+            status: 400,
+            headers: Vec::new(),
+            body: error_body(&e.to_string(), "invalid_request_error", "invalid_grant"),
+        }),
         GateError::UnknownReservation(_) => Ok(HttpDenial {
             status: 404,
             headers: Vec::new(),

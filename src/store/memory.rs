@@ -5,7 +5,7 @@
 //! Memory stays bounded: counters and reservations are swept once their
 //! window or lifetime is over, and the number of live counters is capped.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -17,6 +17,10 @@ pub const REPLAY_WINDOW: Millis = 60_000;
 /// How often expired entries are swept, in store time.
 const SWEEP_EVERY: Millis = 1_000;
 pub const DEFAULT_MAX_COUNTERS: usize = 1_000_000;
+/// Entries kept per append-only log; older ones are dropped first. The
+/// embedded store serves one instance, whose logs also go to its log
+/// output, so this is a convenience window, not the record.
+pub const MAX_LOG_ENTRIES: usize = 10_000;
 
 #[derive(Debug)]
 pub struct MemoryStore {
@@ -29,6 +33,8 @@ struct Inner {
     counters: HashMap<String, Counter>,
     reservations: HashMap<String, Reservation>,
     replays: HashMap<String, (ReserveOutcome, Millis)>,
+    grants: HashMap<String, Grant>,
+    logs: HashMap<String, VecDeque<String>>,
     next_sweep: Millis,
 }
 
@@ -71,21 +77,29 @@ impl MemoryStore {
 }
 
 impl Inner {
-    fn state(&self, key: &str, expiry: Expiry, now: Millis) -> CounterState {
-        match self.counters.get(key).filter(|c| c.live(now)) {
+    fn state(&self, op: &CounterOp, now: Millis) -> CounterState {
+        let grant = op.grant.as_ref().and_then(|g| {
+            self.grants
+                .get(&g.key)
+                .filter(|g| g.active(now))
+                .map(|g| g.extra)
+        });
+        match self.counters.get(&op.key).filter(|c| c.live(now)) {
             Some(c) => CounterState {
                 used_before: c.value,
-                resets_at: match expiry {
+                resets_at: match op.expiry {
                     Expiry::AfterFirstUse(_) => c.expires_at,
                     _ => None,
                 },
+                grant,
             },
             None => CounterState {
                 used_before: 0,
-                resets_at: match expiry {
+                resets_at: match op.expiry {
                     Expiry::AfterFirstUse(d) => Some(now + d),
                     _ => None,
                 },
+                grant,
             },
         }
     }
@@ -109,6 +123,7 @@ impl Inner {
             }
         }
         self.replays.retain(|_, (_, until)| *until > now);
+        self.grants.retain(|_, g| g.active(now));
         self.next_sweep = now + SWEEP_EVERY;
     }
 
@@ -151,9 +166,9 @@ impl CounterStore for MemoryStore {
             let states: Vec<CounterState> = candidate
                 .ops
                 .iter()
-                .map(|op| inner.state(&op.key, op.expiry, now))
+                .map(|op| inner.state(op, now))
                 .collect();
-            let verdict = fit(&candidate.ops, |j| states[j].used_before);
+            let verdict = fit(&candidate.ops, |j| states[j]);
             tried.push(states);
             match verdict {
                 Fit::Fits => {
@@ -282,13 +297,54 @@ impl CounterStore for MemoryStore {
                     Some(c) => CounterState {
                         used_before: c.value,
                         resets_at: c.expires_at,
+                        grant: None,
                     },
-                    None => CounterState {
-                        used_before: 0,
-                        resets_at: None,
-                    },
+                    None => CounterState::default(),
                 },
             )
+            .collect())
+    }
+
+    async fn put_grant(&self, grant: &Grant, _now: Millis) -> Result<(), StoreError> {
+        self.lock().grants.insert(grant.key.clone(), grant.clone());
+        Ok(())
+    }
+
+    async fn remove_grant(&self, key: &str, now: Millis) -> Result<Option<Grant>, StoreError> {
+        Ok(self.lock().grants.remove(key).filter(|g| g.active(now)))
+    }
+
+    async fn grants(&self, now: Millis) -> Result<Vec<Grant>, StoreError> {
+        let mut grants: Vec<Grant> = self
+            .lock()
+            .grants
+            .values()
+            .filter(|g| g.active(now))
+            .cloned()
+            .collect();
+        grants.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(grants)
+    }
+
+    async fn append(&self, log: &str, entry: &str) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let entries = inner.logs.entry(log.to_string()).or_default();
+        if entries.len() >= MAX_LOG_ENTRIES {
+            entries.pop_front();
+        }
+        entries.push_back(entry.to_string());
+        Ok(())
+    }
+
+    async fn entries(&self, log: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let inner = self.lock();
+        let Some(entries) = inner.logs.get(log) else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .iter()
+            .skip(entries.len().saturating_sub(limit))
+            .cloned()
             .collect())
     }
 }

@@ -55,12 +55,39 @@ pub struct CounterOp {
     pub expiry: Expiry,
     /// Given back on settle or reservation expiry (concurrency slots).
     pub release_on_settle: bool,
+    /// The approval grant that can open or extend this counter.
+    pub grant: Option<GrantRef>,
+}
+
+/// Where a counter looks for an approval grant, read in the same atomic
+/// step as the counter so that a grant made on one replica applies on all
+/// of them at once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantRef {
+    /// `rule|scope-hash`: one grant per rule and scope, whatever the window.
+    pub key: String,
+    /// Without an active grant the op blocks (an `approval` gate); with one
+    /// it counts against its limit plus the grant's extra.
+    pub required: bool,
 }
 
 impl CounterOp {
-    /// Whether adding this op to a counter at `used` breaks an enforced limit.
-    pub fn blocks_at(&self, used: i64) -> bool {
-        self.enforced && used.saturating_add(self.amount) > self.limit
+    /// Whether adding this op to a counter in `state` breaks an enforced
+    /// limit: a required grant is missing, or the amount does not fit under
+    /// the limit plus any granted extra.
+    pub fn blocks_at(&self, state: &CounterState) -> bool {
+        if !self.enforced {
+            return false;
+        }
+        if self.grant.as_ref().is_some_and(|g| g.required) && state.grant.is_none() {
+            return true;
+        }
+        state.used_before.saturating_add(self.amount) > self.effective_limit(state)
+    }
+
+    /// The limit plus the extra of an active grant.
+    pub fn effective_limit(&self, state: &CounterState) -> i64 {
+        self.limit.saturating_add(state.grant.unwrap_or(0).max(0))
     }
 }
 
@@ -74,11 +101,11 @@ pub enum Fit {
     Blocked,
 }
 
-/// The one rule every store applies: `used(i)` is op i's counter now.
-pub fn fit(ops: &[CounterOp], used: impl Fn(usize) -> i64) -> Fit {
+/// The one rule every store applies: `state(i)` is op i's counter now.
+pub fn fit(ops: &[CounterOp], state: impl Fn(usize) -> CounterState) -> Fit {
     let mut result = Fit::Fits;
     for (i, op) in ops.iter().enumerate() {
-        if op.blocks_at(used(i)) {
+        if op.blocks_at(&state(i)) {
             if !op.downgradable {
                 return Fit::Blocked;
             }
@@ -111,11 +138,39 @@ pub struct ReserveRequest {
 }
 
 /// A counter as the store saw it, just before this request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CounterState {
     pub used_before: i64,
     /// When the counter resets, if it does.
     pub resets_at: Option<Millis>,
+    /// The extra amount of an active grant, when the op names a grant and
+    /// one is active (0 for a grant that only opens a gate).
+    pub grant: Option<i64>,
+}
+
+/// An approval: it opens an `approval` gate for one rule and scope, and may
+/// add an extra amount to the rule's limit, until it expires.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Grant {
+    pub rule: String,
+    /// For people: `team=growth`, or `all`.
+    pub scope: String,
+    /// What counters are keyed by; see [`GrantRef::key`].
+    pub key: String,
+    /// The rule's unit when granted, so the extra reads right later.
+    pub unit: String,
+    /// In counter units (micro-USD for spend).
+    pub extra: i64,
+    pub expires_at: Millis,
+    pub approver: String,
+    pub reason: String,
+    pub created_at: Millis,
+}
+
+impl Grant {
+    pub fn active(&self, now: Millis) -> bool {
+        self.expires_at > now
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,4 +246,21 @@ pub trait CounterStore: Send + Sync + fmt::Debug + 'static {
         counters: &[CounterRef],
         now: Millis,
     ) -> Result<Vec<CounterState>, StoreError>;
+
+    /// Records a grant, replacing any earlier one for the same rule and
+    /// scope; every later reserve sees it.
+    async fn put_grant(&self, grant: &Grant, now: Millis) -> Result<(), StoreError>;
+
+    /// Removes the grant with this key; returns it if it was there.
+    async fn remove_grant(&self, key: &str, now: Millis) -> Result<Option<Grant>, StoreError>;
+
+    /// Every grant that has not expired.
+    async fn grants(&self, now: Millis) -> Result<Vec<Grant>, StoreError>;
+
+    /// Appends one entry (a JSON object) to the append-only log `log`,
+    /// such as the approvals audit trail or the alert feed.
+    async fn append(&self, log: &str, entry: &str) -> Result<(), StoreError>;
+
+    /// The last `limit` entries of `log`, oldest first.
+    async fn entries(&self, log: &str, limit: usize) -> Result<Vec<String>, StoreError>;
 }

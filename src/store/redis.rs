@@ -9,9 +9,13 @@
 //! Keys: `<prefix>c:{<scope>}<rule>|<unit>|<scope>|<window>` for counters (a
 //! plain integer; a hash of value `v` and logical end `e` for rolling
 //! windows; a sorted set of reservation ids for concurrency gauges),
-//! `<prefix>r:{..}<id>` for reservations and `<prefix>q:{..}<hash>` for
-//! request-id replays. Every key carries a TTL, so counters of removed rules
-//! and old windows disappear by themselves.
+//! `<prefix>r:{..}<id>` for reservations, `<prefix>q:{..}<hash>` for
+//! request-id replays and `<prefix>g:{<scope>}<rule>|<scope>` for approval
+//! grants (in the slot of the counters they open). Every one of those keys
+//! carries a TTL, so counters of removed rules and old windows disappear by
+//! themselves. `<prefix>grants` (a hash) lists the grants, and
+//! `<prefix>log:<name>` are append-only streams (the approvals audit trail,
+//! the alert feed), capped at about `MAX_LOG_ENTRIES` entries.
 //!
 //! On Redis Cluster the `{scope}` hash tag puts counters that share a scope
 //! in one slot. A decision whose keys all share a slot is still one script;
@@ -39,6 +43,9 @@ use crate::policy::{hex, Unit};
 /// Extra lifetime on every key beyond its logical end, so that a settle
 /// arriving just after still finds it.
 const CLEANUP_GRACE: Millis = 60_000;
+
+/// Entries kept per append-only log stream (trimmed approximately).
+pub const MAX_LOG_ENTRIES: usize = 1_000_000;
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -248,6 +255,22 @@ impl RedisStore {
         format!("{}c:{{{}}}{key}", self.prefix, slot_tag(key))
     }
 
+    /// A grant's key (`rule|scope`) shares the slot of the counters of its
+    /// scope, so the reserve script can read it.
+    fn grant_key(&self, key: &str) -> String {
+        let tag = key.rsplit('|').next().unwrap_or(key);
+        format!("{}g:{{{tag}}}{key}", self.prefix)
+    }
+
+    /// Every grant's full record, in one hash for listing.
+    fn grant_index_key(&self) -> String {
+        format!("{}grants", self.prefix)
+    }
+
+    fn log_key(&self, log: &str) -> String {
+        format!("{}log:{log}", self.prefix)
+    }
+
     /// Reservation ids are `<random>` or `<random>.<tag>`; the tag puts the
     /// reservation in the slot of the counters it holds.
     fn reservation_key(&self, id: &str) -> String {
@@ -312,7 +335,19 @@ impl RedisStore {
                     Expiry::At(t) => t.max(1),
                     Expiry::AfterFirstUse(d) => -d.max(1),
                 };
-                inv.arg(op.amount).arg(op.limit).arg(flags).arg(expiry);
+                let grant_mode = match &op.grant {
+                    None => 0,
+                    Some(g) if g.required => 2,
+                    Some(_) => 1,
+                };
+                inv.arg(op.amount)
+                    .arg(op.limit)
+                    .arg(flags)
+                    .arg(expiry)
+                    .arg(grant_mode);
+            }
+            for grant in candidate.ops.iter().filter_map(|op| op.grant.as_ref()) {
+                inv.key(self.grant_key(&grant.key));
             }
         }
         let reply: Vec<Value> = self.invoke(&inv).await?;
@@ -380,7 +415,7 @@ impl RedisStore {
                     done.extend(indices);
                     continue;
                 }
-                fit_result = fit(&part.ops, |j| out.tried[0][j].used_before);
+                fit_result = fit(&part.ops, |j| out.tried[0][j]);
                 break;
             }
             if fit_result != Fit::Fits {
@@ -412,12 +447,7 @@ impl RedisStore {
             tried.push(
                 states
                     .into_iter()
-                    .map(|s| {
-                        s.unwrap_or(CounterState {
-                            used_before: 0,
-                            resets_at: None,
-                        })
-                    })
+                    .map(Option::unwrap_or_default)
                     .collect(),
             );
             match fit_result {
@@ -578,13 +608,7 @@ impl CounterStore for RedisStore {
         counters: &[CounterRef],
         now: Millis,
     ) -> Result<Vec<CounterState>, StoreError> {
-        let mut out = vec![
-            CounterState {
-                used_before: 0,
-                resets_at: None
-            };
-            counters.len()
-        ];
+        let mut out = vec![CounterState::default(); counters.len()];
         for group in by_tag(counters.iter().map(|c| c.key.as_str())).values() {
             let mut inv = self.read.prepare_invoke();
             for &i in group {
@@ -596,10 +620,110 @@ impl CounterStore for RedisStore {
                 out[i] = CounterState {
                     used_before: pair[0],
                     resets_at: pair.get(1).copied().filter(|t| *t >= 0),
+                    grant: None,
                 };
             }
         }
         Ok(out)
+    }
+
+    async fn put_grant(&self, grant: &Grant, now: Millis) -> Result<(), StoreError> {
+        let record = serde_json::to_string(grant)
+            .map_err(|e| StoreError::Unavailable(format!("cannot encode a grant: {e}")))?;
+        // The index first: a grant that is listed but not yet in force is
+        // visible to the approver; one in force but unlisted would not be.
+        self.query::<()>(
+            ::redis::cmd("HSET")
+                .arg(self.grant_index_key())
+                .arg(&grant.key)
+                .arg(record),
+        )
+        .await?;
+        let ttl = (grant.expires_at - now).max(1) + CLEANUP_GRACE;
+        self.query::<()>(
+            ::redis::cmd("SET")
+                .arg(self.grant_key(&grant.key))
+                .arg(format!("{} {}", grant.extra, grant.expires_at))
+                .arg("PX")
+                .arg(ttl),
+        )
+        .await
+    }
+
+    async fn remove_grant(&self, key: &str, now: Millis) -> Result<Option<Grant>, StoreError> {
+        // Out of force first, then out of the listing.
+        self.query::<()>(::redis::cmd("DEL").arg(self.grant_key(key)))
+            .await?;
+        let record: Option<String> = self
+            .query(::redis::cmd("HGET").arg(self.grant_index_key()).arg(key))
+            .await?;
+        self.query::<()>(::redis::cmd("HDEL").arg(self.grant_index_key()).arg(key))
+            .await?;
+        Ok(record
+            .and_then(|r| serde_json::from_str::<Grant>(&r).ok())
+            .filter(|g| g.active(now)))
+    }
+
+    async fn grants(&self, now: Millis) -> Result<Vec<Grant>, StoreError> {
+        let records: Vec<(String, String)> = self
+            .query(::redis::cmd("HGETALL").arg(self.grant_index_key()))
+            .await?;
+        let mut grants = Vec::new();
+        let mut lapsed = Vec::new();
+        for (key, record) in records {
+            match serde_json::from_str::<Grant>(&record) {
+                Ok(g) if g.active(now) => grants.push(g),
+                _ => lapsed.push(key),
+            }
+        }
+        if !lapsed.is_empty() {
+            self.query::<()>(
+                ::redis::cmd("HDEL")
+                    .arg(self.grant_index_key())
+                    .arg(lapsed),
+            )
+            .await?;
+        }
+        grants.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(grants)
+    }
+
+    async fn append(&self, log: &str, entry: &str) -> Result<(), StoreError> {
+        self.query::<String>(
+            ::redis::cmd("XADD")
+                .arg(self.log_key(log))
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(MAX_LOG_ENTRIES)
+                .arg("*")
+                .arg("entry")
+                .arg(entry),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn entries(&self, log: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let reply: Vec<(String, Vec<(String, String)>)> = self
+            .query(
+                ::redis::cmd("XREVRANGE")
+                    .arg(self.log_key(log))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(limit),
+            )
+            .await?;
+        Ok(reply
+            .into_iter()
+            .rev()
+            .filter_map(|(_, fields)| {
+                fields
+                    .into_iter()
+                    .find(|(name, _)| name == "entry")
+                    .map(|(_, v)| v)
+            })
+            .collect())
     }
 }
 
@@ -705,7 +829,7 @@ fn parse_outcome(reply: &[Value]) -> Option<ReserveOutcome> {
     outcome_from(&rid, &rest, replayed)
 }
 
-/// `<rid or -> <applied or -1> <tried> (<n> (<used> <reset or -1>)*)*`
+/// `<rid or -> <applied or -1> <tried> (<n> (<used> <reset or -1> <grant or -1>)*)*`
 fn outcome_from(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveOutcome> {
     let mut it = numbers.iter().copied();
     let applied = it.next()?;
@@ -717,9 +841,11 @@ fn outcome_from(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveOut
         for _ in 0..n {
             let used = it.next()?;
             let reset = it.next()?;
+            let grant = it.next()?;
             states.push(CounterState {
                 used_before: used,
                 resets_at: (reset >= 0).then_some(reset),
+                grant: (grant >= 0).then_some(grant),
             });
         }
         tried.push(states);
@@ -743,6 +869,7 @@ fn replay_text(o: &ReserveOutcome) -> String {
         for s in states {
             parts.push(s.used_before.to_string());
             parts.push(s.resets_at.unwrap_or(-1).to_string());
+            parts.push(s.grant.unwrap_or(-1).to_string());
         }
     }
     parts.join(" ")

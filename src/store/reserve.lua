@@ -3,11 +3,16 @@
 -- none. Time is the caller's (ARGV[1]); Redis TTLs only clean up.
 --
 -- KEYS[1]  reservation key       KEYS[2]  replay key (request id)
--- KEYS[3..] counter keys, candidate by candidate, op by op
+-- KEYS[3..] candidate by candidate: its counter keys, op by op, then the
+--           grant key of each op that names one, in op order
 -- ARGV: now, reservation ttl, reservation id, replay window (0 = none),
 --       cleanup grace, candidate count, then per candidate: op count and
---       its reservation record, then per op: amount, limit, flags, expiry.
+--       its reservation record, then per op: amount, limit, flags, expiry,
+--       grant mode.
 --   flags: 1 enforced, 2 downgradable, 4 concurrency gauge
+--   grant mode: 0 none, 1 an active grant adds its extra to the limit,
+--   2 as 1, and without an active grant the op blocks (an approval gate).
+--   A grant key holds `<extra> <expires at>`.
 --   expiry: 0 never, > 0 end of a calendar window (the key already names
 --   the window, so this only sets the TTL), < 0 minus a rolling duration
 --   that starts at first use
@@ -18,7 +23,7 @@
 --
 -- Returns {replayed (0/1), reservation id or '-', applied index or -1,
 -- candidates tried, then per candidate tried: op count, then per op: used
--- before, resets_at or -1}.
+-- before, resets_at or -1, granted extra or -1 (no active grant)}.
 
 -- Lua prints large numbers in exponent form; integers leave through this.
 local function int(x) return string.format('%d', x) end
@@ -42,15 +47,32 @@ if replay_ms > 0 then
   end
 end
 
+local W = 5 -- ARGV fields per op
 local ncand = tonumber(ARGV[6])
 local a, k = 7, 3
 local tried, applied = {}, -1
 local starts = {}
 for c = 1, ncand do
   local n = tonumber(ARGV[a])
-  starts[c] = {a = a + 2, k = k, n = n, record = ARGV[a + 1]}
-  a = a + 2 + 4 * n
-  k = k + n
+  local grant_keys, g = {}, k + n
+  for o = 0, n - 1 do
+    if tonumber(ARGV[a + 2 + W * o + 4]) > 0 then
+      grant_keys[o] = KEYS[g]
+      g = g + 1
+    end
+  end
+  starts[c] = {a = a + 2, k = k, n = n, record = ARGV[a + 1], grants = grant_keys}
+  a = a + 2 + W * n
+  k = g
+end
+
+-- The extra of the active grant at `key`, or -1.
+local function granted(key)
+  local v = redis.call('GET', key)
+  if not v then return -1 end
+  local sep = string.find(v, ' ', 1, true)
+  if not sep or tonumber(string.sub(v, sep + 1)) <= now then return -1 end
+  return tonumber(string.sub(v, 1, sep - 1))
 end
 
 for c = 1, ncand do
@@ -59,8 +81,8 @@ for c = 1, ncand do
   -- One MGET for every plain counter of the candidate.
   local plain, plain_at = {}, {}
   for o = 0, n - 1 do
-    local flags = tonumber(ARGV[s.a + 4 * o + 2])
-    local exp = tonumber(ARGV[s.a + 4 * o + 3])
+    local flags = tonumber(ARGV[s.a + W * o + 2])
+    local exp = tonumber(ARGV[s.a + W * o + 3])
     if flags < 4 and exp >= 0 then
       plain[#plain + 1] = KEYS[s.k + o]
       plain_at[o] = #plain
@@ -72,9 +94,12 @@ for c = 1, ncand do
   local states, blocked, only_downgradable = {}, false, true
   for o = 0, n - 1 do
     local key = KEYS[s.k + o]
-    local base = s.a + 4 * o
+    local base = s.a + W * o
     local amount, limit = tonumber(ARGV[base]), tonumber(ARGV[base + 1])
     local flags, exp = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+    local gmode = tonumber(ARGV[base + 4])
+    local grant = -1
+    if gmode > 0 then grant = granted(s.grants[o]) end
     local used, reset, fresh
     if flags >= 4 then
       redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
@@ -92,8 +117,10 @@ for c = 1, ncand do
       if v then used, fresh = tonumber(v), false else used, fresh = 0, true end
       reset = -1
     end
-    states[o + 1] = {used, reset, fresh}
-    if flags % 2 == 1 and used + amount > limit then
+    states[o + 1] = {used, reset, fresh, grant}
+    local gate_closed = gmode == 2 and grant < 0
+    if grant > 0 then limit = limit + grant end
+    if flags % 2 == 1 and (gate_closed or used + amount > limit) then
       blocked = true
       if flags % 4 < 2 then only_downgradable = false end
     end
@@ -112,7 +139,7 @@ if applied > 0 then
   rid = ARGV[3]
   for o = 0, s.n - 1 do
     local key = KEYS[s.k + o]
-    local base = s.a + 4 * o
+    local base = s.a + W * o
     local amount = ARGV[base]
     local flags, exp = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
     local fresh = tried[applied][o + 1][3]
@@ -150,6 +177,7 @@ for _, states in ipairs(tried) do
   for _, st in ipairs(states) do
     out[#out + 1] = st[1]
     out[#out + 1] = st[2]
+    out[#out + 1] = st[4]
   end
 end
 if replay_ms > 0 then

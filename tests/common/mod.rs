@@ -38,7 +38,13 @@ pub fn gate_with(
     store: Arc<dyn CounterStore>,
     clock: Arc<ManualClock>,
 ) -> Gate {
-    Gate::new(policy, store, clock, GateConfig::default())
+    // Scenarios check what a store decides, not how fast a loaded test
+    // machine answers; the timeout has tests of its own (tests/replicas.rs).
+    let config = GateConfig {
+        store_timeout: std::time::Duration::from_secs(5),
+        ..GateConfig::default()
+    };
+    Gate::new(policy, store, clock, config)
 }
 
 pub fn memory_gate(yaml: &str, now: i64) -> (Gate, Arc<ManualClock>) {
