@@ -167,6 +167,11 @@ pub struct TollgateProcess {
 impl TollgateProcess {
     /// Starts the binary with `args` on a free port and waits until it serves.
     pub fn start(args: &[&str]) -> TollgateProcess {
+        TollgateProcess::start_with_env(args, &[])
+    }
+
+    /// Like [`TollgateProcess::start`], with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> TollgateProcess {
         use std::io::BufRead;
         let port = free_port();
         let http_port = free_port();
@@ -175,6 +180,7 @@ impl TollgateProcess {
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(args)
+            .envs(env.iter().copied())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
@@ -203,6 +209,10 @@ impl TollgateProcess {
 
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn http_endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
     }
 
     /// Sends a signal by name (TERM, INT, KILL) and waits for the exit status.
