@@ -228,3 +228,71 @@ fn the_shipped_policies_load() {
         assert!(ids.contains(&expected), "missing {expected} in {ids:?}");
     }
 }
+
+#[test]
+fn notifier_mistakes_are_positioned() {
+    let yaml = "\
+notifiers:
+  - id: hook
+    webhook: { url: ftp://example.com, secret_env: HOOK_SECRET }
+  - id: unsigned
+    webhook: { url: https://hooks.example.com/t }
+  - id: log
+    log: {}
+  - id: two-kinds
+    log: {}
+    redis_stream: { stream: alerts }
+  - id: slow
+    webhook: { url: http://h/x, secret_env: S, timeout: 5m, max_attempts: 50 }
+  - id: feed
+    redis_stream: { stream: alerts }
+rules:
+  - id: a
+    limit: { requests: 10, window: daily }
+    alerts: [50]
+    notify: [feed, pager]
+";
+    let errs = errors(&[("n.yaml", yaml)]);
+    has(&errs, "n.yaml:3:21:", "http:// or https:// URL");
+    has(&errs, "n.yaml:5:14:", "a webhook needs `secret_env`");
+    has(&errs, "n.yaml:6:5:", "`log` is built in");
+    has(&errs, "n.yaml:8:5:", "exactly one of `log`, `webhook` or `redis_stream`");
+    has(&errs, "n.yaml:12:57:", "from 1s to 60s");
+    has(&errs, "n.yaml:12:75:", "from 1 to 20");
+    has(
+        &errs,
+        "n.yaml:16:5:",
+        "rule `a` notifies `pager`, which is not defined (notifiers: log, feed)",
+    );
+    assert_eq!(errs.len(), 7, "{}", errs.join("\n"));
+}
+
+#[test]
+fn rules_notify_their_own_notifiers_or_the_defaults() {
+    let p = common::policy(
+        "
+notifiers:
+  - id: finance
+    default: true
+    webhook: { url: https://hooks.example.com/finance, secret_env: FINANCE_SECRET }
+  - id: feed
+    redis_stream: { stream: alerts }
+rules:
+  - id: plain
+    limit: { requests: 10, window: daily }
+    alerts: [50]
+  - id: routed
+    limit: { requests: 10, window: daily }
+    alerts: [50]
+    notify: [feed, log]
+",
+    );
+    let of = |id: &str| {
+        let rule = p.rules().iter().find(|r| r.id == id).unwrap();
+        p.set.notifiers_for(rule).join(",")
+    };
+    assert_eq!(of("plain"), "finance");
+    assert_eq!(of("routed"), "feed,log");
+    let none = common::policy("rules: [{ id: r, limit: { requests: 1, window: daily } }]");
+    assert_eq!(none.set.notifiers_for(&none.rules()[0]), ["log"]);
+}
