@@ -101,6 +101,7 @@ pub fn explain(
         }
         out.push_str(&table(&rows));
     }
+    retry_budgets(&mut out, &policy, &attrs, &counters);
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -125,6 +126,66 @@ pub fn explain(
         );
     }
     Ok(out)
+}
+
+/// Rules that budget the attempts of one user action, and which of them
+/// this attempt meets: the ones counted per action, and the ones that
+/// match on the attempt kind.
+fn retry_budgets(
+    out: &mut String,
+    policy: &CompiledPolicy,
+    attrs: &crate::engine::Attributes,
+    matched: &[crate::engine::decide::RuleCounter],
+) {
+    let budgets: Vec<(usize, &crate::policy::Rule)> = policy
+        .rules()
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| {
+            r.per.contains(&Attr::Action)
+                || r.conditions.iter().any(|c| c.attr == Attr::AttemptKind)
+        })
+        .collect();
+    if budgets.is_empty() {
+        return;
+    }
+    let kind = attrs.attempt_kind.as_deref().unwrap_or("(none)");
+    let _ = writeln!(out);
+    let _ = writeln!(out, "retry and fallback budgets (attempt_kind={kind}):");
+    if attrs.action.is_none() {
+        let _ = writeln!(
+            out,
+            "  no action id given: the server makes up a fresh one and returns it; \
+             send it with this action's retries and fallbacks"
+        );
+    }
+    for (i, rule) in budgets {
+        let limit = format!(
+            "{} / {}",
+            amount_text(rule.limit.amount, rule.limit.unit),
+            rule.limit.window
+        );
+        let line = if matched.iter().any(|c| c.rule == i) {
+            let per_action = if rule.per.contains(&Attr::Action) {
+                " per action"
+            } else {
+                ""
+            };
+            format!("  {}: hit, {limit}{per_action}", rule.id)
+        } else {
+            let wants: Vec<String> = rule
+                .conditions
+                .iter()
+                .filter(|c| attrs.get(&c.attr).is_none_or(|v| !c.patterns.iter().any(|p| p.matches(v))))
+                .map(|c| {
+                    let p: Vec<&str> = c.patterns.iter().map(|p| p.as_str()).collect();
+                    format!("{}={}", c.attr, p.join("|"))
+                })
+                .collect();
+            format!("  {}: not hit ({limit}; needs {})", rule.id, wants.join(", "))
+        };
+        let _ = writeln!(out, "{line}");
+    }
 }
 
 fn verdict_line(d: &Decision) -> String {

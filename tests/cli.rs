@@ -95,6 +95,9 @@ fn explain_shows_matches_charges_and_the_decision() {
         "attempts-per-action (retry/fallback budget)",
         "fallback-spend-monthly (retry/fallback budget)",
         "hard, then downgrade to gpt-4o-mini",
+        "retry and fallback budgets (attempt_kind=fallback):",
+        "  attempts-per-action: hit, 2 requests / 3600s from first use per action",
+        "  fallback-spend-monthly: hit, $100 / monthly",
         "decision on an empty store: ALLOW",
     ] {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
@@ -302,4 +305,24 @@ fn allow_empty_and_several_policy_directories() {
         err.contains("b.yaml:2:5: duplicate rule id `same`: first defined at"),
         "{err}"
     );
+}
+
+#[test]
+fn explain_says_which_retry_budgets_an_attempt_would_not_hit() {
+    let out = Command::new(BIN)
+        .args(["explain", &shipped_policies()])
+        .args(["--attr", "team=growth", "--attr", "attempt_kind=retry"])
+        .args(["--attr", "model=gpt-4o-mini"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "retry and fallback budgets (attempt_kind=retry):",
+        "no action id given: the server makes up a fresh one",
+        "attempts-per-action: not hit (2 requests / 3600s from first use; needs action=*)",
+        "fallback-spend-monthly: not hit ($100 / monthly; needs attempt_kind=fallback)",
+    ] {
+        assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
+    }
 }
