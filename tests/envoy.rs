@@ -645,3 +645,92 @@ rules:
     };
     assert_eq!(header(&headers, "x-tollgate-rule"), Some("images"));
 }
+
+const RETRY_POLICY: &str = "
+pricing:
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
+rules:
+  - id: attempts-per-action
+    match: { action: \"*\" }
+    per: [action]
+    limit: { requests: 2, window: 1h }
+  - id: renders-in-flight
+    match: { workflow: render }
+    limit: { concurrent: 1 }
+";
+
+/// Retry budgets through ext_authz: the action id and attempt kind come
+/// from headers, a request without an action id is told the one it got,
+/// and every denial says whether retrying can help.
+#[tokio::test]
+async fn retry_budgets_and_retryability_over_ext_authz() {
+    let mut client = start(RETRY_POLICY).await;
+    let attempt = |kind: &'static str| {
+        envoy_request(
+            "/v1/chat/completions",
+            &[
+                ("x-tollgate-action-id", "checkout-42"),
+                ("x-tollgate-attempt", kind),
+            ],
+            CHAT,
+            &[],
+        )
+    };
+    for kind in ["primary", "retry"] {
+        let r = client.check(attempt(kind)).await.unwrap().into_inner();
+        assert!(matches!(outcome(r), Outcome::Allowed { .. }), "{kind}");
+    }
+    let r = client.check(attempt("fallback")).await.unwrap().into_inner();
+    let Outcome::Denied { status, headers, body } = outcome(r) else {
+        panic!("the third attempt must be denied")
+    };
+    assert_eq!(status, 429);
+    assert_eq!(header(&headers, "x-tollgate-rule"), Some("attempts-per-action"));
+    assert_eq!(header(&headers, "x-tollgate-retryable"), Some("false"));
+    assert!(body["error"]["message"].as_str().unwrap().contains("action=checkout-42"));
+
+    // No action id: a fresh one, told both ways, so retries can share it.
+    let r = client
+        .check(envoy_request("/v1/chat/completions", &[], CHAT, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Allowed { upstream, downstream } = outcome(r) else {
+        panic!("allowed")
+    };
+    let fresh = header(&upstream, "x-tollgate-action-id").expect("fresh action id");
+    assert_eq!(header(&downstream, "x-tollgate-action-id"), Some(fresh));
+    // Each retry is a request of its own (its own x-request-id).
+    let retry = || {
+        envoy_request(
+            "/v1/chat/completions",
+            &[("x-tollgate-action-id", fresh), ("x-tollgate-attempt", "retry")],
+            CHAT,
+            &[],
+        )
+    };
+    let r = client.check(retry()).await.unwrap().into_inner();
+    assert!(matches!(outcome(r), Outcome::Allowed { .. }));
+    let r = client.check(retry()).await.unwrap().into_inner();
+    assert!(matches!(outcome(r), Outcome::Denied { status: 429, .. }));
+
+    // A full concurrency slot is worth retrying, shortly.
+    let render = || {
+        envoy_request(
+            "/v1/chat/completions",
+            &[("x-tollgate-workflow", "render")],
+            CHAT,
+            &[],
+        )
+    };
+    let r = client.check(render()).await.unwrap().into_inner();
+    assert!(matches!(outcome(r), Outcome::Allowed { .. }));
+    let r = client.check(render()).await.unwrap().into_inner();
+    let Outcome::Denied { status, headers, .. } = outcome(r) else {
+        panic!("the slot is taken")
+    };
+    assert_eq!(status, 429);
+    assert_eq!(header(&headers, "x-tollgate-retryable"), Some("true"));
+    assert_eq!(header(&headers, "retry-after"), Some("1"));
+}
