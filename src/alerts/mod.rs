@@ -385,3 +385,71 @@ async fn deliver_once(d: &Delivery, store: &dyn CounterStore) -> Result<(), Stri
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{compile_sources, SourceFile, Unit};
+    use crate::store::MemoryStore;
+
+    fn crossing(threshold: u32) -> AlertCrossing {
+        AlertCrossing {
+            rule: "r".to_string(),
+            scope: "team=a".to_string(),
+            threshold,
+            unit: Unit::Spend,
+            used: Decimal::new(5025, 2),
+            limit: Decimal::from(100),
+            window_start: Some(0),
+            window_end: Some(86_400_000),
+        }
+    }
+
+    fn policy() -> CompiledPolicy {
+        let yaml = "rules: [{ id: r, owner: o@example.com, per: [team], limit: { requests: 1, window: daily }, alerts: [50] }]";
+        compile_sources(&[SourceFile {
+            name: "p.yaml".to_string(),
+            text: yaml.to_string(),
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn events_carry_exact_amounts_and_a_stable_id() {
+        let p = policy();
+        let a = AlertEvent::new(&p, &crossing(50), 1_000);
+        assert_eq!(a.used, "50.25");
+        assert_eq!(a.limit, "100");
+        assert_eq!(a.percent, "50.25");
+        assert_eq!(a.owner.as_deref(), Some("o@example.com"));
+        assert_eq!(a.window_end.as_deref(), Some("1970-01-02T00:00:00Z"));
+        // The same crossing delivered later keeps its id; another
+        // threshold gets another.
+        assert_eq!(a.id, AlertEvent::new(&p, &crossing(50), 9_999).id);
+        assert_ne!(a.id, AlertEvent::new(&p, &crossing(75), 1_000).id);
+    }
+
+    #[test]
+    fn an_overflowing_queue_counts_what_it_drops_and_delivers_the_rest() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dispatcher = Dispatcher::start(
+                Arc::new(MemoryStore::default()),
+                DispatcherConfig {
+                    queue: 2,
+                    ..DispatcherConfig::default()
+                },
+            );
+            // The delivery task has not run yet: the queue takes two.
+            let p = policy();
+            let crossings: Vec<AlertCrossing> = (1..=5).map(crossing).collect();
+            dispatcher.send(&p, &crossings, 0);
+            assert_eq!(dispatcher.counts().dropped.load(Ordering::Relaxed), 3);
+            assert!(dispatcher.flush(Duration::from_secs(5)).await);
+            assert_eq!(dispatcher.counts().delivered.load(Ordering::Relaxed), 2);
+        });
+    }
+}
