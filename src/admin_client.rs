@@ -80,11 +80,10 @@ impl AdminClient {
         if answer.status == 401 {
             return Err(AdminCallError::Refused);
         }
-        let value: Value = serde_json::from_slice(&answer.body).map_err(|_| {
-            AdminCallError::Garbled {
+        let value: Value =
+            serde_json::from_slice(&answer.body).map_err(|_| AdminCallError::Garbled {
                 status: answer.status,
-            }
-        })?;
+            })?;
         if (200..300).contains(&answer.status) {
             return Ok(value);
         }

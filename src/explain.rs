@@ -176,13 +176,21 @@ fn retry_budgets(
             let wants: Vec<String> = rule
                 .conditions
                 .iter()
-                .filter(|c| attrs.get(&c.attr).is_none_or(|v| !c.patterns.iter().any(|p| p.matches(v))))
+                .filter(|c| {
+                    attrs
+                        .get(&c.attr)
+                        .is_none_or(|v| !c.patterns.iter().any(|p| p.matches(v)))
+                })
                 .map(|c| {
                     let p: Vec<&str> = c.patterns.iter().map(|p| p.as_str()).collect();
                     format!("{}={}", c.attr, p.join("|"))
                 })
                 .collect();
-            format!("  {}: not hit ({limit}; needs {})", rule.id, wants.join(", "))
+            format!(
+                "  {}: not hit ({limit}; needs {})",
+                rule.id,
+                wants.join(", ")
+            )
         };
         let _ = writeln!(out, "{line}");
     }

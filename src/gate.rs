@@ -20,9 +20,7 @@ use crate::engine::request::{apply_key, hash_key};
 use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
 use crate::policy::{CompiledPolicy, Enforcement, OnExceed, StoreFailure, Unit, UnknownKeys};
-use crate::store::{
-    CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError,
-};
+use crate::store::{CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError};
 
 /// The append-only log of every approval and revocation.
 pub const APPROVALS_LOG: &str = "approvals";
@@ -400,7 +398,10 @@ impl Gate {
             created_at: now,
         };
         self.admin(self.store.put_grant(&grant, now)).await?;
-        if let Err(e) = self.audit("approve", &grant, &grant.approver, &grant.reason, now).await {
+        if let Err(e) = self
+            .audit("approve", &grant, &grant.approver, &grant.reason, now)
+            .await
+        {
             // Nothing may be in force that the audit trail does not show.
             let _ = self.admin(self.store.remove_grant(&grant.key, now)).await;
             return Err(e);
@@ -452,9 +453,7 @@ impl Gate {
 
     /// The last `limit` entries of the approvals audit trail (JSON).
     pub async fn approvals_log(&self, limit: usize) -> Result<Vec<String>, GateError> {
-        Ok(self
-            .admin(self.store.entries(APPROVALS_LOG, limit))
-            .await?)
+        Ok(self.admin(self.store.entries(APPROVALS_LOG, limit)).await?)
     }
 
     async fn audit(
@@ -502,7 +501,6 @@ async fn bounded_by<T>(
         Err(_) => Err(StoreError::Timeout(limit.as_millis() as u64)),
     }
 }
-
 
 /// Hashes the raw key (if any) and applies the key registry.
 pub fn resolve(policy: &CompiledPolicy, attrs: Attributes, api_key: Option<&str>) -> Attributes {

@@ -36,7 +36,10 @@ impl Target {
     pub fn parse(url: &str) -> Result<Target, String> {
         if let Some(path) = url.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err("`unix:` needs a socket path, such as unix:/run/tollgate/admin.sock".to_string());
+                return Err(
+                    "`unix:` needs a socket path, such as unix:/run/tollgate/admin.sock"
+                        .to_string(),
+                );
             }
             return Ok(Target::Unix(path.into()));
         }
@@ -122,7 +125,10 @@ async fn send_unbounded(
         .method(method)
         .uri(full_path)
         .header("host", authority)
-        .header("user-agent", concat!("tollgate/", env!("CARGO_PKG_VERSION")));
+        .header(
+            "user-agent",
+            concat!("tollgate/", env!("CARGO_PKG_VERSION")),
+        );
     for (name, value) in headers {
         request = request.header(*name, value.as_str());
     }
@@ -140,7 +146,10 @@ async fn send_unbounded(
             }
             #[cfg(not(unix))]
             {
-                Err(format!("unix sockets are not available here: {}", path.display()))
+                Err(format!(
+                    "unix sockets are not available here: {}",
+                    path.display()
+                ))
             }
         }
         Target::Tcp {

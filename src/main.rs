@@ -64,7 +64,11 @@ enum Command {
 struct AdminClientArgs {
     /// The server's HTTP port or admin listener: http://HOST:PORT or
     /// unix:/path/to.sock.
-    #[arg(long, env = "TOLLGATE_ADMIN_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "TOLLGATE_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     server: String,
     /// File holding the admin token; or set TOLLGATE_ADMIN_TOKEN.
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN_FILE")]

@@ -172,7 +172,10 @@ fn each_threshold_reaches_the_webhook_once_across_replicas_despite_failures() {
     let mut thresholds: Vec<u64> = log.accepted.iter().map(|(_, t, _)| *t).collect();
     thresholds.sort();
     assert_eq!(thresholds, [50, 75, 90, 100], "each threshold exactly once");
-    assert!(log.accepted.iter().all(|(_, _, signed)| *signed), "every delivery signed");
+    assert!(
+        log.accepted.iter().all(|(_, _, signed)| *signed),
+        "every delivery signed"
+    );
     let mut ids: Vec<&str> = log.accepted.iter().map(|(id, _, _)| id.as_str()).collect();
     ids.dedup();
     assert_eq!(ids.len(), 4);

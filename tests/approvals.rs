@@ -122,9 +122,21 @@ fn denied_then_approved_with_the_cli_then_used_up_revoked_and_expired() {
 
     let (ok, out, err) = cli(
         &[
-            "approve", "--server", &server, "--rule", "launch-renders", "--scope",
-            "team=growth", "--extra", "2", "--for", "7d", "--reason", "launch",
-            "--approver", "ana",
+            "approve",
+            "--server",
+            &server,
+            "--rule",
+            "launch-renders",
+            "--scope",
+            "team=growth",
+            "--extra",
+            "2",
+            "--for",
+            "7d",
+            "--reason",
+            "launch",
+            "--approver",
+            "ana",
         ],
         token,
     );
@@ -143,8 +155,21 @@ fn denied_then_approved_with_the_cli_then_used_up_revoked_and_expired() {
 
     // A fresh extension, then revoked: denied at once.
     let approve_more = [
-        "approve", "--server", &server, "--rule", "launch-renders", "--scope", "team=growth",
-        "--extra", "5", "--for", "1h", "--reason", "more", "--approver", "ana",
+        "approve",
+        "--server",
+        &server,
+        "--rule",
+        "launch-renders",
+        "--scope",
+        "team=growth",
+        "--extra",
+        "5",
+        "--for",
+        "1h",
+        "--reason",
+        "more",
+        "--approver",
+        "ana",
     ];
     assert!(cli(&approve_more, token).0);
     assert_eq!(check(&s.server, "render", "growth").0, 200);
@@ -154,8 +179,17 @@ fn denied_then_approved_with_the_cli_then_used_up_revoked_and_expired() {
     assert_eq!(out.matches("approve  by ana").count(), 2, "{out}");
     let (ok, out, err) = cli(
         &[
-            "revoke", "--server", &server, "--rule", "launch-renders", "--scope", "team=growth",
-            "--by", "bo", "--reason", "done",
+            "revoke",
+            "--server",
+            &server,
+            "--rule",
+            "launch-renders",
+            "--scope",
+            "team=growth",
+            "--by",
+            "bo",
+            "--reason",
+            "done",
         ],
         token,
     );
@@ -173,8 +207,19 @@ fn denied_then_approved_with_the_cli_then_used_up_revoked_and_expired() {
     );
     let (ok, _, err) = cli(
         &[
-            "approve", "--server", &server, "--rule", "production-fine-tuning", "--scope",
-            "team=ml", "--for", "1s", "--reason", "one job", "--approver", "ana",
+            "approve",
+            "--server",
+            &server,
+            "--rule",
+            "production-fine-tuning",
+            "--scope",
+            "team=ml",
+            "--for",
+            "1s",
+            "--reason",
+            "one job",
+            "--approver",
+            "ana",
         ],
         token,
     );
@@ -189,13 +234,27 @@ fn denied_then_approved_with_the_cli_then_used_up_revoked_and_expired() {
     // Mistakes come back as specific errors.
     let (ok, _, err) = cli(
         &[
-            "approve", "--server", &server, "--rule", "launch-renders", "--scope", "team=growth",
-            "--for", "1h", "--reason", "x", "--approver", "ana",
+            "approve",
+            "--server",
+            &server,
+            "--rule",
+            "launch-renders",
+            "--scope",
+            "team=growth",
+            "--for",
+            "1h",
+            "--reason",
+            "x",
+            "--approver",
+            "ana",
         ],
         token,
     );
     assert!(!ok);
-    assert!(err.contains("invalid_grant") && err.contains("extra"), "{err}");
+    assert!(
+        err.contains("invalid_grant") && err.contains("extra"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -203,8 +262,19 @@ fn calls_without_the_token_are_refused_on_every_path() {
     let s = setup(&[]);
     let server = s.server.http_endpoint();
     let approve = [
-        "approve", "--server", &server, "--rule", "production-fine-tuning", "--scope",
-        "team=ml", "--for", "1h", "--reason", "r", "--approver", "eve",
+        "approve",
+        "--server",
+        &server,
+        "--rule",
+        "production-fine-tuning",
+        "--scope",
+        "team=ml",
+        "--for",
+        "1h",
+        "--reason",
+        "r",
+        "--approver",
+        "eve",
     ];
     // No token at all: the CLI says how to give one.
     let (ok, _, err) = cli(&approve, None);
@@ -247,10 +317,9 @@ fn calls_without_the_token_are_refused_on_every_path() {
             approver: "ana".to_string(),
             reason: "grpc".to_string(),
         });
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {TOKEN}").parse().unwrap(),
-        );
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
         let grant = admin.approve(request).await.unwrap().into_inner();
         assert_eq!(grant.scope, "team=ml");
     });
@@ -273,16 +342,25 @@ fn the_admin_api_can_live_on_a_unix_socket_of_its_own() {
     let address = format!("unix:{}", socket.display());
     let s = setup(&["--admin-listen", &address]);
     let approve = [
-        "approve", "--server", &address, "--rule", "production-fine-tuning", "--scope",
-        "team=ml", "--for", "1h", "--reason", "socket", "--approver", "ana",
+        "approve",
+        "--server",
+        &address,
+        "--rule",
+        "production-fine-tuning",
+        "--scope",
+        "team=ml",
+        "--for",
+        "1h",
+        "--reason",
+        "socket",
+        "--approver",
+        "ana",
     ];
     let (ok, _, err) = cli(&approve, Some(s.token_file.path()));
     assert!(ok, "{err}");
     assert_eq!(check(&s.server, "fine-tune", "ml").0, 200);
     // The public HTTP port no longer serves admin routes.
-    let public = [
-        "approvals", "--server", &s.server.http_endpoint(),
-    ];
+    let public = ["approvals", "--server", &s.server.http_endpoint()];
     let (ok, _, err) = cli(&public, Some(s.token_file.path()));
     assert!(!ok, "the HTTP port must not serve the admin API here");
     assert!(err.contains("404") || err.contains("unknown"), "{err}");

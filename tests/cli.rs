@@ -315,7 +315,11 @@ fn explain_says_which_retry_budgets_an_attempt_would_not_hit() {
         .args(["--attr", "model=gpt-4o-mini"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     for needle in [
         "retry and fallback budgets (attempt_kind=retry):",

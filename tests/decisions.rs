@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::{at, memory_gate, policy};
 use tollgate::engine::{Attributes, Estimate, Reason, RequestError, Verdict};
-use tollgate::gate::{GrantRequest, ActualUsage, CheckInput, GateError};
+use tollgate::gate::{ActualUsage, CheckInput, GateError, GrantRequest};
 use tollgate::store::SettleOutcome;
 
 fn attrs(pairs: &[(&str, &str)]) -> Attributes {
@@ -707,34 +707,55 @@ fn an_approval_gate_opens_for_its_scope_only_and_for_as_long_as_granted() {
         assert!(!shut.retryable);
         assert!(
             shut.message.contains("ask ml-platform@example.com")
-                && shut.message.contains("--rule production-fine-tuning --scope team=growth"),
+                && shut
+                    .message
+                    .contains("--rule production-fine-tuning --scope team=growth"),
             "{}",
             shut.message
         );
 
         let grant = gate
-            .approve(grant_request("production-fine-tuning", "team=growth", None, 3600))
+            .approve(grant_request(
+                "production-fine-tuning",
+                "team=growth",
+                None,
+                3600,
+            ))
             .await
             .unwrap();
         assert_eq!(grant.scope, "team=growth");
-        assert_eq!(gate.check(tune("growth")).await.unwrap().verdict, Verdict::Allow);
+        assert_eq!(
+            gate.check(tune("growth")).await.unwrap().verdict,
+            Verdict::Allow
+        );
         // Another team is still shut out.
         assert_eq!(
             gate.check(tune("search")).await.unwrap().reason,
             Reason::ApprovalRequired
         );
         // Open, the rule counts like a cap: two a day.
-        assert_eq!(gate.check(tune("growth")).await.unwrap().verdict, Verdict::Allow);
+        assert_eq!(
+            gate.check(tune("growth")).await.unwrap().verdict,
+            Verdict::Allow
+        );
         let used_up = gate.check(tune("growth")).await.unwrap();
         assert_eq!(used_up.reason, Reason::ApprovalRequired);
         assert!(used_up.message.contains("used up"), "{}", used_up.message);
 
         // An expired grant opens nothing.
         clock.advance(3_600_001);
-        gate.approve(grant_request("production-fine-tuning", "team=search", None, 60))
-            .await
-            .unwrap();
-        assert_eq!(gate.check(tune("search")).await.unwrap().verdict, Verdict::Allow);
+        gate.approve(grant_request(
+            "production-fine-tuning",
+            "team=search",
+            None,
+            60,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            gate.check(tune("search")).await.unwrap().verdict,
+            Verdict::Allow
+        );
         clock.advance(60_001);
         assert_eq!(
             gate.check(tune("search")).await.unwrap().reason,
@@ -785,9 +806,14 @@ fn an_extension_adds_its_extra_once_then_the_cap_holds_again_and_revoke_ends_it(
             .unwrap_err();
         assert!(err.to_string().contains("extra"), "{err}");
         // 0.12 USD more: exactly three more renders at 0.04.
-        gate.approve(grant_request("final-renders", "team=art", Some("0.12"), 3600))
-            .await
-            .unwrap();
+        gate.approve(grant_request(
+            "final-renders",
+            "team=art",
+            Some("0.12"),
+            3600,
+        ))
+        .await
+        .unwrap();
         for _ in 0..3 {
             let d = gate.check(render()).await.unwrap();
             assert_eq!(d.verdict, Verdict::Allow);
@@ -853,7 +879,10 @@ fn approvals_name_a_real_rule_and_scope_and_say_who_and_why() {
         ];
         for (request, expected) in cases {
             let err = gate.approve(request).await.unwrap_err();
-            assert!(err.to_string().contains(expected), "{err} lacks {expected:?}");
+            assert!(
+                err.to_string().contains(expected),
+                "{err} lacks {expected:?}"
+            );
         }
         assert!(gate.approvals().await.unwrap().is_empty());
         assert!(gate.approvals_log(10).await.unwrap().is_empty());
@@ -884,15 +913,25 @@ fn the_third_attempt_of_an_action_is_denied_for_good() {
     rt.block_on(async {
         let attempt =
             |kind: &str| input(&[("action", "a1"), ("attempt_kind", kind), ("model", "m")]);
-        assert_eq!(gate.check(attempt("primary")).await.unwrap().verdict, Verdict::Allow);
-        assert_eq!(gate.check(attempt("retry")).await.unwrap().verdict, Verdict::Allow);
+        assert_eq!(
+            gate.check(attempt("primary")).await.unwrap().verdict,
+            Verdict::Allow
+        );
+        assert_eq!(
+            gate.check(attempt("retry")).await.unwrap().verdict,
+            Verdict::Allow
+        );
         let third = gate.check(attempt("retry")).await.unwrap();
         assert_eq!(third.verdict, Verdict::Deny);
         assert_eq!(third.rule.as_deref(), Some("attempts-per-action"));
         assert_eq!(third.reason, Reason::BudgetExceeded);
         assert!(!third.retryable);
         // Another action has its own budget.
-        let other = input(&[("action", "a2"), ("attempt_kind", "primary"), ("model", "m")]);
+        let other = input(&[
+            ("action", "a2"),
+            ("attempt_kind", "primary"),
+            ("model", "m"),
+        ]);
         assert_eq!(gate.check(other).await.unwrap().verdict, Verdict::Allow);
     });
 }
@@ -910,14 +949,20 @@ fn the_fallback_cap_is_independent_of_the_primary_cap() {
             ])
         };
         for i in 0..3 {
-            let d = gate.check(attempt(format!("p{i}"), "primary")).await.unwrap();
+            let d = gate
+                .check(attempt(format!("p{i}"), "primary"))
+                .await
+                .unwrap();
             assert_eq!(d.verdict, Verdict::Allow);
         }
         let primary_spent = gate.check(attempt("p3".into(), "primary")).await.unwrap();
         assert_eq!(primary_spent.rule.as_deref(), Some("primary-spend"));
         // Fallbacks still have their own 2 USD, and only those.
         for i in 0..2 {
-            let d = gate.check(attempt(format!("f{i}"), "fallback")).await.unwrap();
+            let d = gate
+                .check(attempt(format!("f{i}"), "fallback"))
+                .await
+                .unwrap();
             assert_eq!(d.verdict, Verdict::Allow);
         }
         let fallback_spent = gate.check(attempt("f2".into(), "fallback")).await.unwrap();
@@ -950,6 +995,9 @@ fn a_request_without_an_action_gets_a_fresh_one_its_retries_can_share() {
         let second = gate.check(retry(&ids[0])).await.unwrap();
         assert_eq!(second.verdict, Verdict::Allow);
         assert_eq!(second.action_id, None, "a given action id is kept");
-        assert_eq!(gate.check(retry(&ids[0])).await.unwrap().verdict, Verdict::Deny);
+        assert_eq!(
+            gate.check(retry(&ids[0])).await.unwrap().verdict,
+            Verdict::Deny
+        );
     });
 }

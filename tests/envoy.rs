@@ -681,14 +681,29 @@ async fn retry_budgets_and_retryability_over_ext_authz() {
         let r = client.check(attempt(kind)).await.unwrap().into_inner();
         assert!(matches!(outcome(r), Outcome::Allowed { .. }), "{kind}");
     }
-    let r = client.check(attempt("fallback")).await.unwrap().into_inner();
-    let Outcome::Denied { status, headers, body } = outcome(r) else {
+    let r = client
+        .check(attempt("fallback"))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Denied {
+        status,
+        headers,
+        body,
+    } = outcome(r)
+    else {
         panic!("the third attempt must be denied")
     };
     assert_eq!(status, 429);
-    assert_eq!(header(&headers, "x-tollgate-rule"), Some("attempts-per-action"));
+    assert_eq!(
+        header(&headers, "x-tollgate-rule"),
+        Some("attempts-per-action")
+    );
     assert_eq!(header(&headers, "x-tollgate-retryable"), Some("false"));
-    assert!(body["error"]["message"].as_str().unwrap().contains("action=checkout-42"));
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("action=checkout-42"));
 
     // No action id: a fresh one, told both ways, so retries can share it.
     let r = client
@@ -696,7 +711,11 @@ async fn retry_budgets_and_retryability_over_ext_authz() {
         .await
         .unwrap()
         .into_inner();
-    let Outcome::Allowed { upstream, downstream } = outcome(r) else {
+    let Outcome::Allowed {
+        upstream,
+        downstream,
+    } = outcome(r)
+    else {
         panic!("allowed")
     };
     let fresh = header(&upstream, "x-tollgate-action-id").expect("fresh action id");
@@ -705,7 +724,10 @@ async fn retry_budgets_and_retryability_over_ext_authz() {
     let retry = || {
         envoy_request(
             "/v1/chat/completions",
-            &[("x-tollgate-action-id", fresh), ("x-tollgate-attempt", "retry")],
+            &[
+                ("x-tollgate-action-id", fresh),
+                ("x-tollgate-attempt", "retry"),
+            ],
             CHAT,
             &[],
         )
@@ -727,7 +749,10 @@ async fn retry_budgets_and_retryability_over_ext_authz() {
     let r = client.check(render()).await.unwrap().into_inner();
     assert!(matches!(outcome(r), Outcome::Allowed { .. }));
     let r = client.check(render()).await.unwrap().into_inner();
-    let Outcome::Denied { status, headers, .. } = outcome(r) else {
+    let Outcome::Denied {
+        status, headers, ..
+    } = outcome(r)
+    else {
         panic!("the slot is taken")
     };
     assert_eq!(status, 429);

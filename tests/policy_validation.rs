@@ -256,7 +256,11 @@ rules:
     has(&errs, "n.yaml:3:21:", "http:// or https:// URL");
     has(&errs, "n.yaml:5:14:", "a webhook needs `secret_env`");
     has(&errs, "n.yaml:6:5:", "`log` is built in");
-    has(&errs, "n.yaml:8:5:", "exactly one of `log`, `webhook` or `redis_stream`");
+    has(
+        &errs,
+        "n.yaml:8:5:",
+        "exactly one of `log`, `webhook` or `redis_stream`",
+    );
     has(&errs, "n.yaml:12:57:", "from 1s to 60s");
     has(&errs, "n.yaml:12:75:", "from 1 to 20");
     has(

@@ -552,7 +552,14 @@ fn grants_open_gates_and_extend_caps_until_expired_or_revoked() {
 
             // A cap of 2 in another scope (another cluster slot), extended
             // by 3 while a grant lasts.
-            let cap = || gated("final-renders|requests|s2|all", "final-renders|s2", 2, false);
+            let cap = || {
+                gated(
+                    "final-renders|requests|s2|all",
+                    "final-renders|s2",
+                    2,
+                    false,
+                )
+            };
             let mut allowed = 0;
             for i in 0..4 {
                 let out = store
@@ -603,7 +610,11 @@ fn grants_open_gates_and_extend_caps_until_expired_or_revoked() {
                 .await
                 .unwrap();
             let revoked = store.remove_grant("fine-tune|s1", later).await.unwrap();
-            assert_eq!(revoked.map(|g| g.key).as_deref(), Some("fine-tune|s1"), "{name}");
+            assert_eq!(
+                revoked.map(|g| g.key).as_deref(),
+                Some("fine-tune|s1"),
+                "{name}"
+            );
             let out = store
                 .reserve(&request(vec![gate()], "g4", later + 1))
                 .await

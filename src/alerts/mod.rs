@@ -361,7 +361,9 @@ async fn deliver_once(d: &Delivery, store: &dyn CounterStore) -> Result<(), Stri
                 .ok()
                 .filter(|s| !s.is_empty())
                 .ok_or_else(|| {
-                    format!("the signing secret variable {secret_env} is not set; not sending unsigned")
+                    format!(
+                        "the signing secret variable {secret_env} is not set; not sending unsigned"
+                    )
                 })?;
             let headers = [
                 (

@@ -20,7 +20,10 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
         Err(_) => return String::new(),
     };
     mac.update(body);
-    format!("sha256={}", crate::policy::hex(&mac.finalize().into_bytes()))
+    format!(
+        "sha256={}",
+        crate::policy::hex(&mac.finalize().into_bytes())
+    )
 }
 
 /// Posts `body` to `url` and returns the response status.

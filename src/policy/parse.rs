@@ -781,7 +781,9 @@ impl Reader<'_> {
                         if !ok {
                             self.error(
                                 value.pos,
-                                format!("webhook `url` must be an http:// or https:// URL, found {u:?}"),
+                                format!(
+                                    "webhook `url` must be an http:// or https:// URL, found {u:?}"
+                                ),
                             );
                         }
                         ok

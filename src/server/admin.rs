@@ -63,9 +63,10 @@ impl AdminToken {
 
     /// Whether an `authorization` header value carries this token.
     pub fn accepts(&self, authorization: Option<&str>) -> bool {
-        let Some(presented) = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
-        else {
+        let Some(presented) = authorization.and_then(|h| {
+            h.strip_prefix("Bearer ")
+                .or_else(|| h.strip_prefix("bearer "))
+        }) else {
             return false;
         };
         let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
@@ -120,10 +121,9 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         let extra = match r.extra.trim() {
             "" => None,
-            text => Some(
-                Decimal::from_str(text)
-                    .map_err(|_| bad_field("extra", format!("must be a decimal number, got {text:?}")))?,
-            ),
+            text => Some(Decimal::from_str(text).map_err(|_| {
+                bad_field("extra", format!("must be a decimal number, got {text:?}"))
+            })?),
         };
         let grant = self
             .gate
@@ -227,30 +227,24 @@ pub fn http_routes(gate: Arc<Gate>, token: AdminToken) -> Router {
         .with_state(HttpAdmin { gate, token })
 }
 
-fn http_authorize(state: &HttpAdmin, headers: &HeaderMap) -> Result<(), Response> {
-    let header = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok());
+/// The refusal to send, unless `headers` carry the admin token.
+fn refusal(state: &HttpAdmin, headers: &HeaderMap) -> Option<Response> {
+    let header = headers.get("authorization").and_then(|v| v.to_str().ok());
     if state.token.accepts(header) {
-        return Ok(());
+        return None;
     }
     let peer = headers
         .get("x-forwarded-for")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     refused("http", peer);
-    Err(json_error(None))
+    Some(json_error(None))
 }
 
 fn json_error(err: Option<&GateError>) -> Response {
     let (status, body) = http_admin_error(err);
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-    (
-        status,
-        [("content-type", "application/json")],
-        body,
-    )
-        .into_response()
+    (status, [("content-type", "application/json")], body).into_response()
 }
 
 fn bad_request(message: String) -> Response {
@@ -292,8 +286,8 @@ struct RevokeBody {
 }
 
 async fn http_approve(State(state): State<HttpAdmin>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = http_authorize(&state, &headers) {
-        return r;
+    if let Some(refused) = refusal(&state, &headers) {
+        return refused;
     }
     let body: ApproveBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
@@ -335,8 +329,8 @@ async fn http_approve(State(state): State<HttpAdmin>, headers: HeaderMap, body: 
 }
 
 async fn http_revoke(State(state): State<HttpAdmin>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(r) = http_authorize(&state, &headers) {
-        return r;
+    if let Some(refused) = refusal(&state, &headers) {
+        return refused;
     }
     let body: RevokeBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
@@ -352,13 +346,9 @@ async fn http_revoke(State(state): State<HttpAdmin>, headers: HeaderMap, body: B
     }
 }
 
-async fn http_list(
-    State(state): State<HttpAdmin>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> Response {
-    if let Err(r) = http_authorize(&state, &headers) {
-        return r;
+async fn http_list(State(state): State<HttpAdmin>, headers: HeaderMap, uri: Uri) -> Response {
+    if let Some(refused) = refusal(&state, &headers) {
+        return refused;
     }
     let asked = uri
         .query()

@@ -53,7 +53,9 @@ pub async fn serve_grpc(
             AuthorizationServer::new(envoy::EnvoyAuthz::new(gate))
                 .max_decoding_message_size(MAX_ENVOY_REQUEST_BYTES),
         )
-        .add_optional_service(admin.map(|a| AdminServer::new(a).max_decoding_message_size(MAX_REQUEST_BYTES)))
+        .add_optional_service(
+            admin.map(|a| AdminServer::new(a).max_decoding_message_size(MAX_REQUEST_BYTES)),
+        )
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
 }
@@ -101,9 +103,8 @@ pub async fn serve_admin(
     listener: AdminListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let routes = tonic::service::Routes::from(http).add_service(
-        AdminServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES),
-    );
+    let routes = tonic::service::Routes::from(http)
+        .add_service(AdminServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES));
     let mut server = tonic::transport::Server::builder().accept_http1(true);
     match listener {
         AdminListener::Tcp(l) => {
@@ -116,7 +117,10 @@ pub async fn serve_admin(
         AdminListener::Unix(l) => {
             server
                 .add_routes(routes)
-                .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(l), shutdown)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::UnixListenerStream::new(l),
+                    shutdown,
+                )
                 .await
         }
     }

@@ -19,10 +19,9 @@ pub fn grpc_status(err: &GateError) -> Status {
         GateError::UnknownReservation(_) | GateError::NoGrant { .. } => {
             Status::new(Code::NotFound, err.to_string())
         }
-        GateError::InvalidGrant(_) => Status::new(
-            Code::InvalidArgument,
-            format!("invalid_grant: {err}"),
-        ),
+        GateError::InvalidGrant(_) => {
+            Status::new(Code::InvalidArgument, format!("invalid_grant: {err}"))
+        }
     }
 }
 

@@ -444,12 +444,7 @@ impl RedisStore {
                     }
                 }
             }
-            tried.push(
-                states
-                    .into_iter()
-                    .map(Option::unwrap_or_default)
-                    .collect(),
-            );
+            tried.push(states.into_iter().map(Option::unwrap_or_default).collect());
             match fit_result {
                 Fit::Fits => {
                     applied = Some(ci);
@@ -677,12 +672,8 @@ impl CounterStore for RedisStore {
             }
         }
         if !lapsed.is_empty() {
-            self.query::<()>(
-                ::redis::cmd("HDEL")
-                    .arg(self.grant_index_key())
-                    .arg(lapsed),
-            )
-            .await?;
+            self.query::<()>(::redis::cmd("HDEL").arg(self.grant_index_key()).arg(lapsed))
+                .await?;
         }
         grants.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(grants)
