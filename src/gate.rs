@@ -474,6 +474,7 @@ impl Gate {
         .to_string();
         tracing::info!(target: "tollgate::audit", action, rule = %grant.rule, scope = %grant.scope, by, reason, "approval {action}");
         self.admin(self.store.append(APPROVALS_LOG, &entry)).await?;
+        metrics::counter!("tollgate_approvals_total", "action" => action.to_string()).increment(1);
         Ok(())
     }
 
