@@ -197,6 +197,7 @@ impl Gate {
         // never share a retry budget with another by accident.
         let fresh_action = match attrs.action {
             Some(_) => None,
+            None if !policy.uses_action() => None,
             None => {
                 let id = format!("act-{}", new_reservation_id());
                 attrs.action = Some(id.clone());

@@ -32,6 +32,7 @@ pub struct CompiledPolicy {
     keys_by_hash: HashMap<[u8; 32], u32>,
     exact_prices: HashMap<String, u32>,
     glob_prices: Vec<u32>,
+    uses_action: bool,
 }
 
 impl CompiledPolicy {
@@ -78,6 +79,9 @@ impl CompiledPolicy {
             let text = set.pricing.models[i as usize].0.as_str();
             std::cmp::Reverse(text.chars().filter(|&c| c != '*').count())
         });
+        let uses_action = set.rules.iter().any(|r| {
+            r.per.contains(&Attr::Action) || r.conditions.iter().any(|c| c.attr == Attr::Action)
+        });
         CompiledPolicy {
             set,
             version,
@@ -86,7 +90,14 @@ impl CompiledPolicy {
             keys_by_hash,
             exact_prices,
             glob_prices,
+            uses_action,
         }
+    }
+
+    /// Whether any rule matches or counts by `action`: only then does a
+    /// request without one need an action id made up for it.
+    pub fn uses_action(&self) -> bool {
+        self.uses_action
     }
 
     /// An empty policy: nothing matches, so everything is allowed.
