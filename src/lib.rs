@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod engine;
 pub mod explain;
 pub mod gate;
@@ -15,4 +16,5 @@ pub mod policy;
 pub mod proto;
 pub mod reload;
 pub mod server;
+pub mod shutdown;
 pub mod store;

@@ -4,10 +4,12 @@
 
 pub mod body;
 pub mod envoy;
+pub mod health;
 pub mod http;
 pub mod http_request;
 pub mod native;
 pub mod status;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_server::Authorizati
 use crate::gate::Gate;
 use crate::proto::v1::tollgate_server::TollgateServer;
 use crate::reload::Reloader;
+use health::Readiness;
 
 /// Requests larger than this are refused before decoding: no attribute or
 /// estimate needs more, and it bounds what a hostile client can make us hold.
@@ -29,6 +32,24 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// so they may be larger.
 pub const MAX_ENVOY_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
+/// How a listener is run beyond its address: what readiness it reports and
+/// whether it speaks TLS.
+#[derive(Clone, Default)]
+pub struct ListenerOptions {
+    /// Always ready when `None`.
+    pub readiness: Option<Readiness>,
+    /// Built with [`tls::server_config`]; plaintext when `None`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl ListenerOptions {
+    pub(crate) fn readiness(&self) -> Readiness {
+        self.readiness
+            .clone()
+            .unwrap_or_else(Readiness::always_ready)
+    }
+}
+
 /// Serves the native API and gRPC health on `listener` until `shutdown`.
 pub async fn serve_grpc(
     gate: Arc<Gate>,
@@ -36,21 +57,58 @@ pub async fn serve_grpc(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<TollgateServer<native::NativeApi>>()
-        .await;
+    serve_grpc_with(
+        gate,
+        reloader,
+        listener,
+        ListenerOptions::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve_grpc`] with health following `options.readiness` and optional
+/// TLS. On `shutdown` it stops accepting and waits for the calls in flight.
+pub async fn serve_grpc_with(
+    gate: Arc<Gate>,
+    reloader: Arc<Reloader>,
+    listener: TcpListener,
+    options: ListenerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let reporting = health::spawn_grpc_reporter(
+        &options.readiness(),
+        reporter,
+        vec![
+            <TollgateServer<native::NativeApi> as tonic::server::NamedService>::NAME,
+            <AuthorizationServer<envoy::EnvoyAuthz> as tonic::server::NamedService>::NAME,
+        ],
+    )
+    .await;
     let api = TollgateServer::new(native::NativeApi::new(gate.clone(), reloader))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(api)
         .add_service(
             AuthorizationServer::new(envoy::EnvoyAuthz::new(gate))
                 .max_decoding_message_size(MAX_ENVOY_REQUEST_BYTES),
-        )
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await
+        );
+    let result = match options.tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener), shutdown)
+                .await
+        }
+        Some(config) => {
+            router
+                .serve_with_incoming_shutdown(tls::accept(listener, config), shutdown)
+                .await
+        }
+    };
+    reporting.abort();
+    result
 }
 
 /// Accepted connections with Nagle's algorithm off: a decision is a few
