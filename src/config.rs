@@ -160,6 +160,9 @@ impl FileConfig {
             ) {
                 continue;
             }
+            // A flag set to false in the file adds nothing, but the value
+            // in force still came from the file.
+            applied.insert(e.id.clone());
             let Some(values) = &e.values else { continue };
             if values.is_empty() {
                 args.push(OsString::from(format!("--{}", e.long)));
@@ -167,7 +170,6 @@ impl FileConfig {
             for v in values {
                 args.push(OsString::from(format!("--{}={v}", e.long)));
             }
-            applied.insert(e.id.clone());
         }
         (args, applied)
     }
@@ -196,7 +198,7 @@ fn entry_values(arg: &Arg, value: &Node) -> Result<Option<Vec<String>>, String> 
     let scalar = |n: &Node| match &n.value {
         Value::Scalar { text, .. } => Ok(text.clone()),
         Value::Null => Err("needs a value".to_string()),
-        _ => Err(format!("must be a single value, not a {}", n.kind())),
+        _ => Err(format!("must be a single value, not {}", n.kind())),
     };
     if takes_no_value(arg) {
         return match &value.value {

@@ -115,7 +115,8 @@ struct ServeArgs {
     /// Prefix of every Redis key.
     #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
     redis_prefix: String,
-    /// Address of the HTTP listener (`/status`).
+    /// Address of the HTTP listener (forward auth, settle, `/status`,
+    /// `/healthz`, `/readyz`).
     #[arg(long, env = "TOLLGATE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
     /// Start even when the policy directories hold no policy files.
