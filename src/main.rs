@@ -583,8 +583,12 @@ async fn open_store(args: &ServeArgs) -> Result<Arc<dyn CounterStore>, String> {
 /// Logs go to stderr, as text or one JSON object a line.
 fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    // Colour codes only help a person at a terminal; in a file or a log
+    // collector they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
