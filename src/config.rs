@@ -174,6 +174,14 @@ impl FileConfig {
         (args, applied)
     }
 
+    /// The values the file gives the argument `id`, if it sets it.
+    pub fn values_of(&self, id: &str) -> Option<&[String]> {
+        self.entries
+            .iter()
+            .find(|e| e.id == id)
+            .and_then(|e| e.values.as_deref())
+    }
+
     /// Where a key was set, for messages about it.
     pub fn position_of(&self, id: &str) -> Option<Pos> {
         self.entries.iter().find(|e| e.id == id).map(|e| e.pos)

@@ -59,9 +59,13 @@ enum Command {
 #[derive(clap::Args)]
 struct HealthArgs {
     /// The server's HTTP listener; an unspecified address (0.0.0.0) means
-    /// this host.
-    #[arg(long, env = "TOLLGATE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
-    http_listen: SocketAddr,
+    /// this host. Without it, `http-listen` from the `serve` configuration
+    /// file, then 127.0.0.1:8080.
+    #[arg(long, env = "TOLLGATE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// The `serve` configuration file, read for `http-listen` only.
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
     /// `/readyz` (ready for traffic) or `/healthz` (process up).
     #[arg(long, default_value = "/readyz")]
     path: String,
@@ -245,7 +249,28 @@ fn with_config_file(
 /// without curl can still have a health check.
 fn health_check(args: &HealthArgs) -> ExitCode {
     use std::io::{Read, Write};
-    let mut addr = args.http_listen;
+    let mut addr = match (args.http_listen, &args.config) {
+        (Some(addr), _) => addr,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        (None, Some(path)) => match tollgate::config::FileConfig::load(path, &serve_command()) {
+            Ok(file) => match file.values_of("http_listen").and_then(|v| v.first()) {
+                Some(v) => match v.parse() {
+                    Ok(addr) => addr,
+                    Err(e) => {
+                        eprintln!("{}: http-listen: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+            },
+            Err(errors) => {
+                for e in errors {
+                    eprintln!("error: {e}");
+                }
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
             std::net::Ipv4Addr::LOCALHOST.into()
