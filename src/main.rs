@@ -41,8 +41,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the sidecar: native gRPC API and gRPC health on one port.
-    Serve(ServeArgs),
+    /// Run the sidecar: gRPC (native API, Envoy ext_authz, health) and HTTP.
+    Serve(Box<ServeArgs>),
     /// Check policy directories; print every error with file:line:column.
     Validate {
         /// Policy directories, read together as one set.
@@ -199,7 +199,7 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
     }
 }
 
