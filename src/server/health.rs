@@ -175,26 +175,27 @@ pub async fn spawn_grpc_reporter(
     services: Vec<&'static str>,
 ) -> tokio::task::JoinHandle<()> {
     let mut rx = readiness.subscribe();
-    let set = move |reporter: tonic_health::server::HealthReporter,
-                    services: Vec<&'static str>,
-                    ready: bool| async move {
-        let status = if ready {
-            tonic_health::ServingStatus::Serving
-        } else {
-            tonic_health::ServingStatus::NotServing
-        };
-        for name in std::iter::once("").chain(services.iter().copied()) {
-            reporter.set_service_status(name, status).await;
-        }
-        (reporter, services)
-    };
     let ready = rx.borrow_and_update().is_ready();
-    let (reporter, services) = set(reporter, services, ready).await;
+    report(&reporter, &services, ready).await;
     tokio::spawn(async move {
-        let (mut reporter, mut services) = (reporter, services);
         while rx.changed().await.is_ok() {
             let ready = rx.borrow_and_update().is_ready();
-            (reporter, services) = set(reporter, services, ready).await;
+            report(&reporter, &services, ready).await;
         }
     })
+}
+
+async fn report(
+    reporter: &tonic_health::server::HealthReporter,
+    services: &[&'static str],
+    ready: bool,
+) {
+    let status = if ready {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    for name in std::iter::once("").chain(services.iter().copied()) {
+        reporter.set_service_status(name, status).await;
+    }
 }
