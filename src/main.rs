@@ -248,8 +248,7 @@ fn with_config_file(
 /// `tollgate health`: one plain HTTP/1.1 GET, so that a container image
 /// without curl can still have a health check.
 fn health_check(args: &HealthArgs) -> ExitCode {
-    use std::io::{Read, Write};
-    let mut addr = match (args.http_listen, &args.config) {
+    let addr = match (args.http_listen, &args.config) {
         (Some(addr), _) => addr,
         (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
         (None, Some(path)) => match tollgate::config::FileConfig::load(path, &serve_command()) {
@@ -271,36 +270,10 @@ fn health_check(args: &HealthArgs) -> ExitCode {
             }
         },
     };
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    let timeout = Duration::from_secs(3);
-    let result = (|| -> std::io::Result<String> {
-        let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-        s.set_read_timeout(Some(timeout))?;
-        s.set_write_timeout(Some(timeout))?;
-        write!(
-            s,
-            "GET {} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n",
-            args.path
-        )?;
-        let mut response = String::new();
-        s.read_to_string(&mut response)?;
-        Ok(response)
-    })();
-    match result {
-        Ok(response) => {
-            let ok = response.starts_with("HTTP/1.1 200");
-            let body = response
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b)
-                .unwrap_or("");
+    match health::http_check(addr, &args.path) {
+        Ok((ready, body)) => {
             println!("{}", body.trim());
-            if ok {
+            if ready {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
