@@ -119,7 +119,7 @@ impl FileConfig {
             match entry_values(arg, &value) {
                 Ok(values) => {
                     for v in values.iter().flatten() {
-                        if let Err(message) = check_value(arg, &long, v) {
+                        if let Err(message) = check_value(arg, v) {
                             errors.push(err(Some(value.pos), format!("`{name}`: {message}")));
                         }
                     }
@@ -236,11 +236,18 @@ fn entry_values(arg: &Arg, value: &Node) -> Result<Option<Vec<String>>, String> 
 
 /// Runs the argument's own parser on a file value, so that a bad value is
 /// reported at its place in the file rather than as a bad flag.
-fn check_value(arg: &Arg, long: &str, value: &str) -> Result<(), String> {
-    let probe = Command::new("config")
-        .no_binary_name(true)
-        .arg(arg.clone().env(None::<&str>).required(false));
-    match probe.try_get_matches_from([format!("--{long}={value}")]) {
+fn check_value(arg: &Arg, value: &str) -> Result<(), String> {
+    // A fresh positional argument with the same parser: a clone would keep
+    // relations such as `requires`, naming arguments this probe lacks.
+    let mut single = Arg::new(arg.get_id().clone())
+        .value_parser(arg.get_value_parser().clone())
+        .allow_hyphen_values(true)
+        .required(true);
+    if let Some(name) = arg.get_value_names().and_then(|n| n.first()) {
+        single = single.value_name(name.clone());
+    }
+    let probe = Command::new("config").no_binary_name(true).arg(single);
+    match probe.try_get_matches_from([value]) {
         Ok(_) => Ok(()),
         Err(e) => {
             let text = e.to_string();
@@ -360,6 +367,8 @@ mod tests {
                     .value_parser(clap::value_parser!(u64)),
             )
             .arg(Arg::new("config").long("config"))
+            .arg(Arg::new("tls_cert").long("tls-cert").requires("tls_key"))
+            .arg(Arg::new("tls_key").long("tls-key").requires("tls_cert"))
             .arg(
                 Arg::new("print_config")
                     .long("print-config")
@@ -378,6 +387,12 @@ mod tests {
         assert!(shown[1].starts_with("t.yaml:3:19: `store_timeout_ms`: invalid value 'fast'"));
         assert!(shown[2].starts_with("t.yaml:4:1: unknown option `config`"));
         assert!(shown[3].starts_with("t.yaml:5:14: `allow-empty` must be true or false"));
+    }
+
+    #[test]
+    fn arguments_that_require_others_can_be_set_from_the_file() {
+        let file = FileConfig::parse(Path::new("t.yaml"), "tls-cert: c.pem\n", &cmd()).unwrap();
+        assert_eq!(file.values_of("tls_cert"), Some(&["c.pem".to_string()][..]));
     }
 
     #[test]
