@@ -197,10 +197,30 @@ async fn https_readyz(port: u16, pki: &Pki, identity: Option<&Pem>) -> Result<St
         .ok_or_else(|| format!("no HTTP response: {text:?}"))
 }
 
+/// TLS set in a configuration file rather than by flags.
+fn start_from_file(pki: &Pki) -> (TollgateProcess, tempfile::TempDir) {
+    let dir = policy_dir(&[("p.yaml", POLICY)]);
+    // Not in the policy directory, where it would be read as a policy.
+    let config = pki.path("tollgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls-cert: {}\ntls_key: {}\n",
+            pki.path("server.pem").display(),
+            pki.path("server.key").display()
+        ),
+    )
+    .unwrap();
+    let policies = dir.path().display().to_string();
+    let config = config.display().to_string();
+    let tollgate = TollgateProcess::start(&["--policies", &policies, "--config", &config]);
+    (tollgate, dir)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_on_both_listeners() {
     let pki = Pki::new();
-    let (tollgate, _policies) = start(&pki, false);
+    let (tollgate, _policies) = start_from_file(&pki);
     grpc_check(tollgate.port, &pki, None).await.unwrap();
     assert_eq!(
         https_readyz(tollgate.http_port, &pki, None).await.unwrap(),
