@@ -398,11 +398,18 @@ fn the_kubernetes_manifests_fit_tollgate() {
     for (k, v) in pdb["spec"]["selector"]["matchLabels"].as_hash().unwrap() {
         assert_eq!(&pod_labels[k.as_str().unwrap()], v);
     }
-    // A drain longer than the grace period would be cut short by SIGKILL.
+    // The preStop sleep, the drain and the flush (bounded by the drain
+    // timeout too) must fit in the grace period, or SIGKILL cuts them short.
     let grace = pod["terminationGracePeriodSeconds"].as_i64().unwrap();
     let drain = value(&config, "drain-timeout");
     let drain: i64 = drain.trim_end_matches('s').parse().unwrap();
-    assert!(grace >= 2 * drain, "grace {grace}s, drain {drain}s");
+    let pre_stop = tollgate["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_i64()
+        .unwrap_or(0);
+    assert!(
+        grace >= pre_stop + 2 * drain,
+        "grace {grace}s, preStop {pre_stop}s, drain {drain}s"
+    );
 }
 
 #[test]
