@@ -193,6 +193,9 @@ fn main() -> ExitCode {
         Command::Health(args) => health_check(&args),
         Command::Serve(args) if args.print_config => {
             let serve = matches.subcommand_matches("serve").expect("serve matches");
+            if let Some(path) = &args.config {
+                println!("# Configuration file: {}", path.display());
+            }
             print!(
                 "{}",
                 tollgate::config::render(&serve_command(), serve, &from_file)

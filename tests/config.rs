@@ -115,6 +115,10 @@ fn print_config_is_a_config_file_and_hides_credentials() {
     assert!(without_secret.contains("# redis:"), "{without_secret}");
     std::fs::write(&file, &without_secret).unwrap();
     let again = print_config(tollgate().arg("serve").arg("--config").arg(&file));
+    assert!(
+        again.contains(&format!("# Configuration file: {}", file.display())),
+        "{again}"
+    );
     let strip = |c: &str| -> Vec<String> {
         c.lines()
             .filter(|l| !l.starts_with('#'))
