@@ -38,7 +38,15 @@ pub fn gate_with(
     store: Arc<dyn CounterStore>,
     clock: Arc<ManualClock>,
 ) -> Gate {
-    Gate::new(policy, store, clock, GateConfig::default())
+    // These gates test what the stores decide, not how fast: 64 contending
+    // tasks beside dozens of redis-servers on a busy two-core machine can
+    // take longer than the production default of 50 ms, which the
+    // timeout tests against real processes cover.
+    let config = GateConfig {
+        store_timeout: std::time::Duration::from_secs(5),
+        ..GateConfig::default()
+    };
+    Gate::new(policy, store, clock, config)
 }
 
 pub fn memory_gate(yaml: &str, now: i64) -> (Gate, Arc<ManualClock>) {
