@@ -10,6 +10,7 @@
 
 pub mod admin_client;
 pub mod alerts;
+pub mod config;
 pub mod engine;
 pub mod explain;
 pub mod gate;
@@ -18,4 +19,5 @@ pub mod policy;
 pub mod proto;
 pub mod reload;
 pub mod server;
+pub mod shutdown;
 pub mod store;

@@ -1,5 +1,5 @@
-//! The `tollgate` command: serve, validate, explain, and the approval
-//! commands.
+//! The `tollgate` command: serve, validate, explain, health, and the
+//! approval commands.
 
 #![forbid(unsafe_code)]
 
@@ -10,7 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use rust_decimal::Decimal;
 
 use tollgate::admin_client::{describe_grant, AdminCallError, AdminClient};
@@ -19,8 +19,11 @@ use tollgate::engine::{Attributes, Estimate};
 use tollgate::gate::{CheckInput, Clock, Gate, GateConfig, SystemClock};
 use tollgate::policy::{self, parse_duration, Attr};
 use tollgate::reload::{self, ReloadConfig, Reloader};
-use tollgate::server::admin::{self, AdminApi, AdminToken};
-use tollgate::server::AdminListener;
+use tollgate::server::admin::{AdminApi, AdminToken};
+use tollgate::server::health::{self, Readiness};
+use tollgate::server::tls::{self, TlsFiles};
+use tollgate::server::{AdminListener, ListenerOptions};
+use tollgate::shutdown::{self, FlushHooks, Shutdown};
 use tollgate::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
 
 /// glibc's allocator showed up as a fifth of the CPU time of a decision
@@ -42,8 +45,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the sidecar: native gRPC API and gRPC health on one port.
-    Serve(ServeArgs),
+    /// Run the sidecar: gRPC (native API, Envoy ext_authz, health) and HTTP.
+    Serve(Box<ServeArgs>),
     /// Check policy directories; print every error with file:line:column.
     Validate {
         /// Policy directories, read together as one set.
@@ -52,6 +55,9 @@ enum Command {
     },
     /// Show which rules a request meets and the decision on an empty store.
     Explain(ExplainArgs),
+    /// Ask a running server's HTTP port whether it is ready; exit 0 if so.
+    /// For container health checks (plaintext HTTP only).
+    Health(HealthArgs),
     /// Approve a rule for a scope on a running server (needs the admin token).
     Approve(ApproveArgs),
     /// End an approval before its time.
@@ -59,7 +65,6 @@ enum Command {
     /// List active approvals and the newest audit entries.
     Approvals(ApprovalsArgs),
 }
-
 #[derive(clap::Args)]
 struct AdminClientArgs {
     /// The server's HTTP port or admin listener: http://HOST:PORT or
@@ -130,7 +135,38 @@ struct ApprovalsArgs {
 }
 
 #[derive(clap::Args)]
+struct HealthArgs {
+    /// The server's HTTP listener; an unspecified address (0.0.0.0) means
+    /// this host. Without it, `http-listen` from the `serve` configuration
+    /// file, then 127.0.0.1:8080.
+    #[arg(long, env = "TOLLGATE_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// The `serve` configuration file, read for `http-listen` only.
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// `/readyz` (ready for traffic) or `/healthz` (process up).
+    #[arg(long, default_value = "/readyz")]
+    path: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Every option is also a key of the `--config` file, under its long name
+/// (kebab or snake case), and each must be documented in
+/// `docs/configuration.md` (a test checks).
+#[derive(clap::Args)]
 struct ServeArgs {
+    /// YAML file of options, keyed by long name; flags and environment
+    /// variables override it.
+    #[arg(long, env = "TOLLGATE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the effective configuration, credentials redacted, and exit.
+    #[arg(long)]
+    print_config: bool,
     /// Address of the gRPC listener.
     #[arg(long, env = "TOLLGATE_LISTEN", default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
@@ -161,7 +197,8 @@ struct ServeArgs {
     /// Prefix of every Redis key.
     #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
     redis_prefix: String,
-    /// Address of the HTTP listener (`/status`).
+    /// Address of the HTTP listener (forward auth, settle, `/status`,
+    /// `/healthz`, `/readyz`).
     #[arg(long, env = "TOLLGATE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
     /// Start even when the policy directories hold no policy files.
@@ -173,6 +210,29 @@ struct ServeArgs {
     /// Most live counters the embedded store holds.
     #[arg(long, env = "TOLLGATE_MAX_COUNTERS", default_value_t = tollgate::store::memory::DEFAULT_MAX_COUNTERS)]
     max_counters: usize,
+    /// Log format on stderr.
+    #[arg(long, env = "TOLLGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Log filter: a level (`info`, `debug`) or per-module directives such
+    /// as `tollgate=debug,info`.
+    #[arg(long, env = "TOLLGATE_LOG", default_value = "info")]
+    log_level: String,
+    /// On SIGTERM or SIGINT, how long calls in flight may take to finish.
+    #[arg(long, env = "TOLLGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration_arg)]
+    drain_timeout: Duration,
+    /// How often readiness probes the counter store.
+    #[arg(long, env = "TOLLGATE_STORE_PROBE_EVERY", default_value = "2s", value_parser = duration_arg)]
+    store_probe_every: Duration,
+    /// Certificate chain (PEM) for TLS on the gRPC and HTTP listeners.
+    #[arg(long, env = "TOLLGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "TOLLGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must be signed by; clients without
+    /// one are refused (mutual TLS). Needs `--tls-cert`.
+    #[arg(long, env = "TOLLGATE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// File holding the admin token (16 characters or more); or set
     /// TOLLGATE_ADMIN_TOKEN. Without a token the admin API is not served.
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN_FILE")]
@@ -181,6 +241,10 @@ struct ServeArgs {
     /// or unix:/path/to.sock, instead of the gRPC and HTTP ports.
     #[arg(long, env = "TOLLGATE_ADMIN_LISTEN")]
     admin_listen: Option<String>,
+    /// CA (PEM) that client certificates on the admin listener must be
+    /// signed by. Needs `--admin-listen` on a TCP address and `--tls-cert`.
+    #[arg(long, env = "TOLLGATE_ADMIN_TLS_CLIENT_CA", requires_all = ["tls_cert", "admin_listen"])]
+    admin_tls_client_ca: Option<PathBuf>,
     /// Alert deliveries waiting at most; beyond it alerts are dropped,
     /// counted and logged.
     #[arg(long, env = "TOLLGATE_ALERT_QUEUE", default_value_t = 10_000)]
@@ -210,11 +274,29 @@ fn duration_arg(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = Cli::command().get_matches_from(&argv);
+    let (matches, from_file) = match with_config_file(argv, matches) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Validate { dirs } => validate(&dirs),
         Command::Explain(args) => explain(args),
-        Command::Serve(args) => serve(args),
+        Command::Health(args) => health_check(&args),
+        Command::Serve(args) if args.print_config => {
+            let serve = matches.subcommand_matches("serve").expect("serve matches");
+            if let Some(path) = &args.config {
+                println!("# Configuration file: {}", path.display());
+            }
+            print!(
+                "{}",
+                tollgate::config::render(&serve_command(), serve, &from_file)
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Serve(args) => serve(*args),
         Command::Approve(args) => approve(args),
         Command::Revoke(args) => revoke(args),
         Command::Approvals(args) => approvals(args),
@@ -346,6 +428,89 @@ fn approvals(args: ApprovalsArgs) -> ExitCode {
     })
 }
 
+fn serve_command() -> clap::Command {
+    Cli::command()
+        .find_subcommand("serve")
+        .expect("serve is a subcommand")
+        .clone()
+}
+
+/// Layers `serve --config FILE` under the command line and environment:
+/// the file's settings become flags for whatever the first parse left at
+/// its default, and the whole command line is parsed again.
+fn with_config_file(
+    mut argv: Vec<std::ffi::OsString>,
+    matches: clap::ArgMatches,
+) -> Result<(clap::ArgMatches, std::collections::BTreeSet<String>), ExitCode> {
+    let Some(serve) = matches.subcommand_matches("serve") else {
+        return Ok((matches, Default::default()));
+    };
+    let Some(path) = serve.get_one::<PathBuf>("config") else {
+        return Ok((matches, Default::default()));
+    };
+    let file = match tollgate::config::FileConfig::load(path, &serve_command()) {
+        Ok(f) => f,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("error: {e}");
+            }
+            eprintln!("{} error(s) in the configuration file", errors.len());
+            return Err(ExitCode::from(2));
+        }
+    };
+    let (extra, applied) = file.extra_args(serve);
+    argv.extend(extra);
+    match Cli::command().try_get_matches_from(&argv) {
+        Ok(m) => Ok((m, applied)),
+        Err(e) => {
+            let _ = e.print();
+            eprintln!("(after applying {})", file.path().display());
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// `tollgate health`: one plain HTTP/1.1 GET, so that a container image
+/// without curl can still have a health check.
+fn health_check(args: &HealthArgs) -> ExitCode {
+    let addr = match (args.http_listen, &args.config) {
+        (Some(addr), _) => addr,
+        (None, None) => SocketAddr::from(([127, 0, 0, 1], 8080)),
+        (None, Some(path)) => match tollgate::config::FileConfig::load(path, &serve_command()) {
+            Ok(file) => match file.values_of("http_listen").and_then(|v| v.first()) {
+                Some(v) => match v.parse() {
+                    Ok(addr) => addr,
+                    Err(e) => {
+                        eprintln!("{}: http-listen: {e}", path.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => SocketAddr::from(([127, 0, 0, 1], 8080)),
+            },
+            Err(errors) => {
+                for e in errors {
+                    eprintln!("error: {e}");
+                }
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match health::http_check(addr, &args.path) {
+        Ok((ready, body)) => {
+            println!("{}", body.trim());
+            if ready {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("{addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn validate(dirs: &[PathBuf]) -> ExitCode {
     match policy::load_dirs(dirs) {
         Ok(p) => {
@@ -436,7 +601,34 @@ fn split_pair(pair: &str) -> Result<(&str, &str), String> {
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
-    init_logging();
+    if let Err(e) = init_logging(args.log_format, &args.log_level) {
+        eprintln!("error: --log-level: {e}");
+        return ExitCode::from(2);
+    }
+    let tls_files = args
+        .tls_cert
+        .clone()
+        .zip(args.tls_key.clone())
+        .map(|(cert, key)| TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca.clone(),
+        });
+    // Both listeners are checked before anything starts, so a bad
+    // certificate is a refusal to start rather than a half-up server.
+    let tls_configs = match &tls_files {
+        None => None,
+        Some(files) => match (
+            tls::server_config(files, tls::ALPN_H2),
+            tls::server_config(files, tls::ALPN_HTTP1),
+        ) {
+            (Ok(grpc), Ok(http)) => Some((grpc, http)),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let policy = match reload::load(&args.policies, args.allow_empty) {
         Ok(p) => p,
         Err(errors) => {
@@ -459,7 +651,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    let code = runtime.block_on(async move {
         let store = match open_store(&args).await {
             Ok(store) => store,
             Err(e) => {
@@ -487,11 +679,12 @@ fn serve(args: ServeArgs) -> ExitCode {
                 ..DispatcherConfig::default()
             },
         );
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let gate = Arc::new(
             Gate::new(
                 policy,
-                store,
-                Arc::new(SystemClock),
+                store.clone(),
+                clock.clone(),
                 GateConfig {
                     reservation_ttl: args.reservation_ttl,
                     store_timeout: Duration::from_millis(args.store_timeout_ms),
@@ -499,6 +692,8 @@ fn serve(args: ServeArgs) -> ExitCode {
             )
             .with_alerts(alerts.clone()),
         );
+        let readiness = Readiness::new();
+        readiness.set_policies_loaded();
         let reloader = Reloader::new(
             gate.clone(),
             ReloadConfig {
@@ -523,24 +718,65 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         };
 
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let shutdown = move || {
-            let mut stopped = stopped.clone();
-            async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            }
-        };
-        if let Err(e) = reloader.spawn(shutdown()) {
+        let shutdown = Shutdown::new();
+        // Where components that buffer work (the alert queue, the audit
+        // log) register their flush; it runs after the listeners drain.
+        let mut flush = FlushHooks::default();
+        {
+            let alerts = alerts.clone();
+            let limit = args.drain_timeout;
+            flush.add("alerts", async move {
+                if !alerts.flush(limit).await {
+                    tracing::warn!("some alerts were still being delivered at shutdown");
+                }
+            });
+        }
+        if let Err(e) = reloader.spawn(shutdown.wait()) {
             tracing::warn!(error = %e, "cannot watch the policy directories; relying on the periodic rescan");
         }
-        let mut http_router = tollgate::server::http::router(gate.clone(), reloader.clone());
-        let mut grpc_admin = None;
+        health::spawn_probe(
+            readiness.clone(),
+            store,
+            clock,
+            args.store_probe_every,
+            shutdown.wait(),
+        );
+        let (grpc_tls, http_tls) = match tls_configs {
+            Some((g, h)) => (Some(g), Some(h)),
+            None => (None, None),
+        };
+        // The admin API shares the gRPC and HTTP listeners, or has one of
+        // its own.
+        let mut shared_admin = None;
         let mut admin_task = None;
         if let Some(token) = admin_token {
-            let api = AdminApi::new(gate.clone(), token.clone());
-            let routes = admin::http_routes(gate.clone(), token);
+            let api = AdminApi::new(gate.clone(), token);
             match &args.admin_listen {
+                None => shared_admin = Some(api),
                 Some(address) => {
+                    let tls = match (&tls_files, address.starts_with("unix:")) {
+                        (Some(files), false) => {
+                            let files = TlsFiles {
+                                client_ca: args
+                                    .admin_tls_client_ca
+                                    .clone()
+                                    .or_else(|| files.client_ca.clone()),
+                                ..files.clone()
+                            };
+                            match tls::server_config(&files, tls::ALPN_H2_AND_HTTP1) {
+                                Ok(c) => Some(c),
+                                Err(e) => {
+                                    eprintln!("error: admin listener: {e}");
+                                    return ExitCode::FAILURE;
+                                }
+                            }
+                        }
+                        (None, _) | (_, true) if args.admin_tls_client_ca.is_some() => {
+                            eprintln!("--admin-tls-client-ca needs --tls-cert and a TCP --admin-listen");
+                            return ExitCode::FAILURE;
+                        }
+                        _ => None,
+                    };
                     let listener = match AdminListener::bind(address).await {
                         Ok(l) => l,
                         Err(e) => {
@@ -548,38 +784,88 @@ fn serve(args: ServeArgs) -> ExitCode {
                             return ExitCode::FAILURE;
                         }
                     };
-                    tracing::info!(admin = %address, "serving the admin API on its own listener");
-                    admin_task = Some(tokio::spawn(tollgate::server::serve_admin(api, routes, listener, shutdown())));
-                }
-                None => {
-                    http_router = http_router.merge(routes);
-                    grpc_admin = Some(api);
+                    tracing::info!(admin = %address, tls = tls.is_some(), "serving the admin API on its own listener");
+                    admin_task = Some(tokio::spawn(tollgate::server::serve_admin(
+                        api,
+                        listener,
+                        tls,
+                        shutdown.wait(),
+                    )));
                 }
             }
         }
-        let http_task = tokio::spawn(tollgate::server::http::serve_router(http_router, http, shutdown()));
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            let _ = stop.send(true);
-        });
-        tracing::info!(grpc = %args.listen, http = %args.http_listen, "serving gRPC");
-        let grpc_result =
-            tollgate::server::serve_grpc(gate, reloader, grpc, grpc_admin, shutdown()).await;
-        let _ = http_task.await;
-        if let Some(task) = admin_task {
-            let _ = task.await;
+        let http_task = tokio::spawn(tollgate::server::http::serve_http_with(
+            gate.clone(),
+            reloader.clone(),
+            http,
+            ListenerOptions {
+                readiness: Some(readiness.clone()),
+                tls: http_tls,
+                admin: shared_admin.clone(),
+            },
+            shutdown.wait(),
+        ));
+        let grpc_task = tokio::spawn(tollgate::server::serve_grpc_with(
+            gate,
+            reloader,
+            grpc,
+            ListenerOptions {
+                readiness: Some(readiness.clone()),
+                tls: grpc_tls,
+                admin: shared_admin,
+            },
+            shutdown.wait(),
+        ));
+        {
+            let (readiness, shutdown) = (readiness.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown::signal().await;
+                readiness.set_shutting_down();
+                shutdown.trigger();
+            });
         }
-        if !alerts.flush(Duration::from_secs(5)).await {
-            tracing::warn!("some alerts were still being delivered at shutdown");
-        }
-        match grpc_result {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("server error: {e}");
-                ExitCode::FAILURE
+        tracing::info!(grpc = %args.listen, http = %args.http_listen, tls = tls_files.is_some(), "serving gRPC");
+
+        let servers = async {
+            let servers = (grpc_task.await, http_task.await);
+            if let Some(task) = admin_task {
+                if let Ok(Err(e)) = task.await {
+                    eprintln!("admin server error: {e}");
+                }
             }
+            servers
+        };
+        let drain_deadline = {
+            let wait = shutdown.wait();
+            let drain = args.drain_timeout;
+            async move {
+                wait.await;
+                tokio::time::sleep(drain).await;
+            }
+        };
+        let code = tokio::select! {
+            (grpc, http) = servers => match (grpc, http) {
+                (Ok(Ok(())), Ok(Ok(()))) => ExitCode::SUCCESS,
+                (grpc, http) => {
+                    if let Ok(Err(e)) = grpc { eprintln!("gRPC server error: {e}"); }
+                    if let Ok(Err(e)) = http { eprintln!("HTTP server error: {e}"); }
+                    ExitCode::FAILURE
+                }
+            },
+            () = drain_deadline => {
+                tracing::warn!(drain_timeout = ?args.drain_timeout, "calls still in flight at the drain timeout; closing them");
+                ExitCode::SUCCESS
+            }
+        };
+        if !flush.is_empty() {
+            flush.run(args.drain_timeout).await;
         }
-    })
+        tracing::info!("stopped");
+        code
+    });
+    // Blocking reload threads are not waited for past this.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
 }
 
 /// The embedded store, or Redis with its connections opened (an
@@ -608,37 +894,19 @@ async fn open_store(args: &ServeArgs) -> Result<Arc<dyn CounterStore>, String> {
     Ok(Arc::new(store))
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("shutting down");
-}
-
-/// Logs go to stderr; `TOLLGATE_LOG` takes a filter such as `debug` or
-/// `tollgate=debug,info`.
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+/// Logs go to stderr, as text or one JSON object a line.
+fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    // Colour codes only help a person at a terminal; in a file or a log
+    // collector they are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
 }

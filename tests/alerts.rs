@@ -120,8 +120,8 @@ fn each_threshold_reaches_the_webhook_once_across_replicas_despite_failures() {
     ];
     let env = [("TEST_ALERT_SECRET", SECRET)];
     let servers = [
-        TollgateProcess::start_with_env(&args, &env),
-        TollgateProcess::start_with_env(&args, &env),
+        TollgateProcess::start_env(&args, &env),
+        TollgateProcess::start_env(&args, &env),
     ];
 
     let allowed = rt.block_on(async {

@@ -64,7 +64,6 @@ async fn start(policy: &str) -> AuthorizationClient<Channel> {
         gate,
         reloader,
         listener,
-        None,
         std::future::pending(),
     ));
     let channel = Channel::from_shared(format!("http://{addr}"))

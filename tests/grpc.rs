@@ -44,7 +44,6 @@ async fn start() -> (tonic::transport::Channel, tokio::sync::oneshot::Sender<()>
         gate,
         reloader,
         listener,
-        None,
         async {
             let _ = stopped.await;
         },

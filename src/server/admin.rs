@@ -98,6 +98,11 @@ impl AdminApi {
         AdminApi { gate, token }
     }
 
+    /// The HTTP form of this API, behind the same token.
+    pub fn http_routes(&self) -> Router {
+        http_routes(self.gate.clone(), self.token.clone())
+    }
+
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let header = request
             .metadata()

@@ -8,6 +8,9 @@
 //!   2xx, 401 and 403 into a 500, so a denial answers 403 and says what the
 //!   client should get in `x-tollgate-status`, `x-tollgate-body` and
 //!   `retry-after`; the shipped nginx config replays them.
+//! - `/healthz` answers 200 while the process runs; `/readyz` answers 200
+//!   only when policies are loaded and the counter store answers, else 503
+//!   with the reasons as JSON.
 //! - A counter-store fault answers 503: both proxies then refuse the
 //!   request (nginx's `auth_request` treats it as an error).
 
@@ -25,8 +28,10 @@ use rust_decimal::Decimal;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
+use super::health::Readiness;
 use super::http_request::{check_input, HttpRequest};
 use super::status::{allowance, denial, http_gate_error, request_denial, HttpDenial};
+use super::ListenerOptions;
 use crate::engine::Verdict;
 use crate::gate::{ActualUsage, Gate};
 use crate::reload::{PolicyStatus, Reloader};
@@ -39,17 +44,48 @@ pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 struct HttpState {
     gate: Arc<Gate>,
     reloader: Arc<Reloader>,
+    readiness: Readiness,
 }
 
 pub fn router(gate: Arc<Gate>, reloader: Arc<Reloader>) -> Router {
+    router_with(gate, reloader, Readiness::always_ready())
+}
+
+pub fn router_with(gate: Arc<Gate>, reloader: Arc<Reloader>, readiness: Readiness) -> Router {
     Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/status", get(status))
         .route("/v1/authz/forward", any(forward))
         .route("/v1/authz/forward/{*rest}", any(forward))
         .route("/v1/authz/nginx", any(nginx))
         .route("/v1/settle", post(settle))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(HttpState { gate, reloader })
+        .with_state(HttpState {
+            gate,
+            reloader,
+            readiness,
+        })
+}
+
+/// Liveness: answering at all is the whole test.
+async fn healthz() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let s = state.readiness.state();
+    let body = serde_json::json!({
+        "ready": s.is_ready(),
+        "reasons": s.reasons(),
+        "state": s,
+    });
+    let code = if s.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
 }
 
 /// The policy in force and the last reload error, as JSON.
@@ -262,17 +298,40 @@ pub async fn serve_http(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    serve_router(router(gate, reloader), listener, shutdown).await
+    serve_http_with(
+        gate,
+        reloader,
+        listener,
+        ListenerOptions::default(),
+        shutdown,
+    )
+    .await
 }
 
-/// Serves `router` (the endpoints above, perhaps with the admin routes
-/// merged in) on `listener` until `shutdown`.
-pub async fn serve_router(
-    router: Router,
+/// [`serve_http`] with `/readyz` following `options.readiness` and
+/// optional TLS. On `shutdown` it stops accepting and finishes the
+/// requests in flight.
+pub async fn serve_http_with(
+    gate: Arc<Gate>,
+    reloader: Arc<Reloader>,
     listener: TcpListener,
+    options: ListenerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let mut app = router_with(gate, reloader, options.readiness());
+    if let Some(admin) = &options.admin {
+        app = app.merge(admin.http_routes());
+    }
+    match options.tls {
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+        Some(config) => {
+            axum::serve(super::tls::accept(listener, config), app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    }
 }

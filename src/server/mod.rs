@@ -5,10 +5,12 @@
 pub mod admin;
 pub mod body;
 pub mod envoy;
+pub mod health;
 pub mod http;
 pub mod http_request;
 pub mod native;
 pub mod status;
+pub mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use crate::gate::Gate;
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::tollgate_server::TollgateServer;
 use crate::reload::Reloader;
+use health::Readiness;
 
 /// Requests larger than this are refused before decoding: no attribute or
 /// estimate needs more, and it bounds what a hostile client can make us hold.
@@ -31,22 +34,66 @@ pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// so they may be larger.
 pub const MAX_ENVOY_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
-/// Serves the native API, Envoy's ext_authz, gRPC health and, when given,
-/// the admin API on `listener` until `shutdown`.
+/// How a listener is run beyond its address: what readiness it reports and
+/// whether it speaks TLS.
+#[derive(Clone, Default)]
+pub struct ListenerOptions {
+    /// Always ready when `None`.
+    pub readiness: Option<Readiness>,
+    /// Built with [`tls::server_config`]; plaintext when `None`.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The admin API, when it shares this listener rather than having one
+    /// of its own.
+    pub admin: Option<admin::AdminApi>,
+}
+
+impl ListenerOptions {
+    pub(crate) fn readiness(&self) -> Readiness {
+        self.readiness
+            .clone()
+            .unwrap_or_else(Readiness::always_ready)
+    }
+}
+
+/// Serves the native API and gRPC health on `listener` until `shutdown`.
 pub async fn serve_grpc(
     gate: Arc<Gate>,
     reloader: Arc<Reloader>,
     listener: TcpListener,
-    admin: Option<admin::AdminApi>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<TollgateServer<native::NativeApi>>()
-        .await;
+    serve_grpc_with(
+        gate,
+        reloader,
+        listener,
+        ListenerOptions::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve_grpc`] with health following `options.readiness` and optional
+/// TLS. On `shutdown` it stops accepting and waits for the calls in flight.
+pub async fn serve_grpc_with(
+    gate: Arc<Gate>,
+    reloader: Arc<Reloader>,
+    listener: TcpListener,
+    options: ListenerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let reporting = health::spawn_grpc_reporter(
+        &options.readiness(),
+        reporter,
+        vec![
+            <TollgateServer<native::NativeApi> as tonic::server::NamedService>::NAME,
+            <AuthorizationServer<envoy::EnvoyAuthz> as tonic::server::NamedService>::NAME,
+        ],
+    )
+    .await;
     let api = TollgateServer::new(native::NativeApi::new(gate.clone(), reloader))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(api)
         .add_service(
@@ -54,10 +101,24 @@ pub async fn serve_grpc(
                 .max_decoding_message_size(MAX_ENVOY_REQUEST_BYTES),
         )
         .add_optional_service(
-            admin.map(|a| AdminServer::new(a).max_decoding_message_size(MAX_REQUEST_BYTES)),
-        )
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await
+            options
+                .admin
+                .map(|a| AdminServer::new(a).max_decoding_message_size(MAX_REQUEST_BYTES)),
+        );
+    let result = match options.tls {
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener), shutdown)
+                .await
+        }
+        Some(config) => {
+            router
+                .serve_with_incoming_shutdown(tls::accept(listener, config), shutdown)
+                .await
+        }
+    };
+    reporting.abort();
+    result
 }
 
 /// Where the admin API listens when it has an address of its own.
@@ -96,25 +157,34 @@ impl AdminListener {
 }
 
 /// Serves the admin API alone, gRPC and its HTTP form on one listener
-/// (HTTP/1.1 requests go to the HTTP routes), until `shutdown`.
+/// (HTTP/1.1 requests go to the HTTP routes), with TLS (and, when its
+/// configuration asks for one, a client certificate) on TCP, until
+/// `shutdown`.
 pub async fn serve_admin(
     api: admin::AdminApi,
-    http: axum::Router,
     listener: AdminListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let routes = tonic::service::Routes::from(http)
+    let routes = tonic::service::Routes::from(api.http_routes())
         .add_service(AdminServer::new(api).max_decoding_message_size(MAX_REQUEST_BYTES));
     let mut server = tonic::transport::Server::builder().accept_http1(true);
-    match listener {
-        AdminListener::Tcp(l) => {
+    match (listener, tls) {
+        (AdminListener::Tcp(l), None) => {
             server
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(incoming(l), shutdown)
                 .await
         }
+        (AdminListener::Tcp(l), Some(config)) => {
+            server
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(tls::accept(l, config), shutdown)
+                .await
+        }
+        // A unix socket is guarded by its file mode, not TLS.
         #[cfg(unix)]
-        AdminListener::Unix(l) => {
+        (AdminListener::Unix(l), _) => {
             server
                 .add_routes(routes)
                 .serve_with_incoming_shutdown(

@@ -168,8 +168,11 @@ impl RedisStore {
                 None => ::redis::Client::open(config.url.as_str()),
             }
             .map_err(invalid_url)?;
+            // The gate bounds every call with --store-timeout-ms; the
+            // client's own 500 ms response timeout would silently cap it.
             let manager_config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(None)
                 .set_number_of_retries(1)
                 .set_max_delay(Duration::from_millis(200));
             let conns = (0..config.connections.max(1))

@@ -38,8 +38,10 @@ pub fn gate_with(
     store: Arc<dyn CounterStore>,
     clock: Arc<ManualClock>,
 ) -> Gate {
-    // Scenarios check what a store decides, not how fast a loaded test
-    // machine answers; the timeout has tests of its own (tests/replicas.rs).
+    // These gates test what the stores decide, not how fast: 64 contending
+    // tasks beside dozens of redis-servers on a busy two-core machine can
+    // take longer than the production default of 50 ms, which the
+    // timeout tests against real processes cover.
     let config = GateConfig {
         store_timeout: std::time::Duration::from_secs(5),
         ..GateConfig::default()
@@ -167,11 +169,11 @@ pub struct TollgateProcess {
 impl TollgateProcess {
     /// Starts the binary with `args` on a free port and waits until it serves.
     pub fn start(args: &[&str]) -> TollgateProcess {
-        TollgateProcess::start_with_env(args, &[])
+        Self::start_env(args, &[])
     }
 
-    /// Like [`TollgateProcess::start`], with extra environment variables.
-    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> TollgateProcess {
+    /// [`start`](Self::start) with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> TollgateProcess {
         use std::io::BufRead;
         let port = free_port();
         let http_port = free_port();
@@ -204,6 +206,25 @@ impl TollgateProcess {
             child,
             port,
             http_port,
+        }
+    }
+
+    /// The process id, to signal it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `within` for the process to exit by itself.
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 
@@ -441,5 +462,41 @@ pub fn reload_config(dirs: &[&std::path::Path]) -> tollgate::reload::ReloadConfi
         debounce: std::time::Duration::from_millis(100),
         rescan_every: std::time::Duration::from_secs(3600),
         allow_empty: false,
+    }
+}
+
+/// A plain HTTP/1.1 GET on 127.0.0.1: the status code and the body.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    s.read_to_string(&mut response)?;
+    let code = response
+        .get(9..12)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {response:?}")))?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Polls `check` every 50 ms until it holds or `within` passes.
+pub fn eventually(within: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if check() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

@@ -1,0 +1,373 @@
+//! TLS and mutual TLS on both listeners of a real `tollgate serve`, with
+//! a CA and certificates made at test time.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use common::{http_get, policy_dir, TollgateProcess};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tollgate::proto::v1 as pb;
+use tollgate::proto::v1::tollgate_client::TollgateClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+const POLICY: &str = "
+rules:
+  - id: plenty
+    match: { team: \"*\" }
+    limit: { requests: 1000, window: daily }
+";
+
+/// A certificate and its key, as PEM.
+struct Pem {
+    cert: String,
+    key: String,
+}
+
+/// A CA, a server certificate for 127.0.0.1 and localhost, a client
+/// certificate from the same CA, and one from a CA the server does not
+/// trust, all written to a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: String,
+    client: Pem,
+    stranger: Pem,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca = ca("tollgate test CA");
+        let stranger_ca = ca_issuer("someone else's CA");
+        let server = leaf(&ca, "tollgate", ExtendedKeyUsagePurpose::ServerAuth);
+        let client = leaf(&ca, "caller", ExtendedKeyUsagePurpose::ClientAuth);
+        let stranger = leaf(
+            &stranger_ca,
+            "stranger",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("server.pem"), &server.cert).unwrap();
+        std::fs::write(dir.path().join("server.key"), &server.key).unwrap();
+        Pki {
+            ca: ca.pem(),
+            dir,
+            client,
+            stranger,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `serve` arguments for TLS, and for mutual TLS when `mutual`.
+    fn args(&self, mutual: bool) -> Vec<String> {
+        let mut args = vec![
+            "--tls-cert".to_string(),
+            self.path("server.pem").display().to_string(),
+            "--tls-key".to_string(),
+            self.path("server.key").display().to_string(),
+        ];
+        if mutual {
+            args.push("--tls-client-ca".to_string());
+            args.push(self.path("ca.pem").display().to_string());
+        }
+        args
+    }
+}
+
+fn ca_issuer(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    ca_issuer(name)
+}
+
+fn leaf(
+    issuer: &CertifiedIssuer<'static, KeyPair>,
+    name: &str,
+    usage: ExtendedKeyUsagePurpose,
+) -> Pem {
+    let mut params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.extended_key_usages = vec![usage];
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    Pem {
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    }
+}
+
+fn start(pki: &Pki, mutual: bool) -> (TollgateProcess, tempfile::TempDir) {
+    let dir = policy_dir(&[("p.yaml", POLICY)]);
+    let mut args = vec!["--policies".to_string(), dir.path().display().to_string()];
+    args.extend(pki.args(mutual));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (TollgateProcess::start(&args), dir)
+}
+
+/// A gRPC Check over TLS, presenting `identity` if given.
+async fn grpc_check(port: u16, pki: &Pki, identity: Option<&Pem>) -> Result<(), String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
+    }
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let answer = TollgateClient::new(channel)
+        .check(pb::CheckRequest {
+            attributes: Some(pb::Attributes {
+                team: "a".to_string(),
+                model: "gpt-4o".to_string(),
+                ..Default::default()
+            }),
+            estimate: Some(pb::Estimate::default()),
+            request_id: String::new(),
+        })
+        .await
+        .map_err(|e| format!("check: {e:?}"))?
+        .into_inner();
+    assert_eq!(answer.verdict, pb::Verdict::Allow as i32);
+    Ok(())
+}
+
+/// `GET /readyz` over TLS; returns the status line.
+async fn https_readyz(port: u16, pki: &Pki, identity: Option<&Pem>) -> Result<String, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(pki.ca.as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(id.cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(id.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+    };
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let io = async {
+        tls.write_all(b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = Vec::new();
+        tls.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = io.await.map_err(|e| format!("request: {e}"))?;
+    let text = String::from_utf8_lossy(&response);
+    text.lines()
+        .next()
+        .filter(|l| l.starts_with("HTTP/1.1"))
+        .map(str::to_string)
+        .ok_or_else(|| format!("no HTTP response: {text:?}"))
+}
+
+/// TLS set in a configuration file rather than by flags.
+fn start_from_file(pki: &Pki) -> (TollgateProcess, tempfile::TempDir) {
+    let dir = policy_dir(&[("p.yaml", POLICY)]);
+    // Not in the policy directory, where it would be read as a policy.
+    let config = pki.path("tollgate.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls-cert: {}\ntls_key: {}\n",
+            pki.path("server.pem").display(),
+            pki.path("server.key").display()
+        ),
+    )
+    .unwrap();
+    let policies = dir.path().display().to_string();
+    let config = config.display().to_string();
+    let tollgate = TollgateProcess::start(&["--policies", &policies, "--config", &config]);
+    (tollgate, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_both_listeners() {
+    let pki = Pki::new();
+    let (tollgate, _policies) = start_from_file(&pki);
+    grpc_check(tollgate.port, &pki, None).await.unwrap();
+    assert_eq!(
+        https_readyz(tollgate.http_port, &pki, None).await.unwrap(),
+        "HTTP/1.1 200 OK"
+    );
+    // Plaintext is not served on a TLS listener.
+    let port = tollgate.http_port;
+    let plain = tokio::task::spawn_blocking(move || http_get(port, "/readyz"))
+        .await
+        .unwrap();
+    assert!(!matches!(plain, Ok((200, _))), "{plain:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_refuses_clients_without_a_certificate_from_the_ca() {
+    let pki = Pki::new();
+    let (tollgate, _policies) = start(&pki, true);
+
+    grpc_check(tollgate.port, &pki, Some(&pki.client))
+        .await
+        .unwrap();
+    assert_eq!(
+        https_readyz(tollgate.http_port, &pki, Some(&pki.client))
+            .await
+            .unwrap(),
+        "HTTP/1.1 200 OK"
+    );
+
+    for (who, identity) in [
+        ("no certificate", None),
+        ("untrusted CA", Some(&pki.stranger)),
+    ] {
+        let grpc = grpc_check(tollgate.port, &pki, identity).await;
+        assert!(grpc.is_err(), "gRPC with {who} was served");
+        let http = https_readyz(tollgate.http_port, &pki, identity).await;
+        // Refused by the server's alert, not by some other failure.
+        let refusal = http.expect_err("served without a trusted certificate");
+        assert!(
+            refusal.contains("CertificateRequired") || refusal.contains("UnknownCA"),
+            "HTTP with {who}: {refusal}"
+        );
+    }
+
+    // The server is unharmed by the refused handshakes.
+    grpc_check(tollgate.port, &pki, Some(&pki.client))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn a_bad_certificate_stops_the_start() {
+    let pki = Pki::new();
+    std::fs::write(pki.path("empty.pem"), "").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--tls-cert")
+        .arg(pki.path("empty.pem"))
+        .arg("--tls-key")
+        .arg(pki.path("server.key"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("empty.pem: no certificate in the file"),
+        "{err}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--tls-cert", "x.pem"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "--tls-cert needs --tls-key");
+}
+
+const ADMIN_TOKEN: &str = "admin-token-for-tls-tests-0123";
+
+/// `ListApprovals` on the admin listener over TLS, with the token,
+/// presenting `identity` if given; returns the number of grants.
+async fn admin_list(port: u16, pki: &Pki, identity: Option<&Pem>) -> Result<usize, String> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
+    }
+    let channel = Channel::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let mut request = tonic::Request::new(pb::ListApprovalsRequest { audit_entries: 0 });
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {ADMIN_TOKEN}").parse().unwrap(),
+    );
+    let answer = pb::admin_client::AdminClient::new(channel)
+        .list_approvals(request)
+        .await
+        .map_err(|e| format!("list: {e:?}"))?
+        .into_inner();
+    Ok(answer.grants.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_can_require_a_client_certificate_of_its_own() {
+    let pki = Pki::new();
+    let dir = policy_dir(&[("p.yaml", POLICY)]);
+    let token = pki.path("admin-token");
+    std::fs::write(&token, ADMIN_TOKEN).unwrap();
+    let admin_port = common::free_port();
+    let mut args = vec![
+        "--policies".to_string(),
+        dir.path().display().to_string(),
+        "--admin-token-file".to_string(),
+        token.display().to_string(),
+        "--admin-listen".to_string(),
+        format!("127.0.0.1:{admin_port}"),
+        "--admin-tls-client-ca".to_string(),
+        pki.path("ca.pem").display().to_string(),
+    ];
+    // The public listeners speak TLS without asking for certificates.
+    args.extend(pki.args(false));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let tollgate = TollgateProcess::start(&args);
+
+    grpc_check(tollgate.port, &pki, None).await.unwrap();
+    assert_eq!(admin_list(admin_port, &pki, Some(&pki.client)).await, Ok(0));
+    for (who, identity) in [
+        ("no certificate", None),
+        ("untrusted CA", Some(&pki.stranger)),
+    ] {
+        let refused = admin_list(admin_port, &pki, identity).await;
+        assert!(refused.is_err(), "admin call with {who} was served");
+    }
+    // The admin API is not on the public gRPC port.
+    let public = admin_list(tollgate.port, &pki, None).await;
+    assert!(
+        public.as_ref().is_err_and(|e| e.contains("Unimplemented")),
+        "{public:?}"
+    );
+}
