@@ -20,6 +20,9 @@ use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
 use crate::policy::{CompiledPolicy, StoreFailure, Unit, UnknownKeys};
 use crate::store::{CounterRef, CounterStore, ReserveRequest, SettleOutcome, StoreError};
+use crate::telemetry::{self, Telemetry};
+
+mod scopes;
 
 /// Where the gate gets the time; tests move it by hand.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -114,6 +117,7 @@ pub struct Gate {
     store: Arc<dyn CounterStore>,
     clock: Arc<dyn Clock>,
     config: GateConfig,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Gate {
@@ -128,7 +132,18 @@ impl Gate {
             store,
             clock,
             config,
+            telemetry: None,
         }
+    }
+
+    /// Records metrics, tracked scopes and the audit log for this gate.
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Gate {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
+    pub fn telemetry(&self) -> Option<&Arc<Telemetry>> {
+        self.telemetry.as_ref()
     }
 
     pub fn policy(&self) -> Arc<CompiledPolicy> {
@@ -146,6 +161,18 @@ impl Gate {
 
     /// Decides a request, reserving its estimate when it is allowed.
     pub async fn check(&self, input: CheckInput) -> Result<Decision, GateError> {
+        let watch = telemetry::Watch::start(
+            self.telemetry.as_deref(),
+            &input,
+            || self.policy(),
+            || self.now(),
+        );
+        let result = self.check_unobserved(input).await;
+        watch.finish(&result);
+        result
+    }
+
+    async fn check_unobserved(&self, input: CheckInput) -> Result<Decision, GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
         let (attrs, unknown_key) = resolve_key(&policy, input.attributes, input.api_key.as_deref());
@@ -241,7 +268,12 @@ impl Gate {
             .await?
         {
             SettleOutcome::Unknown => Err(unknown()),
-            outcome => Ok(outcome),
+            outcome => {
+                if outcome == SettleOutcome::Settled {
+                    telemetry::settled(self.telemetry.as_deref(), reservation.expires_at);
+                }
+                Ok(outcome)
+            }
         }
     }
 
@@ -289,10 +321,13 @@ impl Gate {
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let limit = self.config.store_timeout;
-        match tokio::time::timeout(limit, call).await {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(limit, call).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Timeout(limit.as_millis() as u64)),
-        }
+        };
+        telemetry::store_call(started, &result);
+        result
     }
 }
 

@@ -8,6 +8,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod engine;
 pub mod explain;
 pub mod gate;
@@ -16,3 +17,5 @@ pub mod proto;
 pub mod reload;
 pub mod server;
 pub mod store;
+pub mod telemetry;
+pub mod usage;

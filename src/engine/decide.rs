@@ -255,7 +255,8 @@ pub fn scope_counters(
         .collect()
 }
 
-fn rule_counter(
+/// The counter one rule uses for these attributes.
+pub fn rule_counter(
     policy: &CompiledPolicy,
     i: usize,
     attrs: &Attributes,
