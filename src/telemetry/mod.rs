@@ -264,7 +264,9 @@ impl<'a> Watch<'a> {
 pub fn error_code(e: &GateError) -> &'static str {
     match e {
         GateError::Request(r) => r.code(),
-        GateError::Store(s) => store_error_kind(s),
+        GateError::Store(StoreError::Unavailable(_)) => "store_unavailable",
+        GateError::Store(StoreError::Full(_)) => "store_full",
+        GateError::Store(StoreError::Timeout(_)) => "store_timeout",
         GateError::UnknownReservation(_) => "unknown_reservation",
     }
 }
