@@ -86,6 +86,14 @@ impl AuditLog {
                     .open(&config.path)?,
             )
         };
+        AuditLog::to_writer(config, out)
+    }
+
+    /// Starts the writer thread on any output (`config.path` is unused).
+    pub fn to_writer(
+        config: &AuditConfig,
+        out: Box<dyn Write + Send>,
+    ) -> std::io::Result<AuditLog> {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         std::thread::Builder::new()
             .name("tollgate-audit".to_string())
@@ -320,4 +328,79 @@ fn attributes_json(attrs: &Attributes, key_sha256: Option<&[u8; 32]>) -> Value {
 fn format_utc_millis(t: Millis) -> String {
     let secs = format_utc(t);
     format!("{}.{:03}Z", secs.trim_end_matches('Z'), t.rem_euclid(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc as std_mpsc;
+    use std::sync::Mutex;
+
+    /// An output that stalls on its first write until released, as a slow
+    /// disk would, and says when the writer is stuck in it.
+    struct Stalled {
+        entered: Option<std_mpsc::Sender<()>>,
+        release: std_mpsc::Receiver<()>,
+        bytes: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some(entered) = self.entered.take() {
+                let _ = entered.send(());
+                let _ = self.release.recv();
+            }
+            self.bytes.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_and_never_blocks() {
+        let policy = Arc::new(
+            crate::policy::compile_sources(&[crate::policy::SourceFile {
+                name: "p.yaml".to_string(),
+                text: "rules:\n  - id: r\n    limit: { requests: 1, window: daily }\n".to_string(),
+            }])
+            .unwrap(),
+        );
+        let (entered_tx, entered) = std_mpsc::channel();
+        let (release, release_rx) = std_mpsc::channel();
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let config = AuditConfig {
+            path: PathBuf::from("-"),
+            sample: 1.0,
+            denials_only: false,
+            queue: 2,
+        };
+        let out = Stalled {
+            entered: Some(entered_tx),
+            release: release_rx,
+            bytes: bytes.clone(),
+        };
+        let log = AuditLog::to_writer(&config, Box::new(out)).unwrap();
+        let mut input = CheckInput::default();
+        input.attributes.team = Some("t".to_string());
+        input.api_key = Some("sk-never-written".to_string());
+        let submit = |n: usize| {
+            for _ in 0..n {
+                let pending = log.sample(&input, || policy.clone(), 0).unwrap();
+                log.submit(pending, &Ok(Decision::allow_unmetered()));
+            }
+        };
+        submit(1);
+        entered.recv().unwrap();
+        // The writer is stuck on the first record: two fit in the queue,
+        // the other three are dropped at once.
+        submit(5);
+        assert_eq!(log.dropped_total(), 3);
+        release.send(()).unwrap();
+        log.flush().await;
+        let text = String::from_utf8(bytes.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(!text.contains("sk-never-written"));
+    }
 }
