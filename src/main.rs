@@ -118,10 +118,10 @@ struct ServeArgs {
 struct UsageArgs {
     /// A running server's HTTP address, such as http://127.0.0.1:8080: lists
     /// every scope it has seen, read from its store now.
-    #[arg(long, conflicts_with_all = ["redis", "attrs", "api_key"])]
+    #[arg(long, conflicts_with_all = ["attrs", "api_key"])]
     server: Option<String>,
     /// Read straight from Redis (needs --policies and --attr or --api-key).
-    #[arg(long, env = "TOLLGATE_REDIS_URL", requires = "policies")]
+    #[arg(long, env = "TOLLGATE_REDIS_URL")]
     redis: Option<String>,
     #[arg(long, env = "TOLLGATE_REDIS_CA_FILE")]
     redis_ca_file: Option<PathBuf>,
@@ -130,7 +130,7 @@ struct UsageArgs {
     #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
     redis_prefix: String,
     /// Policy directory; may be given several times.
-    #[arg(long = "policies", value_delimiter = ',')]
+    #[arg(long = "policies", env = "TOLLGATE_POLICIES", value_delimiter = ',')]
     policies: Vec<PathBuf>,
     /// A request attribute, such as team=growth or labels.tier=gold.
     #[arg(long = "attr", value_name = "NAME=VALUE")]
@@ -489,6 +489,9 @@ fn usage(args: UsageArgs) -> ExitCode {
 /// The counters that apply to `--attr`/`--api-key`, read from Redis
 /// through the same gate a server uses.
 async fn usage_from_redis(args: &UsageArgs, url: &str) -> Result<UsageReport, String> {
+    if args.policies.is_empty() {
+        return Err("--redis needs --policies to know the rules".to_string());
+    }
     let policy = reload::load(&args.policies, false).map_err(|e| e.to_string())?;
     let attributes = parse_attrs(&args.attrs)?;
     let config = RedisConfig {

@@ -2,6 +2,8 @@
 //! (`team=growth,key=checkout-prod`), as the tracked set of scopes and the
 //! `usage` command know them.
 
+use std::collections::HashMap;
+
 use super::{Gate, GateError};
 use crate::engine::charge::from_counter;
 use crate::engine::decide::{rule_counter, RuleCounter};
@@ -18,10 +20,16 @@ impl Gate {
     ) -> Result<Vec<CounterReport>, GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
+        let by_id: HashMap<&str, usize> = policy
+            .rules()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.as_str(), i))
+            .collect();
         let counters: Vec<RuleCounter> = scopes
             .iter()
             .filter_map(|(rule_id, scope)| {
-                let i = policy.rules().iter().position(|r| &r.id == rule_id)?;
+                let i = *by_id.get(rule_id.as_str())?;
                 let attrs = scope_attributes(&policy.rules()[i], scope)?;
                 let counter = rule_counter(&policy, i, &attrs, now).ok()?;
                 // A value holding the separator itself cannot be parsed

@@ -66,6 +66,10 @@ impl ScopeTracker {
                 return;
             }
         }
+        // Once the set is full, untracked scopes never take the write lock.
+        if self.len.load(Ordering::Acquire) >= self.max {
+            return self.overflow(report);
+        }
         let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
         let scopes = map.entry(report.rule.clone()).or_default();
         if let Some(t) = scopes.get(&report.scope) {
@@ -74,11 +78,7 @@ impl ScopeTracker {
         }
         if !self.take_slot() {
             drop(map);
-            self.overflowed.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(names::USAGE_SCOPES_OVERFLOW).increment(1);
-            metrics::counter!(names::USAGE_DECISIONS, "rule" => report.rule.clone(), "scope" => "other")
-                .increment(1);
-            return;
+            return self.overflow(report);
         }
         let labels = [
             ("rule", report.rule.clone()),
@@ -92,6 +92,13 @@ impl ScopeTracker {
         };
         set(&t, report);
         scopes.insert(report.scope.clone(), t);
+    }
+
+    fn overflow(&self, report: &CounterReport) {
+        self.overflowed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::USAGE_SCOPES_OVERFLOW).increment(1);
+        metrics::counter!(names::USAGE_DECISIONS, "rule" => report.rule.clone(), "scope" => "other")
+            .increment(1);
     }
 
     fn take_slot(&self) -> bool {
