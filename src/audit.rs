@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -192,7 +193,7 @@ fn write_loop(mut rx: mpsc::Receiver<Message>, mut out: impl Write) {
     while let Some(message) = rx.blocking_recv() {
         let result = match message {
             Message::Record(record) => {
-                let mut line = line(&record).to_string();
+                let mut line = line(&record);
                 line.push('\n');
                 let written = out.write_all(line.as_bytes());
                 if written.is_ok() {
@@ -218,7 +219,26 @@ fn write_loop(mut rx: mpsc::Receiver<Message>, mut out: impl Write) {
     let _ = out.flush();
 }
 
-fn line(r: &Record) -> Value {
+/// One audit line, fields in the order people read them.
+#[derive(Serialize)]
+struct Line<'a> {
+    ts: String,
+    request_id: Option<&'a str>,
+    verdict: &'static str,
+    reason: &'static str,
+    rule: Option<&'a str>,
+    scope: Option<&'a str>,
+    model: Option<&'a str>,
+    message: String,
+    /// Whether the charge was reserved (false for denials and errors).
+    charged: bool,
+    rules: Vec<String>,
+    charge: Vec<Value>,
+    attributes: Value,
+    policy_version: &'a str,
+}
+
+fn line(r: &Record) -> String {
     let p = &r.pending;
     let policy = &p.policy;
     let mut attrs = p.attributes.clone();
@@ -226,37 +246,38 @@ fn line(r: &Record) -> Value {
         apply_key(policy, &mut attrs, h);
     }
     let (rules, charge) = rules_and_charge(policy, &attrs, &p.estimate, p.now, &r.outcome);
-    let mut record = Map::new();
-    record.insert("ts".into(), json!(format_utc_millis(p.now)));
-    record.insert("request_id".into(), json!(p.request_id));
-    record.insert("policy_version".into(), json!(policy.version));
-    record.insert(
-        "attributes".into(),
-        attributes_json(&attrs, r.key_sha256.as_ref()),
-    );
-    record.insert("rules".into(), json!(rules));
-    record.insert("charge".into(), Value::Array(charge));
+    let mut line = Line {
+        ts: format_utc_millis(p.now),
+        request_id: p.request_id.as_deref(),
+        verdict: "error",
+        reason: "",
+        rule: None,
+        scope: None,
+        model: None,
+        message: String::new(),
+        charged: false,
+        rules,
+        charge,
+        attributes: attributes_json(&attrs, r.key_sha256.as_ref()),
+        policy_version: &policy.version,
+    };
     match &r.outcome {
         Ok(d) => {
-            record.insert("verdict".into(), json!(verdict_name(d.verdict)));
-            record.insert("reason".into(), json!(d.reason.code()));
-            record.insert("message".into(), json!(d.message));
-            record.insert("rule".into(), json!(d.rule));
-            record.insert("scope".into(), json!(d.scope));
-            record.insert("model".into(), json!(d.model));
-            record.insert(
-                "charged".into(),
-                json!(d.reservation_id.is_some() && d.verdict != Verdict::Deny),
-            );
+            line.verdict = verdict_name(d.verdict);
+            line.reason = d.reason.code();
+            line.rule = d.rule.as_deref();
+            line.scope = d.scope.as_deref();
+            line.model = d.model.as_deref();
+            line.message = d.message.clone();
+            line.charged = d.reservation_id.is_some() && d.verdict != Verdict::Deny;
         }
         Err(e) => {
-            record.insert("verdict".into(), json!("error"));
-            record.insert("reason".into(), json!(error_code(e)));
-            record.insert("message".into(), json!(e.to_string()));
-            record.insert("charged".into(), json!(false));
+            line.reason = error_code(e);
+            line.message = e.to_string();
         }
     }
-    Value::Object(record)
+    // Written as a struct, not a map, to keep the field order.
+    serde_json::to_string(&line).unwrap_or_default()
 }
 
 /// The rules matching the request as asked, and what the decision charged

@@ -672,3 +672,72 @@ async fn usage_straight_from_redis() {
     .unwrap();
     assert_eq!(json_counter(&json, "team-daily", "team=data")["used"], "0");
 }
+
+/// `--audit-log -` writes the lines to standard output, flushed by the
+/// time the process has exited on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_log_to_stdout() {
+    use std::io::{BufRead, Read};
+    let dir = common::policy_dir(&[("p.yaml", POLICY)]);
+    let (port, http_port) = (common::free_port(), common::free_port());
+    /// Kills the server if the test fails before stopping it.
+    struct Guard(std::process::Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Guard(
+        std::process::Command::new(BIN)
+            .args(["serve", "--audit-log", "-", "--policies"])
+            .arg(dir.path())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = std::io::BufReader::new(child.0.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("serving gRPC") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = TollgateClient::new(channel);
+    for i in 0..4 {
+        grpc.check(check("a", &format!("s-{i}"))).await.unwrap();
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status();
+    let mut out = String::new();
+    child
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(child.0.wait().unwrap().success());
+    let verdicts: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["verdict"].to_string())
+        .collect();
+    assert_eq!(
+        verdicts,
+        ["\"allow\"", "\"allow\"", "\"allow\"", "\"deny\""],
+        "{out}"
+    );
+    assert!(!out.contains(RAW_KEY));
+}
