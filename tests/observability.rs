@@ -741,3 +741,71 @@ async fn audit_log_to_stdout() {
     );
     assert!(!out.contains(RAW_KEY));
 }
+
+/// A reservation nobody settles stops counting as in flight when it
+/// expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_in_flight_expire_with_their_ttl() {
+    let dir = common::policy_dir(&[("p.yaml", POLICY)]);
+    let server = common::TollgateProcess::start(&[
+        "--policies",
+        dir.path().to_str().unwrap(),
+        "--reservation-ttl",
+        "1s",
+    ]);
+    let mut grpc = client(&server).await;
+    for _ in 0..2 {
+        grpc.check(check("a", "")).await.unwrap();
+    }
+    let m = Scrape::take(server.http_port).await;
+    assert_eq!(m.value("tollgate_reservations_in_flight", &[]), Some(2.0));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let m = Scrape::take(server.http_port).await;
+    assert_eq!(m.value("tollgate_reservations_in_flight", &[]), Some(0.0));
+}
+
+/// A caller that gives up mid-decision (here its gRPC deadline passes while
+/// Redis is stalled) is counted as cancelled, not lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_whose_caller_gives_up_is_counted_as_cancelled() {
+    let port = common::free_port();
+    let redis = common::RedisServer::start_with(port, &["--enable-debug-command", "yes"]);
+    let dir = common::policy_dir(&[("p.yaml", POLICY)]);
+    let server = common::TollgateProcess::start(&[
+        "--policies",
+        dir.path().to_str().unwrap(),
+        "--redis",
+        &redis.url(),
+        "--store-timeout-ms",
+        "3000",
+    ]);
+    let mut grpc = client(&server).await;
+    grpc.check(check("a", "")).await.unwrap();
+    let sleeper = std::thread::spawn(move || {
+        std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "debug", "sleep", "1.5"])
+            .output()
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut request = tonic::Request::new(check("a", ""));
+    request.set_timeout(Duration::from_millis(300));
+    let status = grpc.check(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Cancelled, "{status:?}");
+    sleeper.join().unwrap();
+    let m = Scrape::take(server.http_port).await;
+    assert_eq!(
+        m.value(
+            "tollgate_decisions_total",
+            &[
+                ("result", "cancelled"),
+                ("reason", "cancelled"),
+                ("rule", "")
+            ]
+        ),
+        Some(1.0),
+        "{}",
+        m.text
+    );
+    assert_eq!(m.sum("tollgate_decisions_total"), 2.0);
+}

@@ -220,6 +220,7 @@ pub struct Watch<'a> {
     started: Instant,
     now: Millis,
     audit: Option<Pending>,
+    finished: bool,
 }
 
 impl<'a> Watch<'a> {
@@ -238,10 +239,12 @@ impl<'a> Watch<'a> {
             started: Instant::now(),
             now,
             audit,
+            finished: false,
         }
     }
 
-    pub fn finish(self, result: &Result<Decision, GateError>) {
+    pub fn finish(mut self, result: &Result<Decision, GateError>) {
+        self.finished = true;
         let elapsed = self.started.elapsed();
         record_decision(result, elapsed);
         let Some(t) = self.telemetry else { return };
@@ -253,8 +256,20 @@ impl<'a> Watch<'a> {
                 t.in_flight.reserved(self.now + t.ttl);
             }
         }
-        if let (Some(pending), Some(audit)) = (self.audit, &t.audit) {
+        if let (Some(pending), Some(audit)) = (self.audit.take(), &t.audit) {
             audit.submit(pending, result);
+        }
+    }
+}
+
+impl Drop for Watch<'_> {
+    /// A decision whose caller went away (a cancelled gRPC call, a closed
+    /// connection) is dropped mid-way; count it rather than lose it. Its
+    /// store call may still have reserved, and the reservation expires.
+    fn drop(&mut self) {
+        if !self.finished {
+            metrics::counter!(names::DECISIONS, "result" => "cancelled", "reason" => "cancelled", "rule" => "")
+                .increment(1);
         }
     }
 }
