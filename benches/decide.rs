@@ -10,6 +10,7 @@ use tollgate::engine::{decide, Attributes, Estimate};
 use tollgate::gate::{CheckInput, Gate, GateConfig, ManualClock};
 use tollgate::policy::{compile_sources, CompiledPolicy, SourceFile};
 use tollgate::store::MemoryStore;
+use tollgate::telemetry::{Telemetry, TelemetryConfig};
 
 /// `n` rules in the shape of a real matrix: per-customer and per-team
 /// quotas, per-workflow caps, model rules, plus a few global and glob rules
@@ -97,18 +98,45 @@ fn bench(c: &mut Criterion) {
     c.bench_function("check-memory-store/10000-rules", |b| {
         b.iter(|| {
             i += 1;
-            let (mut attrs, estimate) = request();
-            // A fresh action each time so the per-action budget never blocks.
-            attrs.action = Some(format!("act-{i}"));
-            attrs.customer = Some(format!("customer-{}", (i % 2_500) * 4));
-            rt.block_on(gate.check(CheckInput {
-                attributes: attrs,
-                estimate,
-                ..Default::default()
-            }))
-            .unwrap()
+            rt.block_on(gate.check(varied(i))).unwrap()
         })
     });
+
+    // The same with what `serve` adds: the Prometheus recorder, tracked
+    // scopes (the fresh action per request overflows the cap every time,
+    // the worst case) and reservations in flight.
+    let telemetry = Arc::new(Telemetry::new(TelemetryConfig {
+        max_scopes: tollgate::telemetry::DEFAULT_MAX_SCOPES,
+        reservation_ttl: GateConfig::default().reservation_ttl,
+        audit: None,
+    }));
+    telemetry.set_prometheus(tollgate::telemetry::install_prometheus().unwrap());
+    let observed = Gate::new(
+        policy(10_000),
+        Arc::new(MemoryStore::default()),
+        Arc::new(ManualClock::new(now)),
+        GateConfig::default(),
+    )
+    .with_telemetry(telemetry.clone());
+    c.bench_function("check-memory-store-with-metrics/10000-rules", |b| {
+        b.iter(|| {
+            i += 1;
+            rt.block_on(observed.check(varied(i))).unwrap()
+        })
+    });
+    telemetry.upkeep();
+}
+
+fn varied(i: u64) -> CheckInput {
+    let (mut attrs, estimate) = request();
+    // A fresh action each time so the per-action budget never blocks.
+    attrs.action = Some(format!("act-{i}"));
+    attrs.customer = Some(format!("customer-{}", (i % 2_500) * 4));
+    CheckInput {
+        attributes: attrs,
+        estimate,
+        ..Default::default()
+    }
 }
 
 criterion_group! {

@@ -21,6 +21,9 @@ use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
 use crate::policy::{CompiledPolicy, Enforcement, OnExceed, StoreFailure, Unit, UnknownKeys};
 use crate::store::{CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError};
+use crate::telemetry::{self, Telemetry};
+
+mod scopes;
 
 /// The append-only log of every approval and revocation.
 pub const APPROVALS_LOG: &str = "approvals";
@@ -145,6 +148,7 @@ pub struct Gate {
     clock: Arc<dyn Clock>,
     config: GateConfig,
     alerts: Option<Arc<dyn AlertSink>>,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 impl Gate {
@@ -160,6 +164,7 @@ impl Gate {
             clock,
             config,
             alerts: None,
+            telemetry: None,
         }
     }
 
@@ -167,6 +172,16 @@ impl Gate {
     pub fn with_alerts(mut self, sink: Arc<dyn AlertSink>) -> Gate {
         self.alerts = Some(sink);
         self
+    }
+
+    /// Records metrics, tracked scopes and the audit log for this gate.
+    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Gate {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
+    pub fn telemetry(&self) -> Option<&Arc<Telemetry>> {
+        self.telemetry.as_ref()
     }
 
     pub fn policy(&self) -> Arc<CompiledPolicy> {
@@ -184,6 +199,18 @@ impl Gate {
 
     /// Decides a request, reserving its estimate when it is allowed.
     pub async fn check(&self, input: CheckInput) -> Result<Decision, GateError> {
+        let watch = telemetry::Watch::start(
+            self.telemetry.as_deref(),
+            &input,
+            || self.policy(),
+            || self.now(),
+        );
+        let result = self.check_unobserved(input).await;
+        watch.finish(&result);
+        result
+    }
+
+    async fn check_unobserved(&self, input: CheckInput) -> Result<Decision, GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
         let (mut attrs, unknown_key) =
@@ -300,7 +327,12 @@ impl Gate {
             .await?
         {
             SettleOutcome::Unknown => Err(unknown()),
-            outcome => Ok(outcome),
+            outcome => {
+                if outcome == SettleOutcome::Settled {
+                    telemetry::settled(self.telemetry.as_deref(), reservation.expires_at);
+                }
+                Ok(outcome)
+            }
         }
     }
 
@@ -475,7 +507,7 @@ impl Gate {
         .to_string();
         tracing::info!(target: "tollgate::audit", action, rule = %grant.rule, scope = %grant.scope, by, reason, "approval {action}");
         self.admin(self.store.append(APPROVALS_LOG, &entry)).await?;
-        metrics::counter!("tollgate_approvals_total", "action" => action.to_string()).increment(1);
+        metrics::counter!(telemetry::names::APPROVALS, "action" => action.to_string()).increment(1);
         Ok(())
     }
 
@@ -498,10 +530,13 @@ async fn bounded_by<T>(
     limit: Duration,
     call: impl std::future::Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    match tokio::time::timeout(limit, call).await {
+    let started = std::time::Instant::now();
+    let result = match tokio::time::timeout(limit, call).await {
         Ok(result) => result,
         Err(_) => Err(StoreError::Timeout(limit.as_millis() as u64)),
-    }
+    };
+    telemetry::store_call(started, &result);
+    result
 }
 
 /// Hashes the raw key (if any) and applies the key registry.

@@ -10,6 +10,7 @@
 
 pub mod admin_client;
 pub mod alerts;
+pub mod audit;
 pub mod config;
 pub mod engine;
 pub mod explain;
@@ -21,3 +22,5 @@ pub mod reload;
 pub mod server;
 pub mod shutdown;
 pub mod store;
+pub mod telemetry;
+pub mod usage;

@@ -1,5 +1,5 @@
-//! The `tollgate` command: serve, validate, explain, health, and the
-//! approval commands.
+//! The `tollgate` command: serve, validate, explain, health, usage, and
+//! the approval commands.
 
 #![forbid(unsafe_code)]
 
@@ -15,6 +15,7 @@ use rust_decimal::Decimal;
 
 use tollgate::admin_client::{describe_grant, AdminCallError, AdminClient};
 use tollgate::alerts::{Dispatcher, DispatcherConfig};
+use tollgate::audit::{AuditConfig, AuditLog};
 use tollgate::engine::{Attributes, Estimate};
 use tollgate::gate::{CheckInput, Clock, Gate, GateConfig, SystemClock};
 use tollgate::policy::{self, parse_duration, Attr};
@@ -25,6 +26,8 @@ use tollgate::server::tls::{self, TlsFiles};
 use tollgate::server::{AdminListener, ListenerOptions};
 use tollgate::shutdown::{self, FlushHooks, Shutdown};
 use tollgate::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
+use tollgate::telemetry::{Telemetry, TelemetryConfig};
+use tollgate::usage::{UsageReport, UsageRow};
 
 /// glibc's allocator showed up as a fifth of the CPU time of a decision
 /// under load; mimalloc's thread-local caches suit tokio's small, short-lived
@@ -64,6 +67,9 @@ enum Command {
     Revoke(RevokeArgs),
     /// List active approvals and the newest audit entries.
     Approvals(ApprovalsArgs),
+    /// Show counters against their limits, from a running server or from
+    /// Redis directly.
+    Usage(UsageArgs),
 }
 #[derive(clap::Args)]
 struct AdminClientArgs {
@@ -249,6 +255,58 @@ struct ServeArgs {
     /// counted and logged.
     #[arg(long, env = "TOLLGATE_ALERT_QUEUE", default_value_t = 10_000)]
     alert_queue: usize,
+    /// Most distinct (rule, scope) pairs given their own metric series and
+    /// listed by `/v1/usage`; the rest count as scope="other".
+    #[arg(long, env = "TOLLGATE_METRICS_MAX_SCOPES", default_value_t = tollgate::telemetry::DEFAULT_MAX_SCOPES)]
+    metrics_max_scopes: usize,
+    /// Write one JSON line per decision to this file (`-` for stdout).
+    #[arg(long, env = "TOLLGATE_AUDIT_LOG")]
+    audit_log: Option<PathBuf>,
+    /// Share of decisions written to the audit log, from 0 to 1.
+    #[arg(long, env = "TOLLGATE_AUDIT_SAMPLE", default_value_t = 1.0, value_parser = rate_arg)]
+    audit_sample: f64,
+    /// Write only denials (and failed decisions) to the audit log.
+    #[arg(long, env = "TOLLGATE_AUDIT_DENIALS_ONLY")]
+    audit_denials_only: bool,
+}
+
+#[derive(clap::Args)]
+struct UsageArgs {
+    /// A running server's HTTP address, such as http://127.0.0.1:8080: lists
+    /// every scope it has seen, read from its store now.
+    #[arg(long, conflicts_with_all = ["attrs", "api_key"])]
+    server: Option<String>,
+    /// Read straight from Redis (needs --policies and --attr or --api-key).
+    #[arg(long, env = "TOLLGATE_REDIS_URL")]
+    redis: Option<String>,
+    #[arg(long, env = "TOLLGATE_REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
+    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
+    redis_cluster: bool,
+    #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
+    redis_prefix: String,
+    /// Policy directory; may be given several times.
+    #[arg(long = "policies", env = "TOLLGATE_POLICIES", value_delimiter = ',')]
+    policies: Vec<PathBuf>,
+    /// A request attribute, such as team=growth or labels.tier=gold.
+    #[arg(long = "attr", value_name = "NAME=VALUE")]
+    attrs: Vec<String>,
+    /// A raw API key to look up in the key registry (hashed, never printed).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Only this rule's counters.
+    #[arg(long)]
+    rule: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn rate_arg(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
+        .ok_or_else(|| format!("{s:?} is not a rate between 0 and 1"))
 }
 
 #[derive(clap::Args)]
@@ -300,6 +358,7 @@ fn main() -> ExitCode {
         Command::Approve(args) => approve(args),
         Command::Revoke(args) => revoke(args),
         Command::Approvals(args) => approvals(args),
+        Command::Usage(args) => usage(args),
     }
 }
 
@@ -557,16 +616,7 @@ fn explain(args: ExplainArgs) -> ExitCode {
 }
 
 fn explain_input(args: &ExplainArgs) -> Result<CheckInput, String> {
-    let mut attributes = Attributes::default();
-    for pair in &args.attrs {
-        let (name, value) = split_pair(pair)?;
-        let attr = Attr::parse(name)
-            .filter(|a| *a != Attr::ModelFamily)
-            .ok_or_else(|| {
-                format!("unknown attribute {name:?}; model_family is derived from the model")
-            })?;
-        attributes.set(&attr, value.to_string());
-    }
+    let attributes = parse_attrs(&args.attrs)?;
     let mut estimate = Estimate::default();
     for pair in &args.estimate {
         let (name, value) = split_pair(pair)?;
@@ -593,6 +643,20 @@ fn explain_input(args: &ExplainArgs) -> Result<CheckInput, String> {
         estimate,
         request_id: None,
     })
+}
+
+fn parse_attrs(pairs: &[String]) -> Result<Attributes, String> {
+    let mut attributes = Attributes::default();
+    for pair in pairs {
+        let (name, value) = split_pair(pair)?;
+        let attr = Attr::parse(name)
+            .filter(|a| *a != Attr::ModelFamily)
+            .ok_or_else(|| {
+                format!("unknown attribute {name:?}; model_family is derived from the model")
+            })?;
+        attributes.set(&attr, value.to_string());
+    }
+    Ok(attributes)
 }
 
 fn split_pair(pair: &str) -> Result<(&str, &str), String> {
@@ -679,6 +743,13 @@ fn serve(args: ServeArgs) -> ExitCode {
                 ..DispatcherConfig::default()
             },
         );
+        let telemetry = match telemetry(&args) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let gate = Arc::new(
             Gate::new(
@@ -690,7 +761,8 @@ fn serve(args: ServeArgs) -> ExitCode {
                     store_timeout: Duration::from_millis(args.store_timeout_ms),
                 },
             )
-            .with_alerts(alerts.clone()),
+            .with_alerts(alerts.clone())
+            .with_telemetry(telemetry.clone()),
         );
         let readiness = Readiness::new();
         readiness.set_policies_loaded();
@@ -728,6 +800,14 @@ fn serve(args: ServeArgs) -> ExitCode {
             flush.add("alerts", async move {
                 if !alerts.flush(limit).await {
                     tracing::warn!("some alerts were still being delivered at shutdown");
+                }
+            });
+        }
+        if telemetry.audit().is_some() {
+            let telemetry = telemetry.clone();
+            flush.add("audit log", async move {
+                if let Some(audit) = telemetry.audit() {
+                    audit.flush().await;
                 }
             });
         }
@@ -868,6 +948,39 @@ fn serve(args: ServeArgs) -> ExitCode {
     code
 }
 
+/// Metrics (the process-wide Prometheus recorder, with its histograms
+/// drained every few seconds) and the audit log, if asked for.
+fn telemetry(args: &ServeArgs) -> Result<Arc<Telemetry>, String> {
+    let audit = match &args.audit_log {
+        Some(path) => Some(
+            AuditLog::open(&AuditConfig {
+                path: path.clone(),
+                sample: args.audit_sample,
+                denials_only: args.audit_denials_only,
+                queue: tollgate::audit::DEFAULT_QUEUE,
+            })
+            .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let telemetry = Arc::new(Telemetry::new(TelemetryConfig {
+        max_scopes: args.metrics_max_scopes,
+        reservation_ttl: args.reservation_ttl,
+        audit,
+    }));
+    let handle = tollgate::telemetry::install_prometheus()?;
+    telemetry.set_prometheus(handle);
+    let upkeep = telemetry.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.upkeep();
+        }
+    });
+    Ok(telemetry)
+}
+
 /// The embedded store, or Redis with its connections opened (an
 /// unreachable Redis is reported, not fatal: rules' failure policies apply
 /// until it answers).
@@ -909,4 +1022,87 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
         LogFormat::Json => builder.json().init(),
     }
     Ok(())
+}
+
+fn usage(args: UsageArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(async {
+        match (&args.server, &args.redis) {
+            (Some(server), _) => tollgate::usage::fetch(server).await,
+            (None, Some(url)) => usage_from_redis(&args, url).await,
+            (None, None) => Err("give --server URL, or --redis URL with --policies".to_string()),
+        }
+    });
+    let mut report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(rule) = &args.rule {
+        report.counters.retain(|c| &c.rule == rule);
+    }
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", tollgate::usage::table(&report.counters));
+    }
+    ExitCode::SUCCESS
+}
+
+/// The counters that apply to `--attr`/`--api-key`, read from Redis
+/// through the same gate a server uses.
+async fn usage_from_redis(args: &UsageArgs, url: &str) -> Result<UsageReport, String> {
+    if args.policies.is_empty() {
+        return Err("--redis needs --policies to know the rules".to_string());
+    }
+    let policy = reload::load(&args.policies, false).map_err(|e| e.to_string())?;
+    let attributes = parse_attrs(&args.attrs)?;
+    let config = RedisConfig {
+        prefix: args.redis_prefix.clone(),
+        cluster: args.redis_cluster,
+        ca_file: args.redis_ca_file.clone(),
+        ..RedisConfig::new(url.to_string())
+    };
+    let store = RedisStore::connect(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let version = policy.version.clone();
+    let gate = Gate::new(
+        policy,
+        Arc::new(store),
+        Arc::new(SystemClock),
+        GateConfig {
+            // A one-off command can wait for a connection to be made.
+            store_timeout: Duration::from_secs(5),
+            ..GateConfig::default()
+        },
+    );
+    let counters = gate
+        .usage(attributes, args.api_key.as_deref())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(UsageReport {
+        policy_version: version,
+        scopes_tracked: None,
+        scopes_max: None,
+        scopes_overflowed: None,
+        counters: counters.iter().map(UsageRow::from).collect(),
+    })
 }

@@ -25,6 +25,7 @@ use crate::engine::decide::AlertCrossing;
 use crate::engine::window::{format_utc, Millis};
 use crate::policy::{hex, CompiledPolicy, NotifierKind};
 use crate::store::CounterStore;
+use crate::telemetry::names;
 
 /// Where the gate sends the crossings of each decision. Must not block.
 pub trait AlertSink: Send + Sync + fmt::Debug {
@@ -224,7 +225,7 @@ impl AlertSink for Dispatcher {
                 if self.queue.try_send(delivery).is_err() {
                     self.shared.finish();
                     self.shared.counts.dropped.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("tollgate_alert_queue_dropped_total").increment(1);
+                    metrics::counter!(names::ALERT_QUEUE_DROPPED).increment(1);
                     tracing::error!(
                         notifier = id,
                         rule = %event.rule,
@@ -247,7 +248,7 @@ async fn deliver_all(
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     while let Some(delivery) = rx.recv().await {
         metrics::counter!(
-            "tollgate_alerts_fired_total",
+            names::ALERTS_FIRED,
             "rule" => delivery.event.rule.clone(),
             "threshold" => delivery.event.threshold.to_string()
         )
@@ -270,7 +271,7 @@ async fn deliver_all(
             let counter = if ok {
                 &shared.counts.delivered
             } else {
-                metrics::counter!("tollgate_webhook_failures_total", "notifier" => delivery.notifier.clone())
+                metrics::counter!(names::WEBHOOK_FAILURES, "notifier" => delivery.notifier.clone())
                     .increment(1);
                 &shared.counts.failed
             };

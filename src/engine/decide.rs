@@ -263,7 +263,8 @@ pub fn scope_counters(
         .collect()
 }
 
-fn rule_counter(
+/// The counter one rule uses for these attributes.
+pub fn rule_counter(
     policy: &CompiledPolicy,
     i: usize,
     attrs: &Attributes,

@@ -11,6 +11,8 @@
 //! - `/healthz` answers 200 while the process runs; `/readyz` answers 200
 //!   only when policies are loaded and the counter store answers, else 503
 //!   with the reasons as JSON.
+//! - `/metrics`: Prometheus text format; `/v1/usage`: the tracked scopes
+//!   with their counters read from the store now (`tollgate usage`).
 //! - A counter-store fault answers 503: both proxies then refuse the
 //!   request (nginx's `auth_request` treats it as an error).
 
@@ -36,6 +38,7 @@ use crate::engine::Verdict;
 use crate::gate::{ActualUsage, Gate};
 use crate::reload::{PolicyStatus, Reloader};
 use crate::store::SettleOutcome;
+use crate::usage::{UsageReport, UsageRow};
 
 /// Largest body read by the forward endpoint and settle.
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
@@ -56,6 +59,8 @@ pub fn router_with(gate: Arc<Gate>, reloader: Arc<Reloader>, readiness: Readines
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/v1/usage", get(usage))
         .route("/v1/authz/forward", any(forward))
         .route("/v1/authz/forward/{*rest}", any(forward))
         .route("/v1/authz/nginx", any(nginx))
@@ -91,6 +96,49 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 /// The policy in force and the last reload error, as JSON.
 async fn status(State(state): State<HttpState>) -> Json<PolicyStatus> {
     Json(state.reloader.status())
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let status = state.reloader.status();
+    match state
+        .gate
+        .telemetry()
+        .and_then(|t| t.render(state.gate.now(), &status))
+    {
+        Some(text) => {
+            let mut response = text.into_response();
+            put(
+                response.headers_mut(),
+                "content-type",
+                "text/plain; version=0.0.4; charset=utf-8",
+            );
+            response
+        }
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}
+
+/// Every (rule, scope) this process tracks, read from the store now.
+async fn usage(State(state): State<HttpState>) -> Response {
+    let Some(telemetry) = state.gate.telemetry() else {
+        return (StatusCode::NOT_FOUND, "usage tracking is not enabled").into_response();
+    };
+    let scopes = telemetry.scopes();
+    let version = state.gate.policy().version.clone();
+    match state.gate.read_scopes(&scopes.list()).await {
+        Ok(counters) => Json(UsageReport {
+            policy_version: version,
+            scopes_tracked: Some(scopes.len()),
+            scopes_max: Some(scopes.max()),
+            scopes_overflowed: Some(scopes.overflowed()),
+            counters: counters.iter().map(UsageRow::from).collect(),
+        })
+        .into_response(),
+        Err(e) => match http_gate_error(&e) {
+            Ok(d) => deny(Flavor::Forward, d),
+            Err(store) => (StatusCode::SERVICE_UNAVAILABLE, store.to_string()).into_response(),
+        },
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,427 @@
+//! The decision audit log: one JSON line per decision, written by a thread
+//! of its own so that a slow disk never slows a decision.
+//!
+//! The decision path only samples, copies what the record needs and
+//! `try_send`s it into a bounded queue; a full queue drops the record,
+//! counts it (`tollgate_audit_dropped_total`) and logs, at most every ten
+//! seconds. The writer works out the matched rules and the charge from the
+//! policy the decision used (the engine is pure, so this is the same
+//! answer), hashes nothing it did not get hashed, and flushes whenever the
+//! queue is empty. [`AuditLog::flush`] waits for every record queued before
+//! it, for shutdown.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::charge::from_counter;
+use crate::engine::request::{apply_key, hash_key};
+use crate::engine::window::{format_utc, Millis};
+use crate::engine::{decide, Attributes, Decision, Estimate, Verdict};
+use crate::gate::{CheckInput, GateError};
+use crate::policy::{hex, Attr, CompiledPolicy};
+use crate::telemetry::{error_code, names, verdict_name};
+
+/// Records waiting for the writer before new ones are dropped.
+pub const DEFAULT_QUEUE: usize = 8192;
+
+#[derive(Debug, Clone)]
+pub struct AuditConfig {
+    /// A file to append to, or `-` for standard output.
+    pub path: PathBuf,
+    /// Share of decisions recorded, 0 to 1.
+    pub sample: f64,
+    /// Record only denials and failed decisions.
+    pub denials_only: bool,
+    pub queue: usize,
+}
+
+enum Message {
+    Record(Box<Record>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// What the decision path hands over before the decision.
+pub struct Pending {
+    policy: Arc<CompiledPolicy>,
+    now: Millis,
+    attributes: Attributes,
+    /// Hashed only when the record is kept.
+    api_key: Option<String>,
+    estimate: Estimate,
+    request_id: Option<String>,
+}
+
+struct Record {
+    pending: Pending,
+    key_sha256: Option<[u8; 32]>,
+    outcome: Result<Decision, GateError>,
+}
+
+#[derive(Debug)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Message>,
+    /// Sampling threshold: `sample` scaled to 2^32.
+    sample: u64,
+    denials_only: bool,
+    seen: AtomicU64,
+    dropped: AtomicU64,
+    last_warning: AtomicI64,
+}
+
+impl AuditLog {
+    /// Opens the file (or standard output) and starts the writer thread.
+    pub fn open(config: &AuditConfig) -> std::io::Result<AuditLog> {
+        let out: Box<dyn Write + Send> = if config.path.as_os_str() == "-" {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&config.path)?,
+            )
+        };
+        AuditLog::to_writer(config, out)
+    }
+
+    /// Starts the writer thread on any output (`config.path` is unused).
+    pub fn to_writer(
+        config: &AuditConfig,
+        out: Box<dyn Write + Send>,
+    ) -> std::io::Result<AuditLog> {
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        std::thread::Builder::new()
+            .name("tollgate-audit".to_string())
+            .spawn(move || write_loop(rx, std::io::BufWriter::new(out)))?;
+        Ok(AuditLog {
+            tx,
+            sample: (config.sample.clamp(0.0, 1.0) * (1u64 << 32) as f64) as u64,
+            denials_only: config.denials_only,
+            seen: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            last_warning: AtomicI64::new(i64::MIN),
+        })
+    }
+
+    /// Decides, before the decision, whether to record it, and if so keeps
+    /// a copy of the input. Sampling is by count, not chance: of every n
+    /// decisions, `sample * n` are kept, spread evenly.
+    pub(crate) fn sample(
+        &self,
+        input: &CheckInput,
+        policy: impl FnOnce() -> Arc<CompiledPolicy>,
+        now: Millis,
+    ) -> Option<Pending> {
+        let n = self.seen.fetch_add(1, Ordering::Relaxed);
+        let kept = |n: u64| (u128::from(n) * u128::from(self.sample)) >> 32;
+        if kept(n + 1) == kept(n) {
+            return None;
+        }
+        Some(Pending {
+            policy: policy(),
+            now,
+            attributes: input.attributes.clone(),
+            api_key: input.api_key.clone(),
+            estimate: input.estimate.clone(),
+            request_id: input.request_id.clone(),
+        })
+    }
+
+    pub(crate) fn submit(&self, mut pending: Pending, outcome: &Result<Decision, GateError>) {
+        let denial = !matches!(outcome, Ok(d) if d.verdict != Verdict::Deny);
+        if self.denials_only && !denial {
+            return;
+        }
+        let key_sha256 = pending
+            .api_key
+            .take()
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| hash_key(&k));
+        let record = Record {
+            pending,
+            key_sha256,
+            outcome: outcome.clone(),
+        };
+        match self.tx.try_send(Message::Record(Box::new(record))) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.dropped(),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.dropped(),
+        }
+    }
+
+    fn dropped(&self) {
+        let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        metrics::counter!(names::AUDIT_DROPPED).increment(1);
+        let now = crate::gate::Clock::now(&crate::gate::SystemClock).div_euclid(1000);
+        let last = self.last_warning.load(Ordering::Relaxed);
+        if now >= last.saturating_add(10)
+            && self
+                .last_warning
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                dropped_total = total,
+                "audit log queue is full; dropping audit records"
+            );
+        }
+    }
+
+    /// Records dropped so far because the queue was full.
+    pub fn dropped_total(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits until every record queued before this call is written and
+    /// flushed to the file.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+fn write_loop(mut rx: mpsc::Receiver<Message>, mut out: impl Write) {
+    let mut failing = false;
+    while let Some(message) = rx.blocking_recv() {
+        let result = match message {
+            Message::Record(record) => {
+                let mut line = line(&record);
+                line.push('\n');
+                let written = out.write_all(line.as_bytes());
+                if written.is_ok() {
+                    metrics::counter!(names::AUDIT_WRITTEN).increment(1);
+                }
+                written.and_then(|()| if rx.is_empty() { out.flush() } else { Ok(()) })
+            }
+            Message::Flush(done) => {
+                let flushed = out.flush();
+                let _ = done.send(());
+                flushed
+            }
+        };
+        match result {
+            Err(e) if !failing => {
+                failing = true;
+                tracing::error!(error = %e, "cannot write the audit log");
+            }
+            Err(_) => {}
+            Ok(()) => failing = false,
+        }
+    }
+    let _ = out.flush();
+}
+
+/// One audit line, fields in the order people read them.
+#[derive(Serialize)]
+struct Line<'a> {
+    ts: String,
+    request_id: Option<&'a str>,
+    verdict: &'static str,
+    reason: &'static str,
+    rule: Option<&'a str>,
+    scope: Option<&'a str>,
+    model: Option<&'a str>,
+    message: String,
+    /// Whether the charge was reserved (false for denials and errors).
+    charged: bool,
+    rules: Vec<String>,
+    charge: Vec<Value>,
+    attributes: Value,
+    policy_version: &'a str,
+}
+
+fn line(r: &Record) -> String {
+    let p = &r.pending;
+    let policy = &p.policy;
+    let mut attrs = p.attributes.clone();
+    if let Some(h) = &r.key_sha256 {
+        apply_key(policy, &mut attrs, h);
+    }
+    let (rules, charge) = rules_and_charge(policy, &attrs, &p.estimate, p.now, &r.outcome);
+    let mut line = Line {
+        ts: format_utc_millis(p.now),
+        request_id: p.request_id.as_deref(),
+        verdict: "error",
+        reason: "",
+        rule: None,
+        scope: None,
+        model: None,
+        message: String::new(),
+        charged: false,
+        rules,
+        charge,
+        attributes: attributes_json(&attrs, r.key_sha256.as_ref()),
+        policy_version: &policy.version,
+    };
+    match &r.outcome {
+        Ok(d) => {
+            line.verdict = verdict_name(d.verdict);
+            line.reason = d.reason.code();
+            line.rule = d.rule.as_deref();
+            line.scope = d.scope.as_deref();
+            line.model = d.model.as_deref();
+            line.message = d.message.clone();
+            line.charged = d.reservation_id.is_some() && d.verdict != Verdict::Deny;
+        }
+        Err(e) => {
+            line.reason = error_code(e);
+            line.message = e.to_string();
+        }
+    }
+    // Written as a struct, not a map, to keep the field order.
+    serde_json::to_string(&line).unwrap_or_default()
+}
+
+/// The rules matching the request as asked, and what the decision charged
+/// (or, for a denial, would have charged) on each counter.
+fn rules_and_charge(
+    policy: &CompiledPolicy,
+    attrs: &Attributes,
+    estimate: &Estimate,
+    now: Millis,
+    outcome: &Result<Decision, GateError>,
+) -> (Vec<String>, Vec<Value>) {
+    let mut with_families = attrs.clone();
+    with_families.families = attrs
+        .model
+        .as_deref()
+        .map(|m| policy.families_of(m))
+        .unwrap_or_default();
+    let rules = policy
+        .matching_rules(&with_families)
+        .into_iter()
+        .map(|i| policy.rules()[i].id.clone())
+        .collect();
+    let Ok(plan) = decide::plan(policy, attrs, estimate, now) else {
+        return (rules, Vec::new());
+    };
+    let chosen = match outcome {
+        Ok(d) if d.verdict == Verdict::Downgrade => plan
+            .candidates
+            .iter()
+            .position(|c| c.model == d.model)
+            .unwrap_or(0),
+        _ => 0,
+    };
+    let charge = match (plan.candidates.get(chosen), plan.counters.get(chosen)) {
+        (Some(c), Some(counters)) => c
+            .ops
+            .iter()
+            .zip(counters)
+            .map(|(op, rc)| {
+                json!({
+                    "rule": policy.rules()[rc.rule].id,
+                    "scope": rc.scope,
+                    "unit": op.unit.name(),
+                    "amount": from_counter(op.amount, op.unit).to_string(),
+                })
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    (rules, charge)
+}
+
+fn attributes_json(attrs: &Attributes, key_sha256: Option<&[u8; 32]>) -> Value {
+    let mut map = Map::new();
+    if let Some(h) = key_sha256 {
+        map.insert("api_key_sha256".into(), json!(hex(h)));
+    }
+    for attr in Attr::WELL_KNOWN.iter().filter(|a| **a != Attr::ModelFamily) {
+        if let Some(v) = attrs.get(attr) {
+            map.insert(attr.name().to_string(), json!(v));
+        }
+    }
+    if !attrs.labels.is_empty() {
+        map.insert("labels".into(), json!(attrs.labels));
+    }
+    Value::Object(map)
+}
+
+fn format_utc_millis(t: Millis) -> String {
+    let secs = format_utc(t);
+    format!("{}.{:03}Z", secs.trim_end_matches('Z'), t.rem_euclid(1000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc as std_mpsc;
+    use std::sync::Mutex;
+
+    /// An output that stalls on its first write until released, as a slow
+    /// disk would, and says when the writer is stuck in it.
+    struct Stalled {
+        entered: Option<std_mpsc::Sender<()>>,
+        release: std_mpsc::Receiver<()>,
+        bytes: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Some(entered) = self.entered.take() {
+                let _ = entered.send(());
+                let _ = self.release.recv();
+            }
+            self.bytes.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_and_counts_and_never_blocks() {
+        let policy = Arc::new(
+            crate::policy::compile_sources(&[crate::policy::SourceFile {
+                name: "p.yaml".to_string(),
+                text: "rules:\n  - id: r\n    limit: { requests: 1, window: daily }\n".to_string(),
+            }])
+            .unwrap(),
+        );
+        let (entered_tx, entered) = std_mpsc::channel();
+        let (release, release_rx) = std_mpsc::channel();
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let config = AuditConfig {
+            path: PathBuf::from("-"),
+            sample: 1.0,
+            denials_only: false,
+            queue: 2,
+        };
+        let out = Stalled {
+            entered: Some(entered_tx),
+            release: release_rx,
+            bytes: bytes.clone(),
+        };
+        let log = AuditLog::to_writer(&config, Box::new(out)).unwrap();
+        let mut input = CheckInput::default();
+        input.attributes.team = Some("t".to_string());
+        input.api_key = Some("sk-never-written".to_string());
+        let submit = |n: usize| {
+            for _ in 0..n {
+                let pending = log.sample(&input, || policy.clone(), 0).unwrap();
+                log.submit(pending, &Ok(Decision::allow_unmetered()));
+            }
+        };
+        submit(1);
+        entered.recv().unwrap();
+        // The writer is stuck on the first record: two fit in the queue,
+        // the other three are dropped at once.
+        submit(5);
+        assert_eq!(log.dropped_total(), 3);
+        release.send(()).unwrap();
+        log.flush().await;
+        let text = String::from_utf8(bytes.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.lines().count(), 3, "{text}");
+        assert!(!text.contains("sk-never-written"));
+    }
+}

@@ -1,0 +1,92 @@
+//! Reading the counters of scopes known only by rule id and display scope
+//! (`team=growth,key=checkout-prod`), as the tracked set of scopes and the
+//! `usage` command know them.
+
+use std::collections::HashMap;
+
+use super::{Gate, GateError};
+use crate::engine::charge::from_counter;
+use crate::engine::decide::{rule_counter, RuleCounter};
+use crate::engine::{Attributes, CounterReport};
+use crate::policy::{Attr, Enforcement, Rule, Unit};
+use crate::store::CounterRef;
+
+impl Gate {
+    /// The current counters of (rule id, scope) pairs, read in one store
+    /// call. Pairs whose rule is no longer in the policy are left out.
+    pub async fn read_scopes(
+        &self,
+        scopes: &[(String, String)],
+    ) -> Result<Vec<CounterReport>, GateError> {
+        let policy = self.policy.load_full();
+        let now = self.clock.now();
+        let by_id: HashMap<&str, usize> = policy
+            .rules()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.as_str(), i))
+            .collect();
+        let counters: Vec<RuleCounter> = scopes
+            .iter()
+            .filter_map(|(rule_id, scope)| {
+                let i = *by_id.get(rule_id.as_str())?;
+                let attrs = scope_attributes(&policy.rules()[i], scope)?;
+                let counter = rule_counter(&policy, i, &attrs, now).ok()?;
+                // A value holding the separator itself cannot be parsed
+                // back; such a scope is left out rather than misread.
+                (&counter.scope == scope).then_some(counter)
+            })
+            .collect();
+        let refs: Vec<CounterRef> = counters
+            .iter()
+            .map(|c| CounterRef {
+                key: c.key.clone(),
+                gauge: policy.rules()[c.rule].limit.unit == Unit::Concurrent,
+            })
+            .collect();
+        let states = self.bounded(self.store.read(&refs, now)).await?;
+        Ok(counters
+            .iter()
+            .zip(states)
+            .map(|(c, s)| {
+                let rule = &policy.rules()[c.rule];
+                let unit = rule.limit.unit;
+                CounterReport {
+                    rule: rule.id.clone(),
+                    scope: c.scope.clone(),
+                    unit,
+                    window: rule.limit.window,
+                    limit: from_counter(c.limit, unit),
+                    used: from_counter(s.used_before, unit),
+                    remaining: from_counter((c.limit - s.used_before).max(0), unit),
+                    resets_at: c.window_end.or(s.resets_at),
+                    enforced: rule.enforcement != Enforcement::Soft,
+                }
+            })
+            .collect())
+    }
+}
+
+/// The attributes a display scope was made from: `per` names in order,
+/// each as `name=value`, joined by commas.
+fn scope_attributes(rule: &Rule, scope: &str) -> Option<Attributes> {
+    let mut attrs = Attributes::default();
+    if rule.per.is_empty() {
+        return (scope == "all").then_some(attrs);
+    }
+    let mut rest = scope;
+    for (i, attr) in rule.per.iter().enumerate() {
+        rest = rest.strip_prefix(&attr.to_string())?.strip_prefix('=')?;
+        let end = match rule.per.get(i + 1) {
+            Some(next) => rest.find(&format!(",{next}="))?,
+            None => rest.len(),
+        };
+        let value = rest[..end].to_string();
+        match attr {
+            Attr::ModelFamily => attrs.families = vec![value],
+            other => attrs.set(other, value),
+        }
+        rest = rest.get(end + 1..).unwrap_or("");
+    }
+    Some(attrs)
+}

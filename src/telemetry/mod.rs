@@ -1,0 +1,350 @@
+//! Prometheus metrics, the tracked set of scopes, and the hooks the gate
+//! calls around each decision, store call and settle.
+//!
+//! Any module may record with the `metrics` macros; without a recorder
+//! (the library, tests) they do nothing. `serve` installs the Prometheus
+//! recorder once, and `/metrics` renders it.
+
+mod in_flight;
+mod scopes;
+
+use std::fmt::Write as _;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::audit::{AuditLog, Pending};
+use crate::engine::window::Millis;
+use crate::engine::{Decision, Verdict};
+use crate::gate::{CheckInput, GateError};
+use crate::policy::CompiledPolicy;
+use crate::reload::PolicyStatus;
+use crate::store::StoreError;
+
+pub use in_flight::InFlight;
+pub use scopes::ScopeTracker;
+
+/// Metric names. Keep every name here, including those other modules
+/// record, so that none is used twice with different meanings.
+pub mod names {
+    pub const DECISIONS: &str = "tollgate_decisions_total";
+    pub const DECISION_DURATION: &str = "tollgate_decision_duration_seconds";
+    pub const STORE_DURATION: &str = "tollgate_store_duration_seconds";
+    pub const STORE_ERRORS: &str = "tollgate_store_errors_total";
+    pub const RESERVATIONS_IN_FLIGHT: &str = "tollgate_reservations_in_flight";
+    pub const USAGE_USED: &str = "tollgate_usage_used";
+    pub const USAGE_LIMIT: &str = "tollgate_usage_limit";
+    pub const USAGE_DECISIONS: &str = "tollgate_usage_decisions_total";
+    pub const USAGE_SCOPES_TRACKED: &str = "tollgate_usage_scopes_tracked";
+    pub const USAGE_SCOPES_OVERFLOW: &str = "tollgate_usage_scopes_overflow_total";
+    pub const AUDIT_WRITTEN: &str = "tollgate_audit_records_total";
+    pub const AUDIT_DROPPED: &str = "tollgate_audit_dropped_total";
+    /// Rendered from the reloader's status at scrape time, not recorded.
+    pub const POLICY_RELOADS: &str = "tollgate_policy_reloads_total";
+    pub const POLICY_INFO: &str = "tollgate_policy_info";
+    pub const POLICY_RULES: &str = "tollgate_policy_rules";
+    // Recorded by the alert dispatcher and the approvals in the gate.
+    pub const ALERTS_FIRED: &str = "tollgate_alerts_fired_total";
+    pub const WEBHOOK_FAILURES: &str = "tollgate_webhook_failures_total";
+    pub const ALERT_QUEUE_DROPPED: &str = "tollgate_alert_queue_dropped_total";
+    pub const APPROVALS: &str = "tollgate_approvals_total";
+}
+
+/// Default cap on tracked (rule, scope) pairs.
+pub const DEFAULT_MAX_SCOPES: usize = 1000;
+
+const DECISION_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
+];
+
+/// Installs the Prometheus recorder for the whole process. Call once, from
+/// `serve`; a second call fails.
+pub fn install_prometheus() -> Result<PrometheusHandle, String> {
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(names::DECISION_DURATION.into()),
+            DECISION_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(names::STORE_DURATION.into()),
+                DECISION_BUCKETS,
+            )
+        })
+        .map_err(|e| e.to_string())?;
+    let handle = builder.install_recorder().map_err(|e| e.to_string())?;
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        names::DECISIONS,
+        "Decisions by result (allow, deny, downgrade, error), reason code and denying rule"
+    );
+    describe_histogram!(
+        names::DECISION_DURATION,
+        Unit::Seconds,
+        "Time to decide a request, store call included"
+    );
+    describe_histogram!(
+        names::STORE_DURATION,
+        Unit::Seconds,
+        "Round-trip time of counter-store calls"
+    );
+    describe_counter!(names::STORE_ERRORS, "Counter-store failures by kind");
+    describe_gauge!(
+        names::RESERVATIONS_IN_FLIGHT,
+        "Reservations this process made that are neither settled nor expired"
+    );
+    describe_gauge!(
+        names::USAGE_USED,
+        "A counter's value as of the last decision that touched it (USD for spend)"
+    );
+    describe_gauge!(names::USAGE_LIMIT, "A counter's limit (USD for spend)");
+    describe_counter!(
+        names::USAGE_DECISIONS,
+        "Decisions that touched a rule's counter; untracked scopes are summed as scope=\"other\""
+    );
+    describe_gauge!(
+        names::USAGE_SCOPES_TRACKED,
+        "Distinct (rule, scope) pairs tracked, at most --metrics-max-scopes"
+    );
+    describe_counter!(
+        names::USAGE_SCOPES_OVERFLOW,
+        "Counter reports about scopes past --metrics-max-scopes"
+    );
+    describe_counter!(names::AUDIT_WRITTEN, "Audit records written");
+    describe_counter!(
+        names::AUDIT_DROPPED,
+        "Audit records dropped because the writer's queue was full"
+    );
+    describe_counter!(
+        names::ALERTS_FIRED,
+        "Alert deliveries started, by rule and threshold (one per notifier)"
+    );
+    describe_counter!(
+        names::WEBHOOK_FAILURES,
+        "Alert deliveries that failed for good after every attempt, by notifier"
+    );
+    describe_counter!(
+        names::ALERT_QUEUE_DROPPED,
+        "Alerts dropped because the delivery queue was full"
+    );
+    describe_counter!(
+        names::APPROVALS,
+        "Approvals and revocations recorded, by action"
+    );
+}
+
+#[derive(Debug)]
+pub struct TelemetryConfig {
+    pub max_scopes: usize,
+    /// The gate's reservation TTL, for counting reservations in flight.
+    pub reservation_ttl: Duration,
+    pub audit: Option<AuditLog>,
+}
+
+/// What the gate keeps between decisions: the tracked scopes, the
+/// reservations in flight and the audit log.
+#[derive(Debug)]
+pub struct Telemetry {
+    scopes: ScopeTracker,
+    in_flight: InFlight,
+    ttl: Millis,
+    audit: Option<AuditLog>,
+    prometheus: OnceLock<PrometheusHandle>,
+}
+
+impl Telemetry {
+    pub fn new(config: TelemetryConfig) -> Telemetry {
+        Telemetry {
+            scopes: ScopeTracker::new(config.max_scopes),
+            in_flight: InFlight::new(config.reservation_ttl),
+            ttl: config.reservation_ttl.as_millis() as Millis,
+            audit: config.audit,
+            prometheus: OnceLock::new(),
+        }
+    }
+
+    /// Serves `/metrics` from this recorder.
+    pub fn set_prometheus(&self, handle: PrometheusHandle) {
+        let _ = self.prometheus.set(handle);
+    }
+
+    pub fn scopes(&self) -> &ScopeTracker {
+        &self.scopes
+    }
+
+    pub fn in_flight(&self, now: Millis) -> u64 {
+        self.in_flight.count(now)
+    }
+
+    pub fn audit(&self) -> Option<&AuditLog> {
+        self.audit.as_ref()
+    }
+
+    /// The scrape: everything recorded, plus what is read at scrape time.
+    /// `None` when no recorder was installed.
+    pub fn render(&self, now: Millis, status: &PolicyStatus) -> Option<String> {
+        let handle = self.prometheus.get()?;
+        metrics::gauge!(names::RESERVATIONS_IN_FLIGHT).set(self.in_flight.count(now) as f64);
+        metrics::gauge!(names::USAGE_SCOPES_TRACKED).set(self.scopes.len() as f64);
+        let mut text = handle.render();
+        render_policy(&mut text, status);
+        Some(text)
+    }
+
+    /// Runs the recorder's periodic maintenance (draining histograms).
+    pub fn upkeep(&self) {
+        if let Some(h) = self.prometheus.get() {
+            h.run_upkeep();
+        }
+    }
+}
+
+fn render_policy(text: &mut String, s: &PolicyStatus) {
+    let version = s.version.replace('\\', "\\\\").replace('"', "\\\"");
+    let _ = write!(
+        text,
+        "# HELP {reloads} Policy reloads applied (success) and edits rejected (failure)\n\
+         # TYPE {reloads} counter\n\
+         {reloads}{{result=\"success\"}} {ok}\n\
+         {reloads}{{result=\"failure\"}} {failed}\n\
+         # HELP {info} The policy set in force, by content version\n\
+         # TYPE {info} gauge\n\
+         {info}{{version=\"{version}\"}} 1\n\
+         # HELP {rules} Rules in the policy set in force\n\
+         # TYPE {rules} gauge\n\
+         {rules} {count}\n",
+        reloads = names::POLICY_RELOADS,
+        info = names::POLICY_INFO,
+        rules = names::POLICY_RULES,
+        ok = s.reloads,
+        failed = s.failed_reloads,
+        count = s.rules,
+    );
+}
+
+/// One decision being watched, from before the gate starts until it has
+/// the result.
+pub struct Watch<'a> {
+    telemetry: Option<&'a Telemetry>,
+    started: Instant,
+    now: Millis,
+    audit: Option<Pending>,
+    finished: bool,
+}
+
+impl<'a> Watch<'a> {
+    pub fn start(
+        telemetry: Option<&'a Telemetry>,
+        input: &CheckInput,
+        policy: impl FnOnce() -> std::sync::Arc<CompiledPolicy>,
+        now: impl FnOnce() -> Millis,
+    ) -> Watch<'a> {
+        let now = telemetry.map(|_| now()).unwrap_or(0);
+        let audit = telemetry
+            .and_then(|t| t.audit.as_ref())
+            .and_then(|a| a.sample(input, policy, now));
+        Watch {
+            telemetry,
+            started: Instant::now(),
+            now,
+            audit,
+            finished: false,
+        }
+    }
+
+    pub fn finish(mut self, result: &Result<Decision, GateError>) {
+        self.finished = true;
+        let elapsed = self.started.elapsed();
+        record_decision(result, elapsed);
+        let Some(t) = self.telemetry else { return };
+        if let Ok(d) = result {
+            for report in &d.counters {
+                t.scopes.observe(report);
+            }
+            if d.reservation_id.is_some() && d.verdict != Verdict::Deny {
+                t.in_flight.reserved(self.now + t.ttl);
+            }
+        }
+        if let (Some(pending), Some(audit)) = (self.audit.take(), &t.audit) {
+            audit.submit(pending, result);
+        }
+    }
+}
+
+impl Drop for Watch<'_> {
+    /// A decision whose caller went away (a cancelled gRPC call, a closed
+    /// connection) is dropped mid-way; count it rather than lose it. Its
+    /// store call may still have reserved, and the reservation expires.
+    fn drop(&mut self) {
+        if !self.finished {
+            metrics::counter!(names::DECISIONS, "result" => "cancelled", "reason" => "cancelled", "rule" => "")
+                .increment(1);
+        }
+    }
+}
+
+/// The stable code of a failed decision, as the metrics and the audit log
+/// name it.
+pub fn error_code(e: &GateError) -> &'static str {
+    match e {
+        GateError::Request(r) => r.code(),
+        GateError::Store(StoreError::Unavailable(_)) => "store_unavailable",
+        GateError::Store(StoreError::Full(_)) => "store_full",
+        GateError::Store(StoreError::Timeout(_)) => "store_timeout",
+        GateError::UnknownReservation(_) => "unknown_reservation",
+        GateError::InvalidGrant(_) => "invalid_grant",
+        GateError::NoGrant { .. } => "no_grant",
+    }
+}
+
+pub fn store_error_kind(e: &StoreError) -> &'static str {
+    match e {
+        StoreError::Unavailable(_) => "unavailable",
+        StoreError::Full(_) => "full",
+        StoreError::Timeout(_) => "timeout",
+    }
+}
+
+pub fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
+        Verdict::Downgrade => "downgrade",
+    }
+}
+
+fn record_decision(result: &Result<Decision, GateError>, elapsed: Duration) {
+    let (result, reason, rule) = match result {
+        Ok(d) => (
+            verdict_name(d.verdict),
+            d.reason.code(),
+            d.rule.clone().unwrap_or_default(),
+        ),
+        Err(e) => ("error", error_code(e), String::new()),
+    };
+    metrics::counter!(names::DECISIONS, "result" => result, "reason" => reason, "rule" => rule)
+        .increment(1);
+    metrics::histogram!(names::DECISION_DURATION).record(elapsed.as_secs_f64());
+}
+
+/// Called by the gate around every store call.
+pub fn store_call<T>(started: Instant, result: &Result<T, StoreError>) {
+    metrics::histogram!(names::STORE_DURATION).record(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        metrics::counter!(names::STORE_ERRORS, "kind" => store_error_kind(e)).increment(1);
+    }
+}
+
+/// Called by the gate when a reservation was settled.
+pub fn settled(telemetry: Option<&Telemetry>, expires_at: Millis) {
+    if let Some(t) = telemetry {
+        t.in_flight.settled(expires_at);
+    }
+}

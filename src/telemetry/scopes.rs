@@ -1,0 +1,194 @@
+//! The bounded set of (rule, scope) pairs this process has seen, with the
+//! metric handles of each, so that a decision updates its gauges without
+//! a registry lookup.
+//!
+//! Scopes are what bounds metric cardinality: rule ids are bounded by the
+//! policy, but a `per: [customer]` rule has as many scopes as customers.
+//! Past `max` pairs, new ones are not tracked: their decisions are counted
+//! under `scope="other"` and in an overflow counter.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::RwLock;
+
+use metrics::{Counter, Gauge};
+use rust_decimal::prelude::ToPrimitive;
+
+use super::names;
+use crate::engine::CounterReport;
+
+const SHARDS: usize = 16;
+
+#[derive(Debug)]
+struct Tracked {
+    used: Gauge,
+    limit: Gauge,
+    decisions: Counter,
+}
+
+type Shard = HashMap<String, HashMap<String, Tracked>>;
+
+#[derive(Debug)]
+pub struct ScopeTracker {
+    shards: Vec<RwLock<Shard>>,
+    hasher: std::collections::hash_map::RandomState,
+    len: AtomicUsize,
+    max: usize,
+    overflowed: AtomicU64,
+}
+
+impl ScopeTracker {
+    pub fn new(max: usize) -> ScopeTracker {
+        ScopeTracker {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            len: AtomicUsize::new(0),
+            max,
+            overflowed: AtomicU64::new(0),
+        }
+    }
+
+    fn shard(&self, rule: &str, scope: &str) -> &RwLock<Shard> {
+        let mut h = self.hasher.build_hasher();
+        rule.hash(&mut h);
+        scope.hash(&mut h);
+        &self.shards[h.finish() as usize % SHARDS]
+    }
+
+    /// Records a counter's standing as a decision reported it.
+    pub fn observe(&self, report: &CounterReport) {
+        let shard = self.shard(&report.rule, &report.scope);
+        {
+            let map = shard.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(t) = map.get(&report.rule).and_then(|m| m.get(&report.scope)) {
+                set(t, report);
+                return;
+            }
+        }
+        // Once the set is full, untracked scopes never take the write lock.
+        if self.len.load(Ordering::Acquire) >= self.max {
+            return self.overflow(report);
+        }
+        let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
+        let scopes = map.entry(report.rule.clone()).or_default();
+        if let Some(t) = scopes.get(&report.scope) {
+            set(t, report);
+            return;
+        }
+        if !self.take_slot() {
+            drop(map);
+            return self.overflow(report);
+        }
+        let labels = [
+            ("rule", report.rule.clone()),
+            ("scope", report.scope.clone()),
+            ("unit", report.unit.name().to_string()),
+        ];
+        let t = Tracked {
+            used: metrics::gauge!(names::USAGE_USED, &labels),
+            limit: metrics::gauge!(names::USAGE_LIMIT, &labels),
+            decisions: metrics::counter!(names::USAGE_DECISIONS, &labels[..2]),
+        };
+        set(&t, report);
+        scopes.insert(report.scope.clone(), t);
+    }
+
+    fn overflow(&self, report: &CounterReport) {
+        self.overflowed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(names::USAGE_SCOPES_OVERFLOW).increment(1);
+        metrics::counter!(names::USAGE_DECISIONS, "rule" => report.rule.clone(), "scope" => "other")
+            .increment(1);
+    }
+
+    fn take_slot(&self) -> bool {
+        self.len
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Every tracked (rule, scope), sorted.
+    pub fn list(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .shards
+            .iter()
+            .flat_map(|s| {
+                let map = s.read().unwrap_or_else(|e| e.into_inner());
+                map.iter()
+                    .flat_map(|(rule, scopes)| {
+                        scopes
+                            .keys()
+                            .map(move |scope| (rule.clone(), scope.clone()))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Reports about scopes that found the set full.
+    pub fn overflowed(&self) -> u64 {
+        self.overflowed.load(Ordering::Relaxed)
+    }
+}
+
+fn set(t: &Tracked, r: &CounterReport) {
+    t.used.set(r.used.to_f64().unwrap_or(f64::MAX));
+    t.limit.set(r.limit.to_f64().unwrap_or(f64::MAX));
+    t.decisions.increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Unit, Window};
+    use rust_decimal::Decimal;
+
+    fn report(rule: &str, scope: &str) -> CounterReport {
+        CounterReport {
+            rule: rule.to_string(),
+            scope: scope.to_string(),
+            unit: Unit::Requests,
+            window: Window::Lifetime,
+            limit: Decimal::from(10),
+            used: Decimal::from(1),
+            remaining: Decimal::from(9),
+            resets_at: None,
+            enforced: true,
+        }
+    }
+
+    #[test]
+    fn holds_at_most_max_pairs() {
+        let t = ScopeTracker::new(2);
+        t.observe(&report("a", "team=x"));
+        t.observe(&report("a", "team=x"));
+        t.observe(&report("b", "all"));
+        t.observe(&report("a", "team=y"));
+        t.observe(&report("a", "team=z"));
+        assert_eq!(
+            t.list(),
+            vec![
+                ("a".to_string(), "team=x".to_string()),
+                ("b".to_string(), "all".to_string())
+            ]
+        );
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.overflowed(), 2);
+    }
+}

@@ -1,0 +1,221 @@
+//! `tollgate usage`: counters against their limits, as a terminal table
+//! or JSON, from a running server (`GET /v1/usage` on its HTTP port) or
+//! straight from the counter store.
+
+use std::fmt::Write as _;
+
+use rust_decimal::prelude::ToPrimitive;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::window::format_utc;
+use crate::engine::CounterReport;
+
+/// One counter, as `/v1/usage` serves it and `usage --json` prints it.
+/// Amounts are exact decimals as strings (USD for spend).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub rule: String,
+    pub scope: String,
+    pub unit: String,
+    pub window: String,
+    pub used: String,
+    pub limit: String,
+    pub remaining: String,
+    /// Unix seconds; absent when the counter never resets.
+    pub resets_at: Option<i64>,
+    pub enforced: bool,
+}
+
+impl From<&CounterReport> for UsageRow {
+    fn from(c: &CounterReport) -> UsageRow {
+        UsageRow {
+            rule: c.rule.clone(),
+            scope: c.scope.clone(),
+            unit: c.unit.name().to_string(),
+            window: c.window.to_string(),
+            used: c.used.normalize().to_string(),
+            limit: c.limit.normalize().to_string(),
+            remaining: c.remaining.normalize().to_string(),
+            resets_at: c.resets_at.map(|t| t.div_euclid(1000)),
+            enforced: c.enforced,
+        }
+    }
+}
+
+/// The `/v1/usage` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub policy_version: String,
+    /// From a server: the distinct (rule, scope) pairs it tracks, its cap,
+    /// and how many counter reports found the tracked set full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes_tracked: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes_max: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes_overflowed: Option<u64>,
+    pub counters: Vec<UsageRow>,
+}
+
+const BAR_WIDTH: usize = 20;
+
+/// Used as a share of the limit, in percent; `None` for a zero limit.
+pub fn percent(row: &UsageRow) -> Option<f64> {
+    let used: Decimal = row.used.parse().ok()?;
+    let limit: Decimal = row.limit.parse().ok()?;
+    if limit.is_zero() {
+        return None;
+    }
+    (used * Decimal::from(100) / limit).to_f64()
+}
+
+fn bar(pct: Option<f64>) -> String {
+    let filled = pct
+        .map(|p| {
+            ((p / 100.0) * BAR_WIDTH as f64)
+                .round()
+                .clamp(0.0, BAR_WIDTH as f64) as usize
+        })
+        .unwrap_or(0);
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(BAR_WIDTH - filled))
+}
+
+fn amount(unit: &str, value: &str) -> String {
+    if unit == "spend" {
+        format!("${value}")
+    } else {
+        value.to_string()
+    }
+}
+
+/// A table for people: one line per counter with a bar and the percent.
+pub fn table(rows: &[UsageRow]) -> String {
+    if rows.is_empty() {
+        return "no counters\n".to_string();
+    }
+    let cells: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            let pct = percent(r);
+            [
+                r.rule.clone(),
+                r.scope.clone(),
+                format!(
+                    "{} / {}",
+                    amount(&r.unit, &r.used),
+                    amount(&r.unit, &r.limit)
+                ),
+                format!("{} {}", r.unit, r.window),
+                bar(pct),
+                pct.map(|p| format!("{p:.1}%"))
+                    .unwrap_or_else(|| "-".to_string()),
+                match r.resets_at {
+                    Some(t) => format_utc(t * 1000),
+                    None => "never".to_string(),
+                }
+                .to_string()
+                    + if r.enforced { "" } else { " (soft)" },
+            ]
+        })
+        .collect();
+    let header = [
+        "RULE",
+        "SCOPE",
+        "USED / LIMIT",
+        "UNIT",
+        "USAGE",
+        "%",
+        "RESETS",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &cells {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cols: &[String]| {
+        let mut text = String::new();
+        for (i, (c, w)) in cols.iter().zip(widths).enumerate() {
+            // Numbers read best right-aligned.
+            if i == 2 || i == 5 {
+                let _ = write!(text, "{c:>w$}  ");
+            } else {
+                let _ = write!(text, "{c:<w$}  ");
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header.map(str::to_string));
+    for row in &cells {
+        line(row);
+    }
+    out
+}
+
+/// `GET {server}/v1/usage`, over plain HTTP/1.0 so that the answer is
+/// never chunked; only `http://` servers.
+pub async fn fetch(server: &str) -> Result<UsageReport, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = server
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{server:?}: only http:// servers are supported"))?;
+    let host = rest.split('/').next().unwrap_or(rest);
+    let mut stream = tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(|e| format!("cannot connect to {host}: {e}"))?;
+    let request = format!("GET /v1/usage HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("{host}: {e}"))?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .await
+        .map_err(|e| format!("{host}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{host}: not an HTTP answer"))?;
+    let status = head.lines().next().unwrap_or("");
+    if !status.contains(" 200 ") {
+        return Err(format!("{host}: {status}: {body}"));
+    }
+    serde_json::from_str(body).map_err(|e| format!("{host}: bad /v1/usage answer: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(used: &str, limit: &str) -> UsageRow {
+        UsageRow {
+            rule: "r".into(),
+            scope: "team=growth".into(),
+            unit: "spend".into(),
+            window: "daily".into(),
+            used: used.into(),
+            limit: limit.into(),
+            remaining: "0".into(),
+            resets_at: None,
+            enforced: true,
+        }
+    }
+
+    #[test]
+    fn bar_and_percent() {
+        assert_eq!(percent(&row("2.5", "10")), Some(25.0));
+        assert_eq!(percent(&row("1", "0")), None);
+        assert_eq!(
+            bar(Some(25.0)),
+            format!("[{}{}]", "#".repeat(5), ".".repeat(15))
+        );
+        assert_eq!(bar(Some(250.0)), format!("[{}]", "#".repeat(20)));
+        let t = table(&[row("2.5", "10")]);
+        assert!(t.contains("$2.5 / $10"), "{t}");
+        assert!(t.contains("25.0%"), "{t}");
+    }
+}
