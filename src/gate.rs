@@ -346,6 +346,16 @@ impl Gate {
         let now = self.clock.now();
         let attrs = resolve(&policy, attributes, api_key);
         let counters = decide::scope_counters(&policy, &attrs, now)?;
+        self.report(&policy, &counters, now).await
+    }
+
+    /// Reads `counters` from the store and reports each against its limit.
+    async fn report(
+        &self,
+        policy: &CompiledPolicy,
+        counters: &[decide::RuleCounter],
+        now: Millis,
+    ) -> Result<Vec<CounterReport>, GateError> {
         let refs: Vec<CounterRef> = counters
             .iter()
             .map(|c| CounterRef {
@@ -369,7 +379,7 @@ impl Gate {
                     used: from_counter(s.used_before, unit),
                     remaining: from_counter((c.limit - s.used_before).max(0), unit),
                     resets_at: c.window_end.or(s.resets_at),
-                    enforced: rule.enforcement != crate::policy::Enforcement::Soft,
+                    enforced: rule.enforcement != Enforcement::Soft,
                 }
             })
             .collect())

@@ -5,11 +5,9 @@
 use std::collections::HashMap;
 
 use super::{Gate, GateError};
-use crate::engine::charge::from_counter;
 use crate::engine::decide::{rule_counter, RuleCounter};
 use crate::engine::{Attributes, CounterReport};
-use crate::policy::{Attr, Enforcement, Rule, Unit};
-use crate::store::CounterRef;
+use crate::policy::{Attr, Rule};
 
 impl Gate {
     /// The current counters of (rule id, scope) pairs, read in one store
@@ -37,33 +35,7 @@ impl Gate {
                 (&counter.scope == scope).then_some(counter)
             })
             .collect();
-        let refs: Vec<CounterRef> = counters
-            .iter()
-            .map(|c| CounterRef {
-                key: c.key.clone(),
-                gauge: policy.rules()[c.rule].limit.unit == Unit::Concurrent,
-            })
-            .collect();
-        let states = self.bounded(self.store.read(&refs, now)).await?;
-        Ok(counters
-            .iter()
-            .zip(states)
-            .map(|(c, s)| {
-                let rule = &policy.rules()[c.rule];
-                let unit = rule.limit.unit;
-                CounterReport {
-                    rule: rule.id.clone(),
-                    scope: c.scope.clone(),
-                    unit,
-                    window: rule.limit.window,
-                    limit: from_counter(c.limit, unit),
-                    used: from_counter(s.used_before, unit),
-                    remaining: from_counter((c.limit - s.used_before).max(0), unit),
-                    resets_at: c.window_end.or(s.resets_at),
-                    enforced: rule.enforcement != Enforcement::Soft,
-                }
-            })
-            .collect())
+        self.report(&policy, &counters, now).await
     }
 }
 
