@@ -220,13 +220,21 @@ impl Gate {
         }
         input.estimate.validate()?;
         attrs.validate()?;
+        let replay_id = input
+            .request_id
+            .as_deref()
+            .map(|id| replay_id(id, &attrs, &input.estimate));
         // A request that names no action is an action of its own: it must
-        // never share a retry budget with another by accident.
+        // never share a retry budget with another by accident. A repeat of
+        // the same request gets the same id back.
         let fresh_action = match attrs.action {
             Some(_) => None,
             None if !policy.uses_action() => None,
             None => {
-                let id = format!("act-{}", new_reservation_id());
+                let id = match &replay_id {
+                    Some(r) => format!("act-{}", derived_id("action", r)),
+                    None => format!("act-{}", new_reservation_id()),
+                };
                 attrs.action = Some(id.clone());
                 Some(id)
             }
@@ -244,7 +252,7 @@ impl Gate {
             candidates: plan.candidates.clone(),
             reservation_id: new_reservation_id(),
             reservation_ttl: self.config.reservation_ttl.as_millis() as Millis,
-            request_id: input.request_id,
+            request_id: replay_id,
         };
         match self.bounded(self.store.reserve(&request)).await {
             Ok(outcome) => {
@@ -566,6 +574,45 @@ fn resolve_key(
         unknown = !apply_key(policy, &mut attrs, &hash_key(raw));
     }
     (attrs, unknown)
+}
+
+/// What a caller's request id is remembered under: the id bound to what
+/// the request asks (its resolved attributes, the key only as its registry
+/// id or hash, and its estimate). A reused id on a different request (a
+/// client that repeats one `x-request-id`, or another caller's id) is
+/// decided afresh instead of getting the first request's decision and
+/// reservation.
+fn replay_id(request_id: &str, attrs: &Attributes, estimate: &Estimate) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |name: &str, value: &str| {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(value.as_bytes());
+        h.update([0]);
+    };
+    field("request_id", request_id);
+    for attr in crate::policy::Attr::WELL_KNOWN.iter() {
+        if let Some(v) = attrs.get(attr).filter(|_| *attr != crate::policy::Attr::ModelFamily) {
+            field(attr.name(), v);
+        }
+    }
+    for (k, v) in &attrs.labels {
+        field(&format!("labels.{k}"), v);
+    }
+    field("estimate", &format!("{estimate:?}"));
+    crate::policy::hex(&h.finalize()[..16])
+}
+
+/// An id derived from another, for what must be the same on a replay.
+fn derived_id(purpose: &str, from: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(purpose.as_bytes())
+        .chain_update([0])
+        .chain_update(from.as_bytes())
+        .finalize();
+    crate::policy::hex(&digest[..16])
 }
 
 /// A reservation id nobody can guess (and so settle for someone else):

@@ -1001,3 +1001,29 @@ fn a_request_without_an_action_gets_a_fresh_one_its_retries_can_share() {
         );
     });
 }
+
+#[test]
+fn a_request_id_replays_only_the_same_request() {
+    let clock = Arc::new(tollgate::gate::ManualClock::new(at(2026, 11, 21, 12, 0)));
+    let store = Arc::new(tollgate::store::MemoryStore::default());
+    let gate = common::gate_with(policy(RETRY_BUDGETS), store.clone(), clock);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let with_id = |team: &str| CheckInput {
+            request_id: Some("req-1".to_string()),
+            ..input(&[("team", team), ("model", "m")])
+        };
+        let first = gate.check(with_id("a")).await.unwrap();
+        let again = gate.check(with_id("a")).await.unwrap();
+        assert_eq!(again.reservation_id, first.reservation_id);
+        assert_eq!(again.action_id, first.action_id, "a replay keeps its action id");
+        assert_eq!(store.counter_count(), 1, "the replay charged nothing");
+
+        // The same id on another request is not that request's replay: it
+        // gets its own decision, reservation and action.
+        let other = gate.check(with_id("b")).await.unwrap();
+        assert_ne!(other.reservation_id, first.reservation_id);
+        assert_ne!(other.action_id, first.action_id);
+        assert_eq!(store.counter_count(), 2);
+    });
+}
