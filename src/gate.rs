@@ -436,7 +436,7 @@ impl Gate {
                 )));
             }
         }
-        let (scope, scope_hash) = decide::grant_scope(rule, &req.scope)?;
+        let (scope, scope_hash) = decide::grant_scope(&policy, rule, &req.scope)?;
         let grant = Grant {
             rule: rule.id.clone(),
             scope,
@@ -482,7 +482,7 @@ impl Gate {
             .ok_or_else(|| {
                 GateError::InvalidGrant(format!("no rule `{rule_id}` in the policy in force"))
             })?;
-        let (scope, scope_hash) = decide::grant_scope(rule, scope)?;
+        let (scope, scope_hash) = decide::grant_scope(&policy, rule, scope)?;
         let key = decide::grant_key(&rule.id, &scope_hash);
         let grant = self
             .admin(self.store.remove_grant(&key, now))
@@ -593,7 +593,10 @@ fn replay_id(request_id: &str, attrs: &Attributes, estimate: &Estimate) -> Strin
     };
     field("request_id", request_id);
     for attr in crate::policy::Attr::WELL_KNOWN.iter() {
-        if let Some(v) = attrs.get(attr).filter(|_| *attr != crate::policy::Attr::ModelFamily) {
+        if let Some(v) = attrs
+            .get(attr)
+            .filter(|_| *attr != crate::policy::Attr::ModelFamily)
+        {
             field(attr.name(), v);
         }
     }

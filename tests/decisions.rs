@@ -1016,7 +1016,10 @@ fn a_request_id_replays_only_the_same_request() {
         let first = gate.check(with_id("a")).await.unwrap();
         let again = gate.check(with_id("a")).await.unwrap();
         assert_eq!(again.reservation_id, first.reservation_id);
-        assert_eq!(again.action_id, first.action_id, "a replay keeps its action id");
+        assert_eq!(
+            again.action_id, first.action_id,
+            "a replay keeps its action id"
+        );
         assert_eq!(store.counter_count(), 1, "the replay charged nothing");
 
         // The same id on another request is not that request's replay: it
@@ -1025,5 +1028,103 @@ fn a_request_id_replays_only_the_same_request() {
         assert_ne!(other.reservation_id, first.reservation_id);
         assert_ne!(other.action_id, first.action_id);
         assert_eq!(store.counter_count(), 2);
+    });
+}
+
+#[test]
+fn grant_scopes_are_unambiguous_and_never_hold_a_raw_key() {
+    let yaml = "
+pricing:
+  families:
+    premium: [\"gpt-5*\"]
+keys:
+  - id: checkout-prod
+    sha256: \"74c8b108068d5afd4a40bef2782d1ec6a90b0cde13b56d932971801f8b1e4262\"
+rules:
+  - id: premium-gate
+    match: { model_family: premium }
+    per: [model_family]
+    limit: { requests: 10, window: daily }
+    enforcement: approval
+  - id: key-gate
+    match: { workflow: backfill }
+    per: [key, team]
+    limit: { requests: 10, window: daily }
+    enforcement: approval
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // A rule counted per model family takes a family scope.
+        assert_eq!(
+            gate.check(input(&[("model", "gpt-5")]))
+                .await
+                .unwrap()
+                .reason,
+            Reason::ApprovalRequired
+        );
+        gate.approve(grant_request(
+            "premium-gate",
+            "model_family=premium",
+            None,
+            60,
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            gate.check(input(&[("model", "gpt-5")]))
+                .await
+                .unwrap()
+                .verdict,
+            Verdict::Allow
+        );
+
+        let cases = [
+            ("key=checkout-prod,team=a,team=b", "given twice"),
+            ("key=checkout-prod,team=a=b", "hold no `=`"),
+            (
+                "key=sk-example-checkout-prod,team=a",
+                "that is a raw API key",
+            ),
+            ("key=nobody,team=a", "neither a registry id"),
+        ];
+        for (scope, expected) in cases {
+            let err = gate
+                .approve(grant_request("key-gate", scope, None, 60))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains(expected), "{scope}: {err}");
+            assert!(!err.to_string().contains("sk-example") || expected.contains("raw"));
+        }
+        assert_eq!(gate.approvals().await.unwrap().len(), 1);
+        // A registry id works, and so does the hash form of an unknown key.
+        gate.approve(grant_request(
+            "key-gate",
+            "key=checkout-prod,team=a",
+            None,
+            60,
+        ))
+        .await
+        .unwrap();
+        let unknown = gate
+            .check(CheckInput {
+                api_key: Some("sk-unregistered".to_string()),
+                ..input(&[("workflow", "backfill"), ("team", "a")])
+            })
+            .await
+            .unwrap();
+        let scope = unknown.scope.clone().unwrap();
+        assert!(scope.starts_with("key=sha256:"), "{scope}");
+        gate.approve(grant_request("key-gate", &scope, None, 60))
+            .await
+            .unwrap();
+        let allowed = gate
+            .check(CheckInput {
+                api_key: Some("sk-unregistered".to_string()),
+                ..input(&[("workflow", "backfill"), ("team", "a")])
+            })
+            .await
+            .unwrap();
+        assert_eq!(allowed.verdict, Verdict::Allow);
     });
 }

@@ -292,17 +292,26 @@ pub fn grant_key(rule_id: &str, scope_hash: &str) -> String {
 }
 
 /// The scope a grant names (`team=growth,environment=prod`, or `all`),
-/// checked against the rule's `per`, as its display form and hash.
-pub fn grant_scope(rule: &Rule, text: &str) -> Result<(String, String), RequestError> {
+/// checked against the rule's `per`, as its display form and hash. Each
+/// attribute is given once, and values cannot hold `,` or `=`, so that a
+/// scope text means exactly one scope. A key is named by its registry id or
+/// the `sha256:` form that denials show, never by the raw key.
+pub fn grant_scope(
+    policy: &CompiledPolicy,
+    rule: &Rule,
+    text: &str,
+) -> Result<(String, String), RequestError> {
     let invalid = |why: String| RequestError::invalid(format!("scope {text:?}: {why}"));
     let mut attrs = Attributes::default();
+    let mut given: Vec<crate::policy::Attr> = Vec::new();
     let text = text.trim();
     if !(text.is_empty() || text == "all") {
         for pair in text.split(',') {
             let (name, value) = pair
                 .split_once('=')
                 .ok_or_else(|| invalid(format!("{pair:?} is not NAME=VALUE")))?;
-            let attr = crate::policy::Attr::parse(name.trim())
+            let (name, value) = (name.trim(), value.trim());
+            let attr = crate::policy::Attr::parse(name)
                 .ok_or_else(|| invalid(format!("unknown attribute {name:?}")))?;
             if !rule.per.contains(&attr) {
                 return Err(invalid(format!(
@@ -310,7 +319,23 @@ pub fn grant_scope(rule: &Rule, text: &str) -> Result<(String, String), RequestE
                     rule.id
                 )));
             }
-            attrs.set(&attr, value.trim().to_string());
+            if given.contains(&attr) {
+                return Err(invalid(format!("{attr} is given twice")));
+            }
+            if value.is_empty() || value.contains('=') {
+                return Err(invalid(format!(
+                    "the value of {attr} must be non-empty and hold no `=` or `,`"
+                )));
+            }
+            if attr == crate::policy::Attr::Key {
+                check_key_scope(policy, value).map_err(&invalid)?;
+            }
+            given.push(attr.clone());
+            if attr == crate::policy::Attr::ModelFamily {
+                attrs.families = vec![value.to_string()];
+            } else {
+                attrs.set(&attr, value.to_string());
+            }
         }
     }
     if let Some(missing) = rule.per.iter().find(|a| attrs.get(a).is_none()) {
@@ -325,6 +350,26 @@ pub fn grant_scope(rule: &Rule, text: &str) -> Result<(String, String), RequestE
         )));
     }
     scope_of(rule, &attrs)
+}
+
+/// A key in a scope is a registry id or the `sha256:` prefix form of an
+/// unregistered key. A raw key would be stored and logged with the grant,
+/// and would match nothing anyway.
+fn check_key_scope(policy: &CompiledPolicy, value: &str) -> Result<(), String> {
+    if policy.set.keys.iter().any(|k| k.id == value) || value.starts_with("sha256:") {
+        return Ok(());
+    }
+    if policy
+        .key_by_hash(&super::request::hash_key(value))
+        .is_some()
+    {
+        return Err(
+            "that is a raw API key; name it by its registry id, never the key itself".to_string(),
+        );
+    }
+    Err(format!(
+        "key {value:?} is neither a registry id nor the sha256: form shown in denials"
+    ))
 }
 
 /// The display scope and the hash that goes into the counter key.
@@ -361,9 +406,18 @@ fn expiry(window: Window, end: Option<Millis>) -> Expiry {
     }
 }
 
-/// How to get past an approval rule, for denial messages.
+/// How to get past an approval rule, for denial messages. The scope comes
+/// from the request, so it is quoted for a shell unless it is plainly safe.
 fn how_to_ask(rule: &Rule, scope: &str) -> String {
     let owner = rule.owner.as_deref().unwrap_or("the rule's owner");
+    let plain = scope
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/' | '=' | ','));
+    let scope = if plain {
+        scope.to_string()
+    } else {
+        format!("'{}'", scope.replace('\'', r"'\''"))
+    };
     format!(
         "ask {owner} to approve it (tollgate approve --rule {} --scope {scope})",
         rule.id
