@@ -26,7 +26,7 @@ use crate::telemetry::{self, Telemetry};
 mod scopes;
 
 /// The append-only log of every approval and revocation.
-pub const APPROVALS_LOG: &str = "approvals";
+pub use crate::policy::APPROVALS_LOG;
 
 /// Admin calls are rare and made by people: they may wait longer for the
 /// store than a decision may.
@@ -448,14 +448,21 @@ impl Gate {
             reason: req.reason.trim().to_string(),
             created_at: now,
         };
-        self.admin(self.store.put_grant(&grant, now)).await?;
-        if let Err(e) = self
-            .audit("approve", &grant, &grant.approver, &grant.reason, now)
-            .await
-        {
-            // Nothing may be in force that the audit trail does not show.
-            let _ = self.admin(self.store.remove_grant(&grant.key, now)).await;
-            return Err(e);
+        // The trail first: nothing may be in force that it does not show.
+        // A grant that then fails to be stored gets a second entry saying so.
+        self.audit("approve", &grant, &grant.approver, &grant.reason, now)
+            .await?;
+        if let Err(e) = self.admin(self.store.put_grant(&grant, now)).await {
+            let _ = self
+                .audit(
+                    "approve-failed",
+                    &grant,
+                    &grant.approver,
+                    &e.to_string(),
+                    now,
+                )
+                .await;
+            return Err(e.into());
         }
         Ok(grant)
     }
@@ -484,16 +491,22 @@ impl Gate {
             })?;
         let (scope, scope_hash) = decide::grant_scope(&policy, rule, scope)?;
         let key = decide::grant_key(&rule.id, &scope_hash);
-        let grant = self
-            .admin(self.store.remove_grant(&key, now))
+        let no_grant = || GateError::NoGrant {
+            rule: rule.id.clone(),
+            scope: scope.clone(),
+        };
+        let current = self
+            .admin(self.store.grants(now))
             .await?
-            .ok_or_else(|| GateError::NoGrant {
-                rule: rule.id.clone(),
-                scope,
-            })?;
-        self.audit("revoke", &grant, by.trim(), reason.trim(), now)
+            .into_iter()
+            .find(|g| g.key == key)
+            .ok_or_else(no_grant)?;
+        // As for approvals, the trail first; then the grant goes.
+        self.audit("revoke", &current, by.trim(), reason.trim(), now)
             .await?;
-        Ok(grant)
+        self.admin(self.store.remove_grant(&key, now))
+            .await?
+            .ok_or_else(no_grant)
     }
 
     /// Every active grant.

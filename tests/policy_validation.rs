@@ -300,3 +300,25 @@ rules:
     let none = common::policy("rules: [{ id: r, limit: { requests: 1, window: daily } }]");
     assert_eq!(none.set.notifiers_for(&none.rules()[0]), ["log"]);
 }
+
+#[test]
+fn alert_routing_mistakes_are_refused() {
+    let yaml = "\
+notifiers:
+  - id: trail
+    redis_stream: { stream: approvals }
+rules:
+  - id: slots
+    limit: { concurrent: 5 }
+    alerts: [80]
+  - id: twice
+    limit: { requests: 10, window: daily }
+    alerts: [50]
+    notify: [log, log]
+";
+    let errs = errors(&[("a.yaml", yaml)]);
+    has(&errs, "a.yaml:3:29:", "approvals audit trail");
+    has(&errs, "a.yaml:7:13:", "would fire again at every climb");
+    has(&errs, "a.yaml:11:19:", "listed twice");
+    assert_eq!(errs.len(), 3, "{}", errs.join("\n"));
+}

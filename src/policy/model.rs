@@ -35,6 +35,10 @@ pub struct PolicySet {
 /// The notifier every set has: alerts as structured log lines.
 pub const LOG_NOTIFIER: &str = "log";
 
+/// The store log that holds the approvals audit trail; no alert stream may
+/// take its name.
+pub const APPROVALS_LOG: &str = "approvals";
+
 /// Where alert crossings go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notifier {

@@ -595,6 +595,7 @@ impl Reader<'_> {
         let mut on_exceed = OnExceed::Deny;
         let mut on_exceed_pos = None;
         let mut alerts = Vec::new();
+        let mut alerts_pos = None;
         let mut notify = Vec::new();
         let mut on_store_error = None;
         for (key, value) in fields {
@@ -624,11 +625,21 @@ impl Reader<'_> {
                     on_exceed_pos = Some(value.pos);
                     on_exceed = self.on_exceed(value).unwrap_or(OnExceed::Deny);
                 }
-                "alerts" => alerts = self.alerts(value),
+                "alerts" => {
+                    alerts_pos = Some(value.pos);
+                    alerts = self.alerts(value);
+                }
                 "notify" => {
                     for item in self.seq(value, "notify") {
                         if let Some(id) = self.ident(item, "notify") {
-                            notify.push(id);
+                            if notify.contains(&id) {
+                                self.error(
+                                    item.pos,
+                                    format!("notifier `{id}` is listed twice; each alert would go to it twice"),
+                                );
+                            } else {
+                                notify.push(id);
+                            }
                         }
                     }
                 }
@@ -671,6 +682,19 @@ impl Reader<'_> {
                 ),
                 _ => {}
             }
+        }
+        if let (
+            Some(Limit {
+                unit: Unit::Concurrent,
+                ..
+            }),
+            Some(pos),
+        ) = (&limit, alerts_pos)
+        {
+            self.error(
+                pos,
+                "a concurrency limit goes up and down all the time, so its alerts would fire again at every climb; alert on a counted unit instead",
+            );
         }
         if let Some(Limit {
             unit: Unit::Concurrent,
@@ -841,8 +865,15 @@ impl Reader<'_> {
             self.error(node.pos, "a redis_stream needs `stream`");
             return None;
         };
-        self.ident(value, "stream")
-            .map(|name| NotifierKind::Stream { name })
+        let name = self.ident(value, "stream")?;
+        if name == APPROVALS_LOG {
+            self.error(
+                value.pos,
+                format!("stream `{name}` is the approvals audit trail; choose another name"),
+            );
+            return None;
+        }
+        Some(NotifierKind::Stream { name })
     }
 
     fn conditions(
