@@ -864,6 +864,9 @@ fn serve(args: ServeArgs) -> ExitCode {
                             return ExitCode::FAILURE;
                         }
                     };
+                    if tls.is_none() && !address.starts_with("unix:") {
+                        tracing::warn!(admin = %address, "the admin API listens on TCP without TLS: its bearer token crosses the network in the clear");
+                    }
                     tracing::info!(admin = %address, tls = tls.is_some(), "serving the admin API on its own listener");
                     admin_task = Some(tokio::spawn(tollgate::server::serve_admin(
                         api,

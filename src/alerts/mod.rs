@@ -119,6 +119,9 @@ impl Default for DispatcherConfig {
     }
 }
 
+/// How long one append to a store stream may take.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(5);
+
 struct Delivery {
     notifier: String,
     kind: NotifierKind,
@@ -316,8 +319,16 @@ async fn deliver_with_retries(
         _ => 5,
     };
     let mut backoff = config.first_backoff;
+    // A store append has no bound of its own; a webhook has its timeout.
+    let limit = match &d.kind {
+        NotifierKind::Webhook { timeout_ms, .. } => Duration::from_millis(*timeout_ms + 1_000),
+        _ => STREAM_TIMEOUT,
+    };
     for attempt in 1..=attempts {
-        match deliver_once(d, store).await {
+        let once = tokio::time::timeout(limit, deliver_once(d, store))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} ms", limit.as_millis())));
+        match once {
             Ok(()) => return true,
             Err(e) if attempt == attempts => {
                 tracing::error!(

@@ -140,6 +140,14 @@ impl AdminListener {
                 if std::fs::symlink_metadata(path)
                     .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
                 {
+                    // A socket someone still answers on belongs to a running
+                    // server; only a stale one is replaced.
+                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            format!("{path} is in use by a running server"),
+                        ));
+                    }
                     std::fs::remove_file(path)?;
                 }
                 let listener = tokio::net::UnixListener::bind(path)?;

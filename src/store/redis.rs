@@ -94,6 +94,7 @@ pub struct RedisStore {
     read: Arc<Script>,
     adjust: Arc<Script>,
     claim: Arc<Script>,
+    forget_grant: Arc<Script>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -197,6 +198,12 @@ impl RedisStore {
                 include_str!("adjust.lua")
             ))),
             claim: Arc::new(Script::new(include_str!("claim.lua"))),
+            // Drops a listing only if it is still the one read, so a grant
+            // made meanwhile is never dropped with the lapsed one.
+            forget_grant: Arc::new(Script::new(
+                "if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then \
+                 return redis.call('HDEL', KEYS[1], ARGV[1]) end return 0",
+            )),
         })
     }
 
@@ -379,8 +386,27 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Gives back what `candidate`'s ops at `indices` reserved. Best
+    /// effort: if it fails, those counters stay charged, on the side of
+    /// denying rather than overspending.
+    async fn undo(&self, now: Millis, rid: &str, candidate: &Candidate, indices: &[usize]) {
+        if indices.is_empty() {
+            return;
+        }
+        let moves: Vec<(String, char, i64)> = indices
+            .iter()
+            .map(|&i| {
+                let op = &candidate.ops[i];
+                (op.key.clone(), kind_of(op), -op.amount)
+            })
+            .collect();
+        if let Err(e) = self.adjust(now, rid, &moves).await {
+            tracing::error!(error = %e, "could not undo a partial reservation across slots; its counters stay charged");
+        }
+    }
+
     /// A decision whose keys span several cluster slots: one script per
-    /// slot, undoing earlier slots when a later one does not fit.
+    /// slot, undoing earlier slots when a later one does not fit or fails.
     async fn reserve_across_slots(
         &self,
         req: &ReserveRequest,
@@ -408,9 +434,16 @@ impl RedisStore {
                     model: candidate.model.clone(),
                     ops: indices.iter().map(|&i| candidate.ops[i].clone()).collect(),
                 };
-                let out = self
+                let out = match self
                     .reserve_in_slot(req, &[&part], tag, &format!("{rid}.{tag}"), &rid, false)
-                    .await?;
+                    .await
+                {
+                    Ok(out) => out,
+                    Err(e) => {
+                        self.undo(req.now, &rid, candidate, &done).await;
+                        return Err(e);
+                    }
+                };
                 for (&i, s) in indices.iter().zip(&out.tried[0]) {
                     states[i] = Some(*s);
                 }
@@ -422,16 +455,7 @@ impl RedisStore {
                 break;
             }
             if fit_result != Fit::Fits {
-                let undo: Vec<(String, char, i64)> = done
-                    .iter()
-                    .map(|&i| {
-                        let op = &candidate.ops[i];
-                        (op.key.clone(), kind_of(op), -op.amount)
-                    })
-                    .collect();
-                if let Err(e) = self.adjust(req.now, &rid, &undo).await {
-                    tracing::error!(error = %e, "could not undo a partial reservation across slots; its counters stay charged");
-                }
+                self.undo(req.now, &rid, candidate, &done).await;
                 let missing: Vec<usize> =
                     (0..states.len()).filter(|&i| states[i].is_none()).collect();
                 if !missing.is_empty() {
@@ -442,7 +466,12 @@ impl RedisStore {
                             gauge: candidate.ops[i].release_on_settle,
                         })
                         .collect();
-                    for (&i, s) in missing.iter().zip(self.read(&refs, req.now).await?) {
+                    for (&i, mut s) in missing.iter().zip(self.read(&refs, req.now).await?) {
+                        // Not reached, so not what blocked: an approval gate
+                        // there reads as open rather than be named the cause.
+                        if candidate.ops[i].grant.is_some() {
+                            s.grant = Some(0);
+                        }
                         states[i] = Some(s);
                     }
                 }
@@ -469,14 +498,20 @@ impl RedisStore {
                 req.now + req.reservation_ttl,
                 reservation_record(candidate, &keys)
             );
-            self.query::<()>(
-                ::redis::cmd("SET")
-                    .arg(self.reservation_key(&rid))
-                    .arg(text)
-                    .arg("PX")
-                    .arg(req.reservation_ttl + CLEANUP_GRACE),
-            )
-            .await?;
+            let stored = self
+                .query::<()>(
+                    ::redis::cmd("SET")
+                        .arg(self.reservation_key(&rid))
+                        .arg(text)
+                        .arg("PX")
+                        .arg(req.reservation_ttl + CLEANUP_GRACE),
+                )
+                .await;
+            if let Err(e) = stored {
+                let all: Vec<usize> = (0..candidate.ops.len()).collect();
+                self.undo(req.now, &rid, candidate, &all).await;
+                return Err(e);
+            }
         }
         let outcome = ReserveOutcome {
             applied,
@@ -490,14 +525,20 @@ impl RedisStore {
                 req.now + memory::REPLAY_WINDOW,
                 replay_text(&outcome)
             );
-            self.query::<()>(
-                ::redis::cmd("SET")
-                    .arg(&replay_key)
-                    .arg(text)
-                    .arg("PX")
-                    .arg(memory::REPLAY_WINDOW + CLEANUP_GRACE),
-            )
-            .await?;
+            // The decision stands without it; only a repeat would be
+            // decided again.
+            if let Err(e) = self
+                .query::<()>(
+                    ::redis::cmd("SET")
+                        .arg(&replay_key)
+                        .arg(text)
+                        .arg("PX")
+                        .arg(memory::REPLAY_WINDOW + CLEANUP_GRACE),
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "could not record a request id for replays");
+            }
         }
         Ok(outcome)
     }
@@ -638,14 +679,26 @@ impl CounterStore for RedisStore {
         )
         .await?;
         let ttl = (grant.expires_at - now).max(1) + CLEANUP_GRACE;
-        self.query::<()>(
-            ::redis::cmd("SET")
-                .arg(self.grant_key(&grant.key))
-                .arg(format!("{} {}", grant.extra, grant.expires_at))
-                .arg("PX")
-                .arg(ttl),
-        )
-        .await
+        let in_force = self
+            .query::<()>(
+                ::redis::cmd("SET")
+                    .arg(self.grant_key(&grant.key))
+                    .arg(format!("{} {}", grant.extra, grant.expires_at))
+                    .arg("PX")
+                    .arg(ttl),
+            )
+            .await;
+        if in_force.is_err() {
+            // Listed but not in force would mislead; best effort.
+            let _ = self
+                .query::<()>(
+                    ::redis::cmd("HDEL")
+                        .arg(self.grant_index_key())
+                        .arg(&grant.key),
+                )
+                .await;
+        }
+        in_force
     }
 
     async fn remove_grant(&self, key: &str, now: Millis) -> Result<Option<Grant>, StoreError> {
@@ -667,16 +720,15 @@ impl CounterStore for RedisStore {
             .query(::redis::cmd("HGETALL").arg(self.grant_index_key()))
             .await?;
         let mut grants = Vec::new();
-        let mut lapsed = Vec::new();
         for (key, record) in records {
             match serde_json::from_str::<Grant>(&record) {
                 Ok(g) if g.active(now) => grants.push(g),
-                _ => lapsed.push(key),
+                _ => {
+                    let mut inv = self.forget_grant.prepare_invoke();
+                    inv.key(self.grant_index_key()).arg(&key).arg(&record);
+                    self.invoke::<i64>(&inv).await?;
+                }
             }
-        }
-        if !lapsed.is_empty() {
-            self.query::<()>(::redis::cmd("HDEL").arg(self.grant_index_key()).arg(lapsed))
-                .await?;
         }
         grants.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(grants)

@@ -38,9 +38,11 @@ if replay_ms > 0 then
   if prev then
     local sep = string.find(prev, ' ', 1, true)
     if tonumber(string.sub(prev, 1, sep - 1)) > now then
+      -- The first token is the reservation id (or '-'), always text even
+      -- when it looks like a number; the rest are integers.
       local out = {1}
       for token in string.gmatch(string.sub(prev, sep + 1), '%S+') do
-        out[#out + 1] = tonumber(token) or token
+        if #out == 1 then out[2] = token else out[#out + 1] = tonumber(token) end
       end
       return out
     end
