@@ -25,10 +25,19 @@ pub enum AdminCallError {
     Garbled { status: u16 },
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AdminClient {
     target: Target,
     token: String,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AdminClient {
@@ -36,7 +45,14 @@ impl AdminClient {
         Ok(AdminClient {
             target: Target::parse(server)?,
             token: token.trim().to_string(),
+            tls: None,
         })
+    }
+
+    /// Uses this TLS setup (see [`http_client::client_tls`]) for https://.
+    pub fn with_tls(mut self, tls: std::sync::Arc<rustls::ClientConfig>) -> AdminClient {
+        self.tls = Some(tls);
+        self
     }
 
     /// `POST /v1/admin/approvals`; returns the grant as the server recorded it.
@@ -74,9 +90,17 @@ impl AdminClient {
             }
             None => Bytes::new(),
         };
-        let answer = http_client::send(&self.target, method, path, &headers, bytes, TIMEOUT)
-            .await
-            .map_err(AdminCallError::Unreachable)?;
+        let answer = http_client::send_with(
+            &self.target,
+            self.tls.clone(),
+            method,
+            path,
+            &headers,
+            bytes,
+            TIMEOUT,
+        )
+        .await
+        .map_err(AdminCallError::Unreachable)?;
         if answer.status == 401 {
             return Err(AdminCallError::Refused);
         }

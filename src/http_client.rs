@@ -87,7 +87,7 @@ pub struct Answer {
 }
 
 /// Sends one request to `target` + `path` and reads the whole answer, all
-/// within `timeout`.
+/// within `timeout`. HTTPS trusts the public web roots.
 pub async fn send(
     target: &Target,
     method: Method,
@@ -96,13 +96,78 @@ pub async fn send(
     body: Bytes,
     timeout: Duration,
 ) -> Result<Answer, String> {
-    tokio::time::timeout(timeout, send_unbounded(target, method, path, headers, body))
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())))
+    send_with(target, None, method, path, headers, body, timeout).await
+}
+
+/// [`send`] with a TLS setup of the caller's (a private CA, a client
+/// certificate) for `https://`.
+pub async fn send_with(
+    target: &Target,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    method: Method,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    tokio::time::timeout(
+        timeout,
+        send_unbounded(target, tls, method, path, headers, body),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("no answer within {} ms", timeout.as_millis())))
+}
+
+/// A client TLS setup from PEM files: `ca` replaces the public web roots,
+/// and `identity` (certificate chain, key) is presented to servers that
+/// ask for a client certificate.
+pub fn client_tls(
+    ca: Option<&std::path::Path>,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read_certs = |path: &std::path::Path| {
+        CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("{}: {e}", path.display()))
+    };
+    let roots = match ca {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in read_certs(path)? {
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+            }
+            roots
+        }
+        None => rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        },
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS: {e}"))?
+        .with_root_certificates(roots);
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = read_certs(cert)?;
+            let key =
+                PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate: {e}"))?
+        }
+    };
+    Ok(Arc::new(config))
 }
 
 async fn send_unbounded(
     target: &Target,
+    tls_config: Option<Arc<rustls::ClientConfig>>,
     method: Method,
     path: &str,
     headers: &[(&str, String)],
@@ -162,7 +227,11 @@ async fn send_unbounded(
             if *tls {
                 let name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|_| format!("{host:?} is not a valid TLS server name"))?;
-                let stream = tokio_rustls::TlsConnector::from(tls_config()?)
+                let config = match tls_config {
+                    Some(c) => c,
+                    None => public_roots()?,
+                };
+                let stream = tokio_rustls::TlsConnector::from(config)
                     .connect(name, tcp)
                     .await
                     .map_err(|e| format!("TLS handshake with {host}:{port} failed: {e}"))?;
@@ -203,21 +272,13 @@ where
 /// Public web roots: a receiver with a private CA should sit behind a
 /// proxy that presents a public certificate, or be reached over HTTP on a
 /// private network.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+fn public_roots() -> Result<Arc<rustls::ClientConfig>, String> {
     static CONFIG: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
     if let Some(config) = CONFIG.get() {
         return Ok(config.clone());
     }
-    let roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("cannot set up TLS: {e}"))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(CONFIG.get_or_init(|| Arc::new(config)).clone())
+    let config = client_tls(None, None)?;
+    Ok(CONFIG.get_or_init(|| config).clone())
 }
 
 #[cfg(test)]

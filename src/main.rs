@@ -84,6 +84,17 @@ struct AdminClientArgs {
     /// File holding the admin token; or set TOLLGATE_ADMIN_TOKEN.
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// For https://: the CA (PEM) that signed the server's certificate, in
+    /// place of the public web roots.
+    #[arg(long, env = "TOLLGATE_ADMIN_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// For https://: a client certificate (PEM) to present, for an admin
+    /// listener that requires one.
+    #[arg(long, env = "TOLLGATE_ADMIN_CLIENT_CERT", requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// The private key (PEM) of `--client-cert`.
+    #[arg(long, env = "TOLLGATE_ADMIN_CLIENT_KEY", requires = "client_cert")]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -391,9 +402,19 @@ where
             return ExitCode::from(2);
         }
     };
-    let client = match AdminClient::new(&args.server, &token) {
-        Ok(c) => c,
-        Err(e) => {
+    let tls = if args.ca_file.is_some() || args.client_cert.is_some() {
+        let identity = args.client_cert.as_deref().zip(args.client_key.as_deref());
+        Some(tollgate::http_client::client_tls(
+            args.ca_file.as_deref(),
+            identity,
+        ))
+    } else {
+        None
+    };
+    let client = match (AdminClient::new(&args.server, &token), tls) {
+        (Ok(c), None) => c,
+        (Ok(c), Some(Ok(tls))) => c.with_tls(tls),
+        (Err(e), _) | (_, Some(Err(e))) => {
             eprintln!("error: {e}");
             return ExitCode::from(2);
         }

@@ -370,4 +370,40 @@ async fn the_admin_listener_can_require_a_client_certificate_of_its_own() {
         public.as_ref().is_err_and(|e| e.contains("Unimplemented")),
         "{public:?}"
     );
+
+    // The CLI reaches it with the private CA and a client certificate,
+    // and is refused without the certificate.
+    std::fs::write(pki.path("client.pem"), &pki.client.cert).unwrap();
+    std::fs::write(pki.path("client.key"), &pki.client.key).unwrap();
+    let cli = |with_identity: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args([
+            "approvals",
+            "--server",
+            &format!("https://localhost:{admin_port}"),
+        ])
+        .args(["--token-file", token.to_str().unwrap()])
+        .args(["--ca-file", pki.path("ca.pem").to_str().unwrap()])
+        .env_remove("TOLLGATE_ADMIN_TOKEN");
+        if with_identity {
+            cmd.args(["--client-cert", pki.path("client.pem").to_str().unwrap()])
+                .args(["--client-key", pki.path("client.key").to_str().unwrap()]);
+        }
+        cmd.output().unwrap()
+    };
+    // The server is another process: a blocking wait here holds up nothing.
+    let ok = cli(true);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "no active approvals\n");
+    let refused = cli(false);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("cannot reach the server"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }
