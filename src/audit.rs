@@ -245,6 +245,18 @@ fn line(r: &Record) -> String {
     if let Some(h) = &r.key_sha256 {
         apply_key(policy, &mut attrs, h);
     }
+    // The action the gate made up for a request without one is part of
+    // what was charged.
+    if let (
+        None,
+        Ok(Decision {
+            action_id: Some(id),
+            ..
+        }),
+    ) = (&attrs.action, &r.outcome)
+    {
+        attrs.action = Some(id.clone());
+    }
     let (rules, charge) = rules_and_charge(policy, &attrs, &p.estimate, p.now, &r.outcome);
     let mut line = Line {
         ts: format_utc_millis(p.now),

@@ -372,20 +372,36 @@ impl Gate {
             })
             .collect();
         let states = self.bounded(self.store.read(&refs, now)).await?;
+        // An approved extension raises what a scope may use.
+        let takes_approvals = |c: &decide::RuleCounter| {
+            let rule = &policy.rules()[c.rule];
+            rule.enforcement == Enforcement::Approval || rule.on_exceed == OnExceed::Approval
+        };
+        let grants = if counters.iter().any(takes_approvals) {
+            self.bounded(self.store.grants(now)).await?
+        } else {
+            Vec::new()
+        };
         Ok(counters
             .iter()
             .zip(states)
             .map(|(c, s)| {
                 let rule = &policy.rules()[c.rule];
                 let unit = rule.limit.unit;
+                let key = decide::grant_key(&rule.id, &c.scope_hash);
+                let extra = grants
+                    .iter()
+                    .find(|g| g.key == key)
+                    .map_or(0, |g| g.extra.max(0));
+                let limit = c.limit.saturating_add(extra);
                 CounterReport {
                     rule: rule.id.clone(),
                     scope: c.scope.clone(),
                     unit,
                     window: rule.limit.window,
-                    limit: from_counter(c.limit, unit),
+                    limit: from_counter(limit, unit),
                     used: from_counter(s.used_before, unit),
-                    remaining: from_counter((c.limit - s.used_before).max(0), unit),
+                    remaining: from_counter((limit - s.used_before).max(0), unit),
                     resets_at: c.window_end.or(s.resets_at),
                     enforced: rule.enforcement != Enforcement::Soft,
                 }
