@@ -814,6 +814,12 @@ fn an_extension_adds_its_extra_once_then_the_cap_holds_again_and_revoke_ends_it(
         ))
         .await
         .unwrap();
+        let usage = gate.usage(render().attributes, None).await.unwrap();
+        assert_eq!(
+            usage[0].limit.to_string(),
+            "0.2",
+            "usage shows the extension"
+        );
         for _ in 0..3 {
             let d = gate.check(render()).await.unwrap();
             assert_eq!(d.verdict, Verdict::Allow);
