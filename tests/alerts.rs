@@ -186,4 +186,18 @@ fn each_threshold_reaches_the_webhook_once_across_replicas_despite_failures() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "4");
+
+    // Both servers together started 8 deliveries: 4 crossings, 2 notifiers.
+    let fired: f64 = servers
+        .iter()
+        .map(|s| {
+            let (status, body) = common::http_get(s.http_port, "/metrics").unwrap();
+            assert_eq!(status, 200);
+            body.lines()
+                .filter(|l| l.starts_with("tollgate_alerts_fired_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum();
+    assert_eq!(fired, 8.0);
 }
