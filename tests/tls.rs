@@ -122,20 +122,26 @@ fn start(pki: &Pki, mutual: bool) -> (TollgateProcess, tempfile::TempDir) {
 }
 
 /// A gRPC Check over TLS, presenting `identity` if given.
-async fn grpc_check(port: u16, pki: &Pki, identity: Option<&Pem>) -> Result<(), String> {
+/// A gRPC channel over TLS to `port`, trusting the test CA and presenting
+/// `identity` if given.
+async fn tls_channel(port: u16, pki: &Pki, identity: Option<&Pem>) -> Result<Channel, String> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pki.ca))
         .domain_name("localhost");
     if let Some(id) = identity {
         tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
     }
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{port}"))
+    Channel::from_shared(format!("https://127.0.0.1:{port}"))
         .unwrap()
         .tls_config(tls)
         .map_err(|e| e.to_string())?
         .connect()
         .await
-        .map_err(|e| format!("connect: {e:?}"))?;
+        .map_err(|e| format!("connect: {e:?}"))
+}
+
+async fn grpc_check(port: u16, pki: &Pki, identity: Option<&Pem>) -> Result<(), String> {
+    let channel = tls_channel(port, pki, identity).await?;
     let answer = TollgateClient::new(channel)
         .check(pb::CheckRequest {
             attributes: Some(pb::Attributes {
@@ -307,19 +313,7 @@ const ADMIN_TOKEN: &str = "admin-token-for-tls-tests-0123";
 /// `ListApprovals` on the admin listener over TLS, with the token,
 /// presenting `identity` if given; returns the number of grants.
 async fn admin_list(port: u16, pki: &Pki, identity: Option<&Pem>) -> Result<usize, String> {
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&pki.ca))
-        .domain_name("localhost");
-    if let Some(id) = identity {
-        tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
-    }
-    let channel = Channel::from_shared(format!("https://127.0.0.1:{port}"))
-        .unwrap()
-        .tls_config(tls)
-        .map_err(|e| e.to_string())?
-        .connect()
-        .await
-        .map_err(|e| format!("connect: {e:?}"))?;
+    let channel = tls_channel(port, pki, identity).await?;
     let mut request = tonic::Request::new(pb::ListApprovalsRequest { audit_entries: 0 });
     request.metadata_mut().insert(
         "authorization",
