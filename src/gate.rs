@@ -118,7 +118,7 @@ pub enum GateError {
     Request(#[from] RequestError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("reservation {0:?} is unknown or has expired; an expired reservation keeps its estimate charged")]
+    #[error("reservation {0:?} is unknown, has expired, or was settled over a minute ago; an expired reservation keeps its estimate charged")]
     UnknownReservation(String),
     /// An approval or revocation that cannot be made as asked.
     #[error("{0}")]

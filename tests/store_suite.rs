@@ -679,3 +679,38 @@ fn logs_keep_entries_in_order() {
         }
     });
 }
+
+/// A settled reservation answers a repeated settle for a minute, then is
+/// forgotten rather than held for its whole life; a late repeat finds
+/// nothing and charges nothing. On the cluster the two counters sit in two
+/// slots, so this also covers the claim-then-move settle.
+#[test]
+fn a_settled_reservation_is_kept_only_to_recognise_a_repeat() {
+    runtime().block_on(async {
+        for Backend { name, store, .. } in backends().await {
+            let mut req = request(vec![op("tok", 100, 1000), op("req", 1, 10)], "s1", 1_000);
+            req.reservation_ttl = 600_000;
+            store.reserve(&req).await.unwrap();
+            let settle = |at: i64| store.settle("s1", &[30, 1], at);
+            assert_eq!(
+                settle(2_000).await.unwrap(),
+                SettleOutcome::Settled,
+                "{name}"
+            );
+            assert_eq!(
+                settle(3_000).await.unwrap(),
+                SettleOutcome::AlreadySettled,
+                "{name}"
+            );
+            assert_eq!(
+                settle(2_000 + tollgate::store::SETTLED_RETENTION + 1)
+                    .await
+                    .unwrap(),
+                SettleOutcome::Unknown,
+                "{name}: kept past its minute"
+            );
+            let s = store.read(&refs(&["tok", "req"]), 5_000).await.unwrap();
+            assert_eq!((s[0].used_before, s[1].used_before), (30, 1), "{name}");
+        }
+    });
+}

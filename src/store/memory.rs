@@ -280,6 +280,7 @@ impl CounterStore for MemoryStore {
         }
         if let Some(r) = inner.reservations.get_mut(id) {
             r.settled = true;
+            r.expires_at = r.expires_at.min(now + SETTLED_RETENTION);
         }
         Ok(SettleOutcome::Settled)
     }

@@ -205,6 +205,11 @@ pub struct ReservedOp {
     pub rolling: bool,
 }
 
+/// How long a settled reservation is kept, to answer a repeated settle
+/// with `AlreadySettled`; after that a settle finds nothing (and charges
+/// nothing). `settle.lua` and `claim.lua` hold the same number.
+pub const SETTLED_RETENTION: Millis = 60_000;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleOutcome {
     Settled,

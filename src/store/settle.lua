@@ -26,5 +26,14 @@ for kind, amount, key in string.gmatch(r, '\n([prg])\t[^\t]*\t([^\t]*)\t([^\n]*)
   end
   move_counter(kind, key, tonumber(ARGV[i + 2]) - tonumber(amount), now, rid)
 end
-redis.call('SETRANGE', KEYS[1], 0, '1')
+-- Settled, the reservation is kept only long enough to recognise a
+-- repeated settle (SETTLED_RETENTION on the Rust side), not for its whole
+-- life: under load, reservations are most of the store's keys.
+local keep = now + 60000
+if keep < tonumber(expires) then
+  local rest = string.sub(r, #expires + 4)
+  redis.call('SET', KEYS[1], '1 ' .. string.format('%d', keep) .. '\n' .. rest, 'PX', 120000)
+else
+  redis.call('SETRANGE', KEYS[1], 0, '1')
+end
 return 'settled'
