@@ -200,7 +200,7 @@ fn denied_then_approved_with_the_cli_then_used_up_revoked_and_expired() {
         (403, "approval_required".to_string())
     );
 
-    // A gate opened for one second is shut again once it expires.
+    // A gate opened for three seconds is shut again once it expires.
     assert_eq!(
         check(&s.server, "fine-tune", "ml"),
         (403, "approval_required".to_string())
@@ -215,7 +215,7 @@ fn denied_then_approved_with_the_cli_then_used_up_revoked_and_expired() {
             "--scope",
             "team=ml",
             "--for",
-            "1s",
+            "3s",
             "--reason",
             "one job",
             "--approver",
@@ -225,7 +225,7 @@ fn denied_then_approved_with_the_cli_then_used_up_revoked_and_expired() {
     );
     assert!(ok, "{err}");
     assert_eq!(check(&s.server, "fine-tune", "ml").0, 200);
-    std::thread::sleep(Duration::from_millis(1_200));
+    std::thread::sleep(Duration::from_millis(3_200));
     assert_eq!(
         check(&s.server, "fine-tune", "ml"),
         (403, "approval_required".to_string())
