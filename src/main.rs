@@ -447,13 +447,27 @@ fn current_user() -> String {
         .unwrap_or_default()
 }
 
+/// Who approves or revokes: the flag, else $USER; audits need a name.
+fn actor(given: Option<&str>, flag: &str) -> Result<String, ExitCode> {
+    let name = given.map(str::to_string).unwrap_or_else(current_user);
+    if name.trim().is_empty() {
+        eprintln!("error: give {flag} NAME: there is no $USER to record as who did it");
+        return Err(ExitCode::from(2));
+    }
+    Ok(name)
+}
+
 fn approve(args: ApproveArgs) -> ExitCode {
+    let approver = match actor(args.approver.as_deref(), "--approver") {
+        Ok(name) => name,
+        Err(code) => return code,
+    };
     let body = serde_json::json!({
         "rule": args.rule,
         "scope": args.scope,
         "extra": args.extra,
         "for": args.duration,
-        "approver": args.approver.clone().unwrap_or_else(current_user),
+        "approver": approver,
         "reason": args.reason,
     });
     admin_call(&args.client, |c| async move {
@@ -463,10 +477,14 @@ fn approve(args: ApproveArgs) -> ExitCode {
 }
 
 fn revoke(args: RevokeArgs) -> ExitCode {
+    let by = match actor(args.by.as_deref(), "--by") {
+        Ok(name) => name,
+        Err(code) => return code,
+    };
     let body = serde_json::json!({
         "rule": args.rule,
         "scope": args.scope,
-        "revoked_by": args.by.clone().unwrap_or_else(current_user),
+        "revoked_by": by,
         "reason": args.reason,
     });
     admin_call(&args.client, |c| async move {

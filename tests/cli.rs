@@ -330,3 +330,21 @@ fn explain_says_which_retry_budgets_an_attempt_would_not_hit() {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
 }
+
+#[test]
+fn an_approval_without_anyone_to_name_is_refused_before_it_is_sent() {
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "a-token-long-enough-0123").unwrap();
+    let out = Command::new(BIN)
+        .args(["approve", "--rule", "r", "--reason", "why"])
+        .args(["--token-file", token.path().to_str().unwrap()])
+        // Nothing listens here: the refusal must come before any call.
+        .args(["--server", "http://127.0.0.1:9"])
+        .env_remove("USER")
+        .env_remove("LOGNAME")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("give --approver NAME"), "{err}");
+}
