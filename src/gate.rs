@@ -549,7 +549,7 @@ impl Gate {
             "at": crate::engine::window::format_utc(now),
             "by": by,
             "reason": reason,
-            "grant": grant,
+            "grant": grant_view(grant),
         })
         .to_string();
         tracing::info!(target: "tollgate::audit", action, rule = %grant.rule, scope = %grant.scope, by, reason, "approval {action}");
@@ -603,6 +603,28 @@ fn resolve_key(
         unknown = !apply_key(policy, &mut attrs, &hash_key(raw));
     }
     (attrs, unknown)
+}
+
+/// The extra of a grant in its rule's own unit (USD for spend), exactly.
+pub fn grant_extra_text(g: &Grant) -> String {
+    let unit = Unit::parse(&g.unit).unwrap_or(Unit::Requests);
+    from_counter(g.extra, unit).normalize().to_string()
+}
+
+/// A grant as people and the admin API see it: amounts in the rule's unit
+/// and times in RFC 3339, the same in answers and in the audit trail.
+pub fn grant_view(g: &Grant) -> serde_json::Value {
+    use crate::engine::window::format_utc;
+    serde_json::json!({
+        "rule": g.rule,
+        "scope": g.scope,
+        "extra": grant_extra_text(g),
+        "unit": g.unit,
+        "expires_at": format_utc(g.expires_at),
+        "approver": g.approver,
+        "reason": g.reason,
+        "created_at": format_utc(g.created_at),
+    })
 }
 
 /// What a caller's request id is remembered under: the id bound to what

@@ -177,6 +177,10 @@ fn denied_then_approved_with_the_cli_then_used_up_revoked_and_expired() {
     assert!(ok);
     assert!(out.contains("+5 requests"), "{out}");
     assert_eq!(out.matches("approve  by ana").count(), 2, "{out}");
+    assert!(
+        out.contains("[launch-renders  team=growth  +2 requests  until 20"),
+        "the audit trail shows the grant as approved: {out}"
+    );
     let (ok, out, err) = cli(
         &[
             "revoke",

@@ -770,6 +770,9 @@ fn an_approval_gate_opens_for_its_scope_only_and_for_as_long_as_granted() {
         assert_eq!(first["action"], "approve");
         assert_eq!(first["by"], "ana@example.com");
         assert_eq!(first["grant"]["scope"], "team=growth");
+        // Amounts and times read as the admin API gives them.
+        assert_eq!(first["grant"]["extra"], "0");
+        assert_eq!(first["grant"]["expires_at"], "2026-11-21T13:00:00Z");
     });
 }
 

@@ -19,10 +19,9 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
 
 use super::status::{admin_refused, bad_field, grpc_status, http_admin_error};
-use crate::engine::charge::from_counter;
 use crate::engine::window::format_utc;
-use crate::gate::{Gate, GateError, GrantRequest};
-use crate::policy::{parse_duration, Unit};
+use crate::gate::{grant_extra_text, grant_view, Gate, GateError, GrantRequest};
+use crate::policy::parse_duration;
 use crate::proto::v1 as pb;
 use crate::store::Grant;
 
@@ -185,36 +184,17 @@ async fn listing(gate: &Gate, entries: usize) -> Result<(Vec<Grant>, Vec<String>
     Ok((grants, audit))
 }
 
-/// The extra in the rule's own unit (USD for spend).
-fn extra_text(g: &Grant) -> String {
-    let unit = Unit::parse(&g.unit).unwrap_or(Unit::Requests);
-    from_counter(g.extra, unit).normalize().to_string()
-}
-
 pub fn grant_message(g: &Grant) -> pb::Grant {
     pb::Grant {
         rule: g.rule.clone(),
         scope: g.scope.clone(),
-        extra: extra_text(g),
+        extra: grant_extra_text(g),
         unit: g.unit.clone(),
         expires_at: format_utc(g.expires_at),
         approver: g.approver.clone(),
         reason: g.reason.clone(),
         created_at: format_utc(g.created_at),
     }
-}
-
-fn grant_json(g: &Grant) -> serde_json::Value {
-    serde_json::json!({
-        "rule": g.rule,
-        "scope": g.scope,
-        "extra": extra_text(g),
-        "unit": g.unit,
-        "expires_at": format_utc(g.expires_at),
-        "approver": g.approver,
-        "reason": g.reason,
-        "created_at": format_utc(g.created_at),
-    })
 }
 
 #[derive(Clone)]
@@ -328,7 +308,7 @@ async fn http_approve(State(state): State<HttpAdmin>, headers: HeaderMap, body: 
         })
         .await;
     match result {
-        Ok(g) => json_ok(grant_json(&g)),
+        Ok(g) => json_ok(grant_view(&g)),
         Err(e) => json_error(Some(&e)),
     }
 }
@@ -346,7 +326,7 @@ async fn http_revoke(State(state): State<HttpAdmin>, headers: HeaderMap, body: B
         .revoke(&body.rule, &body.scope, &body.revoked_by, &body.reason)
         .await
     {
-        Ok(g) => json_ok(grant_json(&g)),
+        Ok(g) => json_ok(grant_view(&g)),
         Err(e) => json_error(Some(&e)),
     }
 }
@@ -373,7 +353,7 @@ async fn http_list(State(state): State<HttpAdmin>, headers: HeaderMap, uri: Uri)
                 .filter_map(|e| serde_json::from_str(e).ok())
                 .collect();
             json_ok(serde_json::json!({
-                "grants": grants.iter().map(grant_json).collect::<Vec<_>>(),
+                "grants": grants.iter().map(grant_view).collect::<Vec<_>>(),
                 "audit": audit,
             }))
         }
