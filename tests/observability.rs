@@ -783,11 +783,32 @@ async fn a_decision_whose_caller_gives_up_is_counted_as_cancelled() {
     grpc.check(check("a", "")).await.unwrap();
     let sleeper = std::thread::spawn(move || {
         std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "debug", "sleep", "1.5"])
+            .args(["-p", &port.to_string(), "debug", "sleep", "2"])
             .output()
             .unwrap()
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Wait until Redis really is asleep: a PING goes unanswered. Starting
+    // redis-cli can take a while on a loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        conn.write_all(b"PING\r\n").await.unwrap();
+        let mut buf = [0u8; 16];
+        let answered = tokio::time::timeout(Duration::from_millis(100), conn.read(&mut buf))
+            .await
+            .is_ok();
+        if !answered {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "Redis never went to sleep"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut request = tonic::Request::new(check("a", ""));
     request.set_timeout(Duration::from_millis(300));
     let status = grpc.check(request).await.unwrap_err();
