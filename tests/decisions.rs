@@ -157,6 +157,10 @@ rules:
             }
             other => panic!("expected missing_attribute, got {other:?}"),
         }
+        // A usage report leaves out what it cannot scope, and shows the rest.
+        let partial = gate.usage(attrs(&[("team", "a")]), None).await.unwrap();
+        let rules: Vec<&str> = partial.iter().map(|c| c.rule.as_str()).collect();
+        assert_eq!(rules, ["per-team"]);
     });
 }
 

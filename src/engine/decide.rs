@@ -243,7 +243,9 @@ pub fn plan(
 }
 
 /// The counters of every rule matching `attrs`, charged or not: what a
-/// usage report reads.
+/// usage report reads. A rule counted `per` an attribute that `attrs` lack
+/// has no one counter to report, so it is left out rather than fail the
+/// whole report.
 pub fn scope_counters(
     policy: &CompiledPolicy,
     attrs: &Attributes,
@@ -260,6 +262,7 @@ pub fn scope_counters(
         .matching_rules(&attrs)
         .into_iter()
         .map(|i| rule_counter(policy, i, &attrs, now))
+        .filter(|c| !matches!(c, Err(RequestError::MissingAttribute { .. })))
         .collect()
 }
 
