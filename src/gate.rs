@@ -416,9 +416,7 @@ impl Gate {
         let now = self.clock.now();
         let invalid = |m: String| GateError::InvalidGrant(m);
         let rule = policy
-            .rules()
-            .iter()
-            .find(|r| r.id == req.rule)
+            .rule(&req.rule)
             .ok_or_else(|| invalid(format!("no rule `{}` in the policy in force", req.rule)))?;
         let gate = rule.enforcement == Enforcement::Approval;
         if !gate && rule.on_exceed != OnExceed::Approval {
@@ -498,13 +496,9 @@ impl Gate {
                 "say who revokes: revocations are audited".to_string(),
             ));
         }
-        let rule = policy
-            .rules()
-            .iter()
-            .find(|r| r.id == rule_id)
-            .ok_or_else(|| {
-                GateError::InvalidGrant(format!("no rule `{rule_id}` in the policy in force"))
-            })?;
+        let rule = policy.rule(rule_id).ok_or_else(|| {
+            GateError::InvalidGrant(format!("no rule `{rule_id}` in the policy in force"))
+        })?;
         let (scope, scope_hash) = decide::grant_scope(&policy, rule, scope)?;
         let key = decide::grant_key(&rule.id, &scope_hash);
         let no_grant = || GateError::NoGrant {

@@ -55,11 +55,7 @@ pub struct AlertEvent {
 
 impl AlertEvent {
     pub fn new(policy: &CompiledPolicy, c: &AlertCrossing, now: Millis) -> AlertEvent {
-        let owner = policy
-            .rules()
-            .iter()
-            .find(|r| r.id == c.rule)
-            .and_then(|r| r.owner.clone());
+        let owner = policy.rule(&c.rule).and_then(|r| r.owner.clone());
         let percent = if c.limit.is_zero() {
             Decimal::ZERO
         } else {
@@ -211,7 +207,7 @@ impl AlertSink for Dispatcher {
                     continue;
                 }
             };
-            let Some(rule) = policy.rules().iter().find(|r| r.id == crossing.rule) else {
+            let Some(rule) = policy.rule(&crossing.rule) else {
                 continue;
             };
             for id in policy.set.notifiers_for(rule) {

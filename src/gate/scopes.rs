@@ -2,8 +2,6 @@
 //! (`team=growth,key=checkout-prod`), as the tracked set of scopes and the
 //! `usage` command know them.
 
-use std::collections::HashMap;
-
 use super::{Gate, GateError};
 use crate::engine::decide::{rule_counter, RuleCounter};
 use crate::engine::{Attributes, CounterReport};
@@ -18,16 +16,10 @@ impl Gate {
     ) -> Result<Vec<CounterReport>, GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
-        let by_id: HashMap<&str, usize> = policy
-            .rules()
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r.id.as_str(), i))
-            .collect();
         let counters: Vec<RuleCounter> = scopes
             .iter()
             .filter_map(|(rule_id, scope)| {
-                let i = *by_id.get(rule_id.as_str())?;
+                let i = policy.rule_index(rule_id)?;
                 let attrs = scope_attributes(&policy.rules()[i], scope)?;
                 let counter = rule_counter(&policy, i, &attrs, now).ok()?;
                 // A value holding the separator itself cannot be parsed

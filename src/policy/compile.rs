@@ -32,6 +32,7 @@ pub struct CompiledPolicy {
     keys_by_hash: HashMap<[u8; 32], u32>,
     exact_prices: HashMap<String, u32>,
     glob_prices: Vec<u32>,
+    rules_by_id: HashMap<String, u32>,
     uses_action: bool,
 }
 
@@ -79,6 +80,12 @@ impl CompiledPolicy {
             let text = set.pricing.models[i as usize].0.as_str();
             std::cmp::Reverse(text.chars().filter(|&c| c != '*').count())
         });
+        let rules_by_id = set
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.id.clone(), i as u32))
+            .collect();
         let uses_action = set.rules.iter().any(|r| {
             r.per.contains(&Attr::Action) || r.conditions.iter().any(|c| c.attr == Attr::Action)
         });
@@ -90,6 +97,7 @@ impl CompiledPolicy {
             keys_by_hash,
             exact_prices,
             glob_prices,
+            rules_by_id,
             uses_action,
         }
     }
@@ -141,6 +149,16 @@ impl CompiledPolicy {
                 .all(|c| condition_holds(c, req))
         });
         out
+    }
+
+    /// A rule's position in [`rules`](Self::rules), by id.
+    pub fn rule_index(&self, id: &str) -> Option<usize> {
+        self.rules_by_id.get(id).map(|&i| i as usize)
+    }
+
+    /// A rule by id.
+    pub fn rule(&self, id: &str) -> Option<&Rule> {
+        self.rule_index(id).map(|i| &self.set.rules[i])
     }
 
     /// The registered key with this SHA-256, if any.

@@ -97,9 +97,17 @@ impl AdminApi {
         AdminApi { gate, token }
     }
 
-    /// The HTTP form of this API, behind the same token.
+    /// The HTTP form of this API, behind the same token:
+    /// `GET /v1/admin/approvals[?audit=N]`, `POST /v1/admin/approvals` and
+    /// `POST /v1/admin/approvals/revoke`.
     pub fn http_routes(&self) -> Router {
-        http_routes(self.gate.clone(), self.token.clone())
+        Router::new()
+            .route("/v1/admin/approvals", get(http_list).post(http_approve))
+            .route("/v1/admin/approvals/revoke", post(http_revoke))
+            .with_state(HttpAdmin {
+                gate: self.gate.clone(),
+                token: self.token.clone(),
+            })
     }
 
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
@@ -201,15 +209,6 @@ pub fn grant_message(g: &Grant) -> pb::Grant {
 struct HttpAdmin {
     gate: Arc<Gate>,
     token: AdminToken,
-}
-
-/// `GET /v1/admin/approvals[?audit=N]`, `POST /v1/admin/approvals` and
-/// `POST /v1/admin/approvals/revoke`.
-pub fn http_routes(gate: Arc<Gate>, token: AdminToken) -> Router {
-    Router::new()
-        .route("/v1/admin/approvals", get(http_list).post(http_approve))
-        .route("/v1/admin/approvals/revoke", post(http_revoke))
-        .with_state(HttpAdmin { gate, token })
 }
 
 /// The refusal to send, unless `headers` carry the admin token.
