@@ -331,7 +331,9 @@ pub fn grant_scope(
                 )));
             }
             if attr == crate::policy::Attr::Key {
-                check_key_scope(policy, value).map_err(&invalid)?;
+                // Not echoed: the value may be a raw key pasted by mistake.
+                check_key_scope(policy, value)
+                    .map_err(|why| RequestError::invalid(format!("scope: the key value: {why}")))?;
             }
             given.push(attr.clone());
             if attr == crate::policy::Attr::ModelFamily {
@@ -370,9 +372,7 @@ fn check_key_scope(policy: &CompiledPolicy, value: &str) -> Result<(), String> {
             "that is a raw API key; name it by its registry id, never the key itself".to_string(),
         );
     }
-    Err(format!(
-        "key {value:?} is neither a registry id nor the sha256: form shown in denials"
-    ))
+    Err("it is neither a registry id nor the sha256: form shown in denials".to_string())
 }
 
 /// The display scope and the hash that goes into the counter key.
