@@ -318,7 +318,7 @@ impl RedisStore {
             0
         };
         inv.arg(req.now)
-            .arg(req.reservation_ttl)
+            .arg(req.reservation_ttl + CLEANUP_GRACE)
             .arg(reservation_id)
             .arg(replay)
             .arg(CLEANUP_GRACE)
@@ -330,31 +330,17 @@ impl RedisStore {
                 .map(|op| self.counter_key(&op.key))
                 .collect();
             let text = if record {
-                reservation_record(candidate, &keys)
+                reservation_text(req.now + req.reservation_ttl, candidate, &keys)
             } else {
                 String::new()
             };
             inv.arg(candidate.ops.len()).arg(text);
             for (op, key) in candidate.ops.iter().zip(keys) {
                 inv.key(key);
-                let flags = u8::from(op.enforced)
-                    | u8::from(op.downgradable) << 1
-                    | u8::from(op.release_on_settle) << 2;
-                let expiry = match op.expiry {
-                    Expiry::Never => 0,
-                    Expiry::At(t) => t.max(1),
-                    Expiry::AfterFirstUse(d) => -d.max(1),
-                };
-                let grant_mode = match &op.grant {
-                    None => 0,
-                    Some(g) if g.required => 2,
-                    Some(_) => 1,
-                };
                 inv.arg(op.amount)
                     .arg(op.limit)
-                    .arg(flags)
-                    .arg(expiry)
-                    .arg(grant_mode);
+                    .arg(&script_mode(op)[..])
+                    .arg(script_expiry(op, req));
             }
             for grant in candidate.ops.iter().filter_map(|op| op.grant.as_ref()) {
                 inv.key(self.grant_key(&grant.key));
@@ -493,11 +479,7 @@ impl RedisStore {
                 .iter()
                 .map(|op| self.counter_key(&op.key))
                 .collect();
-            let text = format!(
-                "0 {}\n{}",
-                req.now + req.reservation_ttl,
-                reservation_record(candidate, &keys)
-            );
+            let text = reservation_text(req.now + req.reservation_ttl, candidate, &keys);
             let stored = self
                 .query::<()>(
                     ::redis::cmd("SET")
@@ -788,6 +770,33 @@ fn by_tag<'a>(keys: impl Iterator<Item = &'a str>) -> BTreeMap<String, Vec<usize
     groups
 }
 
+/// An op's `mode` for `reserve.lua`: its flags as one character.
+fn script_mode(op: &CounterOp) -> [u8; 1] {
+    let grant = match &op.grant {
+        None => 0,
+        Some(g) if g.required => 16 | 32,
+        Some(_) => 16,
+    };
+    let mode = u8::from(op.enforced)
+        | u8::from(op.downgradable) << 1
+        | u8::from(op.release_on_settle) << 2
+        | u8::from(!op.release_on_settle && matches!(op.expiry, Expiry::AfterFirstUse(_))) << 3
+        | grant;
+    [b'0' + mode]
+}
+
+/// An op's `expiry` for `reserve.lua`, relative to the caller's clock.
+fn script_expiry(op: &CounterOp, req: &ReserveRequest) -> Millis {
+    if op.release_on_settle {
+        return req.reservation_ttl;
+    }
+    match op.expiry {
+        Expiry::Never => 0,
+        Expiry::At(t) => (t - req.now).max(1) + CLEANUP_GRACE,
+        Expiry::AfterFirstUse(d) => d.max(1),
+    }
+}
+
 fn kind_of(op: &CounterOp) -> char {
     match (op.release_on_settle, op.expiry) {
         (true, _) => 'g',
@@ -806,18 +815,24 @@ fn kind_of_reserved(op: &ReservedOp) -> char {
     }
 }
 
-/// What a candidate's reservation will hold if it is applied: the model,
-/// then one line per counter with its kind (plain, rolling or gauge), unit,
-/// reserved amount and key. Built here so that the script only stores it.
-fn reservation_record(candidate: &Candidate, keys: &[String]) -> String {
-    let mut record = candidate.model.clone().unwrap_or_default();
+/// What a candidate's reservation will hold if it is applied: unsettled
+/// and when it lapses, the model, then one line per counter with its kind
+/// (plain, rolling or gauge), unit, reserved amount and key. Built here so
+/// that the script only stores it.
+fn reservation_text(expires_at: Millis, candidate: &Candidate, keys: &[String]) -> String {
+    use std::fmt::Write;
+    let model = candidate.model.as_deref().unwrap_or_default();
+    let mut record =
+        String::with_capacity(24 + model.len() + keys.iter().map(|k| k.len() + 32).sum::<usize>());
+    let _ = write!(record, "0 {expires_at}\n{model}");
     for (op, key) in candidate.ops.iter().zip(keys) {
-        record.push_str(&format!(
+        let _ = write!(
+            record,
             "\n{}\t{}\t{}\t{key}",
             kind_of(op),
             op.unit.name(),
             op.amount
-        ));
+        );
     }
     record
 }
