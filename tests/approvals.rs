@@ -345,6 +345,16 @@ fn the_admin_api_can_live_on_a_unix_socket_of_its_own() {
     let socket = dir.path().join("admin.sock");
     let address = format!("unix:{}", socket.display());
     let s = setup(&["--admin-listen", &address]);
+    // Only the server's own user may connect, and the socket was staged
+    // where nobody else could reach it: nothing but the socket is left.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+    let entries: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(entries, vec![std::ffi::OsString::from("admin.sock")]);
     let approve = [
         "approve",
         "--server",

@@ -150,9 +150,33 @@ impl AdminListener {
                     }
                     std::fs::remove_file(path)?;
                 }
-                let listener = tokio::net::UnixListener::bind(path)?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-                return Ok(AdminListener::Unix(listener));
+                // Bound first in a directory only this user can enter, then
+                // moved into place already at 0600: never reachable with the
+                // mode the process's umask would have given it.
+                let target = std::path::Path::new(path);
+                let parent = target
+                    .parent()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .unwrap_or(std::path::Path::new("."));
+                let private = parent.join(format!(
+                    ".tollgate-admin-{}-{}",
+                    std::process::id(),
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.subsec_nanos())
+                        .unwrap_or_default()
+                ));
+                std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                    .create(&private)?;
+                let staged = private.join("admin.sock");
+                let bound = tokio::net::UnixListener::bind(&staged).and_then(|listener| {
+                    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+                    std::fs::rename(&staged, target)?;
+                    Ok(listener)
+                });
+                let _ = std::fs::remove_file(&staged);
+                let _ = std::fs::remove_dir(&private);
+                return Ok(AdminListener::Unix(bound?));
             }
             #[cfg(not(unix))]
             {
@@ -208,4 +232,37 @@ pub async fn serve_admin(
 /// hundred bytes, and waiting to batch them costs tens of milliseconds.
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::AdminListener;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn an_admin_socket_is_private_refuses_a_live_one_and_replaces_a_stale_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.sock");
+        let address = format!("unix:{}", path.display());
+
+        let live = AdminListener::bind(&address).await.unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+
+        let Err(e) = AdminListener::bind(&address).await else {
+            panic!("a socket a server still answers on must not be replaced");
+        };
+        assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains("in use by a running server"), "{e}");
+
+        // Closed, the listener leaves its file behind: a stale socket.
+        drop(live);
+        assert!(path.exists());
+        let _again = AdminListener::bind(&address).await.unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("admin.sock")]);
+    }
 }
