@@ -429,6 +429,112 @@ fn rolling_windows_start_at_first_use_and_lapse() {
 }
 
 #[test]
+fn a_downgrade_applies_the_first_candidate_that_fits() {
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _servers,
+        } in backends().await
+        {
+            let mut premium = op("premium|d", 1, 1);
+            premium.downgradable = true;
+            let shared = op("team|d", 1, 100);
+            let cheap = op("cheap|d", 1, 100);
+            let candidates = |id: &str| ReserveRequest {
+                candidates: vec![
+                    Candidate {
+                        model: Some("big".to_string()),
+                        ops: vec![premium.clone(), shared.clone()],
+                    },
+                    Candidate {
+                        model: Some("small".to_string()),
+                        ops: vec![cheap.clone(), shared.clone()],
+                    },
+                ],
+                ..request(Vec::new(), id, 0)
+            };
+            let first = store.reserve(&candidates("d1")).await.unwrap();
+            assert_eq!(first.applied, Some(0), "{name}");
+            // The premium counter is full: the second candidate applies,
+            // and the first leaves nothing behind.
+            let second = store.reserve(&candidates("d2")).await.unwrap();
+            assert_eq!(second.applied, Some(1), "{name}");
+            assert_eq!(second.tried.len(), 2, "{name}");
+            assert_eq!(second.tried[0][0].used_before, 1, "{name}");
+            assert_eq!(second.tried[1][1].used_before, 1, "{name}");
+            let states = store
+                .read(&refs(&["premium|d", "team|d", "cheap|d"]), 0)
+                .await
+                .unwrap();
+            let used: Vec<i64> = states.iter().map(|s| s.used_before).collect();
+            assert_eq!(used, vec![1, 2, 1], "{name}");
+            let id = second.reservation_id.clone().unwrap();
+            let kept = store.reservation(&id, 0).await.unwrap().unwrap();
+            assert_eq!(kept.model.as_deref(), Some("small"), "{name}");
+
+            // A candidate with no counters at all (a fallback no rule
+            // meters) applies as it is.
+            let free = ReserveRequest {
+                candidates: vec![
+                    Candidate {
+                        model: None,
+                        ops: vec![premium.clone()],
+                    },
+                    Candidate {
+                        model: None,
+                        ops: Vec::new(),
+                    },
+                ],
+                ..request(Vec::new(), "d3", 0)
+            };
+            let out = store.reserve(&free).await.unwrap();
+            assert_eq!(out.applied, Some(1), "{name}");
+        }
+    });
+}
+
+#[test]
+fn concurrency_slots_are_held_until_settled_or_lapsed() {
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _servers,
+        } in backends().await
+        {
+            let mut slot = op("video|g", 1, 2);
+            slot.release_on_settle = true;
+            let reserve = |id: &'static str, now: i64| {
+                let store = &store;
+                let slot = slot.clone();
+                async move { store.reserve(&request(vec![slot], id, now)).await.unwrap() }
+            };
+            let held = reserve("g1", 0).await;
+            assert_eq!(held.applied, Some(0), "{name}");
+            // The store may qualify the id (a cluster names the slot).
+            let held = held.reservation_id.unwrap();
+            assert_eq!(reserve("g2", 0).await.applied, Some(0), "{name}");
+            let full = reserve("g3", 0).await;
+            assert_eq!(full.applied, None, "{name}");
+            assert_eq!(full.tried[0][0].used_before, 2, "{name}");
+            // Settling gives a slot back, once.
+            assert_eq!(
+                store.settle(&held, &[1], 10).await.unwrap(),
+                SettleOutcome::Settled,
+                "{name}"
+            );
+            assert_eq!(reserve("g4", 10).await.applied, Some(0), "{name}");
+            assert_eq!(reserve("g5", 10).await.applied, None, "{name}");
+            // Unsettled slots lapse with their reservations (60 s here).
+            let later = reserve("g6", 60_011).await;
+            assert_eq!(later.applied, Some(0), "{name}");
+            assert_eq!(later.tried[0][0].used_before, 0, "{name}");
+        }
+    });
+}
+
+#[test]
 fn a_daily_budget_resets_at_utc_midnight_on_an_injected_clock() {
     let yaml = "rules:\n  - id: daily\n    limit: { requests: 2, window: daily }\n";
     runtime().block_on(async {

@@ -74,7 +74,8 @@ for c = 1, ncand do
   first = a + 2
   a = first + 4 * n
   -- Gauges and rolling counters read nil here; they are read below.
-  values = call('MGET', unpack(KEYS, k, k + n - 1))
+  values = {}
+  if n > 0 then values = call('MGET', unpack(KEYS, k, k + n - 1)) end
   rolling_fresh = nil
 
   out[4] = c
