@@ -535,6 +535,62 @@ fn concurrency_slots_are_held_until_settled_or_lapsed() {
 }
 
 #[test]
+fn one_decision_mixes_every_kind_of_counter_all_or_nothing() {
+    runtime().block_on(async {
+        for Backend {
+            name,
+            store,
+            _servers,
+        } in backends().await
+        {
+            store
+                .put_grant(&grant("gated|s", 5, 10_000), 0)
+                .await
+                .unwrap();
+            let plain = op("plain|requests|s|w", 1, 10);
+            let mut slot = op("slot|concurrent|s|-", 1, 1);
+            slot.release_on_settle = true;
+            let mut rolling = op("rolling|requests|s|r", 1, 10);
+            rolling.expiry = Expiry::AfterFirstUse(1_000);
+            // A gate with no room of its own: only the grant's extra.
+            let gate = gated("gated|requests|s|w", "gated|s", 0, true);
+            let ops = vec![plain, slot, rolling, gate];
+
+            let first = store
+                .reserve(&request(ops.clone(), "m1", 100))
+                .await
+                .unwrap();
+            assert_eq!(first.applied, Some(0), "{name}");
+            let states = &first.tried[0];
+            assert_eq!(states[2].resets_at, Some(1_100), "{name}");
+            assert_eq!(states[3].grant, Some(5), "{name}");
+            assert_eq!(states[0].grant, None, "{name}");
+
+            // The slot is taken: nothing else moves either.
+            let second = store
+                .reserve(&request(ops.clone(), "m2", 200))
+                .await
+                .unwrap();
+            assert_eq!(second.applied, None, "{name}");
+            assert_eq!(second.tried[0][1].used_before, 1, "{name}");
+            let keys = [
+                "plain|requests|s|w",
+                "rolling|requests|s|r",
+                "gated|requests|s|w",
+            ];
+            let used: Vec<i64> = store
+                .read(&refs(&keys), 200)
+                .await
+                .unwrap()
+                .iter()
+                .map(|s| s.used_before)
+                .collect();
+            assert_eq!(used, vec![1, 1, 1], "{name}");
+        }
+    });
+}
+
+#[test]
 fn a_daily_budget_resets_at_utc_midnight_on_an_injected_clock() {
     let yaml = "rules:\n  - id: daily\n    limit: { requests: 2, window: daily }\n";
     runtime().block_on(async {
