@@ -214,6 +214,10 @@ struct ServeArgs {
     /// Prefix of every Redis key.
     #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
     redis_prefix: String,
+    /// Multiplexed connections to a single Redis server, used in turn.
+    #[arg(long, env = "TOLLGATE_REDIS_CONNECTIONS", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    redis_connections: u16,
     /// Address of the HTTP listener (forward auth, settle, `/status`,
     /// `/healthz`, `/readyz`).
     #[arg(long, env = "TOLLGATE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
@@ -1034,6 +1038,7 @@ async fn open_store(args: &ServeArgs) -> Result<Arc<dyn CounterStore>, String> {
         prefix: args.redis_prefix.clone(),
         cluster: args.redis_cluster,
         ca_file: args.redis_ca_file.clone(),
+        connections: usize::from(args.redis_connections),
         ..RedisConfig::new(url.clone())
     };
     let store = RedisStore::connect(&config)

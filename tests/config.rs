@@ -171,6 +171,36 @@ fn unknown_keys_and_bad_values_are_refused_with_their_position() {
         .contains("/nonexistent/tollgate.yaml: cannot read"));
 }
 
+#[test]
+fn redis_connections_are_bounded() {
+    for bad in ["0", "65"] {
+        let out = tollgate()
+            .args([
+                "serve",
+                "--policies",
+                &shipped_policies(),
+                "--redis-connections",
+                bad,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--redis-connections"), "{err}");
+        assert!(err.contains("1..=64") || err.contains("not in"), "{err}");
+    }
+    let config = print_config(tollgate().env("TOLLGATE_REDIS_CONNECTIONS", "3").args([
+        "serve",
+        "--policies",
+        &shipped_policies(),
+    ]));
+    assert_eq!(
+        value_and_source(&config, "redis-connections"),
+        ("\"3\"".to_string(), "env".to_string()),
+        "{config}"
+    );
+}
+
 /// Polls `/healthz` on `port` until it answers.
 fn wait_http(port: u16) {
     assert!(

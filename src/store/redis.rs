@@ -72,7 +72,7 @@ impl RedisConfig {
             cluster: false,
             prefix: "tollgate:".to_string(),
             connect_timeout: Duration::from_millis(500),
-            connections: 2,
+            connections: 1,
             ca_file: None,
         }
     }
