@@ -777,23 +777,22 @@ fn script_mode(op: &CounterOp) -> [u8; 1] {
         Some(g) if g.required => 16 | 32,
         Some(_) => 16,
     };
+    let kind = kind_of(op);
     let mode = u8::from(op.enforced)
         | u8::from(op.downgradable) << 1
-        | u8::from(op.release_on_settle) << 2
-        | u8::from(!op.release_on_settle && matches!(op.expiry, Expiry::AfterFirstUse(_))) << 3
+        | u8::from(kind == 'g') << 2
+        | u8::from(kind == 'r') << 3
         | grant;
     [b'0' + mode]
 }
 
 /// An op's `expiry` for `reserve.lua`, relative to the caller's clock.
 fn script_expiry(op: &CounterOp, req: &ReserveRequest) -> Millis {
-    if op.release_on_settle {
-        return req.reservation_ttl;
-    }
-    match op.expiry {
-        Expiry::Never => 0,
-        Expiry::At(t) => (t - req.now).max(1) + CLEANUP_GRACE,
-        Expiry::AfterFirstUse(d) => d.max(1),
+    match (kind_of(op), op.expiry) {
+        ('g', _) => req.reservation_ttl,
+        (_, Expiry::Never) => 0,
+        (_, Expiry::At(t)) => (t - req.now).max(1) + CLEANUP_GRACE,
+        (_, Expiry::AfterFirstUse(d)) => d.max(1),
     }
 }
 
