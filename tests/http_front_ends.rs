@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
 
-use common::{free_port, policy_dir, TollgateProcess};
+use common::nginx::{nginx, upstream_stub};
+use common::{policy_dir, TollgateProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const POLICY: &str = "
@@ -75,113 +74,6 @@ async fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)], bod
         status,
         headers,
         body: body.to_string(),
-    }
-}
-
-/// An upstream that answers 200 and remembers what reached it.
-async fn upstream_stub() -> (u16, Arc<AtomicU64>, Arc<Mutex<Vec<String>>>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicU64::new(0));
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (h, s) = (hits.clone(), seen.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut conn, _)) = listener.accept().await else {
-                return;
-            };
-            let (h, s) = (h.clone(), s.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                let mut got = Vec::new();
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => got.extend_from_slice(&buf[..n]),
-                    }
-                }
-                h.fetch_add(1, Ordering::SeqCst);
-                s.lock()
-                    .unwrap()
-                    .push(String::from_utf8_lossy(&got).to_string());
-                let _ = conn
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\nconnection: close\r\n\r\n{\"ok\":true}")
-                    .await;
-            });
-        }
-    });
-    (port, hits, seen)
-}
-
-struct Nginx {
-    child: std::process::Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // TERM lets the master stop its workers; KILL would orphan them.
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts nginx with the shipped config, its ports rewritten.
-fn nginx(upstream: u16, tollgate_http: u16) -> Nginx {
-    let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let shipped = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/nginx/nginx.conf"
-    ))
-    .unwrap();
-    assert!(
-        shipped.contains("127.0.0.1:9000")
-            && shipped.contains("127.0.0.1:8080")
-            && shipped.contains("127.0.0.1:8000")
-    );
-    let conf = shipped
-        .replace("127.0.0.1:9000", &format!("127.0.0.1:{upstream}"))
-        .replace("127.0.0.1:8080", &format!("127.0.0.1:{tollgate_http}"))
-        .replace("127.0.0.1:8000", &format!("127.0.0.1:{port}"))
-        .replace(
-            "/tmp/tollgate-nginx.pid",
-            &dir.path().join("nginx.pid").display().to_string(),
-        );
-    let conf_path = dir.path().join("nginx.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let binary = ["/usr/sbin/nginx", "nginx"]
-        .into_iter()
-        .find(|b| std::path::Path::new(b).exists())
-        .unwrap_or("nginx");
-    let child = std::process::Command::new(binary)
-        .arg("-c")
-        .arg(&conf_path)
-        .arg("-p")
-        .arg(dir.path())
-        .args(["-g", "daemon off;"])
-        .spawn()
-        .unwrap_or_else(|e| panic!("nginx must be installed for this test: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nginx did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Nginx {
-        child,
-        port,
-        _dir: dir,
     }
 }
 

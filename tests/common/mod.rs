@@ -1,5 +1,7 @@
 #![allow(dead_code)]
 
+pub mod nginx;
+
 use std::sync::Arc;
 
 use tollgate::engine::window::days_from_civil;
