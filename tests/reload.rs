@@ -236,6 +236,40 @@ async fn a_bad_edit_is_never_applied_and_is_reported_with_its_position() {
     assert_eq!(cap_of(&live.gate), "30");
 }
 
+/// A few lines of nested aliases expand to billions of nodes; dropped into
+/// the watched directory, they are refused before any expansion, and the
+/// rules in force keep deciding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_bomb_is_refused_and_the_rules_in_force_keep_deciding() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("main.yaml"), policy(10)).unwrap();
+    let live = watch(dir.path());
+    let good_version = live.gate.policy().version.clone();
+
+    let mut bomb = format!("a: &a [{}]\n", ["\"x\""; 9].join(","));
+    for (prev, cur) in "abcdefgh".chars().zip("bcdefghi".chars()) {
+        bomb += &format!(
+            "{cur}: &{cur} [{}]\n",
+            vec![format!("*{prev}"); 9].join(",")
+        );
+    }
+    std::fs::write(dir.path().join("bomb.yaml"), bomb).unwrap();
+    let took = within_a_second("rejection", || live.reloader.status().last_error.is_some()).await;
+    eprintln!("alias bomb rejected {took:?} after it was written");
+    let status = live.reloader.status();
+    let error = status.last_error.unwrap();
+    assert!(
+        error.contains("bomb.yaml:1:4: invalid YAML: YAML anchors and aliases are not accepted"),
+        "{error}"
+    );
+    assert_eq!(status.version, good_version);
+    assert_eq!(live.gate.policy().version, good_version);
+    let d = live.gate.check(check_t()).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Allow);
+    let a = d.counters.iter().find(|c| c.rule == "a").unwrap();
+    assert_eq!(a.limit.to_string(), "10");
+}
+
 fn check_t() -> CheckInput {
     CheckInput {
         attributes: Attributes {

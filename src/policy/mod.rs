@@ -12,6 +12,7 @@ mod validate;
 pub mod yaml;
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -84,12 +85,12 @@ pub fn read_dirs(dirs: &[PathBuf]) -> Result<Vec<SourceFile>, LoadErrors> {
             .collect();
         paths.sort();
         for path in paths {
-            match std::fs::read_to_string(&path) {
+            match read_policy_file(&path) {
                 Ok(text) => files.push(SourceFile {
                     name: path.display().to_string(),
                     text,
                 }),
-                Err(e) => errors.push(io_error(&path, &e)),
+                Err(d) => errors.push(d),
             }
         }
     }
@@ -98,6 +99,42 @@ pub fn read_dirs(dirs: &[PathBuf]) -> Result<Vec<SourceFile>, LoadErrors> {
     } else {
         Err(LoadErrors(errors))
     }
+}
+
+/// The largest policy file accepted. Real policy sets are kilobytes; the
+/// bound keeps a stray or hostile file from being read into memory whole.
+pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+fn read_policy_file(path: &Path) -> Result<String, Diagnostic> {
+    let file = std::fs::File::open(path).map_err(|e| io_error(path, &e))?;
+    let mut bytes = Vec::new();
+    // One byte past the limit is enough to know it is exceeded.
+    (&file)
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| io_error(path, &e))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        let size = file
+            .metadata()
+            .map_or(0, |m| m.len())
+            .max(bytes.len() as u64);
+        return Err(Diagnostic {
+            file: path.display().to_string(),
+            pos: Pos::default(),
+            message: format!(
+                "the file is {size} bytes, over the limit of {MAX_FILE_BYTES} bytes ({} MiB) for a policy file; split it into smaller files",
+                MAX_FILE_BYTES >> 20
+            ),
+        });
+    }
+    // Worded as `fs::read_to_string` words it, which this replaces.
+    String::from_utf8(bytes).map_err(|_| {
+        let e = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        );
+        io_error(path, &e)
+    })
 }
 
 fn is_policy_file(path: &Path) -> bool {
