@@ -186,55 +186,63 @@ async fn forward_auth(State(fa): State<ForwardAuth>, req: Request) -> Response {
         .unwrap_or("")
         .to_string();
 
-    let mut auth = hyper::Request::get("/v1/authz/forward");
-    for (k, v) in &parts.headers {
-        if !hop_by_hop(k) {
-            auth = auth.header(k, v);
-        }
+    let mut auth_request = end_to_end(&parts.headers);
+    for (k, v) in [
+        ("host", format!("127.0.0.1:{}", fa.tollgate_http)),
+        ("x-forwarded-method", parts.method.to_string()),
+        ("x-forwarded-uri", uri.clone()),
+        ("x-forwarded-host", client_host),
+        ("x-forwarded-proto", "http".to_string()),
+        ("x-forwarded-for", "127.0.0.1".to_string()),
+    ] {
+        auth_request.insert(k, v.parse().unwrap());
     }
-    let auth = auth
-        .header("host", format!("127.0.0.1:{}", fa.tollgate_http))
-        .header("x-forwarded-method", parts.method.as_str())
-        .header("x-forwarded-uri", &uri)
-        .header("x-forwarded-host", &client_host)
-        .header("x-forwarded-proto", "http")
-        .header("x-forwarded-for", "127.0.0.1")
+    let mut auth = hyper::Request::get("/v1/authz/forward")
         .body(Full::new(Bytes::new()))
         .unwrap();
+    *auth.headers_mut() = auth_request;
     let (status, auth_headers, auth_body) = send(fa.tollgate_http, auth).await;
     if !status.is_success() {
         return response(status, &auth_headers, auth_body);
     }
 
-    let mut upstream = hyper::Request::builder()
-        .method(parts.method.clone())
-        .uri(&uri);
-    for (k, v) in &parts.headers {
-        if !hop_by_hop(k) {
-            upstream = upstream.header(k, v);
-        }
-    }
+    // Like `authResponseHeadersRegex: ^X-Tollgate-`: tollgate's values
+    // replace any the client sent.
+    let mut upstream_headers = end_to_end(&parts.headers);
     for (k, v) in &auth_headers {
         if k.as_str().starts_with("x-tollgate-") {
-            upstream = upstream.header(k, v);
+            upstream_headers.insert(k.clone(), v.clone());
         }
     }
-    let upstream = upstream
-        .header("host", format!("127.0.0.1:{}", fa.upstream))
+    upstream_headers.insert(
+        "host",
+        format!("127.0.0.1:{}", fa.upstream).parse().unwrap(),
+    );
+    let mut upstream = hyper::Request::builder()
+        .method(parts.method.clone())
+        .uri(&uri)
         .body(Full::new(body))
         .unwrap();
+    *upstream.headers_mut() = upstream_headers;
     let (status, headers, body) = send(fa.upstream, upstream).await;
     response(status, &headers, body)
+}
+
+/// The headers a proxy passes on: all but the hop-by-hop ones.
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    for (k, v) in headers {
+        if !hop_by_hop(k) {
+            out.append(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 fn response(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Response {
     let mut r = Response::new(Body::from(body));
     *r.status_mut() = status;
-    for (k, v) in headers {
-        if !hop_by_hop(k) {
-            r.headers_mut().append(k.clone(), v.clone());
-        }
-    }
+    *r.headers_mut() = end_to_end(headers);
     r
 }
 
@@ -462,16 +470,6 @@ async fn concurrency_denial_is_retried(front: Front, sdk: Sdk) {
     let first = &attempts[0];
     assert_eq!(first["status"], 429, "{call}");
     assert_eq!(
-        header(first, "x-tollgate-reason"),
-        Some("concurrency_limit"),
-        "{call}"
-    );
-    assert_eq!(
-        header(first, "x-tollgate-retryable"),
-        Some("true"),
-        "{call}"
-    );
-    assert_eq!(
         header(first, "x-should-retry"),
         Some("true"),
         "a concurrency denial must tell the SDK to retry: {call}"
@@ -487,6 +485,16 @@ async fn concurrency_denial_is_retried(front: Front, sdk: Sdk) {
     assert_eq!(attempts.last().unwrap()["status"], 200, "{call}");
     let elapsed = call["elapsed"].as_f64().unwrap();
     assert!(elapsed < 5.0, "a short wait, took {elapsed:.2} s: {call}");
+    assert_eq!(
+        header(first, "x-tollgate-reason"),
+        Some("concurrency_limit"),
+        "{call}"
+    );
+    assert_eq!(
+        header(first, "x-tollgate-retryable"),
+        Some("true"),
+        "{call}"
+    );
 }
 
 macro_rules! sdk_test {
