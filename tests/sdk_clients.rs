@@ -385,7 +385,7 @@ async fn budget_denial_fails_fast(front: Front, sdk: Sdk) {
     assert_eq!(
         header(denied, "x-tollgate-reason"),
         Some("budget_exceeded"),
-        "{denied}"
+        "every denial names its reason: {denied}"
     );
     assert_eq!(
         header(denied, "x-tollgate-rule"),
@@ -488,7 +488,7 @@ async fn concurrency_denial_is_retried(front: Front, sdk: Sdk) {
     assert_eq!(
         header(first, "x-tollgate-reason"),
         Some("concurrency_limit"),
-        "{call}"
+        "every denial names its reason: {call}"
     );
     assert_eq!(
         header(first, "x-tollgate-retryable"),
