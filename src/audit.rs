@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::charge::from_counter;
-use crate::engine::request::{apply_key, hash_key};
+use crate::engine::request::{apply_key, fill_from_client, hash_key};
 use crate::engine::window::{format_utc, Millis};
 use crate::engine::{decide, Attributes, Decision, Estimate, Verdict};
 use crate::gate::{CheckInput, GateError};
@@ -51,6 +51,7 @@ pub struct Pending {
     policy: Arc<CompiledPolicy>,
     now: Millis,
     attributes: Attributes,
+    client_attributes: Attributes,
     /// Hashed only when the record is kept.
     api_key: Option<String>,
     estimate: Estimate,
@@ -127,6 +128,7 @@ impl AuditLog {
             policy: policy(),
             now,
             attributes: input.attributes.clone(),
+            client_attributes: input.client_attributes.clone(),
             api_key: input.api_key.clone(),
             estimate: input.estimate.clone(),
             request_id: input.request_id.clone(),
@@ -245,6 +247,7 @@ fn line(r: &Record) -> String {
     if let Some(h) = &r.key_sha256 {
         apply_key(policy, &mut attrs, h);
     }
+    fill_from_client(&mut attrs, &p.client_attributes);
     // The action the gate made up for a request without one is part of
     // what was charged.
     if let (

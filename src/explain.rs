@@ -14,9 +14,36 @@ use crate::store::MemoryStore;
 
 pub fn explain(
     policy: CompiledPolicy,
-    input: CheckInput,
+    mut input: CheckInput,
     now: i64,
 ) -> Result<String, RequestError> {
+    // What a client may not set is dropped here as the HTTP front ends
+    // drop it, and shown as ignored.
+    let mut ignored = Vec::new();
+    for attr in Attr::WELL_KNOWN.iter().cloned().chain(
+        input
+            .client_attributes
+            .labels
+            .keys()
+            .map(|l| Attr::Label(l.clone()))
+            .collect::<Vec<_>>(),
+    ) {
+        if input.client_attributes.get(&attr).is_some()
+            && !policy.set.attributes.client_may_set(&attr)
+        {
+            ignored.push(attr.to_string());
+            match &attr {
+                Attr::Label(l) => {
+                    input.client_attributes.labels.remove(l);
+                }
+                other => {
+                    if let Some(slot) = input.client_attributes.slot(other) {
+                        *slot = None;
+                    }
+                }
+            }
+        }
+    }
     let gate = Gate::new(
         policy,
         Arc::new(MemoryStore::default()),
@@ -29,8 +56,8 @@ pub fn explain(
         other => RequestError::invalid(other.to_string()),
     })?;
 
-    let mut attrs =
-        crate::gate::resolve(&policy, input.attributes.clone(), input.api_key.as_deref());
+    let resolved = crate::gate::resolve(&policy, &input);
+    let mut attrs = resolved.attributes;
     attrs.families = attrs
         .model
         .as_deref()
@@ -46,6 +73,21 @@ pub fn explain(
         policy.rules().len()
     );
     let _ = writeln!(out, "request: {}", describe_attrs(&attrs));
+    let sources: Vec<String> = resolved
+        .sources
+        .iter()
+        .map(|(a, s)| format!("{a}={}", s.name()))
+        .collect();
+    if !sources.is_empty() {
+        let _ = writeln!(out, "from: {}", sources.join(" "));
+    }
+    if !ignored.is_empty() {
+        let _ = writeln!(
+            out,
+            "ignored: {} (clients may not set them; see attributes.client_attributes)",
+            ignored.join(", ")
+        );
+    }
     let _ = writeln!(out);
     if counters.is_empty() {
         let _ = writeln!(out, "no rule matches this request");

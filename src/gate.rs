@@ -16,14 +16,17 @@ use rust_decimal::Decimal;
 use crate::alerts::AlertSink;
 use crate::engine::charge::{counter_amount, from_counter, to_counter, Usage};
 use crate::engine::decide::{self, empty_store_outcome};
-use crate::engine::request::{apply_key, hash_key};
+use crate::engine::request::{apply_key, fill_from_client, hash_key, Source};
 use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
-use crate::policy::{CompiledPolicy, Enforcement, OnExceed, StoreFailure, Unit, UnknownKeys};
+use crate::policy::{Attr, CompiledPolicy, Enforcement, OnExceed, StoreFailure, Unit, UnknownKeys};
 use crate::store::{CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError};
 use crate::telemetry::{self, Telemetry};
 
 mod scopes;
+mod unknown_keys;
+
+use unknown_keys::UnknownKeyBucket;
 
 /// The append-only log of every approval and revocation.
 pub use crate::policy::APPROVALS_LOG;
@@ -79,6 +82,10 @@ pub struct GateConfig {
     pub reservation_ttl: Duration,
     /// Bounds every store call, so a dead store never hangs a request.
     pub store_timeout: Duration,
+    /// A budget that resets within this long is worth a client's retry
+    /// after Retry-After; a longer one is not (see
+    /// [`decide::with_retry_hint`]).
+    pub retry_within: Duration,
 }
 
 impl Default for GateConfig {
@@ -86,6 +93,7 @@ impl Default for GateConfig {
         GateConfig {
             reservation_ttl: Duration::from_secs(600),
             store_timeout: Duration::from_millis(50),
+            retry_within: Duration::from_secs(decide::DEFAULT_RETRY_WITHIN_SECS),
         }
     }
 }
@@ -93,11 +101,25 @@ impl Default for GateConfig {
 /// A request to decide, as every front end hands it over.
 #[derive(Debug, Clone, Default)]
 pub struct CheckInput {
+    /// From the route, a trusted header, or a trusted service: these win
+    /// over the key registry.
     pub attributes: Attributes,
+    /// Set by the client itself, already limited to the attributes the
+    /// policy lets clients set: these only fill what is still empty after
+    /// the registry.
+    pub client_attributes: Attributes,
     /// Only ever hashed; see [`hash_key`].
     pub api_key: Option<String>,
     pub estimate: Estimate,
+    /// The replay key, only from a source the operator trusts: a repeat
+    /// within a minute gets the first decision back, uncharged.
     pub request_id: Option<String>,
+    /// Whether the caller puts a downgrade into effect (the native API's
+    /// services do, and routes whose upstream honours the model header).
+    /// When it cannot, a downgrade is refused instead, naming the cheaper
+    /// model, so that the expensive call is never charged at the cheap
+    /// price.
+    pub can_switch_model: bool,
 }
 
 /// What a call really used, reported at settle. Absent fields are zero.
@@ -149,6 +171,7 @@ pub struct Gate {
     config: GateConfig,
     alerts: Option<Arc<dyn AlertSink>>,
     telemetry: Option<Arc<Telemetry>>,
+    unknown_keys: UnknownKeyBucket,
 }
 
 impl Gate {
@@ -165,6 +188,7 @@ impl Gate {
             config,
             alerts: None,
             telemetry: None,
+            unknown_keys: UnknownKeyBucket::default(),
         }
     }
 
@@ -213,10 +237,17 @@ impl Gate {
     async fn check_unobserved(&self, input: CheckInput) -> Result<Decision, GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
-        let (mut attrs, unknown_key) =
-            resolve_key(&policy, input.attributes, input.api_key.as_deref());
-        if unknown_key && policy.set.attributes.unknown_keys == UnknownKeys::Deny {
-            return Ok(decide::unknown_key());
+        let Resolved {
+            attributes: mut attrs,
+            unknown_key,
+            ..
+        } = resolve(&policy, &input);
+        if unknown_key {
+            if policy.set.unknown_keys() == UnknownKeys::Deny {
+                return Ok(decide::unknown_key());
+            }
+            self.unknown_keys
+                .bound(&mut attrs, policy.set.attributes.max_unknown_keys, now);
         }
         input.estimate.validate()?;
         attrs.validate()?;
@@ -239,10 +270,14 @@ impl Gate {
                 Some(id)
             }
         };
-        let plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
+        let mut plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
+        if !input.can_switch_model {
+            plan.withhold_downgrades();
+        }
+        let retry_within = self.config.retry_within.as_millis() as Millis;
         let with_action = |decision: Decision| Decision {
             action_id: fresh_action.clone(),
-            ..decision
+            ..decide::with_retry_hint(decision, retry_within)
         };
         if plan.is_free() {
             return Ok(with_action(Decision::allow_unmetered()));
@@ -283,8 +318,11 @@ impl Gate {
     pub fn explain(&self, input: CheckInput) -> Result<(decide::Plan, Decision), GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
-        let attrs = resolve(&policy, input.attributes, input.api_key.as_deref());
-        let plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
+        let attrs = resolve(&policy, &input).attributes;
+        let mut plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
+        if !input.can_switch_model {
+            plan.withhold_downgrades();
+        }
         let decision = decide::decide(&policy, &plan, &empty_store_outcome(&plan), now);
         Ok((plan, decision))
     }
@@ -352,7 +390,12 @@ impl Gate {
     ) -> Result<Vec<CounterReport>, GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
-        let attrs = resolve(&policy, attributes, api_key);
+        let input = CheckInput {
+            attributes,
+            api_key: api_key.map(str::to_string),
+            ..Default::default()
+        };
+        let attrs = resolve(&policy, &input).attributes;
         let counters = decide::scope_counters(&policy, &attrs, now)?;
         self.report(&policy, &counters, now).await
     }
@@ -580,23 +623,49 @@ async fn bounded_by<T>(
     result
 }
 
-/// Hashes the raw key (if any) and applies the key registry.
-pub fn resolve(policy: &CompiledPolicy, attrs: Attributes, api_key: Option<&str>) -> Attributes {
-    resolve_key(policy, attrs, api_key).0
+/// The request's attributes by precedence: the route's, then the key
+/// registry's, then the client's own; each attribute with its source.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolved {
+    pub attributes: Attributes,
+    pub sources: Vec<(Attr, Source)>,
+    /// A key was given that the registry does not know.
+    pub unknown_key: bool,
 }
 
-/// Like [`resolve`], also saying whether a key was given that the registry
-/// does not know.
-fn resolve_key(
-    policy: &CompiledPolicy,
-    mut attrs: Attributes,
-    api_key: Option<&str>,
-) -> (Attributes, bool) {
-    let mut unknown = false;
-    if let Some(raw) = api_key.filter(|k| !k.trim().is_empty()) {
-        unknown = !apply_key(policy, &mut attrs, &hash_key(raw));
+/// Hashes the raw key (if any), applies the key registry, then fills what
+/// is still empty from the client's attributes.
+pub fn resolve(policy: &CompiledPolicy, input: &CheckInput) -> Resolved {
+    let mut attrs = input.attributes.clone();
+    let mut sources: Vec<(Attr, Source)> = Attr::WELL_KNOWN
+        .iter()
+        .cloned()
+        .chain(attrs.labels.keys().map(|l| Attr::Label(l.clone())))
+        .filter(|a| *a != Attr::ModelFamily && attrs.get(a).is_some())
+        .map(|a| (a, Source::Route))
+        .collect();
+    let mut unknown_key = false;
+    if let Some(raw) = input.api_key.as_deref().filter(|k| !k.trim().is_empty()) {
+        match apply_key(policy, &mut attrs, &hash_key(raw)) {
+            Some(filled) => {
+                sources.retain(|(a, _)| *a != Attr::Key);
+                sources.push((Attr::Key, Source::Registry));
+                sources.extend(filled.into_iter().map(|a| (a, Source::Registry)));
+            }
+            None => {
+                unknown_key = true;
+                sources.retain(|(a, _)| *a != Attr::Key);
+                sources.push((Attr::Key, Source::Client));
+            }
+        }
     }
-    (attrs, unknown)
+    let filled = fill_from_client(&mut attrs, &input.client_attributes);
+    sources.extend(filled.into_iter().map(|a| (a, Source::Client)));
+    Resolved {
+        attributes: attrs,
+        sources,
+        unknown_key,
+    }
 }
 
 /// The extra of a grant in its rule's own unit (USD for spend), exactly.

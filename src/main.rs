@@ -201,6 +201,11 @@ struct ServeArgs {
     /// Upper bound on any one counter-store call.
     #[arg(long, env = "TOLLGATE_STORE_TIMEOUT_MS", default_value_t = 50)]
     store_timeout_ms: u64,
+    /// A budget denial whose window resets within this long tells clients
+    /// to retry (`x-should-retry: true`); a longer one tells them not to.
+    /// At most 120s, the longest Retry-After the OpenAI SDKs wait for.
+    #[arg(long, env = "TOLLGATE_RETRY_WITHIN", default_value = "60s", value_parser = retry_within_arg)]
+    retry_within: Duration,
     /// Redis URL (`redis://` or `rediss://`, with credentials if needed).
     /// Without it, counters live in this process only.
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
@@ -328,9 +333,19 @@ fn rate_arg(s: &str) -> Result<f64, String> {
 struct ExplainArgs {
     /// Policy directory.
     dir: PathBuf,
-    /// A request attribute, such as team=growth or labels.tier=gold.
+    /// A route attribute (Envoy context_extensions, a trusted header), such
+    /// as team=growth or labels.tier=gold; beats the key registry.
     #[arg(long = "attr", value_name = "NAME=VALUE")]
     attrs: Vec<String>,
+    /// An attribute as a client's own header sets it; only fills what the
+    /// route and the registry leave empty, and only for the policy's
+    /// `client_attributes`.
+    #[arg(long = "client-attr", value_name = "NAME=VALUE")]
+    client_attrs: Vec<String>,
+    /// Explain as for a route that cannot switch the model (ext_authz,
+    /// nginx, forward auth without `downgrade: header`).
+    #[arg(long)]
+    no_model_switch: bool,
     /// A raw API key to look up in the key registry (hashed, never printed).
     #[arg(long)]
     api_key: Option<String>,
@@ -344,6 +359,17 @@ fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("{s:?} is not a duration such as 30s, 10m or 1h"))
+}
+
+fn retry_within_arg(s: &str) -> Result<Duration, String> {
+    let d = duration_arg(s)?;
+    let max = tollgate::engine::decide::MAX_RETRY_WITHIN_SECS;
+    if d.as_secs() > max {
+        return Err(format!(
+            "{s:?} is over {max}s: SDKs do not wait for a Retry-After that long"
+        ));
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {
@@ -616,6 +642,9 @@ fn health_check(args: &HealthArgs) -> ExitCode {
 fn validate(dirs: &[PathBuf]) -> ExitCode {
     match policy::load_dirs(dirs) {
         Ok(p) => {
+            for (origin, message) in &p.set.warnings {
+                eprintln!("warning: {origin}: {message}");
+            }
             println!(
                 "ok: {} rules, policy version {}",
                 p.rules().len(),
@@ -682,9 +711,11 @@ fn explain_input(args: &ExplainArgs) -> Result<CheckInput, String> {
     }
     Ok(CheckInput {
         attributes,
+        client_attributes: parse_attrs(&args.client_attrs)?,
         api_key: args.api_key.clone(),
         estimate,
         request_id: None,
+        can_switch_model: !args.no_model_switch,
     })
 }
 
@@ -802,6 +833,7 @@ fn serve(args: ServeArgs) -> ExitCode {
                 GateConfig {
                     reservation_ttl: args.reservation_ttl,
                     store_timeout: Duration::from_millis(args.store_timeout_ms),
+                    retry_within: args.retry_within,
                 },
             )
             .with_alerts(alerts.clone())

@@ -20,6 +20,14 @@ pub const EXPIRY_GRACE: Millis = 3_600_000;
 /// How long a client should wait before retrying a concurrency denial.
 pub const CONCURRENCY_RETRY_SECS: u64 = 1;
 
+/// A budget that resets within this many seconds is worth a retry, by
+/// default (`--retry-within`).
+pub const DEFAULT_RETRY_WITHIN_SECS: u64 = 60;
+
+/// The longest wait ever paired with "retry": the OpenAI SDKs give up on a
+/// Retry-After above 120 s before they read `x-should-retry`.
+pub const MAX_RETRY_WITHIN_SECS: u64 = 120;
+
 /// Longest downgrade chain followed (the model asked for, then two more).
 const MAX_CANDIDATES: usize = 3;
 
@@ -43,9 +51,23 @@ pub struct Plan {
     pub candidates: Vec<Candidate>,
     /// Parallel to each candidate's ops: which rule and scope each op is.
     pub counters: Vec<Vec<RuleCounter>>,
+    /// The caller cannot switch models, so the downgrade candidates were
+    /// dropped: a request over a downgrading budget is refused, naming
+    /// the model it may ask for instead.
+    pub downgrades_withheld: bool,
 }
 
 impl Plan {
+    /// Keeps only the model asked for. A downgrade that nobody puts into
+    /// effect would charge the cheap price for the expensive call.
+    pub fn withhold_downgrades(&mut self) {
+        if self.candidates.len() > 1 {
+            self.candidates.truncate(1);
+            self.counters.truncate(1);
+            self.downgrades_withheld = true;
+        }
+    }
+
     /// True when no counter needs touching: the decision needs no store.
     pub fn is_free(&self) -> bool {
         self.candidates.iter().all(|c| c.ops.is_empty())
@@ -130,8 +152,11 @@ pub struct Decision {
     pub scope: Option<String>,
     /// The model to call instead, on a downgrade.
     pub model: Option<String>,
+    /// Whole seconds to wait, rounded up; `retry_after_ms` is exact.
     pub retry_after: Option<u64>,
-    /// Whether retrying the same request can succeed later.
+    pub retry_after_ms: Option<u64>,
+    /// Whether retrying the same request after `retry_after` can succeed:
+    /// what clients are told in `x-should-retry`.
     pub retryable: bool,
     /// Most constrained first.
     pub counters: Vec<CounterReport>,
@@ -152,6 +177,7 @@ impl Decision {
             scope: None,
             model: None,
             retry_after: None,
+            retry_after_ms: None,
             retryable: false,
             counters: Vec::new(),
             alerts: Vec::new(),
@@ -174,6 +200,7 @@ pub fn plan(
     let mut plan = Plan {
         candidates: Vec::new(),
         counters: Vec::new(),
+        downgrades_withheld: false,
     };
     let mut attrs = attrs.clone();
     loop {
@@ -528,6 +555,7 @@ pub fn decide(
             scope: None,
             model: downgraded.then(|| candidate.model.clone()).flatten(),
             retry_after: None,
+            retry_after_ms: None,
             retryable: false,
             counters: reports,
             alerts,
@@ -622,6 +650,15 @@ pub fn decide(
                     how_to_ask(rule, &counter.scope)
                 ),
             ),
+            (OnExceed::Downgrade(cheaper), _) if plan.downgrades_withheld => (
+                Reason::BudgetExceeded,
+                resets_at.map(|t| seconds_until(now, t)),
+                false,
+                format!(
+                    "{base}; this route cannot switch the request to {cheaper}, so it is \
+                     refused: send it again with model {cheaper}"
+                ),
+            ),
             _ => (
                 Reason::BudgetExceeded,
                 resets_at.map(|t| seconds_until(now, t)),
@@ -629,6 +666,10 @@ pub fn decide(
                 base,
             ),
         }
+    };
+    let retry_after_ms = match reason {
+        Reason::ConcurrencyLimit => Some(CONCURRENCY_RETRY_SECS * 1000),
+        _ => retry_after.and(resets_at).map(|t| (t - now).max(0) as u64),
     };
     sort_most_constrained(&mut reports);
     Decision {
@@ -639,12 +680,26 @@ pub fn decide(
         scope: Some(counter.scope.clone()),
         model: None,
         retry_after,
+        retry_after_ms,
         retryable,
         counters: reports,
         alerts: Vec::new(),
         reservation_id: None,
         action_id: None,
     }
+}
+
+/// Marks a budget denial retryable when its window resets within
+/// `within_ms`: only then does waiting for Retry-After and retrying work.
+/// Longer resets, approval gates and blocks stay unretryable, so that no
+/// SDK sleeps for the rest of a month.
+pub fn with_retry_hint(mut d: Decision, within_ms: Millis) -> Decision {
+    if d.verdict == Verdict::Deny && d.reason == Reason::BudgetExceeded && !d.retryable {
+        if let Some(ms) = d.retry_after_ms {
+            d.retryable = (ms as i64) <= within_ms;
+        }
+    }
+    d
 }
 
 fn store_disagreement() -> Decision {
@@ -654,6 +709,7 @@ fn store_disagreement() -> Decision {
         message: "the counter store refused the reservation".to_string(),
         retryable: true,
         retry_after: Some(CONCURRENCY_RETRY_SECS),
+        retry_after_ms: Some(CONCURRENCY_RETRY_SECS * 1000),
         ..Decision::allow_unmetered()
     }
 }

@@ -155,25 +155,75 @@ pub fn hash_key(raw: &str) -> [u8; 32] {
     Sha256::digest(raw.trim().as_bytes()).into()
 }
 
+/// Where an attribute's value came from, most trusted first. A value from
+/// a more trusted source is never replaced by a less trusted one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// The route (Envoy `context_extensions`, the auth endpoint's query),
+    /// a header the edge proxy sets, or a trusted service on the native API.
+    Route,
+    /// The key registry entry of the request's API key.
+    Registry,
+    /// A header the client set itself.
+    Client,
+}
+
+impl Source {
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Route => "route",
+            Source::Registry => "registry",
+            Source::Client => "client",
+        }
+    }
+}
+
 /// Resolves a hashed key against the registry: the key attribute becomes
-/// the registered id, and the registry fills attributes the request left
-/// empty. An unregistered key is known by a prefix of its hash.
-pub fn apply_key(policy: &CompiledPolicy, attrs: &mut Attributes, sha256: &[u8; 32]) -> bool {
+/// the registered id, and the registry fills attributes the route left
+/// empty. An unregistered key is known by a prefix of its hash. Returns
+/// the attributes the registry filled.
+pub fn apply_key(
+    policy: &CompiledPolicy,
+    attrs: &mut Attributes,
+    sha256: &[u8; 32],
+) -> Option<Vec<Attr>> {
     match policy.key_by_hash(sha256) {
         Some(entry) => {
             attrs.key = Some(entry.id.clone());
+            let mut filled = Vec::new();
             for (attr, value) in &entry.attributes {
                 if attrs.get(attr).is_none() {
                     attrs.set(attr, value.clone());
+                    filled.push(attr.clone());
                 }
             }
-            true
+            Some(filled)
         }
         None => {
             attrs.key = Some(format!("sha256:{}", hex(&sha256[..8])));
-            false
+            None
         }
     }
+}
+
+/// Fills what is still empty from the client's own attributes, the least
+/// trusted source. Returns the attributes it filled.
+pub fn fill_from_client(attrs: &mut Attributes, client: &Attributes) -> Vec<Attr> {
+    let mut filled = Vec::new();
+    let named = Attr::WELL_KNOWN
+        .iter()
+        .cloned()
+        .chain(client.labels.keys().map(|l| Attr::Label(l.clone())));
+    for attr in named {
+        if attr == Attr::Key || attr == Attr::ModelFamily || attrs.get(&attr).is_some() {
+            continue;
+        }
+        if let Some(v) = client.get(&attr) {
+            attrs.set(&attr, v.to_string());
+            filled.push(attr);
+        }
+    }
+    filled
 }
 
 /// What the caller expects a request to use. Absent fields are filled from

@@ -30,6 +30,9 @@ pub struct PolicySet {
     pub attributes: AttributeMapping,
     pub notifiers: Vec<Notifier>,
     pub rules: Vec<Rule>,
+    /// Problems that do not stop the set from loading, for `validate` and
+    /// `/status` to show.
+    pub warnings: Vec<(Origin, String)>,
 }
 
 /// The notifier every set has: alerts as structured log lines.
@@ -69,6 +72,17 @@ pub enum NotifierKind {
 }
 
 impl PolicySet {
+    /// What happens to an unregistered key: as the policy says, else
+    /// denied once any key is registered (a registry that lets unknown
+    /// keys through protects nothing), else allowed.
+    pub fn unknown_keys(&self) -> UnknownKeys {
+        match self.attributes.unknown_keys {
+            Some(mode) => mode,
+            None if self.keys.is_empty() => UnknownKeys::Allow,
+            None => UnknownKeys::Deny,
+        }
+    }
+
     /// The notifiers a rule's alerts go to.
     pub fn notifiers_for<'a>(&'a self, rule: &'a Rule) -> Vec<&'a str> {
         if !rule.notify.is_empty() {
@@ -100,24 +114,52 @@ impl PolicySet {
 }
 
 /// How HTTP front ends (Envoy, nginx, forward auth) find a request's
-/// attributes. The defaults work untouched.
+/// attributes, and which of them a client may set. The defaults work
+/// untouched and are safe: a client sets only what cannot raise another
+/// budget's headroom.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttributeMapping {
-    pub unknown_keys: UnknownKeys,
-    /// Header read for each attribute, replacing the default
-    /// `x-tollgate-<attribute>` name.
-    pub headers: Vec<(Attr, String)>,
+    /// `None` when the policy does not say: then an unregistered key is
+    /// denied as soon as the policy registers any key.
+    pub unknown_keys: Option<UnknownKeys>,
+    /// How many unregistered keys get counters of their own at once;
+    /// later ones share one bucket, so a flood of random keys cannot fill
+    /// the store.
+    pub max_unknown_keys: usize,
+    /// Attributes a client may set with its own `x-tollgate-*` headers.
+    /// They have the lowest precedence: route context and the key
+    /// registry win over them.
+    pub client_attributes: Vec<Attr>,
+    /// Headers the edge proxy sets, and strips from clients: trusted
+    /// sources of attributes, ranked with the route context.
+    pub trusted_headers: Vec<(Attr, String)>,
+    /// A header the proxy sets with its own request id, trusted as the
+    /// replay key. Without it, a client's `x-request-id` never dedups.
+    pub request_id_header: Option<String>,
     /// Path prefixes mapped to a modality, tried before the built-in ones.
     pub modality_paths: Vec<(String, String)>,
     /// The header that carries the model to call after a downgrade.
     pub model_header: String,
 }
 
+/// What a client may set by default: which attempt of which action a call
+/// is. Neither can move a call out of a team, key or customer budget.
+pub const DEFAULT_CLIENT_ATTRIBUTES: [Attr; 2] = [Attr::Action, Attr::AttemptKind];
+
+/// Unregistered keys counted apart, by default, per process.
+pub const DEFAULT_MAX_UNKNOWN_KEYS: usize = 1000;
+
+/// The key attribute every unregistered key past `max_unknown_keys` shares.
+pub const SHARED_UNKNOWN_KEY: &str = "sha256:shared";
+
 impl Default for AttributeMapping {
     fn default() -> Self {
         AttributeMapping {
-            unknown_keys: UnknownKeys::Allow,
-            headers: Vec::new(),
+            unknown_keys: None,
+            max_unknown_keys: DEFAULT_MAX_UNKNOWN_KEYS,
+            client_attributes: DEFAULT_CLIENT_ATTRIBUTES.to_vec(),
+            trusted_headers: Vec::new(),
+            request_id_header: None,
             modality_paths: Vec::new(),
             model_header: "x-tollgate-model".to_string(),
         }
@@ -125,11 +167,8 @@ impl Default for AttributeMapping {
 }
 
 impl AttributeMapping {
-    /// The header an attribute is read from.
-    pub fn header_for(&self, attr: &Attr) -> String {
-        if let Some((_, h)) = self.headers.iter().find(|(a, _)| a == attr) {
-            return h.clone();
-        }
+    /// The header a client sets an attribute with.
+    pub fn client_header(attr: &Attr) -> String {
         match attr {
             Attr::Action => "x-tollgate-action-id".to_string(),
             Attr::AttemptKind => "x-tollgate-attempt".to_string(),
@@ -137,12 +176,17 @@ impl AttributeMapping {
             other => format!("x-tollgate-{}", other.name().replace('_', "-")),
         }
     }
+
+    pub fn client_may_set(&self, attr: &Attr) -> bool {
+        self.client_attributes.contains(attr)
+    }
 }
 
 /// What happens to a request whose API key is not in the registry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnknownKeys {
-    /// Counted under `sha256:<prefix>` like any other key.
+    /// Counted under `sha256:<prefix>` like any other key, up to
+    /// `max_unknown_keys` of them; the rest share [`SHARED_UNKNOWN_KEY`].
     Allow,
     /// Denied with 403 `unknown_key`.
     Deny,

@@ -12,6 +12,9 @@ use super::yaml::{Node, Pos, Value};
 use super::Diagnostic;
 
 /// What one file contributes to the policy set.
+/// The most unregistered keys a policy may count apart.
+const MAX_UNKNOWN_KEYS_BOUND: u64 = 1_000_000;
+
 #[derive(Debug, Default)]
 pub struct FilePolicy {
     pub pricing_models: Vec<(Pattern, ModelPrice, Origin)>,
@@ -465,33 +468,78 @@ impl Reader<'_> {
         let fields = self.map(
             node,
             "attributes",
-            &["unknown_keys", "headers", "modality_paths", "model_header"],
+            &[
+                "unknown_keys",
+                "max_unknown_keys",
+                "client_attributes",
+                "trusted_headers",
+                "headers",
+                "modality_paths",
+                "model_header",
+            ],
         )?;
         let mut m = AttributeMapping::default();
         for (key, value) in fields {
             match key {
                 "unknown_keys" => match self.string(value, "unknown_keys").as_deref() {
-                    Some("allow") => m.unknown_keys = UnknownKeys::Allow,
-                    Some("deny") => m.unknown_keys = UnknownKeys::Deny,
+                    Some("allow") => m.unknown_keys = Some(UnknownKeys::Allow),
+                    Some("deny") => m.unknown_keys = Some(UnknownKeys::Deny),
                     Some(other) => self.error(
                         value.pos,
                         format!("`unknown_keys` is allow or deny, found {other:?}"),
                     ),
                     None => {}
                 },
-                "headers" => {
-                    for (name, header, pos) in self.open_map(value, "attributes.headers") {
-                        let Some(attr) = Attr::parse(name)
-                            .filter(|a| *a != Attr::ModelFamily && *a != Attr::Key)
-                        else {
-                            self.error(pos, format!("`{name}` is not an attribute read from a header (the key always comes from authorization or x-api-key)"));
+                "max_unknown_keys" => {
+                    if let Some(n) = self.count(value, "max_unknown_keys") {
+                        m.max_unknown_keys = n.min(MAX_UNKNOWN_KEYS_BOUND) as usize;
+                    }
+                }
+                "client_attributes" => {
+                    m.client_attributes.clear();
+                    for item in self.seq(value, "client_attributes") {
+                        let Some(name) = self.string(item, "client_attributes") else {
                             continue;
                         };
-                        if let Some(h) = self.string(header, name) {
-                            m.headers.push((attr, h.to_ascii_lowercase()));
+                        match Attr::parse(&name) {
+                            Some(Attr::Key | Attr::ModelFamily) => self.error(
+                                item.pos,
+                                format!("`{name}` cannot be set by a client: the key comes from the credential and the family from the model"),
+                            ),
+                            Some(attr) if m.client_attributes.contains(&attr) => self.error(
+                                item.pos,
+                                format!("`{name}` appears twice in `client_attributes`"),
+                            ),
+                            Some(attr) => m.client_attributes.push(attr),
+                            None => self.error(
+                                item.pos,
+                                format!("unknown attribute `{name}` in `client_attributes`"),
+                            ),
                         }
                     }
                 }
+                "trusted_headers" => {
+                    for (name, header, pos) in self.open_map(value, "attributes.trusted_headers") {
+                        let Some(h) = self.string(header, name) else {
+                            continue;
+                        };
+                        let h = h.to_ascii_lowercase();
+                        if name == "request_id" {
+                            m.request_id_header = Some(h);
+                            continue;
+                        }
+                        match Attr::parse(name).filter(|a| *a != Attr::ModelFamily && *a != Attr::Key) {
+                            Some(attr) => m.trusted_headers.push((attr, h)),
+                            None => self.error(pos, format!("`{name}` is not an attribute a header can carry (nor `request_id`); the key always comes from authorization or x-api-key")),
+                        }
+                    }
+                }
+                "headers" => self.error(
+                    value.pos,
+                    "`attributes.headers` is gone: a header the edge proxy sets (and strips from \
+                     clients) goes under `trusted_headers`; an attribute clients may set \
+                     themselves goes under `client_attributes`",
+                ),
                 "modality_paths" => {
                     for (prefix, modality, _) in self.open_map(value, "attributes.modality_paths") {
                         let Some(mo) = self.string(modality, prefix) else {

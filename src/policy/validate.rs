@@ -150,7 +150,33 @@ pub fn merge(parts: Vec<FilePolicy>, diags: &mut Vec<Diagnostic>) -> PolicySet {
             }
         }
     }
+    set.warnings = client_escapable(&set);
     set
+}
+
+/// Hard rules that a client can step out of, because every attribute
+/// their match depends on is one the client sets itself.
+fn client_escapable(set: &PolicySet) -> Vec<(Origin, String)> {
+    let client = &set.attributes;
+    set.rules
+        .iter()
+        .filter(|r| r.enforcement != Enforcement::Soft && !r.conditions.is_empty())
+        .filter(|r| r.conditions.iter().all(|c| client.client_may_set(&c.attr)))
+        .map(|r| {
+            let attrs: Vec<String> = r.conditions.iter().map(|c| c.attr.to_string()).collect();
+            (
+                r.origin.clone(),
+                format!(
+                    "rule `{}` is enforced but matches only on {}, which clients set \
+                     themselves (`attributes.client_attributes`): a client can step out of it \
+                     by changing those headers; match on a route, registry or trusted-header \
+                     attribute as well",
+                    r.id,
+                    attrs.join(", ")
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Describes the models a spend rule can match that have no price, if any.

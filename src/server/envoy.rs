@@ -82,6 +82,7 @@ impl Authorization for EnvoyAuthz {
             headers,
             context: Some(&attrs.context_extensions),
             body: Some(body),
+            proxy_request_id: Some(&http.id),
         };
         let policy = self.gate.policy();
         let mapping = &policy.set.attributes;
@@ -93,6 +94,15 @@ impl Authorization for EnvoyAuthz {
             Ok(d) if d.verdict == Verdict::Deny => Ok(Response::new(denied(denial(&d)))),
             Ok(d) => {
                 let a = allowance(&d, &mapping.model_header, self.gate.now());
+                // Only tollgate says which model the upstream should call:
+                // a client's own model header is removed, or an upstream
+                // that honours it would run a model other than the one
+                // charged.
+                let headers_to_remove = if d.verdict == Verdict::Downgrade {
+                    Vec::new()
+                } else {
+                    vec![mapping.model_header.clone()]
+                };
                 Ok(Response::new(CheckResponse {
                     status: Some(rpc::Status {
                         code: tonic::Code::Ok as i32,
@@ -101,6 +111,7 @@ impl Authorization for EnvoyAuthz {
                     http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                         headers: a.upstream.into_iter().map(header).collect(),
                         response_headers_to_add: a.downstream.into_iter().map(header).collect(),
+                        headers_to_remove,
                         ..Default::default()
                     })),
                     ..Default::default()

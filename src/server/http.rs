@@ -32,7 +32,9 @@ use tokio::net::TcpListener;
 
 use super::health::Readiness;
 use super::http_request::{check_input, HttpRequest};
-use super::status::{allowance, denial, http_gate_error, request_denial, HttpDenial};
+use super::status::{
+    allowance, denial, http_gate_error, request_denial, store_fault_denial, HttpDenial,
+};
 use super::ListenerOptions;
 use crate::engine::Verdict;
 use crate::gate::{ActualUsage, Gate};
@@ -136,7 +138,7 @@ async fn usage(State(state): State<HttpState>) -> Response {
         .into_response(),
         Err(e) => match http_gate_error(&e) {
             Ok(d) => deny(Flavor::Forward, d),
-            Err(store) => (StatusCode::SERVICE_UNAVAILABLE, store.to_string()).into_response(),
+            Err(store) => deny(Flavor::Forward, store_fault_denial(&store)),
         },
     }
 }
@@ -195,13 +197,14 @@ async fn decide(
             .unwrap_or("/")
             .to_string()
     });
-    let context: HashMap<String, String> = HashMap::new();
+    let context = route_context(&uri);
     let view = HttpRequest {
         method: &original_method,
         path: &original_path,
         headers: raw,
         context: Some(&context),
         body: (!body.is_empty()).then_some(&body[..]),
+        proxy_request_id: None,
     };
     let policy = state.gate.policy();
     let mapping = &policy.set.attributes;
@@ -223,10 +226,49 @@ async fn decide(
             Ok(d) => deny(flavor, d),
             Err(store) => {
                 tracing::warn!(error = %store, "counter store fault");
-                (StatusCode::SERVICE_UNAVAILABLE, store.to_string()).into_response()
+                deny(flavor, store_fault_denial(&store))
             }
         },
     }
+}
+
+/// The route context of an auth endpoint: its query, which the proxy's
+/// configuration writes (`/v1/authz/nginx?customer=acme&downgrade=header`).
+/// Only the bare endpoints have one: where Envoy's `http_service` appends
+/// the client's path, the query is the client's.
+fn route_context(uri: &Uri) -> HashMap<String, String> {
+    let bare = matches!(uri.path(), "/v1/authz/forward" | "/v1/authz/nginx");
+    let Some(query) = uri.query().filter(|_| bare) else {
+        return HashMap::new();
+    };
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn put(headers: &mut HeaderMap, name: &str, value: &str) {
@@ -334,7 +376,7 @@ async fn settle(State(state): State<HttpState>, body: Bytes) -> Response {
         }
         Err(e) => match http_gate_error(&e) {
             Ok(d) => deny(Flavor::Forward, d),
-            Err(store) => (StatusCode::SERVICE_UNAVAILABLE, store.to_string()).into_response(),
+            Err(store) => deny(Flavor::Forward, store_fault_denial(&store)),
         },
     }
 }

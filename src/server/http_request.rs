@@ -11,6 +11,7 @@ use super::body;
 use crate::engine::{Attributes, Estimate, RequestError};
 use crate::gate::CheckInput;
 use crate::policy::{Attr, AttributeMapping};
+use crate::telemetry::names;
 
 /// An HTTP request as a front end received it. Header names are lower case;
 /// values are raw bytes, because they are not always valid UTF-8.
@@ -19,11 +20,15 @@ pub struct HttpRequest<'a> {
     pub method: &'a str,
     pub path: &'a str,
     pub headers: Vec<(String, Vec<u8>)>,
-    /// Per-route settings from the proxy (Envoy's `context_extensions`),
-    /// which win over headers: the client cannot set them.
+    /// Per-route settings from the proxy (Envoy's `context_extensions`, the
+    /// auth endpoint's query), which the client cannot set: attributes by
+    /// name, and `downgrade`.
     pub context: Option<&'a HashMap<String, String>>,
-    /// The body, when the proxy sent all of it.
+    /// The body, or the prefix of it the proxy sent.
     pub body: Option<&'a [u8]>,
+    /// The proxy's own id for the request (Envoy's), trusted as the
+    /// replay key.
+    pub proxy_request_id: Option<&'a str>,
 }
 
 /// Estimate headers, for proxies that cannot send a body (nginx).
@@ -36,6 +41,10 @@ pub const ESTIMATE_HEADERS: [&str; 6] = [
     "x-tollgate-audio-seconds",
 ];
 
+/// The route setting that says the upstream honours the model header, so
+/// a downgrade can be put into effect: `downgrade: header`.
+pub const DOWNGRADE_SETTING: &str = "downgrade";
+
 /// Modalities by path, tried after the policy's own `modality_paths`.
 const MODALITY_PATHS: [(&str, &str); 9] = [
     ("/v1/chat/completions", "text"),
@@ -47,6 +56,19 @@ const MODALITY_PATHS: [(&str, &str); 9] = [
     ("/v1/audio", "audio"),
     ("/v1/embeddings", "embedding"),
     ("/v1/moderations", "text"),
+];
+
+/// Attributes a client might try to set with a header of its own.
+const CLIENT_SETTABLE: [Attr; 9] = [
+    Attr::Team,
+    Attr::Workflow,
+    Attr::Environment,
+    Attr::Customer,
+    Attr::User,
+    Attr::Action,
+    Attr::AttemptKind,
+    Attr::Modality,
+    Attr::Model,
 ];
 
 impl HttpRequest<'_> {
@@ -62,70 +84,108 @@ impl HttpRequest<'_> {
     }
 }
 
+/// Reads a request by trust. The route context and the proxy's trusted
+/// headers become `attributes`, which beat the key registry; the client's
+/// own `x-tollgate-*` headers count only for the attributes the policy lets
+/// clients set, and only fill what the route and the registry leave empty.
+/// What the body shows (the model, the usage) beats anything a header
+/// claims.
 pub fn check_input(
     mapping: &AttributeMapping,
     req: &HttpRequest,
 ) -> Result<CheckInput, RequestError> {
-    let mut attributes = Attributes::default();
-    let from_context = |attr: &Attr| {
-        req.context
-            .and_then(|c| c.get(&attr.to_string()).or_else(|| c.get(attr.name())))
-    };
-    for attr in [
-        Attr::Team,
-        Attr::Workflow,
-        Attr::Environment,
-        Attr::Customer,
-        Attr::User,
-        Attr::Action,
-        Attr::AttemptKind,
-        Attr::Modality,
-        Attr::Model,
-    ] {
-        let value = match from_context(&attr) {
-            Some(v) => Some(v.as_str()),
-            None => req.header(&mapping.header_for(&attr))?,
-        };
-        if let Some(v) = value {
-            attributes.set(&attr, v.to_string());
+    let mut route = Attributes::default();
+    let empty = HashMap::new();
+    let context = req.context.unwrap_or(&empty);
+    for (name, value) in context {
+        match Attr::parse(name) {
+            Some(Attr::Key | Attr::ModelFamily) | None => {}
+            Some(attr) => route.set(&attr, value.clone()),
         }
     }
-    if let Some(context) = req.context {
-        for (k, v) in context {
-            if let Some(label) = k.strip_prefix("labels.") {
-                attributes.set(&Attr::Label(label.to_string()), v.clone());
+    for (attr, header) in &mapping.trusted_headers {
+        if route.get(attr).is_none() {
+            if let Some(v) = req.header(header)? {
+                route.set(attr, v.to_string());
             }
+        }
+    }
+    let trusted = |name: &str| mapping.trusted_headers.iter().any(|(_, h)| h == name);
+
+    let path = req.path.split('?').next().unwrap_or("");
+    if route.modality.is_none() {
+        route.modality = modality_for(mapping, path);
+    }
+
+    // The body shows what the call really asks for; once it is seen, the
+    // client's model and estimate headers are claims it cannot back.
+    let partial = req.header("x-envoy-auth-partial-body")? == Some("true");
+    let body = req.body.filter(|b| !b.is_empty());
+    let mut estimate = Estimate::default();
+    if let Some(body) = body {
+        let facts = if partial {
+            let length = req
+                .header("content-length")?
+                .and_then(|v| v.parse::<u64>().ok());
+            body::read_prefix(body, length)
+        } else {
+            body::read(body)
+        };
+        estimate = facts.estimate;
+        if route.model.is_none() {
+            route.model = facts.model;
+        }
+    }
+    if route.model.is_none() {
+        route.model = body::model_from_path(path);
+    }
+
+    let mut client = Attributes::default();
+    let ignored = |attr: &Attr| {
+        let label = match attr {
+            Attr::Label(_) => "label".to_string(),
+            other => other.name().to_string(),
+        };
+        metrics::counter!(names::CLIENT_ATTRIBUTES_IGNORED, "attribute" => label).increment(1);
+    };
+    for attr in CLIENT_SETTABLE {
+        let header = AttributeMapping::client_header(&attr);
+        if trusted(&header) {
+            continue;
+        }
+        let Some(v) = req.header(&header)? else {
+            continue;
+        };
+        // Without a body, the declared model is all there is (nginx's
+        // subrequest carries none): it is client input, at the lowest
+        // precedence.
+        let declared_model = attr == Attr::Model && body.is_none();
+        if mapping.client_may_set(&attr) || declared_model {
+            client.set(&attr, v.to_string());
+        } else {
+            ignored(&attr);
         }
     }
     for (name, _) in &req.headers {
-        if let Some(label) = name.strip_prefix("x-tollgate-label-") {
-            let attr = Attr::Label(label.to_string());
-            if attributes.get(&attr).is_none() {
-                if let Some(v) = req.header(name)? {
-                    attributes.set(&attr, v.to_string());
-                }
+        let Some(label) = name.strip_prefix("x-tollgate-label-") else {
+            continue;
+        };
+        let attr = Attr::Label(label.to_string());
+        if trusted(name) {
+            continue;
+        }
+        if mapping.client_may_set(&attr) {
+            if let Some(v) = req.header(name)? {
+                client.set(&attr, v.to_string());
             }
+        } else {
+            ignored(&attr);
         }
     }
 
-    let path = req.path.split('?').next().unwrap_or("");
-    if attributes.modality.is_none() {
-        attributes.modality = modality_for(mapping, path);
+    if body.is_none() {
+        read_estimate_headers(req, &mut estimate)?;
     }
-
-    let mut estimate = Estimate::default();
-    let partial = req.header("x-envoy-auth-partial-body")? == Some("true");
-    if let Some(body) = req.body.filter(|b| !b.is_empty() && !partial) {
-        let facts = body::read(body);
-        estimate = facts.estimate;
-        if attributes.model.is_none() {
-            attributes.model = facts.model;
-        }
-    }
-    if attributes.model.is_none() {
-        attributes.model = body::model_from_path(path);
-    }
-    read_estimate_headers(req, &mut estimate)?;
 
     let api_key = match req.header("authorization")? {
         Some(v) if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") => {
@@ -137,11 +197,34 @@ pub fn check_input(
             .map(str::to_string),
     };
 
+    // Only an id the operator vouches for is a replay key: a client that
+    // repeats its own x-request-id must be charged each time.
+    let request_id = match &mapping.request_id_header {
+        Some(h) => req.header(h)?.map(str::to_string),
+        None => req
+            .proxy_request_id
+            .filter(|id| !id.is_empty())
+            .map(str::to_string),
+    };
+
+    let can_switch_model = match context.get(DOWNGRADE_SETTING).map(String::as_str) {
+        None | Some("deny") => false,
+        Some("header") => true,
+        Some(other) => {
+            return Err(RequestError::invalid(format!(
+                "the route sets `{DOWNGRADE_SETTING}: {other}`; it must be `header` (the upstream \
+                 honours the model header) or `deny`"
+            )))
+        }
+    };
+
     Ok(CheckInput {
-        attributes,
+        attributes: route,
+        client_attributes: client,
         api_key,
         estimate,
-        request_id: req.header("x-request-id")?.map(str::to_string),
+        request_id,
+        can_switch_model,
     })
 }
 

@@ -39,6 +39,11 @@ impl pb::tollgate_server::Tollgate for NativeApi {
             api_key,
             estimate: estimate(req.estimate.unwrap_or_default())?,
             request_id: non_empty(req.request_id),
+            // The native API's callers are trusted services: their
+            // attributes rank with the route, and they call the model the
+            // decision names.
+            can_switch_model: true,
+            ..Default::default()
         };
         let version = self.gate.policy().version.clone();
         let decision = self.gate.check(input).await.map_err(|e| grpc_status(&e))?;

@@ -89,6 +89,34 @@ fn error_body(message: &str, kind: &str, code: &str) -> String {
     serde_json::json!({ "error": { "message": message, "type": kind, "code": code } }).to_string()
 }
 
+/// Below this wait, `retry-after-ms` goes beside `retry-after`, so that an
+/// SDK that reads it waits exactly as long as needed, not a rounded second.
+const RETRY_AFTER_MS_BELOW: u64 = 10_000;
+
+/// How long a client should wait after a store fault before it retries.
+pub const STORE_FAULT_RETRY_SECS: u64 = 1;
+
+/// The retry hints every official OpenAI and Anthropic SDK obeys:
+/// `x-should-retry` first, then `retry-after-ms` and `retry-after`. Only a
+/// retryable denial's wait is short enough to be worth sleeping on.
+fn retry_headers(
+    retryable: bool,
+    after_secs: Option<u64>,
+    after_ms: Option<u64>,
+) -> Vec<(String, String)> {
+    let mut h = vec![
+        ("x-should-retry".to_string(), retryable.to_string()),
+        ("x-tollgate-retryable".to_string(), retryable.to_string()),
+    ];
+    if let Some(secs) = after_secs {
+        h.push(("retry-after".to_string(), secs.to_string()));
+    }
+    if let Some(ms) = after_ms.filter(|ms| *ms < RETRY_AFTER_MS_BELOW) {
+        h.push(("retry-after-ms".to_string(), ms.to_string()));
+    }
+    h
+}
+
 /// 429 for budgets and concurrency, 403 for approvals and unknown keys.
 pub fn denial(d: &Decision) -> HttpDenial {
     let (status, kind) = match d.reason {
@@ -98,15 +126,10 @@ pub fn denial(d: &Decision) -> HttpDenial {
         }
         _ => (429, "insufficient_quota"),
     };
-    let mut headers = vec![
-        ("x-tollgate-reason".to_string(), d.reason.code().to_string()),
-        ("x-tollgate-retryable".to_string(), d.retryable.to_string()),
-    ];
+    let mut headers = vec![("x-tollgate-reason".to_string(), d.reason.code().to_string())];
+    headers.extend(retry_headers(d.retryable, d.retry_after, d.retry_after_ms));
     if let Some(rule) = &d.rule {
         headers.push(("x-tollgate-rule".to_string(), rule.clone()));
-    }
-    if let Some(secs) = d.retry_after {
-        headers.push(("retry-after".to_string(), secs.to_string()));
     }
     HttpDenial {
         status,
@@ -117,13 +140,35 @@ pub fn denial(d: &Decision) -> HttpDenial {
 
 /// A request that cannot be decided is refused with 400, never let through.
 pub fn request_denial(e: &RequestError) -> HttpDenial {
+    let mut headers = vec![("x-tollgate-reason".to_string(), e.code().to_string())];
+    headers.extend(retry_headers(false, None, None));
     HttpDenial {
         status: 400,
-        headers: vec![
-            ("x-tollgate-reason".to_string(), e.code().to_string()),
-            ("x-tollgate-retryable".to_string(), "false".to_string()),
-        ],
+        headers,
         body: error_body(&e.to_string(), "invalid_request_error", e.code()),
+    }
+}
+
+/// A store fault on a rule that fails closed: 503, worth a retry shortly,
+/// since the store is usually back within moments.
+pub fn store_fault_denial(e: &StoreError) -> HttpDenial {
+    let mut headers = vec![(
+        "x-tollgate-reason".to_string(),
+        "store_unavailable".to_string(),
+    )];
+    headers.extend(retry_headers(
+        true,
+        Some(STORE_FAULT_RETRY_SECS),
+        Some(STORE_FAULT_RETRY_SECS * 1000),
+    ));
+    HttpDenial {
+        status: 503,
+        headers,
+        body: error_body(
+            &format!("the counter store is unavailable and the matched rules fail closed: {e}"),
+            "api_error",
+            "store_unavailable",
+        ),
     }
 }
 
@@ -178,12 +223,12 @@ pub fn http_gate_error(e: &GateError) -> Result<HttpDenial, StoreError> {
         GateError::Request(r) => Ok(request_denial(r)),
         GateError::InvalidGrant(_) | GateError::NoGrant { .. } => Ok(HttpDenial {
             status: 400,
-            headers: Vec::new(),
+            headers: retry_headers(false, None, None),
             body: error_body(&e.to_string(), "invalid_request_error", "invalid_grant"),
         }),
         GateError::UnknownReservation(_) => Ok(HttpDenial {
             status: 404,
-            headers: Vec::new(),
+            headers: retry_headers(false, None, None),
             body: error_body(
                 &e.to_string(),
                 "invalid_request_error",

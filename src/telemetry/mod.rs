@@ -49,6 +49,8 @@ pub mod names {
     pub const WEBHOOK_FAILURES: &str = "tollgate_webhook_failures_total";
     pub const ALERT_QUEUE_DROPPED: &str = "tollgate_alert_queue_dropped_total";
     pub const APPROVALS: &str = "tollgate_approvals_total";
+    // Recorded by the HTTP front ends.
+    pub const CLIENT_ATTRIBUTES_IGNORED: &str = "tollgate_client_attributes_ignored_total";
 }
 
 /// Default cap on tracked (rule, scope) pairs.
@@ -96,6 +98,10 @@ fn describe() {
         "Round-trip time of counter-store calls"
     );
     describe_counter!(names::STORE_ERRORS, "Counter-store failures by kind");
+    describe_counter!(
+        names::CLIENT_ATTRIBUTES_IGNORED,
+        "Attribute headers a client sent that the policy does not let clients set, by attribute"
+    );
     describe_gauge!(
         names::RESERVATIONS_IN_FLIGHT,
         "Reservations this process made that are neither settled nor expired"
