@@ -16,6 +16,9 @@ use tollgate::proto::v1 as pb;
 const TOKEN: &str = "admin-token-for-tests-0123456789";
 
 const POLICY: &str = "
+# The edge proxy sets these headers (and strips them from clients).
+attributes:
+  trusted_headers: { team: x-tollgate-team, workflow: x-tollgate-workflow }
 rules:
   - id: launch-renders
     owner: creative@example.com

@@ -7,8 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::{at, memory_gate, policy};
-use tollgate::engine::{Attributes, Estimate, Reason, RequestError, Verdict};
+use tollgate::engine::{Attributes, Decision, Estimate, Reason, RequestError, Verdict};
 use tollgate::gate::{ActualUsage, CheckInput, GateError, GrantRequest};
+use tollgate::policy::Attr;
+use tollgate::store::MemoryStore;
 use tollgate::store::SettleOutcome;
 
 fn attrs(pairs: &[(&str, &str)]) -> Attributes {
@@ -20,9 +22,12 @@ fn attrs(pairs: &[(&str, &str)]) -> Attributes {
     a
 }
 
+/// A request as a trusted service sends it on the native API: its
+/// attributes rank with the route, and it calls the model it is told to.
 fn input(pairs: &[(&str, &str)]) -> CheckInput {
     CheckInput {
         attributes: attrs(pairs),
+        can_switch_model: true,
         ..Default::default()
     }
 }
@@ -482,6 +487,8 @@ rules:
 #[test]
 fn registered_keys_are_resolved_by_hash_and_unknown_keys_by_hash_prefix() {
     let yaml = "
+attributes:
+  unknown_keys: allow
 keys:
   - id: checkout-prod
     sha256: \"74c8b108068d5afd4a40bef2782d1ec6a90b0cde13b56d932971801f8b1e4262\"
@@ -1050,6 +1057,8 @@ fn grant_scopes_are_unambiguous_and_never_hold_a_raw_key() {
 pricing:
   families:
     premium: [\"gpt-5*\"]
+attributes:
+  unknown_keys: allow
 keys:
   - id: checkout-prod
     sha256: \"74c8b108068d5afd4a40bef2782d1ec6a90b0cde13b56d932971801f8b1e4262\"
@@ -1143,4 +1152,329 @@ rules:
             .unwrap();
         assert_eq!(allowed.verdict, Verdict::Allow);
     });
+}
+
+const TRUST: &str = "
+keys:
+  - id: checkout-prod
+    sha256: \"74c8b108068d5afd4a40bef2782d1ec6a90b0cde13b56d932971801f8b1e4262\"
+    team: growth
+    environment: production
+rules:
+  - id: prod-key
+    match: { environment: production }
+    per: [key]
+    limit: { requests: 2, window: daily }
+";
+
+/// The route beats the registry, which beats the client: a production key
+/// that claims to be staging is still counted as production.
+#[test]
+fn client_attributes_never_override_the_registry_or_the_route() {
+    use tollgate::engine::request::Source;
+    let policy = common::policy(TRUST);
+    let claim = |pairs: &[(&str, &str)]| CheckInput {
+        api_key: Some("sk-example-checkout-prod".to_string()),
+        client_attributes: attrs(pairs),
+        ..Default::default()
+    };
+    let r = tollgate::gate::resolve(
+        &policy,
+        &claim(&[
+            ("environment", "staging"),
+            ("team", "data"),
+            ("workflow", "w"),
+        ]),
+    );
+    assert_eq!(r.attributes.environment.as_deref(), Some("production"));
+    assert_eq!(r.attributes.team.as_deref(), Some("growth"));
+    // What the route and the registry leave empty, the client fills.
+    assert_eq!(r.attributes.workflow.as_deref(), Some("w"));
+    let source = |a: Attr| r.sources.iter().find(|(x, _)| *x == a).map(|(_, s)| *s);
+    assert_eq!(source(Attr::Environment), Some(Source::Registry));
+    assert_eq!(source(Attr::Key), Some(Source::Registry));
+    assert_eq!(source(Attr::Workflow), Some(Source::Client));
+
+    // The route wins over the registry.
+    let routed = CheckInput {
+        attributes: attrs(&[("environment", "canary")]),
+        ..claim(&[("environment", "staging")])
+    };
+    let r = tollgate::gate::resolve(&policy, &routed);
+    assert_eq!(r.attributes.environment.as_deref(), Some("canary"));
+    assert_eq!(
+        r.sources.iter().find(|(a, _)| *a == Attr::Environment),
+        Some(&(Attr::Environment, Source::Route))
+    );
+
+    let (gate, _) = memory_gate(TRUST, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for claimed in ["staging", "development"] {
+            let d = gate
+                .check(claim(&[("environment", claimed), ("team", "data")]))
+                .await
+                .unwrap();
+            assert_eq!(d.verdict, Verdict::Allow, "{claimed}");
+        }
+        let d = gate
+            .check(claim(&[("environment", "staging")]))
+            .await
+            .unwrap();
+        assert_eq!(d.verdict, Verdict::Deny);
+        assert_eq!(d.rule.as_deref(), Some("prod-key"));
+    });
+}
+
+#[test]
+fn unknown_keys_are_denied_once_a_registry_exists_and_allowed_without_one() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let stranger = || CheckInput {
+            api_key: Some("sk-random-0123".to_string()),
+            attributes: attrs(&[("environment", "production")]),
+            ..Default::default()
+        };
+        let (gate, _) = memory_gate(TRUST, at(2026, 11, 21, 12, 0));
+        let d = gate.check(stranger()).await.unwrap();
+        assert_eq!(d.reason, Reason::UnknownKey);
+
+        let open = format!("attributes:\n  unknown_keys: allow\n{TRUST}");
+        let (gate, _) = memory_gate(&open, at(2026, 11, 21, 12, 0));
+        assert_eq!(
+            gate.check(stranger()).await.unwrap().verdict,
+            Verdict::Allow
+        );
+
+        let no_registry =
+            "rules:\n  - id: per-key\n    per: [key]\n    limit: { requests: 5, window: daily }\n";
+        let (gate, _) = memory_gate(no_registry, at(2026, 11, 21, 12, 0));
+        assert_eq!(
+            gate.check(stranger()).await.unwrap().verdict,
+            Verdict::Allow
+        );
+    });
+}
+
+/// A flood of random unregistered keys cannot fill the embedded store:
+/// past `max_unknown_keys` they share one bucket, and registered keys and
+/// new unregistered keys alike are still decided.
+#[test]
+fn a_flood_of_random_keys_locks_no_one_out() {
+    let yaml = "
+attributes:
+  unknown_keys: allow
+  max_unknown_keys: 100
+keys:
+  - id: checkout-prod
+    sha256: \"74c8b108068d5afd4a40bef2782d1ec6a90b0cde13b56d932971801f8b1e4262\"
+rules:
+  - id: per-key
+    per: [key]
+    limit: { requests: 1000000, window: daily }
+";
+    let clock = Arc::new(tollgate::gate::ManualClock::new(at(2026, 11, 21, 12, 0)));
+    // Room for far fewer counters than keys in the flood.
+    let gate = common::gate_with(
+        common::policy(yaml),
+        Arc::new(MemoryStore::new(1000)),
+        clock,
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let with_key = |k: String| CheckInput {
+            api_key: Some(k),
+            ..Default::default()
+        };
+        for i in 0..5000 {
+            let d = gate
+                .check(with_key(format!("sk-flood-{i}")))
+                .await
+                .unwrap_or_else(|e| panic!("flood key {i}: {e}"));
+            assert_eq!(d.verdict, Verdict::Allow, "flood key {i}");
+        }
+        let d = gate
+            .check(with_key("sk-example-checkout-prod".to_string()))
+            .await
+            .unwrap();
+        assert_eq!(d.verdict, Verdict::Allow);
+        assert_eq!(d.counters[0].scope, "key=checkout-prod");
+        let d = gate
+            .check(with_key("sk-late-newcomer".to_string()))
+            .await
+            .unwrap();
+        assert_eq!(d.verdict, Verdict::Allow);
+        assert_eq!(d.counters[0].scope, "key=sha256:shared");
+    });
+}
+
+/// `x-should-retry` tells the truth: a window about to reset and a busy
+/// concurrency slot are worth a retry; a long reset, a gate and a block
+/// are not.
+#[test]
+fn retryable_only_when_waiting_and_retrying_works() {
+    let yaml = "
+rules:
+  - id: per-minute
+    match: { workflow: chat }
+    limit: { requests: 1, window: minute }
+  - id: daily
+    match: { workflow: batch }
+    limit: { requests: 1, window: daily }
+  - id: slots
+    match: { workflow: render }
+    limit: { concurrent: 1 }
+  - id: gate
+    match: { workflow: backfill }
+    owner: lead@example.com
+    limit: { requests: 1, window: daily }
+    enforcement: approval
+  - id: blocked
+    match: { workflow: never }
+    limit: { requests: 0, window: daily }
+";
+    // 12:00:30: the minute resets in 30 s, the day in 12 h.
+    let now = at(2026, 11, 21, 12, 0) + 30_000;
+    let (gate, _) = memory_gate(yaml, now);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let twice = |workflow: &'static str| {
+            let gate = &gate;
+            async move {
+                let _ = gate.check(input(&[("workflow", workflow)])).await.unwrap();
+                gate.check(input(&[("workflow", workflow)])).await.unwrap()
+            }
+        };
+        let d = twice("chat").await;
+        assert_eq!((d.verdict, d.retryable), (Verdict::Deny, true));
+        assert_eq!(d.retry_after, Some(30));
+        assert_eq!(d.retry_after_ms, Some(30_000));
+
+        let d = twice("batch").await;
+        assert_eq!((d.verdict, d.retryable), (Verdict::Deny, false));
+        assert_eq!(d.retry_after, Some(12 * 3600 - 30));
+
+        let d = twice("render").await;
+        assert_eq!((d.reason, d.retryable), (Reason::ConcurrencyLimit, true));
+        assert_eq!(d.retry_after_ms, Some(1000));
+
+        let d = gate
+            .check(input(&[("workflow", "backfill")]))
+            .await
+            .unwrap();
+        assert_eq!((d.reason, d.retryable), (Reason::ApprovalRequired, false));
+        let d = gate.check(input(&[("workflow", "never")])).await.unwrap();
+        assert_eq!((d.reason, d.retryable), (Reason::Blocked, false));
+    });
+}
+
+/// Where nobody can switch the model, a downgrade is refused, naming the
+/// cheaper model, and charges nothing.
+#[test]
+fn a_downgrade_nobody_enforces_is_refused_and_charges_nothing() {
+    let yaml = "
+pricing:
+  models:
+    gpt-5: { input_per_mtok: 1.25, output_per_mtok: 10.00 }
+    gpt-4o-mini: { input_per_mtok: 0.15, output_per_mtok: 0.60 }
+  families:
+    premium: [\"gpt-5*\"]
+rules:
+  - id: premium
+    match: { model_family: premium }
+    limit: { requests: 1, window: daily }
+    on_exceed: { downgrade: gpt-4o-mini }
+  - id: all-spend
+    match: { model: [gpt-5, gpt-4o-mini] }
+    limit: { spend: 100, window: daily }
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let ask = |switch: bool| CheckInput {
+            can_switch_model: switch,
+            ..input(&[("model", "gpt-5")])
+        };
+        assert_eq!(
+            gate.check(ask(false)).await.unwrap().verdict,
+            Verdict::Allow
+        );
+        let spent = |d: &Decision| {
+            d.counters
+                .iter()
+                .find(|c| c.rule == "all-spend")
+                .map(|c| c.used)
+        };
+        let refused = gate.check(ask(false)).await.unwrap();
+        assert_eq!(refused.verdict, Verdict::Deny);
+        assert!(!refused.retryable);
+        assert!(
+            refused
+                .message
+                .contains("send it again with model gpt-4o-mini"),
+            "{}",
+            refused.message
+        );
+        assert!(refused.reservation_id.is_none());
+        let before = spent(&refused);
+        let downgraded = gate.check(ask(true)).await.unwrap();
+        assert_eq!(downgraded.verdict, Verdict::Downgrade);
+        assert_eq!(downgraded.model.as_deref(), Some("gpt-4o-mini"));
+        // The refusal charged nothing: the spend counter moved only by
+        // the downgraded call's own (cheap) estimate.
+        let after = spent(&downgraded).unwrap();
+        // 1,000 input and 1,000 output tokens of gpt-4o-mini.
+        let cheap: rust_decimal::Decimal = "0.00075".parse().unwrap();
+        assert_eq!(
+            after - before.expect("the refusal reports the spend counter"),
+            cheap
+        );
+    });
+}
+
+/// On Redis the same flood leaves a bounded number of keys behind, where
+/// it used to grow by a set of counters per random key.
+#[test]
+fn a_flood_of_random_keys_leaves_redis_bounded() {
+    let yaml = "
+attributes:
+  unknown_keys: allow
+  max_unknown_keys: 50
+rules:
+  - id: per-key
+    per: [key]
+    limit: { requests: 1000000, window: daily }
+";
+    let redis = common::RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let clock = Arc::new(tollgate::gate::ManualClock::new(at(2026, 11, 21, 12, 0)));
+        let gate = common::gate_with(common::policy(yaml), Arc::new(redis.store().await), clock);
+        for i in 0..2000 {
+            let d = gate
+                .check(CheckInput {
+                    api_key: Some(format!("sk-flood-{i}")),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            assert_eq!(d.verdict, Verdict::Allow);
+        }
+    });
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "--scan",
+            "--pattern",
+            "*per-key*",
+        ])
+        .output()
+        .expect("redis-cli must be installed for this test");
+    let counters = String::from_utf8_lossy(&out.stdout).lines().count();
+    // 50 keys apart and the shared one; before the bound, 2,000.
+    assert!(
+        counters > 0 && counters <= 51,
+        "{counters} per-key counters"
+    );
 }

@@ -89,13 +89,17 @@ fn envoy_request(
     all.insert(":path".to_string(), path.to_string());
     all.insert(":method".to_string(), "POST".to_string());
     all.insert(":authority".to_string(), "api.example.com".to_string());
-    all.entry("x-request-id".to_string())
-        .or_insert_with(|| format!("{:x}", rand_id()));
+    // Envoy's own request id is its x-request-id (set at the edge, unless
+    // configured to keep the client's).
+    let id = all
+        .entry("x-request-id".to_string())
+        .or_insert_with(|| format!("{:x}", rand_id()))
+        .clone();
     CheckRequest {
         attributes: Some(AttributeContext {
             request: Some(AttrRequest {
                 http: Some(HttpRequest {
-                    id: "1".to_string(),
+                    id,
                     method: "POST".to_string(),
                     path: path.to_string(),
                     host: "api.example.com".to_string(),
@@ -226,6 +230,9 @@ async fn budget_denials_carry_status_json_and_headers() {
         Some("per-key-requests")
     );
     assert_eq!(header(&headers, "x-tollgate-retryable"), Some("false"));
+    // What every official OpenAI and Anthropic SDK obeys first: a daily
+    // budget is not worth an SDK's retry.
+    assert_eq!(header(&headers, "x-should-retry"), Some("false"));
     assert_eq!(header(&headers, "content-type"), Some("application/json"));
     let retry: u64 = header(&headers, "retry-after").unwrap().parse().unwrap();
     assert!(retry > 0 && retry <= 86_400);
@@ -279,20 +286,38 @@ async fn the_body_context_and_path_supply_model_workflow_and_estimate() {
         .into_inner();
     assert!(matches!(outcome(third), Outcome::Denied { .. }));
 
-    // A partial body is ignored: the defaults apply (1,000 output tokens).
+    // A partial body (Envoy cut it at its size limit) is read as far as
+    // it goes: its model and output cap count, not the defaults (1,000
+    // output tokens, which would not fit).
     let partial = [
         ("x-envoy-auth-partial-body", "true"),
-        ("x-tollgate-workflow", "research-agent"),
+        ("content-length", "5000000"),
     ];
-    let small = r#"{"model":"gpt-4o","max_tokens":1}"#;
+    let cut = r#"{"model":"gpt-4o","max_tokens":1,"messages":[{"role":"user","content":"aaaa"#;
     let fourth = client
-        .check(envoy_request("/v1/chat/completions", &partial, small, &[]))
+        .check(envoy_request("/v1/chat/completions", &partial, cut, &ctx))
         .await
         .unwrap()
         .into_inner();
     assert!(
-        matches!(outcome(fourth), Outcome::Denied { .. }),
-        "defaults, not the partial body"
+        matches!(outcome(fourth), Outcome::Allowed { .. }),
+        "the prefix's max_tokens, not the defaults"
+    );
+    let cut_large =
+        r#"{"model":"gpt-4o","max_tokens":500,"messages":[{"role":"user","content":"aaaa"#;
+    let fifth = client
+        .check(envoy_request(
+            "/v1/chat/completions",
+            &partial,
+            cut_large,
+            &ctx,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        matches!(outcome(fifth), Outcome::Denied { .. }),
+        "601 + 500 > 1000"
     );
 
     // Gemini names the model in the path.
@@ -323,8 +348,32 @@ async fn downgrades_and_approval_gates() {
         .unwrap()
         .into_inner();
     assert!(matches!(outcome(first), Outcome::Allowed { .. }));
-    let second = client
+    // ext_authz cannot rewrite the body: unless the route says its
+    // upstream honours the model header, the downgrade is refused, naming
+    // the cheaper model, and nothing is charged.
+    let refused = client
         .check(envoy_request("/v1/responses", &[], premium, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Denied {
+        status,
+        headers,
+        body,
+    } = outcome(refused)
+    else {
+        panic!("a downgrade nobody enforces must be refused")
+    };
+    assert_eq!(status, 429);
+    assert_eq!(header(&headers, "x-should-retry"), Some("false"));
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("send it again with model gpt-4o-mini"),
+        "{message}"
+    );
+    let honoured = [("downgrade", "header")];
+    let second = client
+        .check(envoy_request("/v1/responses", &[], premium, &honoured))
         .await
         .unwrap()
         .into_inner();
@@ -337,9 +386,9 @@ async fn downgrades_and_approval_gates() {
     let gated = client
         .check(envoy_request(
             "/v1/chat/completions",
-            &[("x-tollgate-workflow", "backfill")],
-            CHAT,
             &[],
+            CHAT,
+            &[("workflow", "backfill")],
         ))
         .await
         .unwrap()
@@ -418,12 +467,32 @@ async fn malformed_requests_are_denied_never_errors_that_a_failure_mode_could_al
     assert_eq!(status, 400);
     assert_eq!(body["error"]["code"], "unpriced_model");
 
-    // Garbage bodies fall back to defaults, and a bad estimate header is a 400.
+    // A body that names no model is not rescued by the client's model
+    // header: the body is what the upstream runs.
     let r = client
         .check(envoy_request(
             "/v1/chat/completions",
             &[("x-tollgate-model", "gpt-4o")],
             "{{{ not json",
+            &[],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let Outcome::Denied { status, body, .. } = outcome(r) else {
+        panic!("must deny")
+    };
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (400, Some("unpriced_model"))
+    );
+    // Without a body, the declared model counts, and a bad estimate header
+    // is a 400.
+    let r = client
+        .check(envoy_request(
+            "/v1/chat/completions",
+            &[("x-tollgate-model", "gpt-4o")],
+            "",
             &[],
         ))
         .await
@@ -737,14 +806,7 @@ async fn retry_budgets_and_retryability_over_ext_authz() {
     assert!(matches!(outcome(r), Outcome::Denied { status: 429, .. }));
 
     // A full concurrency slot is worth retrying, shortly.
-    let render = || {
-        envoy_request(
-            "/v1/chat/completions",
-            &[("x-tollgate-workflow", "render")],
-            CHAT,
-            &[],
-        )
-    };
+    let render = || envoy_request("/v1/chat/completions", &[], CHAT, &[("workflow", "render")]);
     let r = client.check(render()).await.unwrap().into_inner();
     assert!(matches!(outcome(r), Outcome::Allowed { .. }));
     let r = client.check(render()).await.unwrap().into_inner();
@@ -756,5 +818,7 @@ async fn retry_budgets_and_retryability_over_ext_authz() {
     };
     assert_eq!(status, 429);
     assert_eq!(header(&headers, "x-tollgate-retryable"), Some("true"));
+    assert_eq!(header(&headers, "x-should-retry"), Some("true"));
     assert_eq!(header(&headers, "retry-after"), Some("1"));
+    assert_eq!(header(&headers, "retry-after-ms"), Some("1000"));
 }

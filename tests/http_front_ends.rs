@@ -11,6 +11,9 @@ use common::{policy_dir, TollgateProcess};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const POLICY: &str = "
+# As if the edge proxy set these headers (and stripped them from clients).
+attributes:
+  trusted_headers: { team: x-tollgate-team, workflow: x-tollgate-workflow }
 pricing:
   models:
     gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }

@@ -19,6 +19,9 @@ const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
 const RAW_KEY: &str = "sk-live-raw-secret-7f3a9c";
 
 const POLICY: &str = "
+# The edge proxy sets these headers (and strips them from clients).
+attributes:
+  trusted_headers: { team: x-tollgate-team, workflow: x-tollgate-workflow }
 rules:
   - id: team-daily
     match: { team: \"*\" }

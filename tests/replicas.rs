@@ -12,6 +12,9 @@ use tollgate::proto::v1::tollgate_client::TollgateClient;
 use tonic::transport::Channel;
 
 const POLICY: &str = "
+# The edge proxy sets these headers (and strips them from clients).
+attributes:
+  trusted_headers: { team: x-tollgate-team, workflow: x-tollgate-workflow }
 pricing:
   models:
     gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
