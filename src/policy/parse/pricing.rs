@@ -1,0 +1,103 @@
+//! The `pricing` section: per-model prices, model families and what to do
+//! with a model that has no price.
+
+use std::collections::BTreeMap;
+
+use super::{FilePolicy, Reader};
+use crate::policy::glob::Pattern;
+use crate::policy::model::*;
+use crate::policy::yaml::{Node, Value};
+
+impl Reader<'_> {
+    pub(super) fn pricing(&mut self, node: &Node, out: &mut FilePolicy) {
+        let Some(fields) = self.map(node, "pricing", &["models", "families", "unpriced_models"])
+        else {
+            return;
+        };
+        for (key, value) in fields {
+            match key {
+                "models" => {
+                    for (name, price, pos) in self.open_map(value, "pricing.models") {
+                        if let Some(p) = self.model_price(price, name) {
+                            out.pricing_models
+                                .push((Pattern::new(name), p, self.origin(pos)));
+                        }
+                    }
+                }
+                "families" => {
+                    for (name, patterns, pos) in self.open_map(value, "pricing.families") {
+                        let what = format!("pricing.families.{name}");
+                        let p = self.patterns(patterns, &what);
+                        out.families.push((name.to_string(), p, self.origin(pos)));
+                    }
+                }
+                "unpriced_models" => {
+                    let mode = match self.string(value, "pricing.unpriced_models").as_deref() {
+                        Some("error") => UnpricedModels::Error,
+                        Some("reject") => UnpricedModels::Reject,
+                        Some(other) => {
+                            self.error(
+                                value.pos,
+                                format!("`pricing.unpriced_models` is `error` or `reject`, found {other:?}"),
+                            );
+                            continue;
+                        }
+                        None => continue,
+                    };
+                    out.unpriced_models = Some((mode, self.origin(value.pos)));
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+
+    fn model_price(&mut self, node: &Node, model: &str) -> Option<ModelPrice> {
+        let what = format!("the price of {model}");
+        let fields = self.map(
+            node,
+            &what,
+            &[
+                "input_per_mtok",
+                "cached_input_per_mtok",
+                "output_per_mtok",
+                "per_request",
+                "per_image",
+                "per_video_second",
+                "per_audio_minute",
+                "default_output_tokens",
+            ],
+        )?;
+        let mut p = ModelPrice::default();
+        for (key, value) in fields {
+            let name = format!("{model}.{key}");
+            match key {
+                "input_per_mtok" => p.input_per_mtok = self.amount(value, &name),
+                "cached_input_per_mtok" => p.cached_input_per_mtok = self.amount(value, &name),
+                "output_per_mtok" => p.output_per_mtok = self.amount(value, &name),
+                "per_request" => p.per_request = self.amount(value, &name),
+                "per_video_second" => p.per_video_second = self.amount(value, &name),
+                "per_audio_minute" => p.per_audio_minute = self.amount(value, &name),
+                "default_output_tokens" => p.default_output_tokens = self.count(value, &name),
+                "per_image" => {
+                    p.per_image = if let Value::Map(_) = value.value {
+                        let mut by_quality = BTreeMap::new();
+                        for (quality, price, _) in self.open_map(value, &name) {
+                            if let Some(d) = self.amount(price, &format!("{name}.{quality}")) {
+                                by_quality.insert(quality.to_string(), d);
+                            }
+                        }
+                        Some(ImagePrice::ByQuality(by_quality))
+                    } else {
+                        self.amount(value, &name).map(ImagePrice::Flat)
+                    }
+                }
+                _ => unreachable!(),
+            }
+        }
+        if p == ModelPrice::default() {
+            self.error(node.pos, format!("{what} names no price"));
+            return None;
+        }
+        Some(p)
+    }
+}
