@@ -1,0 +1,190 @@
+//! Reserving a decision whose counters span several cluster slots: one
+//! `reserve.lua` per slot, in a stable order, undoing the slots already
+//! reserved (with `adjust.lua`) when a later one does not fit or fails.
+//! Each slot's check and reserve is atomic, so no counter ever passes its
+//! cap; an undo that fails leaves its counters charged, on the side of
+//! denying rather than overspending.
+
+use super::codec::{kind_of, parse_replay, replay_text, reservation_text};
+use super::keys::by_tag;
+use super::{RedisStore, CLEANUP_GRACE};
+use crate::store::*;
+
+impl RedisStore {
+    /// A decision whose keys span several cluster slots: one script per
+    /// slot, undoing earlier slots when a later one does not fit or fails.
+    pub(super) async fn reserve_across_slots(
+        &self,
+        req: &ReserveRequest,
+    ) -> Result<ReserveOutcome, StoreError> {
+        let replay_key = self.replay_key(
+            &format!("q{}", req.request_id.as_deref().unwrap_or("")),
+            req.request_id.as_deref(),
+        );
+        if req.request_id.is_some() {
+            let prev: Option<String> = self.query(::redis::cmd("GET").arg(&replay_key)).await?;
+            if let Some(outcome) = prev.as_deref().and_then(|p| parse_replay(p, req.now)) {
+                return Ok(outcome);
+            }
+        }
+        let rid = req.reservation_id.clone();
+        let mut tried = Vec::new();
+        let mut applied = None;
+        for (ci, candidate) in req.candidates.iter().enumerate() {
+            let groups = by_tag(candidate.ops.iter().map(|op| op.key.as_str()));
+            let mut states: Vec<Option<CounterState>> = vec![None; candidate.ops.len()];
+            let mut done: Vec<usize> = Vec::new();
+            let mut fit_result = Fit::Fits;
+            for (tag, indices) in &groups {
+                let part = Candidate {
+                    model: candidate.model.clone(),
+                    ops: indices.iter().map(|&i| candidate.ops[i].clone()).collect(),
+                };
+                let out = match self
+                    .reserve_in_slot(req, &[&part], tag, &format!("{rid}.{tag}"), &rid, false)
+                    .await
+                {
+                    Ok(out) => out,
+                    Err(e) => {
+                        self.undo(req.now, &rid, candidate, &done).await;
+                        return Err(e);
+                    }
+                };
+                for (&i, s) in indices.iter().zip(&out.tried[0]) {
+                    states[i] = Some(*s);
+                }
+                if out.applied.is_some() {
+                    done.extend(indices);
+                    continue;
+                }
+                fit_result = fit(&part.ops, |j| out.tried[0][j]);
+                break;
+            }
+            if fit_result != Fit::Fits {
+                self.undo(req.now, &rid, candidate, &done).await;
+                let missing: Vec<usize> =
+                    (0..states.len()).filter(|&i| states[i].is_none()).collect();
+                if !missing.is_empty() {
+                    let refs: Vec<CounterRef> = missing
+                        .iter()
+                        .map(|&i| CounterRef {
+                            key: candidate.ops[i].key.clone(),
+                            gauge: candidate.ops[i].release_on_settle,
+                        })
+                        .collect();
+                    for (&i, mut s) in missing
+                        .iter()
+                        .zip(self.read_counters(&refs, req.now).await?)
+                    {
+                        // Not reached, so not what blocked: an approval gate
+                        // there reads as open rather than be named the cause.
+                        if candidate.ops[i].grant.is_some() {
+                            s.grant = Some(0);
+                        }
+                        states[i] = Some(s);
+                    }
+                }
+            }
+            tried.push(states.into_iter().map(Option::unwrap_or_default).collect());
+            match fit_result {
+                Fit::Fits => {
+                    applied = Some(ci);
+                    break;
+                }
+                Fit::TryNext => continue,
+                Fit::Blocked => break,
+            }
+        }
+        if let Some(ci) = applied {
+            let candidate = &req.candidates[ci];
+            let keys: Vec<String> = candidate
+                .ops
+                .iter()
+                .map(|op| self.counter_key(&op.key))
+                .collect();
+            let text = reservation_text(req.now + req.reservation_ttl, candidate, &keys);
+            let stored = self
+                .query::<()>(
+                    ::redis::cmd("SET")
+                        .arg(self.reservation_key(&rid))
+                        .arg(text)
+                        .arg("PX")
+                        .arg(req.reservation_ttl + CLEANUP_GRACE),
+                )
+                .await;
+            if let Err(e) = stored {
+                let all: Vec<usize> = (0..candidate.ops.len()).collect();
+                self.undo(req.now, &rid, candidate, &all).await;
+                return Err(e);
+            }
+        }
+        let outcome = ReserveOutcome {
+            applied,
+            tried,
+            reservation_id: applied.map(|_| rid),
+            replayed: false,
+        };
+        if req.request_id.is_some() {
+            let text = format!(
+                "{} {}",
+                req.now + memory::REPLAY_WINDOW,
+                replay_text(&outcome)
+            );
+            // The decision stands without it; only a repeat would be
+            // decided again.
+            if let Err(e) = self
+                .query::<()>(
+                    ::redis::cmd("SET")
+                        .arg(&replay_key)
+                        .arg(text)
+                        .arg("PX")
+                        .arg(memory::REPLAY_WINDOW + CLEANUP_GRACE),
+                )
+                .await
+            {
+                tracing::warn!(error = %e, "could not record a request id for replays");
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Moves each `(key, kind, delta)` in one slot; see `adjust.lua`.
+    pub(super) async fn adjust(
+        &self,
+        now: Millis,
+        rid: &str,
+        moves: &[(String, char, i64)],
+    ) -> Result<(), StoreError> {
+        for group in by_tag(moves.iter().map(|(k, _, _)| k.as_str())).values() {
+            let mut inv = self.adjust.prepare_invoke();
+            inv.arg(now).arg(rid);
+            for &i in group {
+                let (key, kind, delta) = &moves[i];
+                inv.key(self.counter_key(key))
+                    .arg(kind.to_string())
+                    .arg(*delta);
+            }
+            self.invoke::<String>(&inv).await?;
+        }
+        Ok(())
+    }
+
+    /// Gives back what `candidate`'s ops at `indices` reserved. Best
+    /// effort: if it fails, those counters stay charged, on the side of
+    /// denying rather than overspending.
+    async fn undo(&self, now: Millis, rid: &str, candidate: &Candidate, indices: &[usize]) {
+        if indices.is_empty() {
+            return;
+        }
+        let moves: Vec<(String, char, i64)> = indices
+            .iter()
+            .map(|&i| {
+                let op = &candidate.ops[i];
+                (op.key.clone(), kind_of(op), -op.amount)
+            })
+            .collect();
+        if let Err(e) = self.adjust(now, rid, &moves).await {
+            tracing::error!(error = %e, "could not undo a partial reservation across slots; its counters stay charged");
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Approval grants: the record in force (`g:` key, read by `reserve.lua`
+//! in the slot of the counters it opens) and the listing (`grants` hash).
+
+use super::{RedisStore, CLEANUP_GRACE};
+use crate::store::*;
+
+impl RedisStore {
+    pub(super) async fn store_grant(&self, grant: &Grant, now: Millis) -> Result<(), StoreError> {
+        let record = serde_json::to_string(grant)
+            .map_err(|e| StoreError::Unavailable(format!("cannot encode a grant: {e}")))?;
+        // The index first: a grant that is listed but not yet in force is
+        // visible to the approver; one in force but unlisted would not be.
+        self.query::<()>(
+            ::redis::cmd("HSET")
+                .arg(self.grant_index_key())
+                .arg(&grant.key)
+                .arg(record),
+        )
+        .await?;
+        let ttl = (grant.expires_at - now).max(1) + CLEANUP_GRACE;
+        let in_force = self
+            .query::<()>(
+                ::redis::cmd("SET")
+                    .arg(self.grant_key(&grant.key))
+                    .arg(format!("{} {}", grant.extra, grant.expires_at))
+                    .arg("PX")
+                    .arg(ttl),
+            )
+            .await;
+        if in_force.is_err() {
+            // Listed but not in force would mislead; best effort.
+            let _ = self
+                .query::<()>(
+                    ::redis::cmd("HDEL")
+                        .arg(self.grant_index_key())
+                        .arg(&grant.key),
+                )
+                .await;
+        }
+        in_force
+    }
+
+    pub(super) async fn drop_grant(
+        &self,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<Grant>, StoreError> {
+        // Out of force first, then out of the listing.
+        self.query::<()>(::redis::cmd("DEL").arg(self.grant_key(key)))
+            .await?;
+        let record: Option<String> = self
+            .query(::redis::cmd("HGET").arg(self.grant_index_key()).arg(key))
+            .await?;
+        self.query::<()>(::redis::cmd("HDEL").arg(self.grant_index_key()).arg(key))
+            .await?;
+        Ok(record
+            .and_then(|r| serde_json::from_str::<Grant>(&r).ok())
+            .filter(|g| g.active(now)))
+    }
+
+    pub(super) async fn live_grants(&self, now: Millis) -> Result<Vec<Grant>, StoreError> {
+        let records: Vec<(String, String)> = self
+            .query(::redis::cmd("HGETALL").arg(self.grant_index_key()))
+            .await?;
+        let mut grants = Vec::new();
+        for (key, record) in records {
+            match serde_json::from_str::<Grant>(&record) {
+                Ok(g) if g.active(now) => grants.push(g),
+                _ => {
+                    let mut inv = self.forget_grant.prepare_invoke();
+                    inv.key(self.grant_index_key()).arg(&key).arg(&record);
+                    self.invoke::<i64>(&inv).await?;
+                }
+            }
+        }
+        grants.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(grants)
+    }
+}

@@ -1,0 +1,125 @@
+//! Reserving a decision whose counters share one slot: one `EVALSHA` of
+//! `reserve.lua`. On a single server every decision is this one call.
+
+use ::redis::Value;
+
+use super::codec::{kind_of, parse_outcome, reservation_text};
+use super::keys::by_tag;
+use super::{RedisStore, CLEANUP_GRACE};
+use crate::store::*;
+
+impl RedisStore {
+    /// The whole reserve: one script when every key shares a slot (always,
+    /// off a cluster), otherwise slot by slot.
+    pub(super) async fn reserve_decision(
+        &self,
+        req: &ReserveRequest,
+    ) -> Result<ReserveOutcome, StoreError> {
+        let candidates: Vec<&Candidate> = req.candidates.iter().collect();
+        if !self.cluster() {
+            return self
+                .reserve_in_slot(
+                    req,
+                    &candidates,
+                    "",
+                    &req.reservation_id,
+                    &req.reservation_id,
+                    true,
+                )
+                .await;
+        }
+        let tags = by_tag(
+            req.candidates
+                .iter()
+                .flat_map(|c| c.ops.iter().map(|op| op.key.as_str())),
+        );
+        match tags.keys().next() {
+            Some(tag) if tags.len() == 1 => {
+                let id = format!("{}.{tag}", req.reservation_id);
+                self.reserve_in_slot(req, &candidates, tag, &id, &id, true)
+                    .await
+            }
+            _ => self.reserve_across_slots(req).await,
+        }
+    }
+
+    /// Runs `reserve.lua` for `candidates` whose keys all share `tag`'s
+    /// slot. `key_id` places the reservation key; `reservation_id` is what
+    /// the reservation is known by (and what holds concurrency slots).
+    pub(super) async fn reserve_in_slot(
+        &self,
+        req: &ReserveRequest,
+        candidates: &[&Candidate],
+        tag: &str,
+        key_id: &str,
+        reservation_id: &str,
+        record: bool,
+    ) -> Result<ReserveOutcome, StoreError> {
+        let mut inv = self.reserve.prepare_invoke();
+        inv.key(self.reservation_key(key_id));
+        inv.key(self.replay_key(tag, req.request_id.as_deref()));
+        let replay = if record && req.request_id.is_some() {
+            memory::REPLAY_WINDOW
+        } else {
+            0
+        };
+        inv.arg(req.now)
+            .arg(req.reservation_ttl + CLEANUP_GRACE)
+            .arg(reservation_id)
+            .arg(replay)
+            .arg(CLEANUP_GRACE)
+            .arg(candidates.len());
+        for candidate in candidates {
+            let keys: Vec<String> = candidate
+                .ops
+                .iter()
+                .map(|op| self.counter_key(&op.key))
+                .collect();
+            let text = if record {
+                reservation_text(req.now + req.reservation_ttl, candidate, &keys)
+            } else {
+                String::new()
+            };
+            inv.arg(candidate.ops.len()).arg(text);
+            for (op, key) in candidate.ops.iter().zip(keys) {
+                inv.key(key);
+                inv.arg(op.amount)
+                    .arg(op.limit)
+                    .arg(&script_mode(op)[..])
+                    .arg(script_expiry(op, req));
+            }
+            for grant in candidate.ops.iter().filter_map(|op| op.grant.as_ref()) {
+                inv.key(self.grant_key(&grant.key));
+            }
+        }
+        let reply: Vec<Value> = self.invoke(&inv).await?;
+        parse_outcome(&reply)
+            .ok_or_else(|| StoreError::Unavailable(format!("unexpected reserve reply {reply:?}")))
+    }
+}
+
+/// An op's `mode` for `reserve.lua`: its flags as one character.
+fn script_mode(op: &CounterOp) -> [u8; 1] {
+    let grant = match &op.grant {
+        None => 0,
+        Some(g) if g.required => 16 | 32,
+        Some(_) => 16,
+    };
+    let kind = kind_of(op);
+    let mode = u8::from(op.enforced)
+        | u8::from(op.downgradable) << 1
+        | u8::from(kind == 'g') << 2
+        | u8::from(kind == 'r') << 3
+        | grant;
+    [b'0' + mode]
+}
+
+/// An op's `expiry` for `reserve.lua`, relative to the caller's clock.
+fn script_expiry(op: &CounterOp, req: &ReserveRequest) -> Millis {
+    match (kind_of(op), op.expiry) {
+        ('g', _) => req.reservation_ttl,
+        (_, Expiry::Never) => 0,
+        (_, Expiry::At(t)) => (t - req.now).max(1) + CLEANUP_GRACE,
+        (_, Expiry::AfterFirstUse(d)) => d.max(1),
+    }
+}

@@ -1,0 +1,104 @@
+//! Settling a reservation (`settle.lua` in one slot; across slots,
+//! `claim.lua` once and then `adjust.lua` per slot), looking one up, and
+//! reading counters for a report (`read.lua`).
+
+use super::codec::{kind_of_reserved, parse_reservation};
+use super::keys::{by_tag, slot_tag};
+use super::RedisStore;
+use crate::store::*;
+
+impl RedisStore {
+    pub(super) async fn load_reservation(
+        &self,
+        id: &str,
+    ) -> Result<Option<Reservation>, StoreError> {
+        let text: Option<String> = self
+            .query(::redis::cmd("GET").arg(self.reservation_key(id)))
+            .await?;
+        let Some(text) = text else {
+            return Ok(None);
+        };
+        parse_reservation(&text, &self.prefix)
+            .map(Some)
+            .ok_or_else(|| StoreError::Unavailable(format!("reservation {id} is malformed")))
+    }
+
+    pub(super) async fn settle_reservation(
+        &self,
+        id: &str,
+        actual: &[i64],
+        now: Millis,
+    ) -> Result<SettleOutcome, StoreError> {
+        let Some(reservation) = self.load_reservation(id).await? else {
+            return Ok(SettleOutcome::Unknown);
+        };
+        let record_tag = id.split_once('.').map(|(_, t)| t);
+        let one_slot = !self.cluster()
+            || reservation
+                .ops
+                .iter()
+                .all(|op| Some(slot_tag(&op.key)) == record_tag);
+        if one_slot {
+            let mut inv = self.settle.prepare_invoke();
+            inv.key(self.reservation_key(id));
+            inv.arg(now).arg(id);
+            for (i, op) in reservation.ops.iter().enumerate() {
+                inv.key(self.counter_key(&op.key));
+                inv.arg(actual.get(i).copied().unwrap_or(0));
+            }
+            let outcome: String = self.invoke(&inv).await?;
+            return Ok(match outcome.as_str() {
+                "settled" => SettleOutcome::Settled,
+                "already_settled" => SettleOutcome::AlreadySettled,
+                _ => SettleOutcome::Unknown,
+            });
+        }
+        // Across slots: claim the reservation once, then move each slot.
+        let mut inv = self.claim.prepare_invoke();
+        inv.key(self.reservation_key(id)).arg(now);
+        let claimed: String = self.invoke(&inv).await?;
+        match claimed.as_str() {
+            "unknown" => return Ok(SettleOutcome::Unknown),
+            "already_settled" => return Ok(SettleOutcome::AlreadySettled),
+            _ => {}
+        }
+        let moves: Vec<(String, char, i64)> = reservation
+            .ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                (
+                    op.key.clone(),
+                    kind_of_reserved(op),
+                    actual.get(i).copied().unwrap_or(0) - op.amount,
+                )
+            })
+            .collect();
+        self.adjust(now, id, &moves).await?;
+        Ok(SettleOutcome::Settled)
+    }
+
+    pub(super) async fn read_counters(
+        &self,
+        counters: &[CounterRef],
+        now: Millis,
+    ) -> Result<Vec<CounterState>, StoreError> {
+        let mut out = vec![CounterState::default(); counters.len()];
+        for group in by_tag(counters.iter().map(|c| c.key.as_str())).values() {
+            let mut inv = self.read.prepare_invoke();
+            for &i in group {
+                inv.key(self.counter_key(&counters[i].key));
+            }
+            inv.arg(now);
+            let values: Vec<i64> = self.invoke(&inv).await?;
+            for (&i, pair) in group.iter().zip(values.chunks(2)) {
+                out[i] = CounterState {
+                    used_before: pair[0],
+                    resets_at: pair.get(1).copied().filter(|t| *t >= 0),
+                    grant: None,
+                };
+            }
+        }
+        Ok(out)
+    }
+}
