@@ -411,7 +411,7 @@ impl Gate {
             .iter()
             .map(|c| CounterRef {
                 key: c.key.clone(),
-                gauge: policy.rules()[c.rule].limit.unit == Unit::Concurrent,
+                kind: decide::counter_kind(&policy.rules()[c.rule].limit),
             })
             .collect();
         let states = self.bounded(self.store.read(&refs, now)).await?;

@@ -10,8 +10,8 @@ use common::{at, gate_with, policy};
 use tollgate::engine::{Attributes, Estimate, Verdict};
 use tollgate::gate::{CheckInput, ManualClock};
 use tollgate::store::{
-    Candidate, CounterOp, CounterRef, CounterStore, Expiry, Grant, GrantRef, MemoryStore,
-    ReserveRequest, SettleOutcome, StoreError,
+    Candidate, CounterKind, CounterOp, CounterRef, CounterStore, Expiry, Grant, GrantRef,
+    MemoryStore, ReserveRequest, SettleOutcome, StoreError,
 };
 
 /// A store under test; a Redis one keeps its servers alive with it.
@@ -260,7 +260,7 @@ fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
         enforced: true,
         downgradable: false,
         expiry: Expiry::Never,
-        release_on_settle: false,
+        kind: CounterKind::Plain,
         grant: None,
     }
 }
@@ -268,14 +268,14 @@ fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
 fn counter(key: &str) -> CounterRef {
     CounterRef {
         key: key.to_string(),
-        gauge: false,
+        kind: CounterKind::Plain,
     }
 }
 
 fn gauge(key: &str) -> CounterRef {
     CounterRef {
         key: key.to_string(),
-        gauge: true,
+        kind: CounterKind::Gauge,
     }
 }
 
@@ -337,7 +337,7 @@ fn settle_applies_the_difference_once() {
         } in backends().await
         {
             let mut slot = op("slots", 1, 2);
-            slot.release_on_settle = true;
+            slot.kind = CounterKind::Gauge;
             store
                 .reserve(&request(vec![op("tokens", 100, 1000), slot], "r", 0))
                 .await
@@ -400,6 +400,7 @@ fn rolling_windows_start_at_first_use_and_lapse() {
         {
             let mut rolling = op("r", 3, 10);
             rolling.expiry = Expiry::AfterFirstUse(500);
+            rolling.kind = CounterKind::Rolling;
             let out = store
                 .reserve(&request(vec![rolling.clone()], "x", 100))
                 .await
@@ -504,7 +505,7 @@ fn concurrency_slots_are_held_until_settled_or_lapsed() {
         } in backends().await
         {
             let mut slot = op("video|g", 1, 2);
-            slot.release_on_settle = true;
+            slot.kind = CounterKind::Gauge;
             let reserve = |id: &'static str, now: i64| {
                 let store = &store;
                 let slot = slot.clone();
@@ -549,9 +550,10 @@ fn one_decision_mixes_every_kind_of_counter_all_or_nothing() {
                 .unwrap();
             let plain = op("plain|requests|s|w", 1, 10);
             let mut slot = op("slot|concurrent|s|-", 1, 1);
-            slot.release_on_settle = true;
+            slot.kind = CounterKind::Gauge;
             let mut rolling = op("rolling|requests|s|r", 1, 10);
             rolling.expiry = Expiry::AfterFirstUse(1_000);
+            rolling.kind = CounterKind::Rolling;
             // A gate with no room of its own: only the grant's extra.
             let gate = gated("gated|requests|s|w", "gated|s", 0, true);
             let ops = vec![plain, slot, rolling, gate];

@@ -8,9 +8,9 @@ use super::charge::{counter_amount, from_counter, to_counter, Usage};
 use super::request::{Attributes, Estimate};
 use super::window::{self, format_utc, seconds_until, Millis};
 use super::RequestError;
-use crate::policy::{hex, CompiledPolicy, Enforcement, OnExceed, Rule, Unit, Window};
+use crate::policy::{hex, CompiledPolicy, Enforcement, Limit, OnExceed, Rule, Unit, Window};
 use crate::store::{
-    fit, Candidate, CounterOp, CounterState, Expiry, Fit, GrantRef, ReserveOutcome,
+    fit, Candidate, CounterKind, CounterOp, CounterState, Expiry, Fit, GrantRef, ReserveOutcome,
 };
 
 /// Counters of a calendar window outlive it by this much, so a late settle
@@ -245,7 +245,7 @@ pub fn plan(
                 enforced: rule.enforcement != Enforcement::Soft,
                 downgradable,
                 expiry: expiry(rule.limit.window, counter.window_end),
-                release_on_settle: rule.limit.unit == Unit::Concurrent,
+                kind: counter_kind(&rule.limit),
                 grant,
             });
             counters.push(counter);
@@ -426,6 +426,15 @@ fn scope_of(rule: &Rule, attrs: &Attributes) -> Result<(String, String), Request
         hasher.update([0]);
     }
     Ok((display, hex(&hasher.finalize()[..12])))
+}
+
+/// How a rule's counter counts: the one place a kind is chosen.
+pub fn counter_kind(limit: &Limit) -> CounterKind {
+    match (limit.unit, limit.window) {
+        (Unit::Concurrent, _) => CounterKind::Gauge,
+        (_, Window::Rolling(_)) => CounterKind::Rolling,
+        _ => CounterKind::Plain,
+    }
 }
 
 fn expiry(window: Window, end: Option<Millis>) -> Expiry {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::store::{CounterRef, CounterStore};
+use crate::store::{CounterKind, CounterRef, CounterStore};
 
 /// What readiness is made of; ready when every part is good.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -135,7 +135,7 @@ pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 pub async fn probe(store: &dyn CounterStore, now: i64) -> Result<(), String> {
     let counter = CounterRef {
         key: PROBE_KEY.to_string(),
-        gauge: false,
+        kind: CounterKind::Plain,
     };
     match tokio::time::timeout(PROBE_TIMEOUT, store.read(&[counter], now)).await {
         Ok(Ok(_)) => Ok(()),

@@ -116,7 +116,7 @@ impl Inner {
             if let Some(r) = self.reservations.remove(&id) {
                 if !r.settled {
                     // The estimate stays charged; only held slots come back.
-                    for op in r.ops.iter().filter(|op| op.release_on_settle) {
+                    for op in r.ops.iter().filter(|op| op.kind == CounterKind::Gauge) {
                         self.add(&op.key, -op.amount, now);
                     }
                 }
@@ -217,8 +217,7 @@ impl CounterStore for MemoryStore {
                             key: op.key.clone(),
                             unit: op.unit,
                             amount: op.amount,
-                            release_on_settle: op.release_on_settle,
-                            rolling: matches!(op.expiry, Expiry::AfterFirstUse(_)),
+                            kind: op.kind,
                         })
                         .collect(),
                     settled: false,
@@ -271,7 +270,11 @@ impl CounterStore for MemoryStore {
             .iter()
             .zip(actual.iter().copied().chain(std::iter::repeat(0)))
             .map(|(op, actual)| {
-                let actual = if op.release_on_settle { 0 } else { actual };
+                let actual = if op.kind == CounterKind::Gauge {
+                    0
+                } else {
+                    actual
+                };
                 (op.key.clone(), actual - op.amount)
             })
             .collect();

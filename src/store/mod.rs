@@ -23,8 +23,25 @@ pub use redis::{RedisConfig, RedisStore};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CounterRef {
     pub key: String,
-    /// A concurrency gauge (requests in flight) rather than a total.
-    pub gauge: bool,
+    pub kind: CounterKind,
+}
+
+/// How a counter counts. The engine sets it once, from the rule; each
+/// store keeps every kind in its own way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CounterKind {
+    /// A total, in a calendar window or for ever.
+    Plain,
+    /// A total in a window that starts at the counter's first use.
+    Rolling,
+    /// Requests in flight (a concurrency limit): each reservation holds
+    /// one slot, given back on settle or when the reservation lapses.
+    Gauge,
+}
+
+impl CounterKind {
+    pub const ALL: [CounterKind; 3] =
+        [CounterKind::Plain, CounterKind::Rolling, CounterKind::Gauge];
 }
 
 /// When a counter resets.
@@ -53,8 +70,7 @@ pub struct CounterOp {
     /// candidate; without it the whole request is denied.
     pub downgradable: bool,
     pub expiry: Expiry,
-    /// Given back on settle or reservation expiry (concurrency slots).
-    pub release_on_settle: bool,
+    pub kind: CounterKind,
     /// The approval grant that can open or extend this counter.
     pub grant: Option<GrantRef>,
 }
@@ -200,9 +216,7 @@ pub struct ReservedOp {
     pub key: String,
     pub unit: Unit,
     pub amount: i64,
-    pub release_on_settle: bool,
-    /// Counted in a rolling window (which some stores keep differently).
-    pub rolling: bool,
+    pub kind: CounterKind,
 }
 
 /// How long a settled reservation is kept, to answer a repeated settle

@@ -7,22 +7,20 @@ use ::redis::Value;
 use crate::policy::Unit;
 use crate::store::*;
 
-pub(super) fn kind_of(op: &CounterOp) -> char {
-    match (op.release_on_settle, op.expiry) {
-        (true, _) => 'g',
-        (false, Expiry::AfterFirstUse(_)) => 'r',
-        _ => 'p',
+/// A counter kind as scripts and reservation records know it: `p` plain,
+/// `r` rolling, `g` gauge. Kinds become characters here and nowhere else.
+pub(super) fn flag(kind: CounterKind) -> char {
+    match kind {
+        CounterKind::Plain => 'p',
+        CounterKind::Rolling => 'r',
+        CounterKind::Gauge => 'g',
     }
 }
 
-pub(super) fn kind_of_reserved(op: &ReservedOp) -> char {
-    if op.release_on_settle {
-        'g'
-    } else if op.rolling {
-        'r'
-    } else {
-        'p'
-    }
+fn kind_of_flag(text: &str) -> Option<CounterKind> {
+    CounterKind::ALL
+        .into_iter()
+        .find(|&k| text.len() == 1 && text.starts_with(flag(k)))
 }
 
 /// What a candidate's reservation will hold if it is applied: unsettled
@@ -43,7 +41,7 @@ pub(super) fn reservation_text(
         let _ = write!(
             record,
             "\n{}\t{}\t{}\t{key}",
-            kind_of(op),
+            flag(op.kind),
             op.unit.name(),
             op.amount
         );
@@ -59,7 +57,7 @@ pub(super) fn parse_reservation(text: &str, prefix: &str) -> Option<Reservation>
     let ops = lines
         .map(|line| {
             let mut parts = line.splitn(4, '\t');
-            let kind = parts.next()?;
+            let kind = kind_of_flag(parts.next()?)?;
             let unit = Unit::parse(parts.next()?)?;
             let amount = parts.next()?.parse().ok()?;
             let tagged = parts.next()?.strip_prefix(&counter_prefix)?;
@@ -72,8 +70,7 @@ pub(super) fn parse_reservation(text: &str, prefix: &str) -> Option<Reservation>
                 key,
                 unit,
                 amount,
-                release_on_settle: kind == "g",
-                rolling: kind == "r",
+                kind,
             })
         })
         .collect::<Option<Vec<_>>>()?;

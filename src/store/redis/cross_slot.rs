@@ -5,7 +5,7 @@
 //! cap; an undo that fails leaves its counters charged, on the side of
 //! denying rather than overspending.
 
-use super::codec::{kind_of, parse_replay, replay_text, reservation_text};
+use super::codec::{flag, parse_replay, replay_text, reservation_text};
 use super::keys::by_tag;
 use super::{RedisStore, CLEANUP_GRACE};
 use crate::store::*;
@@ -69,7 +69,7 @@ impl RedisStore {
                         .iter()
                         .map(|&i| CounterRef {
                             key: candidate.ops[i].key.clone(),
-                            gauge: candidate.ops[i].release_on_settle,
+                            kind: candidate.ops[i].kind,
                         })
                         .collect();
                     for (&i, mut s) in missing
@@ -153,7 +153,7 @@ impl RedisStore {
         &self,
         now: Millis,
         rid: &str,
-        moves: &[(String, char, i64)],
+        moves: &[(String, CounterKind, i64)],
     ) -> Result<(), StoreError> {
         for group in by_tag(moves.iter().map(|(k, _, _)| k.as_str())).values() {
             let mut inv = self.adjust.prepare_invoke();
@@ -161,7 +161,7 @@ impl RedisStore {
             for &i in group {
                 let (key, kind, delta) = &moves[i];
                 inv.key(self.counter_key(key))
-                    .arg(kind.to_string())
+                    .arg(flag(*kind).to_string())
                     .arg(*delta);
             }
             self.invoke::<String>(&inv).await?;
@@ -176,11 +176,11 @@ impl RedisStore {
         if indices.is_empty() {
             return;
         }
-        let moves: Vec<(String, char, i64)> = indices
+        let moves: Vec<(String, CounterKind, i64)> = indices
             .iter()
             .map(|&i| {
                 let op = &candidate.ops[i];
-                (op.key.clone(), kind_of(op), -op.amount)
+                (op.key.clone(), op.kind, -op.amount)
             })
             .collect();
         if let Err(e) = self.adjust(now, rid, &moves).await {

@@ -3,7 +3,7 @@
 
 use ::redis::Value;
 
-use super::codec::{kind_of, parse_outcome, reservation_text};
+use super::codec::{parse_outcome, reservation_text};
 use super::keys::by_tag;
 use super::{RedisStore, CLEANUP_GRACE};
 use crate::store::*;
@@ -105,19 +105,18 @@ fn script_mode(op: &CounterOp) -> [u8; 1] {
         Some(g) if g.required => 16 | 32,
         Some(_) => 16,
     };
-    let kind = kind_of(op);
     let mode = u8::from(op.enforced)
         | u8::from(op.downgradable) << 1
-        | u8::from(kind == 'g') << 2
-        | u8::from(kind == 'r') << 3
+        | u8::from(op.kind == CounterKind::Gauge) << 2
+        | u8::from(op.kind == CounterKind::Rolling) << 3
         | grant;
     [b'0' + mode]
 }
 
 /// An op's `expiry` for `reserve.lua`, relative to the caller's clock.
 fn script_expiry(op: &CounterOp, req: &ReserveRequest) -> Millis {
-    match (kind_of(op), op.expiry) {
-        ('g', _) => req.reservation_ttl,
+    match (op.kind, op.expiry) {
+        (CounterKind::Gauge, _) => req.reservation_ttl,
         (_, Expiry::Never) => 0,
         (_, Expiry::At(t)) => (t - req.now).max(1) + CLEANUP_GRACE,
         (_, Expiry::AfterFirstUse(d)) => d.max(1),

@@ -2,7 +2,7 @@
 //! `claim.lua` once and then `adjust.lua` per slot), looking one up, and
 //! reading counters for a report (`read.lua`).
 
-use super::codec::{kind_of_reserved, parse_reservation};
+use super::codec::parse_reservation;
 use super::keys::{by_tag, slot_tag};
 use super::RedisStore;
 use crate::store::*;
@@ -62,14 +62,14 @@ impl RedisStore {
             "already_settled" => return Ok(SettleOutcome::AlreadySettled),
             _ => {}
         }
-        let moves: Vec<(String, char, i64)> = reservation
+        let moves: Vec<(String, CounterKind, i64)> = reservation
             .ops
             .iter()
             .enumerate()
             .map(|(i, op)| {
                 (
                     op.key.clone(),
-                    kind_of_reserved(op),
+                    op.kind,
                     actual.get(i).copied().unwrap_or(0) - op.amount,
                 )
             })
