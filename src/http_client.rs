@@ -1,5 +1,6 @@
 //! A minimal HTTP/1.1 client for the few requests tollgate itself makes:
-//! alert webhooks and the admin commands of the CLI. One connection per
+//! alert webhooks and the client commands of the CLI (`health`, `usage
+//! --server`, the admin commands). One connection per
 //! request: both are rare, and a pool would only hold sockets to peers that
 //! may be gone by the next call.
 

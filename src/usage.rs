@@ -3,6 +3,11 @@
 //! straight from the counter store.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::Method;
+use hyper::body::Bytes;
 
 use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
@@ -10,6 +15,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::window::format_utc;
 use crate::engine::CounterReport;
+use crate::http_client::{self, Target};
+
+/// How long `fetch` waits for a server's answer.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One counter, as `/v1/usage` serves it and `usage --json` prints it.
 /// Amounts are exact decimals as strings (USD for spend).
@@ -155,36 +164,30 @@ pub fn table(rows: &[UsageRow]) -> String {
     out
 }
 
-/// `GET {server}/v1/usage`, over plain HTTP/1.0 so that the answer is
-/// never chunked; only `http://` servers.
-pub async fn fetch(server: &str) -> Result<UsageReport, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = server
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{server:?}: only http:// servers are supported"))?;
-    let host = rest.split('/').next().unwrap_or(rest);
-    let mut stream = tokio::net::TcpStream::connect(host)
-        .await
-        .map_err(|e| format!("cannot connect to {host}: {e}"))?;
-    let request = format!("GET /v1/usage HTTP/1.0\r\nHost: {host}\r\n\r\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| format!("{host}: {e}"))?;
-    let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .await
-        .map_err(|e| format!("{host}: {e}"))?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("{host}: not an HTTP answer"))?;
-    let status = head.lines().next().unwrap_or("");
-    if !status.contains(" 200 ") {
-        return Err(format!("{host}: {status}: {body}"));
+/// `GET /v1/usage` on a running server's HTTP listener (`https://` with
+/// `tls` when given, else the public web roots).
+pub async fn fetch(
+    server: &Target,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<UsageReport, String> {
+    let answer = http_client::send_with(
+        server,
+        tls,
+        Method::GET,
+        "/v1/usage",
+        &[],
+        Bytes::new(),
+        FETCH_TIMEOUT,
+    )
+    .await?;
+    if answer.status != 200 {
+        return Err(format!(
+            "HTTP {}: {}",
+            answer.status,
+            String::from_utf8_lossy(&answer.body).trim()
+        ));
     }
-    serde_json::from_str(body).map_err(|e| format!("{host}: bad /v1/usage answer: {e}"))
+    serde_json::from_slice(&answer.body).map_err(|e| format!("bad /v1/usage answer: {e}"))
 }
 
 #[cfg(test)]

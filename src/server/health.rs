@@ -199,33 +199,3 @@ async fn report(
         reporter.set_service_status(name, status).await;
     }
 }
-
-/// One plain HTTP/1.1 GET of `path` on `addr` (an unspecified address
-/// meaning this host): whether it answered 200, and the body. This is the
-/// client side of `tollgate health`, for images without curl.
-pub fn http_check(mut addr: std::net::SocketAddr, path: &str) -> std::io::Result<(bool, String)> {
-    use std::io::{Read, Write};
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() {
-            std::net::Ipv4Addr::LOCALHOST.into()
-        } else {
-            std::net::Ipv6Addr::LOCALHOST.into()
-        });
-    }
-    let timeout = Duration::from_secs(3);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout)?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    s.read_to_string(&mut response)?;
-    let ok = response.starts_with("HTTP/1.1 200");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((ok, body))
-}

@@ -1,0 +1,290 @@
+//! Every part of a server, built from the `serve` options: the store, the
+//! gate and what it reports to, the reloader, readiness, the listeners and
+//! the admin API.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tollgate::alerts::{Dispatcher, DispatcherConfig};
+use tollgate::gate::{Clock, Gate, GateConfig, SystemClock};
+use tollgate::policy::CompiledPolicy;
+use tollgate::reload::{self, ReloadConfig, Reloader};
+use tollgate::server::admin::{AdminApi, AdminToken};
+use tollgate::server::health::Readiness;
+use tollgate::server::tls::{self, TlsFiles};
+use tollgate::server::AdminListener;
+use tollgate::shutdown::{FlushHooks, Shutdown};
+use tollgate::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
+use tollgate::telemetry::audit::{AuditConfig, AuditLog};
+use tollgate::telemetry::{Telemetry, TelemetryConfig};
+
+use super::{ListenerTls, ServeArgs};
+use crate::cli::admin::admin_token;
+
+/// A server, bound and ready to run.
+pub(crate) struct App {
+    pub(super) gate: Arc<Gate>,
+    pub(super) reloader: Arc<Reloader>,
+    /// Rendered at `/metrics` and `/v1/usage`.
+    pub(super) telemetry: Arc<Telemetry>,
+    pub(super) readiness: Readiness,
+    /// Probed for readiness.
+    pub(super) store: Arc<dyn CounterStore>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) listeners: Listeners,
+    pub(super) shutdown: Shutdown,
+    /// Run after the listeners drain.
+    pub(super) flush: FlushHooks,
+    pub(super) store_probe_every: Duration,
+    pub(super) drain_timeout: Duration,
+}
+
+/// What the server listens on.
+pub(crate) struct Listeners {
+    /// gRPC: the native API, Envoy ext_authz and health.
+    pub(super) grpc: Listener,
+    /// HTTP: forward auth, settle, status, health and metrics.
+    pub(super) http: Listener,
+    pub(super) admin: Admin,
+}
+
+/// A bound TCP listener, and its TLS when it has any.
+pub(crate) struct Listener {
+    pub(super) socket: TcpListener,
+    pub(super) address: SocketAddr,
+    pub(super) tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+/// Where the admin API is served.
+pub(crate) enum Admin {
+    /// No admin token: not at all.
+    Off,
+    /// On the gRPC and HTTP listeners.
+    Shared(AdminApi),
+    /// On a listener of its own (`--admin-listen`).
+    Own {
+        api: AdminApi,
+        listener: AdminListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    },
+}
+
+impl App {
+    /// Builds every part from `args`; the message says what failed.
+    pub(crate) async fn build(
+        args: ServeArgs,
+        policy: CompiledPolicy,
+        tls: Option<ListenerTls>,
+    ) -> Result<App, String> {
+        let store = open_store(&args).await?;
+        let admin_token = admin_token(args.admin_token_file.as_ref())
+            .and_then(|t| t.map(|t| AdminToken::new(&t)).transpose())?;
+        if admin_token.is_none() && args.admin_listen.is_some() {
+            return Err(
+                "--admin-listen needs an admin token (--admin-token-file or TOLLGATE_ADMIN_TOKEN)"
+                    .to_string(),
+            );
+        }
+        let alerts = Dispatcher::start(
+            store.clone(),
+            DispatcherConfig {
+                queue: args.alert_queue,
+                ..DispatcherConfig::default()
+            },
+        );
+        let telemetry = telemetry(&args)?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let gate = Arc::new(
+            Gate::new(policy, store.clone(), clock.clone(), gate_config(&args))
+                .with_alerts(alerts.clone())
+                .with_observer(telemetry.clone()),
+        );
+        let readiness = Readiness::new();
+        readiness.set_policies_loaded();
+        let reloader = Reloader::new(
+            gate.clone(),
+            ReloadConfig {
+                dirs: args.policies.clone(),
+                debounce: reload::DEFAULT_DEBOUNCE,
+                rescan_every: args.rescan_every,
+                allow_empty: args.allow_empty,
+            },
+        );
+        let (grpc_tls, http_tls) = match &tls {
+            Some(t) => (Some(t.grpc.clone()), Some(t.http.clone())),
+            None => (None, None),
+        };
+        let grpc = Listener::bind(args.listen, grpc_tls).await?;
+        let http = Listener::bind(args.http_listen, http_tls).await?;
+        let admin = match admin_token {
+            None => Admin::Off,
+            Some(token) => admin(&args, tls.as_ref(), AdminApi::new(gate.clone(), token)).await?,
+        };
+        let flush = flush_hooks(&alerts, &telemetry, args.drain_timeout);
+        Ok(App {
+            gate,
+            telemetry,
+            reloader,
+            readiness,
+            store,
+            clock,
+            listeners: Listeners { grpc, http, admin },
+            shutdown: Shutdown::new(),
+            flush,
+            store_probe_every: args.store_probe_every,
+            drain_timeout: args.drain_timeout,
+        })
+    }
+}
+
+impl Listener {
+    async fn bind(
+        address: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Listener, String> {
+        let socket = TcpListener::bind(address)
+            .await
+            .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+        Ok(Listener {
+            socket,
+            address,
+            tls,
+        })
+    }
+}
+
+fn gate_config(args: &ServeArgs) -> GateConfig {
+    GateConfig {
+        reservation_ttl: args.reservation_ttl,
+        store_timeout: Duration::from_millis(args.store_timeout_ms),
+        retry_within: args.retry_within,
+    }
+}
+
+/// The admin API shares the gRPC and HTTP listeners, or has one of its own
+/// (bound here), with TLS on TCP when the other listeners have it.
+async fn admin(
+    args: &ServeArgs,
+    tls: Option<&ListenerTls>,
+    api: AdminApi,
+) -> Result<Admin, String> {
+    let Some(address) = &args.admin_listen else {
+        return Ok(Admin::Shared(api));
+    };
+    let unix = address.starts_with("unix:");
+    let tls = match (tls, unix) {
+        (Some(tls), false) => {
+            let files = TlsFiles {
+                client_ca: args
+                    .admin_tls_client_ca
+                    .clone()
+                    .or_else(|| tls.files.client_ca.clone()),
+                ..tls.files.clone()
+            };
+            let config = tls::server_config(&files, tls::ALPN_H2_AND_HTTP1)
+                .map_err(|e| format!("error: admin listener: {e}"))?;
+            Some(config)
+        }
+        (None, _) | (_, true) if args.admin_tls_client_ca.is_some() => {
+            return Err(
+                "--admin-tls-client-ca needs --tls-cert and a TCP --admin-listen".to_string(),
+            );
+        }
+        _ => None,
+    };
+    let listener = AdminListener::bind(address)
+        .await
+        .map_err(|e| format!("cannot listen on {address}: {e}"))?;
+    if tls.is_none() && !unix {
+        tracing::warn!(admin = %address, "the admin API listens on TCP without TLS: its bearer token crosses the network in the clear");
+    }
+    tracing::info!(admin = %address, tls = tls.is_some(), "serving the admin API on its own listener");
+    Ok(Admin::Own { api, listener, tls })
+}
+
+/// Where components that buffer work (the alert queue, the audit log)
+/// register their flush; it runs after the listeners drain.
+fn flush_hooks(
+    alerts: &Arc<Dispatcher>,
+    telemetry: &Arc<Telemetry>,
+    limit: Duration,
+) -> FlushHooks {
+    let mut flush = FlushHooks::default();
+    let alerts = alerts.clone();
+    flush.add("alerts", async move {
+        if !alerts.flush(limit).await {
+            tracing::warn!("some alerts were still being delivered at shutdown");
+        }
+    });
+    if telemetry.audit().is_some() {
+        let telemetry = telemetry.clone();
+        flush.add("audit log", async move {
+            if let Some(audit) = telemetry.audit() {
+                audit.flush().await;
+            }
+        });
+    }
+    flush
+}
+
+/// Metrics (the process-wide Prometheus recorder, with its histograms
+/// drained every few seconds) and the audit log, if asked for.
+fn telemetry(args: &ServeArgs) -> Result<Arc<Telemetry>, String> {
+    let audit = match &args.audit_log {
+        Some(path) => Some(
+            AuditLog::open(&AuditConfig {
+                path: path.clone(),
+                sample: args.audit_sample,
+                denials_only: args.audit_denials_only,
+                queue: tollgate::telemetry::audit::DEFAULT_QUEUE,
+            })
+            .map_err(|e| format!("cannot open the audit log {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    let telemetry = Arc::new(Telemetry::new(TelemetryConfig {
+        max_scopes: args.metrics_max_scopes,
+        reservation_ttl: args.reservation_ttl,
+        audit,
+    }));
+    let handle = tollgate::telemetry::install_prometheus()?;
+    telemetry.set_prometheus(handle);
+    let upkeep = telemetry.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.upkeep();
+        }
+    });
+    Ok(telemetry)
+}
+
+/// The embedded store, or Redis with its connections opened (an
+/// unreachable Redis is reported, not fatal: rules' failure policies apply
+/// until it answers).
+async fn open_store(args: &ServeArgs) -> Result<Arc<dyn CounterStore>, String> {
+    let Some(url) = &args.redis else {
+        return Ok(Arc::new(MemoryStore::new(args.max_counters)));
+    };
+    let config = RedisConfig {
+        prefix: args.redis_prefix.clone(),
+        cluster: args.redis_cluster,
+        ca_file: args.redis_ca_file.clone(),
+        connections: usize::from(args.redis_connections),
+        ..RedisConfig::new(url.clone())
+    };
+    let store = RedisStore::connect(&config)
+        .await
+        .map_err(|e| e.to_string())?;
+    // A handshake takes longer than one decision may: do it now rather than
+    // on the first request.
+    match tokio::time::timeout(Duration::from_secs(3), store.warm_up()).await {
+        Ok(Ok(())) => tracing::info!(prefix = %args.redis_prefix, "counters in Redis"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "Redis is not answering yet"),
+        Err(_) => tracing::warn!("Redis did not answer within 3 s; continuing"),
+    }
+    Ok(Arc::new(store))
+}
