@@ -348,3 +348,63 @@ fn an_approval_without_anyone_to_name_is_refused_before_it_is_sent() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("give --approver NAME"), "{err}");
 }
+
+/// A stand-in for a server behind a unix socket (a local proxy, say):
+/// answers each connection with `body` and reports the request line.
+fn unix_stub(socket: &std::path::Path, body: &'static str) -> std::sync::mpsc::Receiver<String> {
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut stream in listener.incoming().map_while(Result::ok) {
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                request.push(byte[0]);
+            }
+            let text = String::from_utf8_lossy(&request);
+            let _ = tx.send(text.lines().next().unwrap_or("").to_string());
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    rx
+}
+
+#[test]
+fn health_and_usage_reach_a_server_on_a_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("http.sock");
+    let requests = unix_stub(
+        &socket,
+        r#"{"ready":true,"policy_version":"v1","counters":[]}"#,
+    );
+    let url = format!("unix:{}", socket.display());
+    let health = Command::new(BIN)
+        .args(["health", "--server", &url])
+        .output()
+        .unwrap();
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    assert!(String::from_utf8_lossy(&health.stdout).contains("\"ready\":true"));
+    assert_eq!(requests.recv().unwrap(), "GET /readyz HTTP/1.1");
+
+    let usage = Command::new(BIN)
+        .args(["usage", "--server", &url])
+        .env_remove("TOLLGATE_REDIS_URL")
+        .output()
+        .unwrap();
+    assert!(
+        usage.status.success(),
+        "{}",
+        String::from_utf8_lossy(&usage.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&usage.stdout), "no counters\n");
+    assert_eq!(requests.recv().unwrap(), "GET /v1/usage HTTP/1.1");
+}

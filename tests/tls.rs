@@ -401,3 +401,110 @@ async fn the_admin_listener_can_require_a_client_certificate_of_its_own() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+/// `tollgate health` or `tollgate usage` with `args`, the server named by
+/// `--server`; its exit code and what it printed on stdout and stderr.
+fn client_command(command: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg(command)
+        .args(args)
+        .env_remove("TOLLGATE_HTTP_LISTEN")
+        .env_remove("TOLLGATE_CONFIG")
+        .env_remove("TOLLGATE_REDIS_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_usage_speak_https_with_a_private_ca() {
+    let pki = Pki::new();
+    let (tollgate, _policies) = start(&pki, false);
+    grpc_check(tollgate.port, &pki, None).await.unwrap();
+    let url = format!("https://localhost:{}", tollgate.http_port);
+    let ca = pki.path("ca.pem").display().to_string();
+    // The server is another process: blocking waits here hold up nothing.
+    let (code, out, err) = client_command("health", &["--server", &url, "--ca-file", &ca]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"ready\":true"), "{out}");
+    let (code, out, err) = client_command(
+        "health",
+        &["--server", &url, "--ca-file", &ca, "--path", "/healthz"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!out.is_empty());
+
+    let (code, out, err) = client_command("usage", &["--server", &url, "--ca-file", &ca]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("RULE"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("plenty")), "{out}");
+    let (code, out, err) = client_command("usage", &["--server", &url, "--ca-file", &ca, "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["counters"][0]["rule"], "plenty", "{report}");
+    assert_eq!(report["counters"][0]["used"], "1", "{report}");
+
+    // Without the private CA the certificate is not trusted; plain HTTP
+    // gets no answer from a TLS listener.
+    for command in ["health", "usage"] {
+        let (code, _, err) = client_command(command, &["--server", &url]);
+        assert_eq!(code, Some(1), "{command} trusted an unknown CA");
+        assert!(err.contains("TLS handshake"), "{command}: {err}");
+        let plain = format!("http://127.0.0.1:{}", tollgate.http_port);
+        let (code, _, err) = client_command(command, &["--server", &plain]);
+        assert_eq!(code, Some(1), "{command} over plain HTTP: {err}");
+    }
+    let addr = format!("127.0.0.1:{}", tollgate.http_port);
+    let (code, _, _) = client_command("health", &["--http-listen", &addr]);
+    assert_eq!(code, Some(1));
+}
+
+#[test]
+fn health_and_usage_present_a_client_certificate_for_mutual_tls() {
+    let pki = Pki::new();
+    let (tollgate, _policies) = start(&pki, true);
+    std::fs::write(pki.path("client.pem"), &pki.client.cert).unwrap();
+    std::fs::write(pki.path("client.key"), &pki.client.key).unwrap();
+    std::fs::write(pki.path("stranger.pem"), &pki.stranger.cert).unwrap();
+    std::fs::write(pki.path("stranger.key"), &pki.stranger.key).unwrap();
+    let url = format!("https://127.0.0.1:{}", tollgate.http_port);
+    let ca = pki.path("ca.pem").display().to_string();
+    let with = |command: &str, who: Option<&str>| {
+        let (cert, key) = who
+            .map(|w| {
+                (
+                    pki.path(&format!("{w}.pem")).display().to_string(),
+                    pki.path(&format!("{w}.key")).display().to_string(),
+                )
+            })
+            .unzip();
+        let mut args = vec!["--server", url.as_str(), "--ca-file", ca.as_str()];
+        if let (Some(cert), Some(key)) = (&cert, &key) {
+            args.extend(["--client-cert", cert.as_str(), "--client-key", key.as_str()]);
+        }
+        client_command(command, &args)
+    };
+    let (code, out, err) = with("health", Some("client"));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"ready\":true"), "{out}");
+    let (code, out, err) = with("usage", Some("client"));
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "no counters\n");
+    for command in ["health", "usage"] {
+        for who in [None, Some("stranger")] {
+            let (code, _, err) = with(command, who);
+            assert_eq!(code, Some(1), "{command} with {who:?} was served: {err}");
+        }
+    }
+    // A certificate needs its key.
+    let cert = pki.path("client.pem").display().to_string();
+    let (code, _, err) = client_command(
+        "health",
+        &["--server", &url, "--ca-file", &ca, "--client-cert", &cert],
+    );
+    assert_eq!(code, Some(2), "{err}");
+}
