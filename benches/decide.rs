@@ -117,7 +117,7 @@ fn bench(c: &mut Criterion) {
         Arc::new(ManualClock::new(now)),
         GateConfig::default(),
     )
-    .with_telemetry(telemetry.clone());
+    .with_observer(telemetry.clone());
     c.bench_function("check-memory-store-with-metrics/10000-rules", |b| {
         b.iter(|| {
             i += 1;

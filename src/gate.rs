@@ -13,7 +13,6 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rust_decimal::Decimal;
 
-use crate::alerts::AlertSink;
 use crate::engine::charge::{counter_amount, from_counter, to_counter, Usage};
 use crate::engine::decide::{self, empty_store_outcome};
 use crate::engine::request::{apply_key, fill_from_client, hash_key, Source};
@@ -21,10 +20,12 @@ use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
 use crate::policy::{Attr, CompiledPolicy, Enforcement, OnExceed, StoreFailure, Unit, UnknownKeys};
 use crate::store::{CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError};
-use crate::telemetry::{self, Telemetry};
 
+mod observe;
 mod scopes;
 mod unknown_keys;
+
+pub use observe::{AlertSink, DecisionReport, Observer, Unobserved};
 
 use unknown_keys::UnknownKeyBucket;
 
@@ -149,6 +150,20 @@ pub enum GateError {
     NoGrant { rule: String, scope: String },
 }
 
+impl GateError {
+    /// The stable code of a failed decision, as responses, metrics and the
+    /// decision log name it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GateError::Request(r) => r.code(),
+            GateError::Store(s) => s.code(),
+            GateError::UnknownReservation(_) => "unknown_reservation",
+            GateError::InvalidGrant(_) => "invalid_grant",
+            GateError::NoGrant { .. } => "no_grant",
+        }
+    }
+}
+
 /// An approval as an admin asks for it.
 #[derive(Debug, Clone)]
 pub struct GrantRequest {
@@ -170,7 +185,7 @@ pub struct Gate {
     clock: Arc<dyn Clock>,
     config: GateConfig,
     alerts: Option<Arc<dyn AlertSink>>,
-    telemetry: Option<Arc<Telemetry>>,
+    observer: Arc<dyn Observer>,
     unknown_keys: UnknownKeyBucket,
 }
 
@@ -187,7 +202,7 @@ impl Gate {
             clock,
             config,
             alerts: None,
-            telemetry: None,
+            observer: Arc::new(Unobserved),
             unknown_keys: UnknownKeyBucket::default(),
         }
     }
@@ -198,14 +213,11 @@ impl Gate {
         self
     }
 
-    /// Records metrics, tracked scopes and the audit log for this gate.
-    pub fn with_telemetry(mut self, telemetry: Arc<Telemetry>) -> Gate {
-        self.telemetry = Some(telemetry);
+    /// Reports every decision, store call, settle and approval to
+    /// `observer` (metrics, tracked scopes, the decision log).
+    pub fn with_observer(mut self, observer: Arc<dyn Observer>) -> Gate {
+        self.observer = observer;
         self
-    }
-
-    pub fn telemetry(&self) -> Option<&Arc<Telemetry>> {
-        self.telemetry.as_ref()
     }
 
     pub fn policy(&self) -> Arc<CompiledPolicy> {
@@ -221,40 +233,70 @@ impl Gate {
         self.clock.now()
     }
 
-    /// Decides a request, reserving its estimate when it is allowed.
+    /// Decides a request, reserving its estimate when it is allowed. A
+    /// decision takes one snapshot of the policy and one reading of the
+    /// clock, and names the version of the policy that made it.
     pub async fn check(&self, input: CheckInput) -> Result<Decision, GateError> {
-        let watch = telemetry::Watch::start(
-            self.telemetry.as_deref(),
-            &input,
-            || self.policy(),
-            || self.now(),
-        );
-        let result = self.check_unobserved(input).await;
-        watch.finish(&result);
+        self.check_on(self.policy.load_full(), input).await
+    }
+
+    /// [`Gate::check`] on a policy snapshot the caller already took, for a
+    /// front end that read the request with it (its attribute mapping):
+    /// the request is then read and decided on one snapshot.
+    pub async fn check_on(
+        &self,
+        policy: Arc<CompiledPolicy>,
+        input: CheckInput,
+    ) -> Result<Decision, GateError> {
+        let now = self.clock.now();
+        let started = std::time::Instant::now();
+        let abandoned = Abandoned(Some(&*self.observer));
+        let mut trace = Trace::default();
+        let result = self
+            .decide(&policy, now, &input, &mut trace)
+            .await
+            .map(|d| Decision {
+                policy_version: policy.version.clone(),
+                decided_at: now,
+                ..d
+            });
+        abandoned.defuse();
+        self.observer.decided(&DecisionReport {
+            policy: &policy,
+            now,
+            elapsed: started.elapsed(),
+            input: &input,
+            attributes: trace.attributes.as_ref(),
+            plan: trace.plan.as_ref(),
+            result: &result,
+        });
         result
     }
 
-    async fn check_unobserved(&self, input: CheckInput) -> Result<Decision, GateError> {
-        let policy = self.policy.load_full();
-        let now = self.clock.now();
+    async fn decide(
+        &self,
+        policy: &Arc<CompiledPolicy>,
+        now: Millis,
+        input: &CheckInput,
+        trace: &mut Trace,
+    ) -> Result<Decision, GateError> {
         let Resolved {
-            attributes: mut attrs,
+            attributes,
             unknown_key,
             ..
-        } = resolve(&policy, &input);
+        } = resolve(policy, input);
+        let attrs = trace.attributes.insert(attributes);
         if unknown_key {
             if policy.set.unknown_keys() == UnknownKeys::Deny {
                 return Ok(decide::unknown_key());
             }
             self.unknown_keys
-                .bound(&mut attrs, policy.set.attributes.max_unknown_keys, now);
+                .bound(attrs, policy.set.attributes.max_unknown_keys, now);
         }
-        input.estimate.validate()?;
-        attrs.validate()?;
         let replay_id = input
             .request_id
             .as_deref()
-            .map(|id| replay_id(id, &attrs, &input.estimate));
+            .map(|id| replay_id(id, attrs, &input.estimate));
         // A request that names no action is an action of its own: it must
         // never share a retry budget with another by accident. A repeat of
         // the same request gets the same id back.
@@ -270,10 +312,13 @@ impl Gate {
                 Some(id)
             }
         };
-        let mut plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
+        // `plan` checks the attributes and the estimate before anything
+        // else, so a malformed request never reaches the store.
+        let mut plan = decide::plan(policy, attrs, &input.estimate, now)?;
         if !input.can_switch_model {
             plan.withhold_downgrades();
         }
+        let plan = trace.plan.insert(plan);
         let retry_within = self.config.retry_within.as_millis() as Millis;
         let with_action = |decision: Decision| Decision {
             action_id: fresh_action.clone(),
@@ -291,11 +336,11 @@ impl Gate {
         };
         match self.bounded(self.store.reserve(&request)).await {
             Ok(outcome) => {
-                let decision = decide::decide(&policy, &plan, &outcome, now);
+                let decision = decide::decide(policy, plan, &outcome, now);
                 // A replay repeats a decision whose alerts already went out.
                 if let (Some(sink), false) = (&self.alerts, outcome.replayed) {
                     if !decision.alerts.is_empty() {
-                        sink.send(&policy, &decision.alerts, now);
+                        sink.send(policy, &decision.alerts, now);
                     }
                 }
                 Ok(with_action(decision))
@@ -375,7 +420,7 @@ impl Gate {
             SettleOutcome::Unknown => Err(unknown()),
             outcome => {
                 if outcome == SettleOutcome::Settled {
-                    telemetry::settled(self.telemetry.as_deref(), reservation.expires_at);
+                    self.observer.settled(reservation.expires_at);
                 }
                 Ok(outcome)
             }
@@ -591,7 +636,7 @@ impl Gate {
         .to_string();
         tracing::info!(target: "tollgate::audit", action, rule = %grant.rule, scope = %grant.scope, by, reason, "approval {action}");
         self.admin(self.store.append(APPROVALS_LOG, &entry)).await?;
-        metrics::counter!(telemetry::names::APPROVALS, "action" => action.to_string()).increment(1);
+        self.observer.approval(action);
         Ok(())
     }
 
@@ -599,28 +644,56 @@ impl Gate {
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        bounded_by(ADMIN_STORE_TIMEOUT, call).await
+        self.bounded_by(ADMIN_STORE_TIMEOUT, call).await
     }
 
     async fn bounded<T>(
         &self,
         call: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        bounded_by(self.config.store_timeout, call).await
+        self.bounded_by(self.config.store_timeout, call).await
+    }
+
+    async fn bounded_by<T>(
+        &self,
+        limit: Duration,
+        call: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = std::time::Instant::now();
+        let result = match tokio::time::timeout(limit, call).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Timeout(limit.as_millis() as u64)),
+        };
+        self.observer
+            .store_call(started.elapsed(), result.as_ref().err());
+        result
     }
 }
 
-async fn bounded_by<T>(
-    limit: Duration,
-    call: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    let started = std::time::Instant::now();
-    let result = match tokio::time::timeout(limit, call).await {
-        Ok(result) => result,
-        Err(_) => Err(StoreError::Timeout(limit.as_millis() as u64)),
-    };
-    telemetry::store_call(started, &result);
-    result
+/// What a decision was made from, kept for its report.
+#[derive(Default)]
+struct Trace {
+    attributes: Option<Attributes>,
+    plan: Option<decide::Plan>,
+}
+
+/// Reports a decision whose future was dropped before it finished (a
+/// cancelled gRPC call, a closed connection), so that it is counted
+/// rather than lost.
+struct Abandoned<'a>(Option<&'a dyn Observer>);
+
+impl Abandoned<'_> {
+    fn defuse(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some(observer) = self.0 {
+            observer.cancelled();
+        }
+    }
 }
 
 /// The request's attributes by precedence: the route's, then the key

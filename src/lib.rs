@@ -10,7 +10,6 @@
 
 pub mod admin_client;
 pub mod alerts;
-pub mod audit;
 pub mod config;
 pub mod engine;
 pub mod explain;
@@ -21,6 +20,7 @@ pub mod proto;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 pub mod usage;

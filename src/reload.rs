@@ -13,11 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::engine::window::{format_utc, Millis};
 use crate::gate::Gate;
+pub use crate::status::PolicyStatus;
 use crate::policy::{self, CompiledPolicy, LoadErrors};
 
 #[derive(Debug, Clone)]
@@ -30,20 +30,6 @@ pub struct ReloadConfig {
     pub rescan_every: Duration,
     /// Accept directories with no policy files (no rules at all).
     pub allow_empty: bool,
-}
-
-/// What is in force and how the last attempt went; served at `/status`
-/// and by the `Status` RPC.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct PolicyStatus {
-    pub version: String,
-    pub loaded_at: String,
-    pub rules: usize,
-    pub reloads: u64,
-    pub failed_reloads: u64,
-    /// The newest rejected edit, while it is still what is on disk.
-    pub last_error: Option<String>,
-    pub error_since: Option<String>,
 }
 
 /// Reads and compiles the directories, refusing an empty set unless asked.

@@ -24,13 +24,9 @@ use tokio::sync::{mpsc, Notify, Semaphore};
 use crate::engine::decide::AlertCrossing;
 use crate::engine::window::{format_utc, Millis};
 use crate::policy::{hex, CompiledPolicy, NotifierKind};
+use crate::gate::AlertSink;
 use crate::store::CounterStore;
 use crate::telemetry::names;
-
-/// Where the gate sends the crossings of each decision. Must not block.
-pub trait AlertSink: Send + Sync + fmt::Debug {
-    fn send(&self, policy: &CompiledPolicy, crossings: &[AlertCrossing], now: Millis);
-}
 
 /// One alert as every notifier receives it. Scopes name keys by their
 /// registry id or hash, never by the raw key.

@@ -51,6 +51,8 @@ pub struct Plan {
     pub candidates: Vec<Candidate>,
     /// Parallel to each candidate's ops: which rule and scope each op is.
     pub counters: Vec<Vec<RuleCounter>>,
+    /// Every rule the request as asked matches, charged or not.
+    pub matched: Vec<usize>,
     /// The caller cannot switch models, so the downgrade candidates were
     /// dropped: a request over a downgrading budget is refused, naming
     /// the model it may ask for instead.
@@ -79,6 +81,17 @@ pub enum Verdict {
     Allow,
     Deny,
     Downgrade,
+}
+
+impl Verdict {
+    /// The name metrics and the decision log use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::Downgrade => "downgrade",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,6 +178,10 @@ pub struct Decision {
     /// The action id tollgate made up for a request that had none; the
     /// caller should send it with the retries and fallbacks of this action.
     pub action_id: Option<String>,
+    /// The version of the policy that made this decision, and the clock
+    /// reading it was made at (both set by the gate).
+    pub policy_version: String,
+    pub decided_at: Millis,
 }
 
 impl Decision {
@@ -183,6 +200,8 @@ impl Decision {
             alerts: Vec::new(),
             reservation_id: None,
             action_id: None,
+            policy_version: String::new(),
+            decided_at: 0,
         }
     }
 }
@@ -200,6 +219,7 @@ pub fn plan(
     let mut plan = Plan {
         candidates: Vec::new(),
         counters: Vec::new(),
+        matched: Vec::new(),
         downgrades_withheld: false,
     };
     let mut attrs = attrs.clone();
@@ -210,6 +230,9 @@ pub fn plan(
             .map(|m| policy.families_of(m))
             .unwrap_or_default();
         let matched = policy.matching_rules(&attrs);
+        if plan.candidates.is_empty() {
+            plan.matched.clone_from(&matched);
+        }
         let price = attrs.model.as_deref().and_then(|m| policy.price(m));
         let usage = Usage::from_estimate(
             estimate,
@@ -570,6 +593,8 @@ pub fn decide(
             alerts,
             reservation_id: outcome.reservation_id.clone(),
             action_id: None,
+            policy_version: String::new(),
+            decided_at: 0,
         };
     }
 
@@ -695,6 +720,8 @@ pub fn decide(
         alerts: Vec::new(),
         reservation_id: None,
         action_id: None,
+        policy_version: String::new(),
+            decided_at: 0,
     }
 }
 

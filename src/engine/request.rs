@@ -295,3 +295,45 @@ fn bound(name: &str, v: Option<u64>, max: u64) -> Result<(), RequestError> {
         _ => Ok(()),
     }
 }
+
+/// The longest decimal text accepted: more digits than any real amount
+/// has, and a bound on what a hostile caller can make us parse.
+const MAX_AMOUNT_TEXT: usize = 40;
+
+/// The one reader of decimal amounts a caller sends (seconds of video or
+/// audio, a grant's extra): exact, non-negative, `-0` taken as zero.
+pub fn parse_amount(field: &str, text: &str) -> Result<Decimal, RequestError> {
+    let text = text.trim();
+    if text.len() > MAX_AMOUNT_TEXT {
+        return Err(RequestError::invalid(format!(
+            "`{field}` is too long for a number"
+        )));
+    }
+    match text.parse::<Decimal>() {
+        Ok(d) if d.is_zero() => Ok(Decimal::ZERO),
+        Ok(d) if d.is_sign_negative() => Err(RequestError::invalid(format!(
+            "`{field}` must not be negative, got {text}"
+        ))),
+        Ok(d) => Ok(d),
+        Err(_) => Err(RequestError::invalid(format!(
+            "`{field}` must be a decimal number, got {text:?}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod amount_tests {
+    use super::*;
+
+    #[test]
+    fn amounts_are_exact_non_negative_and_bounded() {
+        assert_eq!(parse_amount("x", "0.1").unwrap().to_string(), "0.1");
+        assert_eq!(parse_amount("x", " 12 ").unwrap(), Decimal::from(12));
+        assert_eq!(parse_amount("x", "-0").unwrap(), Decimal::ZERO);
+        assert_eq!(parse_amount("x", "-0.000").unwrap(), Decimal::ZERO);
+        for bad in ["-1", "-0.5", "abc", "1,5", "", &"9".repeat(41)] {
+            let e = parse_amount("usage.video_seconds", bad).unwrap_err();
+            assert!(e.to_string().contains("`usage.video_seconds`"), "{bad}: {e}");
+        }
+    }
+}

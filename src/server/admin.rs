@@ -3,7 +3,6 @@
 //! bearer credential; without a token configured, neither is served.
 
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,12 +12,12 @@ use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use rust_decimal::Decimal;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
 
-use super::status::{admin_refused, bad_field, grpc_status, http_admin_error};
+use super::status::{grpc_status, Refusal};
+use crate::engine::request::parse_amount;
 use crate::engine::window::format_utc;
 use crate::gate::{grant_extra_text, grant_view, Gate, GateError, GrantRequest};
 use crate::policy::parse_duration;
@@ -119,7 +118,7 @@ impl AdminApi {
             return Ok(());
         }
         refused("grpc", request.remote_addr().map(|a| a.to_string()));
-        Err(admin_refused())
+        Err(Refusal::unauthenticated().grpc_status())
     }
 }
 
@@ -133,9 +132,7 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         let extra = match r.extra.trim() {
             "" => None,
-            text => Some(Decimal::from_str(text).map_err(|_| {
-                bad_field("extra", format!("must be a decimal number, got {text:?}"))
-            })?),
+            text => Some(parse_amount("extra", text).map_err(|e| Refusal::invalid(&e).grpc_status())?),
         };
         let grant = self
             .gate
@@ -222,17 +219,16 @@ fn refusal(state: &HttpAdmin, headers: &HeaderMap) -> Option<Response> {
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     refused("http", peer);
-    Some(json_error(None))
+    Some(json_error(&Refusal::unauthenticated()))
 }
 
-fn json_error(err: Option<&GateError>) -> Response {
-    let (status, body) = http_admin_error(err);
-    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
-    (status, [("content-type", "application/json")], body).into_response()
+fn json_error(r: &Refusal) -> Response {
+    let status = StatusCode::from_u16(r.http).unwrap_or(StatusCode::BAD_REQUEST);
+    (status, [("content-type", "application/json")], r.body()).into_response()
 }
 
 fn bad_request(message: String) -> Response {
-    json_error(Some(&GateError::InvalidGrant(message)))
+    json_error(&Refusal::from_gate_error(&GateError::InvalidGrant(message)))
 }
 
 fn json_ok(value: serde_json::Value) -> Response {
@@ -277,17 +273,15 @@ async fn http_approve(State(state): State<HttpAdmin>, headers: HeaderMap, body: 
         Ok(b) => b,
         Err(e) => return bad_request(format!("approval body: {e}")),
     };
-    let extra = match &body.extra {
+    let text = match &body.extra {
         None | Some(serde_json::Value::Null) => None,
-        Some(serde_json::Value::Number(n)) => match Decimal::from_str(&n.to_string()) {
-            Ok(d) => Some(d),
-            Err(_) => return bad_request(format!("`extra` {n} is not an exact decimal")),
-        },
-        Some(serde_json::Value::String(s)) => match Decimal::from_str(s) {
-            Ok(d) => Some(d),
-            Err(_) => return bad_request(format!("`extra` {s:?} is not a decimal number")),
-        },
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(other) => return bad_request(format!("`extra` must be a number, got {other}")),
+    };
+    let extra = match text.as_deref().map(|t| parse_amount("extra", t)).transpose() {
+        Ok(extra) => extra,
+        Err(e) => return json_error(&Refusal::invalid(&e)),
     };
     let Some(secs) = parse_duration(&body.duration) else {
         return bad_request(format!(
@@ -308,7 +302,7 @@ async fn http_approve(State(state): State<HttpAdmin>, headers: HeaderMap, body: 
         .await;
     match result {
         Ok(g) => json_ok(grant_view(&g)),
-        Err(e) => json_error(Some(&e)),
+        Err(e) => json_error(&Refusal::from_gate_error(&e)),
     }
 }
 
@@ -326,7 +320,7 @@ async fn http_revoke(State(state): State<HttpAdmin>, headers: HeaderMap, body: B
         .await
     {
         Ok(g) => json_ok(grant_view(&g)),
-        Err(e) => json_error(Some(&e)),
+        Err(e) => json_error(&Refusal::from_gate_error(&e)),
     }
 }
 
@@ -356,7 +350,7 @@ async fn http_list(State(state): State<HttpAdmin>, headers: HeaderMap, uri: Uri)
                 "audit": audit,
             }))
         }
-        Err(e) => json_error(Some(&e)),
+        Err(e) => json_error(&Refusal::from_gate_error(&e)),
     }
 }
 

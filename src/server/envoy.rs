@@ -20,9 +20,9 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::http_request::{check_input, HttpRequest};
-use super::status::{allowance, denial, http_gate_error, request_denial, HttpDenial};
-use crate::engine::Verdict;
+use super::authorize::{authorize, Answer};
+use super::http_request::HttpRequest;
+use super::status::Refusal;
 use crate::gate::Gate;
 
 #[derive(Debug, Clone)]
@@ -84,43 +84,24 @@ impl Authorization for EnvoyAuthz {
             body: Some(body),
             proxy_request_id: Some(&http.id),
         };
-        let policy = self.gate.policy();
-        let mapping = &policy.set.attributes;
-        let input = match check_input(mapping, &view) {
-            Ok(input) => input,
-            Err(e) => return Ok(Response::new(denied(request_denial(&e)))),
-        };
-        match self.gate.check(input).await {
-            Ok(d) if d.verdict == Verdict::Deny => Ok(Response::new(denied(denial(&d)))),
-            Ok(d) => {
-                let a = allowance(&d, &mapping.model_header, self.gate.now());
-                // Only tollgate says which model the upstream should call:
-                // a client's own model header is removed, or an upstream
-                // that honours it would run a model other than the one
-                // charged.
-                let headers_to_remove = if d.verdict == Verdict::Downgrade {
-                    Vec::new()
-                } else {
-                    vec![mapping.model_header.clone()]
-                };
-                Ok(Response::new(CheckResponse {
-                    status: Some(rpc::Status {
-                        code: tonic::Code::Ok as i32,
-                        ..Default::default()
-                    }),
-                    http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                        headers: a.upstream.into_iter().map(header).collect(),
-                        response_headers_to_add: a.downstream.into_iter().map(header).collect(),
-                        headers_to_remove,
-                        ..Default::default()
-                    })),
+        match authorize(&self.gate, &view).await {
+            Answer::Allowed(a) => Ok(Response::new(CheckResponse {
+                status: Some(rpc::Status {
+                    code: tonic::Code::Ok as i32,
                     ..Default::default()
-                }))
-            }
-            Err(e) => match http_gate_error(&e) {
-                Ok(d) => Ok(Response::new(denied(d))),
-                Err(store) => Err(Status::unavailable(store.to_string())),
-            },
+                }),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                    headers: a.upstream.into_iter().map(header).collect(),
+                    response_headers_to_add: a.downstream.into_iter().map(header).collect(),
+                    headers_to_remove: a.remove,
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })),
+            // A store fault stays a gRPC error, so that Envoy's own
+            // `failure_mode_allow` decides what an outage means.
+            Answer::Refused(r) if r.is_store_fault() => Err(r.grpc_status()),
+            Answer::Refused(r) => Ok(Response::new(denied(r))),
         }
     }
 }
@@ -136,27 +117,22 @@ fn header((key, value): (String, String)) -> HeaderValueOption {
     }
 }
 
-fn denied(d: HttpDenial) -> CheckResponse {
-    let code = match d.status {
-        400 => tonic::Code::InvalidArgument,
-        403 => tonic::Code::PermissionDenied,
-        404 => tonic::Code::NotFound,
-        _ => tonic::Code::ResourceExhausted,
-    };
-    let mut headers: Vec<(String, String)> = d.headers;
+fn denied(r: Refusal) -> CheckResponse {
+    let body = r.body();
+    let mut headers = r.headers;
     headers.push(("content-type".to_string(), "application/json".to_string()));
     CheckResponse {
         status: Some(rpc::Status {
-            code: code as i32,
+            code: r.grpc as i32,
             message: String::new(),
             details: Vec::new(),
         }),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
             status: Some(HttpStatus {
-                code: i32::from(d.status),
+                code: i32::from(r.http),
             }),
             headers: headers.into_iter().map(header).collect(),
-            body: d.body,
+            body,
         })),
         ..Default::default()
     }

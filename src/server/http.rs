@@ -21,25 +21,24 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
-use rust_decimal::Decimal;
-use serde::Deserialize;
 use tokio::net::TcpListener;
 
+use super::authorize::{authorize, Answer};
 use super::health::Readiness;
-use super::http_request::{check_input, HttpRequest};
-use super::status::{
-    allowance, denial, http_gate_error, request_denial, store_fault_denial, HttpDenial,
-};
+use super::http_request::HttpRequest;
+use super::settle::{outcome_name, SettleForm};
+use super::status::Refusal;
 use super::ListenerOptions;
-use crate::engine::Verdict;
-use crate::gate::{ActualUsage, Gate};
+use crate::engine::RequestError;
+use crate::gate::Gate;
 use crate::reload::{PolicyStatus, Reloader};
-use crate::store::SettleOutcome;
+use crate::telemetry::Telemetry;
 use crate::usage::{UsageReport, UsageRow};
 
 /// Largest body read by the forward endpoint and settle.
@@ -50,13 +49,14 @@ struct HttpState {
     gate: Arc<Gate>,
     reloader: Arc<Reloader>,
     readiness: Readiness,
+    telemetry: Option<Arc<Telemetry>>,
 }
 
 pub fn router(gate: Arc<Gate>, reloader: Arc<Reloader>) -> Router {
-    router_with(gate, reloader, Readiness::always_ready())
+    router_with(gate, reloader, &ListenerOptions::default())
 }
 
-pub fn router_with(gate: Arc<Gate>, reloader: Arc<Reloader>, readiness: Readiness) -> Router {
+pub fn router_with(gate: Arc<Gate>, reloader: Arc<Reloader>, options: &ListenerOptions) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -67,11 +67,13 @@ pub fn router_with(gate: Arc<Gate>, reloader: Arc<Reloader>, readiness: Readines
         .route("/v1/authz/forward/{*rest}", any(forward))
         .route("/v1/authz/nginx", any(nginx))
         .route("/v1/settle", post(settle))
+        .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(HttpState {
             gate,
             reloader,
-            readiness,
+            readiness: options.readiness(),
+            telemetry: options.telemetry.clone(),
         })
 }
 
@@ -103,8 +105,8 @@ async fn status(State(state): State<HttpState>) -> Json<PolicyStatus> {
 async fn metrics(State(state): State<HttpState>) -> Response {
     let status = state.reloader.status();
     match state
-        .gate
-        .telemetry()
+        .telemetry
+        .as_ref()
         .and_then(|t| t.render(state.gate.now(), &status))
     {
         Some(text) => {
@@ -116,14 +118,14 @@ async fn metrics(State(state): State<HttpState>) -> Response {
             );
             response
         }
-        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+        None => refuse(Flavor::Forward, Refusal::not_enabled("metrics")),
     }
 }
 
 /// Every (rule, scope) this process tracks, read from the store now.
 async fn usage(State(state): State<HttpState>) -> Response {
-    let Some(telemetry) = state.gate.telemetry() else {
-        return (StatusCode::NOT_FOUND, "usage tracking is not enabled").into_response();
+    let Some(telemetry) = &state.telemetry else {
+        return refuse(Flavor::Forward, Refusal::not_enabled("usage tracking"));
     };
     let scopes = telemetry.scopes();
     let version = state.gate.policy().version.clone();
@@ -136,10 +138,7 @@ async fn usage(State(state): State<HttpState>) -> Response {
             counters: counters.iter().map(UsageRow::from).collect(),
         })
         .into_response(),
-        Err(e) => match http_gate_error(&e) {
-            Ok(d) => deny(Flavor::Forward, d),
-            Err(store) => deny(Flavor::Forward, store_fault_denial(&store)),
-        },
+        Err(e) => refuse(Flavor::Forward, Refusal::from_gate_error(&e)),
     }
 }
 
@@ -154,9 +153,12 @@ async fn forward(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    decide(&state, Flavor::Forward, method, uri, headers, body).await
+    match body {
+        Ok(body) => decide(&state, Flavor::Forward, method, uri, headers, body).await,
+        Err(e) => refuse(Flavor::Forward, rejected(&e)),
+    }
 }
 
 async fn nginx(
@@ -206,29 +208,15 @@ async fn decide(
         body: (!body.is_empty()).then_some(&body[..]),
         proxy_request_id: None,
     };
-    let policy = state.gate.policy();
-    let mapping = &policy.set.attributes;
-    let input = match check_input(mapping, &view) {
-        Ok(input) => input,
-        Err(e) => return deny(flavor, request_denial(&e)),
-    };
-    match state.gate.check(input).await {
-        Ok(d) if d.verdict == Verdict::Deny => deny(flavor, denial(&d)),
-        Ok(d) => {
-            let a = allowance(&d, &mapping.model_header, state.gate.now());
+    match authorize(&state.gate, &view).await {
+        Answer::Allowed(a) => {
             let mut response = StatusCode::OK.into_response();
             for (k, v) in a.upstream.into_iter().chain(a.downstream) {
                 put(response.headers_mut(), &k, &v);
             }
             response
         }
-        Err(e) => match http_gate_error(&e) {
-            Ok(d) => deny(flavor, d),
-            Err(store) => {
-                tracing::warn!(error = %store, "counter store fault");
-                deny(flavor, store_fault_denial(&store))
-            }
-        },
+        Answer::Refused(r) => refuse(flavor, r),
     }
 }
 
@@ -282,102 +270,67 @@ fn put(headers: &mut HeaderMap, name: &str, value: &str) {
     }
 }
 
-fn deny(flavor: Flavor, d: HttpDenial) -> Response {
+/// A refusal as the proxy at this endpoint needs it. nginx's
+/// `auth_request` turns every status but 2xx, 401 and 403 into a 500, so
+/// its endpoint always answers 403 and says in `x-tollgate-status` and
+/// `x-tollgate-body` what the client should get; the shipped nginx config
+/// replays them.
+fn refuse(flavor: Flavor, r: Refusal) -> Response {
+    let body = r.body();
     let status = match flavor {
-        Flavor::Forward => StatusCode::from_u16(d.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
+        Flavor::Forward => StatusCode::from_u16(r.http).unwrap_or(StatusCode::BAD_REQUEST),
         Flavor::Nginx => StatusCode::FORBIDDEN,
     };
-    let mut response = (status, d.body.clone()).into_response();
+    let mut response = (status, body.clone()).into_response();
     let headers = response.headers_mut();
     put(headers, "content-type", "application/json");
     if flavor == Flavor::Nginx {
-        put(headers, "x-tollgate-status", &d.status.to_string());
-        put(headers, "x-tollgate-body", &d.body);
+        put(headers, "x-tollgate-status", &r.http.to_string());
+        put(headers, "x-tollgate-body", &body);
     }
-    for (k, v) in &d.headers {
+    for (k, v) in &r.headers {
         put(headers, k, v);
     }
     response
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SettleBody {
-    reservation_id: String,
-    #[serde(default)]
-    usage: UsageBody,
+/// A body axum could not read (too large, cut short) is refused in the
+/// same JSON as every other error.
+fn rejected(e: &BytesRejection) -> Refusal {
+    Refusal {
+        http: e.status().as_u16(),
+        ..Refusal::invalid(&RequestError::invalid(format!("request body: {}", e.body_text())))
+    }
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct UsageBody {
-    #[serde(default)]
-    input_tokens: u64,
-    #[serde(default)]
-    cached_input_tokens: u64,
-    #[serde(default)]
-    output_tokens: u64,
-    #[serde(default)]
-    images: u64,
-    image_quality: Option<String>,
-    video_seconds: Option<serde_json::Number>,
-    audio_seconds: Option<serde_json::Number>,
+/// Any path or method this port does not serve.
+async fn not_found(method: Method, uri: Uri) -> Response {
+    refuse(
+        Flavor::Forward,
+        Refusal::not_found(&format!("{method} {}: unknown endpoint on this port", uri.path())),
+    )
 }
 
 /// `POST /v1/settle` with `{"reservation_id": "...", "usage": {...}}`.
-async fn settle(State(state): State<HttpState>, body: Bytes) -> Response {
-    let bad = |message: String| {
-        let d = HttpDenial {
-            status: 400,
-            headers: Vec::new(),
-            body: serde_json::json!({"error": {"message": message, "type": "invalid_request_error", "code": "invalid_request"}}).to_string(),
-        };
-        deny(Flavor::Forward, d)
+async fn settle(State(state): State<HttpState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return refuse(Flavor::Forward, rejected(&e)),
     };
-    let parsed: SettleBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => return bad(format!("settle body: {e}")),
-    };
-    let seconds = |n: &Option<serde_json::Number>, name: &str| -> Result<Decimal, String> {
-        match n {
-            None => Ok(Decimal::ZERO),
-            Some(n) => n
-                .to_string()
-                .parse::<Decimal>()
-                .ok()
-                .filter(|d| !d.is_sign_negative())
-                .ok_or_else(|| format!("`usage.{name}` must be a non-negative number")),
+    let form: SettleForm = match serde_json::from_slice(&body) {
+        Ok(form) => form,
+        Err(e) => {
+            let e = RequestError::invalid(format!("settle body: {e}"));
+            return refuse(Flavor::Forward, Refusal::invalid(&e));
         }
     };
-    let u = &parsed.usage;
-    let actual = match (
-        seconds(&u.video_seconds, "video_seconds"),
-        seconds(&u.audio_seconds, "audio_seconds"),
-    ) {
-        (Ok(video_seconds), Ok(audio_seconds)) => ActualUsage {
-            input_tokens: u.input_tokens,
-            cached_input_tokens: u.cached_input_tokens,
-            output_tokens: u.output_tokens,
-            images: u.images,
-            image_quality: u.image_quality.clone(),
-            video_seconds,
-            audio_seconds,
-        },
-        (Err(e), _) | (_, Err(e)) => return bad(e),
+    let (reservation_id, actual) = match form.checked() {
+        Ok(checked) => checked,
+        Err(e) => return refuse(Flavor::Forward, Refusal::invalid(&e)),
     };
-    match state.gate.settle(&parsed.reservation_id, &actual).await {
-        Ok(outcome) => {
-            let outcome = match outcome {
-                SettleOutcome::Settled => "settled",
-                SettleOutcome::AlreadySettled => "already_settled",
-                SettleOutcome::Unknown => "unknown",
-            };
-            Json(serde_json::json!({ "outcome": outcome })).into_response()
-        }
-        Err(e) => match http_gate_error(&e) {
-            Ok(d) => deny(Flavor::Forward, d),
-            Err(store) => deny(Flavor::Forward, store_fault_denial(&store)),
-        },
+    match state.gate.settle(&reservation_id, &actual).await {
+        Ok(outcome) => Json(serde_json::json!({ "outcome": outcome_name(outcome) })).into_response(),
+        Err(e) => refuse(Flavor::Forward, Refusal::from_gate_error(&e)),
     }
 }
 
@@ -408,7 +361,7 @@ pub async fn serve_http_with(
     options: ListenerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let mut app = router_with(gate, reloader, options.readiness());
+    let mut app = router_with(gate, reloader, &options);
     if let Some(admin) = &options.admin {
         app = app.merge(admin.http_routes());
     }

@@ -3,11 +3,11 @@
 //! estimate, found where the policy's `attributes:` section says.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
 use super::body;
+use crate::engine::request::parse_amount;
 use crate::engine::{Attributes, Estimate, RequestError};
 use crate::gate::CheckInput;
 use crate::policy::{Attr, AttributeMapping};
@@ -262,11 +262,7 @@ fn read_estimate_headers(req: &HttpRequest, est: &mut Estimate) -> Result<(), Re
     };
     let dec = |name: &str| -> Result<Option<Decimal>, RequestError> {
         req.header(name)?
-            .map(|v| {
-                Decimal::from_str(v).map_err(|_| {
-                    RequestError::invalid(format!("header `{name}` must be a number, got {v:?}"))
-                })
-            })
+            .map(|v| parse_amount(&format!("header {name}"), v))
             .transpose()
     };
     if let Some(v) = int("x-tollgate-input-tokens")? {

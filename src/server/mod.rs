@@ -3,12 +3,14 @@
 //! the answer back; errors become protocol responses in `status.rs` only.
 
 pub mod admin;
+pub mod authorize;
 pub mod body;
 pub mod envoy;
 pub mod health;
 pub mod http;
 pub mod http_request;
 pub mod native;
+pub mod settle;
 pub mod status;
 pub mod tls;
 
@@ -24,6 +26,7 @@ use crate::gate::Gate;
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::tollgate_server::TollgateServer;
 use crate::reload::Reloader;
+use crate::telemetry::Telemetry;
 use health::Readiness;
 
 /// Requests larger than this are refused before decoding: no attribute or
@@ -45,6 +48,8 @@ pub struct ListenerOptions {
     /// The admin API, when it shares this listener rather than having one
     /// of its own.
     pub admin: Option<admin::AdminApi>,
+    /// What `/metrics` and `/v1/usage` show; both answer 404 without it.
+    pub telemetry: Option<Arc<Telemetry>>,
 }
 
 impl ListenerOptions {

@@ -1,18 +1,18 @@
 //! The native gRPC API: `tollgate.v1.Tollgate`.
 
-use std::str::FromStr;
 use std::sync::Arc;
 
 use rust_decimal::Decimal;
 use tonic::{Request, Response, Status};
 
-use super::status::{bad_field, grpc_status};
+use super::settle::{outcome_name, SettleForm, UsageForm};
+use super::status::{grpc_status, Refusal};
+use crate::engine::request::parse_amount;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, Verdict};
-use crate::gate::{ActualUsage, CheckInput, Gate};
+use crate::gate::{CheckInput, Gate};
 use crate::policy::Attr;
 use crate::proto::v1 as pb;
 use crate::reload::Reloader;
-use crate::store::SettleOutcome;
 
 #[derive(Debug, Clone)]
 pub struct NativeApi {
@@ -45,9 +45,8 @@ impl pb::tollgate_server::Tollgate for NativeApi {
             can_switch_model: true,
             ..Default::default()
         };
-        let version = self.gate.policy().version.clone();
         let decision = self.gate.check(input).await.map_err(|e| grpc_status(&e))?;
-        Ok(Response::new(check_response(decision, version)))
+        Ok(Response::new(check_response(decision)))
     }
 
     async fn settle(
@@ -55,31 +54,29 @@ impl pb::tollgate_server::Tollgate for NativeApi {
         request: Request<pb::SettleRequest>,
     ) -> Result<Response<pb::SettleResponse>, Status> {
         let req = request.into_inner();
-        if req.reservation_id.is_empty() {
-            return Err(bad_field("reservation_id", "is required"));
-        }
         let u = req.usage.unwrap_or_default();
-        let actual = ActualUsage {
-            input_tokens: u.input_tokens,
-            cached_input_tokens: u.cached_input_tokens,
-            output_tokens: u.output_tokens,
-            images: u.images,
-            image_quality: non_empty(u.image_quality),
-            video_seconds: decimal("usage.video_seconds", &u.video_seconds)?.unwrap_or_default(),
-            audio_seconds: decimal("usage.audio_seconds", &u.audio_seconds)?.unwrap_or_default(),
+        let form = SettleForm {
+            reservation_id: req.reservation_id,
+            usage: UsageForm {
+                input_tokens: u.input_tokens,
+                cached_input_tokens: u.cached_input_tokens,
+                output_tokens: u.output_tokens,
+                images: u.images,
+                image_quality: Some(u.image_quality),
+                video_seconds: Some(u.video_seconds),
+                audio_seconds: Some(u.audio_seconds),
+            },
         };
+        let (reservation_id, actual) = form
+            .checked()
+            .map_err(|e| Refusal::invalid(&e).grpc_status())?;
         let outcome = self
             .gate
-            .settle(&req.reservation_id, &actual)
+            .settle(&reservation_id, &actual)
             .await
             .map_err(|e| grpc_status(&e))?;
-        let outcome = match outcome {
-            SettleOutcome::Settled => "settled",
-            SettleOutcome::AlreadySettled => "already_settled",
-            SettleOutcome::Unknown => "unknown",
-        };
         Ok(Response::new(pb::SettleResponse {
-            outcome: outcome.to_string(),
+            outcome: outcome_name(outcome).to_string(),
         }))
     }
 
@@ -159,23 +156,15 @@ fn decimal(field: &str, text: &str) -> Result<Option<Decimal>, Status> {
     if text.is_empty() {
         return Ok(None);
     }
-    if text.len() > 40 {
-        return Err(bad_field(field, "is too long for a number"));
-    }
-    match Decimal::from_str(text) {
-        Ok(d) if d.is_sign_negative() && !d.is_zero() => Err(bad_field(
-            field,
-            format!("must not be negative, got {text}"),
-        )),
-        Ok(d) => Ok(Some(d)),
-        Err(_) => Err(bad_field(
-            field,
-            format!("must be a decimal number, got {text:?}"),
-        )),
-    }
+    parse_amount(field, text)
+        .map(Some)
+        .map_err(|e| Refusal::invalid(&e).grpc_status())
 }
 
-pub fn check_response(d: Decision, policy_version: String) -> pb::CheckResponse {
+/// The answer names the version of the policy that made the decision,
+/// even when a reload swapped another in meanwhile.
+pub fn check_response(d: Decision) -> pb::CheckResponse {
+    let policy_version = d.policy_version;
     pb::CheckResponse {
         verdict: match d.verdict {
             Verdict::Allow => pb::Verdict::Allow,

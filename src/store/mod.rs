@@ -242,6 +242,26 @@ pub enum StoreError {
     Timeout(u64),
 }
 
+impl StoreError {
+    /// What went wrong, as the store-error metric labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Full(_) => "full",
+            StoreError::Timeout(_) => "timeout",
+        }
+    }
+
+    /// The stable code of a decision that failed on it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::Unavailable(_) => "store_unavailable",
+            StoreError::Full(_) => "store_full",
+            StoreError::Timeout(_) => "store_timeout",
+        }
+    }
+}
+
 #[async_trait]
 pub trait CounterStore: Send + Sync + fmt::Debug + 'static {
     /// Applies the first candidate whose enforced ops all fit, atomically.

@@ -10,17 +10,18 @@ mod scopes;
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::audit::{AuditLog, Pending};
 use crate::engine::window::Millis;
 use crate::engine::{Decision, Verdict};
-use crate::gate::{CheckInput, GateError};
-use crate::policy::CompiledPolicy;
-use crate::reload::PolicyStatus;
+use crate::gate::{DecisionReport, GateError, Observer};
+use crate::status::PolicyStatus;
 use crate::store::StoreError;
+use audit::AuditLog;
+
+pub mod audit;
 
 pub use in_flight::InFlight;
 pub use scopes::ScopeTracker;
@@ -235,122 +236,55 @@ fn render_policy(text: &mut String, s: &PolicyStatus) {
     );
 }
 
-/// One decision being watched, from before the gate starts until it has
-/// the result.
-pub struct Watch<'a> {
-    telemetry: Option<&'a Telemetry>,
-    started: Instant,
-    now: Millis,
-    audit: Option<Pending>,
-    finished: bool,
-}
-
-impl<'a> Watch<'a> {
-    pub fn start(
-        telemetry: Option<&'a Telemetry>,
-        input: &CheckInput,
-        policy: impl FnOnce() -> std::sync::Arc<CompiledPolicy>,
-        now: impl FnOnce() -> Millis,
-    ) -> Watch<'a> {
-        let now = telemetry.map(|_| now()).unwrap_or(0);
-        let audit = telemetry
-            .and_then(|t| t.audit.as_ref())
-            .and_then(|a| a.sample(input, policy, now));
-        Watch {
-            telemetry,
-            started: Instant::now(),
-            now,
-            audit,
-            finished: false,
-        }
-    }
-
-    pub fn finish(mut self, result: &Result<Decision, GateError>) {
-        self.finished = true;
-        let elapsed = self.started.elapsed();
-        record_decision(result, elapsed);
-        let Some(t) = self.telemetry else { return };
-        if let Ok(d) = result {
-            for report in &d.counters {
-                t.scopes.observe(report);
+/// The gate reports to telemetry: metrics for every decision and store
+/// call, the tracked scopes, reservations in flight, and the decision log.
+impl Observer for Telemetry {
+    fn decided(&self, report: &DecisionReport<'_>) {
+        record_decision(report.result, report.elapsed);
+        if let Ok(d) = report.result {
+            for counter in &d.counters {
+                self.scopes.observe(counter);
             }
             if d.reservation_id.is_some() && d.verdict != Verdict::Deny {
-                t.in_flight.reserved(self.now + t.ttl);
+                self.in_flight.reserved(report.now + self.ttl);
             }
         }
-        if let (Some(pending), Some(audit)) = (self.audit.take(), &t.audit) {
-            audit.submit(pending, result);
+        if let Some(audit) = &self.audit {
+            audit.record(report);
         }
     }
-}
 
-impl Drop for Watch<'_> {
-    /// A decision whose caller went away (a cancelled gRPC call, a closed
-    /// connection) is dropped mid-way; count it rather than lose it. Its
-    /// store call may still have reserved, and the reservation expires.
-    fn drop(&mut self) {
-        if !self.finished {
-            metrics::counter!(names::DECISIONS, "result" => "cancelled", "reason" => "cancelled", "rule" => "")
-                .increment(1);
+    fn cancelled(&self) {
+        metrics::counter!(names::DECISIONS, "result" => "cancelled", "reason" => "cancelled", "rule" => "")
+            .increment(1);
+    }
+
+    fn store_call(&self, elapsed: Duration, error: Option<&StoreError>) {
+        metrics::histogram!(names::STORE_DURATION).record(elapsed.as_secs_f64());
+        if let Some(e) = error {
+            metrics::counter!(names::STORE_ERRORS, "kind" => e.kind()).increment(1);
         }
     }
-}
 
-/// The stable code of a failed decision, as the metrics and the audit log
-/// name it.
-pub fn error_code(e: &GateError) -> &'static str {
-    match e {
-        GateError::Request(r) => r.code(),
-        GateError::Store(StoreError::Unavailable(_)) => "store_unavailable",
-        GateError::Store(StoreError::Full(_)) => "store_full",
-        GateError::Store(StoreError::Timeout(_)) => "store_timeout",
-        GateError::UnknownReservation(_) => "unknown_reservation",
-        GateError::InvalidGrant(_) => "invalid_grant",
-        GateError::NoGrant { .. } => "no_grant",
+    fn settled(&self, expires_at: Millis) {
+        self.in_flight.settled(expires_at);
     }
-}
 
-pub fn store_error_kind(e: &StoreError) -> &'static str {
-    match e {
-        StoreError::Unavailable(_) => "unavailable",
-        StoreError::Full(_) => "full",
-        StoreError::Timeout(_) => "timeout",
-    }
-}
-
-pub fn verdict_name(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Allow => "allow",
-        Verdict::Deny => "deny",
-        Verdict::Downgrade => "downgrade",
+    fn approval(&self, action: &str) {
+        metrics::counter!(names::APPROVALS, "action" => action.to_string()).increment(1);
     }
 }
 
 fn record_decision(result: &Result<Decision, GateError>, elapsed: Duration) {
     let (result, reason, rule) = match result {
         Ok(d) => (
-            verdict_name(d.verdict),
+            d.verdict.name(),
             d.reason.code(),
             d.rule.clone().unwrap_or_default(),
         ),
-        Err(e) => ("error", error_code(e), String::new()),
+        Err(e) => ("error", e.code(), String::new()),
     };
     metrics::counter!(names::DECISIONS, "result" => result, "reason" => reason, "rule" => rule)
         .increment(1);
     metrics::histogram!(names::DECISION_DURATION).record(elapsed.as_secs_f64());
-}
-
-/// Called by the gate around every store call.
-pub fn store_call<T>(started: Instant, result: &Result<T, StoreError>) {
-    metrics::histogram!(names::STORE_DURATION).record(started.elapsed().as_secs_f64());
-    if let Err(e) = result {
-        metrics::counter!(names::STORE_ERRORS, "kind" => store_error_kind(e)).increment(1);
-    }
-}
-
-/// Called by the gate when a reservation was settled.
-pub fn settled(telemetry: Option<&Telemetry>, expires_at: Millis) {
-    if let Some(t) = telemetry {
-        t.in_flight.settled(expires_at);
-    }
 }

@@ -4,28 +4,27 @@
 //! The decision path only samples, copies what the record needs and
 //! `try_send`s it into a bounded queue; a full queue drops the record,
 //! counts it (`tollgate_audit_dropped_total`) and logs, at most every ten
-//! seconds. The writer works out the matched rules and the charge from the
-//! policy the decision used (the engine is pure, so this is the same
-//! answer), hashes nothing it did not get hashed, and flushes whenever the
-//! queue is empty. [`AuditLog::flush`] waits for every record queued before
+//! seconds. The matched rules and the charge come from the decision's own
+//! plan, so nothing is worked out twice; the writer only formats, and
+//! flushes whenever the queue is empty. [`AuditLog::flush`] waits for every record queued before
 //! it, for shutdown.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
+use super::names;
 use crate::engine::charge::from_counter;
-use crate::engine::request::{apply_key, fill_from_client, hash_key};
+use crate::engine::decide::Plan;
+use crate::engine::request::hash_key;
 use crate::engine::window::{format_utc, Millis};
-use crate::engine::{decide, Attributes, Decision, Estimate, Verdict};
-use crate::gate::{CheckInput, GateError};
-use crate::policy::{hex, Attr, CompiledPolicy};
-use crate::telemetry::{error_code, names, verdict_name};
+use crate::engine::{Attributes, Decision, Verdict};
+use crate::gate::{DecisionReport, GateError};
+use crate::policy::{hex, Attr, CompiledPolicy, Unit};
 
 /// Records waiting for the writer before new ones are dropped.
 pub const DEFAULT_QUEUE: usize = 8192;
@@ -46,22 +45,27 @@ enum Message {
     Flush(oneshot::Sender<()>),
 }
 
-/// What the decision path hands over before the decision.
-pub struct Pending {
-    policy: Arc<CompiledPolicy>,
+/// What the decision path hands over: copies of what the line needs,
+/// already worked out by the decision itself.
+struct Record {
     now: Millis,
-    attributes: Attributes,
-    client_attributes: Attributes,
-    /// Hashed only when the record is kept.
-    api_key: Option<String>,
-    estimate: Estimate,
     request_id: Option<String>,
+    /// The only form of the API key that leaves the decision path.
+    key_sha256: Option<[u8; 32]>,
+    attributes: Attributes,
+    /// Every rule the request matched, by id.
+    rules: Vec<String>,
+    /// What the decision charged (or, for a denial, would have charged).
+    charge: Vec<Charge>,
+    policy_version: String,
+    outcome: Result<Decision, GateError>,
 }
 
-struct Record {
-    pending: Pending,
-    key_sha256: Option<[u8; 32]>,
-    outcome: Result<Decision, GateError>,
+struct Charge {
+    rule: String,
+    scope: String,
+    unit: Unit,
+    amount: i64,
 }
 
 #[derive(Debug)]
@@ -110,45 +114,41 @@ impl AuditLog {
         })
     }
 
-    /// Decides, before the decision, whether to record it, and if so keeps
-    /// a copy of the input. Sampling is by count, not chance: of every n
-    /// decisions, `sample * n` are kept, spread evenly.
-    pub(crate) fn sample(
-        &self,
-        input: &CheckInput,
-        policy: impl FnOnce() -> Arc<CompiledPolicy>,
-        now: Millis,
-    ) -> Option<Pending> {
+    /// Keeps a record of a finished decision, if it is sampled. Sampling
+    /// is by count, not chance: of every n decisions, `sample * n` are
+    /// kept, spread evenly. Nothing is copied for a decision not kept.
+    pub(crate) fn record(&self, report: &DecisionReport<'_>) {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
         let kept = |n: u64| (u128::from(n) * u128::from(self.sample)) >> 32;
         if kept(n + 1) == kept(n) {
-            return None;
+            return;
         }
-        Some(Pending {
-            policy: policy(),
-            now,
-            attributes: input.attributes.clone(),
-            client_attributes: input.client_attributes.clone(),
-            api_key: input.api_key.clone(),
-            estimate: input.estimate.clone(),
-            request_id: input.request_id.clone(),
-        })
-    }
-
-    pub(crate) fn submit(&self, mut pending: Pending, outcome: &Result<Decision, GateError>) {
-        let denial = !matches!(outcome, Ok(d) if d.verdict != Verdict::Deny);
+        let denial = !matches!(report.result, Ok(d) if d.verdict != Verdict::Deny);
         if self.denials_only && !denial {
             return;
         }
-        let key_sha256 = pending
-            .api_key
-            .take()
-            .filter(|k| !k.trim().is_empty())
-            .map(|k| hash_key(&k));
+        let policy = report.policy;
+        let input = report.input;
+        let (rules, charge) = match report.plan {
+            Some(plan) => rules_and_charge(policy, plan, report.result),
+            None => (Vec::new(), Vec::new()),
+        };
         let record = Record {
-            pending,
-            key_sha256,
-            outcome: outcome.clone(),
+            now: report.now,
+            request_id: input.request_id.clone(),
+            key_sha256: input
+                .api_key
+                .as_deref()
+                .filter(|k| !k.trim().is_empty())
+                .map(hash_key),
+            attributes: report
+                .attributes
+                .cloned()
+                .unwrap_or_else(|| input.attributes.clone()),
+            rules,
+            charge,
+            policy_version: policy.version.clone(),
+            outcome: report.result.clone(),
         };
         match self.tx.try_send(Message::Record(Box::new(record))) {
             Ok(()) => {}
@@ -241,29 +241,21 @@ struct Line<'a> {
 }
 
 fn line(r: &Record) -> String {
-    let p = &r.pending;
-    let policy = &p.policy;
-    let mut attrs = p.attributes.clone();
-    if let Some(h) = &r.key_sha256 {
-        apply_key(policy, &mut attrs, h);
-    }
-    fill_from_client(&mut attrs, &p.client_attributes);
-    // The action the gate made up for a request without one is part of
-    // what was charged.
-    if let (
-        None,
-        Ok(Decision {
-            action_id: Some(id),
-            ..
-        }),
-    ) = (&attrs.action, &r.outcome)
-    {
-        attrs.action = Some(id.clone());
-    }
-    let (rules, charge) = rules_and_charge(policy, &attrs, &p.estimate, p.now, &r.outcome);
+    let charge = r
+        .charge
+        .iter()
+        .map(|c| {
+            json!({
+                "rule": c.rule,
+                "scope": c.scope,
+                "unit": c.unit.name(),
+                "amount": from_counter(c.amount, c.unit).to_string(),
+            })
+        })
+        .collect();
     let mut line = Line {
-        ts: format_utc_millis(p.now),
-        request_id: p.request_id.as_deref(),
+        ts: format_utc_millis(r.now),
+        request_id: r.request_id.as_deref(),
         verdict: "error",
         reason: "",
         rule: None,
@@ -271,14 +263,14 @@ fn line(r: &Record) -> String {
         model: None,
         message: String::new(),
         charged: false,
-        rules,
+        rules: r.rules.clone(),
         charge,
-        attributes: attributes_json(&attrs, r.key_sha256.as_ref()),
-        policy_version: &policy.version,
+        attributes: attributes_json(&r.attributes, r.key_sha256.as_ref()),
+        policy_version: &r.policy_version,
     };
     match &r.outcome {
         Ok(d) => {
-            line.verdict = verdict_name(d.verdict);
+            line.verdict = d.verdict.name();
             line.reason = d.reason.code();
             line.rule = d.rule.as_deref();
             line.scope = d.scope.as_deref();
@@ -287,7 +279,7 @@ fn line(r: &Record) -> String {
             line.charged = d.reservation_id.is_some() && d.verdict != Verdict::Deny;
         }
         Err(e) => {
-            line.reason = error_code(e);
+            line.reason = e.code();
             line.message = e.to_string();
         }
     }
@@ -295,29 +287,18 @@ fn line(r: &Record) -> String {
     serde_json::to_string(&line).unwrap_or_default()
 }
 
-/// The rules matching the request as asked, and what the decision charged
-/// (or, for a denial, would have charged) on each counter.
+/// The rules the request matched, and what the decision charged (or, for
+/// a denial, would have charged) on each counter, from its own plan.
 fn rules_and_charge(
     policy: &CompiledPolicy,
-    attrs: &Attributes,
-    estimate: &Estimate,
-    now: Millis,
+    plan: &Plan,
     outcome: &Result<Decision, GateError>,
-) -> (Vec<String>, Vec<Value>) {
-    let mut with_families = attrs.clone();
-    with_families.families = attrs
-        .model
-        .as_deref()
-        .map(|m| policy.families_of(m))
-        .unwrap_or_default();
-    let rules = policy
-        .matching_rules(&with_families)
-        .into_iter()
-        .map(|i| policy.rules()[i].id.clone())
+) -> (Vec<String>, Vec<Charge>) {
+    let rules = plan
+        .matched
+        .iter()
+        .map(|&i| policy.rules()[i].id.clone())
         .collect();
-    let Ok(plan) = decide::plan(policy, attrs, estimate, now) else {
-        return (rules, Vec::new());
-    };
     let chosen = match outcome {
         Ok(d) if d.verdict == Verdict::Downgrade => plan
             .candidates
@@ -331,13 +312,11 @@ fn rules_and_charge(
             .ops
             .iter()
             .zip(counters)
-            .map(|(op, rc)| {
-                json!({
-                    "rule": policy.rules()[rc.rule].id,
-                    "scope": rc.scope,
-                    "unit": op.unit.name(),
-                    "amount": from_counter(op.amount, op.unit).to_string(),
-                })
+            .map(|(op, rc)| Charge {
+                rule: policy.rules()[rc.rule].id.clone(),
+                scope: rc.scope.clone(),
+                unit: op.unit,
+                amount: op.amount,
             })
             .collect(),
         _ => Vec::new(),
@@ -369,8 +348,9 @@ fn format_utc_millis(t: Millis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gate::CheckInput;
     use std::sync::mpsc as std_mpsc;
-    use std::sync::Mutex;
+    use std::sync::{Arc, Mutex};
 
     /// An output that stalls on its first write until released, as a slow
     /// disk would, and says when the writer is stuck in it.
@@ -421,10 +401,18 @@ mod tests {
         let mut input = CheckInput::default();
         input.attributes.team = Some("t".to_string());
         input.api_key = Some("sk-never-written".to_string());
+        let result = Ok(Decision::allow_unmetered());
         let submit = |n: usize| {
             for _ in 0..n {
-                let pending = log.sample(&input, || policy.clone(), 0).unwrap();
-                log.submit(pending, &Ok(Decision::allow_unmetered()));
+                log.record(&DecisionReport {
+                    policy: &policy,
+                    now: 0,
+                    elapsed: std::time::Duration::ZERO,
+                    input: &input,
+                    attributes: None,
+                    plan: None,
+                    result: &result,
+                });
             }
         };
         submit(1);

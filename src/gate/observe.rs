@@ -1,0 +1,61 @@
+//! What the gate reports, and to whom. The gate defines these traits and
+//! calls them; telemetry, the decision log and the alert dispatcher
+//! implement them. So the gate depends on none of them, and data flows one
+//! way: a decision is made, then reported.
+
+use std::fmt;
+use std::time::Duration;
+
+use super::{CheckInput, GateError};
+use crate::engine::decide::{AlertCrossing, Plan};
+use crate::engine::window::Millis;
+use crate::engine::{Attributes, Decision};
+use crate::policy::CompiledPolicy;
+use crate::store::StoreError;
+
+/// One finished decision, with what it was made from.
+#[derive(Debug)]
+pub struct DecisionReport<'a> {
+    /// The one policy snapshot the decision used.
+    pub policy: &'a CompiledPolicy,
+    /// The one clock reading the decision used.
+    pub now: Millis,
+    pub elapsed: Duration,
+    /// The request as the front end handed it over. Its API key, if any,
+    /// must only ever be hashed.
+    pub input: &'a CheckInput,
+    /// The attributes the decision was made on (route, registry, client,
+    /// and the action id the gate gave), once they were known.
+    pub attributes: Option<&'a Attributes>,
+    /// The counter operations, once they were planned.
+    pub plan: Option<&'a Plan>,
+    pub result: &'a Result<Decision, GateError>,
+}
+
+/// Everything the gate reports. Each method has an empty default, so an
+/// observer implements only what it records.
+pub trait Observer: Send + Sync + fmt::Debug {
+    /// A decision finished, allowed, denied or failed.
+    fn decided(&self, _report: &DecisionReport<'_>) {}
+    /// A decision was abandoned mid-way (its caller went away). Its store
+    /// call may still have reserved; that reservation expires.
+    fn cancelled(&self) {}
+    /// One counter-store call finished.
+    fn store_call(&self, _elapsed: Duration, _error: Option<&StoreError>) {}
+    /// A reservation that was to expire at `expires_at` was settled.
+    fn settled(&self, _expires_at: Millis) {}
+    /// An approval was granted or revoked (`approve`, `revoke`).
+    fn approval(&self, _action: &str) {}
+}
+
+/// Where alert crossings go. Called on the decision path: an
+/// implementation must only queue, never wait.
+pub trait AlertSink: Send + Sync + fmt::Debug {
+    fn send(&self, policy: &CompiledPolicy, crossings: &[AlertCrossing], now: Millis);
+}
+
+/// The observer of a gate built without one: reports go nowhere.
+#[derive(Debug, Default)]
+pub struct Unobserved;
+
+impl Observer for Unobserved {}

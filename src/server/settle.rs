@@ -1,0 +1,116 @@
+//! The one settle form, shared by the native API and `POST /v1/settle`:
+//! the same fields, the same checks and the same words for a mistake,
+//! whichever protocol it came in.
+
+use serde::{Deserialize, Deserializer};
+
+use crate::engine::request::parse_amount;
+use crate::engine::RequestError;
+use crate::gate::ActualUsage;
+use crate::store::SettleOutcome;
+
+/// What a call really used. Absent counts are zero.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageForm {
+    #[serde(default)]
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub images: u64,
+    #[serde(default)]
+    pub image_quality: Option<String>,
+    /// Decimal text; JSON may send a number or a string.
+    #[serde(default, deserialize_with = "amount_text")]
+    pub video_seconds: Option<String>,
+    #[serde(default, deserialize_with = "amount_text")]
+    pub audio_seconds: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleForm {
+    pub reservation_id: String,
+    #[serde(default)]
+    pub usage: UsageForm,
+}
+
+impl SettleForm {
+    /// The reservation to settle and its actual usage, checked.
+    pub fn checked(self) -> Result<(String, ActualUsage), RequestError> {
+        if self.reservation_id.trim().is_empty() {
+            return Err(RequestError::invalid("`reservation_id` is required"));
+        }
+        Ok((self.reservation_id, self.usage.actual()?))
+    }
+}
+
+impl UsageForm {
+    pub fn actual(self) -> Result<ActualUsage, RequestError> {
+        let seconds = |field: &str, text: &Option<String>| match text.as_deref() {
+            None | Some("") => Ok(Default::default()),
+            Some(t) => parse_amount(field, t),
+        };
+        Ok(ActualUsage {
+            input_tokens: self.input_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            output_tokens: self.output_tokens,
+            images: self.images,
+            image_quality: self.image_quality.filter(|q| !q.is_empty()),
+            video_seconds: seconds("usage.video_seconds", &self.video_seconds)?,
+            audio_seconds: seconds("usage.audio_seconds", &self.audio_seconds)?,
+        })
+    }
+}
+
+/// How every API names a settle's outcome.
+pub fn outcome_name(outcome: SettleOutcome) -> &'static str {
+    match outcome {
+        SettleOutcome::Settled => "settled",
+        SettleOutcome::AlreadySettled => "already_settled",
+        SettleOutcome::Unknown => "unknown",
+    }
+}
+
+/// A JSON number or string, kept as its text so it is read exactly.
+fn amount_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Amount {
+        Number(serde_json::Number),
+        Text(String),
+    }
+    Ok(Option::<Amount>::deserialize(d)?.map(|a| match a {
+        Amount::Number(n) => n.to_string(),
+        Amount::Text(t) => t,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_numbers_and_strings_read_alike_and_mistakes_are_named() {
+        let form: SettleForm = serde_json::from_str(
+            r#"{"reservation_id":"r1","usage":{"output_tokens":5,"video_seconds":2.5,"audio_seconds":"-0"}}"#,
+        )
+        .unwrap();
+        let (id, actual) = form.checked().unwrap();
+        assert_eq!(id, "r1");
+        assert_eq!(actual.output_tokens, 5);
+        assert_eq!(actual.video_seconds.to_string(), "2.5");
+        assert!(actual.audio_seconds.is_zero());
+
+        let negative: SettleForm =
+            serde_json::from_str(r#"{"reservation_id":"r1","usage":{"video_seconds":-1}}"#).unwrap();
+        let e = negative.checked().unwrap_err().to_string();
+        assert!(e.contains("`usage.video_seconds` must not be negative"), "{e}");
+        let missing: SettleForm = serde_json::from_str(r#"{"reservation_id":" "}"#).unwrap();
+        assert!(missing.checked().is_err());
+        assert!(serde_json::from_str::<SettleForm>(r#"{"reservation_id":"r","extra":1}"#).is_err());
+    }
+}
