@@ -543,7 +543,7 @@ impl Gate {
             rule: rule.id.clone(),
             scope,
             key: decide::grant_key(&rule.id, &scope_hash),
-            unit: rule.limit.unit.name().to_string(),
+            unit: rule.limit.unit,
             extra,
             expires_at: now.saturating_add(req.duration.as_millis() as Millis),
             approver: req.approver.trim().to_string(),
@@ -743,8 +743,7 @@ pub fn resolve(policy: &CompiledPolicy, input: &CheckInput) -> Resolved {
 
 /// The extra of a grant in its rule's own unit (USD for spend), exactly.
 pub fn grant_extra_text(g: &Grant) -> String {
-    let unit = Unit::parse(&g.unit).unwrap_or(Unit::Requests);
-    from_counter(g.extra, unit).normalize().to_string()
+    from_counter(g.extra, g.unit).normalize().to_string()
 }
 
 /// A grant as people and the admin API see it: amounts in the rule's unit
@@ -755,7 +754,7 @@ pub fn grant_view(g: &Grant) -> serde_json::Value {
         "rule": g.rule,
         "scope": g.scope,
         "extra": grant_extra_text(g),
-        "unit": g.unit,
+        "unit": g.unit.name(),
         "expires_at": format_utc(g.expires_at),
         "approver": g.approver,
         "reason": g.reason,

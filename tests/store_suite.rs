@@ -668,7 +668,7 @@ fn grant(key: &str, extra: i64, expires_at: i64) -> Grant {
         rule: key.split('|').next().unwrap().to_string(),
         scope: "team=growth".to_string(),
         key: key.to_string(),
-        unit: "requests".to_string(),
+        unit: tollgate::policy::Unit::Requests,
         extra,
         expires_at,
         approver: "ana".to_string(),

@@ -194,7 +194,7 @@ pub fn grant_message(g: &Grant) -> pb::Grant {
         rule: g.rule.clone(),
         scope: g.scope.clone(),
         extra: grant_extra_text(g),
-        unit: g.unit.clone(),
+        unit: g.unit.name().to_string(),
         expires_at: format_utc(g.expires_at),
         approver: g.approver.clone(),
         reason: g.reason.clone(),

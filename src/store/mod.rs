@@ -166,7 +166,7 @@ pub struct CounterState {
 
 /// An approval: it opens an `approval` gate for one rule and scope, and may
 /// add an extra amount to the rule's limit, until it expires.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     pub rule: String,
     /// For people: `team=growth`, or `all`.
@@ -174,7 +174,7 @@ pub struct Grant {
     /// What counters are keyed by; see [`GrantRef::key`].
     pub key: String,
     /// The rule's unit when granted, so the extra reads right later.
-    pub unit: String,
+    pub unit: Unit,
     /// In counter units (micro-USD for spend).
     pub extra: i64,
     pub expires_at: Millis,

@@ -1,11 +1,37 @@
-//! The text forms Redis holds and the scripts return: the reservation
-//! record, the reserve reply, the replay record, and each counter kind's
-//! one-character flag. Pure functions; no I/O.
+//! The text forms Redis holds and the scripts exchange: the reservation
+//! record, each op's mode and kind flag, the reserve reply and its replay
+//! record, counter values read back, and grants (in force and listed).
+//! Pure functions, no I/O; anything that does not decode is a
+//! [`Malformed`] error, never a guess.
+
+use std::fmt::Write;
 
 use ::redis::Value;
 
+use super::keys::counter_name;
 use crate::policy::Unit;
 use crate::store::*;
+
+/// A record or reply that does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {what}: {why}")]
+pub(super) struct Malformed {
+    what: &'static str,
+    why: String,
+}
+
+fn malformed(what: &'static str, why: impl Into<String>) -> Malformed {
+    Malformed {
+        what,
+        why: why.into(),
+    }
+}
+
+impl From<Malformed> for StoreError {
+    fn from(e: Malformed) -> StoreError {
+        StoreError::Unavailable(e.to_string())
+    }
+}
 
 /// A counter kind as scripts and reservation records know it: `p` plain,
 /// `r` rolling, `g` gauge. Kinds become characters here and nowhere else.
@@ -23,16 +49,33 @@ fn kind_of_flag(text: &str) -> Option<CounterKind> {
         .find(|&k| text.len() == 1 && text.starts_with(flag(k)))
 }
 
+/// An op's `mode` for `reserve.lua`: its flags as one character, `'0'`
+/// plus the sum of 1 enforced, 2 downgradable, 4 gauge, 8 rolling, 16 an
+/// active grant adds its extra, 32 the op blocks without one.
+pub(super) fn op_mode(op: &CounterOp) -> [u8; 1] {
+    let grant = match &op.grant {
+        None => 0,
+        Some(g) if g.required => 16 | 32,
+        Some(_) => 16,
+    };
+    let kind = match op.kind {
+        CounterKind::Plain => 0,
+        CounterKind::Gauge => 4,
+        CounterKind::Rolling => 8,
+    };
+    [b'0' + (u8::from(op.enforced) | u8::from(op.downgradable) << 1 | kind | grant)]
+}
+
 /// What a candidate's reservation will hold if it is applied: unsettled
 /// and when it lapses, the model, then one line per counter with its kind
-/// (plain, rolling or gauge), unit, reserved amount and key. Built here so
-/// that the script only stores it.
-pub(super) fn reservation_text(
+/// (plain, rolling or gauge), unit, reserved amount and full Redis key.
+/// Built here so that the script only stores it; `settle.lua` and
+/// `claim.lua` read it too.
+pub(super) fn encode_reservation(
     expires_at: Millis,
     candidate: &Candidate,
     keys: &[String],
 ) -> String {
-    use std::fmt::Write;
     let model = candidate.model.as_deref().unwrap_or_default();
     let mut record =
         String::with_capacity(24 + model.len() + keys.iter().map(|k| k.len() + 32).sum::<usize>());
@@ -49,67 +92,74 @@ pub(super) fn reservation_text(
     record
 }
 
-pub(super) fn parse_reservation(text: &str, prefix: &str) -> Option<Reservation> {
-    let counter_prefix = format!("{prefix}c:");
+/// A reservation record as stored (`settled` is `1` once settled).
+pub(super) fn decode_reservation(text: &str, prefix: &str) -> Result<Reservation, Malformed> {
+    let bad = |why: &str| malformed("reservation", why);
     let mut lines = text.split('\n');
-    let (settled, expires) = lines.next()?.split_once(' ')?;
-    let model = lines.next()?;
+    let (settled, expires) = lines
+        .next()
+        .and_then(|l| l.split_once(' '))
+        .ok_or_else(|| bad("no header"))?;
+    let settled = match settled {
+        "0" => false,
+        "1" => true,
+        _ => return Err(bad("settled is neither 0 nor 1")),
+    };
+    let expires_at = expires.parse().map_err(|_| bad("bad expiry"))?;
+    let model = lines.next().ok_or_else(|| bad("no model line"))?;
     let ops = lines
         .map(|line| {
             let mut parts = line.splitn(4, '\t');
-            let kind = kind_of_flag(parts.next()?)?;
-            let unit = Unit::parse(parts.next()?)?;
-            let amount = parts.next()?.parse().ok()?;
-            let tagged = parts.next()?.strip_prefix(&counter_prefix)?;
-            let key = tagged
-                .split_once('}')
-                .map(|(_, k)| k)
-                .unwrap_or(tagged)
-                .to_string();
-            Some(ReservedOp {
-                key,
+            let mut part = || parts.next().ok_or_else(|| bad("short counter line"));
+            let kind = kind_of_flag(part()?).ok_or_else(|| bad("unknown counter kind"))?;
+            let unit = Unit::parse(part()?).ok_or_else(|| bad("unknown unit"))?;
+            let amount = part()?.parse().map_err(|_| bad("bad amount"))?;
+            let key = counter_name(prefix, part()?).ok_or_else(|| bad("foreign key"))?;
+            Ok(ReservedOp {
+                key: key.to_string(),
                 unit,
                 amount,
                 kind,
             })
         })
-        .collect::<Option<Vec<_>>>()?;
-    Some(Reservation {
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Reservation {
         model: (!model.is_empty()).then(|| model.to_string()),
         ops,
-        settled: settled == "1",
-        expires_at: expires.parse().ok()?,
+        settled,
+        expires_at,
     })
 }
 
-pub(super) fn parse_outcome(reply: &[Value]) -> Option<ReserveOutcome> {
+/// `reserve.lua`'s reply: replayed, reservation id, then the numbers of
+/// [`decode_numbers`].
+pub(super) fn decode_outcome(reply: &[Value]) -> Result<ReserveOutcome, Malformed> {
+    let bad = || malformed("reserve reply", format!("{reply:?}"));
     let int = |v: &Value| match v {
         Value::Int(n) => Some(*n),
         _ => None,
     };
     let mut it = reply.iter();
-    let replayed = int(it.next()?)? == 1;
-    let rid = match it.next()? {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+    let replayed = int(it.next().ok_or_else(bad)?).ok_or_else(bad)? == 1;
+    let rid = match it.next().ok_or_else(bad)? {
+        Value::BulkString(b) => String::from_utf8(b.clone()).map_err(|_| bad())?,
         Value::SimpleString(s) => s.clone(),
-        _ => return None,
+        _ => return Err(bad()),
     };
-    let mut rest = Vec::new();
-    for v in it {
-        rest.push(int(v)?);
-    }
-    outcome_from(&rid, &rest, replayed)
+    let numbers = it.map(int).collect::<Option<Vec<_>>>().ok_or_else(bad)?;
+    decode_numbers(&rid, &numbers, replayed).ok_or_else(bad)
 }
 
-/// `<rid or -> <applied or -1> <tried> (<n> (<used> <reset or -1> <grant or -1>)*)*`
-fn outcome_from(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveOutcome> {
+/// `<applied or -1> <tried> (<n> (<used> <reset or -1> <grant or -1>)*)*`;
+/// a negative reset or grant reads as none.
+fn decode_numbers(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveOutcome> {
     let mut it = numbers.iter().copied();
     let applied = it.next()?;
     let tried_count = usize::try_from(it.next()?).ok()?;
-    let mut tried = Vec::with_capacity(tried_count);
+    let mut tried = Vec::with_capacity(tried_count.min(numbers.len()));
     for _ in 0..tried_count {
         let n = usize::try_from(it.next()?).ok()?;
-        let mut states = Vec::with_capacity(n);
+        let mut states = Vec::with_capacity(n.min(numbers.len()));
         for _ in 0..n {
             let used = it.next()?;
             let reset = it.next()?;
@@ -122,6 +172,9 @@ fn outcome_from(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveOut
         }
         tried.push(states);
     }
+    if it.next().is_some() {
+        return None;
+    }
     Some(ReserveOutcome {
         applied: usize::try_from(applied).ok(),
         tried,
@@ -130,32 +183,118 @@ fn outcome_from(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveOut
     })
 }
 
-pub(super) fn replay_text(o: &ReserveOutcome) -> String {
-    let mut parts = vec![
-        o.reservation_id.clone().unwrap_or_else(|| "-".to_string()),
-        o.applied.map(|a| a as i64).unwrap_or(-1).to_string(),
-        o.tried.len().to_string(),
-    ];
+/// A request id's outcome, remembered until `until`: the form
+/// `reserve.lua` writes, so that both read each other's.
+pub(super) fn encode_replay(until: Millis, o: &ReserveOutcome) -> String {
+    let mut text = format!(
+        "{until} {} {} {}",
+        o.reservation_id.as_deref().unwrap_or("-"),
+        o.applied.map_or(-1, |a| a as i64),
+        o.tried.len()
+    );
     for states in &o.tried {
-        parts.push(states.len().to_string());
+        let _ = write!(text, " {}", states.len());
         for s in states {
-            parts.push(s.used_before.to_string());
-            parts.push(s.resets_at.unwrap_or(-1).to_string());
-            parts.push(s.grant.unwrap_or(-1).to_string());
+            let _ = write!(
+                text,
+                " {} {} {}",
+                s.used_before,
+                s.resets_at.unwrap_or(-1),
+                s.grant.unwrap_or(-1)
+            );
         }
     }
-    parts.join(" ")
+    text
 }
 
-pub(super) fn parse_replay(text: &str, now: Millis) -> Option<ReserveOutcome> {
-    let (until, rest) = text.split_once(' ')?;
-    if until.parse::<Millis>().ok()? <= now {
-        return None;
+/// The outcome of a replay record, or none once it has lapsed at `now`.
+pub(super) fn decode_replay(text: &str, now: Millis) -> Result<Option<ReserveOutcome>, Malformed> {
+    let bad = || malformed("replay record", text.to_string());
+    let (until, rest) = text.split_once(' ').ok_or_else(bad)?;
+    if until.parse::<Millis>().map_err(|_| bad())? <= now {
+        return Ok(None);
     }
-    let (rid, numbers) = rest.split_once(' ')?;
+    let (rid, numbers) = rest.split_once(' ').ok_or_else(bad)?;
     let numbers: Vec<i64> = numbers
         .split(' ')
         .map(|n| n.parse().ok())
-        .collect::<Option<_>>()?;
-    outcome_from(rid, &numbers, true)
+        .collect::<Option<_>>()
+        .ok_or_else(bad)?;
+    decode_numbers(rid, &numbers, true)
+        .map(Some)
+        .ok_or_else(bad)
 }
+
+/// `read.lua`'s reply for `n` counters: value, then resets_at or -1, each.
+pub(super) fn decode_counters(values: &[i64], n: usize) -> Result<Vec<CounterState>, Malformed> {
+    if values.len() != 2 * n {
+        return Err(malformed(
+            "read reply",
+            format!("{} numbers for {n} counters", values.len()),
+        ));
+    }
+    Ok(values
+        .chunks(2)
+        .map(|pair| CounterState {
+            used_before: pair[0],
+            resets_at: (pair[1] >= 0).then_some(pair[1]),
+            grant: None,
+        })
+        .collect())
+}
+
+/// A grant in force, as `reserve.lua` reads it: `<extra> <expires at>`.
+pub(super) fn encode_grant_in_force(grant: &Grant) -> String {
+    format!("{} {}", grant.extra, grant.expires_at)
+}
+
+/// A grant's full record in the listing: JSON, with the unit by name.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct GrantRecord {
+    rule: String,
+    scope: String,
+    key: String,
+    unit: String,
+    extra: i64,
+    expires_at: Millis,
+    approver: String,
+    reason: String,
+    created_at: Millis,
+}
+
+pub(super) fn encode_grant(g: &Grant) -> Result<String, serde_json::Error> {
+    serde_json::to_string(&GrantRecord {
+        rule: g.rule.clone(),
+        scope: g.scope.clone(),
+        key: g.key.clone(),
+        unit: g.unit.name().to_string(),
+        extra: g.extra,
+        expires_at: g.expires_at,
+        approver: g.approver.clone(),
+        reason: g.reason.clone(),
+        created_at: g.created_at,
+    })
+}
+
+/// A listed grant; an unknown unit is an error, not a guess, so that an
+/// extra is never read in the wrong unit.
+pub(super) fn decode_grant(text: &str) -> Result<Grant, Malformed> {
+    let r: GrantRecord =
+        serde_json::from_str(text).map_err(|e| malformed("grant", e.to_string()))?;
+    let unit = Unit::parse(&r.unit)
+        .ok_or_else(|| malformed("grant", format!("unknown unit {:?}", r.unit)))?;
+    Ok(Grant {
+        rule: r.rule,
+        scope: r.scope,
+        key: r.key,
+        unit,
+        extra: r.extra,
+        expires_at: r.expires_at,
+        approver: r.approver,
+        reason: r.reason,
+        created_at: r.created_at,
+    })
+}
+
+#[cfg(test)]
+mod tests;

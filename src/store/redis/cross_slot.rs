@@ -5,7 +5,7 @@
 //! cap; an undo that fails leaves its counters charged, on the side of
 //! denying rather than overspending.
 
-use super::codec::{flag, parse_replay, replay_text, reservation_text};
+use super::codec::{decode_replay, encode_replay, encode_reservation, flag};
 use super::keys::by_tag;
 use super::{RedisStore, CLEANUP_GRACE};
 use crate::store::*;
@@ -23,7 +23,9 @@ impl RedisStore {
         );
         if req.request_id.is_some() {
             let prev: Option<String> = self.query(::redis::cmd("GET").arg(&replay_key)).await?;
-            if let Some(outcome) = prev.as_deref().and_then(|p| parse_replay(p, req.now)) {
+            // A record that does not read is decided afresh.
+            let prev = prev.and_then(|p| decode_replay(&p, req.now).ok().flatten());
+            if let Some(outcome) = prev {
                 return Ok(outcome);
             }
         }
@@ -102,7 +104,7 @@ impl RedisStore {
                 .iter()
                 .map(|op| self.counter_key(&op.key))
                 .collect();
-            let text = reservation_text(req.now + req.reservation_ttl, candidate, &keys);
+            let text = encode_reservation(req.now + req.reservation_ttl, candidate, &keys);
             let stored = self
                 .query::<()>(
                     ::redis::cmd("SET")
@@ -125,11 +127,7 @@ impl RedisStore {
             replayed: false,
         };
         if req.request_id.is_some() {
-            let text = format!(
-                "{} {}",
-                req.now + memory::REPLAY_WINDOW,
-                replay_text(&outcome)
-            );
+            let text = encode_replay(req.now + memory::REPLAY_WINDOW, &outcome);
             // The decision stands without it; only a repeat would be
             // decided again.
             if let Err(e) = self

@@ -1,12 +1,13 @@
 //! Approval grants: the record in force (`g:` key, read by `reserve.lua`
 //! in the slot of the counters it opens) and the listing (`grants` hash).
 
+use super::codec::{decode_grant, encode_grant, encode_grant_in_force};
 use super::{RedisStore, CLEANUP_GRACE};
 use crate::store::*;
 
 impl RedisStore {
     pub(super) async fn store_grant(&self, grant: &Grant, now: Millis) -> Result<(), StoreError> {
-        let record = serde_json::to_string(grant)
+        let record = encode_grant(grant)
             .map_err(|e| StoreError::Unavailable(format!("cannot encode a grant: {e}")))?;
         // The index first: a grant that is listed but not yet in force is
         // visible to the approver; one in force but unlisted would not be.
@@ -22,7 +23,7 @@ impl RedisStore {
             .query::<()>(
                 ::redis::cmd("SET")
                     .arg(self.grant_key(&grant.key))
-                    .arg(format!("{} {}", grant.extra, grant.expires_at))
+                    .arg(encode_grant_in_force(grant))
                     .arg("PX")
                     .arg(ttl),
             )
@@ -53,9 +54,14 @@ impl RedisStore {
             .await?;
         self.query::<()>(::redis::cmd("HDEL").arg(self.grant_index_key()).arg(key))
             .await?;
-        Ok(record
-            .and_then(|r| serde_json::from_str::<Grant>(&r).ok())
-            .filter(|g| g.active(now)))
+        let grant = record.and_then(|r| match decode_grant(&r) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                tracing::warn!(error = %e, "removed a grant whose record does not read");
+                None
+            }
+        });
+        Ok(grant.filter(|g| g.active(now)))
     }
 
     pub(super) async fn live_grants(&self, now: Millis) -> Result<Vec<Grant>, StoreError> {
@@ -64,7 +70,11 @@ impl RedisStore {
             .await?;
         let mut grants = Vec::new();
         for (key, record) in records {
-            match serde_json::from_str::<Grant>(&record) {
+            let grant = decode_grant(&record);
+            if let Err(e) = &grant {
+                tracing::warn!(error = %e, "dropping a grant record that does not read from the listing");
+            }
+            match grant {
                 Ok(g) if g.active(now) => grants.push(g),
                 _ => {
                     let mut inv = self.forget_grant.prepare_invoke();

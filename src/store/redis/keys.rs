@@ -24,7 +24,7 @@ use crate::policy::hex;
 
 impl RedisStore {
     pub(super) fn counter_key(&self, key: &str) -> String {
-        format!("{}c:{{{}}}{key}", self.prefix, slot_tag(key))
+        full_counter_key(&self.prefix, key)
     }
 
     /// A grant's key (`rule|scope`) shares the slot of the counters of its
@@ -58,6 +58,17 @@ impl RedisStore {
             .unwrap_or_default();
         format!("{}q:{{{tag}}}{hash}", self.prefix)
     }
+}
+
+/// `<prefix>c:{<tag>}<key>`: a counter's full Redis key.
+pub(super) fn full_counter_key(prefix: &str, key: &str) -> String {
+    format!("{prefix}c:{{{}}}{key}", slot_tag(key))
+}
+
+/// The counter key inside a full one, if it is a counter under `prefix`.
+pub(super) fn counter_name<'a>(prefix: &str, full: &'a str) -> Option<&'a str> {
+    let tagged = full.strip_prefix(prefix)?.strip_prefix("c:")?;
+    Some(tagged.split_once('}').map_or(tagged, |(_, k)| k))
 }
 
 /// The hash tag of a counter: its scope hash (`rule|unit|scope|window`), so

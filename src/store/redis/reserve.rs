@@ -3,7 +3,7 @@
 
 use ::redis::Value;
 
-use super::codec::{parse_outcome, reservation_text};
+use super::codec::{decode_outcome, encode_reservation, op_mode};
 use super::keys::by_tag;
 use super::{RedisStore, CLEANUP_GRACE};
 use crate::store::*;
@@ -76,7 +76,7 @@ impl RedisStore {
                 .map(|op| self.counter_key(&op.key))
                 .collect();
             let text = if record {
-                reservation_text(req.now + req.reservation_ttl, candidate, &keys)
+                encode_reservation(req.now + req.reservation_ttl, candidate, &keys)
             } else {
                 String::new()
             };
@@ -85,7 +85,7 @@ impl RedisStore {
                 inv.key(key);
                 inv.arg(op.amount)
                     .arg(op.limit)
-                    .arg(&script_mode(op)[..])
+                    .arg(&op_mode(op)[..])
                     .arg(script_expiry(op, req));
             }
             for grant in candidate.ops.iter().filter_map(|op| op.grant.as_ref()) {
@@ -93,24 +93,8 @@ impl RedisStore {
             }
         }
         let reply: Vec<Value> = self.invoke(&inv).await?;
-        parse_outcome(&reply)
-            .ok_or_else(|| StoreError::Unavailable(format!("unexpected reserve reply {reply:?}")))
+        Ok(decode_outcome(&reply)?)
     }
-}
-
-/// An op's `mode` for `reserve.lua`: its flags as one character.
-fn script_mode(op: &CounterOp) -> [u8; 1] {
-    let grant = match &op.grant {
-        None => 0,
-        Some(g) if g.required => 16 | 32,
-        Some(_) => 16,
-    };
-    let mode = u8::from(op.enforced)
-        | u8::from(op.downgradable) << 1
-        | u8::from(op.kind == CounterKind::Gauge) << 2
-        | u8::from(op.kind == CounterKind::Rolling) << 3
-        | grant;
-    [b'0' + mode]
 }
 
 /// An op's `expiry` for `reserve.lua`, relative to the caller's clock.

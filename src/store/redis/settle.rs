@@ -2,7 +2,7 @@
 //! `claim.lua` once and then `adjust.lua` per slot), looking one up, and
 //! reading counters for a report (`read.lua`).
 
-use super::codec::parse_reservation;
+use super::codec::{decode_counters, decode_reservation};
 use super::keys::{by_tag, slot_tag};
 use super::RedisStore;
 use crate::store::*;
@@ -18,9 +18,9 @@ impl RedisStore {
         let Some(text) = text else {
             return Ok(None);
         };
-        parse_reservation(&text, &self.prefix)
+        decode_reservation(&text, &self.prefix)
             .map(Some)
-            .ok_or_else(|| StoreError::Unavailable(format!("reservation {id} is malformed")))
+            .map_err(|e| StoreError::Unavailable(format!("{e} (id {id})")))
     }
 
     pub(super) async fn settle_reservation(
@@ -91,12 +91,8 @@ impl RedisStore {
             }
             inv.arg(now);
             let values: Vec<i64> = self.invoke(&inv).await?;
-            for (&i, pair) in group.iter().zip(values.chunks(2)) {
-                out[i] = CounterState {
-                    used_before: pair[0],
-                    resets_at: pair.get(1).copied().filter(|t| *t >= 0),
-                    grant: None,
-                };
+            for (&i, state) in group.iter().zip(decode_counters(&values, group.len())?) {
+                out[i] = state;
             }
         }
         Ok(out)
