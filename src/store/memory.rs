@@ -12,8 +12,6 @@ use async_trait::async_trait;
 
 use super::*;
 
-/// How long a request id is remembered for replays.
-pub const REPLAY_WINDOW: Millis = 60_000;
 /// How often expired entries are swept, in store time.
 const SWEEP_EVERY: Millis = 1_000;
 pub const DEFAULT_MAX_COUNTERS: usize = 1_000_000;

@@ -221,8 +221,11 @@ pub struct ReservedOp {
 
 /// How long a settled reservation is kept, to answer a repeated settle
 /// with `AlreadySettled`; after that a settle finds nothing (and charges
-/// nothing). `settle.lua` and `claim.lua` hold the same number.
+/// nothing). The Redis scripts are given it as an argument.
 pub const SETTLED_RETENTION: Millis = 60_000;
+
+/// How long a request id is remembered for replays.
+pub const REPLAY_WINDOW: Millis = 60_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleOutcome {

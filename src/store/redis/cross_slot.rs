@@ -127,7 +127,7 @@ impl RedisStore {
             replayed: false,
         };
         if req.request_id.is_some() {
-            let text = encode_replay(req.now + memory::REPLAY_WINDOW, &outcome);
+            let text = encode_replay(req.now + REPLAY_WINDOW, &outcome);
             // The decision stands without it; only a repeat would be
             // decided again.
             if let Err(e) = self
@@ -136,7 +136,7 @@ impl RedisStore {
                         .arg(&replay_key)
                         .arg(text)
                         .arg("PX")
-                        .arg(memory::REPLAY_WINDOW + CLEANUP_GRACE),
+                        .arg(REPLAY_WINDOW + CLEANUP_GRACE),
                 )
                 .await
             {

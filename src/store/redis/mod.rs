@@ -46,6 +46,10 @@ use super::*;
 /// arriving just after still finds it.
 const CLEANUP_GRACE: Millis = 60_000;
 
+/// How long the key of a settled reservation lives: it is kept
+/// [`SETTLED_RETENTION`], plus the grace.
+const SETTLED_KEY_LIFETIME: Millis = SETTLED_RETENTION + CLEANUP_GRACE;
+
 /// Entries kept per append-only log stream (trimmed approximately).
 pub const MAX_LOG_ENTRIES: usize = 1_000_000;
 

@@ -59,7 +59,7 @@ impl RedisStore {
         inv.key(self.reservation_key(key_id));
         inv.key(self.replay_key(tag, req.request_id.as_deref()));
         let replay = if record && req.request_id.is_some() {
-            memory::REPLAY_WINDOW
+            REPLAY_WINDOW
         } else {
             0
         };

@@ -3,7 +3,9 @@
 --
 -- KEYS[1]   reservation key
 -- KEYS[2..] the reservation's counter keys, in its own order
--- ARGV: now, reservation id, then the actual amount for each counter
+-- ARGV: now, reservation id, how long a settled reservation is kept (ms),
+--       its key's lifetime then (ms), then the actual amount for each
+--       counter
 -- Returns 'settled', 'already_settled' or 'unknown'.
 --
 -- A reservation is "<settled 0|1> <expires at>\n<model>\n" followed by one
@@ -24,15 +26,15 @@ for kind, amount, key in string.gmatch(r, '\n([prg])\t[^\t]*\t([^\t]*)\t([^\n]*)
   if key ~= KEYS[i + 1] then
     return redis.error_reply('settle keys do not match the reservation')
   end
-  move_counter(kind, key, tonumber(ARGV[i + 2]) - tonumber(amount), now, rid)
+  move_counter(kind, key, tonumber(ARGV[i + 4]) - tonumber(amount), now, rid)
 end
 -- Settled, the reservation is kept only long enough to recognise a
--- repeated settle (SETTLED_RETENTION on the Rust side), not for its whole
--- life: under load, reservations are most of the store's keys.
-local keep = now + 60000
+-- repeated settle (ARGV[3]), not for its whole life: under load,
+-- reservations are most of the store's keys.
+local keep = now + tonumber(ARGV[3])
 if keep < tonumber(expires) then
   local rest = string.sub(r, #expires + 4)
-  redis.call('SET', KEYS[1], '1 ' .. string.format('%d', keep) .. '\n' .. rest, 'PX', 120000)
+  redis.call('SET', KEYS[1], '1 ' .. string.format('%d', keep) .. '\n' .. rest, 'PX', ARGV[4])
 else
   redis.call('SETRANGE', KEYS[1], 0, '1')
 end

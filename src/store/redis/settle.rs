@@ -4,7 +4,7 @@
 
 use super::codec::{decode_counters, decode_reservation};
 use super::keys::{by_tag, slot_tag};
-use super::RedisStore;
+use super::{RedisStore, SETTLED_KEY_LIFETIME};
 use crate::store::*;
 
 impl RedisStore {
@@ -41,7 +41,10 @@ impl RedisStore {
         if one_slot {
             let mut inv = self.settle.prepare_invoke();
             inv.key(self.reservation_key(id));
-            inv.arg(now).arg(id);
+            inv.arg(now)
+                .arg(id)
+                .arg(SETTLED_RETENTION)
+                .arg(SETTLED_KEY_LIFETIME);
             for (i, op) in reservation.ops.iter().enumerate() {
                 inv.key(self.counter_key(&op.key));
                 inv.arg(actual.get(i).copied().unwrap_or(0));
@@ -55,7 +58,10 @@ impl RedisStore {
         }
         // Across slots: claim the reservation once, then move each slot.
         let mut inv = self.claim.prepare_invoke();
-        inv.key(self.reservation_key(id)).arg(now);
+        inv.key(self.reservation_key(id))
+            .arg(now)
+            .arg(SETTLED_RETENTION)
+            .arg(SETTLED_KEY_LIFETIME);
         let claimed: String = self.invoke(&inv).await?;
         match claimed.as_str() {
             "unknown" => return Ok(SettleOutcome::Unknown),
