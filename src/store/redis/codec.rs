@@ -297,4 +297,8 @@ pub(super) fn decode_grant(text: &str) -> Result<Grant, Malformed> {
 }
 
 #[cfg(test)]
-mod tests;
+mod grant_tests;
+#[cfg(test)]
+mod reply_tests;
+#[cfg(test)]
+mod reservation_tests;
