@@ -6,11 +6,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tollgate::engine::{decide, Attributes, Estimate};
-use tollgate::gate::{CheckInput, Gate, GateConfig, ManualClock};
-use tollgate::policy::{compile_sources, CompiledPolicy, SourceFile};
-use tollgate::store::MemoryStore;
 use tollgate::telemetry::{Telemetry, TelemetryConfig};
+use tollgate_core::engine::{decide, Attributes, Estimate};
+use tollgate_core::gate::{CheckInput, Gate, GateConfig, ManualClock};
+use tollgate_core::policy::{compile_sources, CompiledPolicy, SourceFile};
+use tollgate_core::store::MemoryStore;
 
 /// `n` rules in the shape of a real matrix: per-customer and per-team
 /// quotas, per-workflow caps, model rules, plus a few global and glob rules

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tollgate::engine::Attributes;
-use tollgate::gate::{CheckInput, Gate, GateConfig, SystemClock};
 use tollgate::reload::{self, ReloadConfig, ReloadOutcome, Reloader};
-use tollgate::store::MemoryStore;
+use tollgate_core::engine::Attributes;
+use tollgate_core::gate::{CheckInput, Gate, GateConfig, SystemClock};
+use tollgate_core::store::MemoryStore;
 
 fn policy(n: usize, cap: u64) -> String {
     let mut yaml = String::from("rules:\n");

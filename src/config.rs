@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::{Arg, ArgAction, ArgMatches, Command};
 
-use crate::policy::yaml::{self, Node, Pos, Value};
+use tollgate_core::policy::yaml::{self, Node, Pos, Value};
 
 /// Arguments (by long name) that are about the configuration itself,
 /// never in the file.
@@ -45,7 +45,6 @@ impl std::error::Error for ConfigError {}
 struct Entry {
     id: String,
     long: String,
-    pos: Pos,
     /// `None` for a flag set to false, which is the same as leaving it out.
     values: Option<Vec<String>>,
 }
@@ -126,7 +125,6 @@ impl FileConfig {
                     entries.push(Entry {
                         id: arg.get_id().as_str().to_string(),
                         long,
-                        pos: key.pos,
                         values,
                     });
                 }
@@ -180,11 +178,6 @@ impl FileConfig {
             .iter()
             .find(|e| e.id == id)
             .and_then(|e| e.values.as_deref())
-    }
-
-    /// Where a key was set, for messages about it.
-    pub fn position_of(&self, id: &str) -> Option<Pos> {
-        self.entries.iter().find(|e| e.id == id).map(|e| e.pos)
     }
 }
 
@@ -306,12 +299,12 @@ fn quote(s: &str) -> String {
     serde_json::Value::String(s.to_string()).to_string()
 }
 
-pub const REDACTED: &str = "<redacted>";
+pub(crate) const REDACTED: &str = "<redacted>";
 
 /// Hides credentials: the whole value of an option whose name says it is a
 /// secret, and the password in any URL's userinfo (every URL of a
 /// comma-separated list).
-pub fn redact(name: &str, value: &str) -> String {
+pub(crate) fn redact(name: &str, value: &str) -> String {
     let name = name.to_ascii_lowercase();
     if ["password", "secret", "token"]
         .iter()

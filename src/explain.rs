@@ -4,13 +4,13 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use crate::engine::charge::from_counter;
-use crate::engine::decide::scope_counters;
-use crate::engine::window::format_utc;
-use crate::engine::{Decision, RequestError, Verdict};
-use crate::gate::{CheckInput, Gate, GateConfig, ManualClock};
-use crate::policy::{Attr, CompiledPolicy, Condition, Enforcement, OnExceed, Unit};
-use crate::store::MemoryStore;
+use tollgate_core::engine::charge::from_counter;
+use tollgate_core::engine::decide::scope_counters;
+use tollgate_core::engine::window::format_utc;
+use tollgate_core::engine::{Decision, RequestError, Verdict};
+use tollgate_core::gate::{CheckInput, Gate, GateConfig, ManualClock};
+use tollgate_core::policy::{Attr, CompiledPolicy, Condition, Enforcement, OnExceed, Unit};
+use tollgate_core::store::MemoryStore;
 
 pub fn explain(
     policy: CompiledPolicy,
@@ -52,11 +52,11 @@ pub fn explain(
     );
     let policy = gate.policy();
     let (plan, decision) = gate.explain(input.clone()).map_err(|e| match e {
-        crate::gate::GateError::Request(r) => r,
+        tollgate_core::gate::GateError::Request(r) => r,
         other => RequestError::invalid(other.to_string()),
     })?;
 
-    let resolved = crate::gate::resolve(&policy, &input);
+    let resolved = tollgate_core::gate::resolve(&policy, &input);
     let mut attrs = resolved.attributes;
     attrs.families = attrs
         .model
@@ -176,10 +176,10 @@ pub fn explain(
 fn retry_budgets(
     out: &mut String,
     policy: &CompiledPolicy,
-    attrs: &crate::engine::Attributes,
-    matched: &[crate::engine::decide::RuleCounter],
+    attrs: &tollgate_core::engine::Attributes,
+    matched: &[tollgate_core::engine::decide::RuleCounter],
 ) {
-    let budgets: Vec<(usize, &crate::policy::Rule)> = policy
+    let budgets: Vec<(usize, &tollgate_core::policy::Rule)> = policy
         .rules()
         .iter()
         .enumerate()
@@ -253,7 +253,7 @@ fn amount_text(amount: rust_decimal::Decimal, unit: Unit) -> String {
     }
 }
 
-fn describe_attrs(attrs: &crate::engine::Attributes) -> String {
+fn describe_attrs(attrs: &tollgate_core::engine::Attributes) -> String {
     let mut parts: Vec<String> = Attr::WELL_KNOWN
         .iter()
         .filter(|a| **a != Attr::ModelFamily)
@@ -270,7 +270,7 @@ fn describe_attrs(attrs: &crate::engine::Attributes) -> String {
     }
 }
 
-fn why(conditions: &[Condition], attrs: &crate::engine::Attributes) -> String {
+fn why(conditions: &[Condition], attrs: &tollgate_core::engine::Attributes) -> String {
     if conditions.is_empty() {
         return "no conditions: applies to every request".to_string();
     }

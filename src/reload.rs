@@ -15,10 +15,10 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
-use crate::engine::window::{format_utc, Millis};
-use crate::gate::Gate;
 pub use crate::status::PolicyStatus;
-use crate::policy::{self, CompiledPolicy, LoadErrors};
+use tollgate_core::engine::window::{format_utc, Millis};
+use tollgate_core::gate::Gate;
+use tollgate_core::policy::{self, CompiledPolicy, LoadErrors};
 
 #[derive(Debug, Clone)]
 pub struct ReloadConfig {

@@ -32,7 +32,8 @@ impl Shutdown {
         self.tx.send_replace(true);
     }
 
-    pub fn is_triggered(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_triggered(&self) -> bool {
         *self.tx.borrow()
     }
 

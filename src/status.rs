@@ -17,4 +17,3 @@ pub struct PolicyStatus {
     pub last_error: Option<String>,
     pub error_since: Option<String>,
 }
-

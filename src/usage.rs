@@ -13,9 +13,9 @@ use rust_decimal::prelude::ToPrimitive;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::window::format_utc;
-use crate::engine::CounterReport;
 use crate::http_client::{self, Target};
+use tollgate_core::engine::window::format_utc;
+use tollgate_core::engine::CounterReport;
 
 /// How long `fetch` waits for a server's answer.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);

@@ -7,16 +7,16 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use common::{at, memory_gate, policy};
-use tollgate::engine::{Attributes, Decision, Estimate, Reason, RequestError, Verdict};
-use tollgate::gate::{ActualUsage, CheckInput, GateError, GrantRequest};
-use tollgate::policy::Attr;
-use tollgate::store::MemoryStore;
-use tollgate::store::SettleOutcome;
+use tollgate_core::engine::{Attributes, Decision, Estimate, Reason, RequestError, Verdict};
+use tollgate_core::gate::{ActualUsage, CheckInput, GateError, GrantRequest};
+use tollgate_core::policy::Attr;
+use tollgate_core::store::MemoryStore;
+use tollgate_core::store::SettleOutcome;
 
 fn attrs(pairs: &[(&str, &str)]) -> Attributes {
     let mut a = Attributes::default();
     for (k, v) in pairs {
-        let attr = tollgate::policy::Attr::parse(k).unwrap_or_else(|| panic!("attribute {k}"));
+        let attr = tollgate_core::policy::Attr::parse(k).unwrap_or_else(|| panic!("attribute {k}"));
         a.set(&attr, v.to_string());
     }
     a
@@ -994,8 +994,10 @@ fn the_fallback_cap_is_independent_of_the_primary_cap() {
 
 #[test]
 fn a_request_without_an_action_gets_a_fresh_one_its_retries_can_share() {
-    let clock = Arc::new(tollgate::gate::ManualClock::new(at(2026, 11, 21, 12, 0)));
-    let store = Arc::new(tollgate::store::MemoryStore::default());
+    let clock = Arc::new(tollgate_core::gate::ManualClock::new(at(
+        2026, 11, 21, 12, 0,
+    )));
+    let store = Arc::new(tollgate_core::store::MemoryStore::default());
     let gate = common::gate_with(policy(RETRY_BUDGETS), store.clone(), clock);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -1024,8 +1026,10 @@ fn a_request_without_an_action_gets_a_fresh_one_its_retries_can_share() {
 
 #[test]
 fn a_request_id_replays_only_the_same_request() {
-    let clock = Arc::new(tollgate::gate::ManualClock::new(at(2026, 11, 21, 12, 0)));
-    let store = Arc::new(tollgate::store::MemoryStore::default());
+    let clock = Arc::new(tollgate_core::gate::ManualClock::new(at(
+        2026, 11, 21, 12, 0,
+    )));
+    let store = Arc::new(tollgate_core::store::MemoryStore::default());
     let gate = common::gate_with(policy(RETRY_BUDGETS), store.clone(), clock);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -1171,14 +1175,14 @@ rules:
 /// that claims to be staging is still counted as production.
 #[test]
 fn client_attributes_never_override_the_registry_or_the_route() {
-    use tollgate::engine::request::Source;
+    use tollgate_core::engine::request::Source;
     let policy = common::policy(TRUST);
     let claim = |pairs: &[(&str, &str)]| CheckInput {
         api_key: Some("sk-example-checkout-prod".to_string()),
         client_attributes: attrs(pairs),
         ..Default::default()
     };
-    let r = tollgate::gate::resolve(
+    let r = tollgate_core::gate::resolve(
         &policy,
         &claim(&[
             ("environment", "staging"),
@@ -1200,7 +1204,7 @@ fn client_attributes_never_override_the_registry_or_the_route() {
         attributes: attrs(&[("environment", "canary")]),
         ..claim(&[("environment", "staging")])
     };
-    let r = tollgate::gate::resolve(&policy, &routed);
+    let r = tollgate_core::gate::resolve(&policy, &routed);
     assert_eq!(r.attributes.environment.as_deref(), Some("canary"));
     assert_eq!(
         r.sources.iter().find(|(a, _)| *a == Attr::Environment),
@@ -1273,7 +1277,9 @@ rules:
     per: [key]
     limit: { requests: 1000000, window: daily }
 ";
-    let clock = Arc::new(tollgate::gate::ManualClock::new(at(2026, 11, 21, 12, 0)));
+    let clock = Arc::new(tollgate_core::gate::ManualClock::new(at(
+        2026, 11, 21, 12, 0,
+    )));
     // Room for far fewer counters than keys in the flood.
     let gate = common::gate_with(
         common::policy(yaml),
@@ -1448,7 +1454,9 @@ rules:
     let redis = common::RedisServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let clock = Arc::new(tollgate::gate::ManualClock::new(at(2026, 11, 21, 12, 0)));
+        let clock = Arc::new(tollgate_core::gate::ManualClock::new(at(
+            2026, 11, 21, 12, 0,
+        )));
         let gate = common::gate_with(common::policy(yaml), Arc::new(redis.store().await), clock);
         for i in 0..2000 {
             let d = gate

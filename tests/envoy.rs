@@ -14,8 +14,8 @@ use envoy_types::pb::envoy::service::auth::v3::authorization_client::Authorizati
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
 use tokio::net::TcpListener;
-use tollgate::gate::{Gate, GateConfig, SystemClock};
-use tollgate::store::MemoryStore;
+use tollgate_core::gate::{Gate, GateConfig, SystemClock};
+use tollgate_core::store::MemoryStore;
 use tonic::transport::Channel;
 
 const POLICY: &str = "
@@ -543,7 +543,7 @@ async fn a_repeated_request_id_is_one_charge() {
 /// service tollgate serves, with the settings the docs promise.
 #[test]
 fn the_shipped_envoy_config_matches_the_server() {
-    use tollgate::policy::yaml::{parse, Node, Value};
+    use tollgate_core::policy::yaml::{parse, Node, Value};
     let source = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/deploy/envoy/envoy.yaml"

@@ -5,10 +5,10 @@ mod common;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tollgate::gate::{Gate, GateConfig, SystemClock};
 use tollgate::proto::v1 as pb;
 use tollgate::proto::v1::tollgate_client::TollgateClient;
-use tollgate::store::MemoryStore;
+use tollgate_core::gate::{Gate, GateConfig, SystemClock};
+use tollgate_core::store::MemoryStore;
 use tonic::Code;
 
 const POLICY: &str = "

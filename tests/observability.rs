@@ -272,7 +272,7 @@ async fn metrics_count_every_decision_over_grpc_and_http() {
     assert_eq!(used("team-daily", "team=c"), None, "past the cap");
     let key_scope = format!(
         "key=sha256:{}",
-        tollgate::policy::hex(&tollgate::engine::request::hash_key(RAW_KEY)[..8])
+        tollgate_core::policy::hex(&tollgate_core::engine::request::hash_key(RAW_KEY)[..8])
     );
     assert_eq!(used("key-requests", &key_scope), Some(7.0));
     assert_eq!(
@@ -419,7 +419,7 @@ async fn audit_log_has_one_line_per_decision_without_the_raw_key() {
     let (text, lines) = audited(&[], 5).await;
     assert!(!text.contains(RAW_KEY), "the raw key is in the audit log");
     assert_eq!(lines.len(), 5, "{text}");
-    let key_hash = tollgate::policy::hex(&tollgate::engine::request::hash_key(RAW_KEY));
+    let key_hash = tollgate_core::policy::hex(&tollgate_core::engine::request::hash_key(RAW_KEY));
     for (i, line) in lines.iter().enumerate() {
         assert_eq!(line["request_id"], format!("r-{i}"));
         assert!(line["ts"].as_str().unwrap().ends_with('Z'), "{line}");

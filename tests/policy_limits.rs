@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tollgate::policy::MAX_FILE_BYTES;
+use tollgate_core::policy::MAX_FILE_BYTES;
 
 const GOOD: &str = "rules:\n  - id: a\n    limit: { requests: 1, window: daily }\n";
 

@@ -211,7 +211,7 @@ rules:
 #[test]
 fn the_shipped_policies_load() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    let policy = tollgate::policy::load_dirs(&[dir]).unwrap_or_else(|e| panic!("{e}"));
+    let policy = tollgate_core::policy::load_dirs(&[dir]).unwrap_or_else(|e| panic!("{e}"));
     let ids: Vec<&str> = policy.rules().iter().map(|r| r.id.as_str()).collect();
     for expected in [
         "prod-key-monthly",

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tollgate::engine::{Attributes, Verdict};
-use tollgate::gate::{CheckInput, Gate, GateConfig, SystemClock};
 use tollgate::reload::{self, Reloader};
-use tollgate::store::MemoryStore;
+use tollgate_core::engine::{Attributes, Verdict};
+use tollgate_core::gate::{CheckInput, Gate, GateConfig, SystemClock};
+use tollgate_core::store::MemoryStore;
 
 /// A policy whose two rules carry `cap` and `cap + 1`, so that a decision
 /// mixing two sets would show.

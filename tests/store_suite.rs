@@ -7,9 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use common::{at, gate_with, policy};
-use tollgate::engine::{Attributes, Estimate, Verdict};
-use tollgate::gate::{CheckInput, ManualClock};
-use tollgate::store::{
+use tollgate_core::engine::{Attributes, Estimate, Verdict};
+use tollgate_core::gate::{CheckInput, ManualClock};
+use tollgate_core::store::{
     Candidate, CounterKind, CounterOp, CounterRef, CounterStore, Expiry, Grant, GrantRef,
     MemoryStore, ReserveRequest, SettleOutcome, StoreError,
 };
@@ -180,7 +180,7 @@ fn reserve_across_scopes_leaves_no_partial_charge() {
             let teams = ["a", "b", "c", "d"];
             let allowed: Arc<Vec<AtomicU64>> =
                 Arc::new(teams.iter().map(|_| AtomicU64::new(0)).collect());
-            let check = |gate: Arc<tollgate::gate::Gate>, team: usize| async move {
+            let check = |gate: Arc<tollgate_core::gate::Gate>, team: usize| async move {
                 let input = CheckInput {
                     attributes: Attributes {
                         team: Some(["a", "b", "c", "d"][team].to_string()),
@@ -254,7 +254,7 @@ fn reserve_across_scopes_leaves_no_partial_charge() {
 fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
     CounterOp {
         key: key.to_string(),
-        unit: tollgate::policy::Unit::Requests,
+        unit: tollgate_core::policy::Unit::Requests,
         amount,
         limit,
         enforced: true,
@@ -668,7 +668,7 @@ fn grant(key: &str, extra: i64, expires_at: i64) -> Grant {
         rule: key.split('|').next().unwrap().to_string(),
         scope: "team=growth".to_string(),
         key: key.to_string(),
-        unit: tollgate::policy::Unit::Requests,
+        unit: tollgate_core::policy::Unit::Requests,
         extra,
         expires_at,
         approver: "ana".to_string(),
@@ -867,7 +867,7 @@ fn a_settled_reservation_is_kept_only_to_recognise_a_repeat() {
                 "{name}"
             );
             assert_eq!(
-                settle(2_000 + tollgate::store::SETTLED_RETENTION + 1)
+                settle(2_000 + tollgate_core::store::SETTLED_RETENTION + 1)
                     .await
                     .unwrap(),
                 SettleOutcome::Unknown,

@@ -21,17 +21,17 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify, Semaphore};
 
-use crate::engine::decide::AlertCrossing;
-use crate::engine::window::{format_utc, Millis};
-use crate::policy::{hex, CompiledPolicy, NotifierKind};
-use crate::gate::AlertSink;
-use crate::store::CounterStore;
 use crate::telemetry::names;
+use tollgate_core::engine::decide::AlertCrossing;
+use tollgate_core::engine::window::{format_utc, Millis};
+use tollgate_core::gate::AlertSink;
+use tollgate_core::policy::{hex, CompiledPolicy, NotifierKind};
+use tollgate_core::store::CounterStore;
 
 /// One alert as every notifier receives it. Scopes name keys by their
 /// registry id or hash, never by the raw key.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct AlertEvent {
+pub(crate) struct AlertEvent {
     /// The same for every delivery of one crossing, so a receiver can
     /// drop duplicates (a retried webhook that had in fact arrived).
     pub id: String,
@@ -395,8 +395,8 @@ async fn deliver_once(d: &Delivery, store: &dyn CounterStore) -> Result<(), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{compile_sources, SourceFile, Unit};
-    use crate::store::MemoryStore;
+    use tollgate_core::policy::{compile_sources, SourceFile, Unit};
+    use tollgate_core::store::MemoryStore;
 
     fn crossing(threshold: u32) -> AlertCrossing {
         AlertCrossing {

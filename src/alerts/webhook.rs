@@ -22,7 +22,7 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
     mac.update(body);
     format!(
         "sha256={}",
-        crate::policy::hex(&mac.finalize().into_bytes())
+        tollgate_core::policy::hex(&mac.finalize().into_bytes())
     )
 }
 

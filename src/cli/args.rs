@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use tollgate::engine::Attributes;
-use tollgate::policy::{parse_duration, Attr};
+use tollgate_core::engine::Attributes;
+use tollgate_core::policy::{parse_duration, Attr};
 
 pub(crate) fn duration_arg(s: &str) -> Result<Duration, String> {
     parse_duration(s)
@@ -13,7 +13,7 @@ pub(crate) fn duration_arg(s: &str) -> Result<Duration, String> {
 
 pub(crate) fn retry_within_arg(s: &str) -> Result<Duration, String> {
     let d = duration_arg(s)?;
-    let max = tollgate::engine::decide::MAX_RETRY_WITHIN_SECS;
+    let max = tollgate_core::engine::decide::MAX_RETRY_WITHIN_SECS;
     if d.as_secs() > max {
         return Err(format!(
             "{s:?} is over {max}s: SDKs do not wait for a Retry-After that long"

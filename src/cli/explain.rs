@@ -6,9 +6,9 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use rust_decimal::Decimal;
-use tollgate::engine::Estimate;
-use tollgate::gate::{CheckInput, Clock, SystemClock};
-use tollgate::policy;
+use tollgate_core::engine::Estimate;
+use tollgate_core::gate::{CheckInput, Clock, SystemClock};
+use tollgate_core::policy;
 
 use super::args::{parse_attrs, split_pair};
 

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tollgate::gate::{Gate, GateConfig, SystemClock};
 use tollgate::reload;
-use tollgate::store::{RedisConfig, RedisStore};
 use tollgate::usage::{UsageReport, UsageRow};
+use tollgate_core::gate::{Gate, GateConfig, SystemClock};
+use tollgate_core::store::{RedisConfig, RedisStore};
 
 use super::args::parse_attrs;
 use super::client::{Server, ServerTlsArgs};

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use tollgate::policy;
+use tollgate_core::policy;
 
 pub(super) fn validate(dirs: &[PathBuf]) -> ExitCode {
     match policy::load_dirs(dirs) {

@@ -17,12 +17,12 @@ use sha2::{Digest, Sha256};
 use tonic::{Request, Status};
 
 use super::status::{grpc_status, Refusal};
-use crate::engine::request::parse_amount;
-use crate::engine::window::format_utc;
-use crate::gate::{grant_extra_text, grant_view, Gate, GateError, GrantRequest};
-use crate::policy::parse_duration;
 use crate::proto::v1 as pb;
-use crate::store::Grant;
+use tollgate_core::engine::request::parse_amount;
+use tollgate_core::engine::window::format_utc;
+use tollgate_core::gate::{grant_extra_text, grant_view, Gate, GateError, GrantRequest};
+use tollgate_core::policy::parse_duration;
+use tollgate_core::store::Grant;
 
 /// Audit entries returned when a listing asks for none in particular.
 const DEFAULT_AUDIT_ENTRIES: usize = 50;
@@ -132,7 +132,9 @@ impl pb::admin_server::Admin for AdminApi {
         let r = request.into_inner();
         let extra = match r.extra.trim() {
             "" => None,
-            text => Some(parse_amount("extra", text).map_err(|e| Refusal::invalid(&e).grpc_status())?),
+            text => {
+                Some(parse_amount("extra", text).map_err(|e| Refusal::invalid(&e).grpc_status())?)
+            }
         };
         let grant = self
             .gate
@@ -189,7 +191,7 @@ async fn listing(gate: &Gate, entries: usize) -> Result<(Vec<Grant>, Vec<String>
     Ok((grants, audit))
 }
 
-pub fn grant_message(g: &Grant) -> pb::Grant {
+pub(crate) fn grant_message(g: &Grant) -> pb::Grant {
     pb::Grant {
         rule: g.rule.clone(),
         scope: g.scope.clone(),
@@ -279,7 +281,11 @@ async fn http_approve(State(state): State<HttpAdmin>, headers: HeaderMap, body: 
         Some(serde_json::Value::String(s)) => Some(s.clone()),
         Some(other) => return bad_request(format!("`extra` must be a number, got {other}")),
     };
-    let extra = match text.as_deref().map(|t| parse_amount("extra", t)).transpose() {
+    let extra = match text
+        .as_deref()
+        .map(|t| parse_amount("extra", t))
+        .transpose()
+    {
         Ok(extra) => extra,
         Err(e) => return json_error(&Refusal::invalid(&e)),
     };

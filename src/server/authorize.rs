@@ -5,8 +5,8 @@
 
 use super::http_request::{check_input, HttpRequest};
 use super::status::{allowance, Allowance, Refusal};
-use crate::engine::Verdict;
-use crate::gate::Gate;
+use tollgate_core::engine::Verdict;
+use tollgate_core::gate::Gate;
 
 /// What an HTTP-shaped front end answers.
 #[derive(Debug)]

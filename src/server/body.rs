@@ -12,7 +12,7 @@
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
-use crate::engine::Estimate;
+use tollgate_core::engine::Estimate;
 
 /// What a body says about the request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,7 +22,7 @@ pub struct BodyFacts {
 }
 
 /// Characters per token in the input approximation.
-pub const CHARS_PER_TOKEN: u64 = 4;
+pub(crate) const CHARS_PER_TOKEN: u64 = 4;
 
 /// Facts from a whole JSON body. A body that does not parse as a JSON
 /// object yields no facts.

@@ -23,7 +23,7 @@ use tonic::{Request, Response, Status};
 use super::authorize::{authorize, Answer};
 use super::http_request::HttpRequest;
 use super::status::Refusal;
-use crate::gate::Gate;
+use tollgate_core::gate::Gate;
 
 #[derive(Debug, Clone)]
 pub struct EnvoyAuthz {

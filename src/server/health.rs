@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::store::{CounterKind, CounterRef, CounterStore};
+use tollgate_core::store::{CounterKind, CounterRef, CounterStore};
 
 /// What readiness is made of; ready when every part is good.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -100,7 +100,7 @@ impl Readiness {
     }
 
     /// Records a probe's outcome; logs only the transitions.
-    pub fn set_store(&self, result: Result<(), String>) {
+    pub(crate) fn set_store(&self, result: Result<(), String>) {
         self.state.send_if_modified(|s| {
             let reachable = result.is_ok();
             let error = result.err();
@@ -129,7 +129,7 @@ impl Default for Readiness {
 const PROBE_KEY: &str = "health-probe";
 
 /// A probe slower than this counts as a failure.
-pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Probes `store` once.
 pub async fn probe(store: &dyn CounterStore, now: i64) -> Result<(), String> {
@@ -148,7 +148,7 @@ pub async fn probe(store: &dyn CounterStore, now: i64) -> Result<(), String> {
 pub fn spawn_probe(
     readiness: Readiness,
     store: Arc<dyn CounterStore>,
-    clock: Arc<dyn crate::gate::Clock>,
+    clock: Arc<dyn tollgate_core::gate::Clock>,
     every: Duration,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {

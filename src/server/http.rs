@@ -35,14 +35,14 @@ use super::http_request::HttpRequest;
 use super::settle::{outcome_name, SettleForm};
 use super::status::Refusal;
 use super::ListenerOptions;
-use crate::engine::RequestError;
-use crate::gate::Gate;
 use crate::reload::{PolicyStatus, Reloader};
 use crate::telemetry::Telemetry;
 use crate::usage::{UsageReport, UsageRow};
+use tollgate_core::engine::RequestError;
+use tollgate_core::gate::Gate;
 
 /// Largest body read by the forward endpoint and settle.
-pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Clone)]
 struct HttpState {
@@ -56,7 +56,11 @@ pub fn router(gate: Arc<Gate>, reloader: Arc<Reloader>) -> Router {
     router_with(gate, reloader, &ListenerOptions::default())
 }
 
-pub fn router_with(gate: Arc<Gate>, reloader: Arc<Reloader>, options: &ListenerOptions) -> Router {
+pub(crate) fn router_with(
+    gate: Arc<Gate>,
+    reloader: Arc<Reloader>,
+    options: &ListenerOptions,
+) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -299,7 +303,10 @@ fn refuse(flavor: Flavor, r: Refusal) -> Response {
 fn rejected(e: &BytesRejection) -> Refusal {
     Refusal {
         http: e.status().as_u16(),
-        ..Refusal::invalid(&RequestError::invalid(format!("request body: {}", e.body_text())))
+        ..Refusal::invalid(&RequestError::invalid(format!(
+            "request body: {}",
+            e.body_text()
+        )))
     }
 }
 
@@ -307,7 +314,10 @@ fn rejected(e: &BytesRejection) -> Refusal {
 async fn not_found(method: Method, uri: Uri) -> Response {
     refuse(
         Flavor::Forward,
-        Refusal::not_found(&format!("{method} {}: unknown endpoint on this port", uri.path())),
+        Refusal::not_found(&format!(
+            "{method} {}: unknown endpoint on this port",
+            uri.path()
+        )),
     )
 }
 
@@ -329,26 +339,11 @@ async fn settle(State(state): State<HttpState>, body: Result<Bytes, BytesRejecti
         Err(e) => return refuse(Flavor::Forward, Refusal::invalid(&e)),
     };
     match state.gate.settle(&reservation_id, &actual).await {
-        Ok(outcome) => Json(serde_json::json!({ "outcome": outcome_name(outcome) })).into_response(),
+        Ok(outcome) => {
+            Json(serde_json::json!({ "outcome": outcome_name(outcome) })).into_response()
+        }
         Err(e) => refuse(Flavor::Forward, Refusal::from_gate_error(&e)),
     }
-}
-
-/// Serves the HTTP endpoints on `listener` until `shutdown`.
-pub async fn serve_http(
-    gate: Arc<Gate>,
-    reloader: Arc<Reloader>,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    serve_http_with(
-        gate,
-        reloader,
-        listener,
-        ListenerOptions::default(),
-        shutdown,
-    )
-    .await
 }
 
 /// [`serve_http`] with `/readyz` following `options.readiness` and

@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use rust_decimal::Decimal;
 
 use super::body;
-use crate::engine::request::parse_amount;
-use crate::engine::{Attributes, Estimate, RequestError};
-use crate::gate::CheckInput;
-use crate::policy::{Attr, AttributeMapping};
 use crate::telemetry::names;
+use tollgate_core::engine::request::parse_amount;
+use tollgate_core::engine::{Attributes, Estimate, RequestError};
+use tollgate_core::gate::CheckInput;
+use tollgate_core::policy::{Attr, AttributeMapping};
 
 /// An HTTP request as a front end received it. Header names are lower case;
 /// values are raw bytes, because they are not always valid UTF-8.
@@ -31,19 +31,9 @@ pub struct HttpRequest<'a> {
     pub proxy_request_id: Option<&'a str>,
 }
 
-/// Estimate headers, for proxies that cannot send a body (nginx).
-pub const ESTIMATE_HEADERS: [&str; 6] = [
-    "x-tollgate-input-tokens",
-    "x-tollgate-max-tokens",
-    "x-tollgate-images",
-    "x-tollgate-image-quality",
-    "x-tollgate-video-seconds",
-    "x-tollgate-audio-seconds",
-];
-
 /// The route setting that says the upstream honours the model header, so
 /// a downgrade can be put into effect: `downgrade: header`.
-pub const DOWNGRADE_SETTING: &str = "downgrade";
+pub(crate) const DOWNGRADE_SETTING: &str = "downgrade";
 
 /// Modalities by path, tried after the policy's own `modality_paths`.
 const MODALITY_PATHS: [(&str, &str); 9] = [

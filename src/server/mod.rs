@@ -1,5 +1,5 @@
 //! Network front ends. Each one converts its wire format into a
-//! [`CheckInput`](crate::gate::CheckInput), calls the [`Gate`], and converts
+//! [`CheckInput`](tollgate_core::gate::CheckInput), calls the [`Gate`], and converts
 //! the answer back; errors become protocol responses in `status.rs` only.
 
 pub mod admin;
@@ -22,20 +22,20 @@ use tonic::transport::server::TcpIncoming;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 
-use crate::gate::Gate;
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::tollgate_server::TollgateServer;
 use crate::reload::Reloader;
 use crate::telemetry::Telemetry;
 use health::Readiness;
+use tollgate_core::gate::Gate;
 
 /// Requests larger than this are refused before decoding: no attribute or
 /// estimate needs more, and it bounds what a hostile client can make us hold.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
 /// Envoy's checks carry the request body (up to its `max_request_bytes`),
 /// so they may be larger.
-pub const MAX_ENVOY_REQUEST_BYTES: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_ENVOY_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// How a listener is run beyond its address: what readiness it reports and
 /// whether it speaks TLS.

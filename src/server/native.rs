@@ -7,12 +7,12 @@ use tonic::{Request, Response, Status};
 
 use super::settle::{outcome_name, SettleForm, UsageForm};
 use super::status::{grpc_status, Refusal};
-use crate::engine::request::parse_amount;
-use crate::engine::{Attributes, CounterReport, Decision, Estimate, Verdict};
-use crate::gate::{CheckInput, Gate};
-use crate::policy::Attr;
 use crate::proto::v1 as pb;
 use crate::reload::Reloader;
+use tollgate_core::engine::request::parse_amount;
+use tollgate_core::engine::{Attributes, CounterReport, Decision, Estimate, Verdict};
+use tollgate_core::gate::{CheckInput, Gate};
+use tollgate_core::policy::Attr;
 
 #[derive(Debug, Clone)]
 pub struct NativeApi {

@@ -4,10 +4,10 @@
 
 use serde::{Deserialize, Deserializer};
 
-use crate::engine::request::parse_amount;
-use crate::engine::RequestError;
-use crate::gate::ActualUsage;
-use crate::store::SettleOutcome;
+use tollgate_core::engine::request::parse_amount;
+use tollgate_core::engine::RequestError;
+use tollgate_core::gate::ActualUsage;
+use tollgate_core::store::SettleOutcome;
 
 /// What a call really used. Absent counts are zero.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -106,9 +106,13 @@ mod tests {
         assert!(actual.audio_seconds.is_zero());
 
         let negative: SettleForm =
-            serde_json::from_str(r#"{"reservation_id":"r1","usage":{"video_seconds":-1}}"#).unwrap();
+            serde_json::from_str(r#"{"reservation_id":"r1","usage":{"video_seconds":-1}}"#)
+                .unwrap();
         let e = negative.checked().unwrap_err().to_string();
-        assert!(e.contains("`usage.video_seconds` must not be negative"), "{e}");
+        assert!(
+            e.contains("`usage.video_seconds` must not be negative"),
+            "{e}"
+        );
         let missing: SettleForm = serde_json::from_str(r#"{"reservation_id":" "}"#).unwrap();
         assert!(missing.checked().is_err());
         assert!(serde_json::from_str::<SettleForm>(r#"{"reservation_id":"r","extra":1}"#).is_err());

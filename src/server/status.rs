@@ -8,17 +8,17 @@
 
 use tonic::{Code, Status};
 
-use crate::engine::window::seconds_until;
-use crate::engine::{Decision, Reason, RequestError, Verdict};
-use crate::gate::GateError;
-use crate::store::StoreError;
+use tollgate_core::engine::window::seconds_until;
+use tollgate_core::engine::{Decision, Reason, RequestError, Verdict};
+use tollgate_core::gate::GateError;
+use tollgate_core::store::StoreError;
 
 /// Below this wait, `retry-after-ms` goes beside `retry-after`, so that an
 /// SDK that reads it waits exactly as long as needed, not a rounded second.
 const RETRY_AFTER_MS_BELOW: u64 = 10_000;
 
 /// How long a client should wait after a store fault before it retries.
-pub const STORE_FAULT_RETRY_SECS: u64 = 1;
+pub(crate) const STORE_FAULT_RETRY_SECS: u64 = 1;
 
 /// A request refused, in every protocol's terms at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +55,8 @@ impl Refusal {
         }
         .retry(d.retryable, d.retry_after, d.retry_after_ms);
         if let Some(rule) = &d.rule {
-            r.headers.push(("x-tollgate-rule".to_string(), rule.clone()));
+            r.headers
+                .push(("x-tollgate-rule".to_string(), rule.clone()));
         }
         r
     }
@@ -71,11 +72,6 @@ impl Refusal {
             headers: Vec::new(),
         }
         .retry(false, None, None)
-    }
-
-    /// A malformed field of a request, named.
-    pub fn bad_field(field: &str, problem: impl std::fmt::Display) -> Refusal {
-        Refusal::invalid(&RequestError::invalid(format!("`{field}` {problem}")))
     }
 
     /// A store fault on a rule that fails closed: 503 and UNAVAILABLE,

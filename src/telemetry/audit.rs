@@ -18,13 +18,13 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use super::names;
-use crate::engine::charge::from_counter;
-use crate::engine::decide::Plan;
-use crate::engine::request::hash_key;
-use crate::engine::window::{format_utc, Millis};
-use crate::engine::{Attributes, Decision, Verdict};
-use crate::gate::{DecisionReport, GateError};
-use crate::policy::{hex, Attr, CompiledPolicy, Unit};
+use tollgate_core::engine::charge::from_counter;
+use tollgate_core::engine::decide::Plan;
+use tollgate_core::engine::request::hash_key;
+use tollgate_core::engine::window::{format_utc, Millis};
+use tollgate_core::engine::{Attributes, Decision, Verdict};
+use tollgate_core::gate::{DecisionReport, GateError};
+use tollgate_core::policy::{hex, Attr, CompiledPolicy, Unit};
 
 /// Records waiting for the writer before new ones are dropped.
 pub const DEFAULT_QUEUE: usize = 8192;
@@ -160,7 +160,8 @@ impl AuditLog {
     fn dropped(&self) {
         let total = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
         metrics::counter!(names::AUDIT_DROPPED).increment(1);
-        let now = crate::gate::Clock::now(&crate::gate::SystemClock).div_euclid(1000);
+        let now =
+            tollgate_core::gate::Clock::now(&tollgate_core::gate::SystemClock).div_euclid(1000);
         let last = self.last_warning.load(Ordering::Relaxed);
         if now >= last.saturating_add(10)
             && self
@@ -176,7 +177,8 @@ impl AuditLog {
     }
 
     /// Records dropped so far because the queue was full.
-    pub fn dropped_total(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn dropped_total(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
 
@@ -348,9 +350,9 @@ fn format_utc_millis(t: Millis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::CheckInput;
     use std::sync::mpsc as std_mpsc;
     use std::sync::{Arc, Mutex};
+    use tollgate_core::gate::CheckInput;
 
     /// An output that stalls on its first write until released, as a slow
     /// disk would, and says when the writer is stuck in it.
@@ -377,7 +379,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_queue_drops_and_counts_and_never_blocks() {
         let policy = Arc::new(
-            crate::policy::compile_sources(&[crate::policy::SourceFile {
+            tollgate_core::policy::compile_sources(&[tollgate_core::policy::SourceFile {
                 name: "p.yaml".to_string(),
                 text: "rules:\n  - id: r\n    limit: { requests: 1, window: daily }\n".to_string(),
             }])

@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::engine::window::Millis;
+use tollgate_core::engine::window::Millis;
 
 const SLOTS: usize = 1024;
 const COUNT_BITS: u32 = 24;
@@ -78,7 +78,8 @@ impl InFlight {
             .sum()
     }
 
-    pub fn width(&self) -> Millis {
+    #[cfg(test)]
+    pub(crate) fn width(&self) -> Millis {
         self.width
     }
 }

@@ -14,12 +14,12 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::engine::window::Millis;
-use crate::engine::{Decision, Verdict};
-use crate::gate::{DecisionReport, GateError, Observer};
 use crate::status::PolicyStatus;
-use crate::store::StoreError;
 use audit::AuditLog;
+use tollgate_core::engine::window::Millis;
+use tollgate_core::engine::{Decision, Verdict};
+use tollgate_core::gate::{DecisionReport, GateError, Observer};
+use tollgate_core::store::StoreError;
 
 pub mod audit;
 
@@ -184,10 +184,6 @@ impl Telemetry {
 
     pub fn scopes(&self) -> &ScopeTracker {
         &self.scopes
-    }
-
-    pub fn in_flight(&self, now: Millis) -> u64 {
-        self.in_flight.count(now)
     }
 
     pub fn audit(&self) -> Option<&AuditLog> {

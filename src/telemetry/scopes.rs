@@ -16,7 +16,7 @@ use metrics::{Counter, Gauge};
 use rust_decimal::prelude::ToPrimitive;
 
 use super::names;
-use crate::engine::CounterReport;
+use tollgate_core::engine::CounterReport;
 
 const SHARDS: usize = 16;
 
@@ -156,8 +156,8 @@ fn set(t: &Tracked, r: &CounterReport) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Unit, Window};
     use rust_decimal::Decimal;
+    use tollgate_core::policy::{Unit, Window};
 
     fn report(rule: &str, scope: &str) -> CounterReport {
         CounterReport {

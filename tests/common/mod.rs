@@ -4,10 +4,10 @@ pub mod nginx;
 
 use std::sync::Arc;
 
-use tollgate::engine::window::days_from_civil;
-use tollgate::gate::{Gate, GateConfig, ManualClock};
-use tollgate::policy::{compile_sources, CompiledPolicy, LoadErrors, SourceFile};
-use tollgate::store::{CounterStore, MemoryStore};
+use tollgate_core::engine::window::days_from_civil;
+use tollgate_core::gate::{Gate, GateConfig, ManualClock};
+use tollgate_core::policy::{compile_sources, CompiledPolicy, LoadErrors, SourceFile};
+use tollgate_core::store::{CounterStore, MemoryStore};
 
 pub fn sources(files: &[(&str, &str)]) -> Vec<SourceFile> {
     files
@@ -142,10 +142,12 @@ impl RedisServer {
     }
 
     /// A store on this server; call inside a Tokio runtime.
-    pub async fn store(&self) -> tollgate::store::RedisStore {
-        tollgate::store::RedisStore::connect(&tollgate::store::RedisConfig::new(self.url()))
-            .await
-            .unwrap()
+    pub async fn store(&self) -> tollgate_core::store::RedisStore {
+        tollgate_core::store::RedisStore::connect(&tollgate_core::store::RedisConfig::new(
+            self.url(),
+        ))
+        .await
+        .unwrap()
     }
 
     /// Kills the server at once, as a crash would.
@@ -324,12 +326,14 @@ impl RedisCluster {
             .join(",")
     }
 
-    pub async fn store(&self) -> tollgate::store::RedisStore {
-        let config = tollgate::store::RedisConfig {
+    pub async fn store(&self) -> tollgate_core::store::RedisStore {
+        let config = tollgate_core::store::RedisConfig {
             cluster: true,
-            ..tollgate::store::RedisConfig::new(self.urls())
+            ..tollgate_core::store::RedisConfig::new(self.urls())
         };
-        tollgate::store::RedisStore::connect(&config).await.unwrap()
+        tollgate_core::store::RedisStore::connect(&config)
+            .await
+            .unwrap()
     }
 }
 

@@ -8,17 +8,17 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tollgate::alerts::{Dispatcher, DispatcherConfig};
-use tollgate::gate::{Clock, Gate, GateConfig, SystemClock};
-use tollgate::policy::CompiledPolicy;
 use tollgate::reload::{self, ReloadConfig, Reloader};
 use tollgate::server::admin::{AdminApi, AdminToken};
 use tollgate::server::health::Readiness;
 use tollgate::server::tls::{self, TlsFiles};
 use tollgate::server::AdminListener;
 use tollgate::shutdown::{FlushHooks, Shutdown};
-use tollgate::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
 use tollgate::telemetry::audit::{AuditConfig, AuditLog};
 use tollgate::telemetry::{Telemetry, TelemetryConfig};
+use tollgate_core::gate::{Clock, Gate, GateConfig, SystemClock};
+use tollgate_core::policy::CompiledPolicy;
+use tollgate_core::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
 
 use super::{ListenerTls, ServeArgs};
 use crate::cli::admin::admin_token;

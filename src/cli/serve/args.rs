@@ -76,7 +76,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TOLLGATE_RESCAN_EVERY", default_value = "10s", value_parser = duration_arg)]
     pub(crate) rescan_every: Duration,
     /// Most live counters the embedded store holds.
-    #[arg(long, env = "TOLLGATE_MAX_COUNTERS", default_value_t = tollgate::store::memory::DEFAULT_MAX_COUNTERS)]
+    #[arg(long, env = "TOLLGATE_MAX_COUNTERS", default_value_t = tollgate_core::store::memory::DEFAULT_MAX_COUNTERS)]
     pub(crate) max_counters: usize,
     /// Log format on stderr.
     #[arg(long, env = "TOLLGATE_LOG_FORMAT", value_enum, default_value = "text")]

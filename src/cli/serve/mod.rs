@@ -9,9 +9,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tollgate::policy::CompiledPolicy;
 use tollgate::reload;
 use tollgate::server::tls::{self, TlsFiles};
+use tollgate_core::policy::CompiledPolicy;
 
 use super::runtime::{runtime, Threads};
 use app::App;

@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
-use tollgate::gate::Gate;
 use tollgate::reload::Reloader;
 use tollgate::server::health::{self, Readiness};
 use tollgate::server::ListenerOptions;
 use tollgate::shutdown::{self, Shutdown};
 use tollgate::telemetry::Telemetry;
+use tollgate_core::gate::Gate;
 
 use super::app::{Admin, App, Listeners};
 

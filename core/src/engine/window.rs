@@ -3,8 +3,7 @@
 
 use crate::policy::{CalendarPeriod, Window};
 
-/// Milliseconds since the Unix epoch, UTC.
-pub type Millis = i64;
+pub use crate::clock::Millis;
 
 const MINUTE: i64 = 60_000;
 const HOUR: i64 = 60 * MINUTE;

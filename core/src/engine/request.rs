@@ -333,7 +333,10 @@ mod amount_tests {
         assert_eq!(parse_amount("x", "-0.000").unwrap(), Decimal::ZERO);
         for bad in ["-1", "-0.5", "abc", "1,5", "", &"9".repeat(41)] {
             let e = parse_amount("usage.video_seconds", bad).unwrap_err();
-            assert!(e.to_string().contains("`usage.video_seconds`"), "{bad}: {e}");
+            assert!(
+                e.to_string().contains("`usage.video_seconds`"),
+                "{bad}: {e}"
+            );
         }
     }
 }

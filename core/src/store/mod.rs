@@ -13,7 +13,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
-use crate::engine::window::Millis;
+use crate::clock::Millis;
 use crate::policy::Unit;
 
 pub use memory::MemoryStore;

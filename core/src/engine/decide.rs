@@ -721,7 +721,7 @@ pub fn decide(
         reservation_id: None,
         action_id: None,
         policy_version: String::new(),
-            decided_at: 0,
+        decided_at: 0,
     }
 }
 

@@ -5,7 +5,6 @@
 //! itself. The data flows one way: attributes → plan → one store call →
 //! decision.
 
-use std::fmt;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +19,8 @@ use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
 use crate::policy::{Attr, CompiledPolicy, Enforcement, OnExceed, StoreFailure, Unit, UnknownKeys};
 use crate::store::{CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError};
+
+pub use crate::clock::{Clock, ManualClock, SystemClock};
 
 mod observe;
 mod scopes;
@@ -38,44 +39,6 @@ const ADMIN_STORE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// The longest a grant may last.
 pub const MAX_GRANT: Duration = Duration::from_secs(366 * 86_400);
-
-/// Where the gate gets the time; tests move it by hand.
-pub trait Clock: Send + Sync + fmt::Debug {
-    fn now(&self) -> Millis;
-}
-
-#[derive(Debug, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Millis {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as Millis)
-            .unwrap_or(0)
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
-
-impl ManualClock {
-    pub fn new(now: Millis) -> ManualClock {
-        ManualClock(AtomicI64::new(now))
-    }
-    pub fn set(&self, now: Millis) {
-        self.0.store(now, Ordering::SeqCst);
-    }
-    pub fn advance(&self, by: Millis) {
-        self.0.fetch_add(by, Ordering::SeqCst);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now(&self) -> Millis {
-        self.0.load(Ordering::SeqCst)
-    }
-}
 
 #[derive(Debug, Clone)]
 pub struct GateConfig {
