@@ -1,5 +1,14 @@
-//! Counter-store scenarios. Every scenario is written once against
-//! `Arc<dyn CounterStore>` and run for each backend listed in `backends()`.
+//! Counter-store scenarios. Every scenario is an `async fn` written once
+//! against a [`Backend`]; `backend_matrix!` at the end of the file makes one
+//! `#[tokio::test]` of each for every backend: `memory::<scenario>` (the
+//! embedded store), `redis::<scenario>` (one `redis-server`) and
+//! `cluster::<scenario>` (a three-master Redis Cluster), so a failure on one
+//! backend never hides the others.
+//!
+//! The Redis tests share one server and one cluster for the whole test
+//! binary (`common::shared_redis`, `common::shared_cluster`, which also say
+//! how those processes are stopped when the binary exits). Each test keeps
+//! to a key prefix of its own, so they run in parallel on them.
 
 mod common;
 
@@ -14,43 +23,70 @@ use tollgate_core::store::{
     MemoryStore, ReserveRequest, SettleOutcome, StoreError,
 };
 
-/// A store under test; a Redis one keeps its servers alive with it.
+/// The store one generated test runs its scenario against, and the
+/// backend's name for assertion messages.
 struct Backend {
     name: &'static str,
     store: Arc<dyn CounterStore>,
-    _servers: (Option<common::RedisServer>, Option<common::RedisCluster>),
 }
 
-/// Every backend every scenario runs against: the embedded store, one
-/// Redis, and a three-master Redis Cluster.
-async fn backends() -> Vec<Backend> {
-    let redis = common::RedisServer::start();
-    let cluster = common::RedisCluster::start();
-    vec![
+impl Backend {
+    /// A fresh embedded store.
+    async fn memory(_scenario: &str) -> Backend {
         Backend {
             name: "memory",
             store: Arc::new(MemoryStore::default()),
-            _servers: (None, None),
-        },
+        }
+    }
+
+    /// A store on the binary's shared `redis-server`, under the scenario's
+    /// own key prefix.
+    async fn redis(scenario: &str) -> Backend {
         Backend {
             name: "redis",
-            store: Arc::new(redis.store().await),
-            _servers: (Some(redis), None),
-        },
+            store: Arc::new(common::shared_redis().store(&key_prefix(scenario)).await),
+        }
+    }
+
+    /// A store on the binary's shared Redis Cluster, under the scenario's
+    /// own key prefix.
+    async fn cluster(scenario: &str) -> Backend {
         Backend {
             name: "redis-cluster",
-            store: Arc::new(cluster.store().await),
-            _servers: (None, Some(cluster)),
-        },
-    ]
+            store: Arc::new(common::shared_cluster().store(&key_prefix(scenario)).await),
+        }
+    }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(4)
-        .enable_all()
-        .build()
-        .unwrap()
+/// One prefix per scenario: each backend module holds a scenario once, and
+/// the Redis and the cluster backends use different servers, so no two
+/// tests of one binary share a key.
+fn key_prefix(scenario: &str) -> String {
+    format!("test:{scenario}:")
+}
+
+/// One test per scenario per backend, each in the backend's module and
+/// named after the scenario, e.g. `cluster::logs_keep_entries_in_order`.
+/// A scenario left out of the list is an unused function, which clippy's
+/// `-D warnings` refuses.
+macro_rules! backend_matrix {
+    ($($scenario:ident),+ $(,)?) => {
+        backend_matrix!(@backend memory: $($scenario),+);
+        backend_matrix!(@backend redis: $($scenario),+);
+        backend_matrix!(@backend cluster: $($scenario),+);
+    };
+    (@backend $backend:ident: $($scenario:ident),+) => {
+        mod $backend {
+            $(
+                // Four workers, so contending tasks really run at once.
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    let backend = super::Backend::$backend(stringify!($scenario)).await;
+                    super::$scenario(backend).await;
+                }
+            )+
+        }
+    };
 }
 
 const SHARED_BUDGET: &str = "
@@ -67,91 +103,81 @@ rules:
 /// 64 tasks hammer 100 units shared by two rules: no counter ever passes
 /// its cap, no counter is left partly incremented, and when demand exceeds
 /// the cap it is filled exactly.
-#[test]
-fn reserve_is_all_or_nothing_under_contention() {
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 12, 0)));
-            let gate = Arc::new(gate_with(policy(SHARED_BUDGET), store, clock));
-            let allowed_m1 = Arc::new(AtomicU64::new(0));
-            let allowed_m2 = Arc::new(AtomicU64::new(0));
-            let mut tasks = Vec::new();
-            for t in 0..64 {
-                let gate = gate.clone();
-                let (a1, a2) = (allowed_m1.clone(), allowed_m2.clone());
-                tasks.push(tokio::spawn(async move {
-                    for _ in 0..10 {
-                        let model = if t % 2 == 0 { "m1" } else { "m2" };
-                        let attributes = Attributes {
-                            model: Some(model.to_string()),
-                            ..Default::default()
-                        };
-                        let input = CheckInput {
-                            attributes,
-                            estimate: Estimate {
-                                input_tokens: Some(1),
-                                output_tokens: Some(0),
-                                ..Default::default()
-                            },
-                            ..Default::default()
-                        };
-                        let d = gate.check(input).await.expect("decision");
-                        if d.verdict == Verdict::Allow {
-                            if model == "m1" { &a1 } else { &a2 }.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                }));
+async fn reserve_is_all_or_nothing_under_contention(Backend { name, store }: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 12, 0)));
+    let gate = Arc::new(gate_with(policy(SHARED_BUDGET), store, clock));
+    let allowed_m1 = Arc::new(AtomicU64::new(0));
+    let allowed_m2 = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let gate = gate.clone();
+        let (a1, a2) = (allowed_m1.clone(), allowed_m2.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                let model = if t % 2 == 0 { "m1" } else { "m2" };
+                let attributes = Attributes {
+                    model: Some(model.to_string()),
+                    ..Default::default()
+                };
+                let input = CheckInput {
+                    attributes,
+                    estimate: Estimate {
+                        input_tokens: Some(1),
+                        output_tokens: Some(0),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let d = gate.check(input).await.expect("decision");
+                if d.verdict == Verdict::Allow {
+                    if model == "m1" { &a1 } else { &a2 }.fetch_add(1, Ordering::SeqCst);
+                }
             }
-            for t in tasks {
-                t.await.unwrap();
-            }
-            let m1 = allowed_m1.load(Ordering::SeqCst);
-            let m2 = allowed_m2.load(Ordering::SeqCst);
-            assert_eq!(
-                m1 + m2,
-                100,
-                "{name}: demand of 640 must fill the cap of 100 exactly"
-            );
-            assert!(
-                m1 <= 60,
-                "{name}: model-one allowed {m1} past its cap of 60"
-            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let m1 = allowed_m1.load(Ordering::SeqCst);
+    let m2 = allowed_m2.load(Ordering::SeqCst);
+    assert_eq!(
+        m1 + m2,
+        100,
+        "{name}: demand of 640 must fill the cap of 100 exactly"
+    );
+    assert!(
+        m1 <= 60,
+        "{name}: model-one allowed {m1} past its cap of 60"
+    );
 
-            let read = |model: &str| Attributes {
-                model: Some(model.to_string()),
-                ..Default::default()
-            };
-            let usage = gate.usage(read("m1"), None).await.unwrap();
-            let used = |rule: &str| {
-                usage
-                    .iter()
-                    .find(|c| c.rule == rule)
-                    .unwrap()
-                    .used
-                    .to_string()
-            };
-            assert_eq!(
-                used("all-traffic"),
-                (m1 + m2).to_string(),
-                "{name}: shared counter drifted"
-            );
-            assert_eq!(
-                used("model-one"),
-                m1.to_string(),
-                "{name}: model counter drifted"
-            );
-            assert_eq!(
-                used("count"),
-                (m1 + m2).to_string(),
-                "{name}: a denied request was counted"
-            );
-        }
-    });
+    let read = |model: &str| Attributes {
+        model: Some(model.to_string()),
+        ..Default::default()
+    };
+    let usage = gate.usage(read("m1"), None).await.unwrap();
+    let used = |rule: &str| {
+        usage
+            .iter()
+            .find(|c| c.rule == rule)
+            .unwrap()
+            .used
+            .to_string()
+    };
+    assert_eq!(
+        used("all-traffic"),
+        (m1 + m2).to_string(),
+        "{name}: shared counter drifted"
+    );
+    assert_eq!(
+        used("model-one"),
+        m1.to_string(),
+        "{name}: model counter drifted"
+    );
+    assert_eq!(
+        used("count"),
+        (m1 + m2).to_string(),
+        "{name}: a denied request was counted"
+    );
 }
 
 const SCOPED_BUDGETS: &str = "
@@ -166,89 +192,78 @@ rules:
 /// Counters in different scopes (on a cluster, different slots) under
 /// contention: no cap is passed, and a request that did not fit leaves no
 /// charge behind on the counters it had already reserved.
-#[test]
-fn reserve_across_scopes_leaves_no_partial_charge() {
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 12, 0)));
-            let gate = Arc::new(gate_with(policy(SCOPED_BUDGETS), store, clock));
-            let teams = ["a", "b", "c", "d"];
-            let allowed: Arc<Vec<AtomicU64>> =
-                Arc::new(teams.iter().map(|_| AtomicU64::new(0)).collect());
-            let check = |gate: Arc<tollgate_core::gate::Gate>, team: usize| async move {
-                let input = CheckInput {
-                    attributes: Attributes {
-                        team: Some(["a", "b", "c", "d"][team].to_string()),
-                        ..Default::default()
-                    },
-                    estimate: Estimate {
-                        input_tokens: Some(1),
-                        output_tokens: Some(0),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                };
-                gate.check(input).await.expect("decision").verdict == Verdict::Allow
-            };
-            let mut tasks = Vec::new();
-            for t in 0..64 {
-                let (gate, allowed) = (gate.clone(), allowed.clone());
-                tasks.push(tokio::spawn(async move {
-                    for _ in 0..10 {
-                        if check(gate.clone(), t % 4).await {
-                            allowed[t % 4].fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                }));
-            }
-            for t in tasks {
-                t.await.unwrap();
-            }
-            // Top up one at a time: with no contention, every team fills
-            // until the global cap is reached.
-            for _ in 0..200 {
-                for team in 0..4 {
-                    if check(gate.clone(), team).await {
-                        allowed[team].fetch_add(1, Ordering::SeqCst);
-                    }
+async fn reserve_across_scopes_leaves_no_partial_charge(Backend { name, store }: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 12, 0)));
+    let gate = Arc::new(gate_with(policy(SCOPED_BUDGETS), store, clock));
+    let teams = ["a", "b", "c", "d"];
+    let allowed: Arc<Vec<AtomicU64>> = Arc::new(teams.iter().map(|_| AtomicU64::new(0)).collect());
+    let check = |gate: Arc<tollgate_core::gate::Gate>, team: usize| async move {
+        let input = CheckInput {
+            attributes: Attributes {
+                team: Some(["a", "b", "c", "d"][team].to_string()),
+                ..Default::default()
+            },
+            estimate: Estimate {
+                input_tokens: Some(1),
+                output_tokens: Some(0),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        gate.check(input).await.expect("decision").verdict == Verdict::Allow
+    };
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let (gate, allowed) = (gate.clone(), allowed.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..10 {
+                if check(gate.clone(), t % 4).await {
+                    allowed[t % 4].fetch_add(1, Ordering::SeqCst);
                 }
             }
-            let per_team: Vec<u64> = allowed.iter().map(|a| a.load(Ordering::SeqCst)).collect();
-            assert_eq!(per_team.iter().sum::<u64>(), 100, "{name}: {per_team:?}");
-            for (team, n) in teams.iter().zip(&per_team) {
-                assert!(*n <= 30, "{name}: team {team} allowed {n}");
-                let usage = gate
-                    .usage(
-                        Attributes {
-                            team: Some(team.to_string()),
-                            ..Default::default()
-                        },
-                        None,
-                    )
-                    .await
-                    .unwrap();
-                let used = |rule: &str| {
-                    usage
-                        .iter()
-                        .find(|c| c.rule == rule)
-                        .unwrap()
-                        .used
-                        .to_string()
-                };
-                assert_eq!(
-                    used("per-team"),
-                    n.to_string(),
-                    "{name}: team {team} counter drifted"
-                );
-                assert_eq!(used("global"), "100", "{name}: global counter drifted");
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Top up one at a time: with no contention, every team fills
+    // until the global cap is reached.
+    for _ in 0..200 {
+        for team in 0..4 {
+            if check(gate.clone(), team).await {
+                allowed[team].fetch_add(1, Ordering::SeqCst);
             }
         }
-    });
+    }
+    let per_team: Vec<u64> = allowed.iter().map(|a| a.load(Ordering::SeqCst)).collect();
+    assert_eq!(per_team.iter().sum::<u64>(), 100, "{name}: {per_team:?}");
+    for (team, n) in teams.iter().zip(&per_team) {
+        assert!(*n <= 30, "{name}: team {team} allowed {n}");
+        let usage = gate
+            .usage(
+                Attributes {
+                    team: Some(team.to_string()),
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let used = |rule: &str| {
+            usage
+                .iter()
+                .find(|c| c.rule == rule)
+                .unwrap()
+                .used
+                .to_string()
+        };
+        assert_eq!(
+            used("per-team"),
+            n.to_string(),
+            "{name}: team {team} counter drifted"
+        );
+        assert_eq!(used("global"), "100", "{name}: global counter drifted");
+    }
 }
 
 fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
@@ -293,374 +308,295 @@ fn request(ops: Vec<CounterOp>, id: &str, now: i64) -> ReserveRequest {
     }
 }
 
-#[test]
-fn a_blocked_op_leaves_every_other_counter_untouched() {
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            let ok = store
-                .reserve(&request(vec![op("a", 5, 10), op("b", 5, 5)], "r1", 0))
-                .await
-                .unwrap();
-            assert_eq!(ok.applied, Some(0), "{name}");
-            let blocked = store
-                .reserve(&request(vec![op("a", 1, 10), op("b", 1, 5)], "r2", 0))
-                .await
-                .unwrap();
-            assert_eq!(blocked.applied, None, "{name}");
-            assert_eq!(blocked.tried[0][1].used_before, 5);
-            let states = store.read(&refs(&["a", "b"]), 0).await.unwrap();
-            assert_eq!(
-                (states[0].used_before, states[1].used_before),
-                (5, 5),
-                "{name}"
-            );
-            assert!(
-                store.reservation("r2", 0).await.unwrap().is_none(),
-                "{name}"
-            );
-        }
-    });
+async fn a_blocked_op_leaves_every_other_counter_untouched(Backend { name, store }: Backend) {
+    let ok = store
+        .reserve(&request(vec![op("a", 5, 10), op("b", 5, 5)], "r1", 0))
+        .await
+        .unwrap();
+    assert_eq!(ok.applied, Some(0), "{name}");
+    let blocked = store
+        .reserve(&request(vec![op("a", 1, 10), op("b", 1, 5)], "r2", 0))
+        .await
+        .unwrap();
+    assert_eq!(blocked.applied, None, "{name}");
+    assert_eq!(blocked.tried[0][1].used_before, 5);
+    let states = store.read(&refs(&["a", "b"]), 0).await.unwrap();
+    assert_eq!(
+        (states[0].used_before, states[1].used_before),
+        (5, 5),
+        "{name}"
+    );
+    assert!(
+        store.reservation("r2", 0).await.unwrap().is_none(),
+        "{name}"
+    );
 }
 
-#[test]
-fn settle_applies_the_difference_once() {
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            let mut slot = op("slots", 1, 2);
-            slot.kind = CounterKind::Gauge;
-            store
-                .reserve(&request(vec![op("tokens", 100, 1000), slot], "r", 0))
-                .await
-                .unwrap();
-            assert_eq!(
-                store.settle("r", &[30, 1], 10).await.unwrap(),
-                SettleOutcome::Settled,
-                "{name}"
-            );
-            assert_eq!(
-                store.settle("r", &[30, 1], 20).await.unwrap(),
-                SettleOutcome::AlreadySettled,
-                "{name}"
-            );
-            let s = store
-                .read(&[counter("tokens"), gauge("slots")], 30)
-                .await
-                .unwrap();
-            assert_eq!((s[0].used_before, s[1].used_before), (30, 0), "{name}");
-            assert_eq!(
-                store.settle("missing", &[1], 30).await.unwrap(),
-                SettleOutcome::Unknown,
-                "{name}"
-            );
-        }
-    });
+async fn settle_applies_the_difference_once(Backend { name, store }: Backend) {
+    let mut slot = op("slots", 1, 2);
+    slot.kind = CounterKind::Gauge;
+    store
+        .reserve(&request(vec![op("tokens", 100, 1000), slot], "r", 0))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.settle("r", &[30, 1], 10).await.unwrap(),
+        SettleOutcome::Settled,
+        "{name}"
+    );
+    assert_eq!(
+        store.settle("r", &[30, 1], 20).await.unwrap(),
+        SettleOutcome::AlreadySettled,
+        "{name}"
+    );
+    let s = store
+        .read(&[counter("tokens"), gauge("slots")], 30)
+        .await
+        .unwrap();
+    assert_eq!((s[0].used_before, s[1].used_before), (30, 0), "{name}");
+    assert_eq!(
+        store.settle("missing", &[1], 30).await.unwrap(),
+        SettleOutcome::Unknown,
+        "{name}"
+    );
 }
 
-#[test]
-fn a_repeated_request_id_is_not_charged_twice() {
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            let mut first = request(vec![op("n", 1, 10)], "r1", 0);
-            first.request_id = Some("req-1".to_string());
-            let mut again = request(vec![op("n", 1, 10)], "r2", 5);
-            again.request_id = Some("req-1".to_string());
-            let a = store.reserve(&first).await.unwrap();
-            let b = store.reserve(&again).await.unwrap();
-            assert!(b.replayed, "{name}");
-            assert_eq!(a.reservation_id, b.reservation_id, "{name}");
-            let s = store.read(&refs(&["n"]), 5).await.unwrap();
-            assert_eq!(s[0].used_before, 1, "{name}");
-        }
-    });
+async fn a_repeated_request_id_is_not_charged_twice(Backend { name, store }: Backend) {
+    let mut first = request(vec![op("n", 1, 10)], "r1", 0);
+    first.request_id = Some("req-1".to_string());
+    let mut again = request(vec![op("n", 1, 10)], "r2", 5);
+    again.request_id = Some("req-1".to_string());
+    let a = store.reserve(&first).await.unwrap();
+    let b = store.reserve(&again).await.unwrap();
+    assert!(b.replayed, "{name}");
+    assert_eq!(a.reservation_id, b.reservation_id, "{name}");
+    let s = store.read(&refs(&["n"]), 5).await.unwrap();
+    assert_eq!(s[0].used_before, 1, "{name}");
 }
 
-#[test]
-fn rolling_windows_start_at_first_use_and_lapse() {
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            let mut rolling = op("r", 3, 10);
-            rolling.expiry = Expiry::AfterFirstUse(500);
-            rolling.kind = CounterKind::Rolling;
-            let out = store
-                .reserve(&request(vec![rolling.clone()], "x", 100))
-                .await
-                .unwrap();
-            assert_eq!(out.tried[0][0].resets_at, Some(600), "{name}");
-            let again = store
-                .reserve(&request(vec![rolling.clone()], "y", 599))
-                .await
-                .unwrap();
-            assert_eq!(again.tried[0][0].used_before, 3, "{name}");
-            let live = store.read(&refs(&["r"]), 599).await.unwrap();
-            assert_eq!(live[0].used_before, 6, "{name}");
-            assert_eq!(
-                store.read(&refs(&["r"]), 600).await.unwrap()[0].used_before,
-                0,
-                "{name}"
-            );
-            // The next use after the end starts a new window of its own.
-            let fresh = store
-                .reserve(&request(vec![rolling], "z", 700))
-                .await
-                .unwrap();
-            assert_eq!(fresh.tried[0][0].used_before, 0, "{name}");
-            assert_eq!(fresh.tried[0][0].resets_at, Some(1_200), "{name}");
-        }
-    });
+async fn rolling_windows_start_at_first_use_and_lapse(Backend { name, store }: Backend) {
+    let mut rolling = op("r", 3, 10);
+    rolling.expiry = Expiry::AfterFirstUse(500);
+    rolling.kind = CounterKind::Rolling;
+    let out = store
+        .reserve(&request(vec![rolling.clone()], "x", 100))
+        .await
+        .unwrap();
+    assert_eq!(out.tried[0][0].resets_at, Some(600), "{name}");
+    let again = store
+        .reserve(&request(vec![rolling.clone()], "y", 599))
+        .await
+        .unwrap();
+    assert_eq!(again.tried[0][0].used_before, 3, "{name}");
+    let live = store.read(&refs(&["r"]), 599).await.unwrap();
+    assert_eq!(live[0].used_before, 6, "{name}");
+    assert_eq!(
+        store.read(&refs(&["r"]), 600).await.unwrap()[0].used_before,
+        0,
+        "{name}"
+    );
+    // The next use after the end starts a new window of its own.
+    let fresh = store
+        .reserve(&request(vec![rolling], "z", 700))
+        .await
+        .unwrap();
+    assert_eq!(fresh.tried[0][0].used_before, 0, "{name}");
+    assert_eq!(fresh.tried[0][0].resets_at, Some(1_200), "{name}");
 }
 
-#[test]
-fn a_downgrade_applies_the_first_candidate_that_fits() {
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            let mut premium = op("premium|d", 1, 1);
-            premium.downgradable = true;
-            let shared = op("team|d", 1, 100);
-            let cheap = op("cheap|d", 1, 100);
-            let candidates = |id: &str| ReserveRequest {
-                candidates: vec![
-                    Candidate {
-                        model: Some("big".to_string()),
-                        ops: vec![premium.clone(), shared.clone()],
-                    },
-                    Candidate {
-                        model: Some("small".to_string()),
-                        ops: vec![cheap.clone(), shared.clone()],
-                    },
-                ],
-                ..request(Vec::new(), id, 0)
-            };
-            let first = store.reserve(&candidates("d1")).await.unwrap();
-            assert_eq!(first.applied, Some(0), "{name}");
-            // The premium counter is full: the second candidate applies,
-            // and the first leaves nothing behind.
-            let second = store.reserve(&candidates("d2")).await.unwrap();
-            assert_eq!(second.applied, Some(1), "{name}");
-            assert_eq!(second.tried.len(), 2, "{name}");
-            assert_eq!(second.tried[0][0].used_before, 1, "{name}");
-            assert_eq!(second.tried[1][1].used_before, 1, "{name}");
-            let states = store
-                .read(&refs(&["premium|d", "team|d", "cheap|d"]), 0)
-                .await
-                .unwrap();
-            let used: Vec<i64> = states.iter().map(|s| s.used_before).collect();
-            assert_eq!(used, vec![1, 2, 1], "{name}");
-            let id = second.reservation_id.clone().unwrap();
-            let kept = store.reservation(&id, 0).await.unwrap().unwrap();
-            assert_eq!(kept.model.as_deref(), Some("small"), "{name}");
+async fn a_downgrade_applies_the_first_candidate_that_fits(Backend { name, store }: Backend) {
+    let mut premium = op("premium|d", 1, 1);
+    premium.downgradable = true;
+    let shared = op("team|d", 1, 100);
+    let cheap = op("cheap|d", 1, 100);
+    let candidates = |id: &str| ReserveRequest {
+        candidates: vec![
+            Candidate {
+                model: Some("big".to_string()),
+                ops: vec![premium.clone(), shared.clone()],
+            },
+            Candidate {
+                model: Some("small".to_string()),
+                ops: vec![cheap.clone(), shared.clone()],
+            },
+        ],
+        ..request(Vec::new(), id, 0)
+    };
+    let first = store.reserve(&candidates("d1")).await.unwrap();
+    assert_eq!(first.applied, Some(0), "{name}");
+    // The premium counter is full: the second candidate applies,
+    // and the first leaves nothing behind.
+    let second = store.reserve(&candidates("d2")).await.unwrap();
+    assert_eq!(second.applied, Some(1), "{name}");
+    assert_eq!(second.tried.len(), 2, "{name}");
+    assert_eq!(second.tried[0][0].used_before, 1, "{name}");
+    assert_eq!(second.tried[1][1].used_before, 1, "{name}");
+    let states = store
+        .read(&refs(&["premium|d", "team|d", "cheap|d"]), 0)
+        .await
+        .unwrap();
+    let used: Vec<i64> = states.iter().map(|s| s.used_before).collect();
+    assert_eq!(used, vec![1, 2, 1], "{name}");
+    let id = second.reservation_id.clone().unwrap();
+    let kept = store.reservation(&id, 0).await.unwrap().unwrap();
+    assert_eq!(kept.model.as_deref(), Some("small"), "{name}");
 
-            // A candidate with no counters at all (a fallback no rule
-            // meters) applies as it is.
-            let free = ReserveRequest {
-                candidates: vec![
-                    Candidate {
-                        model: None,
-                        ops: vec![premium.clone()],
-                    },
-                    Candidate {
-                        model: None,
-                        ops: Vec::new(),
-                    },
-                ],
-                ..request(Vec::new(), "d3", 0)
-            };
-            let out = store.reserve(&free).await.unwrap();
-            assert_eq!(out.applied, Some(1), "{name}");
-        }
-    });
+    // A candidate with no counters at all (a fallback no rule
+    // meters) applies as it is.
+    let free = ReserveRequest {
+        candidates: vec![
+            Candidate {
+                model: None,
+                ops: vec![premium.clone()],
+            },
+            Candidate {
+                model: None,
+                ops: Vec::new(),
+            },
+        ],
+        ..request(Vec::new(), "d3", 0)
+    };
+    let out = store.reserve(&free).await.unwrap();
+    assert_eq!(out.applied, Some(1), "{name}");
 }
 
-#[test]
-fn concurrency_slots_are_held_until_settled_or_lapsed() {
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            let mut slot = op("video|g", 1, 2);
-            slot.kind = CounterKind::Gauge;
-            let reserve = |id: &'static str, now: i64| {
-                let store = &store;
-                let slot = slot.clone();
-                async move { store.reserve(&request(vec![slot], id, now)).await.unwrap() }
-            };
-            let held = reserve("g1", 0).await;
-            assert_eq!(held.applied, Some(0), "{name}");
-            // The store may qualify the id (a cluster names the slot).
-            let held = held.reservation_id.unwrap();
-            assert_eq!(reserve("g2", 0).await.applied, Some(0), "{name}");
-            let full = reserve("g3", 0).await;
-            assert_eq!(full.applied, None, "{name}");
-            assert_eq!(full.tried[0][0].used_before, 2, "{name}");
-            // Settling gives a slot back, once.
-            assert_eq!(
-                store.settle(&held, &[1], 10).await.unwrap(),
-                SettleOutcome::Settled,
-                "{name}"
-            );
-            assert_eq!(reserve("g4", 10).await.applied, Some(0), "{name}");
-            assert_eq!(reserve("g5", 10).await.applied, None, "{name}");
-            // Unsettled slots lapse with their reservations (60 s here).
-            let later = reserve("g6", 60_011).await;
-            assert_eq!(later.applied, Some(0), "{name}");
-            assert_eq!(later.tried[0][0].used_before, 0, "{name}");
-        }
-    });
+async fn concurrency_slots_are_held_until_settled_or_lapsed(Backend { name, store }: Backend) {
+    let mut slot = op("video|g", 1, 2);
+    slot.kind = CounterKind::Gauge;
+    let reserve = |id: &'static str, now: i64| {
+        let store = &store;
+        let slot = slot.clone();
+        async move { store.reserve(&request(vec![slot], id, now)).await.unwrap() }
+    };
+    let held = reserve("g1", 0).await;
+    assert_eq!(held.applied, Some(0), "{name}");
+    // The store may qualify the id (a cluster names the slot).
+    let held = held.reservation_id.unwrap();
+    assert_eq!(reserve("g2", 0).await.applied, Some(0), "{name}");
+    let full = reserve("g3", 0).await;
+    assert_eq!(full.applied, None, "{name}");
+    assert_eq!(full.tried[0][0].used_before, 2, "{name}");
+    // Settling gives a slot back, once.
+    assert_eq!(
+        store.settle(&held, &[1], 10).await.unwrap(),
+        SettleOutcome::Settled,
+        "{name}"
+    );
+    assert_eq!(reserve("g4", 10).await.applied, Some(0), "{name}");
+    assert_eq!(reserve("g5", 10).await.applied, None, "{name}");
+    // Unsettled slots lapse with their reservations (60 s here).
+    let later = reserve("g6", 60_011).await;
+    assert_eq!(later.applied, Some(0), "{name}");
+    assert_eq!(later.tried[0][0].used_before, 0, "{name}");
 }
 
-#[test]
-fn one_decision_mixes_every_kind_of_counter_all_or_nothing() {
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            store
-                .put_grant(&grant("gated|s", 5, 10_000), 0)
-                .await
-                .unwrap();
-            let plain = op("plain|requests|s|w", 1, 10);
-            let mut slot = op("slot|concurrent|s|-", 1, 1);
-            slot.kind = CounterKind::Gauge;
-            let mut rolling = op("rolling|requests|s|r", 1, 10);
-            rolling.expiry = Expiry::AfterFirstUse(1_000);
-            rolling.kind = CounterKind::Rolling;
-            // A gate with no room of its own: only the grant's extra.
-            let gate = gated("gated|requests|s|w", "gated|s", 0, true);
-            let ops = vec![plain, slot, rolling, gate];
+async fn one_decision_mixes_every_kind_of_counter_all_or_nothing(Backend { name, store }: Backend) {
+    store
+        .put_grant(&grant("gated|s", 5, 10_000), 0)
+        .await
+        .unwrap();
+    let plain = op("plain|requests|s|w", 1, 10);
+    let mut slot = op("slot|concurrent|s|-", 1, 1);
+    slot.kind = CounterKind::Gauge;
+    let mut rolling = op("rolling|requests|s|r", 1, 10);
+    rolling.expiry = Expiry::AfterFirstUse(1_000);
+    rolling.kind = CounterKind::Rolling;
+    // A gate with no room of its own: only the grant's extra.
+    let gate = gated("gated|requests|s|w", "gated|s", 0, true);
+    let ops = vec![plain, slot, rolling, gate];
 
-            let first = store
-                .reserve(&request(ops.clone(), "m1", 100))
-                .await
-                .unwrap();
-            assert_eq!(first.applied, Some(0), "{name}");
-            let states = &first.tried[0];
-            assert_eq!(states[2].resets_at, Some(1_100), "{name}");
-            assert_eq!(states[3].grant, Some(5), "{name}");
-            assert_eq!(states[0].grant, None, "{name}");
+    let first = store
+        .reserve(&request(ops.clone(), "m1", 100))
+        .await
+        .unwrap();
+    assert_eq!(first.applied, Some(0), "{name}");
+    let states = &first.tried[0];
+    assert_eq!(states[2].resets_at, Some(1_100), "{name}");
+    assert_eq!(states[3].grant, Some(5), "{name}");
+    assert_eq!(states[0].grant, None, "{name}");
 
-            // The slot is taken: nothing else moves either.
-            let second = store
-                .reserve(&request(ops.clone(), "m2", 200))
-                .await
-                .unwrap();
-            assert_eq!(second.applied, None, "{name}");
-            assert_eq!(second.tried[0][1].used_before, 1, "{name}");
-            let keys = [
-                "plain|requests|s|w",
-                "rolling|requests|s|r",
-                "gated|requests|s|w",
-            ];
-            let used: Vec<i64> = store
-                .read(&refs(&keys), 200)
-                .await
-                .unwrap()
-                .iter()
-                .map(|s| s.used_before)
-                .collect();
-            assert_eq!(used, vec![1, 1, 1], "{name}");
-        }
-    });
+    // The slot is taken: nothing else moves either.
+    let second = store
+        .reserve(&request(ops.clone(), "m2", 200))
+        .await
+        .unwrap();
+    assert_eq!(second.applied, None, "{name}");
+    assert_eq!(second.tried[0][1].used_before, 1, "{name}");
+    let keys = [
+        "plain|requests|s|w",
+        "rolling|requests|s|r",
+        "gated|requests|s|w",
+    ];
+    let used: Vec<i64> = store
+        .read(&refs(&keys), 200)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.used_before)
+        .collect();
+    assert_eq!(used, vec![1, 1, 1], "{name}");
 }
 
-#[test]
-fn a_daily_budget_resets_at_utc_midnight_on_an_injected_clock() {
+async fn a_daily_budget_resets_at_utc_midnight_on_an_injected_clock(
+    Backend { name, store }: Backend,
+) {
     let yaml = "rules:\n  - id: daily\n    limit: { requests: 2, window: daily }\n";
-    runtime().block_on(async {
-        for Backend {
-            name,
-            store,
-            _servers,
-        } in backends().await
-        {
-            let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 23, 59)));
-            let gate = gate_with(policy(yaml), store, clock.clone());
-            let check = || {
-                gate.check(CheckInput {
-                    attributes: Attributes {
-                        team: Some("t".to_string()),
-                        ..Default::default()
-                    },
-                    ..Default::default()
-                })
-            };
-            assert_eq!(check().await.unwrap().verdict, Verdict::Allow, "{name}");
-            assert_eq!(check().await.unwrap().verdict, Verdict::Allow, "{name}");
-            let denied = check().await.unwrap();
-            assert_eq!(denied.verdict, Verdict::Deny, "{name}");
-            assert_eq!(denied.retry_after, Some(60), "{name}");
-            clock.set(at(2026, 11, 22, 0, 0));
-            assert_eq!(
-                check().await.unwrap().verdict,
-                Verdict::Allow,
-                "{name}: a new day"
-            );
-        }
-    });
+    let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 23, 59)));
+    let gate = gate_with(policy(yaml), store, clock.clone());
+    let check = || {
+        gate.check(CheckInput {
+            attributes: Attributes {
+                team: Some("t".to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+    };
+    assert_eq!(check().await.unwrap().verdict, Verdict::Allow, "{name}");
+    assert_eq!(check().await.unwrap().verdict, Verdict::Allow, "{name}");
+    let denied = check().await.unwrap();
+    assert_eq!(denied.verdict, Verdict::Deny, "{name}");
+    assert_eq!(denied.retry_after, Some(60), "{name}");
+    clock.set(at(2026, 11, 22, 0, 0));
+    assert_eq!(
+        check().await.unwrap().verdict,
+        Verdict::Allow,
+        "{name}: a new day"
+    );
 }
 
-#[test]
-fn memory_stays_bounded_under_millions_of_distinct_keys() {
+/// Only the embedded store has a counter cap of its own.
+#[tokio::test]
+async fn memory_stays_bounded_under_millions_of_distinct_keys() {
     let store = MemoryStore::new(10_000);
-    runtime().block_on(async {
-        let mut full_errors = 0;
-        // Each minute brings 5,000 fresh keys; the previous minute's expire.
-        for i in 0..200_000i64 {
-            let now = (i / 5_000) * 60_000;
-            let mut o = op(&format!("k{i}"), 1, 10);
-            o.expiry = Expiry::At(now + 60_000);
-            match store
-                .reserve(&request(vec![o], &format!("r{i}"), now))
-                .await
-            {
-                Ok(_) => {}
-                Err(StoreError::Full(_)) => full_errors += 1,
-                Err(e) => panic!("{e}"),
-            }
-            assert!(store.counter_count() <= 10_000);
+    let mut full_errors = 0;
+    // Each minute brings 5,000 fresh keys; the previous minute's expire.
+    for i in 0..200_000i64 {
+        let now = (i / 5_000) * 60_000;
+        let mut o = op(&format!("k{i}"), 1, 10);
+        o.expiry = Expiry::At(now + 60_000);
+        match store
+            .reserve(&request(vec![o], &format!("r{i}"), now))
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::Full(_)) => full_errors += 1,
+            Err(e) => panic!("{e}"),
         }
-        assert_eq!(full_errors, 0, "expired counters must make room");
-        // Past the cap with live counters, the store refuses rather than grows.
-        for i in 0..10_001i64 {
-            let mut o = op(&format!("live{i}"), 1, 10);
-            o.expiry = Expiry::Never;
-            let r = store
-                .reserve(&request(vec![o], &format!("l{i}"), 100 * 60_000))
-                .await;
-            if i >= 10_000 {
-                assert!(matches!(r, Err(StoreError::Full(10_000))), "{r:?}");
-            }
+        assert!(store.counter_count() <= 10_000);
+    }
+    assert_eq!(full_errors, 0, "expired counters must make room");
+    // Past the cap with live counters, the store refuses rather than grows.
+    for i in 0..10_001i64 {
+        let mut o = op(&format!("live{i}"), 1, 10);
+        o.expiry = Expiry::Never;
+        let r = store
+            .reserve(&request(vec![o], &format!("l{i}"), 100 * 60_000))
+            .await;
+        if i >= 10_000 {
+            assert!(matches!(r, Err(StoreError::Full(10_000))), "{r:?}");
         }
-    });
+    }
 }
 
 fn grant(key: &str, extra: i64, expires_at: i64) -> Grant {
@@ -690,191 +626,192 @@ fn gated(key: &str, grant_key: &str, limit: i64, required: bool) -> CounterOp {
 /// A gate stays shut until a grant opens it; an extension adds exactly its
 /// extra; an expired or revoked grant counts for nothing, on every backend
 /// (the cluster reads each grant in its counters' slot).
-#[test]
-fn grants_open_gates_and_extend_caps_until_expired_or_revoked() {
-    runtime().block_on(async {
-        for Backend { name, store, .. } in backends().await {
-            let now = 1_000_000;
-            let gate = || gated("fine-tune|requests|s1|all", "fine-tune|s1", 10, true);
-            let out = store
-                .reserve(&request(vec![gate()], "g1", now))
-                .await
-                .unwrap();
-            assert_eq!(out.applied, None, "{name}: a gate without a grant is shut");
-            assert_eq!(out.tried[0][0].grant, None, "{name}");
+async fn grants_open_gates_and_extend_caps_until_expired_or_revoked(
+    Backend { name, store }: Backend,
+) {
+    let now = 1_000_000;
+    let gate = || gated("fine-tune|requests|s1|all", "fine-tune|s1", 10, true);
+    let out = store
+        .reserve(&request(vec![gate()], "g1", now))
+        .await
+        .unwrap();
+    assert_eq!(out.applied, None, "{name}: a gate without a grant is shut");
+    assert_eq!(out.tried[0][0].grant, None, "{name}");
 
-            store
-                .put_grant(&grant("fine-tune|s1", 0, now + 10_000), now)
-                .await
-                .unwrap();
-            let out = store
-                .reserve(&request(vec![gate()], "g2", now + 1))
-                .await
-                .unwrap();
-            assert_eq!(out.applied, Some(0), "{name}: the grant opens the gate");
-            assert_eq!(out.tried[0][0].grant, Some(0), "{name}");
+    store
+        .put_grant(&grant("fine-tune|s1", 0, now + 10_000), now)
+        .await
+        .unwrap();
+    let out = store
+        .reserve(&request(vec![gate()], "g2", now + 1))
+        .await
+        .unwrap();
+    assert_eq!(out.applied, Some(0), "{name}: the grant opens the gate");
+    assert_eq!(out.tried[0][0].grant, Some(0), "{name}");
 
-            // A cap of 2 in another scope (another cluster slot), extended
-            // by 3 while a grant lasts.
-            let cap = || {
-                gated(
-                    "final-renders|requests|s2|all",
-                    "final-renders|s2",
-                    2,
-                    false,
-                )
-            };
-            let mut allowed = 0;
-            for i in 0..4 {
-                let out = store
-                    .reserve(&request(vec![cap()], &format!("c{i}"), now + 2))
-                    .await
-                    .unwrap();
-                allowed += usize::from(out.applied.is_some());
-            }
-            assert_eq!(allowed, 2, "{name}: the plain cap holds");
-            store
-                .put_grant(&grant("final-renders|s2", 3, now + 10_000), now + 3)
-                .await
-                .unwrap();
-            let mut extended = 0;
-            for i in 0..5 {
-                let out = store
-                    .reserve(&request(vec![cap()], &format!("e{i}"), now + 4))
-                    .await
-                    .unwrap();
-                if out.applied.is_some() {
-                    extended += 1;
-                    assert_eq!(out.tried[0][0].grant, Some(3), "{name}");
-                }
-            }
-            assert_eq!(extended, 3, "{name}: exactly the extra is added");
-
-            let listed: Vec<String> = store
-                .grants(now + 5)
-                .await
-                .unwrap()
-                .into_iter()
-                .map(|g| g.key)
-                .collect();
-            assert_eq!(listed, ["final-renders|s2", "fine-tune|s1"], "{name}");
-
-            // Expired: the gate is shut again and the listing forgets it.
-            let later = now + 10_001;
-            let out = store
-                .reserve(&request(vec![gate()], "g3", later))
-                .await
-                .unwrap();
-            assert_eq!(out.applied, None, "{name}: an expired grant opens nothing");
-            assert_eq!(store.grants(later).await.unwrap().len(), 0, "{name}");
-
-            // Revoked: gone at once.
-            store
-                .put_grant(&grant("fine-tune|s1", 0, later + 60_000), later)
-                .await
-                .unwrap();
-            let revoked = store.remove_grant("fine-tune|s1", later).await.unwrap();
-            assert_eq!(
-                revoked.map(|g| g.key).as_deref(),
-                Some("fine-tune|s1"),
-                "{name}"
-            );
-            let out = store
-                .reserve(&request(vec![gate()], "g4", later + 1))
-                .await
-                .unwrap();
-            assert_eq!(out.applied, None, "{name}: a revoked grant opens nothing");
-            assert_eq!(
-                store.remove_grant("fine-tune|s1", later).await.unwrap(),
-                None,
-                "{name}: revoking twice finds nothing"
-            );
+    // A cap of 2 in another scope (another cluster slot), extended
+    // by 3 while a grant lasts.
+    let cap = || {
+        gated(
+            "final-renders|requests|s2|all",
+            "final-renders|s2",
+            2,
+            false,
+        )
+    };
+    let mut allowed = 0;
+    for i in 0..4 {
+        let out = store
+            .reserve(&request(vec![cap()], &format!("c{i}"), now + 2))
+            .await
+            .unwrap();
+        allowed += usize::from(out.applied.is_some());
+    }
+    assert_eq!(allowed, 2, "{name}: the plain cap holds");
+    store
+        .put_grant(&grant("final-renders|s2", 3, now + 10_000), now + 3)
+        .await
+        .unwrap();
+    let mut extended = 0;
+    for i in 0..5 {
+        let out = store
+            .reserve(&request(vec![cap()], &format!("e{i}"), now + 4))
+            .await
+            .unwrap();
+        if out.applied.is_some() {
+            extended += 1;
+            assert_eq!(out.tried[0][0].grant, Some(3), "{name}");
         }
-    });
+    }
+    assert_eq!(extended, 3, "{name}: exactly the extra is added");
+
+    let listed: Vec<String> = store
+        .grants(now + 5)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.key)
+        .collect();
+    assert_eq!(listed, ["final-renders|s2", "fine-tune|s1"], "{name}");
+
+    // Expired: the gate is shut again and the listing forgets it.
+    let later = now + 10_001;
+    let out = store
+        .reserve(&request(vec![gate()], "g3", later))
+        .await
+        .unwrap();
+    assert_eq!(out.applied, None, "{name}: an expired grant opens nothing");
+    assert_eq!(store.grants(later).await.unwrap().len(), 0, "{name}");
+
+    // Revoked: gone at once.
+    store
+        .put_grant(&grant("fine-tune|s1", 0, later + 60_000), later)
+        .await
+        .unwrap();
+    let revoked = store.remove_grant("fine-tune|s1", later).await.unwrap();
+    assert_eq!(
+        revoked.map(|g| g.key).as_deref(),
+        Some("fine-tune|s1"),
+        "{name}"
+    );
+    let out = store
+        .reserve(&request(vec![gate()], "g4", later + 1))
+        .await
+        .unwrap();
+    assert_eq!(out.applied, None, "{name}: a revoked grant opens nothing");
+    assert_eq!(
+        store.remove_grant("fine-tune|s1", later).await.unwrap(),
+        None,
+        "{name}: revoking twice finds nothing"
+    );
 }
 
 /// A decision spanning slots on the cluster still reads each grant.
-#[test]
-fn a_decision_across_scopes_reads_every_grant() {
-    runtime().block_on(async {
-        for Backend { name, store, .. } in backends().await {
-            let now = 5_000_000;
-            let ops = || {
-                vec![
-                    gated("gate-a|requests|sa|all", "gate-a|sa", 5, true),
-                    gated("gate-b|requests|sb|all", "gate-b|sb", 5, true),
-                ]
-            };
-            store
-                .put_grant(&grant("gate-a|sa", 0, now + 60_000), now)
-                .await
-                .unwrap();
-            let out = store.reserve(&request(ops(), "x1", now)).await.unwrap();
-            assert_eq!(out.applied, None, "{name}: one gate is still shut");
-            let read = store
-                .read(&refs(&["gate-a|requests|sa|all"]), now)
-                .await
-                .unwrap();
-            assert_eq!(read[0].used_before, 0, "{name}: nothing stays charged");
-            store
-                .put_grant(&grant("gate-b|sb", 0, now + 60_000), now)
-                .await
-                .unwrap();
-            let out = store.reserve(&request(ops(), "x2", now)).await.unwrap();
-            assert_eq!(out.applied, Some(0), "{name}: both gates open");
-        }
-    });
+async fn a_decision_across_scopes_reads_every_grant(Backend { name, store }: Backend) {
+    let now = 5_000_000;
+    let ops = || {
+        vec![
+            gated("gate-a|requests|sa|all", "gate-a|sa", 5, true),
+            gated("gate-b|requests|sb|all", "gate-b|sb", 5, true),
+        ]
+    };
+    store
+        .put_grant(&grant("gate-a|sa", 0, now + 60_000), now)
+        .await
+        .unwrap();
+    let out = store.reserve(&request(ops(), "x1", now)).await.unwrap();
+    assert_eq!(out.applied, None, "{name}: one gate is still shut");
+    let read = store
+        .read(&refs(&["gate-a|requests|sa|all"]), now)
+        .await
+        .unwrap();
+    assert_eq!(read[0].used_before, 0, "{name}: nothing stays charged");
+    store
+        .put_grant(&grant("gate-b|sb", 0, now + 60_000), now)
+        .await
+        .unwrap();
+    let out = store.reserve(&request(ops(), "x2", now)).await.unwrap();
+    assert_eq!(out.applied, Some(0), "{name}: both gates open");
 }
 
 /// Append-only logs keep their order and return the newest entries.
-#[test]
-fn logs_keep_entries_in_order() {
-    runtime().block_on(async {
-        for Backend { name, store, .. } in backends().await {
-            for i in 0..5 {
-                store
-                    .append("approvals", &format!("{{\"n\":{i}}}"))
-                    .await
-                    .unwrap();
-            }
-            let last = store.entries("approvals", 3).await.unwrap();
-            assert_eq!(last, [r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#], "{name}");
-            assert!(store.entries("none", 3).await.unwrap().is_empty(), "{name}");
-        }
-    });
+async fn logs_keep_entries_in_order(Backend { name, store }: Backend) {
+    for i in 0..5 {
+        store
+            .append("approvals", &format!("{{\"n\":{i}}}"))
+            .await
+            .unwrap();
+    }
+    let last = store.entries("approvals", 3).await.unwrap();
+    assert_eq!(last, [r#"{"n":2}"#, r#"{"n":3}"#, r#"{"n":4}"#], "{name}");
+    assert!(store.entries("none", 3).await.unwrap().is_empty(), "{name}");
 }
 
 /// A settled reservation answers a repeated settle for a minute, then is
 /// forgotten rather than held for its whole life; a late repeat finds
 /// nothing and charges nothing. On the cluster the two counters sit in two
 /// slots, so this also covers the claim-then-move settle.
-#[test]
-fn a_settled_reservation_is_kept_only_to_recognise_a_repeat() {
-    runtime().block_on(async {
-        for Backend { name, store, .. } in backends().await {
-            let mut req = request(vec![op("tok", 100, 1000), op("req", 1, 10)], "s1", 1_000);
-            req.reservation_ttl = 600_000;
-            store.reserve(&req).await.unwrap();
-            let settle = |at: i64| store.settle("s1", &[30, 1], at);
-            assert_eq!(
-                settle(2_000).await.unwrap(),
-                SettleOutcome::Settled,
-                "{name}"
-            );
-            assert_eq!(
-                settle(3_000).await.unwrap(),
-                SettleOutcome::AlreadySettled,
-                "{name}"
-            );
-            assert_eq!(
-                settle(2_000 + tollgate_core::store::SETTLED_RETENTION + 1)
-                    .await
-                    .unwrap(),
-                SettleOutcome::Unknown,
-                "{name}: kept past its minute"
-            );
-            let s = store.read(&refs(&["tok", "req"]), 5_000).await.unwrap();
-            assert_eq!((s[0].used_before, s[1].used_before), (30, 1), "{name}");
-        }
-    });
+async fn a_settled_reservation_is_kept_only_to_recognise_a_repeat(
+    Backend { name, store }: Backend,
+) {
+    let mut req = request(vec![op("tok", 100, 1000), op("req", 1, 10)], "s1", 1_000);
+    req.reservation_ttl = 600_000;
+    store.reserve(&req).await.unwrap();
+    let settle = |at: i64| store.settle("s1", &[30, 1], at);
+    assert_eq!(
+        settle(2_000).await.unwrap(),
+        SettleOutcome::Settled,
+        "{name}"
+    );
+    assert_eq!(
+        settle(3_000).await.unwrap(),
+        SettleOutcome::AlreadySettled,
+        "{name}"
+    );
+    assert_eq!(
+        settle(2_000 + tollgate_core::store::SETTLED_RETENTION + 1)
+            .await
+            .unwrap(),
+        SettleOutcome::Unknown,
+        "{name}: kept past its minute"
+    );
+    let s = store.read(&refs(&["tok", "req"]), 5_000).await.unwrap();
+    assert_eq!((s[0].used_before, s[1].used_before), (30, 1), "{name}");
 }
+
+backend_matrix!(
+    reserve_is_all_or_nothing_under_contention,
+    reserve_across_scopes_leaves_no_partial_charge,
+    a_blocked_op_leaves_every_other_counter_untouched,
+    settle_applies_the_difference_once,
+    a_repeated_request_id_is_not_charged_twice,
+    rolling_windows_start_at_first_use_and_lapse,
+    a_downgrade_applies_the_first_candidate_that_fits,
+    concurrency_slots_are_held_until_settled_or_lapsed,
+    one_decision_mixes_every_kind_of_counter_all_or_nothing,
+    a_daily_budget_resets_at_utc_midnight_on_an_injected_clock,
+    grants_open_gates_and_extend_caps_until_expired_or_revoked,
+    a_decision_across_scopes_reads_every_grant,
+    logs_keep_entries_in_order,
+    a_settled_reservation_is_kept_only_to_recognise_a_repeat,
+);

@@ -282,38 +282,7 @@ impl RedisCluster {
                 )
             })
             .collect();
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect();
-        let out = std::process::Command::new("redis-cli")
-            .args(["--cluster", "create"])
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .unwrap_or_else(|e| panic!("redis-cli must be installed for these tests: {e}"));
-        assert!(
-            out.status.success(),
-            "cluster create failed: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        for n in &nodes {
-            loop {
-                let info = std::process::Command::new("redis-cli")
-                    .args(["-p", &n.port.to_string(), "cluster", "info"])
-                    .output()
-                    .unwrap();
-                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
-                    break;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "cluster did not become ready"
-                );
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-        }
+        form_cluster(&nodes.iter().map(|n| n.port).collect::<Vec<_>>());
         RedisCluster { nodes }
     }
 
@@ -334,6 +303,40 @@ impl RedisCluster {
         tollgate_core::store::RedisStore::connect(&config)
             .await
             .unwrap()
+    }
+}
+
+/// Makes a cluster of the cluster-enabled servers on `ports`, all masters,
+/// and waits until every node reports it ready.
+fn form_cluster(ports: &[u16]) {
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap_or_else(|e| panic!("redis-cli must be installed for these tests: {e}"));
+    assert!(
+        out.status.success(),
+        "cluster create failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for port in ports {
+        loop {
+            let info = std::process::Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "cluster", "info"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster did not become ready"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
     }
 }
 
@@ -504,5 +507,165 @@ pub fn eventually(within: std::time::Duration, mut check: impl FnMut() -> bool) 
             return false;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The `redis-server` shared by every test of one test binary, started on
+/// first use. Tests on it keep to key prefixes of their own
+/// ([`SharedRedisServer::store`]), so they may run in parallel.
+pub fn shared_redis() -> &'static SharedRedisServer {
+    static SERVER: std::sync::LazyLock<SharedRedisServer> =
+        std::sync::LazyLock::new(|| SharedRedisServer::start(&[]));
+    &SERVER
+}
+
+/// The three-master Redis Cluster shared by every test of one test binary,
+/// started on first use; as for [`shared_redis`], tests keep to key
+/// prefixes of their own.
+pub fn shared_cluster() -> &'static SharedRedisCluster {
+    static CLUSTER: std::sync::LazyLock<SharedRedisCluster> =
+        std::sync::LazyLock::new(SharedRedisCluster::start);
+    &CLUSTER
+}
+
+/// Runs `redis-server "$@"` in a directory of its own until its standard
+/// input reaches end of file, then stops it and removes the directory. It
+/// ignores SIGINT so that a Ctrl-C (which stops the server, in the same
+/// process group) still leaves it to clean up.
+const SHARED_REDIS_SCRIPT: &str = r#"
+trap '' INT
+command -v redis-server >/dev/null || exit 127
+dir=$(mktemp -d) || exit 1
+redis-server "$@" --dir "$dir" &
+server=$!
+read -r _ignored
+kill "$server" 2>/dev/null
+wait "$server"
+rm -rf "$dir"
+"#;
+
+/// A `redis-server` that lives as long as the test binary, for the shared
+/// servers, which sit in statics and so are never dropped.
+///
+/// The server is the child of a small `sh` ([`SHARED_REDIS_SCRIPT`]) whose
+/// standard input is a pipe that only this process writes to (std opens
+/// pipes close-on-exec, so no other child inherits it). The kernel closes
+/// the pipe when the test binary exits, however it exits, even on SIGKILL;
+/// the shell then reads end of file, stops the server and removes its
+/// directory. Dropping the value (as a panic part-way through starting a
+/// cluster does) closes the pipe too.
+pub struct SharedRedisServer {
+    pub port: u16,
+    /// Holds the pipe's write end, as the shell's `stdin`.
+    _shell: std::process::Child,
+}
+
+impl SharedRedisServer {
+    fn start(extra: &[&str]) -> SharedRedisServer {
+        let port = free_port();
+        let mut shell = std::process::Command::new("sh")
+            .args(["-c", SHARED_REDIS_SCRIPT, "sh"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("sh must be installed for these tests: {e}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !answers_ping(port) {
+            if let Some(status) = shell.try_wait().unwrap() {
+                panic!("redis-server must be installed for these tests: the shell exited {status}");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "shared redis-server did not start on {port}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        SharedRedisServer {
+            port,
+            _shell: shell,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A store whose every key starts with `prefix`; call inside a Tokio
+    /// runtime (each test's own: the connection belongs to it).
+    pub async fn store(&self, prefix: &str) -> tollgate_core::store::RedisStore {
+        let config = tollgate_core::store::RedisConfig {
+            prefix: prefix.to_string(),
+            ..tollgate_core::store::RedisConfig::new(self.url())
+        };
+        tollgate_core::store::RedisStore::connect(&config)
+            .await
+            .unwrap()
+    }
+}
+
+/// Whether a Redis on `port` answers a PING (NOAUTH counts as an answer).
+fn answers_ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.write_all(b"PING\r\n");
+    let mut buf = [0u8; 7];
+    s.read(&mut buf).is_ok_and(|n| n > 0) && (buf[0] == b'+' || buf[0] == b'-')
+}
+
+/// A three-master Redis Cluster of [`SharedRedisServer`]s, stopped the same
+/// way when the test binary exits.
+pub struct SharedRedisCluster {
+    pub nodes: Vec<SharedRedisServer>,
+}
+
+impl SharedRedisCluster {
+    fn start() -> SharedRedisCluster {
+        let nodes: Vec<SharedRedisServer> = (0..3)
+            .map(|_| {
+                SharedRedisServer::start(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        form_cluster(&nodes.iter().map(|n| n.port).collect::<Vec<_>>());
+        SharedRedisCluster { nodes }
+    }
+
+    /// Every node's URL, comma-separated.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A cluster store whose every key starts with `prefix`; call inside a
+    /// Tokio runtime.
+    pub async fn store(&self, prefix: &str) -> tollgate_core::store::RedisStore {
+        let config = tollgate_core::store::RedisConfig {
+            cluster: true,
+            prefix: prefix.to_string(),
+            ..tollgate_core::store::RedisConfig::new(self.urls())
+        };
+        tollgate_core::store::RedisStore::connect(&config)
+            .await
+            .unwrap()
     }
 }
