@@ -370,7 +370,7 @@ fn the_kubernetes_manifests_fit_tollgate() {
             .or_else(|| get["port"].as_str().and_then(port_named));
         assert_eq!(port, Some(http_port), "{probe} port");
     }
-    // Envoy reaches ext_authz on the gRPC listener, on loopback.
+    // Envoy reaches ext_proc on the gRPC listener, on loopback.
     let envoy_config = of_kind(&docs, "ConfigMap", "envoy-config");
     assert_eq!(
         envoy_config["data"]["envoy.yaml"].as_str().unwrap(),

@@ -539,45 +539,101 @@ async fn a_repeated_request_id_is_one_charge() {
     }
 }
 
-/// The shipped Envoy config points its ext_authz filter at the port and
-/// service tollgate serves, with the settings the docs promise.
-#[test]
-fn the_shipped_envoy_config_matches_the_server() {
-    use tollgate_core::policy::yaml::{parse, Node, Value};
-    let source = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/envoy/envoy.yaml"
-    ))
-    .unwrap();
-    let root = parse(&source).unwrap().unwrap();
-    fn get<'a>(n: &'a Node, key: &str) -> &'a Node {
+/// The shipped Envoy configurations, read with tollgate's own YAML parser.
+mod shipped {
+    pub use tollgate_core::policy::yaml::Node;
+    use tollgate_core::policy::yaml::{parse, Value};
+
+    /// `deploy/envoy/<file>`, parsed.
+    pub fn load(file: &str) -> Node {
+        let path = format!("{}/deploy/envoy/{file}", env!("CARGO_MANIFEST_DIR"));
+        let source = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        parse(&source).unwrap().unwrap()
+    }
+
+    pub fn find<'a>(n: &'a Node, key: &str) -> Option<&'a Node> {
         match &n.value {
             Value::Map(entries) => entries
                 .iter()
                 .find(|(k, _)| matches!(&k.value, Value::Scalar { text, .. } if text == key))
-                .map(|(_, v)| v)
-                .unwrap_or_else(|| panic!("no `{key}`")),
+                .map(|(_, v)| v),
             _ => panic!("`{key}` looked up in a non-mapping"),
         }
     }
-    fn text(n: &Node) -> &str {
+
+    pub fn get<'a>(n: &'a Node, key: &str) -> &'a Node {
+        find(n, key).unwrap_or_else(|| panic!("no `{key}`"))
+    }
+
+    pub fn text(n: &Node) -> &str {
         match &n.value {
             Value::Scalar { text, .. } => text,
             _ => panic!("not a scalar"),
         }
     }
-    fn items(n: &Node) -> &[Node] {
+
+    pub fn items(n: &Node) -> &[Node] {
         match &n.value {
             Value::Seq(items) => items,
             _ => panic!("not a list"),
         }
     }
-    let resources = get(&root, "static_resources");
-    let listener = &items(get(resources, "listeners"))[0];
-    let hcm = get(
-        &items(get(&items(get(listener, "filter_chains"))[0], "filters"))[0],
-        "typed_config",
-    );
+
+    pub fn keys(n: &Node) -> Vec<&str> {
+        match &n.value {
+            Value::Map(entries) => entries.iter().map(|(k, _)| text(k)).collect(),
+            _ => panic!("not a mapping"),
+        }
+    }
+
+    /// The listener's HTTP connection manager.
+    pub fn connection_manager(root: &Node) -> &Node {
+        let listener = &items(get(get(root, "static_resources"), "listeners"))[0];
+        get(
+            &items(get(&items(get(listener, "filter_chains"))[0], "filters"))[0],
+            "typed_config",
+        )
+    }
+
+    /// The filter's gRPC service is a cluster that reaches tollgate's gRPC
+    /// port over HTTP/2.
+    pub fn assert_reaches_tollgate(root: &Node, filter_config: &Node) {
+        let grpc = get(filter_config, "grpc_service");
+        let cluster_name = text(get(get(grpc, "envoy_grpc"), "cluster_name"));
+        assert!(!text(get(grpc, "timeout")).is_empty());
+        let cluster = items(get(get(root, "static_resources"), "clusters"))
+            .iter()
+            .find(|c| text(get(c, "name")) == cluster_name)
+            .unwrap_or_else(|| panic!("no cluster {cluster_name}"));
+        let opts = get(
+            get(cluster, "typed_extension_protocol_options"),
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        );
+        get(get(opts, "explicit_http_config"), "http2_protocol_options");
+        let endpoint = &items(get(
+            &items(get(get(cluster, "load_assignment"), "endpoints"))[0],
+            "lb_endpoints",
+        ))[0];
+        let socket = get(get(get(endpoint, "endpoint"), "address"), "socket_address");
+        // The address and port tollgate serves gRPC on by default.
+        assert_eq!(
+            format!(
+                "{}:{}",
+                text(get(socket, "address")),
+                text(get(socket, "port_value"))
+            ),
+            "127.0.0.1:50051"
+        );
+    }
+}
+
+/// The ext_authz-only Envoy config points its ext_authz filter at the port
+/// and service tollgate serves, with the settings the docs promise.
+#[test]
+fn the_shipped_envoy_config_matches_the_server() {
+    use shipped::{get, items, text};
+    let root = shipped::load("envoy-ext-authz.yaml");
+    let hcm = shipped::connection_manager(&root);
     let filters = items(get(hcm, "http_filters"));
     let authz = filters
         .iter()
@@ -591,35 +647,7 @@ fn the_shipped_envoy_config_matches_the_server() {
         text(get(get(config, "with_request_body"), "pack_as_bytes")),
         "true"
     );
-    let cluster_name = text(get(
-        get(get(config, "grpc_service"), "envoy_grpc"),
-        "cluster_name",
-    ));
-    assert!(!text(get(get(config, "grpc_service"), "timeout")).is_empty());
-
-    let cluster = items(get(resources, "clusters"))
-        .iter()
-        .find(|c| text(get(c, "name")) == cluster_name)
-        .expect("the ext_authz cluster exists");
-    let opts = get(
-        get(cluster, "typed_extension_protocol_options"),
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-    );
-    get(get(opts, "explicit_http_config"), "http2_protocol_options");
-    let endpoint = &items(get(
-        &items(get(get(cluster, "load_assignment"), "endpoints"))[0],
-        "lb_endpoints",
-    ))[0];
-    let socket = get(get(get(endpoint, "endpoint"), "address"), "socket_address");
-    // The address and port tollgate serves gRPC on by default.
-    assert_eq!(
-        format!(
-            "{}:{}",
-            text(get(socket, "address")),
-            text(get(socket, "port_value"))
-        ),
-        "127.0.0.1:50051"
-    );
+    shipped::assert_reaches_tollgate(&root, config);
 
     // Routes set environment and workflow through context_extensions.
     let routes = items(get(
@@ -638,6 +666,112 @@ fn the_shipped_envoy_config_matches_the_server() {
     );
     assert_eq!(text(get(ctx, "environment")), "production");
     assert_eq!(text(get(ctx, "workflow")), "research-agent");
+}
+
+/// The shipped Envoy config, deploy/envoy/envoy.yaml: one ext_proc filter
+/// that decides and settles, in the processing mode tollgate serves, with
+/// route attributes as the gRPC metadata tollgate reads.
+#[test]
+fn the_shipped_ext_proc_config_matches_the_server() {
+    use shipped::{find, get, items, keys, text};
+    use tollgate_core::policy::Attr;
+
+    const EXT_PROC: &str = "envoy.filters.http.ext_proc";
+    // The prefix src/server/ext_proc.rs reads route attributes under
+    // (`ROUTE_METADATA_PREFIX`).
+    const ROUTE_METADATA_PREFIX: &str = "tollgate-route-";
+    let root = shipped::load("envoy.yaml");
+    let hcm = shipped::connection_manager(&root);
+    let filters = items(get(hcm, "http_filters"));
+    let names: Vec<&str> = filters.iter().map(|f| text(get(f, "name"))).collect();
+    assert_eq!(
+        names,
+        [EXT_PROC, "envoy.filters.http.router"],
+        "one ext_proc filter does the whole job, with no ext_authz beside it"
+    );
+    let config = get(&filters[0], "typed_config");
+    assert_eq!(
+        text(get(config, "@type")),
+        "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+    );
+    // Budgets are enforcement: an unreachable tollgate fails the request.
+    assert_eq!(text(get(config, "failure_mode_allow")), "false");
+    // tollgate turns the response body off for calls with nothing to settle.
+    assert_eq!(text(get(config, "allow_mode_override")), "true");
+    let timeout = text(get(config, "message_timeout"));
+    let seconds: f64 = timeout
+        .strip_suffix('s')
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("message_timeout {timeout:?}"));
+    assert!(seconds > 0.0, "message_timeout {timeout:?}");
+
+    // Exactly the mode the server is written for: the request whole, the
+    // response as it streams, no trailers.
+    let mode = get(config, "processing_mode");
+    let expected = [
+        ("request_header_mode", "SEND"),
+        ("request_body_mode", "BUFFERED"),
+        ("response_header_mode", "SEND"),
+        ("response_body_mode", "STREAMED"),
+        ("request_trailer_mode", "SKIP"),
+        ("response_trailer_mode", "SKIP"),
+    ];
+    for (field, value) in expected {
+        assert_eq!(text(get(mode, field)), value, "processing_mode.{field}");
+    }
+    assert_eq!(keys(mode).len(), expected.len(), "{:?}", keys(mode));
+    shipped::assert_reaches_tollgate(&root, config);
+
+    // Every route names its attributes as `tollgate-route-<attribute>`
+    // metadata, each a real attribute.
+    let routes = items(get(
+        &items(get(get(hcm, "route_config"), "virtual_hosts"))[0],
+        "routes",
+    ));
+    assert!(!routes.is_empty());
+    let mut research_agent = false;
+    for route in routes {
+        let per_filter = get(route, "typed_per_filter_config");
+        assert!(find(per_filter, "envoy.filters.http.ext_authz").is_none());
+        let per_route = get(per_filter, EXT_PROC);
+        assert_eq!(
+            text(get(per_route, "@type")),
+            "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+        );
+        let metadata = items(get(get(per_route, "overrides"), "grpc_initial_metadata"));
+        assert!(!metadata.is_empty());
+        for entry in metadata {
+            let key = text(get(entry, "key"));
+            let attribute = key
+                .strip_prefix(ROUTE_METADATA_PREFIX)
+                .unwrap_or_else(|| panic!("{key} is not a route attribute"));
+            assert!(Attr::parse(attribute).is_some(), "{key}: no such attribute");
+            let value = text(get(entry, "value"));
+            assert!(!value.is_empty(), "{key} is empty");
+            research_agent |= attribute == "workflow" && value == "research-agent";
+        }
+    }
+    assert!(research_agent, "the agent route sets its workflow");
+
+    // The buffer limit is set, the same for HTTP/1.1 (the listener's) and
+    // HTTP/2 (the stream window), and a body at the limit fits in one gRPC
+    // message tollgate accepts from Envoy (4 MiB, MAX_ENVOY_REQUEST_BYTES),
+    // with room for the rest of the message.
+    let listener = &items(get(get(&root, "static_resources"), "listeners"))[0];
+    let limit: u64 = text(get(listener, "per_connection_buffer_limit_bytes"))
+        .parse()
+        .unwrap();
+    let window: u64 = text(get(
+        get(hcm, "http2_protocol_options"),
+        "initial_stream_window_size",
+    ))
+    .parse()
+    .unwrap();
+    assert_eq!(limit, window);
+    assert!(
+        (1 << 20..=(4 << 20) - (64 << 10)).contains(&limit),
+        "buffer limit {limit}"
+    );
 }
 
 #[tokio::test]
