@@ -341,7 +341,21 @@ impl Gate {
         reservation_id: &str,
         actual: &ActualUsage,
     ) -> Result<SettleOutcome, GateError> {
-        let policy = self.policy.load_full();
+        self.settle_on(&self.policy.load_full(), reservation_id, actual, None)
+            .await
+    }
+
+    /// [`Gate::settle`] on the policy snapshot that made the decision (a
+    /// reload in between must not reprice the call), pricing `served`,
+    /// the model the response says ran, when it is known: a downgrade the
+    /// upstream did not honour is charged as what it really was.
+    pub async fn settle_on(
+        &self,
+        policy: &CompiledPolicy,
+        reservation_id: &str,
+        actual: &ActualUsage,
+        served: Option<&str>,
+    ) -> Result<SettleOutcome, GateError> {
         let now = self.clock.now();
         let unknown = || GateError::UnknownReservation(reservation_id.to_string());
         let reservation = self
@@ -361,7 +375,15 @@ impl Gate {
             video_seconds: actual.video_seconds,
             audio_seconds: actual.audio_seconds,
         };
-        let model = reservation.model.as_deref();
+        let decided = reservation.model.as_deref();
+        let model = match (served, decided) {
+            (Some(served), Some(decided)) if served != decided && policy.price(served).is_some() => {
+                tracing::warn!(reservation = reservation_id, decided, served, "the upstream served another model than the one decided; charging the one served");
+                self.observer.served_other_model();
+                Some(served)
+            }
+            _ => decided,
+        };
         let price = model.and_then(|m| policy.price(m));
         let amounts: Vec<i64> = reservation
             .ops

@@ -5,26 +5,45 @@
 
 use super::http_request::{check_input, HttpRequest};
 use super::status::{allowance, Allowance, Refusal};
-use tollgate_core::engine::Verdict;
+use std::sync::Arc;
+
+use tollgate_core::engine::{Decision, Verdict};
 use tollgate_core::gate::Gate;
+use tollgate_core::policy::CompiledPolicy;
 
 /// What an HTTP-shaped front end answers.
 #[derive(Debug)]
 pub enum Answer {
-    Allowed(Allowance),
+    Allowed(Box<Allowed>),
     Refused(Refusal),
 }
 
-pub async fn authorize(gate: &Gate, request: &HttpRequest<'_>) -> Answer {
+/// An allowed request: the headers to add, and what a front end that sees
+/// the response (ext_proc) needs to settle it.
+#[derive(Debug)]
+pub struct Allowed {
+    pub allowance: Allowance,
+    pub decision: Decision,
+    /// The snapshot that decided, for the settle.
+    pub policy: Arc<CompiledPolicy>,
+}
+
+/// `rewrites_body`: the front end can put a downgrade into effect itself
+/// (ext_proc rewrites the body's model), whatever the route says.
+pub async fn authorize(gate: &Gate, request: &HttpRequest<'_>, rewrites_body: bool) -> Answer {
     let policy = gate.policy();
-    let input = match check_input(&policy.set.attributes, request) {
+    let mut input = match check_input(&policy.set.attributes, request) {
         Ok(input) => input,
         Err(e) => return Answer::Refused(Refusal::invalid(&e)),
     };
-    let model_header = policy.set.attributes.model_header.clone();
-    match gate.check_on(policy, input).await {
+    input.can_switch_model |= rewrites_body;
+    match gate.check_on(policy.clone(), input).await {
         Ok(d) if d.verdict == Verdict::Deny => Answer::Refused(Refusal::denied(&d)),
-        Ok(d) => Answer::Allowed(allowance(&d, &model_header)),
+        Ok(d) => Answer::Allowed(Box::new(Allowed {
+            allowance: allowance(&d, &policy.set.attributes.model_header),
+            decision: d,
+            policy,
+        })),
         Err(e) => {
             let refusal = Refusal::from_gate_error(&e);
             if refusal.is_store_fault() {

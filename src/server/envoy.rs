@@ -84,16 +84,21 @@ impl Authorization for EnvoyAuthz {
             body: Some(body),
             proxy_request_id: Some(&http.id),
         };
-        match authorize(&self.gate, &view).await {
-            Answer::Allowed(a) => Ok(Response::new(CheckResponse {
+        match authorize(&self.gate, &view, false).await {
+            Answer::Allowed(allowed) => Ok(Response::new(CheckResponse {
                 status: Some(rpc::Status {
                     code: tonic::Code::Ok as i32,
                     ..Default::default()
                 }),
                 http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                    headers: a.upstream.into_iter().map(header).collect(),
-                    response_headers_to_add: a.downstream.into_iter().map(header).collect(),
-                    headers_to_remove: a.remove,
+                    headers: allowed.allowance.upstream.into_iter().map(header).collect(),
+                    response_headers_to_add: allowed
+                        .allowance
+                        .downstream
+                        .into_iter()
+                        .map(header)
+                        .collect(),
+                    headers_to_remove: allowed.allowance.remove,
                     ..Default::default()
                 })),
                 ..Default::default()

@@ -212,9 +212,10 @@ async fn decide(
         body: (!body.is_empty()).then_some(&body[..]),
         proxy_request_id: None,
     };
-    match authorize(&state.gate, &view).await {
-        Answer::Allowed(a) => {
+    match authorize(&state.gate, &view, false).await {
+        Answer::Allowed(allowed) => {
             let mut response = StatusCode::OK.into_response();
+            let a = allowed.allowance;
             for (k, v) in a.upstream.into_iter().chain(a.downstream) {
                 put(response.headers_mut(), &k, &v);
             }

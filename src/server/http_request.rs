@@ -232,9 +232,11 @@ fn modality_for(mapping: &AttributeMapping, path: &str) -> Option<String> {
     if path.ends_with(":embedContent") || path.ends_with(":batchEmbedContents") {
         return Some("embedding".to_string());
     }
+    // Anywhere in the path: a route may prefix the API's own path
+    // (`/agent/v1/chat/completions`, rewritten only after tollgate).
     MODALITY_PATHS
         .iter()
-        .find(|(p, _)| path.starts_with(p))
+        .find(|(p, _)| path.contains(p))
         .map(|(_, m)| m.to_string())
 }
 

@@ -52,6 +52,9 @@ pub mod names {
     pub const APPROVALS: &str = "tollgate_approvals_total";
     // Recorded by the HTTP front ends.
     pub const CLIENT_ATTRIBUTES_IGNORED: &str = "tollgate_client_attributes_ignored_total";
+    // Recorded by the ext_proc service and the settle it runs.
+    pub const MODEL_MISMATCHES: &str = "tollgate_served_model_mismatches_total";
+    pub const SETTLE_RETRIES: &str = "tollgate_settle_retries_total";
 }
 
 /// Default cap on tracked (rule, scope) pairs.
@@ -99,6 +102,14 @@ fn describe() {
         "Round-trip time of counter-store calls"
     );
     describe_counter!(names::STORE_ERRORS, "Counter-store failures by kind");
+    describe_counter!(
+        names::MODEL_MISMATCHES,
+        "Settles that charged the model the upstream served, not the one decided on"
+    );
+    describe_counter!(
+        names::SETTLE_RETRIES,
+        "ext_proc settles retried after a counter-store fault"
+    );
     describe_counter!(
         names::CLIENT_ATTRIBUTES_IGNORED,
         "Attribute headers a client sent that the policy does not let clients set, by attribute"
@@ -268,6 +279,10 @@ impl Observer for Telemetry {
 
     fn approval(&self, action: &str) {
         metrics::counter!(names::APPROVALS, "action" => action.to_string()).increment(1);
+    }
+
+    fn served_other_model(&self) {
+        metrics::counter!(names::MODEL_MISMATCHES).increment(1);
     }
 }
 

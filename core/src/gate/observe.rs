@@ -46,6 +46,9 @@ pub trait Observer: Send + Sync + fmt::Debug {
     fn settled(&self, _expires_at: Millis) {}
     /// An approval was granted or revoked (`approve`, `revoke`).
     fn approval(&self, _action: &str) {}
+    /// A settle found that the upstream ran another model than the one
+    /// decided on, and charged the one it ran.
+    fn served_other_model(&self) {}
 }
 
 /// Where alert crossings go. Called on the decision path: an
