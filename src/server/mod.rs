@@ -9,6 +9,7 @@ pub mod envoy;
 pub mod health;
 pub mod http;
 pub mod http_request;
+pub mod meter;
 pub mod native;
 pub mod settle;
 pub mod status;
