@@ -1486,3 +1486,54 @@ rules:
         "{counters} per-key counters"
     );
 }
+
+/// Where nothing will settle a call (ext_authz alone), the estimate is the
+/// charge: the reservation is kept only moments, and a rule that needs the
+/// call's end is refused with a message that says what to do.
+#[test]
+fn calls_nothing_settles_hold_no_reservation_and_refuse_concurrency_rules() {
+    let yaml = "
+rules:
+  - id: daily
+    match: { workflow: batch }
+    limit: { requests: 10, window: daily }
+  - id: in-flight
+    match: { workflow: render }
+    limit: { concurrent: 2 }
+";
+    let (gate, clock) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let unsettled = |workflow: &str| CheckInput {
+            estimate_is_final: true,
+            ..input(&[("workflow", workflow)])
+        };
+        let d = gate.check(unsettled("batch")).await.unwrap();
+        assert_eq!(d.verdict, Verdict::Allow);
+        let id = d.reservation_id.expect("a reservation, for replays");
+        clock.advance(6_000);
+        let late = gate.settle(&id, &ActualUsage::default()).await;
+        assert!(
+            matches!(late, Err(GateError::UnknownReservation(_))),
+            "the record is gone within seconds: {late:?}"
+        );
+        // The estimate stayed charged: one request of ten.
+        let d = gate.check(unsettled("batch")).await.unwrap();
+        assert_eq!(d.counters[0].used.to_string(), "2");
+
+        let refused = gate.check(unsettled("render")).await.unwrap_err();
+        let message = refused.to_string();
+        assert!(
+            message.contains("`in-flight`") && message.contains("ext_proc"),
+            "{message}"
+        );
+        // The same rule works where calls are settled.
+        assert_eq!(
+            gate.check(input(&[("workflow", "render")]))
+                .await
+                .unwrap()
+                .verdict,
+            Verdict::Allow
+        );
+    });
+}

@@ -956,3 +956,36 @@ async fn retry_budgets_and_retryability_over_ext_authz() {
     assert_eq!(header(&headers, "retry-after"), Some("1"));
     assert_eq!(header(&headers, "retry-after-ms"), Some("1000"));
 }
+
+/// A route that says nothing settles its calls refuses a rule that needs
+/// the call's end, with a message that says what to do instead.
+#[tokio::test]
+async fn a_route_nothing_settles_refuses_concurrency_rules() {
+    let mut client = start(RETRY_POLICY).await;
+    let render = |settle: &'static str| {
+        envoy_request(
+            "/v1/chat/completions",
+            &[],
+            CHAT,
+            &[("workflow", "render"), ("settle", settle)],
+        )
+    };
+    let r = client.check(render("never")).await.unwrap().into_inner();
+    let Outcome::Denied {
+        status,
+        body,
+        headers,
+    } = outcome(r)
+    else {
+        panic!("must refuse")
+    };
+    assert_eq!(status, 400);
+    assert_eq!(header(&headers, "x-should-retry"), Some("false"));
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("renders-in-flight") && message.contains("ext_proc"),
+        "{message}"
+    );
+    let r = client.check(render("always")).await.unwrap().into_inner();
+    assert!(matches!(outcome(r), Outcome::Allowed { .. }));
+}

@@ -18,7 +18,9 @@ use crate::engine::request::{apply_key, fill_from_client, hash_key, Source};
 use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
 use crate::policy::{Attr, CompiledPolicy, Enforcement, OnExceed, StoreFailure, Unit, UnknownKeys};
-use crate::store::{CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError};
+use crate::store::{
+    CounterKind, CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError,
+};
 
 pub use crate::clock::{Clock, ManualClock, SystemClock};
 
@@ -84,6 +86,11 @@ pub struct CheckInput {
     /// model, so that the expensive call is never charged at the cheap
     /// price.
     pub can_switch_model: bool,
+    /// Nothing will settle this call (ext_authz with no ext_proc after
+    /// it): the estimate is the charge, the reservation record is kept
+    /// only moments, and a rule that needs the call's end (`concurrent`)
+    /// is refused.
+    pub estimate_is_final: bool,
 }
 
 /// What a call really used, reported at settle. Absent fields are zero.
@@ -281,6 +288,9 @@ impl Gate {
         if !input.can_switch_model {
             plan.withhold_downgrades();
         }
+        if input.estimate_is_final {
+            needs_no_settle(policy, &plan)?;
+        }
         let plan = trace.plan.insert(plan);
         let retry_within = self.config.retry_within.as_millis() as Millis;
         let with_action = |decision: Decision| Decision {
@@ -294,7 +304,11 @@ impl Gate {
             now,
             candidates: plan.candidates.clone(),
             reservation_id: new_reservation_id(),
-            reservation_ttl: self.config.reservation_ttl.as_millis() as Millis,
+            reservation_ttl: if input.estimate_is_final {
+                FINAL_ESTIMATE_TTL
+            } else {
+                self.config.reservation_ttl.as_millis() as Millis
+            },
             request_id: replay_id,
         };
         match self.bounded(self.store.reserve(&request)).await {
@@ -377,7 +391,9 @@ impl Gate {
         };
         let decided = reservation.model.as_deref();
         let model = match (served, decided) {
-            (Some(served), Some(decided)) if served != decided && policy.price(served).is_some() => {
+            (Some(served), Some(decided))
+                if served != decided && policy.price(served).is_some() =>
+            {
                 tracing::warn!(reservation = reservation_id, decided, served, "the upstream served another model than the one decided; charging the one served");
                 self.observer.served_other_model();
                 Some(served)
@@ -652,6 +668,30 @@ impl Gate {
         self.observer
             .store_call(started.elapsed(), result.as_ref().err());
         result
+    }
+}
+
+/// How long the reservation of a call nothing will settle is kept: long
+/// enough to recognise a replay of the same request, no longer.
+const FINAL_ESTIMATE_TTL: Millis = 5_000;
+
+/// Refuses a call that nothing will settle under a rule that counts what
+/// is in flight: its slot would be held until the reservation lapsed.
+fn needs_no_settle(policy: &CompiledPolicy, plan: &decide::Plan) -> Result<(), RequestError> {
+    let held = plan
+        .candidates
+        .iter()
+        .zip(&plan.counters)
+        .flat_map(|(c, counters)| c.ops.iter().zip(counters))
+        .find(|(op, _)| op.kind == CounterKind::Gauge);
+    match held {
+        None => Ok(()),
+        Some((_, counter)) => Err(RequestError::invalid(format!(
+            "rule `{}` limits calls in flight, which needs each call settled when it ends; \
+             this route says nothing settles its calls (`settle: never`): put Envoy ext_proc \
+             in front of it, or settle through the native API",
+            policy.rules()[counter.rule].id
+        ))),
     }
 }
 

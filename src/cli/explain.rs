@@ -75,6 +75,7 @@ fn explain_input(args: &ExplainArgs) -> Result<CheckInput, String> {
         estimate,
         request_id: None,
         can_switch_model: !args.no_model_switch,
+        estimate_is_final: false,
     })
 }
 

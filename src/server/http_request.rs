@@ -11,7 +11,7 @@ use crate::telemetry::names;
 use tollgate_core::engine::request::parse_amount;
 use tollgate_core::engine::{Attributes, Estimate, RequestError};
 use tollgate_core::gate::CheckInput;
-use tollgate_core::policy::{Attr, AttributeMapping};
+use tollgate_core::policy::{Attr, AttributeMapping, Settle};
 
 /// An HTTP request as a front end received it. Header names are lower case;
 /// values are raw bytes, because they are not always valid UTF-8.
@@ -34,6 +34,10 @@ pub struct HttpRequest<'a> {
 /// The route setting that says the upstream honours the model header, so
 /// a downgrade can be put into effect: `downgrade: header`.
 pub(crate) const DOWNGRADE_SETTING: &str = "downgrade";
+
+/// The route setting that says whether anything settles the route's
+/// calls: `settle: never` for ext_authz with no ext_proc after it.
+pub(crate) const SETTLE_SETTING: &str = "settle";
 
 /// Modalities by path, tried after the policy's own `modality_paths`.
 const MODALITY_PATHS: [(&str, &str); 9] = [
@@ -208,6 +212,18 @@ pub fn check_input(
         }
     };
 
+    let estimate_is_final = match context.get(SETTLE_SETTING).map(String::as_str) {
+        None => mapping.settle == Settle::Never,
+        Some("never") => true,
+        Some("always") => false,
+        Some(other) => {
+            return Err(RequestError::invalid(format!(
+                "the route sets `{SETTLE_SETTING}: {other}`; it must be `always` (something \
+                 settles each call, as ext_proc does) or `never` (the estimate is final)"
+            )))
+        }
+    };
+
     Ok(CheckInput {
         attributes: route,
         client_attributes: client,
@@ -215,6 +231,7 @@ pub fn check_input(
         estimate,
         request_id,
         can_switch_model,
+        estimate_is_final,
     })
 }
 

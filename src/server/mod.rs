@@ -6,6 +6,7 @@ pub mod admin;
 pub mod authorize;
 pub mod body;
 pub mod envoy;
+pub mod ext_proc;
 pub mod health;
 pub mod http;
 pub mod http_request;
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 
 use crate::proto::v1::admin_server::AdminServer;
 use crate::proto::v1::tollgate_server::TollgateServer;
@@ -94,6 +96,7 @@ pub async fn serve_grpc_with(
         vec![
             <TollgateServer<native::NativeApi> as tonic::server::NamedService>::NAME,
             <AuthorizationServer<envoy::EnvoyAuthz> as tonic::server::NamedService>::NAME,
+            <ExternalProcessorServer<ext_proc::ExtProc> as tonic::server::NamedService>::NAME,
         ],
     )
     .await;
@@ -103,7 +106,11 @@ pub async fn serve_grpc_with(
         .add_service(health_service)
         .add_service(api)
         .add_service(
-            AuthorizationServer::new(envoy::EnvoyAuthz::new(gate))
+            AuthorizationServer::new(envoy::EnvoyAuthz::new(gate.clone()))
+                .max_decoding_message_size(MAX_ENVOY_REQUEST_BYTES),
+        )
+        .add_service(
+            ExternalProcessorServer::new(ext_proc::ExtProc::new(gate))
                 .max_decoding_message_size(MAX_ENVOY_REQUEST_BYTES),
         )
         .add_optional_service(

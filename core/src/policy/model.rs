@@ -140,6 +140,19 @@ pub struct AttributeMapping {
     pub modality_paths: Vec<(String, String)>,
     /// The header that carries the model to call after a downgrade.
     pub model_header: String,
+    /// Whether something settles the calls of the HTTP front ends, unless
+    /// a route says otherwise.
+    pub settle: Settle,
+}
+
+/// Whether the calls of a route are settled when they end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Settle {
+    /// ext_proc, or a caller of `/v1/settle`, settles each call.
+    #[default]
+    Always,
+    /// Nothing does: the estimate is the charge (ext_authz alone).
+    Never,
 }
 
 /// What a client may set by default: which attempt of which action a call
@@ -162,6 +175,7 @@ impl Default for AttributeMapping {
             request_id_header: None,
             modality_paths: Vec::new(),
             model_header: "x-tollgate-model".to_string(),
+            settle: Settle::Always,
         }
     }
 }

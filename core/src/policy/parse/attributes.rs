@@ -21,6 +21,7 @@ impl Reader<'_> {
                 "headers",
                 "modality_paths",
                 "model_header",
+                "settle",
             ],
         )?;
         let mut m = AttributeMapping::default();
@@ -103,6 +104,15 @@ impl Reader<'_> {
                         m.modality_paths.push((prefix.to_string(), mo));
                     }
                 }
+                "settle" => match self.string(value, "settle").as_deref() {
+                    Some("always") => m.settle = Settle::Always,
+                    Some("never") => m.settle = Settle::Never,
+                    Some(other) => self.error(
+                        value.pos,
+                        format!("`settle` is always or never, found {other:?}"),
+                    ),
+                    None => {}
+                },
                 "model_header" => {
                     if let Some(h) = self.string(value, "model_header") {
                         m.model_header = h.to_ascii_lowercase();
