@@ -53,6 +53,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::authorize::{authorize, Allowed, Answer};
 use super::body::CHARS_PER_TOKEN;
 use super::http_request::HttpRequest;
+use super::meter::sse::{Piece, Splitter};
 use super::meter::{Api, Meter, Metered};
 use super::status::Refusal;
 use crate::telemetry::names;
@@ -144,6 +145,11 @@ struct Admitted {
     meter: Option<Meter>,
     upstream_status: u16,
     completed: bool,
+    /// tollgate asked the upstream for the stream's usage; what that adds
+    /// is taken out again before the client sees it.
+    asked_for_usage: bool,
+    /// Set once the response is a stream to take the usage out of.
+    rewrite: Option<Splitter>,
 }
 
 struct Exchange {
@@ -186,13 +192,25 @@ impl Exchange {
             }
             Msg::ResponseHeaders(h) => Ok(self.response_headers(&h)),
             Msg::ResponseBody(b) => {
+                let mut response = BodyResponse::default();
                 if let Some(a) = &mut self.admitted {
                     if let Some(meter) = &mut a.meter {
                         meter.feed(&b.body);
                     }
                     a.completed |= b.end_of_stream;
+                    if let Some(splitter) = &mut a.rewrite {
+                        let body = without_added_usage(splitter, &b.body, b.end_of_stream);
+                        if body != b.body {
+                            response.response = Some(CommonResponse {
+                                body_mutation: Some(BodyMutation {
+                                    mutation: Some(body_mutation::Mutation::Body(body)),
+                                }),
+                                ..Default::default()
+                            });
+                        }
+                    }
                 }
-                Ok(reply(Reply::ResponseBody(BodyResponse::default())))
+                Ok(reply(Reply::ResponseBody(response)))
             }
             Msg::RequestTrailers(_) => {
                 Ok(reply(Reply::RequestTrailers(TrailersResponse::default())))
@@ -248,8 +266,11 @@ impl Exchange {
         };
         self.downstream = allowance.downstream;
         let mut common = CommonResponse::default();
+        let mut asked_for_usage = false;
         if with_body {
-            if let Some(body) = rewritten_body(&self.body, &decision, &path) {
+            let rewritten = rewritten_body(&self.body, &decision, &path);
+            asked_for_usage = rewritten.as_ref().is_some_and(|r| r.asked_for_usage);
+            if let Some(Rewritten { body, .. }) = rewritten {
                 mutation.set_headers.push(raw_header((
                     "content-length".to_string(),
                     body.len().to_string(),
@@ -268,6 +289,8 @@ impl Exchange {
                 meter: None,
                 upstream_status: 0,
                 completed: false,
+                asked_for_usage,
+                rewrite: None,
             });
         }
         let response = HeadersResponse {
@@ -316,6 +339,9 @@ impl Exchange {
             Some(a) => {
                 a.upstream_status = status;
                 a.meter = Api::from_path(&path).map(|api| Meter::new(api, event_stream));
+                if a.asked_for_usage && event_stream && (200..300).contains(&status) {
+                    a.rewrite = Some(Splitter::new(Splitter::DEFAULT_MAX_EVENT_BYTES));
+                }
                 if h.end_of_stream {
                     a.completed = true;
                 }
@@ -421,17 +447,103 @@ async fn settle_with_retries(
     }
 }
 
+/// A request body that tollgate changed.
+struct Rewritten {
+    body: Vec<u8>,
+    /// `stream_options.include_usage` was added.
+    asked_for_usage: bool,
+}
+
 /// The request body to send upstream instead, if it must change: on a
-/// downgrade, the cheaper model in place of the one asked for.
-fn rewritten_body(body: &[u8], decision: &Decision, path: &str) -> Option<Vec<u8>> {
-    if decision.verdict != Verdict::Downgrade || body.is_empty() || path.contains("/models/") {
+/// downgrade, the cheaper model in place of the one asked for; and an
+/// OpenAI stream that does not ask for its usage is made to, so that it
+/// can be settled at what it really used.
+fn rewritten_body(body: &[u8], decision: &Decision, path: &str) -> Option<Rewritten> {
+    let downgrade = decision
+        .model
+        .as_deref()
+        .filter(|_| decision.verdict == Verdict::Downgrade && !path.contains("/models/"));
+    let openai_stream = matches!(
+        Api::from_path(path),
+        Some(Api::OpenAiChat | Api::OpenAiCompletions)
+    );
+    if body.is_empty() || (downgrade.is_none() && !openai_stream) {
         return None;
     }
-    let model = decision.model.as_deref()?;
     let mut json: serde_json::Value = serde_json::from_slice(body).ok()?;
     let object = json.as_object_mut()?;
-    object.insert("model".to_string(), serde_json::Value::from(model));
-    serde_json::to_vec(&json).ok()
+    if let Some(model) = downgrade {
+        object.insert("model".to_string(), serde_json::Value::from(model));
+    }
+    let streams = object.get("stream").and_then(serde_json::Value::as_bool) == Some(true);
+    let asks = object
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(serde_json::Value::as_bool)
+        == Some(true);
+    let ask_for_usage = openai_stream && streams && !asks;
+    if ask_for_usage {
+        let options = object
+            .entry("stream_options")
+            .or_insert_with(|| serde_json::json!({}));
+        match options.as_object_mut() {
+            Some(o) => {
+                o.insert("include_usage".to_string(), serde_json::Value::Bool(true));
+            }
+            // A `stream_options` that is not an object is the client's
+            // own mistake: leave it for the upstream to refuse.
+            None => return None,
+        }
+    }
+    if downgrade.is_none() && !ask_for_usage {
+        return None;
+    }
+    Some(Rewritten {
+        body: serde_json::to_vec(&json).ok()?,
+        asked_for_usage: ask_for_usage,
+    })
+}
+
+/// One chunk of a stream whose usage tollgate asked for, as the client
+/// would have seen it had tollgate not: the final usage-only chunk goes,
+/// and so does the `"usage":null` the upstream then puts in every other
+/// chunk. An incomplete trailing event is held back (up to the
+/// splitter's bound) so that nothing is cut in half; the stream's last
+/// chunk flushes it.
+fn without_added_usage(splitter: &mut Splitter, chunk: &[u8], last: bool) -> Vec<u8> {
+    let mut out = Vec::with_capacity(chunk.len());
+    splitter.push(chunk, |piece| match piece {
+        Piece::Event(event) => strip_usage(event, &mut out),
+        Piece::Overflow(bytes) => out.extend_from_slice(bytes),
+    });
+    if last {
+        let rest = std::mem::replace(splitter, Splitter::new(0)).finish();
+        out.extend_from_slice(&rest);
+    }
+    out
+}
+
+fn strip_usage(event: &[u8], out: &mut Vec<u8>) {
+    let has = |needle: &[u8]| event.windows(needle.len()).any(|w| w == needle);
+    if (has(b"\"choices\":[]") || has(b"\"choices\": []"))
+        && (has(b"\"usage\":{") || has(b"\"usage\": {"))
+    {
+        return;
+    }
+    let needles: [&[u8]; 4] = [
+        b",\"usage\":null",
+        b"\"usage\":null,",
+        b", \"usage\": null",
+        b"\"usage\": null, ",
+    ];
+    for needle in needles {
+        if let Some(at) = event.windows(needle.len()).position(|w| w == needle) {
+            out.extend_from_slice(&event[..at]);
+            out.extend_from_slice(&event[at + needle.len()..]);
+            return;
+        }
+    }
+    out.extend_from_slice(event);
 }
 
 fn reply(response: Reply) -> ProcessingResponse {
@@ -488,4 +600,86 @@ fn header_pairs(h: &HttpHeaders) -> Vec<(String, Vec<u8>)> {
             (hv.key.to_ascii_lowercase(), value)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate_core::engine::Reason;
+
+    const STREAM: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n\
+data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"stop\"}],\"usage\":null}\r\n\r\n\
+data: {\"id\":\"c1\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n\
+data: [DONE]\n\n";
+
+    const WITHOUT: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n\
+data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"stop\"}]}\r\n\r\n\
+data: [DONE]\n\n";
+
+    #[test]
+    fn what_tollgate_added_to_a_stream_is_taken_out_wherever_the_chunks_split() {
+        let bytes = STREAM.as_bytes();
+        for cut in 0..=bytes.len() {
+            for second in cut..=bytes.len() {
+                let mut splitter = Splitter::new(Splitter::DEFAULT_MAX_EVENT_BYTES);
+                let mut out = without_added_usage(&mut splitter, &bytes[..cut], false);
+                out.extend(without_added_usage(
+                    &mut splitter,
+                    &bytes[cut..second],
+                    false,
+                ));
+                out.extend(without_added_usage(&mut splitter, &bytes[second..], true));
+                assert_eq!(
+                    String::from_utf8(out).unwrap(),
+                    WITHOUT,
+                    "cut at {cut}, {second}"
+                );
+            }
+        }
+    }
+
+    fn decision(verdict: Verdict, model: Option<&str>) -> Decision {
+        Decision {
+            verdict,
+            reason: Reason::Allowed,
+            model: model.map(str::to_string),
+            ..Decision::allow_unmetered()
+        }
+    }
+
+    #[test]
+    fn a_stream_is_asked_for_its_usage_and_a_downgrade_names_the_cheaper_model() {
+        let chat = "/v1/chat/completions";
+        let asked = rewritten_body(
+            br#"{"model":"gpt-5","stream":true,"messages":[]}"#,
+            &decision(Verdict::Allow, None),
+            chat,
+        )
+        .unwrap();
+        assert!(asked.asked_for_usage);
+        let json: serde_json::Value = serde_json::from_slice(&asked.body).unwrap();
+        assert_eq!(json["stream_options"]["include_usage"], true);
+        assert_eq!(json["model"], "gpt-5");
+
+        // A client that asked already, or a call that does not stream, is
+        // left as it is.
+        for body in [
+            r#"{"model":"gpt-5","stream":true,"stream_options":{"include_usage":true}}"#,
+            r#"{"model":"gpt-5","messages":[]}"#,
+        ] {
+            assert!(
+                rewritten_body(body.as_bytes(), &decision(Verdict::Allow, None), chat).is_none()
+            );
+        }
+
+        let down = rewritten_body(
+            br#"{"model":"gpt-5","messages":[]}"#,
+            &decision(Verdict::Downgrade, Some("gpt-4o-mini")),
+            "/v1/messages",
+        )
+        .unwrap();
+        assert!(!down.asked_for_usage);
+        let json: serde_json::Value = serde_json::from_slice(&down.body).unwrap();
+        assert_eq!(json["model"], "gpt-4o-mini");
+    }
 }
