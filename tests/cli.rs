@@ -219,12 +219,17 @@ async fn status_is_served_over_http_and_grpc() {
         "rules:\n  - id: a\n    limit: { requests: 1, window: sometimes }\n",
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(3);
+    // Poll until the reloader has read and refused the edit.
+    let deadline = Instant::now() + Duration::from_secs(20);
     let broken = loop {
         let s = get_status().await;
-        if !s["last_error"].is_null() || Instant::now() > deadline {
+        if !s["last_error"].is_null() {
             break s;
         }
+        assert!(
+            Instant::now() < deadline,
+            "the rejected edit was not reported within 20 s: {s}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let error = broken["last_error"]

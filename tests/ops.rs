@@ -181,7 +181,17 @@ async fn sigterm_under_load_answers_every_call_already_sent_and_exits_zero() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Signal under load: once over 100 calls have been answered.
+    let answered = || outcomes.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered() <= 100 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} calls answered within 20 s",
+            answered()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let before = outcomes.lock().unwrap().len();
     assert!(before > 100, "only {before} calls before the signal");
 
@@ -240,7 +250,15 @@ fn a_client_holding_a_connection_open_cannot_delay_exit_past_the_drain() {
         .unwrap();
     let mut grpc = std::net::TcpStream::connect(("127.0.0.1", tollgate.port)).unwrap();
     grpc.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    // The server holds both: it has accepted them and read what was sent.
+    for (listener, client) in [(tollgate.http_port, &http), (tollgate.port, &grpc)] {
+        let client = client.local_addr().unwrap().port();
+        let read = || server_has_read(listener, client);
+        assert!(
+            common::eventually(Duration::from_secs(20), read),
+            "the server did not read the request sent to port {listener} within 20 s"
+        );
+    }
 
     let started = Instant::now();
     let status = tollgate.signal_and_wait("TERM");
@@ -250,4 +268,24 @@ fn a_client_holding_a_connection_open_cannot_delay_exit_past_the_drain() {
         "exit took {:?} with a 2 s drain",
         started.elapsed()
     );
+}
+
+/// Whether the server end of the connection from 127.0.0.1:`client` to
+/// 127.0.0.1:`server` has been accepted and read: its receive queue, as
+/// Linux shows it in /proc/net/tcp, is empty.
+fn server_has_read(server: u16, client: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp (Linux)");
+    let (local, remote) = (
+        format!("0100007F:{server:04X}"),
+        format!("0100007F:{client:04X}"),
+    );
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() > 4
+            && fields[1] == local
+            && fields[2] == remote
+            && fields[4]
+                .split_once(':')
+                .is_some_and(|(_, rx)| rx.trim_start_matches('0').is_empty())
+    })
 }

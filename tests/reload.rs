@@ -393,10 +393,15 @@ async fn decisions_never_fail_or_mix_sets_while_the_policy_churns() {
                 valid.push(last_valid);
                 let text = policy(last_valid as u32);
                 std::fs::write(&file, &text[..text.len() / 2]).unwrap();
+                // Left half-written for a moment, as a slow writer would:
+                // there is nothing to wait for, the pause is the test.
                 tokio::time::sleep(Duration::from_millis(15)).await;
                 std::fs::write(&file, text).unwrap();
             }
         }
+        // The pace of the churn, not a wait: edits come faster than the
+        // 100 ms debounce, so reloads land on whatever state the file is in,
+        // valid, invalid or half-written, while the checks run.
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     // The last write was valid: it is in force within a second.

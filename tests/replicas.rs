@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{policy_dir, RedisServer, TollgateProcess};
@@ -172,16 +174,27 @@ async fn a_redis_outage_is_answered_within_the_timeout_and_recovered_from() {
 
     // Load in the background while Redis dies under it.
     let mut load_client = client.clone();
-    let load = tokio::spawn(async move {
-        let mut answered = 0;
-        let until = Instant::now() + Duration::from_millis(1500);
-        while Instant::now() < until {
-            let _ = load_client.check(request("closed", 1)).await;
-            answered += 1;
+    let answered = Arc::new(AtomicUsize::new(0));
+    let load = tokio::spawn({
+        let answered = answered.clone();
+        async move {
+            let until = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < until {
+                let _ = load_client.check(request("closed", 1)).await;
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+            answered.load(Ordering::Relaxed)
         }
-        answered
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill it once the load is running.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while answered.load(Ordering::Relaxed) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the background load got fewer than 5 answers within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     redis.kill();
 
     let mut worst = Duration::ZERO;
