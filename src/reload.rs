@@ -72,7 +72,7 @@ impl Reloader {
     pub fn new(gate: Arc<Gate>, config: ReloadConfig) -> Arc<Reloader> {
         let policy = gate.policy();
         let status = PolicyStatus {
-            version: policy.version.clone(),
+            version: policy.version.to_string(),
             loaded_at: format_utc(gate.now()),
             rules: policy.rules().len(),
             reloads: 0,
@@ -104,7 +104,7 @@ impl Reloader {
             Err(errors) => return self.reject("unreadable".to_string(), errors, now),
         };
         let version = policy::content_version(&files);
-        if version == self.gate.policy().version {
+        if *version == *self.gate.policy().version {
             self.clear_error_if_back_in_force();
             return ReloadOutcome::Unchanged;
         }

@@ -125,7 +125,7 @@ async fn every_kind_of_edit_is_picked_up_within_a_second() {
 
     let status = live.reloader.status();
     assert_eq!(status.reloads, 6);
-    assert_eq!(status.version, gate.policy().version);
+    assert_eq!(status.version, *gate.policy().version);
     assert!(status.last_error.is_none());
 }
 
@@ -211,7 +211,7 @@ async fn a_bad_edit_is_never_applied_and_is_reported_with_its_position() {
         good_version,
         "the bad edit must not be applied"
     );
-    assert_eq!(status.version, good_version);
+    assert_eq!(*status.version, *good_version);
     assert_eq!(status.failed_reloads, 1);
 
     // A half-written file is just another bad edit.
@@ -262,7 +262,7 @@ async fn an_alias_bomb_is_refused_and_the_rules_in_force_keep_deciding() {
         error.contains("bomb.yaml:1:4: invalid YAML: YAML anchors and aliases are not accepted"),
         "{error}"
     );
-    assert_eq!(status.version, good_version);
+    assert_eq!(*status.version, *good_version);
     assert_eq!(live.gate.policy().version, good_version);
     let d = live.gate.check(check_t()).await.unwrap();
     assert_eq!(d.verdict, Verdict::Allow);

@@ -216,14 +216,14 @@ impl Gate {
     pub async fn check_on(
         &self,
         policy: Arc<CompiledPolicy>,
-        input: CheckInput,
+        mut input: CheckInput,
     ) -> Result<Decision, GateError> {
         let now = self.clock.now();
         let started = std::time::Instant::now();
         let abandoned = Abandoned(Some(&*self.observer));
         let mut trace = Trace::default();
         let result = self
-            .decide(&policy, now, &input, &mut trace)
+            .decide(&policy, now, &mut input, &mut trace)
             .await
             .map(|d| Decision {
                 policy_version: policy.version.clone(),
@@ -247,14 +247,17 @@ impl Gate {
         &self,
         policy: &Arc<CompiledPolicy>,
         now: Millis,
-        input: &CheckInput,
+        // Its attributes are moved out into the trace, resolved.
+        input: &mut CheckInput,
         trace: &mut Trace,
     ) -> Result<Decision, GateError> {
-        let Resolved {
-            attributes,
-            unknown_key,
-            ..
-        } = resolve(policy, input);
+        let (attributes, unknown_key) = resolve_owned(
+            policy,
+            std::mem::take(&mut input.attributes),
+            input.api_key.as_deref(),
+            &input.client_attributes,
+            None,
+        );
         let attrs = trace.attributes.insert(attributes);
         if unknown_key {
             if policy.set.unknown_keys() == UnknownKeys::Deny {
@@ -734,36 +737,61 @@ pub struct Resolved {
 /// Hashes the raw key (if any), applies the key registry, then fills what
 /// is still empty from the client's attributes.
 pub fn resolve(policy: &CompiledPolicy, input: &CheckInput) -> Resolved {
-    let mut attrs = input.attributes.clone();
-    let mut sources: Vec<(Attr, Source)> = Attr::WELL_KNOWN
-        .iter()
-        .cloned()
-        .chain(attrs.labels.keys().map(|l| Attr::Label(l.clone())))
-        .filter(|a| *a != Attr::ModelFamily && attrs.get(a).is_some())
-        .map(|a| (a, Source::Route))
-        .collect();
-    let mut unknown_key = false;
-    if let Some(raw) = input.api_key.as_deref().filter(|k| !k.trim().is_empty()) {
-        match apply_key(policy, &mut attrs, &hash_key(raw)) {
-            Some(filled) => {
-                sources.retain(|(a, _)| *a != Attr::Key);
-                sources.push((Attr::Key, Source::Registry));
-                sources.extend(filled.into_iter().map(|a| (a, Source::Registry)));
-            }
-            None => {
-                unknown_key = true;
-                sources.retain(|(a, _)| *a != Attr::Key);
-                sources.push((Attr::Key, Source::Client));
-            }
-        }
-    }
-    let filled = fill_from_client(&mut attrs, &input.client_attributes);
-    sources.extend(filled.into_iter().map(|a| (a, Source::Client)));
+    let mut sources = Vec::new();
+    let (attributes, unknown_key) = resolve_owned(
+        policy,
+        input.attributes.clone(),
+        input.api_key.as_deref(),
+        &input.client_attributes,
+        Some(&mut sources),
+    );
     Resolved {
-        attributes: attrs,
+        attributes,
         sources,
         unknown_key,
     }
+}
+
+/// The work of [`resolve`], on attributes the caller gives up, and noting
+/// sources only when asked: the decision path needs neither the copy nor
+/// the list. Returns the attributes and whether the key is unregistered.
+fn resolve_owned(
+    policy: &CompiledPolicy,
+    mut attrs: Attributes,
+    api_key: Option<&str>,
+    client: &Attributes,
+    mut sources: Option<&mut Vec<(Attr, Source)>>,
+) -> (Attributes, bool) {
+    if let Some(list) = sources.as_deref_mut() {
+        list.extend(
+            Attr::WELL_KNOWN
+                .iter()
+                .cloned()
+                .chain(attrs.labels.keys().map(|l| Attr::Label(l.clone())))
+                .filter(|a| *a != Attr::ModelFamily && attrs.get(a).is_some())
+                .map(|a| (a, Source::Route)),
+        );
+    }
+    let mut unknown_key = false;
+    if let Some(raw) = api_key.filter(|k| !k.trim().is_empty()) {
+        let filled = apply_key(policy, &mut attrs, &hash_key(raw));
+        unknown_key = filled.is_none();
+        if let Some(list) = sources.as_deref_mut() {
+            list.retain(|(a, _)| *a != Attr::Key);
+            match filled {
+                Some(filled) => {
+                    list.push((Attr::Key, Source::Registry));
+                    list.extend(filled.into_iter().map(|a| (a, Source::Registry)));
+                }
+                None => list.push((Attr::Key, Source::Client)),
+            }
+        }
+    }
+    let filled = fill_from_client(&mut attrs, client);
+    if let Some(list) = sources {
+        list.extend(filled.into_iter().map(|a| (a, Source::Client)));
+    }
+    (attrs, unknown_key)
 }
 
 /// The extra of a grant in its rule's own unit (USD for spend), exactly.

@@ -127,7 +127,7 @@ async fn usage_from_redis(args: &UsageArgs, url: &str) -> Result<UsageReport, St
         .await
         .map_err(|e| e.to_string())?;
     Ok(UsageReport {
-        policy_version: version,
+        policy_version: version.to_string(),
         scopes_tracked: None,
         scopes_max: None,
         scopes_overflowed: None,

@@ -135,7 +135,7 @@ async fn usage(State(state): State<HttpState>) -> Response {
     let version = state.gate.policy().version.clone();
     match state.gate.read_scopes(&scopes.list()).await {
         Ok(counters) => Json(UsageReport {
-            policy_version: version,
+            policy_version: version.to_string(),
             scopes_tracked: Some(scopes.len()),
             scopes_max: Some(scopes.max()),
             scopes_overflowed: Some(scopes.overflowed()),

@@ -109,7 +109,7 @@ impl pb::tollgate_server::Tollgate for NativeApi {
             .map_err(|e| grpc_status(&e))?;
         Ok(Response::new(pb::UsageResponse {
             counters: counters.into_iter().map(counter_status).collect(),
-            policy_version: version,
+            policy_version: version.to_string(),
         }))
     }
 }
@@ -180,7 +180,7 @@ pub fn check_response(d: Decision) -> pb::CheckResponse {
         reservation_id: d.reservation_id.unwrap_or_default(),
         model: d.model.unwrap_or_default(),
         counters: d.counters.into_iter().map(counter_status).collect(),
-        policy_version,
+        policy_version: policy_version.to_string(),
         action_id: d.action_id.unwrap_or_default(),
         alerts: d
             .alerts

@@ -147,7 +147,7 @@ impl AuditLog {
                 .unwrap_or_else(|| input.attributes.clone()),
             rules,
             charge,
-            policy_version: policy.version.clone(),
+            policy_version: policy.version.to_string(),
             outcome: report.result.clone(),
         };
         match self.tx.try_send(Message::Record(Box::new(record))) {

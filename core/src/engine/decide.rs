@@ -180,7 +180,7 @@ pub struct Decision {
     pub action_id: Option<String>,
     /// The version of the policy that made this decision, and the clock
     /// reading it was made at (both set by the gate).
-    pub policy_version: String,
+    pub policy_version: std::sync::Arc<str>,
     pub decided_at: Millis,
 }
 
@@ -200,7 +200,7 @@ impl Decision {
             alerts: Vec::new(),
             reservation_id: None,
             action_id: None,
-            policy_version: String::new(),
+            policy_version: std::sync::Arc::from(""),
             decided_at: 0,
         }
     }
@@ -593,7 +593,7 @@ pub fn decide(
             alerts,
             reservation_id: outcome.reservation_id.clone(),
             action_id: None,
-            policy_version: String::new(),
+            policy_version: std::sync::Arc::from(""),
             decided_at: 0,
         };
     }
@@ -720,7 +720,7 @@ pub fn decide(
         alerts: Vec::new(),
         reservation_id: None,
         action_id: None,
-        policy_version: String::new(),
+        policy_version: std::sync::Arc::from(""),
         decided_at: 0,
     }
 }

@@ -21,8 +21,9 @@ pub struct DecisionReport<'a> {
     /// The one clock reading the decision used.
     pub now: Millis,
     pub elapsed: Duration,
-    /// The request as the front end handed it over. Its API key, if any,
-    /// must only ever be hashed.
+    /// The request as the front end handed it over, less its route
+    /// attributes, which went into `attributes`. Its API key, if any, must
+    /// only ever be hashed.
     pub input: &'a CheckInput,
     /// The attributes the decision was made on (route, registry, client,
     /// and the action id the gate gave), once they were known.

@@ -26,7 +26,7 @@ pub trait AttrLookup {
 pub struct CompiledPolicy {
     pub set: PolicySet,
     /// Content hash of the files this set came from.
-    pub version: String,
+    pub version: std::sync::Arc<str>,
     anchored: Vec<(Attr, HashMap<String, Vec<u32>>)>,
     unanchored: Vec<u32>,
     keys_by_hash: HashMap<[u8; 32], u32>,
@@ -91,7 +91,7 @@ impl CompiledPolicy {
         });
         CompiledPolicy {
             set,
-            version,
+            version: version.into(),
             anchored,
             unanchored,
             keys_by_hash,
