@@ -5,7 +5,7 @@
 //! Memory stays bounded: counters and reservations are swept once their
 //! window or lifetime is over, and the number of live counters is capped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -33,6 +33,10 @@ struct Inner {
     replays: HashMap<String, (ReserveOutcome, Millis)>,
     grants: HashMap<String, Grant>,
     logs: HashMap<String, VecDeque<String>>,
+    /// Reservations holding concurrency slots, by when they lapse: a slot
+    /// stops counting at that moment exactly, as in Redis, not at the next
+    /// sweep.
+    lapses: BTreeSet<(Millis, String)>,
     next_sweep: Millis,
 }
 
@@ -102,24 +106,34 @@ impl Inner {
         }
     }
 
-    fn sweep(&mut self, now: Millis) {
-        self.counters.retain(|_, c| c.live(now));
-        let expired: Vec<String> = self
-            .reservations
-            .iter()
-            .filter(|(_, r)| r.expires_at <= now)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in expired {
-            if let Some(r) = self.reservations.remove(&id) {
-                if !r.settled {
-                    // The estimate stays charged; only held slots come back.
-                    for op in r.ops.iter().filter(|op| op.kind == CounterKind::Gauge) {
-                        self.add(&op.key, -op.amount, now);
-                    }
-                }
+    /// Gives back the slots of every unsettled reservation that lapsed at
+    /// or before `now` (a slot lasting to `t` counts while `t > now`); the
+    /// estimate stays charged. Costs only the reservations that lapsed.
+    fn lapse(&mut self, now: Millis) {
+        while self.lapses.first().is_some_and(|(at, _)| *at <= now) {
+            let Some((at, id)) = self.lapses.pop_first() else {
+                break;
+            };
+            let gauges: Vec<(String, i64)> = match self.reservations.get(&id) {
+                Some(r) if !r.settled && r.expires_at == at => r
+                    .ops
+                    .iter()
+                    .filter(|op| op.kind == CounterKind::Gauge)
+                    .map(|op| (op.key.clone(), op.amount))
+                    .collect(),
+                _ => continue,
+            };
+            for (key, amount) in gauges {
+                self.add(&key, -amount, now);
             }
         }
+    }
+
+    fn sweep(&mut self, now: Millis) {
+        self.lapse(now);
+        self.counters.retain(|_, c| c.live(now));
+        // Their slots were given back by `lapse`.
+        self.reservations.retain(|_, r| r.expires_at > now);
         self.replays.retain(|_, (_, until)| *until > now);
         self.grants.retain(|_, g| g.active(now));
         self.next_sweep = now + SWEEP_EVERY;
@@ -144,6 +158,7 @@ impl CounterStore for MemoryStore {
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
         let now = req.now;
         let mut inner = self.lock();
+        inner.lapse(now);
         if now >= inner.next_sweep {
             inner.sweep(now);
         }
@@ -204,6 +219,12 @@ impl CounterStore for MemoryStore {
                 }
                 counter.value = counter.value.saturating_add(op.amount);
             }
+            let expires_at = now + req.reservation_ttl;
+            if candidate.ops.iter().any(|op| op.kind == CounterKind::Gauge) {
+                inner
+                    .lapses
+                    .insert((expires_at, req.reservation_id.clone()));
+            }
             inner.reservations.insert(
                 req.reservation_id.clone(),
                 Reservation {
@@ -219,7 +240,7 @@ impl CounterStore for MemoryStore {
                         })
                         .collect(),
                     settled: false,
-                    expires_at: now + req.reservation_ttl,
+                    expires_at,
                 },
             );
         }
@@ -254,6 +275,7 @@ impl CounterStore for MemoryStore {
         now: Millis,
     ) -> Result<SettleOutcome, StoreError> {
         let mut inner = self.lock();
+        inner.lapse(now);
         if now >= inner.next_sweep {
             inner.sweep(now);
         }
@@ -291,7 +313,8 @@ impl CounterStore for MemoryStore {
         counters: &[CounterRef],
         now: Millis,
     ) -> Result<Vec<CounterState>, StoreError> {
-        let inner = self.lock();
+        let mut inner = self.lock();
+        inner.lapse(now);
         Ok(counters
             .iter()
             .map(
