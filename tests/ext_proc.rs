@@ -1,0 +1,1093 @@
+//! The Envoy ext_proc path against a real `tollgate serve`, driven by a
+//! fake Envoy (tests/common/envoy_ext_proc.rs) that sends every message as
+//! Envoy does under the shipped processing mode and refuses any reply
+//! Envoy would refuse: one stream per exchange, the request decided on its
+//! body, the response metered as it streams, the reservation settled at
+//! what the upstream reports.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::envoy_ext_proc::{
+    durable_redis, Exchange, FakeEnvoy, Forwarded, Headers, HttpRequest, Outcome, Step,
+    UpstreamResponse,
+};
+use common::{policy_dir, RedisServer, TollgateProcess};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Reply;
+
+/// How long a settle (off the response path) may take to show.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(5);
+
+/// A server on `policy`, with the fake Envoy connected to it.
+async fn start(policy: &str, extra: &[&str]) -> (TollgateProcess, FakeEnvoy, tempfile::TempDir) {
+    let dir = policy_dir(&[("p.yaml", policy)]);
+    let mut args = vec!["--policies", dir.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let tollgate = TollgateProcess::start(&args);
+    let envoy = FakeEnvoy::connect(tollgate.endpoint()).await;
+    (tollgate, envoy, dir)
+}
+
+/// `used` of `rule`'s counter(s), summed, from `/v1/usage`; `None` when
+/// the server cannot say (the store is down) or tracks none yet.
+async fn used(http_port: u16, rule: &str) -> Option<u64> {
+    let rule = rule.to_string();
+    tokio::task::spawn_blocking(move || {
+        let (code, body) = common::http_get(http_port, "/v1/usage").ok()?;
+        if code != 200 {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let rows: Vec<u64> = json["counters"]
+            .as_array()?
+            .iter()
+            .filter(|c| c["rule"] == rule.as_str())
+            .filter_map(|c| c["used"].as_str()?.parse().ok())
+            .collect();
+        (!rows.is_empty()).then(|| rows.iter().sum())
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until `rule`'s counter reads `want`; panics with the last value
+/// seen after `within`.
+async fn wait_used(http_port: u16, rule: &str, want: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let now = used(http_port, rule).await;
+        if now == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{rule}: used is {now:?} after {within:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn chat_body(max_tokens: u32, stream: bool) -> String {
+    let mut body = serde_json::json!({
+        "model": "gpt-4o",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Say hello to the team."}
+        ],
+        "max_tokens": max_tokens,
+    });
+    if stream {
+        body["stream"] = true.into();
+        body["stream_options"] = serde_json::json!({"include_usage": true});
+    }
+    body.to_string()
+}
+
+fn chat(max_tokens: u32, stream: bool) -> HttpRequest {
+    HttpRequest::post("/v1/chat/completions", &chat_body(max_tokens, stream))
+        .header("authorization", "Bearer sk-test-ext-proc")
+}
+
+/// An OpenAI chat completion reporting `output` completion tokens.
+fn chat_json(output: u64) -> UpstreamResponse {
+    UpstreamResponse::json(
+        &serde_json::json!({
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "created": 1_700_000_000,
+            "model": "gpt-4o-2024-08-06",
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello, team! Hope the week is going well."},
+                "logprobs": null,
+                "finish_reason": "stop"
+            }],
+            "usage": {
+                "prompt_tokens": 14,
+                "completion_tokens": output,
+                "total_tokens": 14 + output
+            },
+            "system_fingerprint": "fp_1"
+        })
+        .to_string(),
+    )
+}
+
+/// An OpenAI chat stream as the API sends it: content deltas, and with
+/// `stream_options.include_usage` a `"usage":null` in each chunk and a
+/// last chunk with empty choices and the usage, then `[DONE]`.
+fn chat_sse_text(include_usage: bool, output: u64) -> String {
+    let event = |choices: serde_json::Value, usage: Option<serde_json::Value>| {
+        let mut chunk = serde_json::json!({
+            "id": "chatcmpl-2",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": "gpt-4o-2024-08-06",
+            "system_fingerprint": "fp_1",
+            "choices": choices,
+        });
+        if let Some(usage) = usage {
+            chunk["usage"] = usage;
+        }
+        format!("data: {chunk}\n\n")
+    };
+    let delta = |d: serde_json::Value, finish: serde_json::Value| serde_json::json!([{"index": 0, "delta": d, "logprobs": null, "finish_reason": finish}]);
+    let null = || include_usage.then_some(serde_json::Value::Null);
+    let mut events = vec![
+        event(
+            delta(
+                serde_json::json!({"role": "assistant", "content": ""}),
+                serde_json::Value::Null,
+            ),
+            null(),
+        ),
+        event(
+            delta(
+                serde_json::json!({"content": "Hello"}),
+                serde_json::Value::Null,
+            ),
+            null(),
+        ),
+        event(
+            delta(
+                serde_json::json!({"content": ", team!"}),
+                serde_json::Value::Null,
+            ),
+            null(),
+        ),
+        event(delta(serde_json::json!({}), "stop".into()), null()),
+    ];
+    if include_usage {
+        events.push(event(
+            serde_json::json!([]),
+            Some(serde_json::json!({"prompt_tokens": 14, "completion_tokens": output, "total_tokens": 14 + output})),
+        ));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+    events.concat()
+}
+
+/// [`chat_sse_text`] with the usage, split across chunks in the middle of
+/// events, as TCP delivers them, and ended by a separate chunked
+/// terminator.
+fn chat_sse(output: u64) -> UpstreamResponse {
+    split(&chat_sse_text(true, output), 3, true)
+}
+
+/// An Anthropic Messages stream: the input count in `message_start`, the
+/// output count in `message_delta`.
+fn anthropic_sse(output: u64) -> UpstreamResponse {
+    let event = |name: &str, data: serde_json::Value| format!("event: {name}\ndata: {data}\n\n");
+    let text = [
+        event(
+            "message_start",
+            serde_json::json!({"type": "message_start", "message": {
+                "id": "msg_1", "type": "message", "role": "assistant", "content": [],
+                "model": "claude-sonnet-4-5-20250929", "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 12, "cache_creation_input_tokens": 0,
+                          "cache_read_input_tokens": 0, "output_tokens": 1}
+            }}),
+        ),
+        event(
+            "content_block_start",
+            serde_json::json!({"type": "content_block_start", "index": 0,
+                               "content_block": {"type": "text", "text": ""}}),
+        ),
+        event("ping", serde_json::json!({"type": "ping"})),
+        event(
+            "content_block_delta",
+            serde_json::json!({"type": "content_block_delta", "index": 0,
+                               "delta": {"type": "text_delta", "text": "Hello, team!"}}),
+        ),
+        event(
+            "content_block_stop",
+            serde_json::json!({"type": "content_block_stop", "index": 0}),
+        ),
+        event(
+            "message_delta",
+            serde_json::json!({"type": "message_delta",
+                               "delta": {"stop_reason": "end_turn", "stop_sequence": null},
+                               "usage": {"output_tokens": output}}),
+        ),
+        event("message_stop", serde_json::json!({"type": "message_stop"})),
+    ]
+    .concat();
+    split(&text, 4, false)
+}
+
+/// `text` as an event stream in `n` chunks of about equal size, cut
+/// anywhere.
+fn split(text: &str, n: usize, separate_end: bool) -> UpstreamResponse {
+    let bytes = text.as_bytes();
+    let size = bytes.len().div_ceil(n);
+    let chunks: Vec<&str> = bytes
+        .chunks(size)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    UpstreamResponse::sse(&chunks, separate_end)
+}
+
+/// The allowed exchange's response, with every chunk the upstream sent.
+fn assert_served(x: &Exchange, upstream: &UpstreamResponse) {
+    let (status, _, body) = x.response();
+    assert_eq!(status, upstream.status);
+    assert_eq!(body, upstream.chunks.concat(), "the client gets every byte");
+    assert!(x.ignored.is_empty(), "Envoy ignored {:?}", x.ignored);
+}
+
+fn forwarded(x: &Exchange) -> &Forwarded {
+    x.forwarded.as_ref().expect("the request went upstream")
+}
+
+/// 1. Each call reserves its 900-token maximum and settles at what the
+/// upstream reports, whether the report is in a JSON body, a final OpenAI
+/// stream chunk or Anthropic's `message_delta`: three fit in 1,000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_900_token_calls_fit_a_1000_token_budget_by_settling_at_real_usage() {
+    let policy = "
+rules:
+  - id: output-daily
+    limit: { output_tokens: 1000, window: daily }
+";
+    let (tollgate, envoy, _dir) = start(policy, &[]).await;
+    let port = tollgate.http_port;
+
+    // OpenAI chat, JSON: 900 reserved, 20 used.
+    let upstream = chat_json(20);
+    let x = envoy.run(chat(900, false), |_| upstream.clone()).await;
+    assert_served(&x, &upstream);
+    let (_, headers, _) = x.response();
+    assert_eq!(
+        headers.get("x-ratelimit-remaining-output-tokens"),
+        Some("100"),
+        "{headers:?}"
+    );
+    let sent = forwarded(&x);
+    assert_eq!(sent.headers.get("x-tollgate-decision"), Some("allow"));
+    assert_eq!(
+        sent.body,
+        chat_body(900, false).as_bytes(),
+        "the body is untouched"
+    );
+    assert!(
+        x.sent.contains(&Step::ResponseBody(0)),
+        "a metered response is read"
+    );
+    wait_used(port, "output-daily", 20, SETTLE_DEADLINE).await;
+
+    // OpenAI chat, SSE with the usage in its last chunk: 20 + 21.
+    let upstream = chat_sse(21);
+    let x = envoy.run(chat(900, true), |_| upstream.clone()).await;
+    assert_served(&x, &upstream);
+    assert_eq!(
+        x.sent.last(),
+        Some(&Step::ResponseBody(upstream.chunks.len())),
+        "the chunked terminator goes as an empty chunk with end_of_stream"
+    );
+    wait_used(port, "output-daily", 41, SETTLE_DEADLINE).await;
+
+    // Anthropic Messages, SSE: 41 + 22.
+    let body = r#"{"model":"claude-sonnet-4-5","max_tokens":900,"stream":true,"system":"Be brief.","messages":[{"role":"user","content":"Say hello to the team."}]}"#;
+    let request = HttpRequest::post("/v1/messages", body)
+        .header("x-api-key", "sk-ant-test")
+        .header("anthropic-version", "2023-06-01");
+    let upstream = anthropic_sse(22);
+    let x = envoy.run(request, |_| upstream.clone()).await;
+    assert_served(&x, &upstream);
+    wait_used(port, "output-daily", 63, SETTLE_DEADLINE).await;
+
+    // One that uses all it asked for: 63 + 900.
+    let upstream = chat_json(900);
+    let x = envoy.run(chat(900, false), |_| upstream.clone()).await;
+    assert_served(&x, &upstream);
+    wait_used(port, "output-daily", 963, SETTLE_DEADLINE).await;
+
+    // 963 + 40 would not fit: Envoy answers for tollgate, and the
+    // upstream never sees the call.
+    let x = envoy
+        .run(chat(40, false), |_| {
+            panic!("a denied call must not reach the upstream")
+        })
+        .await;
+    let (status, headers, body) = x.local();
+    assert_eq!(status, 429);
+    assert_eq!(headers.get("content-type"), Some("application/json"));
+    assert_eq!(headers.get("x-should-retry"), Some("false"));
+    assert_eq!(headers.get("x-tollgate-rule"), Some("output-daily"));
+    assert_eq!(body["error"]["code"], "budget_exceeded");
+    assert_eq!(body["error"]["type"], "insufficient_quota");
+    assert_eq!(x.sent, [Step::RequestHeaders, Step::RequestBody]);
+    assert_eq!(
+        used(port, "output-daily").await,
+        Some(963),
+        "a denial costs nothing"
+    );
+}
+
+/// 1b. An OpenAI stream that does not ask for its usage is made to (the
+/// forwarded body, with its content-length, asks), settles at it, and the
+/// client still gets the stream it asked for: no usage chunk, no
+/// `"usage":null`, every other byte, however the chunks split.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openai_stream_is_asked_for_its_usage_and_the_client_sees_the_stream_it_asked_for() {
+    let policy = "
+rules:
+  - id: output-daily
+    limit: { output_tokens: 1000, window: daily }
+";
+    let (tollgate, envoy, _dir) = start(policy, &[]).await;
+    let mut total = 0;
+    for (output, pieces, separate_end) in [(15, 3, true), (16, 5, false), (17, 1, false)] {
+        let mut body: serde_json::Value = serde_json::from_str(&chat_body(900, true)).unwrap();
+        body.as_object_mut().unwrap().remove("stream_options");
+        let request = HttpRequest::post("/v1/chat/completions", &body.to_string());
+        let x = envoy
+            .run(request, |fwd| {
+                let asked = fwd.json()["stream_options"]["include_usage"] == true;
+                split(&chat_sse_text(asked, output), pieces, separate_end)
+            })
+            .await;
+        let sent = forwarded(&x);
+        let mut asked = body.clone();
+        asked["stream_options"] = serde_json::json!({"include_usage": true});
+        assert_eq!(sent.json(), asked, "only include_usage is added");
+        assert_eq!(
+            sent.headers.get("content-length"),
+            Some(&*sent.body.len().to_string())
+        );
+        let (status, _, got) = x.response();
+        assert_eq!(status, 200);
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            chat_sse_text(false, output),
+            "in {pieces} pieces"
+        );
+        assert!(x.ignored.is_empty(), "Envoy ignored {:?}", x.ignored);
+        total += output;
+        wait_used(tollgate.http_port, "output-daily", total, SETTLE_DEADLINE).await;
+    }
+}
+
+/// 2. A `concurrent` slot is held from the decision to the end of the
+/// exchange, and given back when it completes or when Envoy closes the
+/// stream part-way through the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_concurrency_slot_is_held_for_the_exchange_and_given_back_at_its_end_or_when_cut() {
+    let policy = "
+rules:
+  - id: one-at-a-time
+    limit: { concurrent: 1 }
+";
+    let (_tollgate, envoy, _dir) = start(policy, &[]).await;
+    let denied_busy = |x: &Exchange| {
+        let (status, headers, body) = x.local();
+        assert_eq!(status, 429);
+        assert_eq!(headers.get("x-should-retry"), Some("true"), "{headers:?}");
+        assert_eq!(headers.get("x-tollgate-rule"), Some("one-at-a-time"));
+        assert_eq!(headers.get("content-type"), Some("application/json"));
+        assert_eq!(body["error"]["code"], "concurrency_limit");
+    };
+    // Polls until a call is allowed again, and plays it through.
+    let until_allowed = |what: &'static str| {
+        let envoy = envoy.clone();
+        async move {
+            let deadline = Instant::now() + SETTLE_DEADLINE;
+            loop {
+                let upstream = chat_json(5);
+                let x = envoy.run(chat(50, false), |_| upstream.clone()).await;
+                if !x.is_local() {
+                    assert_served(&x, &upstream);
+                    return;
+                }
+                denied_busy(&x);
+                assert!(
+                    Instant::now() < deadline,
+                    "the slot was not given back {what}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    // Held while the upstream thinks.
+    let (first, mut paused) = chat(50, false).pause_after(Step::RequestBody);
+    let held = tokio::spawn({
+        let envoy = envoy.clone();
+        async move { envoy.run(first, |_| chat_json(5)).await }
+    });
+    paused.reached().await;
+    let second = envoy
+        .run(chat(50, false), |_| panic!("the slot is taken"))
+        .await;
+    denied_busy(&second);
+    paused.resume();
+    let first = held.await.unwrap();
+    assert_eq!(first.response().0, 200);
+    until_allowed("after the exchange completed").await;
+
+    // Held mid-body, and given back when Envoy closes the stream there (the
+    // client went away after the first chunk).
+    let (cut, mut paused) = chat(50, true)
+        .close_after(Step::ResponseBody(0))
+        .pause_after(Step::ResponseBody(0));
+    let closing = tokio::spawn({
+        let envoy = envoy.clone();
+        async move { envoy.run(cut, |_| chat_sse(5)).await }
+    });
+    paused.reached().await;
+    let meanwhile = envoy
+        .run(chat(50, false), |_| panic!("the slot is taken"))
+        .await;
+    denied_busy(&meanwhile);
+    paused.resume();
+    let cut = closing.await.unwrap();
+    assert!(
+        matches!(
+            cut.outcome,
+            Outcome::Closed {
+                at: Step::ResponseBody(0)
+            }
+        ),
+        "{:?}",
+        cut.outcome
+    );
+    until_allowed("after Envoy closed the stream mid-body").await;
+
+    // Closed at every other phase after the decision: the slot comes back.
+    for at in [Step::RequestBody, Step::ResponseHeaders] {
+        let x = envoy
+            .run(chat(50, true).close_after(at), |_| chat_sse(5))
+            .await;
+        assert!(
+            matches!(x.outcome, Outcome::Closed { at: a } if a == at),
+            "{:?}",
+            x.outcome
+        );
+        until_allowed("after Envoy closed the stream").await;
+    }
+}
+
+/// 3. Route attributes arrive as the stream's initial gRPC metadata
+/// (`ExtProcPerRoute.overrides.grpc_initial_metadata`); a client header
+/// cannot stand in for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_attributes_come_from_stream_metadata_never_from_client_headers() {
+    let policy = "
+rules:
+  - id: agent-requests
+    match: { workflow: research-agent }
+    limit: { requests: 1, window: daily }
+";
+    let (_tollgate, envoy, _dir) = start(policy, &[]).await;
+    let agent = || chat(10, false).route("workflow", "research-agent");
+
+    let x = envoy.run(agent(), |_| chat_json(3)).await;
+    assert_eq!(x.response().0, 200);
+    let (_, headers, _) = x.response();
+    assert_eq!(headers.get("x-tollgate-rule"), Some("agent-requests"));
+
+    // The route's one request is spent, whatever the client claims.
+    let x = envoy
+        .run(
+            agent().header("x-tollgate-workflow", "something-else"),
+            |_| panic!("over the route's budget"),
+        )
+        .await;
+    let (status, headers, _) = x.local();
+    assert_eq!(status, 429);
+    assert_eq!(headers.get("x-tollgate-rule"), Some("agent-requests"));
+
+    // A client claiming the workflow without the route is not counted
+    // under it, nor is a route that names another workflow.
+    for request in [
+        chat(10, false).header("x-tollgate-workflow", "research-agent"),
+        chat(10, false)
+            .route("workflow", "batch")
+            .header("x-tollgate-workflow", "research-agent"),
+        chat(10, false).header("x-tollgate-route-workflow", "research-agent"),
+    ] {
+        let upstream = chat_json(3);
+        let x = envoy.run(request, |_| upstream.clone()).await;
+        assert_served(&x, &upstream);
+        let (_, headers, _) = x.response();
+        assert_eq!(headers.get("x-tollgate-rule"), None, "{headers:?}");
+    }
+}
+
+/// 4. Past a premium cap with `on_exceed: downgrade`, the forwarded body
+/// names the cheaper model, with a content-length that matches it (which
+/// the fake Envoy enforces, as Envoy does), and the model header is set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_downgrade_rewrites_the_forwarded_body_with_a_matching_content_length() {
+    let policy = r#"
+pricing:
+  models:
+    gpt-5: { input_per_mtok: 1.25, output_per_mtok: 10.00 }
+    gpt-4o-mini: { input_per_mtok: 0.15, output_per_mtok: 0.60 }
+  families:
+    premium: ["gpt-5*"]
+rules:
+  - id: premium
+    match: { model_family: premium }
+    limit: { requests: 1, window: daily }
+    on_exceed: { downgrade: gpt-4o-mini }
+"#;
+    let (_tollgate, envoy, _dir) = start(policy, &[]).await;
+    // Spacing and non-ASCII text, so that a rewrite changes the length.
+    let body = "{ \"model\": \"gpt-5\",\n  \"input\": \"Résumé ✓ — summarise this\",\n  \"max_output_tokens\": 64 }";
+    let request = || HttpRequest::post("/v1/responses", body);
+    let reply = |model: &str| {
+        UpstreamResponse::json(
+            &serde_json::json!({
+                "id": "resp_1", "object": "response", "model": model, "status": "completed",
+                "output": [{"type": "message", "role": "assistant",
+                            "content": [{"type": "output_text", "text": "Done."}]}],
+                "usage": {"input_tokens": 9, "output_tokens": 2, "total_tokens": 11}
+            })
+            .to_string(),
+        )
+    };
+
+    let x = envoy.run(request(), |_| reply("gpt-5")).await;
+    let sent = forwarded(&x);
+    assert_eq!(sent.headers.get("x-tollgate-decision"), Some("allow"));
+    assert_eq!(
+        sent.body,
+        body.as_bytes(),
+        "within the cap, the body is untouched"
+    );
+    assert_eq!(sent.headers.get("x-tollgate-model"), None);
+
+    let x = envoy.run(request(), |_| reply("gpt-4o-mini")).await;
+    assert_eq!(x.response().0, 200);
+    let sent = forwarded(&x);
+    assert_eq!(sent.headers.get("x-tollgate-decision"), Some("downgrade"));
+    assert_eq!(sent.headers.get("x-tollgate-model"), Some("gpt-4o-mini"));
+    assert_eq!(
+        sent.headers.get("content-length"),
+        Some(&*sent.body.len().to_string())
+    );
+    assert_eq!(sent.headers.all("content-length").len(), 1);
+    let json = sent.json();
+    assert_eq!(json["model"], "gpt-4o-mini");
+    let mut expected: serde_json::Value = serde_json::from_str(body).unwrap();
+    expected["model"] = "gpt-4o-mini".into();
+    assert_eq!(json, expected, "only the model changes");
+    // The rewrite is in the reply to the body, the only one Envoy applies
+    // a buffered body mutation from.
+    let reply = x.reply_to(Step::RequestBody).unwrap();
+    assert!(matches!(&reply.response, Some(Reply::RequestBody(b))
+        if b.response.as_ref().is_some_and(|c| c.body_mutation.is_some())));
+}
+
+/// 5. A call no rule meters has nothing to settle: the reply to its
+/// response headers turns the response body off, and Envoy sends none of
+/// it; a metered call's body is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_with_nothing_to_settle_turns_the_response_body_off() {
+    let policy = "
+rules:
+  - id: agent-output
+    match: { workflow: research-agent }
+    limit: { output_tokens: 100000, window: daily }
+";
+    let (_tollgate, envoy, _dir) = start(policy, &[]).await;
+    let upstream = chat_sse(7);
+
+    let x = envoy.run(chat(100, true), |_| upstream.clone()).await;
+    assert_served(&x, &upstream);
+    let reply = x
+        .reply_to(Step::ResponseHeaders)
+        .expect("response headers sent");
+    let mode = reply
+        .mode_override
+        .as_ref()
+        .unwrap_or_else(|| panic!("no mode_override in {reply:?}"));
+    assert_eq!(mode.response_body_mode, BodySendMode::None as i32);
+    assert!(!x.sent_response_body(), "sent {:?}", x.sent);
+    assert_eq!(
+        x.sent,
+        [
+            Step::RequestHeaders,
+            Step::RequestBody,
+            Step::ResponseHeaders
+        ]
+    );
+
+    let metered = envoy
+        .run(chat(100, true).route("workflow", "research-agent"), |_| {
+            upstream.clone()
+        })
+        .await;
+    assert_served(&metered, &upstream);
+    let reply = metered.reply_to(Step::ResponseHeaders).unwrap();
+    assert!(reply.mode_override.is_none(), "{reply:?}");
+    assert_eq!(
+        metered.sent.len(),
+        3 + upstream.chunks.len() + 1,
+        "every chunk, and the terminator: {:?}",
+        metered.sent
+    );
+}
+
+/// 6. Redis dies after the request was decided. The response still
+/// streams to its end; the settle waits for Redis, lands once it is back,
+/// and is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_outlives_a_redis_outage_and_is_applied_once() {
+    let policy = "
+rules:
+  - id: output-daily
+    limit: { output_tokens: 1000, window: daily }
+";
+    // A Redis that keeps what it acknowledged through a crash: one that
+    // comes back empty has lost the reservation, and with it anything a
+    // settle could apply.
+    let data = tempfile::tempdir().unwrap();
+    let redis_port = common::free_port();
+    let mut redis: RedisServer = durable_redis(redis_port, data.path());
+    let url = redis.url();
+    let (tollgate, envoy, _dir) = start(policy, &["--redis", &url]).await;
+    let port = tollgate.http_port;
+
+    let upstream = chat_sse(20);
+    let (request, mut paused) = chat(500, true).pause_after(Step::RequestBody);
+    let exchange = tokio::spawn({
+        let envoy = envoy.clone();
+        let upstream = upstream.clone();
+        async move { envoy.run(request, move |_| upstream).await }
+    });
+    paused.reached().await;
+    wait_used(port, "output-daily", 500, SETTLE_DEADLINE).await;
+    redis.kill();
+    paused.resume();
+
+    // Every reply still comes within message_timeout, and the client
+    // gets the whole stream.
+    let x = exchange.await.unwrap();
+    assert_served(&x, &upstream);
+    assert!(used(port, "output-daily").await.is_none(), "Redis is down");
+
+    let _redis = durable_redis(redis_port, data.path());
+    wait_used(port, "output-daily", 20, Duration::from_secs(10)).await;
+    // Once: a second application would have taken another 480 off.
+    let again = chat_json(1);
+    let x = envoy.run(chat(10, false), |_| again.clone()).await;
+    assert_served(&x, &again);
+    wait_used(port, "output-daily", 21, SETTLE_DEADLINE).await;
+}
+
+/// An ext_authz CheckRequest for the same request, as Envoy builds it.
+fn authz_request(
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    context: &[(&str, &str)],
+) -> envoy_types::pb::envoy::service::auth::v3::CheckRequest {
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    let mut all: std::collections::HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    all.insert(":path".into(), path.into());
+    all.insert(":method".into(), "POST".into());
+    all.insert(":authority".into(), "api.example.com".into());
+    all.insert("content-length".into(), body.len().to_string());
+    all.insert(
+        "x-request-id".into(),
+        format!("authz-{}", std::process::id()),
+    );
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    id: all["x-request-id"].clone(),
+                    method: "POST".into(),
+                    path: path.into(),
+                    host: "api.example.com".into(),
+                    headers: all,
+                    raw_body: body.as_bytes().to_vec(),
+                    size: body.len() as i64,
+                    protocol: "HTTP/1.1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            context_extensions: context
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The headers a denial carries, whoever sends it, without what Envoy
+/// adds to any local reply.
+fn denial_headers(headers: &Headers) -> Vec<(String, String)> {
+    headers
+        .sorted()
+        .into_iter()
+        .filter(|(k, _)| k != ":status" && k != "content-length")
+        .collect()
+}
+
+/// 7. A denial over ext_proc is the same response as over ext_authz:
+/// status, headers and JSON body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denial_is_the_same_response_as_ext_authz_sends() {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    let policy = r#"
+rules:
+  - id: agent-requests
+    match: { workflow: research-agent }
+    limit: { requests: 1, window: daily }
+  - id: no-preview-models
+    match: { model: "*-preview" }
+    limit: { requests: 0, window: daily }
+"#;
+    let (tollgate, envoy, _dir) = start(policy, &[]).await;
+    let channel = tonic::transport::Channel::from_shared(tollgate.endpoint())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut authz = AuthorizationClient::new(channel);
+    let client_headers = [
+        ("content-type", "application/json"),
+        ("authorization", "Bearer sk-test-ext-proc"),
+    ];
+    let proc_request = |body: &str, route: &[(&str, &str)]| {
+        let mut r = HttpRequest::post("/v1/chat/completions", body);
+        r.headers = client_headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        for (k, v) in route {
+            r = r.route(k, v);
+        }
+        r
+    };
+
+    let agent = [("workflow", "research-agent")];
+    let body = chat_body(10, false);
+    let x = envoy
+        .run(proc_request(&body, &agent), |_| chat_json(2))
+        .await;
+    assert_eq!(x.response().0, 200);
+
+    let preview = r#"{"model":"gpt-5-preview","messages":[{"role":"user","content":"hi"}]}"#;
+    for (body, route, timed) in [(&*body, &agent[..], true), (preview, &[][..], false)] {
+        let x = envoy
+            .run(proc_request(body, route), |_| panic!("denied"))
+            .await;
+        let (status, headers, json) = x.local();
+        let check = authz
+            .check(authz_request(
+                "/v1/chat/completions",
+                &client_headers,
+                body,
+                route,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(HttpResponse::DeniedResponse(denied)) = check.http_response else {
+            panic!("ext_authz must deny too: {check:?}")
+        };
+        assert_eq!(
+            i32::from(status),
+            denied.status.unwrap().code,
+            "the same HTTP status"
+        );
+        let authz_json: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
+        assert_eq!(json, authz_json, "the same JSON body");
+        let mut authz_headers: Vec<(String, String)> = denied
+            .headers
+            .iter()
+            .filter_map(|h| h.header.as_ref())
+            .map(|h| (h.key.clone(), h.value.clone()))
+            .collect();
+        authz_headers.sort();
+        let mut proc_headers = denial_headers(headers);
+        if timed {
+            // Seconds until the daily reset, read a moment apart.
+            let retry_after = |h: &mut Vec<(String, String)>| -> i64 {
+                let i = h.iter().position(|(k, _)| k == "retry-after").unwrap();
+                h.remove(i).1.parse().unwrap()
+            };
+            let (a, b) = (
+                retry_after(&mut proc_headers),
+                retry_after(&mut authz_headers),
+            );
+            assert!((a - b).abs() <= 1, "retry-after {a} and {b}");
+        }
+        assert_eq!(proc_headers, authz_headers, "the same headers");
+        assert!(proc_headers.contains(&("content-type".into(), "application/json".into())));
+    }
+}
+
+/// The fake Envoy itself: against a processor scripted to break Envoy's
+/// rules, it refuses what Envoy refuses and ignores what Envoy ignores.
+mod the_fake_envoy {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
+    use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
+    use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::{
+        ExternalProcessor, ExternalProcessorServer,
+    };
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        body_mutation, BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse,
+        ImmediateResponse, ProcessingRequest, ProcessingResponse,
+    };
+    use std::sync::Arc;
+
+    /// The replies to one message: none (the processor stays silent), one,
+    /// or more.
+    type Script = Arc<dyn Fn(&Msg) -> Vec<ProcessingResponse> + Send + Sync>;
+
+    struct Scripted(Script);
+
+    #[tonic::async_trait]
+    impl ExternalProcessor for Scripted {
+        type ProcessStream =
+            tokio_stream::wrappers::ReceiverStream<Result<ProcessingResponse, tonic::Status>>;
+
+        async fn process(
+            &self,
+            request: tonic::Request<tonic::Streaming<ProcessingRequest>>,
+        ) -> Result<tonic::Response<Self::ProcessStream>, tonic::Status> {
+            let mut inbound = request.into_inner();
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let script = self.0.clone();
+            tokio::spawn(async move {
+                while let Ok(Some(m)) = inbound.message().await {
+                    for reply in script(m.request.as_ref().unwrap()) {
+                        if tx.send(Ok(reply)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok(tonic::Response::new(
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ))
+        }
+    }
+
+    async fn envoy_for(script: Script) -> FakeEnvoy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(ExternalProcessorServer::new(Scripted(script)))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        FakeEnvoy::connect(format!("http://{addr}")).await
+    }
+
+    fn reply(r: Reply) -> ProcessingResponse {
+        ProcessingResponse {
+            response: Some(r),
+            ..Default::default()
+        }
+    }
+
+    /// The plain reply to each message: continue, unchanged.
+    fn pass(m: &Msg) -> ProcessingResponse {
+        reply(match m {
+            Msg::RequestHeaders(_) => Reply::RequestHeaders(HeadersResponse::default()),
+            Msg::RequestBody(_) => Reply::RequestBody(BodyResponse::default()),
+            Msg::ResponseHeaders(_) => Reply::ResponseHeaders(HeadersResponse::default()),
+            Msg::ResponseBody(_) => Reply::ResponseBody(BodyResponse::default()),
+            other => panic!("not in this mode: {other:?}"),
+        })
+    }
+
+    fn header(key: &str, value: &str, raw: &str) -> HeaderValueOption {
+        HeaderValueOption {
+            header: Some(HeaderValue {
+                key: key.into(),
+                value: value.into(),
+                raw_value: raw.as_bytes().to_vec(),
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn common(set: Vec<HeaderValueOption>, body: Option<&str>) -> CommonResponse {
+        CommonResponse {
+            header_mutation: Some(HeaderMutation {
+                set_headers: set,
+                remove_headers: Vec::new(),
+            }),
+            body_mutation: body.map(|b| BodyMutation {
+                mutation: Some(body_mutation::Mutation::Body(b.as_bytes().to_vec())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A processor that answers the request body with `body_reply`.
+    fn on_request_body(body_reply: impl Fn() -> CommonResponse + Send + Sync + 'static) -> Script {
+        Arc::new(move |m| match m {
+            Msg::RequestBody(_) => vec![reply(Reply::RequestBody(BodyResponse {
+                response: Some(body_reply()),
+            }))],
+            m => vec![pass(m)],
+        })
+    }
+
+    async fn violation(script: Script) -> String {
+        let envoy = envoy_for(script).await;
+        match envoy.exchange(chat(10, true), |_| chat_sse(3)).await {
+            Ok(x) => panic!("the fake accepted what Envoy refuses: {x:#?}"),
+            Err(v) => v.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_header_values_outside_raw_value() {
+        let v = violation(on_request_body(|| {
+            common(vec![header("x-a", "1", "")], None)
+        }))
+        .await;
+        assert!(v.contains("not `raw_value`"), "{v}");
+        let v = violation(on_request_body(|| {
+            common(vec![header("x-a", "1", "1")], None)
+        }))
+        .await;
+        assert!(v.contains("Only one of value or raw_value"), "{v}");
+        let v = violation(on_request_body(|| {
+            common(vec![header("x-a", "", "a\r\nb")], None)
+        }))
+        .await;
+        assert!(v.contains("invalid characters"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn refuses_a_mutated_body_whose_content_length_does_not_match() {
+        let v = violation(on_request_body(|| common(Vec::new(), Some("{}")))).await;
+        assert!(v.contains("mismatch between content length"), "{v}");
+        // With the matching length, it goes upstream.
+        let envoy = envoy_for(on_request_body(|| {
+            common(vec![header("content-length", "", "2")], Some("{}"))
+        }))
+        .await;
+        let x = envoy.run(chat(10, true), |_| chat_sse(3)).await;
+        assert_eq!(forwarded(&x).body, b"{}");
+    }
+
+    #[tokio::test]
+    async fn refuses_replies_of_the_wrong_kind_extra_replies_and_silence() {
+        let v = violation(Arc::new(|m| match m {
+            Msg::RequestBody(_) => vec![reply(Reply::RequestHeaders(HeadersResponse::default()))],
+            m => vec![pass(m)],
+        }))
+        .await;
+        assert!(v.contains("wrong kind"), "{v}");
+        let v = violation(Arc::new(|m| match m {
+            Msg::RequestHeaders(_) => vec![pass(m), pass(m)],
+            m => vec![pass(m)],
+        }))
+        .await;
+        // Caught before the next message, or taken as the reply to it.
+        assert!(
+            v.contains("nobody asked for") || v.contains("wrong kind"),
+            "{v}"
+        );
+        let v = violation(Arc::new(|m| match m {
+            Msg::ResponseHeaders(_) => Vec::new(),
+            m => vec![pass(m)],
+        }))
+        .await;
+        assert!(v.contains("message_timeout"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn honours_mode_override_only_in_a_headers_reply() {
+        let off = || ProcessingMode {
+            response_body_mode: BodySendMode::None as i32,
+            ..Default::default()
+        };
+        let in_body_reply: Script = Arc::new(move |m| {
+            let mut r = pass(m);
+            if matches!(m, Msg::ResponseBody(_)) {
+                r.mode_override = Some(off());
+            }
+            vec![r]
+        });
+        let envoy = envoy_for(in_body_reply).await;
+        let upstream = chat_sse(3);
+        let x = envoy.run(chat(10, true), |_| upstream.clone()).await;
+        assert_eq!(
+            x.sent
+                .iter()
+                .filter(|s| matches!(s, Step::ResponseBody(_)))
+                .count(),
+            upstream.chunks.len() + 1,
+            "every chunk is still sent"
+        );
+        assert!(
+            x.ignored.iter().any(|i| i.contains("mode_override")),
+            "{:?}",
+            x.ignored
+        );
+
+        let in_headers_reply: Script = Arc::new(move |m| {
+            let mut r = pass(m);
+            if matches!(m, Msg::ResponseHeaders(_)) {
+                r.mode_override = Some(off());
+            }
+            vec![r]
+        });
+        let envoy = envoy_for(in_headers_reply).await;
+        let x = envoy.run(chat(10, true), |_| upstream.clone()).await;
+        assert!(!x.sent_response_body(), "{:?}", x.sent);
+        assert_served(&x, &upstream);
+    }
+
+    #[tokio::test]
+    async fn an_immediate_response_is_a_local_reply_before_the_response_and_a_reset_after() {
+        let immediate = || {
+            reply(Reply::ImmediateResponse(ImmediateResponse {
+                status: Some(HttpStatus { code: 429 }),
+                headers: Some(HeaderMutation {
+                    set_headers: vec![header("content-type", "", "application/json")],
+                    remove_headers: Vec::new(),
+                }),
+                body: br#"{"error":{}}"#.to_vec(),
+                ..Default::default()
+            }))
+        };
+        let envoy = envoy_for(Arc::new(move |m| match m {
+            Msg::RequestBody(_) => vec![immediate()],
+            m => vec![pass(m)],
+        }))
+        .await;
+        let x = envoy
+            .run(chat(10, true), |_| panic!("answered locally"))
+            .await;
+        let (status, headers, _) = x.local();
+        assert_eq!(status, 429);
+        assert_eq!(headers.all("content-type"), [b"application/json"]);
+
+        let envoy = envoy_for(Arc::new(move |m| match m {
+            Msg::ResponseBody(_) => vec![immediate()],
+            m => vec![pass(m)],
+        }))
+        .await;
+        let x = envoy.run(chat(10, true), |_| chat_sse(3)).await;
+        assert!(
+            matches!(&x.outcome, Outcome::Reset { status: 200, chunks, .. } if chunks.is_empty()),
+            "{:?}",
+            x.outcome
+        );
+    }
+}
