@@ -21,7 +21,7 @@ use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
 use super::authorize::{authorize, Answer};
-use super::http_request::HttpRequest;
+use super::http_request::{envoy_header, HttpRequest};
 use super::status::Refusal;
 use tollgate_core::gate::Gate;
 
@@ -47,18 +47,7 @@ impl Authorization for EnvoyAuthz {
         // With `encode_raw_headers`, values arrive as bytes in `header_map`;
         // otherwise as strings in `headers`.
         let headers: Vec<(String, Vec<u8>)> = match &http.header_map {
-            Some(map) if !map.headers.is_empty() => map
-                .headers
-                .iter()
-                .map(|h| {
-                    let value = if h.raw_value.is_empty() {
-                        h.value.as_bytes().to_vec()
-                    } else {
-                        h.raw_value.clone()
-                    };
-                    (h.key.to_ascii_lowercase(), value)
-                })
-                .collect(),
+            Some(map) if !map.headers.is_empty() => map.headers.iter().map(envoy_header).collect(),
             _ => http
                 .headers
                 .iter()

@@ -65,6 +65,20 @@ const CLIENT_SETTABLE: [Attr; 9] = [
     Attr::Model,
 ];
 
+/// One header as Envoy sends it, name lower-cased: current Envoy puts the
+/// value in `raw_value` (with `value` empty), older Envoy in `value`; both
+/// are read, and the bytes kept as they are.
+pub fn envoy_header(
+    h: &envoy_types::pb::envoy::config::core::v3::HeaderValue,
+) -> (String, Vec<u8>) {
+    let value = if h.raw_value.is_empty() {
+        h.value.as_bytes().to_vec()
+    } else {
+        h.raw_value.clone()
+    };
+    (h.key.to_ascii_lowercase(), value)
+}
+
 impl HttpRequest<'_> {
     /// A header's value; a value that is not UTF-8 is an error, never
     /// skipped, so that it can never turn into an allow.

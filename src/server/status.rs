@@ -63,12 +63,16 @@ impl Refusal {
 
     /// A request that cannot be decided: 400, never let through.
     pub fn invalid(e: &RequestError) -> Refusal {
+        Refusal::bad_request(e.code(), e.to_string())
+    }
+
+    fn bad_request(code: &'static str, message: String) -> Refusal {
         Refusal {
             http: 400,
             grpc: Code::InvalidArgument,
-            code: e.code(),
+            code,
             kind: "invalid_request_error",
-            message: e.to_string(),
+            message,
             headers: Vec::new(),
         }
         .retry(false, None, None)
@@ -113,15 +117,7 @@ impl Refusal {
             GateError::UnknownReservation(_) | GateError::NoGrant { .. } => {
                 not_found(e.code()).retry(false, None, None)
             }
-            GateError::InvalidGrant(_) => Refusal {
-                http: 400,
-                grpc: Code::InvalidArgument,
-                code: e.code(),
-                kind: "invalid_request_error",
-                message: e.to_string(),
-                headers: Vec::new(),
-            }
-            .retry(false, None, None),
+            GateError::InvalidGrant(_) => Refusal::bad_request(e.code(), e.to_string()),
         }
     }
 
