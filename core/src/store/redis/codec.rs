@@ -248,6 +248,16 @@ pub(super) fn encode_grant_in_force(grant: &Grant) -> String {
     format!("{} {}", grant.extra, grant.expires_at)
 }
 
+/// The extra of a grant in force read back as `reserve.lua` reads it: none
+/// once expired at `now`, or when the record does not read; a negative
+/// extra reads as none, as it does coming out of the script.
+pub(super) fn decode_grant_in_force(text: &str, now: Millis) -> Option<i64> {
+    let (extra, expires_at) = text.split_once(' ')?;
+    let expires_at: Millis = expires_at.trim().parse().ok()?;
+    let extra: i64 = extra.parse().ok()?;
+    (expires_at > now && extra >= 0).then_some(extra)
+}
+
 /// A grant's full record in the listing: JSON, with the unit by name.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct GrantRecord {

@@ -64,28 +64,19 @@ impl RedisStore {
             }
             if fit_result != Fit::Fits {
                 self.undo(req.now, &rid, candidate, &done).await;
+                // The slots not reached are read as their script would
+                // have seen them, grants included, and the candidate is
+                // judged on all of its ops: an op there that denies
+                // outright stops the downgrades here too.
                 let missing: Vec<usize> =
                     (0..states.len()).filter(|&i| states[i].is_none()).collect();
-                if !missing.is_empty() {
-                    let refs: Vec<CounterRef> = missing
-                        .iter()
-                        .map(|&i| CounterRef {
-                            key: candidate.ops[i].key.clone(),
-                            kind: candidate.ops[i].kind,
-                        })
-                        .collect();
-                    for (&i, mut s) in missing
-                        .iter()
-                        .zip(self.read_counters(&refs, req.now).await?)
-                    {
-                        // Not reached, so not what blocked: an approval gate
-                        // there reads as open rather than be named the cause.
-                        if candidate.ops[i].grant.is_some() {
-                            s.grant = Some(0);
-                        }
-                        states[i] = Some(s);
-                    }
+                for (i, s) in missing
+                    .iter()
+                    .zip(self.unreached_states(candidate, &missing, req.now).await?)
+                {
+                    states[*i] = Some(s);
                 }
+                fit_result = fit(&candidate.ops, |i| states[i].unwrap_or_default());
             }
             tried.push(states.into_iter().map(Option::unwrap_or_default).collect());
             match fit_result {
@@ -144,6 +135,47 @@ impl RedisStore {
             }
         }
         Ok(outcome)
+    }
+
+    /// The states of `candidate`'s ops at `indices` as `reserve.lua` would
+    /// report them now, without reserving anything: the counter (a fresh
+    /// rolling window resets its length from now) and any active grant.
+    async fn unreached_states(
+        &self,
+        candidate: &Candidate,
+        indices: &[usize],
+        now: Millis,
+    ) -> Result<Vec<CounterState>, StoreError> {
+        if indices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let refs: Vec<CounterRef> = indices
+            .iter()
+            .map(|&i| CounterRef {
+                key: candidate.ops[i].key.clone(),
+                kind: candidate.ops[i].kind,
+            })
+            .collect();
+        let mut states = self.read_counters(&refs, now).await?;
+        let grant_keys: Vec<&str> = indices
+            .iter()
+            .filter_map(|&i| candidate.ops[i].grant.as_ref().map(|g| g.key.as_str()))
+            .collect();
+        let mut grants = self.grants_in_force(&grant_keys, now).await?.into_iter();
+        for (&i, s) in indices.iter().zip(states.iter_mut()) {
+            let op = &candidate.ops[i];
+            s.resets_at = match (op.kind, op.expiry) {
+                (CounterKind::Rolling, Expiry::AfterFirstUse(d)) => {
+                    s.resets_at.or(Some(now + d.max(1)))
+                }
+                (CounterKind::Rolling, _) => s.resets_at,
+                _ => None,
+            };
+            if op.grant.is_some() {
+                s.grant = grants.next().flatten();
+            }
+        }
+        Ok(states)
     }
 
     /// Moves each `(key, kind, delta)` in one slot; see `adjust.lua`.

@@ -1,7 +1,7 @@
 //! Approval grants: the record in force (`g:` key, read by `reserve.lua`
 //! in the slot of the counters it opens) and the listing (`grants` hash).
 
-use super::codec::{decode_grant, encode_grant, encode_grant_in_force};
+use super::codec::{decode_grant, decode_grant_in_force, encode_grant, encode_grant_in_force};
 use super::{RedisStore, CLEANUP_GRACE};
 use crate::store::*;
 
@@ -39,6 +39,24 @@ impl RedisStore {
                 .await;
         }
         in_force
+    }
+
+    /// The extra of the grant in force at each grant key (`rule|scope`), as
+    /// `reserve.lua` would read it at `now`: none when there is no active
+    /// one. One GET a key, since the keys may sit in different slots.
+    pub(super) async fn grants_in_force(
+        &self,
+        keys: &[&str],
+        now: Millis,
+    ) -> Result<Vec<Option<i64>>, StoreError> {
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let record: Option<String> = self
+                .query(::redis::cmd("GET").arg(self.grant_key(key)))
+                .await?;
+            out.push(record.and_then(|r| decode_grant_in_force(&r, now)));
+        }
+        Ok(out)
     }
 
     pub(super) async fn drop_grant(
