@@ -288,3 +288,27 @@ async fn grpc_and_http_paths_decide_alike_and_share_counters() {
     .await;
     assert_eq!(unknown.status, 404);
 }
+
+/// Every HTTP error is the JSON error body, even for a path or a method
+/// the port does not serve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_get_the_json_error_body() {
+    let dir = policy_dir(&[("p.yaml", POLICY)]);
+    let tollgate = TollgateProcess::start(&["--policies", dir.path().to_str().unwrap()]);
+    for (method, path, status, code) in [
+        ("GET", "/v1/nowhere", 404, "not_found"),
+        ("GET", "/v1/settle", 405, "method_not_allowed"),
+        ("POST", "/v1/settle", 400, "invalid_request"),
+    ] {
+        let r = http(tollgate.http_port, method, path, &[], "").await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        assert_eq!(
+            r.header("content-type"),
+            Some("application/json"),
+            "{method} {path}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}: {}", r.body));
+        assert_eq!(json["error"]["code"], code, "{method} {path}");
+    }
+}

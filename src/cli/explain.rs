@@ -3,9 +3,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::str::FromStr;
 
-use rust_decimal::Decimal;
+use tollgate_core::engine::request::parse_amount;
 use tollgate_core::engine::Estimate;
 use tollgate_core::gate::{CheckInput, Clock, SystemClock};
 use tollgate_core::policy;
@@ -89,7 +88,7 @@ fn parse_estimate(pairs: &[String]) -> Result<Estimate, String> {
                 .parse::<u64>()
                 .map_err(|_| format!("{name} must be a whole number"))
         };
-        let dec = || Decimal::from_str(value).map_err(|_| format!("{name} must be a number"));
+        let dec = || parse_amount(name, value).map_err(|e| e.to_string());
         match name {
             "input_tokens" => estimate.input_tokens = Some(int()?),
             "cached_input_tokens" => estimate.cached_input_tokens = Some(int()?),

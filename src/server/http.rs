@@ -72,6 +72,7 @@ pub(crate) fn router_with(
         .route("/v1/authz/nginx", any(nginx))
         .route("/v1/settle", post(settle))
         .fallback(not_found)
+        .method_not_allowed_fallback(not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(HttpState {
             gate,
@@ -320,6 +321,16 @@ async fn not_found(method: Method, uri: Uri) -> Response {
             uri.path()
         )),
     )
+}
+
+/// A path served here, asked with a method it does not take.
+async fn not_allowed(method: Method, uri: Uri) -> Response {
+    let refusal = Refusal {
+        http: 405,
+        code: "method_not_allowed",
+        ..Refusal::not_found(&format!("{method} is not allowed on {}", uri.path()))
+    };
+    refuse(Flavor::Forward, refusal)
 }
 
 /// `POST /v1/settle` with `{"reservation_id": "...", "usage": {...}}`.
