@@ -17,9 +17,12 @@ use crate::engine::decide::{self, empty_store_outcome};
 use crate::engine::request::{apply_key, fill_from_client, hash_key, Source};
 use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
-use crate::policy::{Attr, CompiledPolicy, Enforcement, OnExceed, StoreFailure, Unit, UnknownKeys};
+use crate::policy::{
+    Attr, CompiledPolicy, Enforcement, OnExceed, OnOverrun, StoreFailure, Unit, UnknownKeys,
+};
 use crate::store::{
-    CounterKind, CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome, StoreError,
+    Candidate, CounterKind, CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome,
+    StoreError,
 };
 
 pub use crate::clock::{Clock, ManualClock, SystemClock};
@@ -431,6 +434,131 @@ impl Gate {
         }
     }
 
+    /// Reserves `output_tokens` more output for a call already decided
+    /// (`decided`, on `input` and `policy`), while its response streams
+    /// past what its reservation covered: a reservation of its own, on the
+    /// counters the call's usage counts against (tokens, output tokens,
+    /// spend), never its attempt, its job or its slot, which the first
+    /// reservation holds. The model is the one decided (the downgrade
+    /// model on a downgrade), and no downgrade is tried: the call is
+    /// under way. Give it back with [`Gate::release`] when the call ends,
+    /// once the first reservation is settled at what the call used.
+    pub async fn top_up(
+        &self,
+        policy: &CompiledPolicy,
+        input: &CheckInput,
+        decided: &Decision,
+        output_tokens: u64,
+    ) -> Result<TopUp, GateError> {
+        let now = self.clock.now();
+        let attrs = decided_attributes(policy, input, decided);
+        let estimate = Estimate {
+            input_tokens: Some(0),
+            cached_input_tokens: Some(0),
+            output_tokens: Some(output_tokens),
+            images: Some(0),
+            image_quality: input.estimate.image_quality.clone(),
+            video_seconds: Some(Decimal::ZERO),
+            audio_seconds: Some(Decimal::ZERO),
+        };
+        let mut plan = decide::plan(policy, &attrs, &estimate, now)?;
+        plan.withhold_downgrades();
+        let (Some(candidate), Some(counters)) = (plan.candidates.pop(), plan.counters.pop()) else {
+            return Ok(TopUp::Unmetered);
+        };
+        let model = candidate.model.clone();
+        let price = model.as_deref().and_then(|m| policy.price(m));
+        // A price per request is charged by the first reservation only.
+        let per_call = Usage {
+            image_quality: policy.set.defaults.image_quality.clone(),
+            ..Usage::default()
+        };
+        let (ops, counters): (Vec<_>, Vec<_>) = candidate
+            .ops
+            .into_iter()
+            .zip(counters)
+            .filter(|(op, _)| {
+                !matches!(op.unit, Unit::Requests | Unit::Concurrent | Unit::VideoJobs)
+            })
+            .map(|(mut op, counter)| {
+                if op.unit == Unit::Spend {
+                    let base = counter_amount(Unit::Spend, &per_call, price, model.as_deref())
+                        .unwrap_or(0);
+                    op.amount = op.amount.saturating_sub(base);
+                }
+                op.downgradable = false;
+                (op, counter)
+            })
+            .filter(|(op, _)| op.amount > 0)
+            .unzip();
+        if ops.is_empty() {
+            return Ok(TopUp::Unmetered);
+        }
+        let request = ReserveRequest {
+            now,
+            candidates: vec![Candidate { model, ops }],
+            reservation_id: new_reservation_id(),
+            reservation_ttl: self.config.reservation_ttl.as_millis() as Millis,
+            request_id: None,
+        };
+        let outcome = self.bounded(self.store.reserve(&request)).await?;
+        if outcome.applied.is_some() {
+            return Ok(TopUp::Reserved(
+                outcome.reservation_id.unwrap_or(request.reservation_id),
+            ));
+        }
+        let ops = &request.candidates[0].ops;
+        let states = outcome.tried.last();
+        let mut blocking: Vec<usize> = ops
+            .iter()
+            .zip(&counters)
+            .enumerate()
+            .filter(|(i, (op, _))| {
+                states
+                    .and_then(|s| s.get(*i))
+                    .is_some_and(|state| op.blocks_at(state))
+            })
+            .map(|(_, (_, c))| c.rule)
+            .collect();
+        // A store that does not say which counter blocked: every rule of
+        // the top-up speaks.
+        if blocking.is_empty() {
+            blocking = counters.iter().map(|c| c.rule).collect();
+        }
+        blocking.dedup();
+        let rules: Vec<&crate::policy::Rule> =
+            blocking.iter().map(|&i| &policy.rules()[i]).collect();
+        Ok(TopUp::NoRoom {
+            cut: rules.iter().any(|r| r.on_overrun == OnOverrun::Cut),
+            rules: rules.iter().map(|r| r.id.clone()).collect(),
+        })
+    }
+
+    /// Gives a reservation back whole: every counter it added to is
+    /// settled at zero. For a [`Gate::top_up`] once its call has ended:
+    /// the call's first reservation carries what it really used.
+    pub async fn release(&self, reservation_id: &str) -> Result<SettleOutcome, GateError> {
+        let now = self.clock.now();
+        let unknown = || GateError::UnknownReservation(reservation_id.to_string());
+        let reservation = self
+            .bounded(self.store.reservation(reservation_id, now))
+            .await?
+            .ok_or_else(unknown)?;
+        let amounts = vec![0; reservation.ops.len()];
+        match self
+            .bounded(self.store.settle(reservation_id, &amounts, now))
+            .await?
+        {
+            SettleOutcome::Unknown => Err(unknown()),
+            outcome => {
+                if outcome == SettleOutcome::Settled {
+                    self.observer.settled(reservation.expires_at);
+                }
+                Ok(outcome)
+            }
+        }
+    }
+
     /// The counters that apply to these attributes, read without charging.
     pub async fn usage(
         &self,
@@ -672,6 +800,64 @@ impl Gate {
             .store_call(started.elapsed(), result.as_ref().err());
         result
     }
+}
+
+/// What a [`Gate::top_up`] got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopUp {
+    /// Reserved under this id; give it back with [`Gate::release`] when
+    /// the call ends.
+    Reserved(String),
+    /// No rule counts the call's output: nothing to top up, ever.
+    Unmetered,
+    /// No room under `rules` (the rules whose counters blocked). `cut`:
+    /// one of them says `on_overrun: cut`.
+    NoRoom { cut: bool, rules: Vec<String> },
+}
+
+/// The output tokens a call's first reservation covered: its estimate's,
+/// or else the default for the model decided (or the policy's), as the
+/// plan counted them.
+pub fn reserved_output_tokens(
+    policy: &CompiledPolicy,
+    input: &CheckInput,
+    decided: &Decision,
+) -> u64 {
+    let attrs = decided_attributes(policy, input, decided);
+    let price = attrs.model.as_deref().and_then(|m| policy.price(m));
+    Usage::from_estimate(
+        &input.estimate,
+        attrs.modality.as_deref(),
+        price,
+        &policy.set.defaults,
+    )
+    .output_tokens
+}
+
+/// The attributes a decided call ran with: resolved as the decision
+/// resolved them, with the action id the decision made up, and the model
+/// it switched to on a downgrade.
+fn decided_attributes(
+    policy: &CompiledPolicy,
+    input: &CheckInput,
+    decided: &Decision,
+) -> Attributes {
+    let (mut attrs, _) = resolve_owned(
+        policy,
+        input.attributes.clone(),
+        input.api_key.as_deref(),
+        &input.client_attributes,
+        None,
+    );
+    if attrs.action.is_none() {
+        attrs.action.clone_from(&decided.action_id);
+    }
+    if decided.verdict == crate::engine::Verdict::Downgrade {
+        if let Some(model) = &decided.model {
+            attrs.model = Some(model.clone());
+        }
+    }
+    attrs
 }
 
 /// How long the reservation of a call nothing will settle is kept: long

@@ -290,6 +290,9 @@ pub struct Rule {
     pub limit: Limit,
     pub enforcement: Enforcement,
     pub on_exceed: OnExceed,
+    /// What a streamed response does once it has used what its
+    /// reservation covered and no more fits (Envoy ext_proc only).
+    pub on_overrun: OnOverrun,
     /// Percentages of the limit, ascending.
     pub alerts: Vec<u32>,
     /// Notifier ids for this rule's alerts; empty means the defaults.
@@ -509,6 +512,18 @@ pub enum OnExceed {
     Deny,
     Downgrade(String),
     Approval,
+}
+
+/// What a response that streams past its reservation does when a top-up
+/// finds no room left under the rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnOverrun {
+    /// The stream runs to its end and is charged what it used, which may
+    /// pass the limit.
+    #[default]
+    Finish,
+    /// The stream is ended at the next chunk with an error event.
+    Cut,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

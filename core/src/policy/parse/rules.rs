@@ -1,5 +1,6 @@
 //! The `rules` section: one budget rule, with the requests it `match`es, the
-//! attributes it counts `per`, what happens `on_exceed` and its `alerts`.
+//! attributes it counts `per`, what happens `on_exceed` (and `on_overrun`)
+//! and its `alerts`.
 //! The `limit` itself is read in `limit.rs`.
 
 use super::Reader;
@@ -26,6 +27,7 @@ impl Reader<'_> {
                 "limit",
                 "enforcement",
                 "on_exceed",
+                "on_overrun",
                 "alerts",
                 "notify",
                 "on_store_error",
@@ -42,6 +44,7 @@ impl Reader<'_> {
         let mut enforcement = Enforcement::Hard;
         let mut on_exceed = OnExceed::Deny;
         let mut on_exceed_pos = None;
+        let mut on_overrun = OnOverrun::Finish;
         let mut alerts = Vec::new();
         let mut alerts_pos = None;
         let mut notify = Vec::new();
@@ -72,6 +75,20 @@ impl Reader<'_> {
                 "on_exceed" => {
                     on_exceed_pos = Some(value.pos);
                     on_exceed = self.on_exceed(value).unwrap_or(OnExceed::Deny);
+                }
+                "on_overrun" => {
+                    on_overrun = match self.string(value, "on_overrun").as_deref() {
+                        Some("finish") => OnOverrun::Finish,
+                        Some("cut") => OnOverrun::Cut,
+                        Some(other) => {
+                            self.error(
+                                value.pos,
+                                format!("`on_overrun` is finish or cut, found {other:?}"),
+                            );
+                            OnOverrun::Finish
+                        }
+                        None => OnOverrun::Finish,
+                    }
                 }
                 "alerts" => {
                     alerts_pos = Some(value.pos);
@@ -172,6 +189,7 @@ impl Reader<'_> {
             }),
             enforcement,
             on_exceed,
+            on_overrun,
             alerts,
             notify,
             origin: self.origin(node.pos),
