@@ -19,6 +19,11 @@
 //! 4. `response_body` chunks feed the [`Meter`]; the last one
 //!    (`end_of_stream`) completes the exchange.
 //!
+//! A response that streams past what its reservation covered is topped
+//! up as it goes: see [`Overrun`]. When no more fits, the rules' own
+//! `on_overrun` says whether it runs to its end (`finish`) or is ended
+//! with an error event the SDKs raise (`cut`).
+//!
 //! When the stream ends, completed or not, the reservation is settled with
 //! what the response reported (or, failing that, what was counted), on
 //! the policy snapshot that decided, off the response path and retried:
@@ -42,17 +47,19 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     body_mutation, BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse,
     HttpHeaders, ImmediateResponse, ProcessingRequest, ProcessingResponse, TrailersResponse,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tollgate_core::engine::{Decision, Verdict};
-use tollgate_core::gate::{ActualUsage, Gate, GateError};
+use tollgate_core::gate::{
+    reserved_output_tokens, ActualUsage, CheckInput, Gate, GateError, TopUp,
+};
 use tollgate_core::policy::CompiledPolicy;
 use tollgate_core::store::SettleOutcome;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::authorize::{authorize, Allowed, Answer};
 use super::body::CHARS_PER_TOKEN;
-use super::http_request::HttpRequest;
+use super::http_request::{check_input, HttpRequest};
 use super::meter::sse::{Piece, Splitter};
 use super::meter::{Api, Meter, Metered};
 use super::status::Refusal;
@@ -139,6 +146,15 @@ fn route_metadata(metadata: &tonic::metadata::MetadataMap) -> HashMap<String, St
 struct Admitted {
     reservation_id: String,
     policy: Arc<CompiledPolicy>,
+    /// The decision, for the top-ups.
+    decision: Arc<Decision>,
+    /// It was decided on the request's body (else on its headers alone).
+    with_body: bool,
+    /// The response is an event stream.
+    event_stream: bool,
+    /// The API the request called, if tollgate reads it.
+    api: Option<Api>,
+    overrun: Overrun,
     /// Input tokens as estimated from the request, for a settle without
     /// reported usage.
     input_estimate: u64,
@@ -172,7 +188,7 @@ impl Exchange {
         }
     }
 
-    async fn step(&mut self, gate: &Gate, message: Msg) -> Result<ProcessingResponse, Status> {
+    async fn step(&mut self, gate: &Arc<Gate>, message: Msg) -> Result<ProcessingResponse, Status> {
         match message {
             Msg::RequestHeaders(h) => {
                 self.headers = header_pairs(&h);
@@ -193,22 +209,56 @@ impl Exchange {
             Msg::ResponseHeaders(h) => Ok(self.response_headers(&h)),
             Msg::ResponseBody(b) => {
                 let mut response = BodyResponse::default();
-                if let Some(a) = &mut self.admitted {
-                    if let Some(meter) = &mut a.meter {
-                        meter.feed(&b.body);
+                let Some(a) = &mut self.admitted else {
+                    return Ok(reply(Reply::ResponseBody(response)));
+                };
+                if a.overrun.state == OverrunState::CutSent {
+                    return Ok(reset_after_cut());
+                }
+                if let Some(meter) = &mut a.meter {
+                    meter.feed(&b.body);
+                }
+                a.completed |= b.end_of_stream;
+                let mut body = None;
+                if let Some(splitter) = &mut a.rewrite {
+                    let rewritten = without_added_usage(splitter, &b.body, b.end_of_stream);
+                    if rewritten != b.body {
+                        body = Some(rewritten);
                     }
-                    a.completed |= b.end_of_stream;
-                    if let Some(splitter) = &mut a.rewrite {
-                        let body = without_added_usage(splitter, &b.body, b.end_of_stream);
-                        if body != b.body {
-                            response.response = Some(CommonResponse {
-                                body_mutation: Some(BodyMutation {
-                                    mutation: Some(body_mutation::Mutation::Body(body)),
-                                }),
-                                ..Default::default()
-                            });
-                        }
+                }
+                let counted = a.meter.as_ref().map(Meter::counted_output_tokens);
+                if let (Some(counted), true) = (counted, (200..300).contains(&a.upstream_status)) {
+                    let (route, headers, request_body) = (&self.route, &self.headers, &self.body);
+                    let with_body = a.with_body;
+                    let input = || {
+                        request_input(&a.policy, route, headers, with_body.then_some(request_body))
+                    };
+                    let cut = a.overrun.after_chunk(
+                        gate,
+                        &a.policy,
+                        &a.decision,
+                        a.event_stream,
+                        counted,
+                        input,
+                    );
+                    let delivered = body.as_deref().unwrap_or(&b.body);
+                    let replaced = match (cut, a.api) {
+                        (true, Some(api)) => a.overrun.cut(api, delivered),
+                        _ => None,
+                    };
+                    match replaced {
+                        Some(replaced) => body = Some(replaced),
+                        None if a.event_stream => a.overrun.edge.feed(delivered),
+                        None => {}
                     }
+                }
+                if let Some(body) = body {
+                    response.response = Some(CommonResponse {
+                        body_mutation: Some(BodyMutation {
+                            mutation: Some(body_mutation::Mutation::Body(body)),
+                        }),
+                        ..Default::default()
+                    });
                 }
                 Ok(reply(Reply::ResponseBody(response)))
             }
@@ -227,22 +277,7 @@ impl Exchange {
     /// Decides the request, in the reply to its headers (no body) or to its
     /// body.
     async fn decide(&mut self, gate: &Gate, with_body: bool) -> ProcessingResponse {
-        let header = |name: &str| {
-            self.headers
-                .iter()
-                .find(|(k, _)| k == name)
-                .and_then(|(_, v)| std::str::from_utf8(v).ok())
-                .map(str::to_string)
-        };
-        let method = header(":method").unwrap_or_default();
-        let path = header(":path").unwrap_or_default();
-        let mut headers = self.headers.clone();
-        // A body cut at Envoy's buffer (BUFFERED_PARTIAL) is read as a
-        // prefix, with the input estimated from its declared length.
-        let declared: Option<usize> = header("content-length").and_then(|v| v.parse().ok());
-        if declared.is_some_and(|n| n > self.body.len()) {
-            headers.push(("x-envoy-auth-partial-body".to_string(), b"true".to_vec()));
-        }
+        let (method, path, headers) = request_parts(&self.headers, self.body.len());
         let view = HttpRequest {
             method: &method,
             path: &path,
@@ -285,6 +320,11 @@ impl Exchange {
             self.admitted = Some(Admitted {
                 reservation_id: id,
                 policy,
+                decision: Arc::new(decision),
+                with_body,
+                event_stream: false,
+                api: None,
+                overrun: Overrun::default(),
                 input_estimate: (self.body.len() as u64).div_ceil(CHARS_PER_TOKEN),
                 meter: None,
                 upstream_status: 0,
@@ -338,7 +378,9 @@ impl Exchange {
         match &mut self.admitted {
             Some(a) => {
                 a.upstream_status = status;
-                a.meter = Api::from_path(&path).map(|api| Meter::new(api, event_stream));
+                a.event_stream = event_stream;
+                a.api = Api::from_path(&path);
+                a.meter = a.api.map(|api| Meter::new(api, event_stream));
                 if a.asked_for_usage && event_stream && (200..300).contains(&status) {
                     a.rewrite = Some(Splitter::new(Splitter::DEFAULT_MAX_EVENT_BYTES));
                 }
@@ -369,6 +411,19 @@ impl Exchange {
                 "exchange closed before its end; settling what was seen"
             );
         }
+        // Every top-up is given back whole: the settle above charges
+        // what the call used.
+        for id in a.overrun.top_ups {
+            tokio::spawn(release_with_retries(gate.clone(), id));
+        }
+        if let Some(pending) = a.overrun.pending {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok(TopUp::Reserved(id))) = pending.await {
+                    release_with_retries(gate, id).await;
+                }
+            });
+        }
         tokio::spawn(settle_with_retries(
             gate,
             a.policy,
@@ -377,6 +432,327 @@ impl Exchange {
             served,
         ));
     }
+}
+
+/// The method, the path and the headers the request is decided on. A
+/// body cut at Envoy's buffer (BUFFERED_PARTIAL) is read as a prefix,
+/// with the input estimated from its declared length.
+fn request_parts(
+    headers: &[(String, Vec<u8>)],
+    body_len: usize,
+) -> (String, String, Vec<(String, Vec<u8>)>) {
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .map(str::to_string)
+    };
+    let method = header(":method").unwrap_or_default();
+    let path = header(":path").unwrap_or_default();
+    let mut headers = headers.to_vec();
+    let declared: Option<usize> = header("content-length").and_then(|v| v.parse().ok());
+    if declared.is_some_and(|n| n > body_len) {
+        headers.push(("x-envoy-auth-partial-body".to_string(), b"true".to_vec()));
+    }
+    (method, path, headers)
+}
+
+/// The request as it was decided, read again on the snapshot that
+/// decided it: what a top-up reserves on.
+fn request_input(
+    policy: &CompiledPolicy,
+    route: &HashMap<String, String>,
+    headers: &[(String, Vec<u8>)],
+    body: Option<&Vec<u8>>,
+) -> Option<CheckInput> {
+    let (method, path, headers) = request_parts(headers, body.map_or(0, Vec::len));
+    let view = HttpRequest {
+        method: &method,
+        path: &path,
+        headers,
+        context: Some(route),
+        body: body.map(|b| &b[..]),
+        proxy_request_id: None,
+    };
+    check_input(&policy.set.attributes, &view).ok()
+}
+
+/// The least a top-up reserves, in output tokens.
+const MIN_TOP_UP: u64 = 1_000;
+
+/// Keeps a response covered while it streams past what its reservation
+/// covered (the request's output estimate, or the default output).
+///
+/// When the output counted so far nears the coverage, a top-up reserves
+/// more ([`Gate::top_up`]: half the first coverage, at least
+/// [`MIN_TOP_UP`] output tokens), off the reply path: no chunk's reply
+/// waits for the store (Envoy's `message_timeout` applies to every
+/// message). A later chunk reads its answer. When the exchange ends, the
+/// first reservation is settled at what the call used and every top-up
+/// is given back whole, so the net charge is the real usage.
+///
+/// When a top-up finds no room, the rules that blocked it decide: if one
+/// says `on_overrun: cut` and the response is an event stream, the next
+/// chunk past the coverage is replaced by an error event the official
+/// SDKs raise (Anthropic's `event: error`; for the OpenAI APIs a `data:`
+/// line with an `error` object), and the reply to the message after it
+/// is an `ImmediateResponse`, which, once the response has started
+/// downstream, makes Envoy reset the stream: that also stops the upstream
+/// generating. Bytes Envoy had not yet flushed to the client when it
+/// resets (the error event among them) can be lost with the reset.
+/// Otherwise (`finish`, the default, or a body that is not an event
+/// stream) the response runs to its end and is charged what it used,
+/// which may pass the limit. A top-up that fails (a store fault, a model
+/// that cannot be priced) lets the response finish.
+#[derive(Default)]
+struct Overrun {
+    /// What the first reservation covered: read from the request at the
+    /// first chunk that counts output.
+    coverage: Option<Coverage>,
+    state: OverrunState,
+    /// A top-up under way.
+    pending: Option<oneshot::Receiver<Result<TopUp, GateError>>>,
+    /// The top-ups made, to give back at the end.
+    top_ups: Vec<String>,
+    /// The rules that had no room, for the error event.
+    rules: Vec<String>,
+    /// Where the bytes the client got so far stop, in the event stream.
+    edge: SseEdge,
+}
+
+struct Coverage {
+    input: Arc<CheckInput>,
+    /// Output tokens the reservations cover so far.
+    covered: u64,
+    /// Output tokens each top-up adds.
+    chunk: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum OverrunState {
+    /// Topping up as the output grows.
+    #[default]
+    Topping,
+    /// No more top-ups: the response runs to its end.
+    Finish,
+    /// No room, and a rule says cut: at the next chunk past the coverage.
+    CutPast,
+    /// The error event went out; the next message ends the exchange.
+    CutSent,
+}
+
+impl Overrun {
+    /// After a chunk that brought the counted output to `counted`: reads
+    /// a top-up's answer if one is in, starts one if the output nears the
+    /// coverage, and says whether to cut the stream at this chunk.
+    fn after_chunk(
+        &mut self,
+        gate: &Arc<Gate>,
+        policy: &Arc<CompiledPolicy>,
+        decision: &Arc<Decision>,
+        event_stream: bool,
+        counted: u64,
+        input: impl FnOnce() -> Option<CheckInput>,
+    ) -> bool {
+        if counted == 0 || matches!(self.state, OverrunState::Finish | OverrunState::CutSent) {
+            return false;
+        }
+        let coverage = match &mut self.coverage {
+            Some(c) => c,
+            None => {
+                let Some(input) = input() else {
+                    self.state = OverrunState::Finish;
+                    return false;
+                };
+                let covered = reserved_output_tokens(policy, &input, decision);
+                self.coverage.insert(Coverage {
+                    input: Arc::new(input),
+                    covered,
+                    chunk: (covered / 2).max(MIN_TOP_UP),
+                })
+            }
+        };
+        if let Some(pending) = &mut self.pending {
+            let answer = match pending.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => None,
+                Ok(answer) => Some(answer),
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    Some(Err(GateError::UnknownReservation(String::new())))
+                }
+            };
+            if let Some(answer) = answer {
+                self.pending = None;
+                match answer {
+                    Ok(TopUp::Reserved(id)) => {
+                        coverage.covered = coverage.covered.saturating_add(coverage.chunk);
+                        self.top_ups.push(id);
+                    }
+                    Ok(TopUp::Unmetered) => self.state = OverrunState::Finish,
+                    Ok(TopUp::NoRoom { cut, rules }) => {
+                        self.state = if cut && event_stream {
+                            OverrunState::CutPast
+                        } else {
+                            OverrunState::Finish
+                        };
+                        self.rules = rules;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "top-up failed; the response runs to its end");
+                        self.state = OverrunState::Finish;
+                    }
+                }
+            }
+        }
+        match self.state {
+            OverrunState::Topping => {
+                let margin = coverage.covered.min(coverage.chunk) / 4;
+                if self.pending.is_none() && counted >= coverage.covered - margin {
+                    let (tx, rx) = oneshot::channel();
+                    self.pending = Some(rx);
+                    let (gate, policy, decision) = (gate.clone(), policy.clone(), decision.clone());
+                    let (input, chunk) = (coverage.input.clone(), coverage.chunk);
+                    tokio::spawn(async move {
+                        let answer = gate.top_up(&policy, &input, &decision, chunk).await;
+                        // The exchange is gone without reading it: give
+                        // it back here.
+                        if let Err(Ok(TopUp::Reserved(id))) = tx.send(answer) {
+                            release_with_retries(gate, id).await;
+                        }
+                    });
+                }
+                false
+            }
+            OverrunState::CutPast => counted > coverage.covered,
+            OverrunState::Finish | OverrunState::CutSent => false,
+        }
+    }
+
+    /// The chunk that ends a cut stream, in place of `delivered` (what
+    /// the client would have got of this chunk): what completes an event
+    /// the client has part of, then the error event. None when this
+    /// chunk does not complete it (one event spread over many chunks):
+    /// the chunk goes through and the next one is cut.
+    fn cut(&mut self, api: Api, delivered: &[u8]) -> Option<Vec<u8>> {
+        let mut out = Vec::new();
+        if !self.edge.between_events() {
+            let end = self.edge.clone().end_of_event(delivered)?;
+            out.extend_from_slice(&delivered[..end]);
+        }
+        out.extend_from_slice(&error_event(api, &self.rules));
+        self.state = OverrunState::CutSent;
+        Some(out)
+    }
+}
+
+/// Where an event stream stops: between events, or inside one.
+#[derive(Debug, Clone)]
+struct SseEdge {
+    line_start: bool,
+    event_start: bool,
+    /// The last byte was a CR: an LF now ends the same line.
+    after_cr: bool,
+}
+
+impl Default for SseEdge {
+    fn default() -> Self {
+        SseEdge {
+            line_start: true,
+            event_start: true,
+            after_cr: false,
+        }
+    }
+}
+
+impl SseEdge {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.step(b);
+        }
+    }
+
+    fn step(&mut self, b: u8) {
+        let after_cr = std::mem::replace(&mut self.after_cr, false);
+        match b {
+            b'\n' if after_cr => {}
+            b'\r' | b'\n' => {
+                // An empty line ends the event.
+                if self.line_start {
+                    self.event_start = true;
+                }
+                self.line_start = true;
+                self.after_cr = b == b'\r';
+            }
+            _ => {
+                self.line_start = false;
+                self.event_start = false;
+            }
+        }
+    }
+
+    fn between_events(&self) -> bool {
+        self.event_start
+    }
+
+    /// The length of `bytes` up to the end of the event in progress
+    /// (its line ending whole), if it ends in them.
+    fn end_of_event(mut self, bytes: &[u8]) -> Option<usize> {
+        let at = bytes.iter().position(|&b| {
+            self.step(b);
+            self.event_start
+        })?;
+        let crlf = bytes[at] == b'\r' && bytes.get(at + 1) == Some(&b'\n');
+        Some(at + 1 + usize::from(crlf))
+    }
+}
+
+/// The error event that ends a cut stream, as each API's official SDK
+/// raises it: the Anthropic SDK on an `error` event only, the OpenAI SDKs
+/// on a `data:` line whose object has an `error`.
+fn error_event(api: Api, rules: &[String]) -> Vec<u8> {
+    let named = match rules {
+        [] => "its budget".to_string(),
+        [one] => format!("rule `{one}`"),
+        many => format!(
+            "rules {}",
+            many.iter()
+                .map(|r| format!("`{r}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let message = format!(
+        "budget exceeded: the response used all that {named} leaves, and tollgate stopped it"
+    );
+    match api {
+        Api::Anthropic => {
+            let data = serde_json::json!({
+                "type": "error",
+                "error": {"type": "budget_exceeded", "message": message},
+            });
+            format!("event: error\ndata: {data}\n\n").into_bytes()
+        }
+        _ => {
+            let data = serde_json::json!({
+                "error": {
+                    "message": message,
+                    "type": "insufficient_quota",
+                    "code": "budget_exceeded",
+                },
+            });
+            format!("data: {data}\n\n").into_bytes()
+        }
+    }
+}
+
+/// The reply to the message after a cut's error event: once the response
+/// has started downstream, Envoy resets the stream on it.
+fn reset_after_cut() -> ProcessingResponse {
+    reply(Reply::ImmediateResponse(ImmediateResponse {
+        status: Some(HttpStatus { code: 429 }),
+        details: "tollgate_budget_exceeded".to_string(),
+        ..Default::default()
+    }))
 }
 
 /// What a finished (or cut) exchange used: what the response reported,
@@ -418,13 +794,26 @@ async fn settle_with_retries(
     actual: ActualUsage,
     served: Option<String>,
 ) {
+    with_retries(&reservation_id, || {
+        gate.settle_on(&policy, &reservation_id, &actual, served.as_deref())
+    })
+    .await;
+}
+
+/// Gives a top-up back whole, retrying as a settle does.
+async fn release_with_retries(gate: Arc<Gate>, reservation_id: String) {
+    with_retries(&reservation_id, || gate.release(&reservation_id)).await;
+}
+
+async fn with_retries<F, Fut>(reservation_id: &str, mut call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<SettleOutcome, GateError>>,
+{
     let deadline = tokio::time::Instant::now() + SETTLE_PATIENCE;
     let mut backoff = SETTLE_BACKOFF.0;
     loop {
-        match gate
-            .settle_on(&policy, &reservation_id, &actual, served.as_deref())
-            .await
-        {
+        match call().await {
             Ok(SettleOutcome::Settled | SettleOutcome::AlreadySettled) => return,
             Ok(SettleOutcome::Unknown) | Err(GateError::UnknownReservation(_)) => {
                 tracing::warn!(
@@ -636,6 +1025,67 @@ data: [DONE]\n\n";
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_cut_completes_the_event_the_client_has_part_of_then_sends_the_error() {
+        let stream = "data: {\"a\":1}\r\n\r\ndata: {\"b\":2}\n\nevent: x\rdata: {}\r\r";
+        let bytes = stream.as_bytes();
+        // Where the client is between events, and where each event ends
+        // (the LF of a CRLF with it).
+        let between = [0, 16, 17, 32, bytes.len()];
+        let ends = [17, 32, bytes.len()];
+        for at in 0..=bytes.len() {
+            let mut overrun = Overrun::default();
+            overrun.edge.feed(&bytes[..at]);
+            let rest = &bytes[at..];
+            match overrun.cut(Api::OpenAiChat, rest) {
+                Some(out) => {
+                    let kept = if between.contains(&at) {
+                        0
+                    } else {
+                        ends.iter().find(|&&e| e > at).unwrap() - at
+                    };
+                    let mut want = rest[..kept].to_vec();
+                    want.extend(error_event(Api::OpenAiChat, &[]));
+                    assert_eq!(
+                        String::from_utf8_lossy(&out),
+                        String::from_utf8_lossy(&want),
+                        "at {at}"
+                    );
+                    assert_eq!(overrun.state, OverrunState::CutSent);
+                }
+                None => panic!("at {at}: the event ends in the rest"),
+            }
+        }
+        // An event that does not end in the chunk is let through whole.
+        let mut overrun = Overrun::default();
+        overrun.edge.feed(b"data: {\"a\":");
+        assert_eq!(overrun.cut(Api::Anthropic, b"\"long"), None);
+    }
+
+    #[test]
+    fn the_error_event_is_each_apis_own() {
+        let anthropic =
+            String::from_utf8(error_event(Api::Anthropic, &["r1".to_string()])).unwrap();
+        let data = anthropic
+            .strip_prefix("event: error\ndata: ")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["error"]["type"], "budget_exceeded");
+        assert!(json["error"]["message"].as_str().unwrap().contains("`r1`"));
+        let openai = String::from_utf8(error_event(Api::OpenAiResponses, &[])).unwrap();
+        let data = openai
+            .strip_prefix("data: ")
+            .unwrap()
+            .strip_suffix("\n\n")
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_str(data).unwrap();
+        assert_eq!(json["error"]["code"], "budget_exceeded");
+        assert_eq!(json["error"]["type"], "insufficient_quota");
     }
 
     fn decision(verdict: Verdict, model: Option<&str>) -> Decision {
