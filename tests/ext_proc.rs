@@ -1091,3 +1091,37 @@ mod the_fake_envoy {
         );
     }
 }
+
+/// An upstream error that reports no usage is charged only the attempt by
+/// default, and the estimate under `on_upstream_error: keep_estimate`;
+/// its concurrency slot comes back either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_are_charged_as_the_policy_says() {
+    for (setting, want) in [("charge_reported", 0), ("keep_estimate", 900)] {
+        let policy = format!(
+            "
+attributes:
+  on_upstream_error: {setting}
+rules:
+  - id: output-daily
+    limit: {{ output_tokens: 100000, window: daily }}
+  - id: one-at-a-time
+    limit: {{ concurrent: 1 }}
+"
+        );
+        let (tollgate, envoy, _dir) = start(&policy, &[]).await;
+        let failed = UpstreamResponse {
+            status: 503,
+            headers: vec![("content-type".to_string(), "application/json".to_string())],
+            chunks: vec![br#"{"error":{"message":"overloaded","type":"server_error"}}"#.to_vec()],
+            separate_end: false,
+        };
+        let x = envoy.run(chat(900, false), |_| failed.clone()).await;
+        assert_eq!(x.response().0, 503, "{setting}");
+        wait_used(tollgate.http_port, "output-daily", want, SETTLE_DEADLINE).await;
+        // The slot came back: the next call goes through.
+        let ok = chat_json(5);
+        let next = envoy.run(chat(10, false), |_| ok.clone()).await;
+        assert!(!next.is_local(), "{setting}: the slot was not given back");
+    }
+}

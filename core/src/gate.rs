@@ -538,13 +538,28 @@ impl Gate {
     /// settled at zero. For a [`Gate::top_up`] once its call has ended:
     /// the call's first reservation carries what it really used.
     pub async fn release(&self, reservation_id: &str) -> Result<SettleOutcome, GateError> {
+        self.close(reservation_id, false).await
+    }
+
+    /// Ends a call at its estimate: every counter keeps what was reserved,
+    /// and its concurrency slots are given back. For a call that must be
+    /// charged as if it had run, whatever it reported.
+    pub async fn keep_estimate(&self, reservation_id: &str) -> Result<SettleOutcome, GateError> {
+        self.close(reservation_id, true).await
+    }
+
+    async fn close(&self, reservation_id: &str, keep: bool) -> Result<SettleOutcome, GateError> {
         let now = self.clock.now();
         let unknown = || GateError::UnknownReservation(reservation_id.to_string());
         let reservation = self
             .bounded(self.store.reservation(reservation_id, now))
             .await?
             .ok_or_else(unknown)?;
-        let amounts = vec![0; reservation.ops.len()];
+        let amounts: Vec<i64> = reservation
+            .ops
+            .iter()
+            .map(|op| if keep { op.amount } else { 0 })
+            .collect();
         match self
             .bounded(self.store.settle(reservation_id, &amounts, now))
             .await?

@@ -53,13 +53,13 @@ use tollgate_core::engine::{Decision, Verdict};
 use tollgate_core::gate::{
     reserved_output_tokens, ActualUsage, CheckInput, Gate, GateError, TopUp,
 };
-use tollgate_core::policy::CompiledPolicy;
+use tollgate_core::policy::{CompiledPolicy, OnUpstreamError};
 use tollgate_core::store::SettleOutcome;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::authorize::{authorize, Allowed, Answer};
 use super::body::CHARS_PER_TOKEN;
-use super::http_request::{check_input, HttpRequest};
+use super::http_request::{check_input, envoy_header, HttpRequest};
 use super::meter::sse::{Piece, Splitter};
 use super::meter::{Api, Meter, Metered};
 use super::status::Refusal;
@@ -278,13 +278,21 @@ impl Exchange {
     /// body.
     async fn decide(&mut self, gate: &Gate, with_body: bool) -> ProcessingResponse {
         let (method, path, headers) = request_parts(&self.headers, self.body.len());
+        // Envoy sets x-request-id itself at the edge (replacing a client's,
+        // unless told to keep it), as it does for ext_authz's `http.id`.
+        let envoy_id = self
+            .headers
+            .iter()
+            .find(|(k, _)| k == "x-request-id")
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .map(str::to_string);
         let view = HttpRequest {
             method: &method,
             path: &path,
             headers,
             context: Some(&self.route),
             body: with_body.then_some(&self.body[..]),
-            proxy_request_id: None,
+            proxy_request_id: envoy_id.as_deref(),
         };
         let answer = authorize(gate, &view, true).await;
         let Allowed {
@@ -423,6 +431,16 @@ impl Exchange {
                     release_with_retries(gate, id).await;
                 }
             });
+        }
+        // An upstream error whose cost the policy says to keep is charged
+        // at the estimate; its slots are given back all the same.
+        let failed = a.upstream_status >= 400;
+        if failed && a.policy.set.attributes.on_upstream_error == OnUpstreamError::KeepEstimate {
+            let id = a.reservation_id;
+            tokio::spawn(async move {
+                with_retries(&id, || gate.keep_estimate(&id)).await;
+            });
+            return;
         }
         tokio::spawn(settle_with_retries(
             gate,
@@ -974,26 +992,48 @@ fn raw_header((key, value): (String, String)) -> HeaderValueOption {
     }
 }
 
-/// Header values arrive in `raw_value` in current Envoy (with `value`
-/// empty); older ones used `value`. Both are read.
+/// The headers of a headers message, read as ext_authz reads them.
 fn header_pairs(h: &HttpHeaders) -> Vec<(String, Vec<u8>)> {
     h.headers
         .iter()
         .flat_map(|map| map.headers.iter())
-        .map(|hv| {
-            let value = if hv.raw_value.is_empty() {
-                hv.value.as_bytes().to_vec()
-            } else {
-                hv.raw_value.clone()
-            };
-            (hv.key.to_ascii_lowercase(), value)
-        })
+        .map(envoy_header)
         .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A body Envoy cut at its buffer (BUFFERED_PARTIAL sends a prefix, and
+    /// the request keeps its own content-length) is read as ext_authz reads
+    /// a partial body: the model and output cap from the prefix, the input
+    /// from the declared length.
+    #[test]
+    fn a_five_megabyte_prompt_cut_at_the_buffer_is_priced_from_its_prefix() {
+        let mut prefix = String::from(
+            r#"{"model":"gpt-4o","max_tokens":500,"messages":[{"role":"user","content":""#,
+        );
+        prefix.push_str(&"a".repeat(1024 * 1024 - prefix.len()));
+        let headers = vec![
+            (":method".to_string(), b"POST".to_vec()),
+            (":path".to_string(), b"/v1/chat/completions".to_vec()),
+            ("content-length".to_string(), b"5000000".to_vec()),
+        ];
+        let (method, path, headers) = request_parts(&headers, prefix.len());
+        let view = HttpRequest {
+            method: &method,
+            path: &path,
+            headers,
+            context: None,
+            body: Some(prefix.as_bytes()),
+            proxy_request_id: None,
+        };
+        let input = check_input(&Default::default(), &view).unwrap();
+        assert_eq!(input.attributes.model.as_deref(), Some("gpt-4o"));
+        assert_eq!(input.estimate.output_tokens, Some(500));
+        assert_eq!(input.estimate.input_tokens, Some(1_250_000));
+    }
     use tollgate_core::engine::Reason;
 
     const STREAM: &str = "data: {\"id\":\"c1\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}],\"usage\":null}\n\n\

@@ -143,6 +143,22 @@ pub struct AttributeMapping {
     /// Whether something settles the calls of the HTTP front ends, unless
     /// a route says otherwise.
     pub settle: Settle,
+    /// What ext_proc charges for a call the upstream answered with an
+    /// error (4xx, 5xx).
+    pub on_upstream_error: OnUpstreamError,
+}
+
+/// What a call the upstream refused or failed is charged, when ext_proc
+/// settles it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnUpstreamError {
+    /// What the error response reports (providers bill no tokens for most
+    /// errors, and report none), and the attempt itself.
+    #[default]
+    ChargeReported,
+    /// The estimate, as if the call had run: for upstreams that bill
+    /// failed calls.
+    KeepEstimate,
 }
 
 /// Whether the calls of a route are settled when they end.
@@ -176,6 +192,7 @@ impl Default for AttributeMapping {
             modality_paths: Vec::new(),
             model_header: "x-tollgate-model".to_string(),
             settle: Settle::Always,
+            on_upstream_error: OnUpstreamError::ChargeReported,
         }
     }
 }

@@ -22,6 +22,7 @@ impl Reader<'_> {
                 "modality_paths",
                 "model_header",
                 "settle",
+                "on_upstream_error",
             ],
         )?;
         let mut m = AttributeMapping::default();
@@ -113,6 +114,21 @@ impl Reader<'_> {
                     ),
                     None => {}
                 },
+                "on_upstream_error" => {
+                    match self.string(value, "on_upstream_error").as_deref() {
+                        Some("charge_reported") => {
+                            m.on_upstream_error = OnUpstreamError::ChargeReported
+                        }
+                        Some("keep_estimate") => m.on_upstream_error = OnUpstreamError::KeepEstimate,
+                        Some(other) => self.error(
+                            value.pos,
+                            format!(
+                                "`on_upstream_error` is charge_reported or keep_estimate, found {other:?}"
+                            ),
+                        ),
+                        None => {}
+                    }
+                }
                 "model_header" => {
                     if let Some(h) = self.string(value, "model_header") {
                         m.model_header = h.to_ascii_lowercase();
