@@ -1,14 +1,47 @@
-//! Drives `Check` over gRPC at a fixed concurrency and prints requests per
+//! Drives tollgate over gRPC at a fixed concurrency and prints requests per
 //! second and latency percentiles.
 //!
 //! cargo run --release --example loadgen -- --target http://127.0.0.1:50051 \
-//!     --concurrency 64 --connections 4 --seconds 10
+//!     --concurrency 64 --connections 4 --seconds 10 [--mode native]
+//!
+//! Modes, all against the scenario in `policy.yaml`, each request matching
+//! the same four rules (its key, its team, the premium family, production):
+//! - `native` (the default): `Check` on tollgate's own API.
+//! - `ext-authz`: Envoy's `Authorization/Check`, one unary call shaped as
+//!   Envoy sends it (lower-cased headers with `:path` and `:method`, the
+//!   body in `raw_body`, a distinct `http.id`). The team and environment
+//!   are route attributes, in `context_extensions`.
+//! - `ext-proc`: the request phase of Envoy's `ExternalProcessor/Process`:
+//!   one stream per request, `request_headers`, its reply, `request_body`,
+//!   its reply, then the half-close, read to the end of the stream. The
+//!   team and environment are route attributes, in the stream's
+//!   `tollgate-route-*` initial metadata. A request counts as done, and
+//!   its latency ends, when the body's reply arrives.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{
+    attribute_context, AttributeContext, CheckRequest,
+};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Reply;
+use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders, ProcessingRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tollgate::proto::v1 as pb;
 use tollgate::proto::v1::tollgate_client::TollgateClient;
 use tonic::transport::Channel;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Native,
+    ExtAuthz,
+    ExtProc,
+}
 
 struct Args {
     target: String,
@@ -16,6 +49,7 @@ struct Args {
     connections: usize,
     seconds: u64,
     keys: usize,
+    mode: Mode,
 }
 
 fn args() -> Args {
@@ -25,6 +59,7 @@ fn args() -> Args {
         connections: 4,
         seconds: 10,
         keys: 1000,
+        mode: Mode::Native,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -40,6 +75,14 @@ fn args() -> Args {
             "--connections" => a.connections = n(),
             "--seconds" => a.seconds = n() as u64,
             "--keys" => a.keys = n(),
+            "--mode" => {
+                a.mode = match value.as_str() {
+                    "native" => Mode::Native,
+                    "ext-authz" => Mode::ExtAuthz,
+                    "ext-proc" => Mode::ExtProc,
+                    other => panic!("--mode is native, ext-authz or ext-proc, not {other}"),
+                }
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -64,6 +107,183 @@ fn request(i: usize, keys: usize) -> pb::CheckRequest {
     }
 }
 
+/// The body both Envoy modes send: a small OpenAI chat completion, whose
+/// model puts it in the premium family.
+const BODY: &str = r#"{"model":"gpt-5","messages":[{"role":"system","content":"You are a careful analyst. Answer briefly."},{"role":"user","content":"Summarise the attached quarterly report in three bullet points, with figures."}],"max_tokens":200,"temperature":0.2}"#;
+const PATH: &str = "/v1/chat/completions";
+
+/// The request headers as Envoy hands them over, names lower case.
+fn envoy_headers(i: usize, keys: usize, id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (":path", PATH.to_string()),
+        (":method", "POST".to_string()),
+        (":authority", "api.example.com".to_string()),
+        (":scheme", "https".to_string()),
+        ("authorization", format!("Bearer sk-load-{}", i % keys)),
+        ("content-type", "application/json".to_string()),
+        ("content-length", BODY.len().to_string()),
+        ("user-agent", "OpenAI/Python 1.99.0".to_string()),
+        ("x-request-id", id.to_string()),
+    ]
+}
+
+/// The route attributes: what the native mode sends as attributes besides
+/// the key and the model.
+fn route(i: usize) -> [(&'static str, String); 2] {
+    [
+        ("team", format!("team-{}", i % 10)),
+        ("environment", "production".to_string()),
+    ]
+}
+
+fn check_request(i: usize, keys: usize, id: String) -> CheckRequest {
+    let headers = envoy_headers(i, keys, &id)
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect::<HashMap<_, _>>();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    id,
+                    method: "POST".to_string(),
+                    path: PATH.to_string(),
+                    host: "api.example.com".to_string(),
+                    scheme: "https".to_string(),
+                    headers,
+                    raw_body: BODY.as_bytes().to_vec(),
+                    size: BODY.len() as i64,
+                    protocol: "HTTP/1.1".to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            context_extensions: route(i)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn processing(request: Msg) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(request),
+        ..Default::default()
+    }
+}
+
+enum Client {
+    Native(TollgateClient<Channel>),
+    ExtAuthz(AuthorizationClient<Channel>),
+    ExtProc(ExternalProcessorClient<Channel>),
+}
+
+impl Client {
+    fn new(mode: Mode, channel: Channel) -> Client {
+        match mode {
+            Mode::Native => Client::Native(TollgateClient::new(channel)),
+            Mode::ExtAuthz => Client::ExtAuthz(AuthorizationClient::new(channel)),
+            Mode::ExtProc => Client::ExtProc(ExternalProcessorClient::new(channel)),
+        }
+    }
+
+    /// Sends request `i` (Envoy's request id built by `id`, unique in the
+    /// run), and answers whether it was allowed, or the gRPC error, with
+    /// the time it was decided.
+    async fn one(
+        &mut self,
+        i: usize,
+        keys: usize,
+        id: impl FnOnce() -> String,
+    ) -> (Result<bool, tonic::Status>, Instant) {
+        let result = match self {
+            Client::Native(c) => c
+                .check(request(i, keys))
+                .await
+                .map(|r| r.get_ref().verdict() == pb::Verdict::Allow),
+            Client::ExtAuthz(c) => c
+                .check(check_request(i, keys, id()))
+                .await
+                .map(|r| r.get_ref().status.as_ref().is_some_and(|s| s.code == 0)),
+            Client::ExtProc(c) => {
+                let id = id();
+                let (result, decided) = ext_proc_request_phase(c, i, keys, &id).await;
+                return (result, decided);
+            }
+        };
+        (result, Instant::now())
+    }
+}
+
+/// One request phase on a stream of its own: headers, then body, each
+/// waiting for its reply. The stream is then half-closed and read to its
+/// end, so that the server ends it and nothing is reset. Answers when the
+/// body's reply arrived.
+async fn ext_proc_request_phase(
+    client: &mut ExternalProcessorClient<Channel>,
+    i: usize,
+    keys: usize,
+    id: &str,
+) -> (Result<bool, tonic::Status>, Instant) {
+    let (tx, rx) = mpsc::channel(2);
+    let headers = HttpHeaders {
+        headers: Some(HeaderMap {
+            headers: envoy_headers(i, keys, id)
+                .into_iter()
+                .map(|(k, v)| HeaderValue {
+                    key: k.to_string(),
+                    raw_value: v.into_bytes(),
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+        end_of_stream: false,
+        ..Default::default()
+    };
+    let ended = || tonic::Status::unavailable("the stream ended early");
+    // The channel has room: the headers wait there until the call starts.
+    let _ = tx.try_send(processing(Msg::RequestHeaders(headers)));
+    let mut call = tonic::Request::new(ReceiverStream::new(rx));
+    for (attr, value) in route(i) {
+        let key = format!("tollgate-route-{attr}");
+        let key = tonic::metadata::MetadataKey::from_bytes(key.as_bytes()).expect("metadata key");
+        call.metadata_mut()
+            .insert(key, value.parse().expect("metadata value"));
+    }
+    let phase = async {
+        let mut inbound = client.process(call).await?.into_inner();
+        let reply = inbound.message().await?.ok_or_else(ended)?;
+        if !matches!(reply.response, Some(Reply::RequestHeaders(_))) {
+            return Ok((false, inbound));
+        }
+        let body = HttpBody {
+            body: BODY.as_bytes().to_vec(),
+            end_of_stream: true,
+            ..Default::default()
+        };
+        tx.send(processing(Msg::RequestBody(body)))
+            .await
+            .map_err(|_| ended())?;
+        let reply = inbound.message().await?.ok_or_else(ended)?;
+        Ok((
+            matches!(reply.response, Some(Reply::RequestBody(_))),
+            inbound,
+        ))
+    };
+    let result = phase.await;
+    let decided = Instant::now();
+    drop(tx);
+    match result {
+        Ok((allowed, mut inbound)) => {
+            while let Ok(Some(_)) = inbound.message().await {}
+            (Ok(allowed), decided)
+        }
+        Err(e) => (Err(e), decided),
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let a = args();
@@ -76,30 +296,41 @@ async fn main() {
             .expect("connect to target");
         channels.push(ch);
     }
+    // Request ids unique to this run: a repeated id would be a replay.
+    let run = format!("{:x}", std::process::id());
     // Warm up connections and caches.
-    let mut warm = TollgateClient::new(channels[0].clone());
+    let mut warm = Client::new(a.mode, channels[0].clone());
     for i in 0..200 {
-        warm.check(request(i, a.keys)).await.expect("warm-up check");
+        let (result, _) = warm.one(i, a.keys, || format!("{run}-warm-{i}")).await;
+        let allowed = result.expect("warm-up request");
+        // The native warm-up, as before, asks only that the call succeed.
+        assert!(
+            allowed || a.mode == Mode::Native,
+            "warm-up request {i} was not allowed"
+        );
     }
 
     let until = Instant::now() + Duration::from_secs(a.seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..a.concurrency {
-        let mut client = TollgateClient::new(channels[t % channels.len()].clone());
+        let mut client = Client::new(a.mode, channels[t % channels.len()].clone());
         let keys = a.keys;
+        let run = run.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(100_000);
             let mut errors = 0u64;
             let mut i = t * 7919;
+            let mut n = 0u64;
             while Instant::now() < until {
                 i += 1;
+                n += 1;
                 let sent = Instant::now();
-                match client.check(request(i, keys)).await {
-                    Ok(r) if r.get_ref().verdict() == pb::Verdict::Allow => {}
-                    _ => errors += 1,
+                let (result, decided) = client.one(i, keys, || format!("{run}-{t}-{n}")).await;
+                if !matches!(result, Ok(true)) {
+                    errors += 1;
                 }
-                latencies.push(sent.elapsed());
+                latencies.push(decided - sent);
             }
             (latencies, errors)
         }));
