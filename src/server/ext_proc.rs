@@ -870,10 +870,12 @@ fn rewritten_body(body: &[u8], decision: &Decision, path: &str) -> Option<Rewrit
         .model
         .as_deref()
         .filter(|_| decision.verdict == Verdict::Downgrade && !path.contains("/models/"));
+    // Most calls need no rewrite; a call that might stream is parsed only
+    // when its body mentions `stream` at all.
     let openai_stream = matches!(
         Api::from_path(path),
         Some(Api::OpenAiChat | Api::OpenAiCompletions)
-    );
+    ) && body.windows(8).any(|w| w == b"\"stream\"");
     if body.is_empty() || (downgrade.is_none() && !openai_stream) {
         return None;
     }
