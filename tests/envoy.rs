@@ -7,12 +7,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
-    HttpRequest, Request as AttrRequest,
-};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tokio::net::TcpListener;
 use tollgate_core::gate::{Gate, GateConfig, SystemClock};
 use tollgate_core::store::MemoryStore;
@@ -95,29 +92,7 @@ fn envoy_request(
         .entry("x-request-id".to_string())
         .or_insert_with(|| format!("{:x}", rand_id()))
         .clone();
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(AttrRequest {
-                http: Some(HttpRequest {
-                    id,
-                    method: "POST".to_string(),
-                    path: path.to_string(),
-                    host: "api.example.com".to_string(),
-                    headers: all,
-                    raw_body: body.as_bytes().to_vec(),
-                    size: body.len() as i64,
-                    protocol: "HTTP/1.1".to_string(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            context_extensions: context
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }),
-    }
+    common::envoy_authz::check_request(id, path, all, body, context)
 }
 
 fn rand_id() -> u128 {

@@ -686,8 +686,6 @@ fn authz_request(
     body: &str,
     context: &[(&str, &str)],
 ) -> envoy_types::pb::envoy::service::auth::v3::CheckRequest {
-    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
-    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
     let mut all: std::collections::HashMap<String, String> = headers
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -700,29 +698,7 @@ fn authz_request(
         "x-request-id".into(),
         format!("authz-{}", std::process::id()),
     );
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(Request {
-                http: Some(HttpRequest {
-                    id: all["x-request-id"].clone(),
-                    method: "POST".into(),
-                    path: path.into(),
-                    host: "api.example.com".into(),
-                    headers: all,
-                    raw_body: body.as_bytes().to_vec(),
-                    size: body.len() as i64,
-                    protocol: "HTTP/1.1".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            context_extensions: context
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }),
-    }
+    common::envoy_authz::check_request(all["x-request-id"].clone(), path, all, body, context)
 }
 
 /// The headers a denial carries, whoever sends it, without what Envoy

@@ -14,12 +14,10 @@ use std::sync::{Arc, Mutex};
 use common::nginx::{nginx, upstream_stub, Nginx};
 use common::{free_port, policy_dir, TollgateProcess};
 use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
-use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
-    HttpRequest, Request as AttrRequest,
-};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
-use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest, CheckResponse};
+use envoy_types::pb::envoy::service::auth::v3::{CheckRequest, CheckResponse};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 
@@ -126,29 +124,7 @@ fn envoy_request(
     all.insert(":path".to_string(), path.to_string());
     all.insert(":method".to_string(), "POST".to_string());
     all.insert(":authority".to_string(), "api.example.com".to_string());
-    CheckRequest {
-        attributes: Some(AttributeContext {
-            request: Some(AttrRequest {
-                http: Some(HttpRequest {
-                    id: format!("envoy-{:x}", rand_id()),
-                    method: "POST".to_string(),
-                    path: path.to_string(),
-                    host: "api.example.com".to_string(),
-                    headers: all,
-                    raw_body: body.as_bytes().to_vec(),
-                    size: body.len() as i64,
-                    protocol: "HTTP/1.1".to_string(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            context_extensions: context
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            ..Default::default()
-        }),
-    }
+    common::envoy_authz::check_request(format!("envoy-{:x}", rand_id()), path, all, body, context)
 }
 
 fn http_mut(req: &mut CheckRequest) -> &mut HttpRequest {

@@ -21,8 +21,8 @@ use crate::policy::{
     Attr, CompiledPolicy, Enforcement, OnExceed, OnOverrun, StoreFailure, Unit, UnknownKeys,
 };
 use crate::store::{
-    Candidate, CounterKind, CounterRef, CounterStore, Grant, ReserveRequest, SettleOutcome,
-    StoreError,
+    Candidate, CounterKind, CounterRef, CounterStore, Grant, Reservation, ReserveRequest,
+    SettleOutcome, StoreError,
 };
 
 pub use crate::clock::{Clock, ManualClock, SystemClock};
@@ -376,12 +376,21 @@ impl Gate {
         actual: &ActualUsage,
         served: Option<&str>,
     ) -> Result<SettleOutcome, GateError> {
-        let now = self.clock.now();
-        let unknown = || GateError::UnknownReservation(reservation_id.to_string());
-        let reservation = self
-            .bounded(self.store.reservation(reservation_id, now))
-            .await?
-            .ok_or_else(unknown)?;
+        self.settle_with(reservation_id, |reservation| {
+            self.amounts_used(policy, reservation_id, reservation, actual, served)
+        })
+        .await
+    }
+
+    /// What each op of `reservation` comes to at the usage `actual`.
+    fn amounts_used(
+        &self,
+        policy: &CompiledPolicy,
+        reservation_id: &str,
+        reservation: &Reservation,
+        actual: &ActualUsage,
+        served: Option<&str>,
+    ) -> Vec<i64> {
         let usage = Usage {
             input_tokens: actual.input_tokens,
             cached_input_tokens: actual.cached_input_tokens,
@@ -407,7 +416,7 @@ impl Gate {
             _ => decided,
         };
         let price = model.and_then(|m| policy.price(m));
-        let amounts: Vec<i64> = reservation
+        reservation
             .ops
             .iter()
             .map(|op| match op.unit {
@@ -419,7 +428,23 @@ impl Gate {
                     op.amount
                 }),
             })
-            .collect();
+            .collect()
+    }
+
+    /// Settles a reservation at the amounts `amounts` works out from it:
+    /// the one path every settle, release and keep takes to the store.
+    async fn settle_with(
+        &self,
+        reservation_id: &str,
+        amounts: impl FnOnce(&Reservation) -> Vec<i64>,
+    ) -> Result<SettleOutcome, GateError> {
+        let now = self.clock.now();
+        let unknown = || GateError::UnknownReservation(reservation_id.to_string());
+        let reservation = self
+            .bounded(self.store.reservation(reservation_id, now))
+            .await?
+            .ok_or_else(unknown)?;
+        let amounts = amounts(&reservation);
         match self
             .bounded(self.store.settle(reservation_id, &amounts, now))
             .await?
@@ -549,29 +574,14 @@ impl Gate {
     }
 
     async fn close(&self, reservation_id: &str, keep: bool) -> Result<SettleOutcome, GateError> {
-        let now = self.clock.now();
-        let unknown = || GateError::UnknownReservation(reservation_id.to_string());
-        let reservation = self
-            .bounded(self.store.reservation(reservation_id, now))
-            .await?
-            .ok_or_else(unknown)?;
-        let amounts: Vec<i64> = reservation
-            .ops
-            .iter()
-            .map(|op| if keep { op.amount } else { 0 })
-            .collect();
-        match self
-            .bounded(self.store.settle(reservation_id, &amounts, now))
-            .await?
-        {
-            SettleOutcome::Unknown => Err(unknown()),
-            outcome => {
-                if outcome == SettleOutcome::Settled {
-                    self.observer.settled(reservation.expires_at);
-                }
-                Ok(outcome)
-            }
-        }
+        self.settle_with(reservation_id, |reservation| {
+            reservation
+                .ops
+                .iter()
+                .map(|op| if keep { op.amount } else { 0 })
+                .collect()
+        })
+        .await
     }
 
     /// The counters that apply to these attributes, read without charging.

@@ -1,5 +1,6 @@
 #![allow(dead_code)]
 
+pub mod envoy_authz;
 pub mod envoy_ext_proc;
 pub mod nginx;
 
