@@ -10,64 +10,15 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::envoy_ext_proc::{
-    durable_redis, Exchange, FakeEnvoy, Forwarded, Headers, HttpRequest, Outcome, Step,
-    UpstreamResponse,
+    durable_redis, start, used, wait_used, Exchange, FakeEnvoy, Forwarded, Headers, HttpRequest,
+    Outcome, Step, UpstreamResponse,
 };
-use common::{policy_dir, RedisServer, TollgateProcess};
+use common::RedisServer;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Reply;
 
 /// How long a settle (off the response path) may take to show.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(5);
-
-/// A server on `policy`, with the fake Envoy connected to it.
-async fn start(policy: &str, extra: &[&str]) -> (TollgateProcess, FakeEnvoy, tempfile::TempDir) {
-    let dir = policy_dir(&[("p.yaml", policy)]);
-    let mut args = vec!["--policies", dir.path().to_str().unwrap()];
-    args.extend_from_slice(extra);
-    let tollgate = TollgateProcess::start(&args);
-    let envoy = FakeEnvoy::connect(tollgate.endpoint()).await;
-    (tollgate, envoy, dir)
-}
-
-/// `used` of `rule`'s counter(s), summed, from `/v1/usage`; `None` when
-/// the server cannot say (the store is down) or tracks none yet.
-async fn used(http_port: u16, rule: &str) -> Option<u64> {
-    let rule = rule.to_string();
-    tokio::task::spawn_blocking(move || {
-        let (code, body) = common::http_get(http_port, "/v1/usage").ok()?;
-        if code != 200 {
-            return None;
-        }
-        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let rows: Vec<u64> = json["counters"]
-            .as_array()?
-            .iter()
-            .filter(|c| c["rule"] == rule.as_str())
-            .filter_map(|c| c["used"].as_str()?.parse().ok())
-            .collect();
-        (!rows.is_empty()).then(|| rows.iter().sum())
-    })
-    .await
-    .unwrap()
-}
-
-/// Waits until `rule`'s counter reads `want`; panics with the last value
-/// seen after `within`.
-async fn wait_used(http_port: u16, rule: &str, want: u64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let now = used(http_port, rule).await;
-        if now == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{rule}: used is {now:?} after {within:?}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn chat_body(max_tokens: u32, stream: bool) -> String {
     let mut body = serde_json::json!({

@@ -10,10 +10,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::envoy_ext_proc::{Exchange, FakeEnvoy, HttpRequest, Outcome, Step, UpstreamResponse};
-use common::{policy_dir, TollgateProcess};
+use common::envoy_ext_proc::{
+    start, used, wait_used, Exchange, FakeEnvoy, HttpRequest, Outcome, Step, UpstreamResponse,
+};
 
 /// How long a settle (off the response path) may take to show.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(5);
@@ -28,13 +29,6 @@ const CONTENT_CHUNKS: usize = 30;
 /// What the first reservation covers: the requests' `max_tokens`.
 const MAX_TOKENS: u64 = 100;
 
-async fn start(policy: &str) -> (TollgateProcess, FakeEnvoy, tempfile::TempDir) {
-    let dir = policy_dir(&[("p.yaml", policy)]);
-    let tollgate = TollgateProcess::start(&["--policies", dir.path().to_str().unwrap()]);
-    let envoy = FakeEnvoy::connect(tollgate.endpoint()).await;
-    (tollgate, envoy, dir)
-}
-
 fn budget(limit: u64, on_overrun: Option<&str>) -> String {
     let on_overrun = on_overrun
         .map(|v| format!("    on_overrun: {v}\n"))
@@ -46,42 +40,6 @@ rules:
     limit: {{ output_tokens: {limit}, window: daily }}
 {on_overrun}"
     )
-}
-
-/// `used` of `rule`'s counter, from `/v1/usage`.
-async fn used(http_port: u16, rule: &str) -> Option<u64> {
-    let rule = rule.to_string();
-    tokio::task::spawn_blocking(move || {
-        let (code, body) = common::http_get(http_port, "/v1/usage").ok()?;
-        if code != 200 {
-            return None;
-        }
-        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let rows: Vec<u64> = json["counters"]
-            .as_array()?
-            .iter()
-            .filter(|c| c["rule"] == rule.as_str())
-            .filter_map(|c| c["used"].as_str()?.parse().ok())
-            .collect();
-        (!rows.is_empty()).then(|| rows.iter().sum())
-    })
-    .await
-    .unwrap()
-}
-
-async fn wait_used(http_port: u16, rule: &str, want: u64, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        let now = used(http_port, rule).await;
-        if now == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{rule}: used is {now:?} after {within:?}, expected {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// 80 characters of generated text, different per chunk.
@@ -286,7 +244,7 @@ async fn settle_down() {
 /// reaches the client, and the net charge is the usage reported.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_answer_within_budget_is_topped_up_and_charged_what_it_used() {
-    let (tollgate, envoy, _dir) = start(&budget(10_000, Some("cut"))).await;
+    let (tollgate, envoy, _dir) = start(&budget(10_000, Some("cut")), &[]).await;
     let port = tollgate.http_port;
     for answer in [openai_long(true), anthropic_long()] {
         let before = used(port, "output-daily").await.unwrap_or(0);
@@ -345,7 +303,7 @@ async fn cut_streams() -> Vec<(Format, Vec<u8>)> {
         (Format::Anthropic, anthropic_long()),
     ] {
         // A server of its own for each: a fresh budget.
-        let (tollgate, envoy, _dir) = start(&budget(150, Some("cut"))).await;
+        let (tollgate, envoy, _dir) = start(&budget(150, Some("cut")), &[]).await;
         let port = tollgate.http_port;
         let framing = answer.framing;
         let (x, upstream) = play(&envoy, answer, settle_down()).await;
@@ -407,7 +365,7 @@ async fn on_overrun_cut_ends_the_stream_with_an_error_event_then_resets_it() {
 /// documented trade-off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_overrun_finish_lets_the_stream_end_and_charges_what_it_used() {
-    let (tollgate, envoy, _dir) = start(&budget(150, None)).await;
+    let (tollgate, envoy, _dir) = start(&budget(150, None), &[]).await;
     let port = tollgate.http_port;
     let (x, upstream) = play(&envoy, openai_long(true), settle_down()).await;
     let (status, _, body) = x.response();

@@ -1363,3 +1363,55 @@ pub fn durable_redis(port: u16, dir: &std::path::Path) -> super::RedisServer {
     server.wait_ready();
     server
 }
+
+/// A server on `policy`, with the fake Envoy connected to it.
+pub async fn start(
+    policy: &str,
+    extra: &[&str],
+) -> (super::TollgateProcess, FakeEnvoy, tempfile::TempDir) {
+    let dir = super::policy_dir(&[("p.yaml", policy)]);
+    let mut args = vec!["--policies", dir.path().to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let tollgate = super::TollgateProcess::start(&args);
+    let envoy = FakeEnvoy::connect(tollgate.endpoint()).await;
+    (tollgate, envoy, dir)
+}
+
+/// `used` of `rule`'s counter(s), summed, from `/v1/usage`; `None` when
+/// the server cannot say (the store is down) or tracks none yet.
+pub async fn used(http_port: u16, rule: &str) -> Option<u64> {
+    let rule = rule.to_string();
+    tokio::task::spawn_blocking(move || {
+        let (code, body) = super::http_get(http_port, "/v1/usage").ok()?;
+        if code != 200 {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let rows: Vec<u64> = json["counters"]
+            .as_array()?
+            .iter()
+            .filter(|c| c["rule"] == rule.as_str())
+            .filter_map(|c| c["used"].as_str()?.parse().ok())
+            .collect();
+        (!rows.is_empty()).then(|| rows.iter().sum())
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until `rule`'s counter reads `want`; panics with the last value
+/// seen after `within`.
+pub async fn wait_used(http_port: u16, rule: &str, want: u64, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let now = used(http_port, rule).await;
+        if now == Some(want) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{rule}: used is {now:?} after {within:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
