@@ -9,7 +9,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::Command;
 use std::time::Duration;
 
 use common::envoy_ext_proc::{
@@ -477,42 +476,9 @@ except Exception as e:
 print(json.dumps(out))
 "#;
 
-/// The SDK venv's interpreter; the test fails, never skips, without it.
-fn venv_python() -> std::path::PathBuf {
-    let python = std::path::PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/target/sdk-venv/bin/python"
-    ));
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test-deps",
-        python.display()
-    );
-    python
-}
-
 fn run_sdk(kind: &str, port: u16) -> serde_json::Value {
-    let mut cmd = Command::new(venv_python());
+    let mut cmd = common::sdk::python();
     cmd.args(["-c", SDK_SCRIPT, kind, &format!("http://127.0.0.1:{port}")]);
-    for var in [
-        "OPENAI_BASE_URL",
-        "OPENAI_API_KEY",
-        "OPENAI_ORG_ID",
-        "OPENAI_PROJECT_ID",
-        "ANTHROPIC_BASE_URL",
-        "ANTHROPIC_API_KEY",
-        "ANTHROPIC_AUTH_TOKEN",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost");
     let out = cmd.output().expect("run the SDK venv's python");
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -529,7 +495,8 @@ fn run_sdk(kind: &str, port: u16) -> serde_json::Value {
 /// streamed before the cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_sdks_raise_the_cut_error_event() {
-    venv_python();
+    // Fails at once, before any server starts, if the SDKs are missing.
+    common::sdk::python();
     for (format, bytes) in cut_streams().await {
         let port = replay_server(bytes);
         let kind = match format {

@@ -8,8 +8,7 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -246,49 +245,15 @@ fn response(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Response {
     r
 }
 
-/// The SDK venv's interpreter; the test fails, never skips, without it.
-fn venv_python() -> PathBuf {
-    let python = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/target/sdk-venv/bin/python"
-    ));
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/test-deps",
-        python.display()
-    );
-    python
-}
-
 /// Starts tests/sdk/client.py: `calls` SDK calls in turn with `action` as
 /// the action id.
 fn start_sdk(sdk: Sdk, base_url: &str, action: &str, calls: u32) -> Child {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/client.py");
-    let mut cmd = Command::new(venv_python());
+    let mut cmd = common::sdk::python();
     cmd.arg(script)
         .args([sdk.name(), base_url, action, &calls.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // Nothing from this machine's environment may point the SDKs elsewhere.
-    for var in [
-        "OPENAI_BASE_URL",
-        "OPENAI_API_KEY",
-        "OPENAI_ORG_ID",
-        "OPENAI_PROJECT_ID",
-        "ANTHROPIC_BASE_URL",
-        "ANTHROPIC_API_KEY",
-        "ANTHROPIC_AUTH_TOKEN",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("NO_PROXY", "127.0.0.1,localhost")
-        .env("no_proxy", "127.0.0.1,localhost");
     cmd.spawn()
         .unwrap_or_else(|e| panic!("start the SDK script: {e}; run scripts/test-deps"))
 }

@@ -3,6 +3,7 @@
 pub mod envoy_authz;
 pub mod envoy_ext_proc;
 pub mod nginx;
+pub mod sdk;
 
 use std::sync::Arc;
 
