@@ -198,14 +198,24 @@ impl Default for AttributeMapping {
 }
 
 impl AttributeMapping {
-    /// The header a client sets an attribute with.
-    pub fn client_header(attr: &Attr) -> String {
-        match attr {
-            Attr::Action => "x-tollgate-action-id".to_string(),
-            Attr::AttemptKind => "x-tollgate-attempt".to_string(),
-            Attr::Label(name) => format!("x-tollgate-label-{name}"),
-            other => format!("x-tollgate-{}", other.name().replace('_', "-")),
-        }
+    /// The header a client sets an attribute with. Read for every
+    /// request, so the well-known names are not built each time.
+    pub fn client_header(attr: &Attr) -> std::borrow::Cow<'static, str> {
+        use std::borrow::Cow;
+        Cow::Borrowed(match attr {
+            Attr::Key => "x-tollgate-key",
+            Attr::Team => "x-tollgate-team",
+            Attr::Workflow => "x-tollgate-workflow",
+            Attr::Environment => "x-tollgate-environment",
+            Attr::Model => "x-tollgate-model",
+            Attr::ModelFamily => "x-tollgate-model-family",
+            Attr::Modality => "x-tollgate-modality",
+            Attr::Customer => "x-tollgate-customer",
+            Attr::User => "x-tollgate-user",
+            Attr::Action => "x-tollgate-action-id",
+            Attr::AttemptKind => "x-tollgate-attempt",
+            Attr::Label(name) => return Cow::Owned(format!("x-tollgate-label-{name}")),
+        })
     }
 
     pub fn client_may_set(&self, attr: &Attr) -> bool {
