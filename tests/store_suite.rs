@@ -799,6 +799,169 @@ async fn a_settled_reservation_is_kept_only_to_recognise_a_repeat(
     assert_eq!((s[0].used_before, s[1].used_before), (30, 1), "{name}");
 }
 
+/// Alert crossings as a sink receives them: (rule, threshold) each time.
+#[derive(Debug, Default)]
+struct Fired(std::sync::Mutex<Vec<(String, u32)>>);
+
+impl tollgate_core::gate::AlertSink for Fired {
+    fn send(
+        &self,
+        _policy: &tollgate_core::policy::CompiledPolicy,
+        crossings: &[tollgate_core::engine::decide::AlertCrossing],
+        _now: i64,
+    ) {
+        let mut fired = self.0.lock().unwrap();
+        fired.extend(crossings.iter().map(|c| (c.rule.clone(), c.threshold)));
+    }
+}
+
+const ALERTING_BUDGET: &str = "
+rules:
+  - id: tokens-daily
+    match: { team: '*' }
+    limit: { tokens: 1000, window: daily }
+    alerts: [50, 80]
+";
+
+fn team() -> Attributes {
+    Attributes {
+        team: Some("growth".to_string()),
+        ..Default::default()
+    }
+}
+
+/// Reserve past a threshold, settle back below it, again and again, on two
+/// replicas: each threshold fires once in the window, at the first
+/// decision that reaches it, and again only in the next window.
+async fn an_alert_fires_once_per_threshold_and_window_across_refunds_and_replicas(
+    Backend { name, store }: Backend,
+) {
+    let clock = Arc::new(ManualClock::new(at(2026, 11, 21, 12, 0)));
+    let fired = Arc::new(Fired::default());
+    let replicas: Vec<_> = (0..2)
+        .map(|_| {
+            gate_with(policy(ALERTING_BUDGET), store.clone(), clock.clone())
+                .with_alerts(fired.clone())
+        })
+        .collect();
+    let input = |tokens: u64| CheckInput {
+        attributes: team(),
+        estimate: Estimate {
+            input_tokens: Some(tokens),
+            output_tokens: Some(0),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let settled = |tokens: u64| tollgate_core::gate::ActualUsage {
+        input_tokens: tokens,
+        ..Default::default()
+    };
+    let fifties = |fired: &Fired| {
+        let f = fired.0.lock().unwrap();
+        (
+            f.iter().filter(|(_, t)| *t == 50).count(),
+            f.iter().filter(|(_, t)| *t == 80).count(),
+        )
+    };
+    // Each call reserves 600 (past 50%), then settles at 40 (back below).
+    for round in 0..4 {
+        let gate = &replicas[round % 2];
+        let d = gate.check(input(600)).await.expect("decision");
+        assert_eq!(d.verdict, Verdict::Allow, "{name}: round {round}");
+        let id = d.reservation_id.expect("reserved");
+        gate.settle(&id, &settled(40)).await.expect("settle");
+    }
+    assert_eq!(
+        fifties(&fired),
+        (1, 0),
+        "{name}: 50% fired once over four reserve-refund cycles on two replicas"
+    );
+    // Real usage now 160; usage creeping past 80% fires 80% once, on
+    // whichever replica first finds it there.
+    for round in 0..10 {
+        let gate = &replicas[round % 2];
+        let d = gate.check(input(80)).await.expect("decision");
+        gate.settle(&d.reservation_id.expect("reserved"), &settled(80))
+            .await
+            .expect("settle");
+    }
+    assert_eq!(fifties(&fired), (1, 1), "{name}: 80% once, 50% still once");
+    // Concurrent decisions on both replicas past a threshold already fired.
+    let mut tasks = Vec::new();
+    for gate in replicas {
+        let gate = Arc::new(gate);
+        for _ in 0..4 {
+            let gate = gate.clone();
+            tasks.push(tokio::spawn(async move {
+                gate.check(CheckInput {
+                    attributes: team(),
+                    estimate: Estimate {
+                        input_tokens: Some(1),
+                        output_tokens: Some(0),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+                .await
+                .expect("decision")
+                .alerts
+                .len()
+            }));
+        }
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 0, "{name}: no decision reports a fired alert again");
+    }
+    assert_eq!(fifties(&fired), (1, 1), "{name}");
+    // The next window is a new counter: its thresholds fire again, once.
+    clock.set(at(2026, 11, 22, 0, 5));
+    let next = gate_with(policy(ALERTING_BUDGET), store.clone(), clock.clone())
+        .with_alerts(fired.clone());
+    for _ in 0..3 {
+        let d = next.check(input(600)).await.expect("decision");
+        next.settle(&d.reservation_id.expect("reserved"), &settled(40))
+            .await
+            .expect("settle");
+    }
+    assert_eq!(fifties(&fired), (2, 1), "{name}: a new window fires 50% once more");
+}
+
+/// A reservation taken back after its decision was lost gives back every
+/// counter and slot, and its request id no longer replays it.
+async fn a_withdrawn_reservation_refunds_and_forgets_its_request_id(
+    Backend { name, store }: Backend,
+) {
+    let mut gauge = op("slots", 1, 1);
+    gauge.kind = CounterKind::Gauge;
+    gauge.unit = tollgate_core::policy::Unit::Concurrent;
+    let mut req = request(vec![op("tok", 30, 100), gauge], "w1", 1_000);
+    req.request_id = Some("call-1".to_string());
+    let first = store.reserve(&req).await.unwrap();
+    assert!(first.applied.is_some(), "{name}");
+    let id = first.reservation_id.clone().unwrap();
+    assert_eq!(
+        store.withdraw(&id, Some("call-1"), 1_100).await.unwrap(),
+        SettleOutcome::Settled,
+        "{name}"
+    );
+    let s = store.read(&refs(&["tok"]), 1_200).await.unwrap();
+    assert_eq!(s[0].used_before, 0, "{name}: refunded");
+    // The retry is decided afresh, and charged once.
+    let mut retry = request(vec![op("tok", 30, 100), op("slots2", 1, 1)], "w2", 1_300);
+    retry.request_id = Some("call-1".to_string());
+    let again = store.reserve(&retry).await.unwrap();
+    assert!(!again.replayed, "{name}: a withdrawn request id must not replay");
+    assert!(again.applied.is_some(), "{name}");
+    let s = store.read(&refs(&["tok"]), 1_400).await.unwrap();
+    assert_eq!(s[0].used_before, 30, "{name}: charged once");
+    assert_eq!(
+        store.withdraw(&id, Some("other"), 1_500).await.unwrap(),
+        SettleOutcome::AlreadySettled,
+        "{name}: a second withdraw changes nothing"
+    );
+}
+
 backend_matrix!(
     reserve_is_all_or_nothing_under_contention,
     reserve_across_scopes_leaves_no_partial_charge,
@@ -814,4 +977,6 @@ backend_matrix!(
     a_decision_across_scopes_reads_every_grant,
     logs_keep_entries_in_order,
     a_settled_reservation_is_kept_only_to_recognise_a_repeat,
+    an_alert_fires_once_per_threshold_and_window_across_refunds_and_replicas,
+    a_withdrawn_reservation_refunds_and_forgets_its_request_id,
 );

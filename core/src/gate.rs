@@ -13,7 +13,7 @@ use arc_swap::ArcSwap;
 use rust_decimal::Decimal;
 
 use crate::engine::charge::{counter_amount, from_counter, to_counter, Usage};
-use crate::engine::decide::{self, empty_store_outcome};
+use crate::engine::decide::{self, empty_store_outcome, AlertCrossing};
 use crate::engine::request::{apply_key, fill_from_client, hash_key, Source};
 use crate::engine::window::Millis;
 use crate::engine::{Attributes, CounterReport, Decision, Estimate, RequestError};
@@ -21,18 +21,22 @@ use crate::policy::{
     Attr, CompiledPolicy, Enforcement, OnExceed, OnOverrun, StoreFailure, Unit, UnknownKeys,
 };
 use crate::store::{
-    Candidate, CounterKind, CounterRef, CounterStore, Grant, Reservation, ReserveRequest,
-    SettleOutcome, StoreError,
+    Candidate, CounterKind, CounterRef, CounterStore, Grant, Reservation, ReserveOutcome,
+    ReserveRequest, SettleOutcome, StoreError,
 };
 
 pub use crate::clock::{Clock, ManualClock, SystemClock};
 
+mod fired;
 mod observe;
+mod reserving;
 mod scopes;
 mod unknown_keys;
 
 pub use observe::{AlertSink, DecisionReport, Observer, Unobserved};
 
+use fired::FiredMarkers;
+use reserving::{Fate, Reserving};
 use unknown_keys::UnknownKeyBucket;
 
 /// The append-only log of every approval and revocation.
@@ -160,6 +164,7 @@ pub struct Gate {
     alerts: Option<Arc<dyn AlertSink>>,
     observer: Arc<dyn Observer>,
     unknown_keys: UnknownKeyBucket,
+    fired: FiredMarkers,
 }
 
 impl Gate {
@@ -177,6 +182,7 @@ impl Gate {
             alerts: None,
             observer: Arc::new(Unobserved),
             unknown_keys: UnknownKeyBucket::default(),
+            fired: FiredMarkers::default(),
         }
     }
 
@@ -306,7 +312,7 @@ impl Gate {
         if plan.is_free() {
             return Ok(with_action(Decision::allow_unmetered()));
         }
-        let request = ReserveRequest {
+        let request = Arc::new(ReserveRequest {
             now,
             candidates: plan.candidates.clone(),
             reservation_id: new_reservation_id(),
@@ -316,15 +322,19 @@ impl Gate {
                 self.config.reservation_ttl.as_millis() as Millis
             },
             request_id: replay_id,
-        };
-        match self.bounded(self.store.reserve(&request)).await {
+        });
+        let (result, reserving) = self.reserve(&request).await;
+        match result {
             Ok(outcome) => {
-                let decision = decide::decide(policy, plan, &outcome, now);
+                reserving.map(|r| r.resolve(Fate::Kept));
+                let mut decision = decide::decide(policy, plan, &outcome, now);
                 // A replay repeats a decision whose alerts already went out.
-                if let (Some(sink), false) = (&self.alerts, outcome.replayed) {
-                    if !decision.alerts.is_empty() {
-                        sink.send(policy, &decision.alerts, now);
-                    }
+                decision.alerts = match outcome.replayed {
+                    true => Vec::new(),
+                    false => self.fire_once(std::mem::take(&mut decision.alerts), now).await,
+                };
+                if let (Some(sink), false) = (&self.alerts, decision.alerts.is_empty()) {
+                    sink.send(policy, &decision.alerts, now);
                 }
                 Ok(with_action(decision))
             }
@@ -333,11 +343,65 @@ impl Gate {
                     .iter()
                     .all(|c| policy.rules()[c.rule].on_store_error == StoreFailure::FailOpen);
                 if all_fail_open {
+                    reserving.map(|r| r.resolve(Fate::ChargedAsEstimated));
                     tracing::warn!(error = %e, "counter store failed; allowing because every matched rule fails open");
                     Ok(with_action(decide::fail_open()))
                 } else {
+                    // Dropped, `reserving` takes back whatever the late
+                    // reserve makes.
                     Err(e.into())
                 }
+            }
+        }
+    }
+
+    /// Reserves within the store timeout. On a store that can stall, the
+    /// reserve runs to its end whatever happens here, and the returned
+    /// handle must be told what became of it; see [`reserving`].
+    async fn reserve(
+        &self,
+        request: &Arc<ReserveRequest>,
+    ) -> (Result<ReserveOutcome, StoreError>, Option<Reserving>) {
+        if !self.store.can_stall() {
+            return (self.bounded(self.store.reserve(request)).await, None);
+        }
+        let mut reserving = Reserving::start(
+            self.store.clone(),
+            self.clock.clone(),
+            self.observer.clone(),
+            request.clone(),
+        );
+        let result = self.bounded(reserving.outcome()).await;
+        (result, Some(reserving))
+    }
+
+    /// The crossings that fire now: each threshold once per counter and
+    /// window, across every replica, whatever the counter does in between.
+    /// A marker the store cannot set now is asked for again at the next
+    /// decision that reaches it, so the alert comes late rather than twice
+    /// or never.
+    async fn fire_once(&self, crossings: Vec<AlertCrossing>, now: Millis) -> Vec<AlertCrossing> {
+        if crossings.is_empty() {
+            return crossings;
+        }
+        let (crossings, markers): (Vec<_>, Vec<_>) =
+            self.fired.unknown(crossings, now).into_iter().unzip();
+        if markers.is_empty() {
+            return Vec::new();
+        }
+        match self.bounded(self.store.mark_alerts(&markers, now)).await {
+            Ok(ours) => {
+                self.fired.answered(&markers, now);
+                crossings
+                    .into_iter()
+                    .zip(ours)
+                    .filter_map(|(c, ours)| ours.then_some(c))
+                    .collect()
+            }
+            Err(e) => {
+                self.fired.unanswered(&markers);
+                tracing::warn!(error = %e, "could not set alert markers; the alerts fire at a later decision");
+                Vec::new()
             }
         }
     }
@@ -519,17 +583,21 @@ impl Gate {
         if ops.is_empty() {
             return Ok(TopUp::Unmetered);
         }
-        let request = ReserveRequest {
+        let request = Arc::new(ReserveRequest {
             now,
             candidates: vec![Candidate { model, ops }],
             reservation_id: new_reservation_id(),
             reservation_ttl: self.config.reservation_ttl.as_millis() as Millis,
             request_id: None,
-        };
-        let outcome = self.bounded(self.store.reserve(&request)).await?;
+        });
+        let (result, reserving) = self.reserve(&request).await;
+        let outcome = result?;
+        reserving.map(|r| r.resolve(Fate::Kept));
         if outcome.applied.is_some() {
             return Ok(TopUp::Reserved(
-                outcome.reservation_id.unwrap_or(request.reservation_id),
+                outcome
+                    .reservation_id
+                    .unwrap_or_else(|| request.reservation_id.clone()),
             ));
         }
         let ops = &request.candidates[0].ops;

@@ -33,6 +33,7 @@ pub mod names {
     pub const DECISION_DURATION: &str = "tollgate_decision_duration_seconds";
     pub const STORE_DURATION: &str = "tollgate_store_duration_seconds";
     pub const STORE_ERRORS: &str = "tollgate_store_errors_total";
+    pub const STORE_DISK_ERRORS: &str = "tollgate_store_disk_errors_total";
     pub const RESERVATIONS_IN_FLIGHT: &str = "tollgate_reservations_in_flight";
     pub const USAGE_USED: &str = "tollgate_usage_used";
     pub const USAGE_LIMIT: &str = "tollgate_usage_limit";
@@ -54,7 +55,10 @@ pub mod names {
     pub const CLIENT_ATTRIBUTES_IGNORED: &str = "tollgate_client_attributes_ignored_total";
     // Recorded by the ext_proc service and the settle it runs.
     pub const MODEL_MISMATCHES: &str = "tollgate_served_model_mismatches_total";
+    pub const WITHDRAWN: &str = "tollgate_reservations_withdrawn_total";
     pub const SETTLE_RETRIES: &str = "tollgate_settle_retries_total";
+    // Recorded by the TLS listeners' certificate reload.
+    pub const TLS_RELOADS: &str = "tollgate_tls_certificate_reloads_total";
 }
 
 /// Default cap on tracked (rule, scope) pairs.
@@ -103,12 +107,20 @@ fn describe() {
     );
     describe_counter!(names::STORE_ERRORS, "Counter-store failures by kind");
     describe_counter!(
+        names::STORE_DISK_ERRORS,
+        "Failed writes of the embedded store's data directory, by file (log, snapshot)"
+    );
+    describe_counter!(
         names::MODEL_MISMATCHES,
         "Settles that charged the model the upstream served, not the one decided on"
     );
     describe_counter!(
         names::SETTLE_RETRIES,
         "ext_proc settles retried after a counter-store fault"
+    );
+    describe_counter!(
+        names::TLS_RELOADS,
+        "TLS certificate changes seen on disk, by outcome (applied, rejected: the certificate in force kept serving)"
     );
     describe_counter!(
         names::CLIENT_ATTRIBUTES_IGNORED,
@@ -155,6 +167,10 @@ fn describe() {
     describe_counter!(
         names::APPROVALS,
         "Approvals and revocations recorded, by action"
+    );
+    describe_counter!(
+        names::WITHDRAWN,
+        "Reservations made by a store call that outlived its timeout or its caller, taken back: refunded (a refused call) or kept at their estimate with their slots freed (a call that failed open); failed: left to lapse charged"
     );
 }
 
@@ -245,6 +261,12 @@ fn render_policy(text: &mut String, s: &PolicyStatus) {
 
 /// The gate reports to telemetry: metrics for every decision and store
 /// call, the tracked scopes, reservations in flight, and the decision log.
+/// A failed write of the embedded store's data directory (`file` is `log`
+/// or `snapshot`); called from the store's writer thread.
+pub fn record_store_disk_error(file: &'static str) {
+    metrics::counter!(names::STORE_DISK_ERRORS, "file" => file).increment(1);
+}
+
 impl Observer for Telemetry {
     fn decided(&self, report: &DecisionReport<'_>) {
         record_decision(report.result, report.elapsed);
@@ -283,6 +305,15 @@ impl Observer for Telemetry {
 
     fn served_other_model(&self) {
         metrics::counter!(names::MODEL_MISMATCHES).increment(1);
+    }
+
+    fn withdrawn(&self, kept: bool) {
+        let outcome = if kept { "kept_estimate" } else { "refunded" };
+        metrics::counter!(names::WITHDRAWN, "outcome" => outcome).increment(1);
+    }
+
+    fn withdraw_failed(&self) {
+        metrics::counter!(names::WITHDRAWN, "outcome" => "failed").increment(1);
     }
 }
 

@@ -138,9 +138,13 @@ pub struct CounterReport {
     pub enforced: bool,
 }
 
-/// An alert threshold this request's reservation crossed.
+/// An alert threshold a counter has reached, with this request's
+/// reservation counted. The gate fires it once per counter and window (see
+/// [`AlertCrossing::marker`]), at the first decision that finds it reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AlertCrossing {
+    /// The counter's store key: what the threshold's marker is kept under.
+    pub counter: String,
     pub rule: String,
     pub scope: String,
     pub threshold: u32,
@@ -545,8 +549,9 @@ pub fn decide(
                     (Window::Rolling(secs), Some(end)) => Some(end - secs as i64 * 1000),
                     _ => None,
                 });
-                crossed(&rule.alerts, s.used_before, op.amount, op.limit).map(move |threshold| {
-                    AlertCrossing {
+                reached(&rule.alerts, s.used_before.saturating_add(op.amount), op.limit).map(
+                    move |threshold| AlertCrossing {
+                        counter: op.key.clone(),
                         rule: rule.id.clone(),
                         scope: c.scope.clone(),
                         threshold,
@@ -555,8 +560,8 @@ pub fn decide(
                         limit: from_counter(op.limit, op.unit),
                         window_start,
                         window_end,
-                    }
-                })
+                    },
+                )
             })
             .collect();
         sort_most_constrained(&mut reports);
@@ -750,19 +755,28 @@ fn store_disagreement() -> Decision {
     }
 }
 
-/// Thresholds (percent of `limit`) that usage passes going from `before`
-/// to `before + amount`: below before, at or above after.
-pub fn crossed(
-    thresholds: &[u32],
-    before: i64,
-    amount: i64,
-    limit: i64,
-) -> impl Iterator<Item = u32> + '_ {
-    let after = before.saturating_add(amount);
+/// Thresholds (percent of `limit`) that usage `used` has reached. Judged on
+/// the counter as the store holds it, this reservation's estimate
+/// included: the same figure the cap denies on, so a threshold warns of
+/// denials to come. A limit of zero has no thresholds.
+pub fn reached(thresholds: &[u32], used: i64, limit: i64) -> impl Iterator<Item = u32> + '_ {
     thresholds.iter().copied().filter(move |&t| {
-        let mark = i128::from(limit) * i128::from(t);
-        i128::from(before) * 100 < mark && i128::from(after) * 100 >= mark
+        limit > 0 && i128::from(used) * 100 >= i128::from(limit) * i128::from(t)
     })
+}
+
+impl AlertCrossing {
+    /// The marker that makes this threshold fire once per counter and
+    /// window. The counter key names a calendar window; the window's end
+    /// tells a rolling window's successive lives apart.
+    pub fn marker(&self) -> crate::store::AlertMarker {
+        let end = self.window_end.map_or("-".to_string(), |e| e.to_string());
+        crate::store::AlertMarker {
+            key: format!("{}|{}|{end}", self.counter, self.threshold),
+            expires_at: self.window_end,
+            token: String::new(),
+        }
+    }
 }
 
 fn sort_most_constrained(reports: &mut [CounterReport]) {

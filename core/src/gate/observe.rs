@@ -47,6 +47,12 @@ pub trait Observer: Send + Sync + fmt::Debug {
     fn settled(&self, _expires_at: Millis) {}
     /// An approval was granted or revoked (`approve`, `revoke`).
     fn approval(&self, _action: &str) {}
+    /// A reservation whose decision never reached its caller was taken
+    /// back (`kept`: its estimate stays charged, for a call that went ahead
+    /// failing open; otherwise refunded).
+    fn withdrawn(&self, _kept: bool) {}
+    /// Taking such a reservation back failed; it lapses charged.
+    fn withdraw_failed(&self) {}
     /// A settle found that the upstream ran another model than the one
     /// decided on, and charged the one it ran.
     fn served_other_model(&self) {}

@@ -429,7 +429,7 @@ pub struct Limit {
     pub window: Window,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Unit {
     Requests,
     InputTokens,

@@ -26,7 +26,7 @@ pub struct MemoryStore {
     max_counters: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 struct Inner {
     counters: HashMap<String, Counter>,
     reservations: HashMap<String, Reservation>,
@@ -37,10 +37,12 @@ struct Inner {
     /// stops counting at that moment exactly, as in Redis, not at the next
     /// sweep.
     lapses: BTreeSet<(Millis, String)>,
+    /// Alert markers set: who set each, and when it may go.
+    fired: HashMap<String, (String, Option<Millis>)>,
     next_sweep: Millis,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Counter {
     value: i64,
     expires_at: Option<Millis>,
@@ -136,6 +138,8 @@ impl Inner {
         self.reservations.retain(|_, r| r.expires_at > now);
         self.replays.retain(|_, (_, until)| *until > now);
         self.grants.retain(|_, g| g.active(now));
+        self.fired
+            .retain(|_, (_, until)| until.is_none_or(|t| t > now));
         self.next_sweep = now + SWEEP_EVERY;
     }
 
@@ -144,6 +148,42 @@ impl Inner {
         if let Some(c) = self.counters.get_mut(key).filter(|c| c.live(now)) {
             c.value = c.value.saturating_add(delta).max(0);
         }
+    }
+
+    /// Replaces each reserved amount with `actual[i]` (0 past its end) and
+    /// frees the reservation's slots, once.
+    fn settle(&mut self, id: &str, actual: &[i64], now: Millis) -> SettleOutcome {
+        self.lapse(now);
+        if now >= self.next_sweep {
+            self.sweep(now);
+        }
+        let Some(r) = self.reservations.get(id).filter(|r| r.expires_at > now) else {
+            return SettleOutcome::Unknown;
+        };
+        if r.settled {
+            return SettleOutcome::AlreadySettled;
+        }
+        let deltas: Vec<(String, i64)> = r
+            .ops
+            .iter()
+            .zip(actual.iter().copied().chain(std::iter::repeat(0)))
+            .map(|(op, actual)| {
+                let actual = if op.kind == CounterKind::Gauge {
+                    0
+                } else {
+                    actual
+                };
+                (op.key.clone(), actual - op.amount)
+            })
+            .collect();
+        for (key, delta) in deltas {
+            self.add(&key, delta, now);
+        }
+        if let Some(r) = self.reservations.get_mut(id) {
+            r.settled = true;
+            r.expires_at = r.expires_at.min(now + SETTLED_RETENTION);
+        }
+        SettleOutcome::Settled
     }
 
     fn new_keys(&self, ops: &[CounterOp], now: Millis) -> usize {
@@ -274,38 +314,45 @@ impl CounterStore for MemoryStore {
         actual: &[i64],
         now: Millis,
     ) -> Result<SettleOutcome, StoreError> {
+        Ok(self.lock().settle(id, actual, now))
+    }
+
+    async fn withdraw(
+        &self,
+        id: &str,
+        request_id: Option<&str>,
+        now: Millis,
+    ) -> Result<SettleOutcome, StoreError> {
         let mut inner = self.lock();
-        inner.lapse(now);
-        if now >= inner.next_sweep {
-            inner.sweep(now);
+        let outcome = inner.settle(id, &[], now);
+        if let Some(rid) = request_id {
+            inner.replays.remove(rid);
         }
-        let Some(r) = inner.reservations.get(id).filter(|r| r.expires_at > now) else {
-            return Ok(SettleOutcome::Unknown);
-        };
-        if r.settled {
-            return Ok(SettleOutcome::AlreadySettled);
-        }
-        let deltas: Vec<(String, i64)> = r
-            .ops
+        Ok(outcome)
+    }
+
+    async fn mark_alerts(
+        &self,
+        markers: &[AlertMarker],
+        now: Millis,
+    ) -> Result<Vec<bool>, StoreError> {
+        let mut inner = self.lock();
+        Ok(markers
             .iter()
-            .zip(actual.iter().copied().chain(std::iter::repeat(0)))
-            .map(|(op, actual)| {
-                let actual = if op.kind == CounterKind::Gauge {
-                    0
-                } else {
-                    actual
-                };
-                (op.key.clone(), actual - op.amount)
+            .map(|m| match inner.fired.get(&m.key) {
+                Some((token, until)) if until.is_none_or(|t| t > now) => *token == m.token,
+                _ => {
+                    inner
+                        .fired
+                        .insert(m.key.clone(), (m.token.clone(), m.expires_at));
+                    true
+                }
             })
-            .collect();
-        for (key, delta) in deltas {
-            inner.add(&key, delta, now);
-        }
-        if let Some(r) = inner.reservations.get_mut(id) {
-            r.settled = true;
-            r.expires_at = r.expires_at.min(now + SETTLED_RETENTION);
-        }
-        Ok(SettleOutcome::Settled)
+            .collect())
+    }
+
+    fn can_stall(&self) -> bool {
+        false
     }
 
     async fn read(
@@ -371,5 +418,39 @@ impl CounterStore for MemoryStore {
             .skip(entries.len().saturating_sub(limit))
             .cloned()
             .collect())
+    }
+}
+
+/// The whole state of a [`MemoryStore`] at one moment, for the durable
+/// store's snapshots (`store::durable`): every counter, reservation,
+/// request id, grant, log entry and alert marker, and when the next sweep
+/// is due, so that calls replayed on it are answered as they were.
+#[derive(Debug, Clone)]
+pub struct MemoryImage(Inner);
+
+impl MemoryImage {
+    pub fn to_json(&self) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(&self.0).map_err(|e| e.to_string())
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<MemoryImage, String> {
+        serde_json::from_slice(bytes)
+            .map(MemoryImage)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl MemoryStore {
+    /// A copy of the state as it stands, taken under the store's lock.
+    pub fn export(&self) -> MemoryImage {
+        MemoryImage(self.lock().clone())
+    }
+
+    /// A store that starts from `image`.
+    pub fn from_image(max_counters: usize, image: MemoryImage) -> MemoryStore {
+        MemoryStore {
+            inner: Mutex::new(image.0),
+            max_counters,
+        }
     }
 }

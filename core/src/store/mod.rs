@@ -17,7 +17,7 @@ use crate::clock::Millis;
 use crate::policy::Unit;
 
 pub use memory::MemoryStore;
-pub use redis::{RedisConfig, RedisStore};
+pub use redis::{LogBounds, RedisConfig, RedisStore};
 
 /// A counter to read for a usage report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,7 +28,7 @@ pub struct CounterRef {
 
 /// How a counter counts. The engine sets it once, from the rule; each
 /// store keeps every kind in its own way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum CounterKind {
     /// A total, in a calendar window or for ever.
     Plain,
@@ -154,7 +154,7 @@ pub struct ReserveRequest {
 }
 
 /// A counter as the store saw it, just before this request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct CounterState {
     pub used_before: i64,
     /// When the counter resets, if it does.
@@ -166,7 +166,7 @@ pub struct CounterState {
 
 /// An approval: it opens an `approval` gate for one rule and scope, and may
 /// add an extra amount to the rule's limit, until it expires.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Grant {
     pub rule: String,
     /// For people: `team=growth`, or `all`.
@@ -189,7 +189,7 @@ impl Grant {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReserveOutcome {
     /// The candidate that was applied, if any.
     pub applied: Option<usize>,
@@ -203,7 +203,7 @@ pub struct ReserveOutcome {
 }
 
 /// A reservation as kept by the store until settled or expired.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Reservation {
     pub model: Option<String>,
     pub ops: Vec<ReservedOp>,
@@ -211,7 +211,7 @@ pub struct Reservation {
     pub expires_at: Millis,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReservedOp {
     pub key: String,
     pub unit: Unit,
@@ -226,6 +226,21 @@ pub const SETTLED_RETENTION: Millis = 60_000;
 
 /// How long a request id is remembered for replays.
 pub const REPLAY_WINDOW: Millis = 60_000;
+
+/// A marker that an alert threshold fired for one counter in one window.
+/// Set at most once, atomically, whatever the counter does afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertMarker {
+    /// `<counter key>|<threshold>|<window end or ->`: the counter key
+    /// names the calendar window; the end tells rolling windows apart.
+    pub key: String,
+    /// When the marker may go: its window's end plus a grace, or never
+    /// for a lifetime counter (whose threshold can fire only once).
+    pub expires_at: Option<Millis>,
+    /// Who sets it. An attempt whose answer was lost (a timeout) is asked
+    /// again with the same token, and learns whether it was the one.
+    pub token: String,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleOutcome {
@@ -243,6 +258,11 @@ pub enum StoreError {
     Full(usize),
     #[error("counter store timed out after {0} ms")]
     Timeout(u64),
+    /// The store refuses writes because its memory is spent (Redis at
+    /// `maxmemory` with `noeviction`): nothing new can be reserved until
+    /// keys expire or it is given more memory.
+    #[error("counter store is out of memory; refusing writes: {0}")]
+    OutOfMemory(String),
 }
 
 impl StoreError {
@@ -250,7 +270,7 @@ impl StoreError {
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Unavailable(_) => "unavailable",
-            StoreError::Full(_) => "full",
+            StoreError::Full(_) | StoreError::OutOfMemory(_) => "full",
             StoreError::Timeout(_) => "timeout",
         }
     }
@@ -259,7 +279,7 @@ impl StoreError {
     pub fn code(&self) -> &'static str {
         match self {
             StoreError::Unavailable(_) => "store_unavailable",
-            StoreError::Full(_) => "store_full",
+            StoreError::Full(_) | StoreError::OutOfMemory(_) => "store_full",
             StoreError::Timeout(_) => "store_timeout",
         }
     }
@@ -281,6 +301,34 @@ pub trait CounterStore: Send + Sync + fmt::Debug + 'static {
         actual: &[i64],
         now: Millis,
     ) -> Result<SettleOutcome, StoreError>;
+
+    /// Takes back a reservation whose decision never reached its caller
+    /// (the call outlived the store timeout, or the caller went away): every
+    /// counter gives back its amount and its slot, once, and the request id
+    /// that made it is forgotten, so that a retry is decided afresh rather
+    /// than replayed onto a reservation that no longer counts.
+    async fn withdraw(
+        &self,
+        id: &str,
+        request_id: Option<&str>,
+        now: Millis,
+    ) -> Result<SettleOutcome, StoreError>;
+
+    /// Sets each marker that is not set yet; `true` where the marker is
+    /// this token's (set now, or by an earlier attempt with the same
+    /// token): its alert fires. `false` where another token holds it.
+    async fn mark_alerts(
+        &self,
+        markers: &[AlertMarker],
+        now: Millis,
+    ) -> Result<Vec<bool>, StoreError>;
+
+    /// Whether a call can outlive the store timeout (a store across a
+    /// network). The gate lets such a call run to its end in the
+    /// background, so that what it reserved can be taken back.
+    fn can_stall(&self) -> bool {
+        true
+    }
 
     /// Current values of counters, for reporting. Missing counters read 0.
     async fn read(

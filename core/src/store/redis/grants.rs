@@ -1,14 +1,27 @@
 //! Approval grants: the record in force (`g:` key, read by `reserve.lua`
 //! in the slot of the counters it opens) and the listing (`grants` hash).
+//!
+//! The listing is bounded: expired grants leave it whenever a grant is made
+//! or listed, at most `MAX_GRANTS` are in force at once, and the hash
+//! itself expires with the last grant in it.
 
 use super::codec::{decode_grant, decode_grant_in_force, encode_grant, encode_grant_in_force};
 use super::{RedisStore, CLEANUP_GRACE};
 use crate::store::*;
 
+/// Grants in force at once. Grants are made by people, so this is far
+/// above any real use; it bounds what a leaked admin token could write.
+pub const MAX_GRANTS: usize = 10_000;
+
 impl RedisStore {
     pub(super) async fn store_grant(&self, grant: &Grant, now: Millis) -> Result<(), StoreError> {
         let record = encode_grant(grant)
             .map_err(|e| StoreError::Unavailable(format!("cannot encode a grant: {e}")))?;
+        // Listing prunes what has expired, which also counts what is left.
+        let live = self.live_grants(now).await?;
+        if live.len() >= MAX_GRANTS && !live.iter().any(|g| g.key == grant.key) {
+            return Err(StoreError::Full(MAX_GRANTS));
+        }
         // The index first: a grant that is listed but not yet in force is
         // visible to the approver; one in force but unlisted would not be.
         self.query::<()>(
@@ -19,6 +32,14 @@ impl RedisStore {
         )
         .await?;
         let ttl = (grant.expires_at - now).max(1) + CLEANUP_GRACE;
+        // The listing lives as long as its longest grant.
+        let index_ttl: i64 = self
+            .query(::redis::cmd("PTTL").arg(self.grant_index_key()))
+            .await?;
+        if index_ttl < ttl {
+            self.query::<()>(::redis::cmd("PEXPIRE").arg(self.grant_index_key()).arg(ttl))
+                .await?;
+        }
         let in_force = self
             .query::<()>(
                 ::redis::cmd("SET")

@@ -7,12 +7,17 @@
 //! - `q:{..}<hash>`: a request id's outcome, for replays.
 //! - `g:{<scope>}<rule>|<scope>`: an approval grant in force, in the slot
 //!   of the counters it opens.
-//! - `grants`: a hash listing every grant's full record.
+//! - `a:{<scope>}<counter>|<threshold>|<window end>`: an alert marker, set
+//!   once when its threshold fires, living until its window ends.
+//! - `grants`: a hash listing every grant's full record, pruned of expired
+//!   grants, capped at `MAX_GRANTS`, expiring with its longest grant.
 //! - `log:<name>`: an append-only stream (the approvals audit trail, the
-//!   alert feed), capped at about `MAX_LOG_ENTRIES` entries.
+//!   alert feed), capped at about `LogBounds::max_entries` entries and
+//!   deleted `LogBounds::retention` after its last entry.
 //!
-//! Every one of the first four carries a TTL, so counters of removed rules
-//! and old windows disappear by themselves. The `{..}` part is the hash tag
+//! Every key carries a TTL or a cap, so counters of removed rules and old
+//! windows disappear by themselves; only the counters and markers of
+//! lifetime rules live for ever, one per rule and scope. The `{..}` part is the hash tag
 //! that picks a cluster slot.
 
 use std::collections::BTreeMap;
@@ -39,6 +44,12 @@ impl RedisStore {
         format!("{}grants", self.prefix)
     }
 
+    /// An alert marker (`<counter key>|<threshold>|<end>`), in its
+    /// counter's slot.
+    pub(super) fn alert_marker_key(&self, marker: &str) -> String {
+        format!("{}a:{{{}}}{marker}", self.prefix, slot_tag(marker))
+    }
+
     pub(super) fn log_key(&self, log: &str) -> String {
         format!("{}log:{log}", self.prefix)
     }
@@ -57,6 +68,22 @@ impl RedisStore {
             .map(|r| hex(&Sha256::digest(r.as_bytes())[..16]))
             .unwrap_or_default();
         format!("{}q:{{{tag}}}{hash}", self.prefix)
+    }
+}
+
+impl RedisStore {
+    /// The replay key a reserve that made reservation `id` wrote: in the
+    /// reservation's slot, or for one across slots, in the request id's own.
+    pub(super) fn replay_key_of(&self, id: &str, request_id: &str) -> String {
+        let tag = if !self.cluster() {
+            String::new()
+        } else {
+            match id.split_once('.') {
+                Some((_, tag)) => tag.to_string(),
+                None => format!("q{request_id}"),
+            }
+        };
+        self.replay_key(&tag, Some(request_id))
     }
 }
 

@@ -1,23 +1,30 @@
 //! Append-only logs (the approvals audit trail, the alert feed) as Redis
-//! streams, trimmed to about `MAX_LOG_ENTRIES` entries each.
+//! streams, each trimmed to about [`RedisConfig::log_max_entries`] entries
+//! and gone once nothing was appended for [`RedisConfig::log_retention`].
 
-use super::{RedisStore, MAX_LOG_ENTRIES};
+use super::RedisStore;
 use crate::store::StoreError;
 
 impl RedisStore {
     pub(super) async fn append_entry(&self, log: &str, entry: &str) -> Result<(), StoreError> {
+        let key = self.log_key(log);
         self.query::<String>(
             ::redis::cmd("XADD")
-                .arg(self.log_key(log))
+                .arg(&key)
                 .arg("MAXLEN")
                 .arg("~")
-                .arg(MAX_LOG_ENTRIES)
+                .arg(self.logs.max_entries)
                 .arg("*")
                 .arg("entry")
                 .arg(entry),
         )
+        .await?;
+        self.query::<()>(
+            ::redis::cmd("PEXPIRE")
+                .arg(&key)
+                .arg(self.logs.retention.as_millis() as u64),
+        )
         .await
-        .map(|_| ())
     }
 
     pub(super) async fn last_entries(

@@ -18,8 +18,8 @@
 //! [`CounterStore`] calls; `keys` is the key layout, `reserve` the
 //! single-slot reserve, `cross_slot` the reserve across slots with its
 //! undo, `settle` settling and reading counters, `codec` every record's
-//! text form, `grants` the approval grants and `logs` the append-only
-//! streams. Each script sits beside them, its KEYS and ARGV documented at
+//! text form, `grants` the approval grants, `markers` the alert markers
+//! and `logs` the append-only streams. Each script sits beside them, its KEYS and ARGV documented at
 //! its top.
 
 mod codec;
@@ -27,6 +27,7 @@ mod cross_slot;
 mod grants;
 mod keys;
 mod logs;
+mod markers;
 mod reserve;
 mod settle;
 
@@ -50,8 +51,32 @@ const CLEANUP_GRACE: Millis = 60_000;
 /// [`SETTLED_RETENTION`], plus the grace.
 const SETTLED_KEY_LIFETIME: Millis = SETTLED_RETENTION + CLEANUP_GRACE;
 
-/// Entries kept per append-only log stream (trimmed approximately).
+/// Entries kept per append-only log stream (trimmed approximately), by
+/// default.
 pub const MAX_LOG_ENTRIES: usize = 1_000_000;
+
+/// How long a log stream is kept after its last entry, by default.
+pub const LOG_RETENTION: Duration = Duration::from_secs(400 * 86_400);
+
+pub use grants::MAX_GRANTS;
+
+/// How the append-only log streams are bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogBounds {
+    /// Entries kept per stream, about (older ones are trimmed first).
+    pub max_entries: usize,
+    /// A stream with nothing appended for this long is deleted.
+    pub retention: Duration,
+}
+
+impl Default for LogBounds {
+    fn default() -> Self {
+        LogBounds {
+            max_entries: MAX_LOG_ENTRIES,
+            retention: LOG_RETENTION,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -69,6 +94,7 @@ pub struct RedisConfig {
     /// A PEM file of the CA that signed Redis's TLS certificate, for a
     /// private CA; without it, `rediss://` trusts the public web roots.
     pub ca_file: Option<std::path::PathBuf>,
+    pub logs: LogBounds,
 }
 
 impl RedisConfig {
@@ -80,6 +106,7 @@ impl RedisConfig {
             connect_timeout: Duration::from_millis(500),
             connections: 1,
             ca_file: None,
+            logs: LogBounds::default(),
         }
     }
 }
@@ -95,6 +122,7 @@ enum Conn {
 pub struct RedisStore {
     conn: Conn,
     prefix: Arc<str>,
+    logs: LogBounds,
     reserve: Arc<Script>,
     settle: Arc<Script>,
     read: Arc<Script>,
@@ -117,6 +145,13 @@ impl fmt::Debug for RedisStore {
 }
 
 fn unavailable(e: ::redis::RedisError) -> StoreError {
+    // Redis at `maxmemory` under `noeviction` answers every write with OOM
+    // (a script, at its first write, before it has changed anything).
+    if e.code() == Some("OOM") {
+        return StoreError::OutOfMemory(format!(
+            "Redis reached its maxmemory and evicts nothing: {e}"
+        ));
+    }
     StoreError::Unavailable(e.to_string())
 }
 
@@ -193,6 +228,7 @@ impl RedisStore {
         Ok(RedisStore {
             conn,
             prefix: config.prefix.as_str().into(),
+            logs: config.logs,
             reserve: Arc::new(Script::new(include_str!("reserve.lua"))),
             settle: Arc::new(Script::new(concat!(
                 include_str!("move_counter.lua"),
@@ -280,6 +316,23 @@ impl CounterStore for RedisStore {
         now: Millis,
     ) -> Result<SettleOutcome, StoreError> {
         self.settle_reservation(id, actual, now).await
+    }
+
+    async fn withdraw(
+        &self,
+        id: &str,
+        request_id: Option<&str>,
+        now: Millis,
+    ) -> Result<SettleOutcome, StoreError> {
+        self.withdraw_reservation(id, request_id, now).await
+    }
+
+    async fn mark_alerts(
+        &self,
+        markers: &[AlertMarker],
+        now: Millis,
+    ) -> Result<Vec<bool>, StoreError> {
+        self.set_markers(markers, now).await
     }
 
     async fn read(

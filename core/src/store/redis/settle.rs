@@ -84,6 +84,22 @@ impl RedisStore {
         Ok(SettleOutcome::Settled)
     }
 
+    /// Settles at zero, then forgets the request id, whose record would
+    /// otherwise replay this reservation to a retry.
+    pub(super) async fn withdraw_reservation(
+        &self,
+        id: &str,
+        request_id: Option<&str>,
+        now: Millis,
+    ) -> Result<SettleOutcome, StoreError> {
+        let outcome = self.settle_reservation(id, &[], now).await?;
+        if let Some(request_id) = request_id {
+            self.query::<()>(::redis::cmd("DEL").arg(self.replay_key_of(id, request_id)))
+                .await?;
+        }
+        Ok(outcome)
+    }
+
     pub(super) async fn read_counters(
         &self,
         counters: &[CounterRef],
