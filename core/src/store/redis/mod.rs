@@ -56,7 +56,7 @@ const SETTLED_KEY_LIFETIME: Millis = SETTLED_RETENTION + CLEANUP_GRACE;
 pub const MAX_LOG_ENTRIES: usize = 1_000_000;
 
 /// How long a log stream is kept after its last entry, by default.
-pub const LOG_RETENTION: Duration = Duration::from_secs(400 * 86_400);
+pub const LOG_RETENTION: Duration = Duration::from_secs(366 * 86_400);
 
 pub use grants::MAX_GRANTS;
 
