@@ -221,3 +221,106 @@ fn each_threshold_reaches_the_webhook_once_across_replicas_despite_failures() {
     // (read before they stopped).
     assert_eq!(fired_total, 8.0);
 }
+
+/// Every call reserves more than it spends: reserving $0.0525 of a $0.10
+/// budget crosses 50%, and settling at $0.0035 falls back below it. Three
+/// such calls on two replicas sharing Redis fire the 50% alert once, in
+/// the responses and in the alert feed.
+#[test]
+fn reserve_and_refund_cycles_fire_a_threshold_once_across_replicas() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let redis = RedisServer::start();
+    let yaml = "
+pricing:
+  unpriced_models: reject
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
+notifiers:
+  - id: feed
+    redis_stream: { stream: alerts }
+rules:
+  - id: team-spend
+    match: { team: growth }
+    limit: { spend: 0.10, window: daily }
+    alerts: [50]
+    notify: [feed]
+";
+    let dir = policy_dir(&[("spend.yaml", yaml)]);
+    let url = redis.url();
+    let args = [
+        "--policies",
+        dir.path().to_str().unwrap(),
+        "--redis",
+        &url,
+        "--store-timeout-ms",
+        "2000",
+    ];
+    let servers = [TollgateProcess::start(&args), TollgateProcess::start(&args)];
+    let fired_in_responses = rt.block_on(async {
+        let mut clients = Vec::new();
+        for s in &servers {
+            let channel = Channel::from_shared(s.endpoint())
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            clients.push(TollgateClient::new(channel));
+        }
+        let mut fired = 0;
+        for i in 0..3 {
+            let client = &mut clients[i % 2];
+            let d = client
+                .check(pb::CheckRequest {
+                    attributes: Some(pb::Attributes {
+                        team: "growth".to_string(),
+                        model: "gpt-4o".to_string(),
+                        ..Default::default()
+                    }),
+                    // $0.0025 in, $0.05 out: $0.0525 reserved.
+                    estimate: Some(pb::Estimate {
+                        input_tokens: Some(1_000),
+                        output_tokens: Some(5_000),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .expect("check answered")
+                .into_inner();
+            assert_eq!(d.verdict, pb::Verdict::Allow as i32, "call {i}: {d:?}");
+            fired += d.alerts.len();
+            // $0.0025 in, $0.001 out: settled at $0.0035.
+            let settled = client
+                .settle(pb::SettleRequest {
+                    reservation_id: d.reservation_id.clone(),
+                    usage: Some(pb::ActualUsage {
+                        input_tokens: 1_000,
+                        output_tokens: 100,
+                        ..Default::default()
+                    }),
+                })
+                .await
+                .expect("settle answered")
+                .into_inner();
+            assert_eq!(settled.outcome, "settled");
+        }
+        fired
+    });
+    assert_eq!(fired_in_responses, 1, "50% fired once in the responses");
+    let [mut first, mut second] = servers;
+    first.signal_and_wait("TERM");
+    second.signal_and_wait("TERM");
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "XLEN", "tollgate:log:alerts"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "1",
+        "one entry in the alert feed"
+    );
+}
