@@ -508,3 +508,239 @@ fn health_and_usage_present_a_client_certificate_for_mutual_tls() {
     );
     assert_eq!(code, Some(2), "{err}");
 }
+
+/// A TLS connection to `port` trusting only `ca`, offering `alpn`.
+async fn tls_connect(
+    port: u16,
+    ca: &str,
+    alpn: &[u8],
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))
+}
+
+/// The leaf certificate a new connection to `port` is shown, as DER.
+async fn presented(port: u16, ca: &str, alpn: &[u8]) -> Result<Vec<u8>, String> {
+    let tls = tls_connect(port, ca, alpn).await?;
+    let (_, session) = tls.get_ref();
+    let certs = session.peer_certificates().ok_or("no certificate")?;
+    Ok(certs[0].to_vec())
+}
+
+fn der(pem: &Pem) -> Vec<u8> {
+    CertificateDer::from_pem_slice(pem.cert.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+/// `GET path` over TLS; the body.
+async fn https_get(port: u16, ca: &str, path: &str) -> Result<String, String> {
+    let mut tls = tls_connect(port, ca, b"http/1.1").await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    tls.read_to_end(&mut response)
+        .await
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&response).into_owned();
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// Polls every port until a new connection to each is shown `want`, up to
+/// `within`; how long that took.
+async fn until_presented(
+    ports: &[(u16, &[u8])],
+    ca: &str,
+    want: &Pem,
+    within: std::time::Duration,
+) -> Result<std::time::Duration, String> {
+    let started = std::time::Instant::now();
+    let want = der(want);
+    loop {
+        let mut seen = Vec::new();
+        for (port, alpn) in ports {
+            seen.push(presented(*port, ca, alpn).await);
+        }
+        if seen.iter().all(|s| s.as_ref() == Ok(&want)) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > within {
+            return Err(format!("after {within:?}: {seen:?}"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// Certificates are renewed on disk under a running server, as
+/// cert-manager or kubelet do (a new file renamed over the old) and as a
+/// person does (rewritten in place). Every TLS listener (gRPC, HTTP, the
+/// admin API's own) shows the new certificate to the next connection, with
+/// no restart; a pair that does not load (not a certificate, or a key that
+/// is not the certificate's) keeps the one in force serving, logged and
+/// counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_reloaded_when_their_files_change() {
+    use rcgen::ExtendedKeyUsagePurpose::ServerAuth;
+    let issuer = ca("reload CA");
+    let ca = issuer.pem();
+    let [a, b, c] = ["a", "b", "c"].map(|n| leaf(&issuer, &format!("tollgate {n}"), ServerAuth));
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, &a.cert).unwrap();
+    std::fs::write(&key, &a.key).unwrap();
+    let token = dir.path().join("admin-token");
+    std::fs::write(&token, ADMIN_TOKEN).unwrap();
+    let policies = policy_dir(&[("p.yaml", POLICY)]);
+    let admin_port = common::free_port();
+    let admin = format!("127.0.0.1:{admin_port}");
+    let mut tollgate = TollgateProcess::start(&[
+        "--policies",
+        policies.path().to_str().unwrap(),
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+        "--admin-token-file",
+        token.to_str().unwrap(),
+        "--admin-listen",
+        &admin,
+        // Only file events can explain a reload within the test.
+        "--rescan-every",
+        "1h",
+    ]);
+    let pid = tollgate.pid();
+    let ports: [(u16, &[u8]); 3] = [
+        (tollgate.port, b"h2"),
+        (tollgate.http_port, b"http/1.1"),
+        (admin_port, b"h2"),
+    ];
+    let bound = std::time::Duration::from_secs(5);
+    until_presented(&ports, &ca, &a, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+
+    // Not a certificate, then a certificate whose key is not the one on
+    // disk: both refused, and A keeps serving.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nnot one\n").unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    until_presented(&ports, &ca, &a, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    std::fs::write(&cert, &b.cert).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    until_presented(&ports, &ca, &a, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    let metrics = https_get(tollgate.http_port, &ca, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_tls_certificate_reloads_total{outcome=\"rejected\"} 2"),
+        "{metrics}"
+    );
+    let log = tollgate.log();
+    let refusals: Vec<&String> = log
+        .iter()
+        .filter(|l| l.contains("TLS certificate change refused"))
+        .collect();
+    assert_eq!(refusals.len(), 2, "{log:#?}");
+    assert!(refusals[1].contains("certificate and key"), "{refusals:?}");
+
+    // B written beside the files and renamed over them.
+    for (path, text) in [(&key, &b.key), (&cert, &b.cert)] {
+        let tmp = dir.path().join(".incoming");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    let renamed = until_presented(&ports, &ca, &b, bound).await.unwrap();
+
+    // C written into the same files.
+    std::fs::write(&cert, &c.cert).unwrap();
+    std::fs::write(&key, &c.key).unwrap();
+    let rewritten = until_presented(&ports, &ca, &c, bound).await.unwrap();
+
+    // A connection made now carries a real request on the new certificate.
+    let body = https_get(tollgate.http_port, &ca, "/readyz").await.unwrap();
+    assert!(body.contains("ready"), "{body}");
+    let metrics = https_get(tollgate.http_port, &ca, "/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_tls_certificate_reloads_total{outcome=\"applied\"} 2"),
+        "{metrics}"
+    );
+    assert!(tollgate.is_running(), "the server must not have restarted");
+    assert_eq!(tollgate.pid(), pid);
+    println!(
+        "new certificate served {renamed:?} after a rename, {rewritten:?} after an in-place write"
+    );
+}
+
+/// A Kubernetes Secret volume: `tls.crt` and `tls.key` are symlinks into
+/// `..data`, itself a symlink to a timestamped directory, and an update
+/// writes a new directory and renames a new `..data` link over the old.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_secret_update_reloads_the_certificate() {
+    use rcgen::ExtendedKeyUsagePurpose::ServerAuth;
+    use std::os::unix::fs::symlink;
+    let issuer = ca("secret CA");
+    let ca = issuer.pem();
+    let [a, b] = ["a", "b"].map(|n| leaf(&issuer, &format!("tollgate {n}"), ServerAuth));
+    let volume = tempfile::tempdir().unwrap();
+    let path = |name: &str| volume.path().join(name);
+    let version = |name: &str, pem: &Pem| {
+        std::fs::create_dir(path(name)).unwrap();
+        std::fs::write(path(name).join("tls.crt"), &pem.cert).unwrap();
+        std::fs::write(path(name).join("tls.key"), &pem.key).unwrap();
+    };
+    version("..2026_03_02_a", &a);
+    symlink("..2026_03_02_a", path("..data")).unwrap();
+    symlink("..data/tls.crt", path("tls.crt")).unwrap();
+    symlink("..data/tls.key", path("tls.key")).unwrap();
+    let policies = policy_dir(&[("p.yaml", POLICY)]);
+    let tollgate = TollgateProcess::start(&[
+        "--policies",
+        policies.path().to_str().unwrap(),
+        "--tls-cert",
+        path("tls.crt").to_str().unwrap(),
+        "--tls-key",
+        path("tls.key").to_str().unwrap(),
+        "--rescan-every",
+        "1h",
+    ]);
+    let ports: [(u16, &[u8]); 2] = [(tollgate.port, b"h2"), (tollgate.http_port, b"http/1.1")];
+    until_presented(&ports, &ca, &a, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+
+    version("..2026_03_02_b", &b);
+    symlink("..2026_03_02_b", path("..data_tmp")).unwrap();
+    std::fs::rename(path("..data_tmp"), path("..data")).unwrap();
+    std::fs::remove_dir_all(path("..2026_03_02_a")).unwrap();
+    let took = until_presented(&ports, &ca, &b, std::time::Duration::from_secs(5))
+        .await
+        .unwrap();
+    println!("new certificate served {took:?} after the Secret's ..data swap");
+}

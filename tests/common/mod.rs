@@ -171,7 +171,12 @@ pub struct TollgateProcess {
     child: std::process::Child,
     pub port: u16,
     pub http_port: u16,
+    /// The process's log lines so far (the first [`MAX_LOG_LINES`]).
+    log: Arc<std::sync::Mutex<Vec<String>>>,
 }
+
+/// Log lines a [`TollgateProcess`] keeps for [`TollgateProcess::log`].
+pub const MAX_LOG_LINES: usize = 10_000;
 
 impl TollgateProcess {
     /// Starts the binary with `args` on a free port and waits until it serves.
@@ -195,6 +200,8 @@ impl TollgateProcess {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             let mut sent = false;
             for line in std::io::BufReader::new(stderr)
@@ -205,6 +212,10 @@ impl TollgateProcess {
                     let _ = tx.send(());
                     sent = true;
                 }
+                let mut kept = kept.lock().unwrap();
+                if kept.len() < MAX_LOG_LINES {
+                    kept.push(line);
+                }
             }
         });
         rx.recv_timeout(std::time::Duration::from_secs(20))
@@ -213,7 +224,19 @@ impl TollgateProcess {
             child,
             port,
             http_port,
+            log,
         }
+    }
+
+    /// The log lines written so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Whether the process is still running (it has not exited or
+    /// restarted).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
     }
 
     /// The process id, to signal it.
@@ -671,4 +694,212 @@ impl SharedRedisCluster {
             .await
             .unwrap()
     }
+}
+
+impl RedisServer {
+    /// The server's process id, to signal it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (STOP, CONT, KILL...) to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {}", self.pid());
+    }
+
+    /// Runs `redis-cli` against this server; its standard output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli(self.port, args)
+    }
+}
+
+/// Runs `redis-cli -p port args...`; its standard output.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("redis-cli must be installed for these tests: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RedisCluster {
+    /// A cluster of three masters each with one replica, made with
+    /// `redis-cli --cluster create ... --cluster-replicas 1`, with
+    /// `cluster-node-timeout` at `node_timeout_ms` so that a replica takes
+    /// over soon after its master dies. Returns once every node reports
+    /// the cluster ok and every replica is in sync.
+    pub fn start_with_replicas(node_timeout_ms: u64) -> RedisCluster {
+        let timeout = node_timeout_ms.to_string();
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                RedisServer::start_with(
+                    free_port(),
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        &timeout,
+                    ],
+                )
+            })
+            .collect();
+        let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+        form_cluster_with_replicas(&ports, 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        for port in &ports {
+            loop {
+                let role = redis_cli(*port, &["info", "replication"]);
+                if role.contains("role:master") || role.contains("master_link_status:up") {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "replica on {port} did not sync: {role}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+        RedisCluster { nodes }
+    }
+
+    /// The node serving `slot` as master now, as `node` sees it.
+    pub fn master_of_slot(&self, slot: u16, node: usize) -> Option<u16> {
+        master_of_slot(self.nodes[node].port, slot)
+    }
+
+    /// Whether every node still running reports `cluster_state:ok`.
+    pub fn is_ok(&self) -> bool {
+        self.nodes
+            .iter()
+            .filter(|n| answers_ping(n.port))
+            .all(|n| redis_cli(n.port, &["cluster", "info"]).contains("cluster_state:ok"))
+    }
+}
+
+/// The port of the master serving `slot`, as the node on `port` sees it
+/// (`CLUSTER NODES`), if one not marked failed does.
+pub fn master_of_slot(port: u16, slot: u16) -> Option<u16> {
+    let nodes = redis_cli(port, &["cluster", "nodes"]);
+    nodes.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+            return None;
+        }
+        let serves = fields[8..].iter().any(|range| {
+            let mut ends = range.splitn(2, '-').map(|n| n.parse::<u16>());
+            match (ends.next(), ends.next()) {
+                (Some(Ok(lo)), Some(Ok(hi))) => (lo..=hi).contains(&slot),
+                (Some(Ok(one)), None) => one == slot,
+                _ => false,
+            }
+        });
+        let port = fields[1].split(['@', ':']).nth(1)?.parse().ok()?;
+        serves.then_some(port)
+    })
+}
+
+/// `redis-cli --cluster create` with `replicas` replicas per master, then
+/// waits until every node reports the cluster ok.
+fn form_cluster_with_replicas(ports: &[u16], replicas: u32) {
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let out = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+        .output()
+        .unwrap_or_else(|e| panic!("redis-cli must be installed for these tests: {e}"));
+    assert!(
+        out.status.success(),
+        "cluster create failed: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    for port in ports {
+        while !redis_cli(*port, &["cluster", "info"]).contains("cluster_state:ok") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cluster did not become ready"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+}
+
+/// An HTTP/1.1 answer: status, headers and body.
+pub struct HttpReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request to 127.0.0.1 over a fresh connection, with
+/// `headers` and `body`.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<HttpReply> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not HTTP: {text:?}")))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(HttpReply {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// The value of the Prometheus sample `series` (the name and labels as
+/// `/metrics` prints them, e.g. `x_total{kind="full"}`) on the plain HTTP
+/// port, or 0 when it is not there yet.
+pub fn metric(http_port: u16, series: &str) -> f64 {
+    let (_, body) = http_get(http_port, "/metrics").unwrap();
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
 }

@@ -39,6 +39,9 @@ pub(crate) struct App {
     pub(super) flush: FlushHooks,
     pub(super) store_probe_every: Duration,
     pub(super) drain_timeout: Duration,
+    /// What every TLS listener presents, watched for renewals.
+    pub(super) cert: Option<Arc<tls::ServerCert>>,
+    pub(super) rescan_every: Duration,
 }
 
 /// What the server listens on.
@@ -135,6 +138,8 @@ impl App {
             flush,
             store_probe_every: args.store_probe_every,
             drain_timeout: args.drain_timeout,
+            cert: tls.map(|t| t.cert),
+            rescan_every: args.rescan_every,
         })
     }
 }
@@ -183,7 +188,7 @@ async fn admin(
                     .or_else(|| tls.files.client_ca.clone()),
                 ..tls.files.clone()
             };
-            let config = tls::server_config(&files, tls::ALPN_H2_AND_HTTP1)
+            let config = tls::server_config(&files, &tls.cert, tls::ALPN_H2_AND_HTTP1)
                 .map_err(|e| format!("error: admin listener: {e}"))?;
             Some(config)
         }

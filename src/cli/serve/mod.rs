@@ -17,10 +17,12 @@ use super::runtime::{runtime, Threads};
 use app::App;
 pub(crate) use args::{LogFormat, ServeArgs};
 
-/// The certificate files and the server configurations made from them,
-/// one per listener (they differ in ALPN).
+/// The certificate files, the pair they hold (reloaded when they change)
+/// and the server configurations that present it, one per listener (they
+/// differ in ALPN).
 pub(crate) struct ListenerTls {
     files: TlsFiles,
+    cert: Arc<tls::ServerCert>,
     grpc: Arc<rustls::ServerConfig>,
     http: Arc<rustls::ServerConfig>,
 }
@@ -69,12 +71,14 @@ fn listener_tls(args: &ServeArgs) -> Result<Option<ListenerTls>, tls::TlsError> 
         key,
         client_ca: args.tls_client_ca.clone(),
     };
-    let grpc = tls::server_config(&files, tls::ALPN_H2);
-    let http = tls::server_config(&files, tls::ALPN_HTTP1);
+    let cert = tls::ServerCert::load(&files)?;
+    let grpc = tls::server_config(&files, &cert, tls::ALPN_H2);
+    let http = tls::server_config(&files, &cert, tls::ALPN_HTTP1);
     Ok(Some(ListenerTls {
         grpc: grpc?,
         http: http?,
         files,
+        cert,
     }))
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tollgate::reload::Reloader;
 use tollgate::server::health::{self, Readiness};
+use tollgate::server::tls;
 use tollgate::server::ListenerOptions;
 use tollgate::shutdown::{self, Shutdown};
 use tollgate::telemetry::Telemetry;
@@ -27,6 +28,13 @@ impl App {
     pub(crate) async fn run(self) -> ExitCode {
         if let Err(e) = self.reloader.spawn(self.shutdown.wait()) {
             tracing::warn!(error = %e, "cannot watch the policy directories; relying on the periodic rescan");
+        }
+        if let Some(cert) = &self.cert {
+            cert.spawn_watch(
+                tls::CERT_RELOAD_DEBOUNCE,
+                self.rescan_every,
+                self.shutdown.wait(),
+            );
         }
         health::spawn_probe(
             self.readiness.clone(),
