@@ -196,7 +196,12 @@ pub fn check_input(
     }
 
     let api_key = match req.header("authorization")? {
-        Some(v) if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") => {
+        // `get`, not `[..7]`: byte 7 may fall inside a character.
+        Some(v)
+            if v.len() > 7
+                && v.get(..7)
+                    .is_some_and(|p| p.eq_ignore_ascii_case("bearer ")) =>
+        {
             Some(v[7..].trim().to_string())
         }
         _ => req
