@@ -93,3 +93,28 @@ async fn an_authorization_cut_inside_a_character_is_not_a_panic() {
         response.http_response
     );
 }
+
+/// policy_limits, regress-flow-depth-255: flow collections nested past
+/// 255 on one line stopped the YAML scanner ("recursion limit
+/// exceeded") before the depth limit saw the 65th level, so the error
+/// did not name the limit the file broke.
+#[test]
+fn flow_nesting_past_the_scanner_limit_names_the_depth_limit() {
+    for depth in [65, 255, 256, 577, 100_000] {
+        for open in ["[", "{k: "] {
+            let text = format!("rules:\n  - id: r\n    match: {}x\n", open.repeat(depth));
+            let files = [tollgate_core::policy::SourceFile {
+                name: "p.yaml".to_string(),
+                text,
+            }];
+            let e = tollgate_core::policy::compile_sources(&files)
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("invalid YAML: nested more than 64 levels deep; flatten the structure"),
+                "{depth} x {open:?}: {e}"
+            );
+        }
+    }
+}

@@ -80,6 +80,10 @@ pub const MAX_DEPTH: usize = 64;
 /// that the tree of a file at the limit stays in the tens of megabytes.
 pub const MAX_NODES: usize = 200_000;
 
+fn too_deep() -> String {
+    format!("nested more than {MAX_DEPTH} levels deep; flatten the structure")
+}
+
 const NO_ANCHORS: &str = "YAML anchors and aliases are not accepted; write the value out";
 
 /// Parses one YAML document. An empty document yields `None`.
@@ -99,7 +103,12 @@ pub fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     loop {
         let (ev, mark) = parser.next_token().map_err(|e| SyntaxError {
             pos: Pos::from_marker(*e.marker()),
-            message: e.info().to_string(),
+            // The scanner reads ahead along a line, and stops at 255 open
+            // flow collections before the depth check sees the 65th.
+            message: match e.info() {
+                "recursion limit exceeded" => too_deep(),
+                info => info.to_string(),
+            },
         })?;
         if ev == Event::StreamEnd {
             break;
@@ -177,9 +186,7 @@ impl TreeBuilder<'_> {
             ));
         }
         if opens && self.stack.len() >= MAX_DEPTH {
-            return refuse(format!(
-                "nested more than {MAX_DEPTH} levels deep; flatten the structure"
-            ));
+            return refuse(too_deep());
         }
         Ok(())
     }
