@@ -118,3 +118,69 @@ fn flow_nesting_past_the_scanner_limit_names_the_depth_limit() {
         }
     }
 }
+
+/// settle_form, regress-tokens-over-counter-bound: a settle reporting
+/// more tokens than a counter may hold (2^52, what Lua counts exactly)
+/// was charged in full; it keeps the estimate, as usage that cannot be
+/// priced does.
+#[tokio::test]
+async fn a_settle_past_the_counter_bound_keeps_the_estimate() {
+    use tollgate::server::settle::SettleForm;
+    use tollgate_core::engine::charge::{counter_amount, Usage, MAX_COUNTER};
+    use tollgate_core::engine::Attributes;
+    use tollgate_core::gate::CheckInput;
+    use tollgate_core::policy::{Attr, Unit};
+    use tollgate_core::store::SettleOutcome;
+
+    let usage = Usage {
+        input_tokens: 184_467_440_737_095_616,
+        ..Default::default()
+    };
+    for unit in [Unit::InputTokens, Unit::Tokens] {
+        assert!(
+            counter_amount(unit, &usage, None, None).is_err(),
+            "{unit:?}"
+        );
+    }
+    let at_bound = Usage {
+        output_tokens: MAX_COUNTER as u64,
+        ..Default::default()
+    };
+    assert_eq!(
+        counter_amount(Unit::OutputTokens, &at_bound, None, None),
+        Ok(MAX_COUNTER)
+    );
+
+    let gate = gate();
+    let mut attributes = Attributes::default();
+    for (attr, value) in [
+        (Attr::Customer, "c-1"),
+        (Attr::Label("plan".to_string()), "free"),
+        (Attr::Environment, "staging"),
+        (Attr::Model, "gpt-4o"),
+    ] {
+        attributes.set(&attr, value.to_string());
+    }
+    let input = CheckInput {
+        attributes,
+        ..Default::default()
+    };
+    let decision = gate.check(input.clone()).await.unwrap();
+    let id = decision.reservation_id.clone().unwrap();
+    let estimated: Vec<_> = decision.counters.iter().map(|c| c.used).collect();
+
+    let form: SettleForm = serde_json::from_str(&format!(
+        r#"{{"reservation_id":"{id}","usage":{{"input_tokens":184467440737095616}}}}"#
+    ))
+    .unwrap();
+    let (id, actual) = form.checked().unwrap();
+    assert_eq!(gate.settle(&id, &actual).await, Ok(SettleOutcome::Settled));
+    let after = gate.check(input).await.unwrap();
+    for (c, before) in after.counters.iter().zip(&estimated) {
+        if c.unit == Unit::Tokens {
+            // The estimate kept, and this request's own estimate on top.
+            assert_eq!(c.used, before + before, "{c:?}");
+        }
+        assert!(c.used < rust_decimal::Decimal::from(MAX_COUNTER), "{c:?}");
+    }
+}

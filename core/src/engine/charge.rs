@@ -77,7 +77,12 @@ pub fn counter_amount(
     price: Option<&ModelPrice>,
     model: Option<&str>,
 ) -> Result<i64, RequestError> {
-    let whole = |n: u64| i64::try_from(n).map_err(|_| RequestError::too_large(unit));
+    let whole = |n: u64| {
+        i64::try_from(n)
+            .ok()
+            .filter(|v| *v <= MAX_COUNTER)
+            .ok_or_else(|| RequestError::too_large(unit))
+    };
     let seconds = |d: Decimal| to_counter(d, 1, unit);
     match unit {
         Unit::Requests | Unit::Concurrent => Ok(1),
