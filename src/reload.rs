@@ -184,7 +184,9 @@ impl Reloader {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if event.is_ok() {
+                // Reading a file is no change; this look's own reads
+                // would otherwise ask for the next look, forever.
+                if event.is_ok_and(|e| !is_read_event(&e.kind)) {
                     // A full channel already holds a pending "look again".
                     let _ = tx.try_send(());
                 }
@@ -206,12 +208,27 @@ impl Reloader {
                     }
                     _ = rescan.tick() => {}
                 }
+                // Watch what the directories resolve to before reading
+                // them, so that an edit made once the new set is in force
+                // lands where the watch already is.
+                watched.refresh(&mut watcher, &this.config.dirs);
                 let worker = this.clone();
                 let _ = tokio::task::spawn_blocking(move || worker.reload_now()).await;
-                watched.refresh(&mut watcher, &this.config.dirs);
             }
         }))
     }
+}
+
+/// Whether a watch event only says a file was opened or read, which a
+/// watch of a directory reports for every reader, the watcher included.
+pub fn is_read_event(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    matches!(
+        kind,
+        notify::EventKind::Access(
+            AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)
+        )
+    )
 }
 
 /// The paths watched: each policy directory (as resolved now) and its

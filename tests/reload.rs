@@ -459,3 +459,41 @@ async fn the_periodic_rescan_catches_what_no_event_reports() {
     std::fs::write(&target, policy(2)).unwrap();
     within_a_second("rescan", || cap_of(&gate) == "2").await;
 }
+
+/// Bytes a process has read so far (`rchar` in `/proc/<pid>/io`).
+fn bytes_read(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/<pid>/io (Linux)");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("rchar")
+}
+
+/// The watcher's own reads of the policy files are not edits: once an
+/// event has made it look, an idle server does not look again, and again,
+/// at every debounce.
+#[test]
+fn an_idle_server_does_not_read_its_policies_again_and_again() {
+    // Big enough that one more read of it shows.
+    let padding = format!("# {}\n", "x".repeat(64 * 1024));
+    // In a directory of its own, since the watch covers the parent too,
+    // and other tests write beside it in the shared temporary directory.
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("policies");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("p.yaml"), format!("{padding}{}", policy(5))).unwrap();
+    let tollgate = common::TollgateProcess::start(&[
+        "--policies",
+        dir.to_str().unwrap(),
+        "--rescan-every",
+        "1h",
+    ]);
+    // Something else changes beside the policies: one look, no more.
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(root.path().join("unrelated"), "x").unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let before = bytes_read(tollgate.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let read = bytes_read(tollgate.pid()) - before;
+    assert!(read < 64 * 1024, "read {read} bytes in 2 s while idle");
+}

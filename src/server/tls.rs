@@ -269,7 +269,7 @@ impl ServerCert {
     fn watch_dirs(&self, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // Reading the files (ours included) is no change.
-            if event.is_ok_and(|e| !is_read(&e.kind)) {
+            if event.is_ok_and(|e| !crate::reload::is_read_event(&e.kind)) {
                 let _ = tx.try_send(());
             }
         });
@@ -305,16 +305,6 @@ impl ResolvesServerCert for ServerCert {
 
 /// Counted by outcome: `applied` or `rejected`.
 const TLS_RELOADS: &str = crate::telemetry::names::TLS_RELOADS;
-
-fn is_read(kind: &notify::EventKind) -> bool {
-    use notify::event::{AccessKind, AccessMode};
-    matches!(
-        kind,
-        notify::EventKind::Access(
-            AccessKind::Open(_) | AccessKind::Read | AccessKind::Close(AccessMode::Read)
-        )
-    )
-}
 
 fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
     let read = |p: &Path| std::fs::read(p).map_err(|e| file_error(p, e));
