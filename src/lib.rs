@@ -15,6 +15,7 @@ pub mod proto;
 pub mod reload;
 pub mod server;
 pub mod shutdown;
+pub mod spend;
 pub mod status;
 pub mod telemetry;
 pub mod usage;

@@ -42,6 +42,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("reload", &["clock", "engine", "gate", "policy", "status"]),
     ("config", &["policy"]),
     ("usage", &["clock", "engine", "http_client"]),
+    ("spend", &["engine", "store"]),
     ("explain", &["clock", "engine", "gate", "policy", "store"]),
     ("admin_client", &["http_client"]),
     // The wire protocols.
@@ -56,6 +57,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "reload",
             "status",
             "store",
+            "spend",
             "telemetry",
             "usage",
         ],

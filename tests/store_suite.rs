@@ -305,6 +305,7 @@ fn request(ops: Vec<CounterOp>, id: &str, now: i64) -> ReserveRequest {
         reservation_id: id.to_string(),
         reservation_ttl: 60_000,
         request_id: None,
+        account: None,
     }
 }
 
@@ -962,6 +963,173 @@ async fn a_withdrawn_reservation_refunds_and_forgets_its_request_id(
     );
 }
 
+const PRICED: &str = "
+pricing:
+  unpriced_models: reject
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00, cached_input_per_mtok: 1.25 }
+    gpt-4o-mini: { input_per_mtok: 0.15, output_per_mtok: 0.60 }
+    claude-sonnet-4: { input_per_mtok: 3.00, output_per_mtok: 15.00 }
+  families:
+    openai: [\"gpt-*\"]
+rules:
+  - id: team-spend
+    match: { team: '*' }
+    per: [team]
+    limit: { spend: 1000, window: daily }
+";
+
+/// A mix of calls on two replicas sharing the store: three models, two
+/// teams, one call never settled, one day after midnight. The account
+/// equals, by every dimension, the sum of usage times price, exactly; the
+/// unsettled estimate is kept apart; the day it was decided on keeps it.
+async fn the_spend_account_adds_up_exactly_by_every_dimension(Backend { name, store }: Backend) {
+    use rust_decimal::Decimal;
+    use tollgate::spend::{report, SpendQuery};
+    use tollgate_core::gate::ActualUsage;
+    let day1 = at(2026, 12, 1, 23, 0);
+    let clock = Arc::new(ManualClock::new(day1));
+    let replicas: Vec<_> = (0..2)
+        .map(|_| gate_with(policy(PRICED), store.clone(), clock.clone()))
+        .collect();
+    let call = |team: &str, model: &str, input: u64, output: u64| CheckInput {
+        attributes: Attributes {
+            team: Some(team.to_string()),
+            model: Some(model.to_string()),
+            environment: Some("prod".to_string()),
+            ..Default::default()
+        },
+        estimate: Estimate {
+            input_tokens: Some(input),
+            output_tokens: Some(output),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    // (team, model, estimate out, actual in, cached, out, reasoning)
+    let calls: [(&str, &str, u64, u64, u64, u64, u64); 6] = [
+        ("growth", "gpt-4o", 4_000, 1_200, 200, 310, 0),
+        ("growth", "gpt-4o-mini", 4_000, 900, 0, 1_700, 400),
+        ("search", "gpt-4o", 2_000, 5_000, 1_000, 64, 0),
+        ("search", "claude-sonnet-4", 8_000, 12_345, 0, 6_789, 0),
+        ("growth", "claude-sonnet-4", 1_000, 33, 0, 7, 0),
+        ("search", "gpt-4o-mini", 500, 1, 0, 1, 0),
+    ];
+    let price = |model: &str| -> (Decimal, Decimal, Decimal) {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        match model {
+            "gpt-4o" => (d("2.50"), d("1.25"), d("10.00")),
+            "gpt-4o-mini" => (d("0.15"), d("0.15"), d("0.60")),
+            _ => (d("3.00"), d("3.00"), d("15.00")),
+        }
+    };
+    let mtok = Decimal::from(1_000_000);
+    let mut expected_by_model_team: std::collections::BTreeMap<(String, String), Decimal> =
+        Default::default();
+    for (i, (team, model, est_out, input, cached, output, reasoning)) in calls.iter().enumerate() {
+        let gate = &replicas[i % 2];
+        let d = gate.check(call(team, model, 100, *est_out)).await.expect("decision");
+        assert_eq!(d.verdict, Verdict::Allow, "{name}: {d:?}");
+        // The other replica settles it.
+        let other = &replicas[(i + 1) % 2];
+        other
+            .settle(
+                &d.reservation_id.expect("reserved"),
+                &ActualUsage {
+                    input_tokens: *input,
+                    cached_input_tokens: *cached,
+                    output_tokens: *output,
+                    reasoning_tokens: *reasoning,
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("settle");
+        let (pi, pc, po) = price(model);
+        let cost = (Decimal::from(input - cached) * pi + Decimal::from(*cached) * pc + Decimal::from(*output) * po) / mtok;
+        *expected_by_model_team.entry((model.to_string(), team.to_string())).or_default() += cost;
+    }
+    // Never settled: its estimate (100 in, 3,000 out of gpt-4o) stays apart.
+    let unsettled = replicas[0].check(call("growth", "gpt-4o", 100, 3_000)).await.expect("decision");
+    assert_eq!(unsettled.verdict, Verdict::Allow);
+    let estimate = (Decimal::from(100) * price("gpt-4o").0 + Decimal::from(3_000) * price("gpt-4o").2) / mtok;
+    // After midnight: decided on day 2, settled on day 2.
+    clock.set(at(2026, 12, 2, 0, 30));
+    let next_day = replicas[1].check(call("search", "gpt-4o", 10, 10)).await.expect("decision");
+    replicas[1]
+        .settle(&next_day.reservation_id.unwrap(), &ActualUsage { input_tokens: 10, output_tokens: 10, ..Default::default() })
+        .await
+        .unwrap();
+    for gate in &replicas {
+        gate.flush_spend().await.expect("flush");
+    }
+    let day = tollgate_core::store::spend::utc_day(day1);
+    let days = replicas[0].spend(day, day + 1).await.expect("read");
+    let q = |by: &str, w: &[&str], to_day: i64| SpendQuery {
+        to: to_day,
+        ..SpendQuery::parse("2026-12-01", "2026-12-01", by, &w.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    };
+    let by_mt = report(&days, &q("model,team", &[], day));
+    let got: std::collections::BTreeMap<(String, String), Decimal> = by_mt
+        .groups
+        .iter()
+        .map(|g| {
+            ((g.group["model"].clone(), g.group["team"].clone()), g.settled.spend_usd.parse::<Decimal>().unwrap())
+        })
+        .collect();
+    assert_eq!(got, expected_by_model_team, "{name}: settled spend by model and team, exact");
+    let total: Decimal = expected_by_model_team.values().sum();
+    assert_eq!(by_mt.total.settled.spend_usd.parse::<Decimal>().unwrap(), total, "{name}");
+    assert_eq!(by_mt.total.settled.requests, 6, "{name}");
+    assert_eq!(by_mt.total.settled.reasoning_tokens, 400, "{name}");
+    assert_eq!(by_mt.total.estimated.requests, 1, "{name}: the unsettled call, apart");
+    assert_eq!(by_mt.total.estimated.spend_usd.parse::<Decimal>().unwrap(), estimate, "{name}");
+    // Every dimension adds up to the same total.
+    for by in tollgate_core::store::spend::DIMENSIONS {
+        let r = report(&days, &q(by, &[], day));
+        let sum: Decimal = r.groups.iter().map(|g| g.settled.spend_usd.parse::<Decimal>().unwrap()).sum();
+        assert_eq!(sum, total, "{name}: by {by}");
+    }
+    // A filter keeps one team.
+    let growth = report(&days, &q("model", &["team=growth"], day));
+    let growth_total: Decimal = expected_by_model_team.iter().filter(|((_, t), _)| t == "growth").map(|(_, v)| *v).sum();
+    assert_eq!(growth.total.settled.spend_usd.parse::<Decimal>().unwrap(), growth_total, "{name}");
+    assert_eq!(growth.groups.len(), 3, "{name}: growth used three models");
+    let family = report(&days, &q("model_family", &[], day));
+    assert!(family.groups.iter().any(|g| g.group["model_family"] == "openai"), "{name}: {family:?}");
+    // Day two holds only the call after midnight.
+    let second = report(&days, &SpendQuery { from: day + 1, to: day + 1, ..q("", &[], day + 1) });
+    assert_eq!(second.total.settled.requests, 1, "{name}");
+    assert_eq!(second.total.settled.spend_usd, "0.000125", "{name}");
+}
+
+/// Past a day's row cap, new rows fold into `other`, and the report says
+/// how many did.
+async fn the_spend_account_folds_rows_past_its_cap(Backend { name, store }: Backend) {
+    use tollgate_core::store::{SpendBounds, SpendDelta, SpendDims, SpendEntry};
+    let bounds = SpendBounds { max_rows_per_day: 3, retention: 86_400_000 };
+    let delta = |team: &str| SpendDelta {
+        day: 20_000,
+        dims: SpendDims::new([Some("m"), None, Some(team), None, None, None, None, None]),
+        settled: true,
+        entry: SpendEntry { requests: 1, spend_pico: 1_000_000, ..Default::default() },
+    };
+    let deltas: Vec<SpendDelta> = (0..10).map(|i| delta(&format!("t{i}"))).collect();
+    store.record_spend("b1", &deltas, bounds, 20_000 * 86_400_000).await.unwrap();
+    // The same batch again (its answer was lost): not added twice.
+    store.record_spend("b1", &deltas, bounds, 20_000 * 86_400_000).await.unwrap();
+    store.record_spend("b2", &[delta("t0")], bounds, 20_000 * 86_400_000).await.unwrap();
+    let days = store.spend(20_000, 20_000).await.unwrap();
+    assert_eq!(days.len(), 1, "{name}");
+    let day = &days[0];
+    let requests: i64 = day.rows.iter().map(|r| r.settled.requests).sum();
+    assert_eq!(requests, 11, "{name}: every call counted once");
+    assert!(day.rows.len() <= 4, "{name}: {} rows", day.rows.len());
+    let other = day.rows.iter().find(|r| r.dims == SpendDims::other()).expect("an other row");
+    assert_eq!(other.settled.requests, 7, "{name}: t3 to t9");
+    assert_eq!(day.folded_rows, 7, "{name}");
+}
+
 backend_matrix!(
     reserve_is_all_or_nothing_under_contention,
     reserve_across_scopes_leaves_no_partial_charge,
@@ -979,4 +1147,6 @@ backend_matrix!(
     a_settled_reservation_is_kept_only_to_recognise_a_repeat,
     an_alert_fires_once_per_threshold_and_window_across_refunds_and_replicas,
     a_withdrawn_reservation_refunds_and_forgets_its_request_id,
+    the_spend_account_adds_up_exactly_by_every_dimension,
+    the_spend_account_folds_rows_past_its_cap,
 );

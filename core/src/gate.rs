@@ -22,12 +22,13 @@ use crate::policy::{
 };
 use crate::store::{
     Candidate, CounterKind, CounterRef, CounterStore, Grant, Reservation, ReserveOutcome,
-    ReserveRequest, SettleOutcome, StoreError,
+    ReserveRequest, SettleOutcome, SpendBounds, SpendDay, StoreError,
 };
 
 pub use crate::clock::{Clock, ManualClock, SystemClock};
 
 mod fired;
+mod ledger;
 mod observe;
 mod reserving;
 mod scopes;
@@ -36,6 +37,7 @@ mod unknown_keys;
 pub use observe::{AlertSink, DecisionReport, Observer, Unobserved};
 
 use fired::FiredMarkers;
+use ledger::{AccountTag, Ledger};
 use reserving::{Fate, Reserving};
 use unknown_keys::UnknownKeyBucket;
 
@@ -59,6 +61,8 @@ pub struct GateConfig {
     /// after Retry-After; a longer one is not (see
     /// [`decide::with_retry_hint`]).
     pub retry_within: Duration,
+    /// How the spend account is bounded in the store.
+    pub spend: SpendBounds,
 }
 
 impl Default for GateConfig {
@@ -67,6 +71,7 @@ impl Default for GateConfig {
             reservation_ttl: Duration::from_secs(600),
             store_timeout: Duration::from_millis(50),
             retry_within: Duration::from_secs(decide::DEFAULT_RETRY_WITHIN_SECS),
+            spend: SpendBounds::default(),
         }
     }
 }
@@ -106,6 +111,9 @@ pub struct ActualUsage {
     pub input_tokens: u64,
     pub cached_input_tokens: u64,
     pub output_tokens: u64,
+    /// Of `output_tokens`, those spent reasoning, where the API reports
+    /// them: counted in the spend account, priced as output.
+    pub reasoning_tokens: u64,
     pub images: u64,
     pub image_quality: Option<String>,
     pub video_seconds: Decimal,
@@ -165,6 +173,7 @@ pub struct Gate {
     observer: Arc<dyn Observer>,
     unknown_keys: UnknownKeyBucket,
     fired: FiredMarkers,
+    ledger: Ledger,
 }
 
 impl Gate {
@@ -183,6 +192,7 @@ impl Gate {
             observer: Arc::new(Unobserved),
             unknown_keys: UnknownKeyBucket::default(),
             fired: FiredMarkers::default(),
+            ledger: Ledger::default(),
         }
     }
 
@@ -312,6 +322,7 @@ impl Gate {
         if plan.is_free() {
             return Ok(with_action(Decision::allow_unmetered()));
         }
+        let account = self.account_tag(policy, attrs, &input.estimate, plan, now);
         let request = Arc::new(ReserveRequest {
             now,
             candidates: plan.candidates.clone(),
@@ -322,11 +333,21 @@ impl Gate {
                 self.config.reservation_ttl.as_millis() as Millis
             },
             request_id: replay_id,
+            account: Some(account.to_text()),
         });
         let (result, reserving) = self.reserve(&request).await;
         match result {
             Ok(outcome) => {
-                reserving.map(|r| r.resolve(Fate::Kept));
+                if let Some(r) = reserving {
+                    r.resolve(Fate::Kept);
+                }
+                if let (Some(i), false) = (outcome.applied, outcome.replayed) {
+                    let model = request.candidates[i].model.as_deref();
+                    if let Some(estimate) = account.estimate(model) {
+                        let row = ledger::row(policy, &account.owner, model);
+                        self.ledger.add(account.day, row, false, *estimate);
+                    }
+                }
                 let mut decision = decide::decide(policy, plan, &outcome, now);
                 // A replay repeats a decision whose alerts already went out.
                 decision.alerts = match outcome.replayed {
@@ -343,7 +364,9 @@ impl Gate {
                     .iter()
                     .all(|c| policy.rules()[c.rule].on_store_error == StoreFailure::FailOpen);
                 if all_fail_open {
-                    reserving.map(|r| r.resolve(Fate::ChargedAsEstimated));
+                    if let Some(r) = reserving {
+                        r.resolve(Fate::ChargedAsEstimated);
+                    }
                     tracing::warn!(error = %e, "counter store failed; allowing because every matched rule fails open");
                     Ok(with_action(decide::fail_open()))
                 } else {
@@ -440,21 +463,105 @@ impl Gate {
         actual: &ActualUsage,
         served: Option<&str>,
     ) -> Result<SettleOutcome, GateError> {
-        self.settle_with(reservation_id, |reservation| {
-            self.amounts_used(policy, reservation_id, reservation, actual, served)
-        })
-        .await
+        let mut charged = None;
+        let (outcome, reservation) = self
+            .settle_with(reservation_id, |reservation| {
+                let (amounts, usage, model) =
+                    self.amounts_used(policy, reservation_id, reservation, actual, served);
+                charged = Some((usage, model.map(str::to_string)));
+                amounts
+            })
+            .await?;
+        let tag = reservation.account.as_deref().and_then(AccountTag::from_text);
+        if let (SettleOutcome::Settled, Some(tag), Some((usage, model))) = (outcome, tag, charged) {
+            let decided = reservation.model.as_deref();
+            if let Some(estimate) = tag.estimate(decided) {
+                let row = ledger::row(policy, &tag.owner, decided);
+                self.ledger.add(tag.day, row, false, estimate.negated());
+            }
+            let model = model.as_deref();
+            let used = ledger::entry(policy, model, &usage, actual.reasoning_tokens);
+            let row = ledger::row(policy, &tag.owner, model);
+            self.observer.spent(&row.0[0], &row.0[2], &used);
+            self.ledger.add(tag.day, row, true, used);
+        }
+        Ok(outcome)
+    }
+
+    /// The spend-account tag of a request: its owner, and its estimate at
+    /// each model it may run as.
+    fn account_tag(
+        &self,
+        policy: &CompiledPolicy,
+        attrs: &Attributes,
+        estimate: &Estimate,
+        plan: &decide::Plan,
+        now: Millis,
+    ) -> AccountTag {
+        let estimates = plan
+            .candidates
+            .iter()
+            .map(|c| {
+                let model = c.model.as_deref();
+                let price = model.and_then(|m| policy.price(m));
+                let usage = Usage::from_estimate(
+                    estimate,
+                    attrs.modality.as_deref(),
+                    price,
+                    &policy.set.defaults,
+                );
+                let entry = ledger::entry(policy, model, &usage, 0);
+                (model.unwrap_or_default().to_string(), entry)
+            })
+            .collect();
+        AccountTag {
+            day: crate::store::spend::utc_day(now),
+            owner: ledger::owner(attrs),
+            estimates,
+        }
+    }
+
+    /// Writes what the spend account gathered since the last flush: one
+    /// store call a day in it, each batch once even when an answer is lost
+    /// (it goes again under the same id). Called every second by the
+    /// server, and at shutdown; what a crash can lose is what gathered
+    /// since the last flush.
+    pub async fn flush_spend(&self) -> Result<(), GateError> {
+        // A batch that failed goes first; then what gathered since.
+        for _ in 0..2 {
+            let Some((id, deltas)) = self.ledger.next_batch() else {
+                return Ok(());
+            };
+            let now = self.clock.now();
+            let sent = self
+                .admin(self.store.record_spend(&id, &deltas, self.config.spend, now))
+                .await;
+            if let Err(e) = sent {
+                self.ledger.unsent((id, deltas));
+                return Err(e.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The spend account from day `from` to day `to`, both included.
+    pub async fn spend(
+        &self,
+        from: crate::store::spend::Day,
+        to: crate::store::spend::Day,
+    ) -> Result<Vec<SpendDay>, GateError> {
+        Ok(self.admin(self.store.spend(from, to)).await?)
     }
 
     /// What each op of `reservation` comes to at the usage `actual`.
-    fn amounts_used(
+    fn amounts_used<'a>(
         &self,
         policy: &CompiledPolicy,
         reservation_id: &str,
-        reservation: &Reservation,
+        reservation: &'a Reservation,
         actual: &ActualUsage,
-        served: Option<&str>,
-    ) -> Vec<i64> {
+        served: Option<&'a str>,
+    ) -> (Vec<i64>, Usage, Option<&'a str>) {
         let usage = Usage {
             input_tokens: actual.input_tokens,
             cached_input_tokens: actual.cached_input_tokens,
@@ -480,7 +587,7 @@ impl Gate {
             _ => decided,
         };
         let price = model.and_then(|m| policy.price(m));
-        reservation
+        let amounts = reservation
             .ops
             .iter()
             .map(|op| match op.unit {
@@ -492,7 +599,8 @@ impl Gate {
                     op.amount
                 }),
             })
-            .collect()
+            .collect();
+        (amounts, usage, model)
     }
 
     /// Settles a reservation at the amounts `amounts` works out from it:
@@ -501,7 +609,7 @@ impl Gate {
         &self,
         reservation_id: &str,
         amounts: impl FnOnce(&Reservation) -> Vec<i64>,
-    ) -> Result<SettleOutcome, GateError> {
+    ) -> Result<(SettleOutcome, Reservation), GateError> {
         let now = self.clock.now();
         let unknown = || GateError::UnknownReservation(reservation_id.to_string());
         let reservation = self
@@ -518,7 +626,7 @@ impl Gate {
                 if outcome == SettleOutcome::Settled {
                     self.observer.settled(reservation.expires_at);
                 }
-                Ok(outcome)
+                Ok((outcome, reservation))
             }
         }
     }
@@ -589,10 +697,13 @@ impl Gate {
             reservation_id: new_reservation_id(),
             reservation_ttl: self.config.reservation_ttl.as_millis() as Millis,
             request_id: None,
+            account: None,
         });
         let (result, reserving) = self.reserve(&request).await;
         let outcome = result?;
-        reserving.map(|r| r.resolve(Fate::Kept));
+        if let Some(r) = reserving {
+                    r.resolve(Fate::Kept);
+                }
         if outcome.applied.is_some() {
             return Ok(TopUp::Reserved(
                 outcome
@@ -650,6 +761,7 @@ impl Gate {
                 .collect()
         })
         .await
+        .map(|(outcome, _)| outcome)
     }
 
     /// The counters that apply to these attributes, read without charging.

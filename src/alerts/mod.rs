@@ -400,6 +400,7 @@ mod tests {
 
     fn crossing(threshold: u32) -> AlertCrossing {
         AlertCrossing {
+            counter: "r|spend|h|d".to_string(),
             rule: "r".to_string(),
             scope: "team=a".to_string(),
             threshold,

@@ -9,6 +9,7 @@ mod explain;
 mod health;
 mod runtime;
 mod serve;
+mod spend;
 mod usage;
 mod validate;
 
@@ -54,6 +55,9 @@ enum Command {
     /// Show counters against their limits, from a running server or from
     /// Redis directly.
     Usage(usage::UsageArgs),
+    /// Show what was spent, by model, team, key, workflow, environment,
+    /// customer or modality, from a running server or from Redis directly.
+    Spend(spend::SpendArgs),
 }
 
 /// A parsed command line, with what `serve --config` added to it.
@@ -97,6 +101,7 @@ pub fn dispatch(parsed: Parsed) -> ExitCode {
         Command::Revoke(args) => admin::revoke(args),
         Command::Approvals(args) => admin::approvals(args),
         Command::Usage(args) => usage::usage(args),
+        Command::Spend(args) => spend::spend(args),
     }
 }
 

@@ -12,7 +12,9 @@
 //!   only when policies are loaded and the counter store answers, else 503
 //!   with the reasons as JSON.
 //! - `/metrics`: Prometheus text format; `/v1/usage`: the tracked scopes
-//!   with their counters read from the store now (`tollgate usage`).
+//!   with their counters read from the store now (`tollgate usage`);
+//!   `/v1/spend`: the spend account, grouped and filtered (`tollgate
+//!   spend`).
 //! - A counter-store fault answers 503: both proxies then refuse the
 //!   request (nginx's `auth_request` treats it as an error).
 
@@ -67,6 +69,7 @@ pub(crate) fn router_with(
         .route("/status", get(status))
         .route("/metrics", get(metrics))
         .route("/v1/usage", get(usage))
+        .route("/v1/spend", get(spend))
         .route("/v1/authz/forward", any(forward))
         .route("/v1/authz/forward/{*rest}", any(forward))
         .route("/v1/authz/nginx", any(nginx))
@@ -144,6 +147,46 @@ async fn usage(State(state): State<HttpState>) -> Response {
         })
         .into_response(),
         Err(e) => refuse(Flavor::Forward, Refusal::from_gate_error(&e)),
+    }
+}
+
+/// The spend account, as `tollgate spend --json` prints it.
+async fn spend(State(state): State<HttpState>, uri: Uri) -> Response {
+    let mut params = super::spend::SpendParams::default();
+    for (name, value) in uri
+        .query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (percent_decode(k), percent_decode(v)))
+    {
+        match name.as_str() {
+            "from" => params.from = Some(value),
+            "to" => params.to = Some(value),
+            "by" => params.by = value,
+            "where" => {
+                if !params.filters.is_empty() {
+                    params.filters.push(',');
+                }
+                params.filters.push_str(&value);
+            }
+            other => {
+                let e = RequestError::invalid(format!(
+                    "unknown query parameter {other:?}; /v1/spend takes from, to, by and where"
+                ));
+                return refuse(Flavor::Forward, Refusal::invalid(&e));
+            }
+        }
+    }
+    match super::spend::spend_report(&state.gate, params).await {
+        Ok(report) => Json(report).into_response(),
+        Err(super::spend::SpendError::Query(message)) => refuse(
+            Flavor::Forward,
+            Refusal::invalid(&RequestError::invalid(message)),
+        ),
+        Err(super::spend::SpendError::Gate(e)) => {
+            refuse(Flavor::Forward, Refusal::from_gate_error(&e))
+        }
     }
 }
 

@@ -61,6 +61,7 @@ impl pb::tollgate_server::Tollgate for NativeApi {
                 input_tokens: u.input_tokens,
                 cached_input_tokens: u.cached_input_tokens,
                 output_tokens: u.output_tokens,
+                reasoning_tokens: u.reasoning_tokens,
                 images: u.images,
                 image_quality: Some(u.image_quality),
                 video_seconds: Some(u.video_seconds),

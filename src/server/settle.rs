@@ -19,6 +19,9 @@ pub struct UsageForm {
     pub cached_input_tokens: u64,
     #[serde(default)]
     pub output_tokens: u64,
+    /// Of `output_tokens`, those spent reasoning.
+    #[serde(default)]
+    pub reasoning_tokens: u64,
     #[serde(default)]
     pub images: u64,
     #[serde(default)]
@@ -58,6 +61,7 @@ impl UsageForm {
             input_tokens: self.input_tokens,
             cached_input_tokens: self.cached_input_tokens,
             output_tokens: self.output_tokens,
+            reasoning_tokens: self.reasoning_tokens.min(self.output_tokens),
             images: self.images,
             image_quality: self.image_quality.filter(|q| !q.is_empty()),
             video_seconds: seconds("usage.video_seconds", &self.video_seconds)?,

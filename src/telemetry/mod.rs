@@ -56,7 +56,10 @@ pub mod names {
     // Recorded by the ext_proc service and the settle it runs.
     pub const MODEL_MISMATCHES: &str = "tollgate_served_model_mismatches_total";
     pub const WITHDRAWN: &str = "tollgate_reservations_withdrawn_total";
+    pub const SPEND_USD: &str = "tollgate_spend_usd_total";
+    pub const SPEND_TOKENS: &str = "tollgate_spend_tokens_total";
     pub const SETTLE_RETRIES: &str = "tollgate_settle_retries_total";
+    pub const EXT_PROC_TOP_UPS: &str = "tollgate_ext_proc_top_ups_total";
     // Recorded by the TLS listeners' certificate reload.
     pub const TLS_RELOADS: &str = "tollgate_tls_certificate_reloads_total";
 }
@@ -119,6 +122,10 @@ fn describe() {
         "ext_proc settles retried after a counter-store fault"
     );
     describe_counter!(
+        names::EXT_PROC_TOP_UPS,
+        "ext_proc top-ups of a stream past its reservation, by outcome (reserved, no_room, store_error, error)"
+    );
+    describe_counter!(
         names::TLS_RELOADS,
         "TLS certificate changes seen on disk, by outcome (applied, rejected: the certificate in force kept serving)"
     );
@@ -168,6 +175,14 @@ fn describe() {
         names::APPROVALS,
         "Approvals and revocations recorded, by action"
     );
+    describe_gauge!(
+        names::SPEND_USD,
+        "Settled spend in USD, by model and team (a float: the spend account, tollgate spend, is exact); at most 1,000 model and team pairs, the rest as other/other"
+    );
+    describe_counter!(
+        names::SPEND_TOKENS,
+        "Settled tokens by model, team and kind (input, cached_input, output, reasoning); the same label bound as tollgate_spend_usd_total"
+    );
     describe_counter!(
         names::WITHDRAWN,
         "Reservations made by a store call that outlived its timeout or its caller, taken back: refunded (a refused call) or kept at their estimate with their slots freed (a call that failed open); failed: left to lapse charged"
@@ -191,6 +206,31 @@ pub struct Telemetry {
     ttl: Millis,
     audit: Option<AuditLog>,
     prometheus: OnceLock<PrometheusHandle>,
+    spend_labels: SpendLabels,
+}
+
+/// The (model, team) label pairs of the spend metrics, bounded: past
+/// [`SpendLabels::MAX`] pairs, new ones are reported as `other`.
+#[derive(Debug, Default)]
+struct SpendLabels {
+    known: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+}
+
+impl SpendLabels {
+    const MAX: usize = 1_000;
+
+    fn labels(&self, model: &str, team: &str) -> (String, String) {
+        let pair = (model.to_string(), team.to_string());
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.contains(&pair) {
+            return pair;
+        }
+        if known.len() < Self::MAX {
+            known.insert(pair.clone());
+            return pair;
+        }
+        ("other".to_string(), "other".to_string())
+    }
 }
 
 impl Telemetry {
@@ -201,6 +241,7 @@ impl Telemetry {
             ttl: config.reservation_ttl.as_millis() as Millis,
             audit: config.audit,
             prometheus: OnceLock::new(),
+            spend_labels: SpendLabels::default(),
         }
     }
 
@@ -305,6 +346,25 @@ impl Observer for Telemetry {
 
     fn served_other_model(&self) {
         metrics::counter!(names::MODEL_MISMATCHES).increment(1);
+    }
+
+    fn spent(&self, model: &str, team: &str, used: &tollgate_core::store::SpendEntry) {
+        let (model, team) = self.spend_labels.labels(model, team);
+        // The exporter's counters count whole numbers; dollars are not.
+        // This gauge only ever goes up, so it reads as a counter.
+        metrics::gauge!(names::SPEND_USD, "model" => model.clone(), "team" => team.clone())
+            .increment(used.spend_pico as f64 / 1e12);
+        for (kind, n) in [
+            ("input", used.input_tokens),
+            ("cached_input", used.cached_input_tokens),
+            ("output", used.output_tokens),
+            ("reasoning", used.reasoning_tokens),
+        ] {
+            if n > 0 {
+                metrics::counter!(names::SPEND_TOKENS, "model" => model.clone(), "team" => team.clone(), "kind" => kind)
+                    .increment(n as u64);
+            }
+        }
     }
 
     fn withdrawn(&self, kept: bool) {

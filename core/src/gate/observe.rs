@@ -47,6 +47,9 @@ pub trait Observer: Send + Sync + fmt::Debug {
     fn settled(&self, _expires_at: Millis) {}
     /// An approval was granted or revoked (`approve`, `revoke`).
     fn approval(&self, _action: &str) {}
+    /// A call settled: what it used and spent, with its model and team
+    /// (empty when it had none).
+    fn spent(&self, _model: &str, _team: &str, _used: &crate::store::SpendEntry) {}
     /// A reservation whose decision never reached its caller was taken
     /// back (`kept`: its estimate stays charged, for a call that went ahead
     /// failing open; otherwise refunded).

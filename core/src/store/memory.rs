@@ -5,7 +5,7 @@
 //! Memory stays bounded: counters and reservations are swept once their
 //! window or lifetime is over, and the number of live counters is capped.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
@@ -39,8 +39,26 @@ struct Inner {
     lapses: BTreeSet<(Millis, String)>,
     /// Alert markers set: who set each, and when it may go.
     fired: HashMap<String, (String, Option<Millis>)>,
+    /// The spend account, by day.
+    #[serde(default)]
+    spend: BTreeMap<spend::Day, SpendAccountDay>,
+    /// The last spend batches added, so that one sent twice adds once.
+    #[serde(default)]
+    spend_batches: VecDeque<String>,
     next_sweep: Millis,
 }
+
+/// One day of the spend account: rows by their dimensions' text form.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+struct SpendAccountDay {
+    /// Settled, then estimated.
+    rows: HashMap<String, (SpendEntry, SpendEntry)>,
+    /// Rows folded into `other`, counted up to a bound.
+    folded: HashSet<String>,
+}
+
+/// Folded rows counted exactly up to here; past it the count stays put.
+const MAX_FOLDED_COUNTED: usize = 100_000;
 
 #[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
 struct Counter {
@@ -281,6 +299,7 @@ impl CounterStore for MemoryStore {
                         .collect(),
                     settled: false,
                     expires_at,
+                    account: req.account.clone(),
                 },
             );
         }
@@ -353,6 +372,69 @@ impl CounterStore for MemoryStore {
 
     fn can_stall(&self) -> bool {
         false
+    }
+
+    async fn record_spend(
+        &self,
+        batch: &str,
+        deltas: &[SpendDelta],
+        bounds: SpendBounds,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if !batch.is_empty() {
+            if inner.spend_batches.iter().any(|b| b == batch) {
+                return Ok(());
+            }
+            if inner.spend_batches.len() >= 64 {
+                inner.spend_batches.pop_front();
+            }
+            inner.spend_batches.push_back(batch.to_string());
+        }
+        let oldest = spend::utc_day(now - bounds.retention);
+        inner.spend.retain(|day, _| *day >= oldest);
+        let other = SpendDims::other().to_text();
+        for d in deltas {
+            let account = inner.spend.entry(d.day).or_default();
+            let mut row = d.dims.to_text();
+            if !account.rows.contains_key(&row) && account.rows.len() >= bounds.max_rows_per_day {
+                if account.folded.len() < MAX_FOLDED_COUNTED {
+                    account.folded.insert(row);
+                }
+                row = other.clone();
+            }
+            let (settled, estimated) = account.rows.entry(row).or_default();
+            if d.settled { settled } else { estimated }.add(&d.entry);
+        }
+        Ok(())
+    }
+
+    async fn spend(&self, from: spend::Day, to: spend::Day) -> Result<Vec<SpendDay>, StoreError> {
+        let inner = self.lock();
+        Ok(inner
+            .spend
+            .range(from..=to)
+            .map(|(day, account)| {
+                let mut rows: Vec<SpendRow> = account
+                    .rows
+                    .iter()
+                    .filter_map(|(dims, (settled, estimated))| {
+                        Some(SpendRow {
+                            day: *day,
+                            dims: SpendDims::from_text(dims)?,
+                            settled: *settled,
+                            estimated: *estimated,
+                        })
+                    })
+                    .collect();
+                rows.sort_by(|a, b| a.dims.cmp(&b.dims));
+                SpendDay {
+                    day: *day,
+                    rows,
+                    folded_rows: account.folded.len() as u64,
+                }
+            })
+            .collect())
     }
 
     async fn read(

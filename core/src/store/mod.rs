@@ -8,6 +8,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod spend;
 
 use std::fmt;
 
@@ -17,6 +18,7 @@ use crate::clock::Millis;
 use crate::policy::Unit;
 
 pub use memory::MemoryStore;
+pub use spend::{SpendBounds, SpendDay, SpendDelta, SpendDims, SpendEntry, SpendRow};
 pub use redis::{LogBounds, RedisConfig, RedisStore};
 
 /// A counter to read for a usage report.
@@ -151,6 +153,10 @@ pub struct ReserveRequest {
     /// A caller's request id: a repeat within the idempotency window gets
     /// the first outcome back and charges nothing more.
     pub request_id: Option<String>,
+    /// The spend-account tag, kept on the reservation so that whichever
+    /// replica settles it can move its estimate to settled usage. Opaque
+    /// to stores; never holds a newline or a tab.
+    pub account: Option<String>,
 }
 
 /// A counter as the store saw it, just before this request.
@@ -209,6 +215,9 @@ pub struct Reservation {
     pub ops: Vec<ReservedOp>,
     pub settled: bool,
     pub expires_at: Millis,
+    /// [`ReserveRequest::account`], as given.
+    #[serde(default)]
+    pub account: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -329,6 +338,22 @@ pub trait CounterStore: Send + Sync + fmt::Debug + 'static {
     fn can_stall(&self) -> bool {
         true
     }
+
+    /// Adds to the spend account, all of `deltas` or none, once per
+    /// `batch` id: a batch sent again after its answer was lost is not
+    /// added twice. A row that is new on its day past
+    /// `bounds.max_rows_per_day` rows goes into the `other` row instead,
+    /// and is counted as folded.
+    async fn record_spend(
+        &self,
+        batch: &str,
+        deltas: &[SpendDelta],
+        bounds: SpendBounds,
+        now: Millis,
+    ) -> Result<(), StoreError>;
+
+    /// The account of each day from `from` to `to`, both included.
+    async fn spend(&self, from: spend::Day, to: spend::Day) -> Result<Vec<SpendDay>, StoreError>;
 
     /// Current values of counters, for reporting. Missing counters read 0.
     async fn read(

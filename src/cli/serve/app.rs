@@ -125,7 +125,15 @@ impl App {
             None => Admin::Off,
             Some(token) => admin(&args, tls.as_ref(), AdminApi::new(gate.clone(), token)).await?,
         };
-        let flush = flush_hooks(&alerts, &telemetry, args.drain_timeout);
+        let mut flush = flush_hooks(&alerts, &telemetry, args.drain_timeout);
+        let shutdown = Shutdown::new();
+        tollgate::server::spend::spawn_flusher(gate.clone(), shutdown.wait());
+        let spend_gate = gate.clone();
+        flush.add("spend account", async move {
+            if let Err(e) = spend_gate.flush_spend().await {
+                tracing::error!(error = %e, "cannot write the spend account at shutdown; the last second of it is lost");
+            }
+        });
         Ok(App {
             gate,
             telemetry,
@@ -134,7 +142,7 @@ impl App {
             store,
             clock,
             listeners: Listeners { grpc, http, admin },
-            shutdown: Shutdown::new(),
+            shutdown,
             flush,
             store_probe_every: args.store_probe_every,
             drain_timeout: args.drain_timeout,
@@ -165,6 +173,10 @@ fn gate_config(args: &ServeArgs) -> GateConfig {
         reservation_ttl: args.reservation_ttl,
         store_timeout: Duration::from_millis(args.store_timeout_ms),
         retry_within: args.retry_within,
+        spend: tollgate_core::store::SpendBounds {
+            max_rows_per_day: args.spend_max_rows as usize,
+            retention: i64::from(args.spend_retention_days) * 86_400_000,
+        },
     }
 }
 
@@ -279,6 +291,10 @@ async fn open_store(args: &ServeArgs) -> Result<Arc<dyn CounterStore>, String> {
         cluster: args.redis_cluster,
         ca_file: args.redis_ca_file.clone(),
         connections: usize::from(args.redis_connections),
+        logs: tollgate_core::store::LogBounds {
+            max_entries: args.redis_log_max_entries.max(1),
+            retention: args.redis_log_retention,
+        },
         ..RedisConfig::new(url.clone())
     };
     let store = RedisStore::connect(&config)

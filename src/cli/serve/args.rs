@@ -65,6 +65,22 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TOLLGATE_REDIS_CONNECTIONS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub(crate) redis_connections: u16,
+    /// Entries kept in each Redis log stream (the approvals audit trail,
+    /// the alert feed), about; older ones are trimmed first.
+    #[arg(long, env = "TOLLGATE_REDIS_LOG_MAX_ENTRIES", default_value_t = tollgate_core::store::redis::MAX_LOG_ENTRIES)]
+    pub(crate) redis_log_max_entries: usize,
+    /// A Redis log stream with nothing appended for this long is deleted.
+    #[arg(long, env = "TOLLGATE_REDIS_LOG_RETENTION", default_value = "366d", value_parser = duration_arg)]
+    pub(crate) redis_log_retention: Duration,
+    /// Distinct rows the spend account keeps a day (owner combinations:
+    /// model, team, key, ...); later rows are counted as `other`.
+    #[arg(long, env = "TOLLGATE_SPEND_MAX_ROWS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub(crate) spend_max_rows: u32,
+    /// Days the spend account of a day is kept after it.
+    #[arg(long, env = "TOLLGATE_SPEND_RETENTION_DAYS", default_value_t = 400,
+          value_parser = clap::value_parser!(u32).range(1..=3_660))]
+    pub(crate) spend_retention_days: u32,
     /// Address of the HTTP listener (forward auth, settle, `/status`,
     /// `/healthz`, `/readyz`).
     #[arg(long, env = "TOLLGATE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]

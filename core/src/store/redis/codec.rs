@@ -75,11 +75,19 @@ pub(super) fn encode_reservation(
     expires_at: Millis,
     candidate: &Candidate,
     keys: &[String],
+    account: Option<&str>,
 ) -> String {
     let model = candidate.model.as_deref().unwrap_or_default();
-    let mut record =
-        String::with_capacity(24 + model.len() + keys.iter().map(|k| k.len() + 32).sum::<usize>());
+    let account_len = account.map_or(0, |a| a.len() + 3);
+    let mut record = String::with_capacity(
+        24 + model.len() + account_len + keys.iter().map(|k| k.len() + 32).sum::<usize>(),
+    );
     let _ = write!(record, "0 {expires_at}\n{model}");
+    // The scripts read only the header and the counter lines (`p`, `r`,
+    // `g`); an account line is for the settling replica.
+    if let Some(account) = account {
+        let _ = write!(record, "\na\t{account}");
+    }
     for (op, key) in candidate.ops.iter().zip(keys) {
         let _ = write!(
             record,
@@ -107,7 +115,15 @@ pub(super) fn decode_reservation(text: &str, prefix: &str) -> Result<Reservation
     };
     let expires_at = expires.parse().map_err(|_| bad("bad expiry"))?;
     let model = lines.next().ok_or_else(|| bad("no model line"))?;
+    let mut account = None;
     let ops = lines
+        .filter(|line| match line.strip_prefix("a\t") {
+            Some(a) => {
+                account = Some(a.to_string());
+                false
+            }
+            None => true,
+        })
         .map(|line| {
             let mut parts = line.splitn(4, '\t');
             let mut part = || parts.next().ok_or_else(|| bad("short counter line"));
@@ -128,6 +144,7 @@ pub(super) fn decode_reservation(text: &str, prefix: &str) -> Result<Reservation
         ops,
         settled,
         expires_at,
+        account,
     })
 }
 

@@ -95,7 +95,12 @@ impl RedisStore {
                 .iter()
                 .map(|op| self.counter_key(&op.key))
                 .collect();
-            let text = encode_reservation(req.now + req.reservation_ttl, candidate, &keys);
+            let text = encode_reservation(
+                req.now + req.reservation_ttl,
+                candidate,
+                &keys,
+                req.account.as_deref(),
+            );
             let stored = self
                 .query::<()>(
                     ::redis::cmd("SET")

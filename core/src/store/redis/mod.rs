@@ -18,8 +18,8 @@
 //! [`CounterStore`] calls; `keys` is the key layout, `reserve` the
 //! single-slot reserve, `cross_slot` the reserve across slots with its
 //! undo, `settle` settling and reading counters, `codec` every record's
-//! text form, `grants` the approval grants, `markers` the alert markers
-//! and `logs` the append-only streams. Each script sits beside them, its KEYS and ARGV documented at
+//! text form, `grants` the approval grants, `markers` the alert markers,
+//! `spend` the spend account and `logs` the append-only streams. Each script sits beside them, its KEYS and ARGV documented at
 //! its top.
 
 mod codec;
@@ -30,6 +30,7 @@ mod logs;
 mod markers;
 mod reserve;
 mod settle;
+mod spend;
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -129,6 +130,7 @@ pub struct RedisStore {
     adjust: Arc<Script>,
     claim: Arc<Script>,
     forget_grant: Arc<Script>,
+    spend: Arc<Script>,
 }
 
 impl fmt::Debug for RedisStore {
@@ -241,6 +243,7 @@ impl RedisStore {
             ))),
             claim: Arc::new(Script::new(include_str!("claim.lua"))),
             forget_grant: Arc::new(Script::new(include_str!("forget_grant.lua"))),
+            spend: Arc::new(Script::new(include_str!("spend.lua"))),
         })
     }
 
@@ -333,6 +336,24 @@ impl CounterStore for RedisStore {
         now: Millis,
     ) -> Result<Vec<bool>, StoreError> {
         self.set_markers(markers, now).await
+    }
+
+    async fn record_spend(
+        &self,
+        batch: &str,
+        deltas: &[SpendDelta],
+        bounds: SpendBounds,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        self.add_spend(batch, deltas, bounds, now).await
+    }
+
+    async fn spend(
+        &self,
+        from: crate::store::spend::Day,
+        to: crate::store::spend::Day,
+    ) -> Result<Vec<SpendDay>, StoreError> {
+        self.read_spend(from, to).await
     }
 
     async fn read(

@@ -76,7 +76,12 @@ impl RedisStore {
                 .map(|op| self.counter_key(&op.key))
                 .collect();
             let text = if record {
-                encode_reservation(req.now + req.reservation_ttl, candidate, &keys)
+                encode_reservation(
+                    req.now + req.reservation_ttl,
+                    candidate,
+                    &keys,
+                    req.account.as_deref(),
+                )
             } else {
                 String::new()
             };

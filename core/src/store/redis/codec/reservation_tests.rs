@@ -73,7 +73,11 @@ fn an_ops_mode_carries_each_flag() {
 #[test]
 fn a_reservation_reads_back_for_every_kind_unit_and_amount() {
     for prefix in ["tollgate:", "", "a:b:"] {
-        for model in [None, Some("gpt-4o-mini".to_string())] {
+        for (model, account) in [
+            (None, None),
+            (Some("gpt-4o-mini".to_string()), None),
+            (None, Some("gpt-4o\u{1f}\u{1f}growth\u{1e}1 2 3".to_string())),
+        ] {
             let mut ops = Vec::new();
             for (i, unit) in Unit::ALL.into_iter().enumerate() {
                 for kind in CounterKind::ALL {
@@ -95,7 +99,7 @@ fn a_reservation_reads_back_for_every_kind_unit_and_amount() {
                         .iter()
                         .map(|o| full_counter_key(prefix, &o.key))
                         .collect();
-                    let text = encode_reservation(expires_at, &candidate, &keys);
+                    let text = encode_reservation(expires_at, &candidate, &keys, account.as_deref());
                     let want = Reservation {
                         model: model.clone(),
                         ops: candidate
@@ -110,6 +114,7 @@ fn a_reservation_reads_back_for_every_kind_unit_and_amount() {
                             .collect(),
                         settled: false,
                         expires_at,
+                        account: account.clone(),
                     };
                     assert_eq!(decode_reservation(&text, prefix), Ok(want.clone()));
                     // What settle.lua and claim.lua do to mark it settled.
