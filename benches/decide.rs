@@ -125,6 +125,39 @@ fn bench(c: &mut Criterion) {
         })
     });
     telemetry.upkeep();
+
+    // What the spend account adds to a call: its tag on the reservation,
+    // the estimate at check, the move at settle. The same check and
+    // settle with the account off and on, side by side.
+    for account in [false, true] {
+        let gate = Gate::new(
+            policy(100),
+            Arc::new(MemoryStore::default()),
+            Arc::new(ManualClock::new(now)),
+            GateConfig {
+                spend_account: account,
+                ..GateConfig::default()
+            },
+        );
+        let used = tollgate_core::gate::ActualUsage {
+            input_tokens: 120,
+            output_tokens: 80,
+            ..Default::default()
+        };
+        let name = if account { "on" } else { "off" };
+        c.bench_function(&format!("check-and-settle/spend-account-{name}"), |b| {
+            b.iter(|| {
+                i += 1;
+                let d = rt.block_on(gate.check(varied(i))).unwrap();
+                if let Some(id) = d.reservation_id {
+                    rt.block_on(gate.settle(&id, &used)).unwrap();
+                }
+                if i % 1_000 == 0 {
+                    rt.block_on(gate.flush_spend()).unwrap();
+                }
+            })
+        });
+    }
 }
 
 fn varied(i: u64) -> CheckInput {

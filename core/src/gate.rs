@@ -63,6 +63,9 @@ pub struct GateConfig {
     pub retry_within: Duration,
     /// How the spend account is bounded in the store.
     pub spend: SpendBounds,
+    /// Keep the spend account at all (on by default; off only to measure
+    /// what it costs).
+    pub spend_account: bool,
 }
 
 impl Default for GateConfig {
@@ -72,6 +75,7 @@ impl Default for GateConfig {
             store_timeout: Duration::from_millis(50),
             retry_within: Duration::from_secs(decide::DEFAULT_RETRY_WITHIN_SECS),
             spend: SpendBounds::default(),
+            spend_account: true,
         }
     }
 }
@@ -322,7 +326,10 @@ impl Gate {
         if plan.is_free() {
             return Ok(with_action(Decision::allow_unmetered()));
         }
-        let account = self.account_tag(policy, attrs, &input.estimate, plan, now);
+        let account = self
+            .config
+            .spend_account
+            .then(|| self.account_tag(policy, attrs, &input.estimate, plan, now));
         let request = Arc::new(ReserveRequest {
             now,
             candidates: plan.candidates.clone(),
@@ -333,7 +340,7 @@ impl Gate {
                 self.config.reservation_ttl.as_millis() as Millis
             },
             request_id: replay_id,
-            account: Some(account.to_text()),
+            account: account.as_ref().map(AccountTag::to_text),
         });
         let (result, reserving) = self.reserve(&request).await;
         match result {
@@ -341,7 +348,9 @@ impl Gate {
                 if let Some(r) = reserving {
                     r.resolve(Fate::Kept);
                 }
-                if let (Some(i), false) = (outcome.applied, outcome.replayed) {
+                if let (Some(i), false, Some(account)) =
+                    (outcome.applied, outcome.replayed, &account)
+                {
                     let model = request.candidates[i].model.as_deref();
                     if let Some(estimate) = account.estimate(model) {
                         let row = ledger::row(policy, &account.owner, model);

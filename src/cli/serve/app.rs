@@ -177,6 +177,7 @@ fn gate_config(args: &ServeArgs) -> GateConfig {
             max_rows_per_day: args.spend_max_rows as usize,
             retention: i64::from(args.spend_retention_days) * 86_400_000,
         },
+        spend_account: true,
     }
 }
 
