@@ -160,6 +160,7 @@ fn serve_refuses_to_start_on_broken_policies_and_serves_good_ones() {
             "127.0.0.1:0",
             "--policies",
             &shipped_policies(),
+            "--ephemeral",
         ])
         .stderr(Stdio::piped())
         .spawn()

@@ -218,8 +218,9 @@ fn a_server_runs_on_the_settings_of_its_file() {
     std::fs::write(
         &file,
         format!(
-            "listen: 127.0.0.1:{grpc}\nhttp_listen: 127.0.0.1:{http}\npolicies:\n  - {}\nlog-level: warn\n",
-            shipped_policies()
+            "listen: 127.0.0.1:{grpc}\nhttp_listen: 127.0.0.1:{http}\npolicies:\n  - {}\nlog-level: warn\ndata-dir: {}\n",
+            shipped_policies(),
+            dir.path().join("data").display()
         ),
     )
     .unwrap();
@@ -240,6 +241,10 @@ fn a_server_runs_on_the_settings_of_its_file() {
         .status();
     let status = child.wait().unwrap();
     assert!(status.success());
+    assert!(
+        dir.path().join("data/store.snapshot").exists(),
+        "the embedded store is kept in the file's data-dir"
+    );
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     // `log-level: warn` from the file hides the info lines.
@@ -251,7 +256,8 @@ fn json_logs_are_one_object_a_line_and_the_level_filters() {
     let (grpc, http) = (free_port(), free_port());
     let mut child = tollgate()
         .env("TOLLGATE_LOG", "warn")
-        .args(["serve", "--log-format", "json", "--log-level", "debug"])
+        .args(["serve", "--ephemeral"])
+        .args(["--log-format", "json", "--log-level", "debug"])
         .args(["--listen", &format!("127.0.0.1:{grpc}")])
         .args(["--http-listen", &format!("127.0.0.1:{http}")])
         .args(["--policies", &shipped_policies()])

@@ -697,7 +697,7 @@ async fn audit_log_to_stdout() {
     }
     let mut child = Guard(
         std::process::Command::new(BIN)
-            .args(["serve", "--audit-log", "-", "--policies"])
+            .args(["serve", "--ephemeral", "--audit-log", "-", "--policies"])
             .arg(dir.path())
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])

@@ -171,6 +171,7 @@ pub struct TollgateProcess {
     child: std::process::Child,
     pub port: u16,
     pub http_port: u16,
+    _data: tempfile::TempDir,
     /// The process's log lines so far (the first [`MAX_LOG_LINES`]).
     log: Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -189,11 +190,15 @@ impl TollgateProcess {
         use std::io::BufRead;
         let port = free_port();
         let http_port = free_port();
+        // Each process its own data directory (a flag or `env` may name
+        // another): processes never share one, nor leave one behind.
+        let data = tempfile::tempdir().unwrap();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .arg("serve")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
             .args(args)
+            .env("TOLLGATE_DATA_DIR", data.path())
             .envs(env.iter().copied())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -224,6 +229,7 @@ impl TollgateProcess {
             child,
             port,
             http_port,
+            _data: data,
             log,
         }
     }

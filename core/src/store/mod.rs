@@ -6,6 +6,7 @@
 //! its operations or none, in one atomic step; for Redis that is a single
 //! script, so a decision costs one round trip whatever the number of rules.
 
+pub mod durable;
 pub mod memory;
 pub mod redis;
 pub mod spend;

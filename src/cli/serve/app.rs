@@ -18,6 +18,7 @@ use tollgate::telemetry::audit::{AuditConfig, AuditLog};
 use tollgate::telemetry::{Telemetry, TelemetryConfig};
 use tollgate_core::gate::{Clock, Gate, GateConfig, SystemClock};
 use tollgate_core::policy::CompiledPolicy;
+use tollgate_core::store::durable::{DurableConfig, DurableStore};
 use tollgate_core::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
 
 use super::{ListenerTls, ServeArgs};
@@ -39,6 +40,9 @@ pub(crate) struct App {
     pub(super) flush: FlushHooks,
     pub(super) store_probe_every: Duration,
     pub(super) drain_timeout: Duration,
+    /// The embedded store's files, closed (a last snapshot) after the
+    /// flush hooks.
+    pub(super) durable: Option<Arc<DurableStore>>,
     /// What every TLS listener presents, watched for renewals.
     pub(super) cert: Option<Arc<tls::ServerCert>>,
     pub(super) rescan_every: Duration,
@@ -81,7 +85,7 @@ impl App {
         policy: CompiledPolicy,
         tls: Option<ListenerTls>,
     ) -> Result<App, String> {
-        let store = open_store(&args).await?;
+        let (store, durable) = open_store(&args).await?;
         let admin_token = admin_token(args.admin_token_file.as_ref())
             .and_then(|t| t.map(|t| AdminToken::new(&t)).transpose())?;
         if admin_token.is_none() && args.admin_listen.is_some() {
@@ -146,6 +150,7 @@ impl App {
             flush,
             store_probe_every: args.store_probe_every,
             drain_timeout: args.drain_timeout,
+            durable,
             cert: tls.map(|t| t.cert),
             rescan_every: args.rescan_every,
         })
@@ -280,12 +285,22 @@ fn telemetry(args: &ServeArgs) -> Result<Arc<Telemetry>, String> {
     Ok(telemetry)
 }
 
-/// The embedded store, or Redis with its connections opened (an
-/// unreachable Redis is reported, not fatal: rules' failure policies apply
-/// until it answers).
-async fn open_store(args: &ServeArgs) -> Result<Arc<dyn CounterStore>, String> {
+/// The embedded store (in `--data-dir`, or only in memory with
+/// `--ephemeral`), or Redis with its connections opened (an unreachable
+/// Redis is reported, not fatal: rules' failure policies apply until it
+/// answers). A data directory that cannot be read whole is fatal.
+async fn open_store(
+    args: &ServeArgs,
+) -> Result<(Arc<dyn CounterStore>, Option<Arc<DurableStore>>), String> {
     let Some(url) = &args.redis else {
-        return Ok(Arc::new(MemoryStore::new(args.max_counters)));
+        if args.ephemeral {
+            tracing::info!(
+                "counters in memory only (--ephemeral): a restart starts them from zero"
+            );
+            return Ok((Arc::new(MemoryStore::new(args.max_counters)), None));
+        }
+        let store = Arc::new(open_durable(args).await?);
+        return Ok((store.clone(), Some(store)));
     };
     let config = RedisConfig {
         prefix: args.redis_prefix.clone(),
@@ -308,5 +323,33 @@ async fn open_store(args: &ServeArgs) -> Result<Arc<dyn CounterStore>, String> {
         Ok(Err(e)) => tracing::warn!(error = %e, "Redis is not answering yet"),
         Err(_) => tracing::warn!("Redis did not answer within 3 s; continuing"),
     }
-    Ok(Arc::new(store))
+    Ok((Arc::new(store), None))
+}
+
+/// The embedded store in `--data-dir`: its snapshot read and its log
+/// replayed before anything is served.
+async fn open_durable(args: &ServeArgs) -> Result<DurableStore, String> {
+    let config = DurableConfig {
+        max_counters: args.max_counters,
+        sync_every: Duration::from_millis(args.data_sync_ms),
+        on_disk_error: Some(Arc::new(|what| {
+            tollgate::telemetry::record_store_disk_error(what.as_str())
+        })),
+        ..DurableConfig::new(args.data_dir.clone())
+    };
+    let dir = args.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || DurableStore::open(config))
+        .await
+        .map_err(|e| format!("cannot open the data directory: {e}"))?
+        .map_err(|e| format!("error: the embedded store: {e}\nrefusing to start"))?;
+    let found = store.recovered();
+    tracing::info!(
+        data_dir = %dir.display(),
+        snapshot = found.snapshot,
+        replayed = found.replayed,
+        counters = store.counter_count(),
+        sync_ms = args.data_sync_ms,
+        "counters in the embedded store, kept in the data directory"
+    );
+    Ok(store)
 }

@@ -49,7 +49,7 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TOLLGATE_RETRY_WITHIN", default_value = "60s", value_parser = retry_within_arg)]
     pub(crate) retry_within: Duration,
     /// Redis URL (`redis://` or `rediss://`, with credentials if needed).
-    /// Without it, counters live in this process only.
+    /// Without it, counters live in the embedded store (`--data-dir`).
     #[arg(long, env = "TOLLGATE_REDIS_URL")]
     pub(crate) redis: Option<String>,
     /// CA certificate (PEM) that signed the Redis server's TLS certificate.
@@ -94,6 +94,20 @@ pub(crate) struct ServeArgs {
     /// Most live counters the embedded store holds.
     #[arg(long, env = "TOLLGATE_MAX_COUNTERS", default_value_t = tollgate_core::store::memory::DEFAULT_MAX_COUNTERS)]
     pub(crate) max_counters: usize,
+    /// Directory where the embedded store keeps its counters, reservations,
+    /// grants and logs across restarts (a snapshot and a log of changes
+    /// since), locked while in use. Not used with `--redis`.
+    #[arg(long, env = "TOLLGATE_DATA_DIR", default_value = "./data")]
+    pub(crate) data_dir: PathBuf,
+    /// Keep the embedded store in memory only: every restart starts every
+    /// budget from zero. `--data-dir` is then not used.
+    #[arg(long, env = "TOLLGATE_EPHEMERAL")]
+    pub(crate) ephemeral: bool,
+    /// How often, in milliseconds, the embedded store writes its changes to
+    /// `--data-dir` and syncs them: a crash loses at most about this long.
+    #[arg(long, env = "TOLLGATE_DATA_SYNC_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub(crate) data_sync_ms: u64,
     /// Log format on stderr.
     #[arg(long, env = "TOLLGATE_LOG_FORMAT", value_enum, default_value = "text")]
     pub(crate) log_format: LogFormat,

@@ -44,6 +44,7 @@ impl App {
             self.shutdown.wait(),
         );
         let (shutdown, drain, flush) = (self.shutdown.clone(), self.drain_timeout, self.flush);
+        let durable = self.durable;
         let listeners = self.listeners;
         let (grpc, http) = (listeners.grpc.address, listeners.http.address);
         let tls = listeners.grpc.tls.is_some();
@@ -60,6 +61,13 @@ impl App {
         let code = wait(servers, &shutdown, drain).await;
         if !flush.is_empty() {
             flush.run(drain).await;
+        }
+        // Last: the alert flush above may still append to the store.
+        if let Some(durable) = durable {
+            match durable.close().await {
+                Ok(()) => tracing::info!("embedded store saved: a snapshot of every counter"),
+                Err(e) => tracing::error!(error = %e, "cannot save the embedded store at shutdown"),
+            }
         }
         tracing::info!("stopped");
         code
