@@ -193,3 +193,32 @@ async fn replay_near_the_cap_keeps_the_order_calls_were_applied_in() {
         assert_eq!(kept, won.contains(&id), "{id}");
     }
 }
+
+#[tokio::test]
+async fn a_write_that_fails_is_reported_and_decisions_go_on() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let failed = Arc::new(AtomicUsize::new(0));
+    let seen = failed.clone();
+    let store = DurableStore::open(DurableConfig {
+        on_disk_error: Some(Arc::new(move |what| {
+            if what == DiskWrite::Snapshot {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+        })),
+        ..config(dir.path())
+    })
+    .unwrap();
+    // The directory goes away under the store: no snapshot can be
+    // written into it any more.
+    std::fs::remove_dir_all(dir.path()).unwrap();
+    assert!(store
+        .reserve(&request("a", NOW))
+        .await
+        .unwrap()
+        .applied
+        .is_some());
+    let err = store.close().await.unwrap_err();
+    assert!(err.contains("store.snapshot"), "{err}");
+    assert_eq!(failed.load(Ordering::SeqCst), 1);
+}
