@@ -143,7 +143,7 @@ pub struct SpendGroup {
 pub struct SpendReport {
     pub from: String,
     pub to: String,
-    /// Days are cut at midnight UTC.
+    /// Where days are cut: `UTC`, or the server's `--spend-timezone`.
     pub timezone: String,
     pub by: Vec<String>,
     pub filters: BTreeMap<String, String>,
@@ -154,8 +154,8 @@ pub struct SpendReport {
     pub folded_rows: u64,
 }
 
-/// Groups and filters `days` as `query` asks.
-pub fn report(days: &[SpendDay], query: &SpendQuery) -> SpendReport {
+/// Groups and filters `days` (cut in `timezone`) as `query` asks.
+pub fn report(days: &[SpendDay], query: &SpendQuery, timezone: &str) -> SpendReport {
     let mut groups: BTreeMap<Vec<String>, (SpendEntry, SpendEntry)> = BTreeMap::new();
     let mut total = (SpendEntry::default(), SpendEntry::default());
     let mut folded = 0;
@@ -184,7 +184,7 @@ pub fn report(days: &[SpendDay], query: &SpendQuery) -> SpendReport {
     SpendReport {
         from: day_text(query.from),
         to: day_text(query.to),
-        timezone: "UTC".to_string(),
+        timezone: timezone.to_string(),
         by: query.by.iter().map(|&i| DIMENSIONS[i].to_string()).collect(),
         filters: query
             .filters
@@ -336,7 +336,7 @@ impl SpendReport {
         let widths: Vec<usize> = (0..rows[0].len())
             .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
             .collect();
-        let mut out = format!("spend from {} to {} (UTC days)\n", self.from, self.to);
+        let mut out = format!("spend from {} to {} ({} days)\n", self.from, self.to, self.timezone);
         for row in &rows {
             for (c, cell) in row.iter().enumerate() {
                 let _ = write!(out, "{cell:<w$}  ", w = widths[c]);

@@ -566,6 +566,40 @@ async fn a_daily_budget_resets_at_utc_midnight_on_an_injected_clock(
     );
 }
 
+/// With a reporting time zone, a call counts on its local day: 23:30 UTC
+/// on 1 December is already the 2nd in Berlin.
+#[tokio::test]
+async fn the_spend_account_cuts_days_in_its_time_zone() {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 23, 30)));
+    let gate = tollgate_core::gate::Gate::new(
+        policy(PRICED),
+        Arc::new(MemoryStore::default()),
+        clock,
+        tollgate_core::gate::GateConfig {
+            spend_days: tollgate_core::store::DayCalendar::named("Europe/Berlin").unwrap(),
+            ..Default::default()
+        },
+    );
+    let d = gate
+        .check(CheckInput {
+            attributes: Attributes {
+                team: Some("growth".into()),
+                model: Some("gpt-4o".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(d.verdict, Verdict::Allow);
+    gate.flush_spend().await.unwrap();
+    let dec2 = tollgate_core::engine::window::days_from_civil(2026, 12, 2);
+    assert_eq!(gate.spend(dec2 - 1, dec2 - 1).await.unwrap().len(), 0, "nothing on 1 December");
+    let days = gate.spend(dec2, dec2).await.unwrap();
+    assert_eq!(days.len(), 1);
+    assert_eq!(days[0].rows[0].estimated.requests, 1);
+}
+
 /// Only the embedded store has a counter cap of its own.
 #[tokio::test]
 async fn memory_stays_bounded_under_millions_of_distinct_keys() {
@@ -1069,7 +1103,7 @@ async fn the_spend_account_adds_up_exactly_by_every_dimension(Backend { name, st
         to: to_day,
         ..SpendQuery::parse("2026-12-01", "2026-12-01", by, &w.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
     };
-    let by_mt = report(&days, &q("model,team", &[], day));
+    let by_mt = report(&days, &q("model,team", &[], day), "UTC");
     let got: std::collections::BTreeMap<(String, String), Decimal> = by_mt
         .groups
         .iter()
@@ -1086,19 +1120,23 @@ async fn the_spend_account_adds_up_exactly_by_every_dimension(Backend { name, st
     assert_eq!(by_mt.total.estimated.spend_usd.parse::<Decimal>().unwrap(), estimate, "{name}");
     // Every dimension adds up to the same total.
     for by in tollgate_core::store::spend::DIMENSIONS {
-        let r = report(&days, &q(by, &[], day));
+        let r = report(&days, &q(by, &[], day), "UTC");
         let sum: Decimal = r.groups.iter().map(|g| g.settled.spend_usd.parse::<Decimal>().unwrap()).sum();
         assert_eq!(sum, total, "{name}: by {by}");
     }
     // A filter keeps one team.
-    let growth = report(&days, &q("model", &["team=growth"], day));
+    let growth = report(&days, &q("model", &["team=growth"], day), "UTC");
     let growth_total: Decimal = expected_by_model_team.iter().filter(|((_, t), _)| t == "growth").map(|(_, v)| *v).sum();
     assert_eq!(growth.total.settled.spend_usd.parse::<Decimal>().unwrap(), growth_total, "{name}");
     assert_eq!(growth.groups.len(), 3, "{name}: growth used three models");
-    let family = report(&days, &q("model_family", &[], day));
+    let family = report(&days, &q("model_family", &[], day), "UTC");
     assert!(family.groups.iter().any(|g| g.group["model_family"] == "openai"), "{name}: {family:?}");
     // Day two holds only the call after midnight.
-    let second = report(&days, &SpendQuery { from: day + 1, to: day + 1, ..q("", &[], day + 1) });
+    let second = report(
+        &days,
+        &SpendQuery { from: day + 1, to: day + 1, ..q("", &[], day + 1) },
+        "UTC",
+    );
     assert_eq!(second.total.settled.requests, 1, "{name}");
     assert_eq!(second.total.settled.spend_usd, "0.000125", "{name}");
 }

@@ -66,6 +66,8 @@ pub struct GateConfig {
     /// Keep the spend account at all (on by default; off only to measure
     /// what it costs).
     pub spend_account: bool,
+    /// Where the spend account's days are cut.
+    pub spend_days: crate::store::DayCalendar,
 }
 
 impl Default for GateConfig {
@@ -76,6 +78,7 @@ impl Default for GateConfig {
             retry_within: Duration::from_secs(decide::DEFAULT_RETRY_WITHIN_SECS),
             spend: SpendBounds::default(),
             spend_account: true,
+            spend_days: crate::store::DayCalendar::utc(),
         }
     }
 }
@@ -524,7 +527,7 @@ impl Gate {
             })
             .collect();
         AccountTag {
-            day: crate::store::spend::utc_day(now),
+            day: self.config.spend_days.day(now),
             owner: ledger::owner(attrs),
             estimates,
         }
@@ -551,6 +554,11 @@ impl Gate {
             }
         }
         Ok(())
+    }
+
+    /// Where the spend account's days are cut.
+    pub fn spend_days(&self) -> &crate::store::DayCalendar {
+        &self.config.spend_days
     }
 
     /// The spend account from day `from` to day `to`, both included.

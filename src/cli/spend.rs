@@ -7,15 +7,14 @@ use std::process::ExitCode;
 use tollgate::http_client;
 use tollgate::spend::{day_text, report, SpendQuery, SpendReport};
 use tollgate_core::clock::{Clock, SystemClock};
-use tollgate_core::store::spend::utc_day;
-use tollgate_core::store::{CounterStore, RedisConfig, RedisStore};
+use tollgate_core::store::{CounterStore, DayCalendar, RedisConfig, RedisStore};
 
 use super::client::{Server, ServerTlsArgs};
 use super::runtime::{runtime, Threads};
 
 #[derive(clap::Args)]
 pub(super) struct SpendArgs {
-    /// First day, YYYY-MM-DD (UTC); today by default.
+    /// First day, YYYY-MM-DD; today by default.
     #[arg(long)]
     from: Option<String>,
     /// Last day, included; --from by default.
@@ -50,6 +49,10 @@ pub(super) struct SpendArgs {
     redis_cluster: bool,
     #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
     redis_prefix: String,
+    /// With --redis: the time zone the servers cut days in (their
+    /// --spend-timezone), for what "today" is and what the report says.
+    #[arg(long, env = "TOLLGATE_SPEND_TIMEZONE", default_value = "UTC")]
+    timezone: String,
 }
 
 pub(super) fn spend(args: SpendArgs) -> ExitCode {
@@ -57,7 +60,14 @@ pub(super) fn spend(args: SpendArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    let today = day_text(utc_day(SystemClock.now()));
+    let calendar = match DayCalendar::named(&args.timezone) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: --timezone: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let today = day_text(calendar.day(SystemClock.now()));
     let from = args.from.clone().unwrap_or(today);
     let to = args.to.clone().unwrap_or_else(|| from.clone());
     let query = match SpendQuery::parse(&from, &to, &args.by, &args.filters) {
@@ -70,7 +80,7 @@ pub(super) fn spend(args: SpendArgs) -> ExitCode {
     let result = runtime.block_on(async {
         match (&args.server, &args.redis) {
             (Some(server), _) => from_server(server, &args, &from, &to).await,
-            (None, Some(url)) => from_redis(&args, url, &query).await,
+            (None, Some(url)) => from_redis(&args, url, &query, calendar.name()).await,
             (None, None) => Err("give --server URL, or --redis URL".to_string()),
         }
     });
@@ -136,7 +146,12 @@ async fn from_server(
     serde_json::from_slice(&answer.body).map_err(|e| format!("bad /v1/spend answer: {e}"))
 }
 
-async fn from_redis(args: &SpendArgs, url: &str, query: &SpendQuery) -> Result<SpendReport, String> {
+async fn from_redis(
+    args: &SpendArgs,
+    url: &str,
+    query: &SpendQuery,
+    timezone: &str,
+) -> Result<SpendReport, String> {
     let config = RedisConfig {
         prefix: args.redis_prefix.clone(),
         cluster: args.redis_cluster,
@@ -150,7 +165,7 @@ async fn from_redis(args: &SpendArgs, url: &str, query: &SpendQuery) -> Result<S
         .spend(query.from, query.to)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(report(&days, query))
+    Ok(report(&days, query, timezone))
 }
 
 /// Percent-encodes a query value.

@@ -53,7 +53,8 @@ pub struct SpendParams {
 
 /// Reads the days the query covers and reports them.
 pub async fn spend_report(gate: &Gate, params: SpendParams) -> Result<SpendReport, SpendError> {
-    let today = crate::spend::day_text(tollgate_core::store::spend::utc_day(gate.now()));
+    let calendar = gate.spend_days();
+    let today = crate::spend::day_text(calendar.day(gate.now()));
     let from = params.from.unwrap_or_else(|| today.clone());
     let to = params.to.unwrap_or_else(|| from.clone());
     let query = SpendQuery::parse(&from, &to, &params.by, &[params.filters])
@@ -62,7 +63,7 @@ pub async fn spend_report(gate: &Gate, params: SpendParams) -> Result<SpendRepor
         .spend(query.from, query.to)
         .await
         .map_err(SpendError::Gate)?;
-    Ok(report(&days, &query))
+    Ok(report(&days, &query, calendar.name()))
 }
 
 #[derive(Debug)]

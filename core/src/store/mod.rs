@@ -19,7 +19,7 @@ use crate::clock::Millis;
 use crate::policy::Unit;
 
 pub use memory::MemoryStore;
-pub use spend::{SpendBounds, SpendDay, SpendDelta, SpendDims, SpendEntry, SpendRow};
+pub use spend::{DayCalendar, SpendBounds, SpendDay, SpendDelta, SpendDims, SpendEntry, SpendRow};
 pub use redis::{LogBounds, RedisConfig, RedisStore};
 
 /// A counter to read for a usage report.

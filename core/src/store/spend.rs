@@ -34,6 +34,53 @@ pub fn utc_day(at: Millis) -> Day {
     at.div_euclid(86_400_000)
 }
 
+/// Where the account's days are cut: at midnight UTC, or at midnight in
+/// one IANA time zone (its own bundled copy of the database, so a day's
+/// edges never depend on the host), DST included: such a day can last 23
+/// or 25 hours.
+#[derive(Debug, Clone, Default)]
+pub struct DayCalendar {
+    zone: Option<(String, jiff::tz::TimeZone)>,
+}
+
+impl DayCalendar {
+    pub fn utc() -> DayCalendar {
+        DayCalendar::default()
+    }
+
+    /// `UTC` or an IANA name such as `Europe/Berlin`.
+    pub fn named(name: &str) -> Result<DayCalendar, String> {
+        if name.eq_ignore_ascii_case("utc") {
+            return Ok(DayCalendar::utc());
+        }
+        jiff::tz::TimeZone::get(name)
+            .map(|tz| DayCalendar {
+                zone: Some((name.to_string(), tz)),
+            })
+            .map_err(|e| format!("{name:?} is not an IANA time zone such as Europe/Berlin: {e}"))
+    }
+
+    pub fn name(&self) -> &str {
+        self.zone.as_ref().map_or("UTC", |(n, _)| n)
+    }
+
+    /// The day `at` falls on, as days since 1970-01-01 of its local date.
+    pub fn day(&self, at: Millis) -> Day {
+        let Some((_, tz)) = &self.zone else {
+            return utc_day(at);
+        };
+        let Ok(ts) = jiff::Timestamp::from_millisecond(at) else {
+            return utc_day(at);
+        };
+        let date = ts.to_zoned(tz.clone()).date();
+        crate::engine::window::days_from_civil(
+            i64::from(date.year()),
+            date.month() as u32,
+            date.day() as u32,
+        )
+    }
+}
+
 /// One row's owner: a value (or `""`) per [`DIMENSIONS`] entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -265,6 +312,28 @@ mod tests {
         };
         assert_eq!(SpendEntry::from_text(&entry.to_text()), Some(entry));
         assert_eq!(entry.spend().to_string(), "0.0525");
+    }
+
+    #[test]
+    fn days_are_cut_at_local_midnight_through_dst() {
+        let berlin = DayCalendar::named("Europe/Berlin").unwrap();
+        let at = |y: i64, m: u32, d: u32, hh: i64, mm: i64| {
+            crate::engine::window::days_from_civil(y, m, d) * 86_400_000 + hh * 3_600_000 + mm * 60_000
+        };
+        let day = |y, m, d| crate::engine::window::days_from_civil(y, m, d);
+        // 23:30 UTC on 1 December is 00:30 on the 2nd in Berlin (UTC+1).
+        assert_eq!(berlin.day(at(2026, 12, 1, 23, 30)), day(2026, 12, 2));
+        assert_eq!(DayCalendar::utc().day(at(2026, 12, 1, 23, 30)), day(2026, 12, 1));
+        // Summer time (UTC+2): 22:30 UTC is already the next day.
+        assert_eq!(berlin.day(at(2026, 7, 1, 22, 30)), day(2026, 7, 2));
+        assert_eq!(berlin.day(at(2026, 7, 1, 21, 30)), day(2026, 7, 1));
+        // 29 March 2026 has 23 hours in Berlin: it starts at 23:00 UTC on
+        // the 28th and ends at 22:00 UTC on the 29th.
+        assert_eq!(berlin.day(at(2026, 3, 28, 23, 0)), day(2026, 3, 29));
+        assert_eq!(berlin.day(at(2026, 3, 29, 21, 59)), day(2026, 3, 29));
+        assert_eq!(berlin.day(at(2026, 3, 29, 22, 0)), day(2026, 3, 30));
+        assert!(DayCalendar::named("Mars/Olympus").is_err());
+        assert_eq!(berlin.name(), "Europe/Berlin");
     }
 
     #[test]

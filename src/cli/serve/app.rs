@@ -183,6 +183,7 @@ fn gate_config(args: &ServeArgs) -> GateConfig {
             retention: i64::from(args.spend_retention_days) * 86_400_000,
         },
         spend_account: true,
+        spend_days: args.spend_timezone.clone(),
     }
 }
 

@@ -81,6 +81,11 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TOLLGATE_SPEND_RETENTION_DAYS", default_value_t = 400,
           value_parser = clap::value_parser!(u32).range(1..=3_660))]
     pub(crate) spend_retention_days: u32,
+    /// Where the spend account cuts its days: UTC, or an IANA time zone
+    /// such as Europe/Berlin.
+    #[arg(long, env = "TOLLGATE_SPEND_TIMEZONE", default_value = "UTC",
+          value_parser = spend_timezone_arg)]
+    pub(crate) spend_timezone: tollgate_core::store::DayCalendar,
     /// Address of the HTTP listener (forward auth, settle, `/status`,
     /// `/healthz`, `/readyz`).
     #[arg(long, env = "TOLLGATE_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
@@ -160,4 +165,8 @@ pub(crate) struct ServeArgs {
     /// Write only denials (and failed decisions) to the audit log.
     #[arg(long, env = "TOLLGATE_AUDIT_DENIALS_ONLY")]
     pub(crate) audit_denials_only: bool,
+}
+
+fn spend_timezone_arg(s: &str) -> Result<tollgate_core::store::DayCalendar, String> {
+    tollgate_core::store::DayCalendar::named(s)
 }
