@@ -152,7 +152,7 @@ fn bench(c: &mut Criterion) {
                 if let Some(id) = d.reservation_id {
                     rt.block_on(gate.settle(&id, &used)).unwrap();
                 }
-                if i % 1_000 == 0 {
+                if i.is_multiple_of(1_000) {
                     rt.block_on(gate.flush_spend()).unwrap();
                 }
             })
