@@ -600,6 +600,88 @@ async fn the_spend_account_cuts_days_in_its_time_zone() {
     assert_eq!(days[0].rows[0].estimated.requests, 1);
 }
 
+/// Reconciling with an invoice: over a month of calls to the shipped
+/// models (tokens with cached input, images, video and audio seconds), the
+/// account by model equals, exactly, the sum over the settled calls of
+/// their usage at the shipped prices.
+#[tokio::test]
+async fn a_month_by_model_reconciles_exactly_at_the_shipped_prices() {
+    use rust_decimal::Decimal;
+    use tollgate::spend::{report, SpendQuery};
+    use tollgate_core::engine::charge::{cost, Usage};
+    use tollgate_core::gate::ActualUsage;
+    let shipped = std::fs::read_to_string("policies/pricing.yaml").unwrap();
+    let rules = "
+rules:
+  - id: team-spend
+    match: { team: '*' }
+    per: [team]
+    limit: { spend: 100000, window: monthly }
+";
+    let compile = || common::compile(&[("pricing.yaml", &shipped), ("rules.yaml", rules)]).unwrap();
+    let compiled = compile();
+    let clock = Arc::new(ManualClock::new(at(2026, 11, 1, 0, 0)));
+    let gate = gate_with(compile(), Arc::new(MemoryStore::default()), clock.clone());
+    let d = |s: &str| s.parse::<Decimal>().unwrap();
+    // (model, modality, actual usage)
+    let calls: Vec<(&str, Option<&str>, ActualUsage)> = vec![
+        ("gpt-4o-mini", None, ActualUsage { input_tokens: 123_457, cached_input_tokens: 100_001, output_tokens: 9_999, reasoning_tokens: 0, ..Default::default() }),
+        ("gpt-5", None, ActualUsage { input_tokens: 7, cached_input_tokens: 3, output_tokens: 1_234, reasoning_tokens: 1_000, ..Default::default() }),
+        ("claude-opus-4", None, ActualUsage { input_tokens: 40_000, output_tokens: 333, ..Default::default() }),
+        ("text-embedding-3-small", Some("embedding"), ActualUsage { input_tokens: 987_654, ..Default::default() }),
+        ("gpt-image-1", Some("image"), ActualUsage { images: 3, image_quality: Some("high".into()), ..Default::default() }),
+        ("sora-2", Some("video"), ActualUsage { video_seconds: d("12.5"), ..Default::default() }),
+        ("whisper-1", Some("audio"), ActualUsage { audio_seconds: d("95.25"), ..Default::default() }),
+    ];
+    let mut expected: std::collections::BTreeMap<String, Decimal> = Default::default();
+    for day in 0..30 {
+        clock.set(at(2026, 11, 1 + day, 9, 0));
+        for (i, (model, modality, used)) in calls.iter().enumerate() {
+            if (day as usize + i) % 3 == 0 {
+                continue;
+            }
+            let decision = gate
+                .check(CheckInput {
+                    attributes: Attributes {
+                        team: Some("growth".into()),
+                        model: Some(model.to_string()),
+                        modality: modality.map(str::to_string),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+                .await
+                .expect("decision");
+            assert_eq!(decision.verdict, Verdict::Allow, "{model}: {decision:?}");
+            gate.settle(&decision.reservation_id.unwrap(), used).await.unwrap();
+            let usage = Usage {
+                input_tokens: used.input_tokens,
+                cached_input_tokens: used.cached_input_tokens,
+                output_tokens: used.output_tokens,
+                images: used.images,
+                image_quality: used.image_quality.clone().unwrap_or_else(|| "medium".into()),
+                video_jobs: 0,
+                video_seconds: used.video_seconds,
+                audio_seconds: used.audio_seconds,
+            };
+            let price = compiled.price(model).expect("shipped price");
+            *expected.entry(model.to_string()).or_default() += cost(price, &usage, model).unwrap();
+        }
+        gate.flush_spend().await.unwrap();
+    }
+    let nov = tollgate_core::engine::window::days_from_civil(2026, 11, 1);
+    let days = gate.spend(nov, nov + 29).await.unwrap();
+    let month = report(&days, &SpendQuery::parse("2026-11-01", "2026-11-30", "model", &[]).unwrap(), "UTC");
+    let got: std::collections::BTreeMap<String, Decimal> = month
+        .groups
+        .iter()
+        .map(|g| (g.group["model"].clone(), g.settled.spend_usd.parse().unwrap()))
+        .collect();
+    assert_eq!(got, expected, "the account by model is the invoice, exactly");
+    assert!(month.total.estimated.requests == 0, "every call was settled");
+    assert_eq!(month.total.settled.images, 3 * 20);
+}
+
 /// Only the embedded store has a counter cap of its own.
 #[tokio::test]
 async fn memory_stays_bounded_under_millions_of_distinct_keys() {
