@@ -682,6 +682,48 @@ rules:
     assert_eq!(month.total.settled.images, 3 * 20);
 }
 
+/// On Redis every key has a lifetime or a cap: the grants listing is
+/// pruned of expired grants and expires with its longest grant; a log
+/// stream is trimmed to its cap and expires after its retention.
+#[tokio::test]
+async fn redis_grants_and_logs_are_bounded() {
+    use tollgate_core::store::{LogBounds, RedisConfig, RedisStore};
+    let server = common::RedisServer::start();
+    let config = RedisConfig {
+        logs: LogBounds {
+            max_entries: 100,
+            retention: std::time::Duration::from_secs(3_600),
+        },
+        ..RedisConfig::new(server.url())
+    };
+    let store = RedisStore::connect(&config).await.unwrap();
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-u", &server.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let now = 1_000_000;
+    store.put_grant(&grant("a|s1", 1, now + 1_000), now).await.unwrap();
+    store.put_grant(&grant("b|s2", 1, now + 50_000), now).await.unwrap();
+    let ttl: i64 = cli(&["PTTL", "tollgate:grants"]).parse().unwrap();
+    assert!(ttl > 50_000 && ttl <= 50_000 + 60_000, "the listing lives as long as its longest grant: {ttl}");
+    // Once the first has expired, making a grant prunes it from the listing.
+    store.put_grant(&grant("c|s3", 1, now + 40_000), now + 2_000).await.unwrap();
+    assert_eq!(cli(&["HLEN", "tollgate:grants"]), "2", "the expired grant left the listing");
+    for i in 0..1_000 {
+        store.append("alerts", &format!("{{\"n\":{i}}}")).await.unwrap();
+    }
+    let len: usize = cli(&["XLEN", "tollgate:log:alerts"]).parse().unwrap();
+    assert!(len < 300, "trimmed to about 100 entries, not {len}");
+    let ttl: i64 = cli(&["PTTL", "tollgate:log:alerts"]).parse().unwrap();
+    assert!(ttl > 3_500_000 && ttl <= 3_600_000, "the stream expires after its retention: {ttl}");
+    let last = store.entries("alerts", 1).await.unwrap();
+    assert_eq!(last, vec!["{\"n\":999}".to_string()], "the newest entries stay");
+}
+
 /// Only the embedded store has a counter cap of its own.
 #[tokio::test]
 async fn memory_stays_bounded_under_millions_of_distinct_keys() {
