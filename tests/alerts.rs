@@ -17,8 +17,6 @@ use hmac::{Hmac, Mac};
 use hyper::body::Bytes;
 use sha2::Sha256;
 use tollgate::proto::v1 as pb;
-use tollgate::proto::v1::tollgate_client::TollgateClient;
-use tonic::transport::Channel;
 
 const SECRET: &str = "webhook-signing-secret";
 
@@ -125,15 +123,7 @@ fn each_threshold_reaches_the_webhook_once_across_replicas_despite_failures() {
     ];
 
     let allowed = rt.block_on(async {
-        let mut clients = Vec::new();
-        for s in &servers {
-            let channel = Channel::from_shared(s.endpoint())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            clients.push(TollgateClient::new(channel));
-        }
+        let clients = common::grpc_clients(&servers).await;
         let mut tasks = Vec::new();
         for i in 0..500 {
             let mut client = clients[i % 2].clone();
@@ -261,33 +251,13 @@ rules:
     ];
     let servers = [TollgateProcess::start(&args), TollgateProcess::start(&args)];
     let fired_in_responses = rt.block_on(async {
-        let mut clients = Vec::new();
-        for s in &servers {
-            let channel = Channel::from_shared(s.endpoint())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            clients.push(TollgateClient::new(channel));
-        }
+        let mut clients = common::grpc_clients(&servers).await;
         let mut fired = 0;
         for i in 0..3 {
             let client = &mut clients[i % 2];
+            // $0.0025 in, $0.05 out: $0.0525 reserved.
             let d = client
-                .check(pb::CheckRequest {
-                    attributes: Some(pb::Attributes {
-                        team: "growth".to_string(),
-                        model: "gpt-4o".to_string(),
-                        ..Default::default()
-                    }),
-                    // $0.0025 in, $0.05 out: $0.0525 reserved.
-                    estimate: Some(pb::Estimate {
-                        input_tokens: Some(1_000),
-                        output_tokens: Some(5_000),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
+                .check(common::native_check("growth", "gpt-4o", 1_000, 5_000))
                 .await
                 .expect("check answered")
                 .into_inner();

@@ -14,9 +14,7 @@ use common::envoy_ext_proc::{FakeEnvoy, HttpRequest, UpstreamResponse};
 use common::{eventually, http_get, policy_dir, RedisServer, TollgateProcess};
 use rust_decimal::Decimal;
 use tollgate::proto::v1 as pb;
-use tollgate::proto::v1::tollgate_client::TollgateClient;
 use tollgate::spend::{SpendGroup, SpendReport};
-use tonic::transport::Channel;
 
 const POLICY: &str = "
 pricing:
@@ -110,15 +108,7 @@ fn the_account_adds_up_across_replicas_paths_and_reports() {
     };
     let mtok = Decimal::from(1_000_000);
     rt.block_on(async {
-        let mut clients = Vec::new();
-        for s in &servers {
-            let channel = Channel::from_shared(s.endpoint())
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            clients.push(TollgateClient::new(channel));
-        }
+        let mut clients = common::grpc_clients(&servers).await;
         for (i, (team, model, input, cached, output)) in native.iter().enumerate() {
             let decision = clients[i % 2]
                 .check(pb::CheckRequest {
@@ -164,19 +154,7 @@ fn the_account_adds_up_across_replicas_paths_and_reports() {
         }
         // Never settled: 100 in and 2,000 out of gpt-4o, estimated.
         let unsettled = clients[0]
-            .check(pb::CheckRequest {
-                attributes: Some(pb::Attributes {
-                    team: "growth".to_string(),
-                    model: "gpt-4o".to_string(),
-                    ..Default::default()
-                }),
-                estimate: Some(pb::Estimate {
-                    input_tokens: Some(100),
-                    output_tokens: Some(2_000),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
+            .check(common::native_check("growth", "gpt-4o", 100, 2_000))
             .await
             .unwrap()
             .into_inner();
@@ -291,12 +269,7 @@ rules:
         .build()
         .unwrap();
     rt.block_on(async {
-        let channel = Channel::from_shared(server.endpoint())
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut client = TollgateClient::new(channel);
+        let mut client = common::grpc_clients(std::slice::from_ref(&server)).await.remove(0);
         for team in ["a", "b", "c", "d", "e"] {
             let d = client
                 .check(pb::CheckRequest {

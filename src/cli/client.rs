@@ -1,10 +1,12 @@
-//! What the client commands (`health`, `usage --server`, the admin
-//! commands) share: how they reach a server over HTTP or HTTPS.
+//! What the client commands (`health`, `usage`, `spend`, the admin
+//! commands) share: how they reach a server over HTTP or HTTPS, or its
+//! Redis directly.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tollgate::http_client::{self, Target};
+use tollgate_core::store::{RedisConfig, RedisStore};
 
 /// TLS options for reaching a server's HTTP listener over `https://`.
 #[derive(clap::Args)]
@@ -20,6 +22,33 @@ pub(super) struct ServerTlsArgs {
     /// The private key (PEM) of `--client-cert`.
     #[arg(long, requires = "client_cert")]
     client_key: Option<PathBuf>,
+}
+
+/// How a report command reads Redis straight, as `serve` does.
+#[derive(clap::Args)]
+pub(super) struct RedisArgs {
+    /// Read straight from Redis.
+    #[arg(long, env = "TOLLGATE_REDIS_URL")]
+    pub redis: Option<String>,
+    #[arg(long, env = "TOLLGATE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+    #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
+    pub redis_prefix: String,
+}
+
+impl RedisArgs {
+    /// Connects to `url` with these options.
+    pub async fn connect(&self, url: &str) -> Result<RedisStore, String> {
+        let config = RedisConfig {
+            prefix: self.redis_prefix.clone(),
+            cluster: self.redis_cluster,
+            ca_file: self.redis_ca_file.clone(),
+            ..RedisConfig::new(url.to_string())
+        };
+        RedisStore::connect(&config).await.map_err(|e| e.to_string())
+    }
 }
 
 /// A server to send requests to, with the TLS setup for `https://`.

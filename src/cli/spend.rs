@@ -1,15 +1,14 @@
 //! `tollgate spend`: the spend account, grouped and filtered, from a
 //! running server or straight from Redis.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use tollgate::http_client;
 use tollgate::spend::{day_text, report, SpendQuery, SpendReport};
 use tollgate_core::clock::{Clock, SystemClock};
-use tollgate_core::store::{CounterStore, DayCalendar, RedisConfig, RedisStore};
+use tollgate_core::store::{CounterStore, DayCalendar};
 
-use super::client::{Server, ServerTlsArgs};
+use super::client::{RedisArgs, Server, ServerTlsArgs};
 use super::runtime::{runtime, Threads};
 
 #[derive(clap::Args)]
@@ -40,15 +39,8 @@ pub(super) struct SpendArgs {
     server: Option<String>,
     #[command(flatten)]
     tls: ServerTlsArgs,
-    /// Read straight from Redis.
-    #[arg(long, env = "TOLLGATE_REDIS_URL")]
-    redis: Option<String>,
-    #[arg(long, env = "TOLLGATE_REDIS_CA_FILE")]
-    redis_ca_file: Option<PathBuf>,
-    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
-    redis_cluster: bool,
-    #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
-    redis_prefix: String,
+    #[command(flatten)]
+    store: RedisArgs,
     /// With --redis: the time zone the servers cut days in (their
     /// --spend-timezone), for what "today" is and what the report says.
     #[arg(long, env = "TOLLGATE_SPEND_TIMEZONE", default_value = "UTC")]
@@ -78,7 +70,7 @@ pub(super) fn spend(args: SpendArgs) -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        match (&args.server, &args.redis) {
+        match (&args.server, &args.store.redis) {
             (Some(server), _) => from_server(server, &args, &from, &to).await,
             (None, Some(url)) => from_redis(&args, url, &query, calendar.name()).await,
             (None, None) => Err("give --server URL, or --redis URL".to_string()),
@@ -152,15 +144,7 @@ async fn from_redis(
     query: &SpendQuery,
     timezone: &str,
 ) -> Result<SpendReport, String> {
-    let config = RedisConfig {
-        prefix: args.redis_prefix.clone(),
-        cluster: args.redis_cluster,
-        ca_file: args.redis_ca_file.clone(),
-        ..RedisConfig::new(url.to_string())
-    };
-    let store = RedisStore::connect(&config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let store = args.store.connect(url).await?;
     let days = store
         .spend(query.from, query.to)
         .await

@@ -9,10 +9,9 @@ use std::time::Duration;
 use tollgate::reload;
 use tollgate::usage::{UsageReport, UsageRow};
 use tollgate_core::gate::{Gate, GateConfig, SystemClock};
-use tollgate_core::store::{RedisConfig, RedisStore};
 
 use super::args::parse_attrs;
-use super::client::{Server, ServerTlsArgs};
+use super::client::{RedisArgs, Server, ServerTlsArgs};
 use super::runtime::{runtime, Threads};
 
 #[derive(clap::Args)]
@@ -24,15 +23,9 @@ pub(super) struct UsageArgs {
     server: Option<String>,
     #[command(flatten)]
     tls: ServerTlsArgs,
-    /// Read straight from Redis (needs --policies and --attr or --api-key).
-    #[arg(long, env = "TOLLGATE_REDIS_URL")]
-    redis: Option<String>,
-    #[arg(long, env = "TOLLGATE_REDIS_CA_FILE")]
-    redis_ca_file: Option<PathBuf>,
-    #[arg(long, env = "TOLLGATE_REDIS_CLUSTER")]
-    redis_cluster: bool,
-    #[arg(long, env = "TOLLGATE_REDIS_PREFIX", default_value = "tollgate:")]
-    redis_prefix: String,
+    /// With --redis: needs --policies and --attr or --api-key.
+    #[command(flatten)]
+    store: RedisArgs,
     /// Policy directory; may be given several times.
     #[arg(long = "policies", env = "TOLLGATE_POLICIES", value_delimiter = ',')]
     policies: Vec<PathBuf>,
@@ -56,7 +49,7 @@ pub(super) fn usage(args: UsageArgs) -> ExitCode {
         Err(code) => return code,
     };
     let report = runtime.block_on(async {
-        match (&args.server, &args.redis) {
+        match (&args.server, &args.store.redis) {
             (Some(server), _) => usage_from_server(server, &args.tls).await,
             (None, Some(url)) => usage_from_redis(&args, url).await,
             (None, None) => Err("give --server URL, or --redis URL with --policies".to_string()),
@@ -102,15 +95,7 @@ async fn usage_from_redis(args: &UsageArgs, url: &str) -> Result<UsageReport, St
     }
     let policy = reload::load(&args.policies, false).map_err(|e| e.to_string())?;
     let attributes = parse_attrs(&args.attrs)?;
-    let config = RedisConfig {
-        prefix: args.redis_prefix.clone(),
-        cluster: args.redis_cluster,
-        ca_file: args.redis_ca_file.clone(),
-        ..RedisConfig::new(url.to_string())
-    };
-    let store = RedisStore::connect(&config)
-        .await
-        .map_err(|e| e.to_string())?;
+    let store = args.store.connect(url).await?;
     let version = policy.version.clone();
     let gate = Gate::new(
         policy,

@@ -909,3 +909,42 @@ pub fn metric(http_port: u16, series: &str) -> f64 {
         })
         .unwrap_or(0.0)
 }
+
+/// A native-API client connected to each of `servers`, in order.
+pub async fn grpc_clients(
+    servers: &[TollgateProcess],
+) -> Vec<tollgate::proto::v1::tollgate_client::TollgateClient<tonic::transport::Channel>> {
+    let mut clients = Vec::new();
+    for s in servers {
+        let channel = tonic::transport::Channel::from_shared(s.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        clients.push(tollgate::proto::v1::tollgate_client::TollgateClient::new(channel));
+    }
+    clients
+}
+
+/// A native-API check of `model` for `team`, estimating `input` tokens in
+/// and `output` out.
+pub fn native_check(
+    team: &str,
+    model: &str,
+    input: u64,
+    output: u64,
+) -> tollgate::proto::v1::CheckRequest {
+    tollgate::proto::v1::CheckRequest {
+        attributes: Some(tollgate::proto::v1::Attributes {
+            team: team.to_string(),
+            model: model.to_string(),
+            ..Default::default()
+        }),
+        estimate: Some(tollgate::proto::v1::Estimate {
+            input_tokens: Some(input),
+            output_tokens: Some(output),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
