@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tollgate_core::engine::charge::from_counter;
 use tollgate_core::engine::decide::scope_counters;
-use tollgate_core::engine::window::format_utc;
+use tollgate_core::engine::window::format_in;
 use tollgate_core::engine::{Decision, RequestError, Verdict};
 use tollgate_core::gate::{CheckInput, Gate, GateConfig, ManualClock};
 use tollgate_core::policy::{Attr, CompiledPolicy, Condition, Enforcement, OnExceed, Unit};
@@ -164,7 +164,7 @@ pub fn explain(
             "most constrained: {} ({}) resets at {}",
             c.rule,
             c.scope,
-            format_utc(c.resets_at.unwrap_or_default())
+            format_in(c.window, c.resets_at.unwrap_or_default())
         );
     }
     Ok(out)

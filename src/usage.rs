@@ -14,7 +14,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::http_client::{self, Target};
-use tollgate_core::engine::window::format_utc;
+use tollgate_core::engine::window::{format_in, format_utc};
 use tollgate_core::engine::CounterReport;
 
 /// How long `fetch` waits for a server's answer.
@@ -33,6 +33,10 @@ pub struct UsageRow {
     pub remaining: String,
     /// Unix seconds; absent when the counter never resets.
     pub resets_at: Option<i64>,
+    /// The reset instant in RFC 3339 in the window's own time zone, with
+    /// its offset (`Z` for UTC windows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resets_at_local: Option<String>,
     pub enforced: bool,
 }
 
@@ -47,6 +51,7 @@ impl From<&CounterReport> for UsageRow {
             limit: c.limit.normalize().to_string(),
             remaining: c.remaining.normalize().to_string(),
             resets_at: c.resets_at.map(|t| t.div_euclid(1000)),
+            resets_at_local: c.resets_at.map(|t| format_in(c.window, t)),
             enforced: c.enforced,
         }
     }
@@ -119,9 +124,10 @@ pub fn table(rows: &[UsageRow]) -> String {
                 bar(pct),
                 pct.map(|p| format!("{p:.1}%"))
                     .unwrap_or_else(|| "-".to_string()),
-                match r.resets_at {
-                    Some(t) => format_utc(t * 1000),
-                    None => "never".to_string(),
+                match (&r.resets_at_local, r.resets_at) {
+                    (Some(local), _) => local.clone(),
+                    (None, Some(t)) => format_utc(t * 1000),
+                    (None, None) => "never".to_string(),
                 }
                 .to_string()
                     + if r.enforced { "" } else { " (soft)" },
@@ -204,6 +210,7 @@ mod tests {
             limit: limit.into(),
             remaining: "0".into(),
             resets_at: None,
+            resets_at_local: None,
             enforced: true,
         }
     }

@@ -1537,3 +1537,128 @@ rules:
         );
     });
 }
+
+const BILLING_BERLIN: &str = "
+rules:
+  - id: billing
+    match: { workflow: w }
+    limit: { requests: 1, window: monthly, timezone: Europe/Berlin, anchor: 15 }
+";
+
+#[test]
+fn a_billing_month_in_berlin_resets_at_local_midnight_on_its_anchor() {
+    // 23:30 on 14 December in Berlin (CET, UTC+1).
+    let (gate, clock) = memory_gate(BILLING_BERLIN, at(2026, 12, 14, 22, 30));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let w = || input(&[("workflow", "w")]);
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Allow);
+        let denied = gate.check(w()).await.unwrap();
+        assert_eq!(denied.verdict, Verdict::Deny);
+        assert_eq!(denied.retry_after, Some(30 * 60));
+        assert_eq!(denied.counters[0].resets_at, Some(at(2026, 12, 14, 23, 0)));
+        assert!(
+            denied
+                .message
+                .contains("resets at 2026-12-15T00:00:00+01:00"),
+            "{}",
+            denied.message
+        );
+        assert!(
+            denied
+                .message
+                .contains("monthly (from day 15, Europe/Berlin)"),
+            "{}",
+            denied.message
+        );
+        clock.set(at(2026, 12, 14, 23, 0) - 1);
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Deny);
+        clock.set(at(2026, 12, 14, 23, 0));
+        let next = gate.check(w()).await.unwrap();
+        assert_eq!(next.verdict, Verdict::Allow);
+        assert_eq!(next.counters[0].resets_at, Some(at(2027, 1, 14, 23, 0)));
+    });
+}
+
+#[test]
+fn a_daily_window_in_a_zone_lasts_25_hours_on_the_fall_back_day() {
+    let yaml = "
+rules:
+  - id: daily-ny
+    match: { workflow: w }
+    limit: { requests: 1, window: daily, timezone: America/New_York }
+";
+    // 2026-11-01 in New York runs from 04:00 UTC to 05:00 UTC the next day.
+    let (gate, clock) = memory_gate(yaml, at(2026, 11, 1, 4, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let w = || input(&[("workflow", "w")]);
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Allow);
+        let denied = gate.check(w()).await.unwrap();
+        assert_eq!(denied.retry_after, Some(25 * 3600));
+        clock.set(at(2026, 11, 2, 4, 59));
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Deny);
+        clock.set(at(2026, 11, 2, 5, 0));
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Allow);
+    });
+}
+
+#[test]
+fn changing_a_windows_zone_or_anchor_starts_new_counters_and_keeps_the_old_ones() {
+    let (gate, _clock) = memory_gate(BILLING_BERLIN, at(2026, 12, 20, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let w = || input(&[("workflow", "w")]);
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Allow);
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Deny);
+        // The same rule id in another zone, on another billing day, or as
+        // a plain UTC month counts in a window of its own.
+        for other in [
+            "timezone: America/New_York, anchor: 15",
+            "timezone: Europe/Berlin, anchor: 1",
+            "timezone: Europe/Berlin, anchor: 16",
+            "timezone: UTC",
+            "anchor: 15",
+        ] {
+            let yaml = BILLING_BERLIN.replace("timezone: Europe/Berlin, anchor: 15", other);
+            gate.replace_policy(policy(&yaml));
+            assert_eq!(
+                gate.check(w()).await.unwrap().verdict,
+                Verdict::Allow,
+                "{other}"
+            );
+            assert_eq!(
+                gate.check(w()).await.unwrap().verdict,
+                Verdict::Deny,
+                "{other}"
+            );
+        }
+        // Back to the first window: its count was kept.
+        gate.replace_policy(policy(BILLING_BERLIN));
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Deny);
+    });
+}
+
+#[test]
+fn utc_windows_keep_their_counter_names() {
+    // `timezone: UTC` with the default anchor is the plain window: the
+    // counters it already had go on counting.
+    let plain = "
+rules:
+  - id: m
+    match: { workflow: w }
+    limit: { requests: 1, window: monthly }
+";
+    let (gate, _clock) = memory_gate(plain, at(2026, 12, 20, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let w = || input(&[("workflow", "w")]);
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Allow);
+        let same = plain.replace(
+            "window: monthly",
+            "window: monthly, timezone: UTC, anchor: 1",
+        );
+        gate.replace_policy(policy(&same));
+        assert_eq!(gate.check(w()).await.unwrap().verdict, Verdict::Deny);
+    });
+}

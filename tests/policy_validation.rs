@@ -57,6 +57,59 @@ rules:
 }
 
 #[test]
+fn bad_time_zones_and_anchors_are_positioned() {
+    let yaml = "\
+rules:
+  - id: a
+    limit: { spend: 10, window: monthly, timezone: Mars/Olympus }
+  - id: b
+    limit: { spend: 10, window: monthly, anchor: 32 }
+  - id: c
+    limit: { spend: 10, window: weekly, anchor: funday }
+  - id: d
+    limit: { spend: 10, window: daily, anchor: 3 }
+  - id: e
+    limit: { spend: 10, window: hour, timezone: Europe/Berlin }
+  - id: f
+    limit: { spend: 10, window: 7d, anchor: 2 }
+  - id: g
+    limit: { concurrent: 2, timezone: Europe/Berlin }
+";
+    let errs = errors(&[("p.yaml", yaml)]);
+    has(
+        &errs,
+        "p.yaml:3:52:",
+        "\"Mars/Olympus\" is not an IANA time zone",
+    );
+    has(&errs, "p.yaml:5:50:", "billing day, 1 to 31");
+    has(&errs, "p.yaml:7:49:", "one of monday, tuesday");
+    has(&errs, "p.yaml:9:48:", "a daily window takes no `anchor`");
+    has(
+        &errs,
+        "p.yaml:11:49:",
+        "applies to a daily, weekly or monthly window",
+    );
+    has(
+        &errs,
+        "p.yaml:13:45:",
+        "applies to a daily, weekly or monthly window",
+    );
+    has(
+        &errs,
+        "p.yaml:15:39:",
+        "needs a daily, weekly or monthly `window`",
+    );
+    assert_eq!(errs.len(), 7, "{}", errs.join("\n"));
+    // Weekday anchors take full and three-letter names.
+    for ok in ["sunday", "Sun", "mon"] {
+        let yaml = format!(
+            "rules:\n  - id: w\n    limit: {{ requests: 1, window: weekly, anchor: {ok}, timezone: Asia/Tokyo }}\n"
+        );
+        assert!(compile(&[("p.yaml", &yaml)]).is_ok(), "{ok}");
+    }
+}
+
+#[test]
 fn duplicate_ids_across_files_name_both_places() {
     let one = "rules:\n  - id: shared\n    limit: { requests: 1, window: daily }\n";
     let two = "\n\nrules:\n  - id: shared\n    limit: { requests: 2, window: daily }\n";

@@ -6,7 +6,7 @@ use sha2::{Digest, Sha256};
 
 use super::charge::{counter_amount, from_counter, to_counter, Usage};
 use super::request::{Attributes, Estimate};
-use super::window::{self, format_utc, seconds_until, Millis};
+use super::window::{self, format_in, seconds_until, Millis};
 use super::RequestError;
 use crate::policy::{hex, CompiledPolicy, Enforcement, Limit, OnExceed, Rule, Unit, Window};
 use crate::store::{
@@ -466,7 +466,7 @@ pub fn counter_kind(limit: &Limit) -> CounterKind {
 
 fn expiry(window: Window, end: Option<Millis>) -> Expiry {
     match (window, end) {
-        (Window::Calendar(_), Some(end)) => Expiry::At(end + EXPIRY_GRACE),
+        (Window::Calendar(_) | Window::Local(_), Some(end)) => Expiry::At(end + EXPIRY_GRACE),
         (Window::Rolling(secs), _) => Expiry::AfterFirstUse(secs as i64 * 1000),
         _ => Expiry::Never,
     }
@@ -624,7 +624,7 @@ pub fn decide(
     let used = from_counter(state.used_before, unit);
     let needs = from_counter(op.amount, unit);
     let reset_text = match resets_at {
-        Some(t) => format!("resets at {}", format_utc(t)),
+        Some(t) => format!("resets at {}", format_in(rule.limit.window, t)),
         None => "does not reset".to_string(),
     };
     let (reason, retry_after, retryable, message) = if gate_closed {

@@ -496,6 +496,9 @@ impl fmt::Display for Unit {
 pub enum Window {
     /// Calendar windows in UTC, reset at the start of each period.
     Calendar(CalendarPeriod),
+    /// A day, week or month in a time zone, or starting on another day
+    /// than the 1st or Monday: a billing period.
+    Local(LocalCalendar),
     /// Starts at the counter's first use and lasts this many seconds.
     Rolling(u64),
     /// Never resets.
@@ -511,9 +514,102 @@ pub enum CalendarPeriod {
     Month,
 }
 
+/// A daily, weekly or monthly window in a time zone, from an anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalCalendar {
+    /// `Day`, `Week` or `Month`.
+    pub period: CalendarPeriod,
+    pub zone: Zone,
+    /// Monthly: the billing day, 1 to 31 (past a short month's end, its
+    /// last day). Weekly: the first day, 1 (Monday) to 7 (Sunday). Daily: 0.
+    pub anchor: u8,
+}
+
+/// The weekday names an `anchor` takes, Monday first.
+pub const WEEKDAYS: [&str; 7] = [
+    "monday",
+    "tuesday",
+    "wednesday",
+    "thursday",
+    "friday",
+    "saturday",
+    "sunday",
+];
+
+/// An IANA time zone from the tz database bundled into the binary (never
+/// the host's zoneinfo). Each distinct zone is loaded once per process and
+/// kept, so a window stays `Copy`; there are only a few hundred names.
+#[derive(Clone, Copy)]
+pub struct Zone(&'static (String, jiff::tz::TimeZone));
+
+impl Zone {
+    /// `UTC` or an IANA name such as `Europe/Berlin`.
+    pub fn get(name: &str) -> Result<Zone, String> {
+        use std::sync::{Mutex, OnceLock};
+        type Loaded = Mutex<BTreeMap<String, &'static (String, jiff::tz::TimeZone)>>;
+        static LOADED: OnceLock<Loaded> = OnceLock::new();
+        let (canonical, tz) = if name.eq_ignore_ascii_case("utc") {
+            ("UTC".to_string(), jiff::tz::TimeZone::UTC)
+        } else {
+            let tz = jiff::tz::TimeZone::get(name).map_err(|_| {
+                format!(
+                    "{name:?} is not an IANA time zone such as Europe/Berlin or America/New_York"
+                )
+            })?;
+            (tz.iana_name().unwrap_or(name).to_string(), tz)
+        };
+        let mut loaded = LOADED
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let entry = loaded
+            .entry(canonical.clone())
+            .or_insert_with(|| Box::leak(Box::new((canonical, tz))));
+        Ok(Zone(entry))
+    }
+
+    pub fn utc() -> Zone {
+        Zone::get("UTC").expect("UTC is always known")
+    }
+
+    pub fn name(&self) -> &'static str {
+        &self.0 .0
+    }
+
+    pub fn tz(&self) -> &'static jiff::tz::TimeZone {
+        &self.0 .1
+    }
+}
+
+impl PartialEq for Zone {
+    fn eq(&self, other: &Zone) -> bool {
+        self.name() == other.name()
+    }
+}
+
+impl Eq for Zone {}
+
+impl fmt::Debug for Zone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl fmt::Display for Window {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Window::Local(l) => match l.period {
+                CalendarPeriod::Week => write!(
+                    f,
+                    "weekly (from {}, {})",
+                    WEEKDAYS[usize::from(l.anchor.clamp(1, 7)) - 1],
+                    l.zone.name()
+                ),
+                CalendarPeriod::Month => {
+                    write!(f, "monthly (from day {}, {})", l.anchor, l.zone.name())
+                }
+                _ => write!(f, "daily ({})", l.zone.name()),
+            },
             Window::Calendar(CalendarPeriod::Minute) => f.write_str("minute"),
             Window::Calendar(CalendarPeriod::Hour) => f.write_str("hour"),
             Window::Calendar(CalendarPeriod::Day) => f.write_str("daily"),

@@ -5,7 +5,7 @@ use rust_decimal::Decimal;
 
 use super::{parse_duration, Reader};
 use crate::policy::model::*;
-use crate::policy::yaml::{Node, Value};
+use crate::policy::yaml::{Node, Pos, Value};
 
 impl Reader<'_> {
     pub(super) fn limit(&mut self, node: &Node) -> Option<Limit> {
@@ -21,6 +21,8 @@ impl Reader<'_> {
         let mut unit_seen: Option<Unit> = None;
         let mut window = None;
         let mut window_pos = node.pos;
+        // `timezone` and `anchor`, read once the window is known.
+        let mut local: Vec<(&str, &Node)> = Vec::new();
         let mut ok = true;
         for (k, v) in entries {
             let Some(name) = self.key_name(k) else {
@@ -33,11 +35,21 @@ impl Reader<'_> {
                 ok &= window.is_some();
                 continue;
             }
+            if name == "timezone" || name == "anchor" {
+                if local.iter().any(|(n, _)| *n == name) {
+                    self.error(k.pos, format!("field `{name}` is given twice in limit"));
+                    ok = false;
+                } else {
+                    local.push((name, v));
+                }
+                continue;
+            }
             let Some(u) = Unit::parse(name) else {
                 self.error(
                     k.pos,
                     format!(
-                        "unknown field `{name}` in limit; expected `window` and one unit of: {}",
+                        "unknown field `{name}` in limit; expected `window` (with `timezone` \
+                         and `anchor`) and one unit of: {}",
                         Unit::ALL.map(Unit::name).join(", ")
                     ),
                 );
@@ -82,6 +94,22 @@ impl Reader<'_> {
             );
             return None;
         };
+        let window = match window {
+            Some(w) if !local.is_empty() => {
+                let w = self.localize(w, window_pos, &local);
+                ok &= w.is_some();
+                w
+            }
+            None if !local.is_empty() => {
+                let (name, v) = local[0];
+                self.error(
+                    v.pos,
+                    format!("`{name}` needs a daily, weekly or monthly `window`"),
+                );
+                return None;
+            }
+            w => w,
+        };
         let window = match (unit, window) {
             (Unit::Concurrent, None | Some(Window::Lifetime)) => Window::Lifetime,
             (Unit::Concurrent, Some(_)) => {
@@ -103,6 +131,103 @@ impl Reader<'_> {
             amount,
             window,
         })
+    }
+
+    /// A daily, weekly or monthly window put in a time zone and given an
+    /// anchor. The plain UTC form (no zone or UTC, the 1st, Monday) stays
+    /// `Window::Calendar`, so its counters keep their names.
+    fn localize(&mut self, window: Window, pos: Pos, fields: &[(&str, &Node)]) -> Option<Window> {
+        let period = match window {
+            Window::Calendar(
+                p @ (CalendarPeriod::Day | CalendarPeriod::Week | CalendarPeriod::Month),
+            ) => p,
+            other => {
+                let (name, node) = fields[0];
+                self.error(
+                    node.pos,
+                    format!(
+                        "`{name}` applies to a daily, weekly or monthly window, not to {other} \
+                         (window at {pos})"
+                    ),
+                );
+                return None;
+            }
+        };
+        let mut zone = Zone::utc();
+        let mut anchor = match period {
+            CalendarPeriod::Day => 0,
+            _ => 1,
+        };
+        let mut ok = true;
+        for &(name, node) in fields {
+            if name == "timezone" {
+                let text = self.string(node, "timezone")?;
+                match Zone::get(text.trim()) {
+                    Ok(z) => zone = z,
+                    Err(e) => {
+                        self.error(node.pos, format!("bad `timezone`: {e}"));
+                        ok = false;
+                    }
+                }
+                continue;
+            }
+            let text = match &node.value {
+                Value::Scalar { text, .. } => text.trim().to_ascii_lowercase(),
+                _ => String::new(),
+            };
+            match period {
+                CalendarPeriod::Month => match text.parse::<u8>() {
+                    Ok(day @ 1..=31) => anchor = day,
+                    _ => {
+                        self.error(
+                            node.pos,
+                            format!(
+                                "bad `anchor` {text:?} for a monthly window: give the billing \
+                                 day, 1 to 31 (past a short month's end, its last day)"
+                            ),
+                        );
+                        ok = false;
+                    }
+                },
+                CalendarPeriod::Week => {
+                    let found = WEEKDAYS
+                        .iter()
+                        .position(|d| *d == text || (text.len() == 3 && d.starts_with(&text)));
+                    match found {
+                        Some(i) => anchor = i as u8 + 1,
+                        None => {
+                            self.error(
+                                node.pos,
+                                format!(
+                                    "bad `anchor` {text:?} for a weekly window: give the week's \
+                                     first day, one of {}",
+                                    WEEKDAYS.join(", ")
+                                ),
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+                _ => {
+                    self.error(
+                        node.pos,
+                        "a daily window takes no `anchor`: it starts at midnight in its `timezone`",
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if !ok {
+            return None;
+        }
+        if zone.name() == "UTC" && anchor <= 1 {
+            return Some(window);
+        }
+        Some(Window::Local(LocalCalendar {
+            period,
+            zone,
+            anchor,
+        }))
     }
 
     fn window(&mut self, node: &Node) -> Option<Window> {
