@@ -3,11 +3,12 @@
 //! then settled for real: a fresh gate allows one request and the
 //! fuzzed usage settles its reservation.
 //!
-//! Checks: nothing panics; an accepted form has a reservation id and
-//! non-negative amounts; its usage never prices below zero or past the
-//! counter bound; the settle of a live reservation settles (a usage that
-//! cannot be priced keeps the estimate), a repeat is already settled,
-//! and the counters it leaves are never negative.
+//! Checks: nothing panics; an accepted form has a reservation id,
+//! non-negative amounts and no more reasoning than output; its usage
+//! never prices below zero or past the counter bound; the settle of a
+//! live reservation settles (a usage that cannot be priced keeps the
+//! estimate), a repeat is already settled, and the counters it leaves
+//! are never negative.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -30,6 +31,7 @@ fn native(bytes: &[u8]) -> Option<SettleForm> {
             input_tokens: u.input_tokens,
             cached_input_tokens: u.cached_input_tokens,
             output_tokens: u.output_tokens,
+            reasoning_tokens: u.reasoning_tokens,
             images: u.images,
             image_quality: Some(u.image_quality),
             video_seconds: Some(u.video_seconds),
@@ -90,6 +92,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(!actual.video_seconds.is_sign_negative(), "{actual:?}");
     assert!(!actual.audio_seconds.is_sign_negative(), "{actual:?}");
     assert!(actual.image_quality.as_deref() != Some(""), "{actual:?}");
+    assert!(actual.reasoning_tokens <= actual.output_tokens, "{actual:?}");
 
     let policy = tollgate_fuzz::policy(false);
     tollgate_fuzz::check_charges(&Usage {

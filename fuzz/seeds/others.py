@@ -121,7 +121,7 @@ for name, text in requests.items():
 
 # settle_form: JSON as POST /v1/settle reads it, protobuf as the native API.
 forms = [
-    '{"reservation_id":"r-1","usage":{"input_tokens":1200,"cached_input_tokens":1024,"output_tokens":340}}',
+    '{"reservation_id":"r-1","usage":{"input_tokens":1200,"cached_input_tokens":1024,"output_tokens":340,"reasoning_tokens":128}}',
     '{"reservation_id":"r-2","usage":{"images":3,"image_quality":"high"}}',
     '{"reservation_id":"r-3","usage":{"video_seconds":8.5}}',
     '{"reservation_id":"r-4","usage":{"audio_seconds":"61.25"}}',
@@ -133,7 +133,7 @@ for i, form in enumerate(forms):
     for model in range(6):
         write("settle_form", f"json-{i}-model{model}", bytes([model << 1]) + form.encode())
 usages = [
-    field(1, 1200) + field(2, 1024) + field(3, 340),
+    field(1, 1200) + field(2, 1024) + field(3, 340) + field(8, 128),
     field(4, 3) + field(5, "low"),
     field(6, "8") + field(7, "120.5"),
     b"",
