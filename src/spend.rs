@@ -32,7 +32,11 @@ impl SpendQuery {
         let from = parse_day(from)?;
         let to = parse_day(to)?;
         if to < from {
-            return Err(format!("--to ({}) is before --from ({})", day_text(to), day_text(from)));
+            return Err(format!(
+                "--to ({}) is before --from ({})",
+                day_text(to),
+                day_text(from)
+            ));
         }
         if to - from >= MAX_DAYS {
             return Err(format!("a report covers at most {MAX_DAYS} days"));
@@ -159,7 +163,10 @@ pub fn report(days: &[SpendDay], query: &SpendQuery, timezone: &str) -> SpendRep
     let mut groups: BTreeMap<Vec<String>, (SpendEntry, SpendEntry)> = BTreeMap::new();
     let mut total = (SpendEntry::default(), SpendEntry::default());
     let mut folded = 0;
-    for day in days.iter().filter(|d| (query.from..=query.to).contains(&d.day)) {
+    for day in days
+        .iter()
+        .filter(|d| (query.from..=query.to).contains(&d.day))
+    {
         folded += day.folded_rows;
         for row in &day.rows {
             if !query.filters.iter().all(|(i, v)| row.dims.0[*i] == *v) {
@@ -185,7 +192,11 @@ pub fn report(days: &[SpendDay], query: &SpendQuery, timezone: &str) -> SpendRep
         from: day_text(query.from),
         to: day_text(query.to),
         timezone: timezone.to_string(),
-        by: query.by.iter().map(|&i| DIMENSIONS[i].to_string()).collect(),
+        by: query
+            .by
+            .iter()
+            .map(|&i| DIMENSIONS[i].to_string())
+            .collect(),
         filters: query
             .filters
             .iter()
@@ -260,11 +271,18 @@ impl SpendReport {
     pub fn groups_from_csv(text: &str) -> Result<Vec<SpendGroup>, String> {
         let mut lines = csv_records(text)?.into_iter();
         let header = lines.next().ok_or("an empty CSV")?;
-        let by = header.len().checked_sub(2 * ENTRY_COLUMNS.len()).ok_or("too few columns")?;
+        let by = header
+            .len()
+            .checked_sub(2 * ENTRY_COLUMNS.len())
+            .ok_or("too few columns")?;
         lines
             .map(|cells| {
                 if cells.len() != header.len() {
-                    return Err(format!("a row of {} cells under {} columns", cells.len(), header.len()));
+                    return Err(format!(
+                        "a row of {} cells under {} columns",
+                        cells.len(),
+                        header.len()
+                    ));
                 }
                 let entry = |c: &[String]| -> Result<EntryReport, String> {
                     let n = |s: &String| s.parse::<i64>().map_err(|e| format!("{s:?}: {e}"));
@@ -281,7 +299,11 @@ impl SpendReport {
                     })
                 };
                 Ok(SpendGroup {
-                    group: header[..by].iter().cloned().zip(cells[..by].iter().cloned()).collect(),
+                    group: header[..by]
+                        .iter()
+                        .cloned()
+                        .zip(cells[..by].iter().cloned())
+                        .collect(),
                     settled: entry(&cells[by..by + 9])?,
                     estimated: entry(&cells[by + 9..])?,
                 })
@@ -324,7 +346,10 @@ impl SpendReport {
         let mut rows = vec![header];
         for g in &self.groups {
             rows.push(line(
-                self.by.iter().map(|d| g.group.get(d).cloned().unwrap_or_default()).collect(),
+                self.by
+                    .iter()
+                    .map(|d| g.group.get(d).cloned().unwrap_or_default())
+                    .collect(),
                 g,
             ));
         }
@@ -336,7 +361,10 @@ impl SpendReport {
         let widths: Vec<usize> = (0..rows[0].len())
             .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
             .collect();
-        let mut out = format!("spend from {} to {} ({} days)\n", self.from, self.to, self.timezone);
+        let mut out = format!(
+            "spend from {} to {} ({} days)\n",
+            self.from, self.to, self.timezone
+        );
         for row in &rows {
             for (c, cell) in row.iter().enumerate() {
                 let _ = write!(out, "{cell:<w$}  ", w = widths[c]);
@@ -413,19 +441,31 @@ mod tests {
 
     #[test]
     fn queries_parse_and_refuse_what_they_cannot_read() {
-        let q = SpendQuery::parse("2026-12-01", "2026-12-31", "model, team", &["team=growth".into()]).unwrap();
+        let q = SpendQuery::parse(
+            "2026-12-01",
+            "2026-12-31",
+            "model, team",
+            &["team=growth".into()],
+        )
+        .unwrap();
         assert_eq!(q.to - q.from, 30);
         assert_eq!(q.by, vec![0, 2]);
         assert_eq!(q.filters, vec![(2, "growth".to_string())]);
         assert!(SpendQuery::parse("2026-02-30", "2026-03-01", "", &[]).is_err());
         assert!(SpendQuery::parse("2026-12-02", "2026-12-01", "", &[]).is_err());
-        assert!(SpendQuery::parse("2026-12-01", "2026-12-01", "colour", &[]).unwrap_err().contains("model"));
+        assert!(SpendQuery::parse("2026-12-01", "2026-12-01", "colour", &[])
+            .unwrap_err()
+            .contains("model"));
         assert!(SpendQuery::parse("2026-12-01", "2026-12-01", "", &["team".into()]).is_err());
     }
 
     #[test]
     fn csv_quotes_what_needs_quoting() {
-        let cells = vec!["a,b".to_string(), "say \"hi\"".to_string(), "plain".to_string()];
+        let cells = vec![
+            "a,b".to_string(),
+            "say \"hi\"".to_string(),
+            "plain".to_string(),
+        ];
         let line = csv_line(&cells);
         assert_eq!(csv_records(&line).unwrap(), vec![cells]);
     }

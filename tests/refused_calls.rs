@@ -76,7 +76,12 @@ async fn gate_on(server: &RedisServer, on_store_error: &str) -> (Gate, Arc<Manua
         store_timeout: TIMEOUT,
         ..GateConfig::default()
     };
-    let gate = Gate::new(policy(&budget(on_store_error)), store, clock.clone(), config);
+    let gate = Gate::new(
+        policy(&budget(on_store_error)),
+        store,
+        clock.clone(),
+        config,
+    );
     (gate, clock)
 }
 
@@ -151,8 +156,15 @@ async fn a_reserve_that_outlives_the_timeout_is_taken_back_and_a_retry_is_charge
     assert_eq!(d.verdict, Verdict::Allow, "{d:?}");
     assert_eq!(sorted_used(&gate).await, counters("100", "1"));
     let again = gate.check(call("call-1")).await.expect("decision");
-    assert_eq!(again.reservation_id, d.reservation_id, "a replay of the same call");
-    assert_eq!(sorted_used(&gate).await, counters("100", "1"), "not charged twice");
+    assert_eq!(
+        again.reservation_id, d.reservation_id,
+        "a replay of the same call"
+    );
+    assert_eq!(
+        sorted_used(&gate).await,
+        counters("100", "1"),
+        "not charged twice"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -166,7 +178,10 @@ async fn a_call_allowed_by_fail_open_keeps_its_estimate_and_frees_its_slot() {
     signal(&pid, "-CONT");
     let allowed = allowed.expect("fail open allows");
     assert_eq!(allowed.verdict, Verdict::Allow);
-    assert_eq!(allowed.reservation_id, None, "nothing the caller could settle");
+    assert_eq!(
+        allowed.reservation_id, None,
+        "nothing the caller could settle"
+    );
 
     // The call ran, so the late reserve's estimate stays charged; nobody
     // will settle it, so its concurrency slot is given back at once.
@@ -175,7 +190,10 @@ async fn a_call_allowed_by_fail_open_keeps_its_estimate_and_frees_its_slot() {
         last = futures_lite_block(sorted_used(&gate));
         last == counters("100", "0")
     });
-    assert!(done, "expected the estimate kept and the slot freed: {last:?}");
+    assert!(
+        done,
+        "expected the estimate kept and the slot freed: {last:?}"
+    );
 }
 
 /// Runs a future to completion from a synchronous `eventually` closure,

@@ -189,7 +189,8 @@ fn the_account_adds_up_across_replicas_paths_and_reports() {
             .or_default() += (Decimal::from(14) * pi + Decimal::from(21) * po) / mtok;
     });
     let total: Decimal = expected.values().sum();
-    let unsettled_estimate = (Decimal::from(100) * d("2.50") + Decimal::from(2_000) * d("10")) / mtok;
+    let unsettled_estimate =
+        (Decimal::from(100) * d("2.50") + Decimal::from(2_000) * d("10")) / mtok;
 
     // Each replica writes its part within about a second.
     let query = format!("from={today}&to={today}&by=model,team");
@@ -203,13 +204,30 @@ fn the_account_adds_up_across_replicas_paths_and_reports() {
     });
     let report = last.unwrap();
     assert!(complete, "the account never filled: {report:?}");
-    assert_eq!(by_group(&report.groups, &["model", "team"]), expected, "exact by model and team");
+    assert_eq!(
+        by_group(&report.groups, &["model", "team"]),
+        expected,
+        "exact by model and team"
+    );
     assert_eq!(d(&report.total.settled.spend_usd), total);
-    assert_eq!(d(&report.total.estimated.spend_usd), unsettled_estimate, "the unsettled call, apart");
+    assert_eq!(
+        d(&report.total.estimated.spend_usd),
+        unsettled_estimate,
+        "the unsettled call, apart"
+    );
     assert_eq!(report.total.settled.cached_input_tokens, 1_200);
 
     // Every dimension adds up to the same total; a filter keeps one team.
-    for by in ["model", "model_family", "team", "key", "workflow", "environment", "customer", "modality"] {
+    for by in [
+        "model",
+        "model_family",
+        "team",
+        "key",
+        "workflow",
+        "environment",
+        "customer",
+        "modality",
+    ] {
         let r = spend_json(servers[1].http_port, &format!("from={today}&by={by}"));
         let sum: Decimal = r.groups.iter().map(|g| d(&g.settled.spend_usd)).sum();
         assert_eq!(sum, total, "by {by}");
@@ -224,17 +242,47 @@ fn the_account_adds_up_across_replicas_paths_and_reports() {
 
     // The CLI, from the server as CSV and JSON, and straight from Redis.
     let server_url = format!("http://127.0.0.1:{port}");
-    let csv = cli(&["--server", &server_url, "--from", &today, "--by", "model,team", "--csv"]);
+    let csv = cli(&[
+        "--server",
+        &server_url,
+        "--from",
+        &today,
+        "--by",
+        "model,team",
+        "--csv",
+    ]);
     let groups = SpendReport::groups_from_csv(&csv).expect("CSV reads back");
-    assert_eq!(groups, report.groups, "CSV round-trips to the JSON's groups");
-    let json = cli(&["--server", &server_url, "--from", &today, "--by", "model,team", "--json"]);
+    assert_eq!(
+        groups, report.groups,
+        "CSV round-trips to the JSON's groups"
+    );
+    let json = cli(&[
+        "--server",
+        &server_url,
+        "--from",
+        &today,
+        "--by",
+        "model,team",
+        "--json",
+    ]);
     let from_cli: SpendReport = serde_json::from_str(&json).unwrap();
     assert_eq!(from_cli, report);
-    let direct = cli(&["--redis", &url, "--from", &today, "--by", "model,team", "--json"]);
+    let direct = cli(&[
+        "--redis",
+        &url,
+        "--from",
+        &today,
+        "--by",
+        "model,team",
+        "--json",
+    ]);
     let direct: SpendReport = serde_json::from_str(&direct).unwrap();
     assert_eq!(direct, report, "straight from Redis, the same account");
     let table = cli(&["--redis", &url, "--from", &today, "--by", "team"]);
-    assert!(table.contains("growth") && table.contains("total"), "{table}");
+    assert!(
+        table.contains("growth") && table.contains("total"),
+        "{table}"
+    );
 
     // A bad query is a clear 400.
     let (status, body) = http_get(port, "/v1/spend?by=colour").unwrap();
@@ -269,7 +317,9 @@ rules:
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut client = common::grpc_clients(std::slice::from_ref(&server)).await.remove(0);
+        let mut client = common::grpc_clients(std::slice::from_ref(&server))
+            .await
+            .remove(0);
         for team in ["a", "b", "c", "d", "e"] {
             let d = client
                 .check(pb::CheckRequest {
@@ -290,7 +340,11 @@ rules:
     let json = cli(&["--redis", &url, "--by", "team", "--json"]);
     let report: SpendReport = serde_json::from_str(&json).unwrap();
     assert_eq!(report.total.estimated.requests, 5, "{report:?}");
-    let teams: Vec<&str> = report.groups.iter().map(|g| g.group["team"].as_str()).collect();
+    let teams: Vec<&str> = report
+        .groups
+        .iter()
+        .map(|g| g.group["team"].as_str())
+        .collect();
     assert!(teams.contains(&"other"), "{teams:?}");
     assert_eq!(report.groups.len(), 3, "two rows, then other: {teams:?}");
     assert_eq!(report.folded_rows, 3);

@@ -594,7 +594,11 @@ async fn the_spend_account_cuts_days_in_its_time_zone() {
     assert_eq!(d.verdict, Verdict::Allow);
     gate.flush_spend().await.unwrap();
     let dec2 = tollgate_core::engine::window::days_from_civil(2026, 12, 2);
-    assert_eq!(gate.spend(dec2 - 1, dec2 - 1).await.unwrap().len(), 0, "nothing on 1 December");
+    assert_eq!(
+        gate.spend(dec2 - 1, dec2 - 1).await.unwrap().len(),
+        0,
+        "nothing on 1 December"
+    );
     let days = gate.spend(dec2, dec2).await.unwrap();
     assert_eq!(days.len(), 1);
     assert_eq!(days[0].rows[0].estimated.requests, 1);
@@ -625,13 +629,70 @@ rules:
     let d = |s: &str| s.parse::<Decimal>().unwrap();
     // (model, modality, actual usage)
     let calls: Vec<(&str, Option<&str>, ActualUsage)> = vec![
-        ("gpt-4o-mini", None, ActualUsage { input_tokens: 123_457, cached_input_tokens: 100_001, output_tokens: 9_999, reasoning_tokens: 0, ..Default::default() }),
-        ("gpt-5", None, ActualUsage { input_tokens: 7, cached_input_tokens: 3, output_tokens: 1_234, reasoning_tokens: 1_000, ..Default::default() }),
-        ("claude-opus-4", None, ActualUsage { input_tokens: 40_000, output_tokens: 333, ..Default::default() }),
-        ("text-embedding-3-small", Some("embedding"), ActualUsage { input_tokens: 987_654, ..Default::default() }),
-        ("gpt-image-1", Some("image"), ActualUsage { images: 3, image_quality: Some("high".into()), ..Default::default() }),
-        ("sora-2", Some("video"), ActualUsage { video_seconds: d("12.5"), ..Default::default() }),
-        ("whisper-1", Some("audio"), ActualUsage { audio_seconds: d("95.25"), ..Default::default() }),
+        (
+            "gpt-4o-mini",
+            None,
+            ActualUsage {
+                input_tokens: 123_457,
+                cached_input_tokens: 100_001,
+                output_tokens: 9_999,
+                reasoning_tokens: 0,
+                ..Default::default()
+            },
+        ),
+        (
+            "gpt-5",
+            None,
+            ActualUsage {
+                input_tokens: 7,
+                cached_input_tokens: 3,
+                output_tokens: 1_234,
+                reasoning_tokens: 1_000,
+                ..Default::default()
+            },
+        ),
+        (
+            "claude-opus-4",
+            None,
+            ActualUsage {
+                input_tokens: 40_000,
+                output_tokens: 333,
+                ..Default::default()
+            },
+        ),
+        (
+            "text-embedding-3-small",
+            Some("embedding"),
+            ActualUsage {
+                input_tokens: 987_654,
+                ..Default::default()
+            },
+        ),
+        (
+            "gpt-image-1",
+            Some("image"),
+            ActualUsage {
+                images: 3,
+                image_quality: Some("high".into()),
+                ..Default::default()
+            },
+        ),
+        (
+            "sora-2",
+            Some("video"),
+            ActualUsage {
+                video_seconds: d("12.5"),
+                ..Default::default()
+            },
+        ),
+        (
+            "whisper-1",
+            Some("audio"),
+            ActualUsage {
+                audio_seconds: d("95.25"),
+                ..Default::default()
+            },
+        ),
     ];
     let mut expected: std::collections::BTreeMap<String, Decimal> = Default::default();
     for day in 0..30 {
@@ -653,13 +714,18 @@ rules:
                 .await
                 .expect("decision");
             assert_eq!(decision.verdict, Verdict::Allow, "{model}: {decision:?}");
-            gate.settle(&decision.reservation_id.unwrap(), used).await.unwrap();
+            gate.settle(&decision.reservation_id.unwrap(), used)
+                .await
+                .unwrap();
             let usage = Usage {
                 input_tokens: used.input_tokens,
                 cached_input_tokens: used.cached_input_tokens,
                 output_tokens: used.output_tokens,
                 images: used.images,
-                image_quality: used.image_quality.clone().unwrap_or_else(|| "medium".into()),
+                image_quality: used
+                    .image_quality
+                    .clone()
+                    .unwrap_or_else(|| "medium".into()),
                 video_jobs: 0,
                 video_seconds: used.video_seconds,
                 audio_seconds: used.audio_seconds,
@@ -671,14 +737,29 @@ rules:
     }
     let nov = tollgate_core::engine::window::days_from_civil(2026, 11, 1);
     let days = gate.spend(nov, nov + 29).await.unwrap();
-    let month = report(&days, &SpendQuery::parse("2026-11-01", "2026-11-30", "model", &[]).unwrap(), "UTC");
+    let month = report(
+        &days,
+        &SpendQuery::parse("2026-11-01", "2026-11-30", "model", &[]).unwrap(),
+        "UTC",
+    );
     let got: std::collections::BTreeMap<String, Decimal> = month
         .groups
         .iter()
-        .map(|g| (g.group["model"].clone(), g.settled.spend_usd.parse().unwrap()))
+        .map(|g| {
+            (
+                g.group["model"].clone(),
+                g.settled.spend_usd.parse().unwrap(),
+            )
+        })
         .collect();
-    assert_eq!(got, expected, "the account by model is the invoice, exactly");
-    assert!(month.total.estimated.requests == 0, "every call was settled");
+    assert_eq!(
+        got, expected,
+        "the account by model is the invoice, exactly"
+    );
+    assert!(
+        month.total.estimated.requests == 0,
+        "every call was settled"
+    );
     assert_eq!(month.total.settled.images, 3 * 20);
 }
 
@@ -706,22 +787,48 @@ async fn redis_grants_and_logs_are_bounded() {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     };
     let now = 1_000_000;
-    store.put_grant(&grant("a|s1", 1, now + 1_000), now).await.unwrap();
-    store.put_grant(&grant("b|s2", 1, now + 50_000), now).await.unwrap();
+    store
+        .put_grant(&grant("a|s1", 1, now + 1_000), now)
+        .await
+        .unwrap();
+    store
+        .put_grant(&grant("b|s2", 1, now + 50_000), now)
+        .await
+        .unwrap();
     let ttl: i64 = cli(&["PTTL", "tollgate:grants"]).parse().unwrap();
-    assert!(ttl > 50_000 && ttl <= 50_000 + 60_000, "the listing lives as long as its longest grant: {ttl}");
+    assert!(
+        ttl > 50_000 && ttl <= 50_000 + 60_000,
+        "the listing lives as long as its longest grant: {ttl}"
+    );
     // Once the first has expired, making a grant prunes it from the listing.
-    store.put_grant(&grant("c|s3", 1, now + 40_000), now + 2_000).await.unwrap();
-    assert_eq!(cli(&["HLEN", "tollgate:grants"]), "2", "the expired grant left the listing");
+    store
+        .put_grant(&grant("c|s3", 1, now + 40_000), now + 2_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        cli(&["HLEN", "tollgate:grants"]),
+        "2",
+        "the expired grant left the listing"
+    );
     for i in 0..1_000 {
-        store.append("alerts", &format!("{{\"n\":{i}}}")).await.unwrap();
+        store
+            .append("alerts", &format!("{{\"n\":{i}}}"))
+            .await
+            .unwrap();
     }
     let len: usize = cli(&["XLEN", "tollgate:log:alerts"]).parse().unwrap();
     assert!(len < 300, "trimmed to about 100 entries, not {len}");
     let ttl: i64 = cli(&["PTTL", "tollgate:log:alerts"]).parse().unwrap();
-    assert!(ttl > 3_500_000 && ttl <= 3_600_000, "the stream expires after its retention: {ttl}");
+    assert!(
+        ttl > 3_500_000 && ttl <= 3_600_000,
+        "the stream expires after its retention: {ttl}"
+    );
     let last = store.entries("alerts", 1).await.unwrap();
-    assert_eq!(last, vec!["{\"n\":999}".to_string()], "the newest entries stay");
+    assert_eq!(
+        last,
+        vec!["{\"n\":999}".to_string()],
+        "the newest entries stay"
+    );
 }
 
 /// Only the embedded store has a counter cap of its own.
@@ -1070,20 +1177,28 @@ async fn an_alert_fires_once_per_threshold_and_window_across_refunds_and_replica
         }
     }
     for t in tasks {
-        assert_eq!(t.await.unwrap(), 0, "{name}: no decision reports a fired alert again");
+        assert_eq!(
+            t.await.unwrap(),
+            0,
+            "{name}: no decision reports a fired alert again"
+        );
     }
     assert_eq!(fifties(&fired), (1, 1), "{name}");
     // The next window is a new counter: its thresholds fire again, once.
     clock.set(at(2026, 11, 22, 0, 5));
-    let next = gate_with(policy(ALERTING_BUDGET), store.clone(), clock.clone())
-        .with_alerts(fired.clone());
+    let next =
+        gate_with(policy(ALERTING_BUDGET), store.clone(), clock.clone()).with_alerts(fired.clone());
     for _ in 0..3 {
         let d = next.check(input(600)).await.expect("decision");
         next.settle(&d.reservation_id.expect("reserved"), &settled(40))
             .await
             .expect("settle");
     }
-    assert_eq!(fifties(&fired), (2, 1), "{name}: a new window fires 50% once more");
+    assert_eq!(
+        fifties(&fired),
+        (2, 1),
+        "{name}: a new window fires 50% once more"
+    );
 }
 
 /// A reservation taken back after its decision was lost gives back every
@@ -1110,7 +1225,10 @@ async fn a_withdrawn_reservation_refunds_and_forgets_its_request_id(
     let mut retry = request(vec![op("tok", 30, 100), op("slots2", 1, 1)], "w2", 1_300);
     retry.request_id = Some("call-1".to_string());
     let again = store.reserve(&retry).await.unwrap();
-    assert!(!again.replayed, "{name}: a withdrawn request id must not replay");
+    assert!(
+        !again.replayed,
+        "{name}: a withdrawn request id must not replay"
+    );
     assert!(again.applied.is_some(), "{name}");
     let s = store.read(&refs(&["tok"]), 1_400).await.unwrap();
     assert_eq!(s[0].used_before, 30, "{name}: charged once");
@@ -1186,7 +1304,10 @@ async fn the_spend_account_adds_up_exactly_by_every_dimension(Backend { name, st
         Default::default();
     for (i, (team, model, est_out, input, cached, output, reasoning)) in calls.iter().enumerate() {
         let gate = &replicas[i % 2];
-        let d = gate.check(call(team, model, 100, *est_out)).await.expect("decision");
+        let d = gate
+            .check(call(team, model, 100, *est_out))
+            .await
+            .expect("decision");
         assert_eq!(d.verdict, Verdict::Allow, "{name}: {d:?}");
         // The other replica settles it.
         let other = &replicas[(i + 1) % 2];
@@ -1204,18 +1325,37 @@ async fn the_spend_account_adds_up_exactly_by_every_dimension(Backend { name, st
             .await
             .expect("settle");
         let (pi, pc, po) = price(model);
-        let cost = (Decimal::from(input - cached) * pi + Decimal::from(*cached) * pc + Decimal::from(*output) * po) / mtok;
-        *expected_by_model_team.entry((model.to_string(), team.to_string())).or_default() += cost;
+        let cost = (Decimal::from(input - cached) * pi
+            + Decimal::from(*cached) * pc
+            + Decimal::from(*output) * po)
+            / mtok;
+        *expected_by_model_team
+            .entry((model.to_string(), team.to_string()))
+            .or_default() += cost;
     }
     // Never settled: its estimate (100 in, 3,000 out of gpt-4o) stays apart.
-    let unsettled = replicas[0].check(call("growth", "gpt-4o", 100, 3_000)).await.expect("decision");
+    let unsettled = replicas[0]
+        .check(call("growth", "gpt-4o", 100, 3_000))
+        .await
+        .expect("decision");
     assert_eq!(unsettled.verdict, Verdict::Allow);
-    let estimate = (Decimal::from(100) * price("gpt-4o").0 + Decimal::from(3_000) * price("gpt-4o").2) / mtok;
+    let estimate =
+        (Decimal::from(100) * price("gpt-4o").0 + Decimal::from(3_000) * price("gpt-4o").2) / mtok;
     // After midnight: decided on day 2, settled on day 2.
     clock.set(at(2026, 12, 2, 0, 30));
-    let next_day = replicas[1].check(call("search", "gpt-4o", 10, 10)).await.expect("decision");
+    let next_day = replicas[1]
+        .check(call("search", "gpt-4o", 10, 10))
+        .await
+        .expect("decision");
     replicas[1]
-        .settle(&next_day.reservation_id.unwrap(), &ActualUsage { input_tokens: 10, output_tokens: 10, ..Default::default() })
+        .settle(
+            &next_day.reservation_id.unwrap(),
+            &ActualUsage {
+                input_tokens: 10,
+                output_tokens: 10,
+                ..Default::default()
+            },
+        )
         .await
         .unwrap();
     for gate in &replicas {
@@ -1225,40 +1365,85 @@ async fn the_spend_account_adds_up_exactly_by_every_dimension(Backend { name, st
     let days = replicas[0].spend(day, day + 1).await.expect("read");
     let q = |by: &str, w: &[&str], to_day: i64| SpendQuery {
         to: to_day,
-        ..SpendQuery::parse("2026-12-01", "2026-12-01", by, &w.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+        ..SpendQuery::parse(
+            "2026-12-01",
+            "2026-12-01",
+            by,
+            &w.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap()
     };
     let by_mt = report(&days, &q("model,team", &[], day), "UTC");
     let got: std::collections::BTreeMap<(String, String), Decimal> = by_mt
         .groups
         .iter()
         .map(|g| {
-            ((g.group["model"].clone(), g.group["team"].clone()), g.settled.spend_usd.parse::<Decimal>().unwrap())
+            (
+                (g.group["model"].clone(), g.group["team"].clone()),
+                g.settled.spend_usd.parse::<Decimal>().unwrap(),
+            )
         })
         .collect();
-    assert_eq!(got, expected_by_model_team, "{name}: settled spend by model and team, exact");
+    assert_eq!(
+        got, expected_by_model_team,
+        "{name}: settled spend by model and team, exact"
+    );
     let total: Decimal = expected_by_model_team.values().sum();
-    assert_eq!(by_mt.total.settled.spend_usd.parse::<Decimal>().unwrap(), total, "{name}");
+    assert_eq!(
+        by_mt.total.settled.spend_usd.parse::<Decimal>().unwrap(),
+        total,
+        "{name}"
+    );
     assert_eq!(by_mt.total.settled.requests, 6, "{name}");
     assert_eq!(by_mt.total.settled.reasoning_tokens, 400, "{name}");
-    assert_eq!(by_mt.total.estimated.requests, 1, "{name}: the unsettled call, apart");
-    assert_eq!(by_mt.total.estimated.spend_usd.parse::<Decimal>().unwrap(), estimate, "{name}");
+    assert_eq!(
+        by_mt.total.estimated.requests, 1,
+        "{name}: the unsettled call, apart"
+    );
+    assert_eq!(
+        by_mt.total.estimated.spend_usd.parse::<Decimal>().unwrap(),
+        estimate,
+        "{name}"
+    );
     // Every dimension adds up to the same total.
     for by in tollgate_core::store::spend::DIMENSIONS {
         let r = report(&days, &q(by, &[], day), "UTC");
-        let sum: Decimal = r.groups.iter().map(|g| g.settled.spend_usd.parse::<Decimal>().unwrap()).sum();
+        let sum: Decimal = r
+            .groups
+            .iter()
+            .map(|g| g.settled.spend_usd.parse::<Decimal>().unwrap())
+            .sum();
         assert_eq!(sum, total, "{name}: by {by}");
     }
     // A filter keeps one team.
     let growth = report(&days, &q("model", &["team=growth"], day), "UTC");
-    let growth_total: Decimal = expected_by_model_team.iter().filter(|((_, t), _)| t == "growth").map(|(_, v)| *v).sum();
-    assert_eq!(growth.total.settled.spend_usd.parse::<Decimal>().unwrap(), growth_total, "{name}");
+    let growth_total: Decimal = expected_by_model_team
+        .iter()
+        .filter(|((_, t), _)| t == "growth")
+        .map(|(_, v)| *v)
+        .sum();
+    assert_eq!(
+        growth.total.settled.spend_usd.parse::<Decimal>().unwrap(),
+        growth_total,
+        "{name}"
+    );
     assert_eq!(growth.groups.len(), 3, "{name}: growth used three models");
     let family = report(&days, &q("model_family", &[], day), "UTC");
-    assert!(family.groups.iter().any(|g| g.group["model_family"] == "openai"), "{name}: {family:?}");
+    assert!(
+        family
+            .groups
+            .iter()
+            .any(|g| g.group["model_family"] == "openai"),
+        "{name}: {family:?}"
+    );
     // Day two holds only the call after midnight.
     let second = report(
         &days,
-        &SpendQuery { from: day + 1, to: day + 1, ..q("", &[], day + 1) },
+        &SpendQuery {
+            from: day + 1,
+            to: day + 1,
+            ..q("", &[], day + 1)
+        },
         "UTC",
     );
     assert_eq!(second.total.settled.requests, 1, "{name}");
@@ -1269,25 +1454,45 @@ async fn the_spend_account_adds_up_exactly_by_every_dimension(Backend { name, st
 /// how many did.
 async fn the_spend_account_folds_rows_past_its_cap(Backend { name, store }: Backend) {
     use tollgate_core::store::{SpendBounds, SpendDelta, SpendDims, SpendEntry};
-    let bounds = SpendBounds { max_rows_per_day: 3, retention: 86_400_000 };
+    let bounds = SpendBounds {
+        max_rows_per_day: 3,
+        retention: 86_400_000,
+    };
     let delta = |team: &str| SpendDelta {
         day: 20_000,
         dims: SpendDims::new([Some("m"), None, Some(team), None, None, None, None, None]),
         settled: true,
-        entry: SpendEntry { requests: 1, spend_pico: 1_000_000, ..Default::default() },
+        entry: SpendEntry {
+            requests: 1,
+            spend_pico: 1_000_000,
+            ..Default::default()
+        },
     };
     let deltas: Vec<SpendDelta> = (0..10).map(|i| delta(&format!("t{i}"))).collect();
-    store.record_spend("b1", &deltas, bounds, 20_000 * 86_400_000).await.unwrap();
+    store
+        .record_spend("b1", &deltas, bounds, 20_000 * 86_400_000)
+        .await
+        .unwrap();
     // The same batch again (its answer was lost): not added twice.
-    store.record_spend("b1", &deltas, bounds, 20_000 * 86_400_000).await.unwrap();
-    store.record_spend("b2", &[delta("t0")], bounds, 20_000 * 86_400_000).await.unwrap();
+    store
+        .record_spend("b1", &deltas, bounds, 20_000 * 86_400_000)
+        .await
+        .unwrap();
+    store
+        .record_spend("b2", &[delta("t0")], bounds, 20_000 * 86_400_000)
+        .await
+        .unwrap();
     let days = store.spend(20_000, 20_000).await.unwrap();
     assert_eq!(days.len(), 1, "{name}");
     let day = &days[0];
     let requests: i64 = day.rows.iter().map(|r| r.settled.requests).sum();
     assert_eq!(requests, 11, "{name}: every call counted once");
     assert!(day.rows.len() <= 4, "{name}: {} rows", day.rows.len());
-    let other = day.rows.iter().find(|r| r.dims == SpendDims::other()).expect("an other row");
+    let other = day
+        .rows
+        .iter()
+        .find(|r| r.dims == SpendDims::other())
+        .expect("an other row");
     assert_eq!(other.settled.requests, 7, "{name}: t3 to t9");
     assert_eq!(day.folded_rows, 7, "{name}");
 }

@@ -364,7 +364,10 @@ impl Gate {
                 // A replay repeats a decision whose alerts already went out.
                 decision.alerts = match outcome.replayed {
                     true => Vec::new(),
-                    false => self.fire_once(std::mem::take(&mut decision.alerts), now).await,
+                    false => {
+                        self.fire_once(std::mem::take(&mut decision.alerts), now)
+                            .await
+                    }
                 };
                 if let (Some(sink), false) = (&self.alerts, decision.alerts.is_empty()) {
                     sink.send(policy, &decision.alerts, now);
@@ -484,7 +487,10 @@ impl Gate {
                 amounts
             })
             .await?;
-        let tag = reservation.account.as_deref().and_then(AccountTag::from_text);
+        let tag = reservation
+            .account
+            .as_deref()
+            .and_then(AccountTag::from_text);
         if let (SettleOutcome::Settled, Some(tag), Some((usage, model))) = (outcome, tag, charged) {
             let decided = reservation.model.as_deref();
             if let Some(estimate) = tag.estimate(decided) {
@@ -546,7 +552,10 @@ impl Gate {
             };
             let now = self.clock.now();
             let sent = self
-                .admin(self.store.record_spend(&id, &deltas, self.config.spend, now))
+                .admin(
+                    self.store
+                        .record_spend(&id, &deltas, self.config.spend, now),
+                )
                 .await;
             if let Err(e) = sent {
                 self.ledger.unsent((id, deltas));
@@ -719,8 +728,8 @@ impl Gate {
         let (result, reserving) = self.reserve(&request).await;
         let outcome = result?;
         if let Some(r) = reserving {
-                    r.resolve(Fate::Kept);
-                }
+            r.resolve(Fate::Kept);
+        }
         if outcome.applied.is_some() {
             return Ok(TopUp::Reserved(
                 outcome

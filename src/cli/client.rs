@@ -47,7 +47,9 @@ impl RedisArgs {
             ca_file: self.redis_ca_file.clone(),
             ..RedisConfig::new(url.to_string())
         };
-        RedisStore::connect(&config).await.map_err(|e| e.to_string())
+        RedisStore::connect(&config)
+            .await
+            .map_err(|e| e.to_string())
     }
 }
 

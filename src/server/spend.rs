@@ -57,8 +57,8 @@ pub async fn spend_report(gate: &Gate, params: SpendParams) -> Result<SpendRepor
     let today = crate::spend::day_text(calendar.day(gate.now()));
     let from = params.from.unwrap_or_else(|| today.clone());
     let to = params.to.unwrap_or_else(|| from.clone());
-    let query = SpendQuery::parse(&from, &to, &params.by, &[params.filters])
-        .map_err(SpendError::Query)?;
+    let query =
+        SpendQuery::parse(&from, &to, &params.by, &[params.filters]).map_err(SpendError::Query)?;
     let days = gate
         .spend(query.from, query.to)
         .await

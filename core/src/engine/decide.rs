@@ -549,19 +549,22 @@ pub fn decide(
                     (Window::Rolling(secs), Some(end)) => Some(end - secs as i64 * 1000),
                     _ => None,
                 });
-                reached(&rule.alerts, s.used_before.saturating_add(op.amount), op.limit).map(
-                    move |threshold| AlertCrossing {
-                        counter: op.key.clone(),
-                        rule: rule.id.clone(),
-                        scope: c.scope.clone(),
-                        threshold,
-                        unit: op.unit,
-                        used: from_counter(s.used_before.saturating_add(op.amount), op.unit),
-                        limit: from_counter(op.limit, op.unit),
-                        window_start,
-                        window_end,
-                    },
+                reached(
+                    &rule.alerts,
+                    s.used_before.saturating_add(op.amount),
+                    op.limit,
                 )
+                .map(move |threshold| AlertCrossing {
+                    counter: op.key.clone(),
+                    rule: rule.id.clone(),
+                    scope: c.scope.clone(),
+                    threshold,
+                    unit: op.unit,
+                    used: from_counter(s.used_before.saturating_add(op.amount), op.unit),
+                    limit: from_counter(op.limit, op.unit),
+                    window_start,
+                    window_end,
+                })
             })
             .collect();
         sort_most_constrained(&mut reports);
@@ -760,9 +763,10 @@ fn store_disagreement() -> Decision {
 /// included: the same figure the cap denies on, so a threshold warns of
 /// denials to come. A limit of zero has no thresholds.
 pub fn reached(thresholds: &[u32], used: i64, limit: i64) -> impl Iterator<Item = u32> + '_ {
-    thresholds.iter().copied().filter(move |&t| {
-        limit > 0 && i128::from(used) * 100 >= i128::from(limit) * i128::from(t)
-    })
+    thresholds
+        .iter()
+        .copied()
+        .filter(move |&t| limit > 0 && i128::from(used) * 100 >= i128::from(limit) * i128::from(t))
 }
 
 impl AlertCrossing {

@@ -100,7 +100,11 @@ pub(super) fn row(policy: &CompiledPolicy, owner: &SpendDims, model: Option<&str
     let mut dims = owner.clone();
     if let Some(model) = model {
         dims.0[0] = crate::store::spend::clean(model);
-        dims.0[1] = policy.families_of(model).into_iter().next().unwrap_or_default();
+        dims.0[1] = policy
+            .families_of(model)
+            .into_iter()
+            .next()
+            .unwrap_or_default();
     }
     dims
 }
@@ -147,7 +151,9 @@ impl Ledger {
             return;
         }
         let mut pending = self.lock();
-        let key = if pending.len() >= MAX_PENDING_ROWS && !pending.contains_key(&(day, dims.clone(), settled)) {
+        let key = if pending.len() >= MAX_PENDING_ROWS
+            && !pending.contains_key(&(day, dims.clone(), settled))
+        {
             (day, SpendDims::other(), settled)
         } else {
             (day, dims, settled)
@@ -196,10 +202,33 @@ mod tests {
     fn a_tag_reads_back() {
         let tag = AccountTag {
             day: 20_423,
-            owner: SpendDims::new([None, None, Some("growth"), Some("sha256:ab"), None, Some("prod"), None, Some("text")]),
+            owner: SpendDims::new([
+                None,
+                None,
+                Some("growth"),
+                Some("sha256:ab"),
+                None,
+                Some("prod"),
+                None,
+                Some("text"),
+            ]),
             estimates: vec![
-                ("gpt-4o".to_string(), SpendEntry { requests: 1, spend_pico: 52_500_000_000, ..Default::default() }),
-                ("gpt-4o-mini".to_string(), SpendEntry { requests: 1, output_tokens: 9, ..Default::default() }),
+                (
+                    "gpt-4o".to_string(),
+                    SpendEntry {
+                        requests: 1,
+                        spend_pico: 52_500_000_000,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "gpt-4o-mini".to_string(),
+                    SpendEntry {
+                        requests: 1,
+                        output_tokens: 9,
+                        ..Default::default()
+                    },
+                ),
             ],
         };
         let text = tag.to_text();

@@ -19,8 +19,8 @@ use crate::clock::Millis;
 use crate::policy::Unit;
 
 pub use memory::MemoryStore;
-pub use spend::{DayCalendar, SpendBounds, SpendDay, SpendDelta, SpendDims, SpendEntry, SpendRow};
 pub use redis::{LogBounds, RedisConfig, RedisStore};
+pub use spend::{DayCalendar, SpendBounds, SpendDay, SpendDelta, SpendDims, SpendEntry, SpendRow};
 
 /// A counter to read for a usage report.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -82,8 +82,18 @@ impl DayCalendar {
 }
 
 /// One row's owner: a value (or `""`) per [`DIMENSIONS`] entry.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct SpendDims(pub [String; 8]);
 
 /// A dimension's value with its control characters dropped.
@@ -126,8 +136,7 @@ impl SpendDims {
 }
 
 /// What a set of calls used. Every field adds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[derive(serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct SpendEntry {
     pub requests: i64,
     pub input_tokens: i64,
@@ -241,7 +250,8 @@ pub fn to_micros(seconds: Decimal) -> i64 {
 fn whole(x: Decimal, per: i64) -> i128 {
     match x.checked_mul(Decimal::from(per)) {
         Some(v) => {
-            let v = v.round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+            let v =
+                v.round_dp_with_strategy(0, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
             v.mantissa() / 10i128.pow(v.scale())
         }
         None if x.is_sign_negative() => i128::MIN,
@@ -302,7 +312,16 @@ mod tests {
 
     #[test]
     fn text_forms_round_trip() {
-        let dims = SpendDims::new([Some("gpt-4o"), None, Some("gro\twth\n"), None, None, None, None, Some("text")]);
+        let dims = SpendDims::new([
+            Some("gpt-4o"),
+            None,
+            Some("gro\twth\n"),
+            None,
+            None,
+            None,
+            None,
+            Some("text"),
+        ]);
         assert_eq!(dims.0[2], "growth");
         assert_eq!(SpendDims::from_text(&dims.to_text()), Some(dims));
         let entry = SpendEntry {
@@ -318,12 +337,17 @@ mod tests {
     fn days_are_cut_at_local_midnight_through_dst() {
         let berlin = DayCalendar::named("Europe/Berlin").unwrap();
         let at = |y: i64, m: u32, d: u32, hh: i64, mm: i64| {
-            crate::engine::window::days_from_civil(y, m, d) * 86_400_000 + hh * 3_600_000 + mm * 60_000
+            crate::engine::window::days_from_civil(y, m, d) * 86_400_000
+                + hh * 3_600_000
+                + mm * 60_000
         };
         let day = |y, m, d| crate::engine::window::days_from_civil(y, m, d);
         // 23:30 UTC on 1 December is 00:30 on the 2nd in Berlin (UTC+1).
         assert_eq!(berlin.day(at(2026, 12, 1, 23, 30)), day(2026, 12, 2));
-        assert_eq!(DayCalendar::utc().day(at(2026, 12, 1, 23, 30)), day(2026, 12, 1));
+        assert_eq!(
+            DayCalendar::utc().day(at(2026, 12, 1, 23, 30)),
+            day(2026, 12, 1)
+        );
         // Summer time (UTC+2): 22:30 UTC is already the next day.
         assert_eq!(berlin.day(at(2026, 7, 1, 22, 30)), day(2026, 7, 2));
         assert_eq!(berlin.day(at(2026, 7, 1, 21, 30)), day(2026, 7, 1));
@@ -339,7 +363,10 @@ mod tests {
     #[test]
     fn usd_converts_to_picodollars_exactly() {
         assert_eq!(to_pico("0.0000001".parse().unwrap()), 100_000);
-        assert_eq!(to_pico(Decimal::from_scientific("2.5e-6").unwrap()), 2_500_000);
+        assert_eq!(
+            to_pico(Decimal::from_scientific("2.5e-6").unwrap()),
+            2_500_000
+        );
         assert_eq!(to_pico(Decimal::new(15, 1)), 1_500_000_000_000);
         assert_eq!(to_micros(Decimal::new(25, 1)), 2_500_000);
     }

@@ -8,7 +8,9 @@ use sha2::{Digest, Sha256};
 
 use super::RedisStore;
 use crate::policy::hex;
-use crate::store::spend::{Day, SpendBounds, SpendDay, SpendDelta, SpendDims, SpendEntry, SpendRow};
+use crate::store::spend::{
+    Day, SpendBounds, SpendDay, SpendDelta, SpendDims, SpendEntry, SpendRow,
+};
 use crate::store::*;
 
 const PICO_PER_MICRO: i128 = 1_000_000;
@@ -51,7 +53,9 @@ impl RedisStore {
             inv.arg(bounds.max_rows_per_day).arg(lifetime).arg(&other);
             for d in deltas {
                 let dims = d.dims.to_text();
-                inv.arg(row_id(&dims)).arg(dims).arg(if d.settled { "s" } else { "e" });
+                inv.arg(row_id(&dims))
+                    .arg(dims)
+                    .arg(if d.settled { "s" } else { "e" });
                 let v = d.entry.values();
                 for x in &v[..8] {
                     inv.arg(x.to_string());
@@ -78,7 +82,9 @@ impl RedisStore {
             let folded: u64 = self.query(::redis::cmd("PFCOUNT").arg(&folded_key)).await?;
             let mut sums: HashMap<&str, [[i128; 10]; 2]> = HashMap::new();
             for (field, value) in &values {
-                let bad = || StoreError::Unavailable(format!("spend account field {field:?} does not read"));
+                let bad = || {
+                    StoreError::Unavailable(format!("spend account field {field:?} does not read"))
+                };
                 let (row, rest) = field.rsplit_once(':').ok_or_else(bad)?;
                 let (kind, index) = rest.split_at(1);
                 let kind = match kind {

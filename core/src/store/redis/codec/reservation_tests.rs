@@ -76,7 +76,10 @@ fn a_reservation_reads_back_for_every_kind_unit_and_amount() {
         for (model, account) in [
             (None, None),
             (Some("gpt-4o-mini".to_string()), None),
-            (None, Some("gpt-4o\u{1f}\u{1f}growth\u{1e}1 2 3".to_string())),
+            (
+                None,
+                Some("gpt-4o\u{1f}\u{1f}growth\u{1e}1 2 3".to_string()),
+            ),
         ] {
             let mut ops = Vec::new();
             for (i, unit) in Unit::ALL.into_iter().enumerate() {
@@ -99,7 +102,8 @@ fn a_reservation_reads_back_for_every_kind_unit_and_amount() {
                         .iter()
                         .map(|o| full_counter_key(prefix, &o.key))
                         .collect();
-                    let text = encode_reservation(expires_at, &candidate, &keys, account.as_deref());
+                    let text =
+                        encode_reservation(expires_at, &candidate, &keys, account.as_deref());
                     let want = Reservation {
                         model: model.clone(),
                         ops: candidate
