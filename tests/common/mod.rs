@@ -921,7 +921,9 @@ pub async fn grpc_clients(
             .connect()
             .await
             .unwrap();
-        clients.push(tollgate::proto::v1::tollgate_client::TollgateClient::new(channel));
+        clients.push(tollgate::proto::v1::tollgate_client::TollgateClient::new(
+            channel,
+        ));
     }
     clients
 }
