@@ -15,6 +15,8 @@
 //!   with their counters read from the store now (`tollgate usage`);
 //!   `/v1/spend`: the spend account, grouped and filtered (`tollgate
 //!   spend`).
+//! - `/ui/` and `/v1/dashboard`: the budget dashboard (`server::dashboard`),
+//!   unless `--dashboard off`; `/` redirects to `/ui/`.
 //! - A counter-store fault answers 503: both proxies then refuse the
 //!   request (nginx's `auth_request` treats it as an error).
 
@@ -414,6 +416,9 @@ pub async fn serve_http_with(
     let mut app = router_with(gate, reloader, &options);
     if let Some(admin) = &options.admin {
         app = app.merge(admin.http_routes());
+    }
+    if let Some(dashboard) = &options.dashboard {
+        app = app.merge(dashboard.routes());
     }
     match options.tls {
         None => {

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod authorize;
 pub mod body;
+pub mod dashboard;
 pub mod envoy;
 pub mod ext_proc;
 pub mod health;
@@ -54,6 +55,8 @@ pub struct ListenerOptions {
     pub admin: Option<admin::AdminApi>,
     /// What `/metrics` and `/v1/usage` show; both answer 404 without it.
     pub telemetry: Option<Arc<Telemetry>>,
+    /// The budget dashboard (`/ui/`, `/v1/dashboard`), on the HTTP port.
+    pub dashboard: Option<Arc<dashboard::Dashboard>>,
 }
 
 impl ListenerOptions {

@@ -22,6 +22,7 @@ use tollgate_core::gate::{DecisionReport, GateError, Observer};
 use tollgate_core::store::StoreError;
 
 pub mod audit;
+pub mod dashboard;
 
 pub use in_flight::InFlight;
 pub use scopes::ScopeTracker;
@@ -62,6 +63,9 @@ pub mod names {
     pub const EXT_PROC_TOP_UPS: &str = "tollgate_ext_proc_top_ups_total";
     // Recorded by the TLS listeners' certificate reload.
     pub const TLS_RELOADS: &str = "tollgate_tls_certificate_reloads_total";
+    // Recorded by the dashboard's activity feed.
+    pub const DASHBOARD_DROPPED: &str = "tollgate_dashboard_records_dropped_total";
+    pub const DASHBOARD_WRITE_ERRORS: &str = "tollgate_dashboard_write_errors_total";
 }
 
 /// Default cap on tracked (rule, scope) pairs.
@@ -128,6 +132,14 @@ fn describe() {
     describe_counter!(
         names::TLS_RELOADS,
         "TLS certificate changes seen on disk, by outcome (applied, rejected: the certificate in force kept serving)"
+    );
+    describe_counter!(
+        names::DASHBOARD_DROPPED,
+        "Dashboard activity records (denials, alerts, scopes) dropped because the writer's queue was full"
+    );
+    describe_counter!(
+        names::DASHBOARD_WRITE_ERRORS,
+        "Dashboard activity records the counter store did not take"
     );
     describe_counter!(
         names::CLIENT_ATTRIBUTES_IGNORED,
@@ -207,6 +219,8 @@ pub struct Telemetry {
     audit: Option<AuditLog>,
     prometheus: OnceLock<PrometheusHandle>,
     spend_labels: SpendLabels,
+    /// The dashboard's activity feed, once the server starts one.
+    dashboard: OnceLock<dashboard::DashboardFeed>,
 }
 
 /// The (model, team) label pairs of the spend metrics, bounded: past
@@ -242,12 +256,18 @@ impl Telemetry {
             audit: config.audit,
             prometheus: OnceLock::new(),
             spend_labels: SpendLabels::default(),
+            dashboard: OnceLock::new(),
         }
     }
 
     /// Serves `/metrics` from this recorder.
     pub fn set_prometheus(&self, handle: PrometheusHandle) {
         let _ = self.prometheus.set(handle);
+    }
+
+    /// Queues denials and newly tracked scopes for the dashboard.
+    pub fn set_dashboard_feed(&self, feed: dashboard::DashboardFeed) {
+        let _ = self.dashboard.set(feed);
     }
 
     pub fn scopes(&self) -> &ScopeTracker {
@@ -312,8 +332,16 @@ impl Observer for Telemetry {
     fn decided(&self, report: &DecisionReport<'_>) {
         record_decision(report.result, report.elapsed);
         if let Ok(d) = report.result {
+            let feed = self.dashboard.get();
             for counter in &d.counters {
-                self.scopes.observe(counter);
+                if self.scopes.observe(counter) {
+                    if let Some(feed) = feed {
+                        feed.scope_seen(&counter.rule, &counter.scope);
+                    }
+                }
+            }
+            if let Some(feed) = feed {
+                feed.decided(report);
             }
             if d.reservation_id.is_some() && d.verdict != Verdict::Deny {
                 self.in_flight.reserved(report.now + self.ttl);

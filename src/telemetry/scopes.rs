@@ -56,29 +56,32 @@ impl ScopeTracker {
         &self.shards[h.finish() as usize % SHARDS]
     }
 
-    /// Records a counter's standing as a decision reported it.
-    pub fn observe(&self, report: &CounterReport) {
+    /// Records a counter's standing as a decision reported it; true when
+    /// the pair is tracked from now on.
+    pub fn observe(&self, report: &CounterReport) -> bool {
         let shard = self.shard(&report.rule, &report.scope);
         {
             let map = shard.read().unwrap_or_else(|e| e.into_inner());
             if let Some(t) = map.get(&report.rule).and_then(|m| m.get(&report.scope)) {
                 set(t, report);
-                return;
+                return false;
             }
         }
         // Once the set is full, untracked scopes never take the write lock.
         if self.len.load(Ordering::Acquire) >= self.max {
-            return self.overflow(report);
+            self.overflow(report);
+            return false;
         }
         let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
         let scopes = map.entry(report.rule.clone()).or_default();
         if let Some(t) = scopes.get(&report.scope) {
             set(t, report);
-            return;
+            return false;
         }
         if !self.take_slot() {
             drop(map);
-            return self.overflow(report);
+            self.overflow(report);
+            return false;
         }
         let labels = [
             ("rule", report.rule.clone()),
@@ -92,6 +95,7 @@ impl ScopeTracker {
         };
         set(&t, report);
         scopes.insert(report.scope.clone(), t);
+        true
     }
 
     fn overflow(&self, report: &CounterReport) {

@@ -21,8 +21,12 @@ use tollgate_core::policy::CompiledPolicy;
 use tollgate_core::store::durable::{DurableConfig, DurableStore};
 use tollgate_core::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
 
+use super::args::DashboardArg;
 use super::{ListenerTls, ServeArgs};
 use crate::cli::admin::admin_token;
+use tollgate::server::dashboard::{AdminPlace, Dashboard, DashboardConfig, DashboardMode};
+use tollgate::telemetry::dashboard::{AlertTee, DashboardFeed};
+use tollgate_core::gate::AlertSink;
 
 /// A server, bound and ready to run.
 pub(crate) struct App {
@@ -46,6 +50,8 @@ pub(crate) struct App {
     /// What every TLS listener presents, watched for renewals.
     pub(super) cert: Option<Arc<tls::ServerCert>>,
     pub(super) rescan_every: Duration,
+    /// The budget dashboard, unless `--dashboard off`.
+    pub(super) dashboard: Option<Arc<Dashboard>>,
 }
 
 /// What the server listens on.
@@ -103,9 +109,17 @@ impl App {
         );
         let telemetry = telemetry(&args)?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let mut sink: Arc<dyn AlertSink> = alerts.clone();
+        if args.dashboard != DashboardArg::Off {
+            // Denials, alerts and the scopes seen, written to the store for
+            // the dashboard of every replica.
+            let feed = DashboardFeed::start(store.clone());
+            telemetry.set_dashboard_feed(feed.clone());
+            sink = Arc::new(AlertTee { inner: sink, feed });
+        }
         let gate = Arc::new(
             Gate::new(policy, store.clone(), clock.clone(), gate_config(&args))
-                .with_alerts(alerts.clone())
+                .with_alerts(sink)
                 .with_observer(telemetry.clone()),
         );
         let readiness = Readiness::new();
@@ -125,6 +139,14 @@ impl App {
         };
         let grpc = Listener::bind(args.listen, grpc_tls).await?;
         let http = Listener::bind(args.http_listen, http_tls).await?;
+        let dashboard = dashboard(
+            &args,
+            &gate,
+            &store,
+            &reloader,
+            &telemetry,
+            admin_token.clone(),
+        )?;
         let admin = match admin_token {
             None => Admin::Off,
             Some(token) => admin(&args, tls.as_ref(), AdminApi::new(gate.clone(), token)).await?,
@@ -132,6 +154,9 @@ impl App {
         let mut flush = flush_hooks(&alerts, &telemetry, args.drain_timeout);
         let shutdown = Shutdown::new();
         tollgate::server::spend::spawn_flusher(gate.clone(), shutdown.wait());
+        if let Some(d) = &dashboard {
+            d.spawn_sampler(Duration::from_secs(30), shutdown.wait());
+        }
         let spend_gate = gate.clone();
         flush.add("spend account", async move {
             if let Err(e) = spend_gate.flush_spend().await {
@@ -153,6 +178,7 @@ impl App {
             durable,
             cert: tls.map(|t| t.cert),
             rescan_every: args.rescan_every,
+            dashboard,
         })
     }
 }
@@ -171,6 +197,35 @@ impl Listener {
             tls,
         })
     }
+}
+
+/// The dashboard, told where the admin API is.
+fn dashboard(
+    args: &ServeArgs,
+    gate: &Arc<Gate>,
+    store: &Arc<dyn CounterStore>,
+    reloader: &Arc<Reloader>,
+    telemetry: &Arc<Telemetry>,
+    token: Option<AdminToken>,
+) -> Result<Option<Arc<Dashboard>>, String> {
+    let mode = match args.dashboard {
+        DashboardArg::Off => return Ok(None),
+        DashboardArg::On => DashboardMode::On,
+        DashboardArg::Admin => DashboardMode::Admin,
+    };
+    let admin = match (&token, &args.admin_listen) {
+        (None, _) => AdminPlace::Off,
+        (Some(_), None) => AdminPlace::Shared,
+        (Some(_), Some(address)) => AdminPlace::Own(address.clone()),
+    };
+    let d = Dashboard::new(
+        gate.clone(),
+        store.clone(),
+        reloader.clone(),
+        telemetry.clone(),
+        DashboardConfig { mode, token, admin },
+    )?;
+    Ok(Some(Arc::new(d)))
 }
 
 fn gate_config(args: &ServeArgs) -> GateConfig {

@@ -8,6 +8,18 @@ use clap::ValueEnum;
 
 use crate::cli::args::{duration_arg, rate_arg, retry_within_arg};
 
+/// `--dashboard`: the budget page at `/ui/` and its JSON.
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum DashboardArg {
+    /// Read-only for anyone who reaches the HTTP port; approving takes the
+    /// admin token.
+    On,
+    /// Not served (`/ui/` and `/v1/dashboard` answer 404).
+    Off,
+    /// Its data only with the admin token.
+    Admin,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum LogFormat {
     Text,
@@ -162,6 +174,11 @@ pub(crate) struct ServeArgs {
     /// Share of decisions written to the audit log, from 0 to 1.
     #[arg(long, env = "TOLLGATE_AUDIT_SAMPLE", default_value_t = 1.0, value_parser = rate_arg)]
     pub(crate) audit_sample: f64,
+    /// The budget dashboard on the HTTP port (`/ui/`, `/v1/dashboard`):
+    /// `on` (read-only for anyone who reaches the port), `off`, or `admin`
+    /// (its data only with the admin token).
+    #[arg(long, env = "TOLLGATE_DASHBOARD", value_enum, default_value = "on")]
+    pub(crate) dashboard: DashboardArg,
     /// Write only denials (and failed decisions) to the audit log.
     #[arg(long, env = "TOLLGATE_AUDIT_DENIALS_ONLY")]
     pub(crate) audit_denials_only: bool,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 use tollgate::reload::Reloader;
+use tollgate::server::dashboard::Dashboard;
 use tollgate::server::health::{self, Readiness};
 use tollgate::server::tls;
 use tollgate::server::ListenerOptions;
@@ -54,6 +55,7 @@ impl App {
             self.telemetry,
             self.readiness.clone(),
             listeners,
+            self.dashboard,
             &shutdown,
         );
         spawn_signal_handler(self.readiness, shutdown.clone());
@@ -82,6 +84,7 @@ fn spawn_servers(
     telemetry: Arc<Telemetry>,
     readiness: Readiness,
     listeners: Listeners,
+    dashboard: Option<Arc<Dashboard>>,
     shutdown: &Shutdown,
 ) -> Servers {
     let Listeners { grpc, http, admin } = listeners;
@@ -107,6 +110,7 @@ fn spawn_servers(
             tls: http.tls,
             admin: shared_admin.clone(),
             telemetry: Some(telemetry.clone()),
+            dashboard,
         },
         shutdown.wait(),
     ));
@@ -119,6 +123,7 @@ fn spawn_servers(
             tls: grpc.tls,
             admin: shared_admin,
             telemetry: Some(telemetry),
+            dashboard: None,
         },
         shutdown.wait(),
     ));
