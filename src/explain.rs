@@ -81,6 +81,20 @@ pub fn explain(
     if !sources.is_empty() {
         let _ = writeln!(out, "from: {}", sources.join(" "));
     }
+    if let Some(model) = attrs.model.as_deref() {
+        let _ = match policy.priced(model) {
+            Some((_, origin, source)) => writeln!(
+                out,
+                "price of {model}: {origin} ({})",
+                match source {
+                    tollgate_core::policy::PriceSource::Policy => "pricing.models",
+                    tollgate_core::policy::PriceSource::PolicyGlob => "a glob in pricing.models",
+                    tollgate_core::policy::PriceSource::Catalog => "an imported catalog",
+                }
+            ),
+            None => writeln!(out, "price of {model}: none"),
+        };
+    }
     if !ignored.is_empty() {
         let _ = writeln!(
             out,

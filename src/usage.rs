@@ -57,6 +57,28 @@ impl From<&CounterReport> for UsageRow {
     }
 }
 
+/// The `/v1/pricing/missing` answer (`tollgate pricing missing`): models
+/// one server saw in requests since it started, with no price under the
+/// policy in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingReport {
+    pub policy_version: String,
+    /// Most requested first.
+    pub models: Vec<MissingModel>,
+    /// Requests that named models past the `max_models` kept.
+    pub overflow: u64,
+    pub max_models: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MissingModel {
+    pub model: String,
+    pub requests: u64,
+    /// Unix milliseconds.
+    pub first_seen: i64,
+    pub last_seen: i64,
+}
+
 /// The `/v1/usage` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageReport {

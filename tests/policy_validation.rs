@@ -375,3 +375,143 @@ rules:
     has(&errs, "a.yaml:11:19:", "listed twice");
     assert_eq!(errs.len(), 3, "{}", errs.join("\n"));
 }
+
+#[test]
+fn the_shipped_catalog_loads_and_holds_the_shipped_prices() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let catalog = root.join("policies/catalog/model_prices_and_context_window.json");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("prices.yaml"),
+        format!(
+            "pricing:\n  import: [{:?}]\nrules: []\n",
+            catalog.display().to_string()
+        ),
+    )
+    .unwrap();
+    let imported = tollgate_core::policy::load_dirs(&[dir.path().to_path_buf()])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        imported.set.warnings.is_empty(),
+        "{:?}",
+        imported.set.warnings
+    );
+    let shipped = tollgate_core::policy::load_dirs(&[root.join("policies")]).unwrap();
+    let mut models = 0;
+    for (pattern, price, _) in &shipped.set.pricing.models {
+        let Some(name) = pattern.exact() else {
+            continue;
+        };
+        let (from_catalog, origin, source) = imported
+            .priced(name)
+            .unwrap_or_else(|| panic!("{name} is not in the catalog"));
+        assert_eq!(source, tollgate_core::policy::PriceSource::Catalog);
+        assert!(origin
+            .file
+            .ends_with("model_prices_and_context_window.json"));
+        // The catalog format has no default output estimate.
+        let mut expected = price.clone();
+        expected.default_output_tokens = None;
+        assert_eq!(from_catalog, &expected, "{name}");
+        models += 1;
+    }
+    assert_eq!(models, 10);
+}
+
+#[test]
+fn policy_prices_override_imported_ones_and_unusable_entries_are_reported() {
+    let catalog = r#"{
+  "gpt-4o": { "input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05 },
+  "gpt-4o-mini": { "input_cost_per_token": 1.5e-07, "output_cost_per_token": 6e-07 },
+  "o3": { "input_cost_per_token": 2e-06, "output_cost_per_token": 8e-06 },
+  "mystery": { "mode": "chat" },
+  "broken": { "input_cost_per_token": -1 }
+}"#;
+    let yaml = "\
+pricing:
+  import: [litellm.json]
+  models:
+    gpt-4o: { input_per_mtok: 2.00, output_per_mtok: 8.00 }
+    \"gpt-4o-*\": { input_per_mtok: 0.10, output_per_mtok: 0.40 }
+    \"*\": { input_per_mtok: 50, output_per_mtok: 50 }
+rules:
+  - id: spend
+    match: { model: [gpt-4o, o3] }
+    limit: { spend: 10, window: daily }
+";
+    let p = compile(&[("p/prices.yaml", yaml), ("p/litellm.json", catalog)]).unwrap();
+    use rust_decimal::Decimal;
+    use tollgate_core::policy::PriceSource;
+    let input = |model: &str| p.price(model).unwrap().input_per_mtok.unwrap();
+    let source = |model: &str| {
+        let (_, origin, source) = p.priced(model).unwrap();
+        (origin.to_string(), source)
+    };
+    // The policy's own name and its globs win; the catch-all does not.
+    assert_eq!(input("gpt-4o"), Decimal::new(2, 0));
+    assert_eq!(
+        source("gpt-4o"),
+        ("p/prices.yaml:4:5".into(), PriceSource::Policy)
+    );
+    assert_eq!(input("gpt-4o-mini"), Decimal::new(10, 2));
+    assert_eq!(source("gpt-4o-mini").1, PriceSource::PolicyGlob);
+    assert_eq!(input("o3"), Decimal::new(2, 0));
+    assert_eq!(
+        source("o3"),
+        ("p/litellm.json:4:3".into(), PriceSource::Catalog)
+    );
+    assert_eq!(input("unknown"), Decimal::new(50, 0));
+    let warnings: Vec<String> = p
+        .set
+        .warnings
+        .iter()
+        .map(|(o, m)| format!("{o}: {m}"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].starts_with("p/litellm.json:5:3: catalog entry not used: `mystery`"));
+    assert!(warnings[1].contains("p/litellm.json:6:3") && warnings[1].contains("negative"));
+
+    // Imported prices count for the unpriced-models check.
+    let only_catalog = "\
+pricing:
+  import: [litellm.json]
+rules:
+  - id: spend
+    match: { model: [gpt-4o, o3] }
+    limit: { spend: 10, window: daily }
+  - id: unpriced
+    match: { model: claude-opus-4 }
+    limit: { spend: 10, window: daily }
+";
+    let errs = errors(&[("p/prices.yaml", only_catalog), ("p/litellm.json", catalog)]);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    has(&errs, "p/prices.yaml:7:5:", "`claude-opus-4`");
+}
+
+#[test]
+fn catalog_mistakes_are_positioned() {
+    let yaml = "\
+pricing:
+  import: [missing.json, prices.csv, bad.json]
+rules: []
+";
+    let errs = errors(&[
+        ("p.yaml", yaml),
+        (
+            "bad.json",
+            "{\n  \"m\": { \"input_cost_per_token\": 1e-06, }\n}",
+        ),
+    ]);
+    has(
+        &errs,
+        "p.yaml:2:12:",
+        "cannot read the price catalog \"missing.json\"",
+    );
+    has(&errs, "p.yaml:2:26:", "whose name ends in .json");
+    has(
+        &errs,
+        "bad.json:2:41:",
+        "invalid JSON: expected a quoted key",
+    );
+    assert_eq!(errs.len(), 3, "{}", errs.join("\n"));
+}

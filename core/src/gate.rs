@@ -33,6 +33,7 @@ mod observe;
 mod reserving;
 mod scopes;
 mod unknown_keys;
+mod unpriced;
 
 pub use observe::{AlertSink, DecisionReport, Observer, Unobserved};
 
@@ -40,6 +41,8 @@ use fired::FiredMarkers;
 use ledger::{AccountTag, Ledger};
 use reserving::{Fate, Reserving};
 use unknown_keys::UnknownKeyBucket;
+use unpriced::UnpricedSeen;
+pub use unpriced::{UnpricedModel, MAX_UNPRICED_MODELS};
 
 /// The append-only log of every approval and revocation.
 pub use crate::policy::APPROVALS_LOG;
@@ -181,6 +184,7 @@ pub struct Gate {
     unknown_keys: UnknownKeyBucket,
     fired: FiredMarkers,
     ledger: Ledger,
+    unpriced: UnpricedSeen,
 }
 
 impl Gate {
@@ -200,6 +204,7 @@ impl Gate {
             unknown_keys: UnknownKeyBucket::default(),
             fired: FiredMarkers::default(),
             ledger: Ledger::default(),
+            unpriced: UnpricedSeen::default(),
         }
     }
 
@@ -227,6 +232,16 @@ impl Gate {
 
     pub fn now(&self) -> Millis {
         self.clock.now()
+    }
+
+    /// The models requests named that have no price under the policy in
+    /// force now, most requested first, and how many requests named models
+    /// past the [`MAX_UNPRICED_MODELS`] kept.
+    pub fn unpriced_models(&self) -> (Vec<UnpricedModel>, u64) {
+        let policy = self.policy.load();
+        let (mut models, overflow) = self.unpriced.list();
+        models.retain(|m| policy.price(&m.model).is_none());
+        (models, overflow)
     }
 
     /// Decides a request, reserving its estimate when it is allowed. A
@@ -285,6 +300,11 @@ impl Gate {
             None,
         );
         let attrs = trace.attributes.insert(attributes);
+        if let Some(model) = attrs.model.as_deref() {
+            if policy.price(model).is_none() {
+                self.unpriced.seen(model, now);
+            }
+        }
         if unknown_key {
             if policy.set.unknown_keys() == UnknownKeys::Deny {
                 return Ok(decide::unknown_key());

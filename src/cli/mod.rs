@@ -7,6 +7,7 @@ mod client;
 mod config_file;
 mod explain;
 mod health;
+mod pricing;
 mod runtime;
 mod serve;
 mod spend;
@@ -58,6 +59,10 @@ enum Command {
     /// Show what was spent, by model, team, key, workflow, environment,
     /// customer or modality, from a running server or from Redis directly.
     Spend(spend::SpendArgs),
+    /// Show the price charged for a model and where it comes from, or the
+    /// models a running server saw without a price.
+    #[command(subcommand)]
+    Pricing(pricing::PricingCommand),
 }
 
 /// A parsed command line, with what `serve --config` added to it.
@@ -102,6 +107,7 @@ pub fn dispatch(parsed: Parsed) -> ExitCode {
         Command::Approvals(args) => admin::approvals(args),
         Command::Usage(args) => usage::usage(args),
         Command::Spend(args) => spend::spend(args),
+        Command::Pricing(command) => pricing::pricing(command),
     }
 }
 

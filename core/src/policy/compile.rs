@@ -32,6 +32,7 @@ pub struct CompiledPolicy {
     keys_by_hash: HashMap<[u8; 32], u32>,
     exact_prices: HashMap<String, u32>,
     glob_prices: Vec<u32>,
+    imported_prices: HashMap<String, u32>,
     rules_by_id: HashMap<String, u32>,
     uses_action: bool,
 }
@@ -80,6 +81,10 @@ impl CompiledPolicy {
             let text = set.pricing.models[i as usize].0.as_str();
             std::cmp::Reverse(text.chars().filter(|&c| c != '*').count())
         });
+        let mut imported_prices = HashMap::new();
+        for (i, (name, _, _)) in set.pricing.imported.iter().enumerate() {
+            imported_prices.entry(name.clone()).or_insert(i as u32);
+        }
         let rules_by_id = set
             .rules
             .iter()
@@ -97,6 +102,7 @@ impl CompiledPolicy {
             keys_by_hash,
             exact_prices,
             glob_prices,
+            imported_prices,
             rules_by_id,
             uses_action,
         }
@@ -169,15 +175,36 @@ impl CompiledPolicy {
     }
 
     /// The price of a model: an exact entry, else the matching glob with the
-    /// most literal characters.
+    /// most literal characters, else an imported catalog's entry, else the
+    /// catch-all `"*"`.
     pub fn price(&self, model: &str) -> Option<&ModelPrice> {
-        let i = self.exact_prices.get(model).copied().or_else(|| {
-            self.glob_prices
-                .iter()
-                .copied()
-                .find(|&i| self.set.pricing.models[i as usize].0.matches(model))
-        })?;
-        Some(&self.set.pricing.models[i as usize].1)
+        self.priced(model).map(|(p, _, _)| p)
+    }
+
+    /// The price of a model, with where it was written and how it was found.
+    pub fn priced(&self, model: &str) -> Option<(&ModelPrice, &Origin, PriceSource)> {
+        let policy = |i: u32, source| {
+            let (_, price, origin) = &self.set.pricing.models[i as usize];
+            (price, origin, source)
+        };
+        if let Some(&i) = self.exact_prices.get(model) {
+            return Some(policy(i, PriceSource::Policy));
+        }
+        let glob = self
+            .glob_prices
+            .iter()
+            .copied()
+            .find(|&i| self.set.pricing.models[i as usize].0.matches(model));
+        let catch_all = |i: u32| self.set.pricing.models[i as usize].0.as_str() == "*";
+        match glob {
+            Some(i) if !catch_all(i) => return Some(policy(i, PriceSource::PolicyGlob)),
+            _ => {}
+        }
+        if let Some(&i) = self.imported_prices.get(model) {
+            let (_, price, origin) = &self.set.pricing.imported[i as usize];
+            return Some((price, origin, PriceSource::Catalog));
+        }
+        glob.map(|i| policy(i, PriceSource::PolicyGlob))
     }
 
     /// Every family whose patterns match the model.

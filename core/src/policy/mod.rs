@@ -4,6 +4,7 @@
 //! Loading never stops at the first problem: every file is read and every
 //! error is returned, each with `file:line:column`.
 
+pub mod catalog;
 mod compile;
 pub mod glob;
 pub mod model;
@@ -94,6 +95,7 @@ pub fn read_dirs(dirs: &[PathBuf]) -> Result<Vec<SourceFile>, LoadErrors> {
             }
         }
     }
+    add_catalogs(&mut files);
     if errors.is_empty() {
         Ok(files)
     } else {
@@ -101,19 +103,84 @@ pub fn read_dirs(dirs: &[PathBuf]) -> Result<Vec<SourceFile>, LoadErrors> {
     }
 }
 
+/// Reads from disk the price catalogs the policy files import, and adds
+/// them to the set. One that cannot be read is left out, and compiling
+/// reports it at its `import` entry.
+pub fn add_catalogs(files: &mut Vec<SourceFile>) {
+    let mut wanted = Vec::new();
+    for f in files.iter() {
+        for (path, _) in imports_of(f) {
+            let name = catalog_name(&f.name, &path);
+            if !wanted.contains(&name) {
+                wanted.push(name);
+            }
+        }
+    }
+    for name in wanted {
+        if files.iter().any(|f| f.name == name) {
+            continue;
+        }
+        if let Ok(text) = read_bounded(Path::new(&name), catalog::MAX_CATALOG_BYTES) {
+            files.push(SourceFile { name, text });
+        }
+    }
+}
+
+/// The `pricing.import` entries of a policy file, as written.
+fn imports_of(file: &SourceFile) -> Vec<(String, Pos)> {
+    let Ok(Some(root)) = yaml::parse(&file.text) else {
+        return Vec::new();
+    };
+    let find = |node: &yaml::Node, key: &str| match &node.value {
+        yaml::Value::Map(entries) => entries
+            .iter()
+            .find(|(k, _)| matches!(&k.value, yaml::Value::Scalar { text, .. } if text == key))
+            .map(|(_, v)| v.clone()),
+        _ => None,
+    };
+    let Some(import) = find(&root, "pricing").and_then(|p| find(&p, "import")) else {
+        return Vec::new();
+    };
+    match import.value {
+        yaml::Value::Seq(items) => items
+            .into_iter()
+            .filter_map(|n| match n.value {
+                yaml::Value::Scalar { text, .. } => Some((text, n.pos)),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A catalog's name: its path relative to the directory of the policy file
+/// that imports it (or absolute).
+pub fn catalog_name(importer: &str, path: &str) -> String {
+    let dir = Path::new(importer).parent().unwrap_or(Path::new(""));
+    dir.join(path.trim()).display().to_string()
+}
+
+fn is_catalog(file: &SourceFile) -> bool {
+    file.name.to_ascii_lowercase().ends_with(".json")
+}
+
 /// The largest policy file accepted. Real policy sets are kilobytes; the
 /// bound keeps a stray or hostile file from being read into memory whole.
 pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 
 fn read_policy_file(path: &Path) -> Result<String, Diagnostic> {
+    read_bounded(path, MAX_FILE_BYTES)
+}
+
+fn read_bounded(path: &Path, limit: u64) -> Result<String, Diagnostic> {
     let file = std::fs::File::open(path).map_err(|e| io_error(path, &e))?;
     let mut bytes = Vec::new();
     // One byte past the limit is enough to know it is exceeded.
     (&file)
-        .take(MAX_FILE_BYTES + 1)
+        .take(limit + 1)
         .read_to_end(&mut bytes)
         .map_err(|e| io_error(path, &e))?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
+    if bytes.len() as u64 > limit {
         let size = file
             .metadata()
             .map_or(0, |m| m.len())
@@ -122,8 +189,8 @@ fn read_policy_file(path: &Path) -> Result<String, Diagnostic> {
             file: path.display().to_string(),
             pos: Pos::default(),
             message: format!(
-                "the file is {size} bytes, over the limit of {MAX_FILE_BYTES} bytes ({} MiB) for a policy file; split it into smaller files",
-                MAX_FILE_BYTES >> 20
+                "the file is {size} bytes, over the limit of {limit} bytes ({} MiB) for a policy file; split it into smaller files",
+                limit >> 20
             ),
         });
     }
@@ -156,7 +223,7 @@ fn io_error(path: &Path, e: &std::io::Error) -> Diagnostic {
 pub fn compile_sources(files: &[SourceFile]) -> Result<CompiledPolicy, LoadErrors> {
     let mut diags = Vec::new();
     let mut parts = Vec::with_capacity(files.len());
-    for file in files {
+    for file in files.iter().filter(|f| !is_catalog(f)) {
         match yaml::parse(&file.text) {
             Ok(Some(root)) => parts.push(parse::parse_file(&file.name, &root, &mut diags)),
             // An empty file is what a reader sees between a writer's
@@ -176,11 +243,57 @@ pub fn compile_sources(files: &[SourceFile]) -> Result<CompiledPolicy, LoadError
             }),
         }
     }
-    let set = validate::merge(parts, &mut diags);
+    let (imported, skipped) = import_catalogs(files, &parts, &mut diags);
+    let mut set = validate::merge(parts, imported, &mut diags);
+    set.warnings.extend(skipped);
     if !diags.is_empty() {
         return Err(LoadErrors(diags));
     }
     Ok(CompiledPolicy::new(set, content_version(files)))
+}
+
+/// The prices of every imported catalog, first import first, and the
+/// entries that could not be used.
+type Imported = (Vec<(String, ModelPrice, Origin)>, Vec<(Origin, String)>);
+
+fn import_catalogs(
+    files: &[SourceFile],
+    parts: &[parse::FilePolicy],
+    diags: &mut Vec<Diagnostic>,
+) -> Imported {
+    let mut prices = Vec::new();
+    let mut skipped = Vec::new();
+    let mut done: Vec<String> = Vec::new();
+    for (path, origin) in parts.iter().flat_map(|p| &p.imports) {
+        let name = catalog_name(&origin.file, path);
+        if done.contains(&name) {
+            continue;
+        }
+        done.push(name.clone());
+        let Some(file) = files.iter().find(|f| f.name == name) else {
+            diags.push(Diagnostic {
+                file: origin.file.clone(),
+                pos: origin.pos,
+                message: format!(
+                    "cannot read the price catalog {path:?} (looked for {name}); catalogs are \
+                     JSON files named relative to the policy file"
+                ),
+            });
+            continue;
+        };
+        match catalog::read(&file.name, &file.text) {
+            Ok(c) => {
+                prices.extend(c.prices);
+                skipped.extend(
+                    c.skipped
+                        .into_iter()
+                        .map(|(o, why)| (o, format!("catalog entry not used: {why}"))),
+                );
+            }
+            Err(d) => diags.push(d),
+        }
+    }
+    (prices, skipped)
 }
 
 /// Reads and compiles the policy directories.

@@ -242,6 +242,21 @@ pub struct Pricing {
     /// With `reject`, a spend rule may match models that have no price;
     /// requests for such models are then refused at check time.
     pub unpriced_models: UnpricedModels,
+    /// Prices read from the catalogs of `pricing.import`, by exact model
+    /// name, first import first. Any price written in `models` other than
+    /// the `"*"` catch-all wins over them.
+    pub imported: Vec<(String, ModelPrice, Origin)>,
+}
+
+/// Where the price charged for a model comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PriceSource {
+    /// Written in `pricing.models` under the model's own name.
+    Policy,
+    /// A glob in `pricing.models`; the catch-all `"*"` among them.
+    PolicyGlob,
+    /// An entry of an imported catalog.
+    Catalog,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

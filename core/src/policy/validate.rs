@@ -7,8 +7,13 @@ use super::model::*;
 use super::parse::FilePolicy;
 use super::Diagnostic;
 
-pub fn merge(parts: Vec<FilePolicy>, diags: &mut Vec<Diagnostic>) -> PolicySet {
+pub fn merge(
+    parts: Vec<FilePolicy>,
+    imported: Vec<(String, ModelPrice, Origin)>,
+    diags: &mut Vec<Diagnostic>,
+) -> PolicySet {
     let mut set = PolicySet::default();
+    set.pricing.imported = imported;
     let mut refs = Vec::new();
     let mut rule_ids = Vec::new();
     let mut defaults_at: Option<Origin> = None;
@@ -181,7 +186,10 @@ fn client_escapable(set: &PolicySet) -> Vec<(Origin, String)> {
 
 /// Describes the models a spend rule can match that have no price, if any.
 fn unpriced_reach(pricing: &Pricing, rule: &Rule) -> Option<String> {
-    let priced = |model: &str| pricing.models.iter().any(|(p, _, _)| p.matches(model));
+    let priced = |model: &str| {
+        pricing.models.iter().any(|(p, _, _)| p.matches(model))
+            || pricing.imported.iter().any(|(n, _, _)| n == model)
+    };
     let catch_all = pricing.models.iter().any(|(p, _, _)| p.as_str() == "*");
     if catch_all {
         return None;

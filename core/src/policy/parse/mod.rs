@@ -27,6 +27,8 @@ pub struct FilePolicy {
     pub pricing_models: Vec<(Pattern, ModelPrice, Origin)>,
     pub families: Vec<(String, Vec<Pattern>, Origin)>,
     pub unpriced_models: Option<(UnpricedModels, Origin)>,
+    /// Price catalogs named by `pricing.import`, as written.
+    pub imports: Vec<(String, Origin)>,
     pub keys: Vec<KeyEntry>,
     pub defaults: Option<(Defaults, Origin)>,
     pub attributes: Option<(AttributeMapping, Origin)>,

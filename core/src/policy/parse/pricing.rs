@@ -10,8 +10,11 @@ use crate::policy::yaml::{Node, Value};
 
 impl Reader<'_> {
     pub(super) fn pricing(&mut self, node: &Node, out: &mut FilePolicy) {
-        let Some(fields) = self.map(node, "pricing", &["models", "families", "unpriced_models"])
-        else {
+        let Some(fields) = self.map(
+            node,
+            "pricing",
+            &["models", "families", "unpriced_models", "import"],
+        ) else {
             return;
         };
         for (key, value) in fields {
@@ -45,6 +48,25 @@ impl Reader<'_> {
                         None => continue,
                     };
                     out.unpriced_models = Some((mode, self.origin(value.pos)));
+                }
+                "import" => {
+                    for item in self.seq(value, "pricing.import") {
+                        let Some(path) = self.string(item, "pricing.import") else {
+                            continue;
+                        };
+                        if !path.trim().to_ascii_lowercase().ends_with(".json") {
+                            self.error(
+                                item.pos,
+                                format!(
+                                    "a price catalog is a JSON file (LiteLLM's \
+                                     model_prices_and_context_window.json or OpenRouter's \
+                                     models list) whose name ends in .json, found {path:?}"
+                                ),
+                            );
+                            continue;
+                        }
+                        out.imports.push((path, self.origin(item.pos)));
+                    }
                 }
                 _ => unreachable!(),
             }

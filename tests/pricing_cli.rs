@@ -1,0 +1,115 @@
+//! `tollgate pricing` and what `validate` and `explain` say about imported
+//! catalogs and windows in a time zone, as a user runs them.
+
+mod common;
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tollgate");
+
+const CATALOG: &str = r#"{
+  "sample_spec": { "input_cost_per_token": 0.0 },
+  "gpt-4o": { "input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05 },
+  "o3": { "input_cost_per_token": 2e-06, "output_cost_per_token": 8e-06 },
+  "mystery-model": { "mode": "chat" }
+}"#;
+
+const POLICY: &str = "\
+pricing:
+  import: [catalog/litellm.json]
+  models:
+    gpt-4o: { input_per_mtok: 2.00, output_per_mtok: 8.00 }
+rules:
+  - id: eu-billing
+    match: { model: [gpt-4o, o3] }
+    limit: { spend: 100, window: monthly, timezone: Europe/Berlin, anchor: 15 }
+";
+
+fn policy_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("catalog")).unwrap();
+    std::fs::write(dir.path().join("catalog/litellm.json"), CATALOG).unwrap();
+    std::fs::write(dir.path().join("p.yaml"), POLICY).unwrap();
+    dir
+}
+
+fn run(args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn pricing_show_prints_the_price_and_where_it_was_written() {
+    let dir = policy_dir();
+    let policies = dir.path().to_str().unwrap();
+    let (code, out, err) = run(&["pricing", "show", "o3", "--policies", policies]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("input_per_mtok: 2\n"), "{out}");
+    assert!(out.contains("output_per_mtok: 8\n"), "{out}");
+    assert!(
+        out.contains("catalog/litellm.json:4:3 (an imported catalog)"),
+        "{out}"
+    );
+    // The policy's own price wins over the catalog's.
+    let (code, out, _) = run(&[
+        "pricing",
+        "show",
+        "gpt-4o",
+        "--policies",
+        policies,
+        "--json",
+    ]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["price"]["input_per_mtok"], "2");
+    assert_eq!(v["source"], "policy");
+    assert!(v["origin"].as_str().unwrap().ends_with("p.yaml:4:5"), "{v}");
+    let (code, out, _) = run(&["pricing", "show", "mystery-model", "--policies", policies]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("mystery-model: no price"), "{out}");
+}
+
+#[test]
+fn validate_warns_about_unusable_catalog_entries_with_their_position() {
+    let dir = policy_dir();
+    let (code, _, err) = run(&["validate", dir.path().to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("catalog/litellm.json:5:3: catalog entry not used: `mystery-model`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn explain_shows_the_price_source_and_the_window_in_its_zone() {
+    let dir = policy_dir();
+    let (code, out, err) = run(&[
+        "explain",
+        dir.path().to_str().unwrap(),
+        "--attr",
+        "model=o3",
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("price of o3: ")
+            && out.contains("catalog/litellm.json:4:3 (an imported catalog)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("monthly (from day 15, Europe/Berlin)"),
+        "{out}"
+    );
+    // The reset is shown in Berlin time, at midnight on a 15th.
+    let reset = out
+        .lines()
+        .find(|l| l.starts_with("most constrained:"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        reset.contains("-15T00:00:00+01:00") || reset.contains("-15T00:00:00+02:00"),
+        "{reset}"
+    );
+}
