@@ -113,3 +113,61 @@ fn explain_shows_the_price_source_and_the_window_in_its_zone() {
         "{reset}"
     );
 }
+
+/// A forward-auth check naming a model: the status code.
+async fn check_model(port: u16, model: &str) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /v1/authz/forward/v1/chat/completions HTTP/1.0\r\nHost: x\r\n\
+         x-tollgate-model: {model}\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).await.unwrap();
+    text.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pricing_missing_lists_the_models_a_server_saw_without_a_price() {
+    let dir = policy_dir();
+    std::fs::write(
+        dir.path().join("attributes.yaml"),
+        "attributes:\n  client_attributes: [model]\nrules:\n  - id: all\n    limit: { requests: 1000, window: daily }\n",
+    )
+    .unwrap();
+    let server = common::TollgateProcess::start(&["--policies", dir.path().to_str().unwrap()]);
+    for model in [
+        "o3",
+        "gpt-4o",
+        "mystery-model",
+        "mystery-model",
+        "other-model",
+    ] {
+        assert_eq!(check_model(server.http_port, model).await, 200, "{model}");
+    }
+    let url = format!("http://127.0.0.1:{}", server.http_port);
+    let out = tokio::task::spawn_blocking(move || {
+        let table = run(&["pricing", "missing", "--server", &url]);
+        let json = run(&["pricing", "missing", "--server", &url, "--json"]);
+        (table, json)
+    })
+    .await
+    .unwrap();
+    let ((code, table, err), (_, json, _)) = out;
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("MODEL"), "{table}");
+    assert!(
+        lines[1].starts_with("mystery-model") && lines[1].contains(" 2 "),
+        "{table}"
+    );
+    assert!(lines[2].starts_with("other-model"), "{table}");
+    assert_eq!(lines.len(), 3, "{table}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["models"][0]["model"], "mystery-model");
+    assert_eq!(v["models"][0]["requests"], 2);
+    assert_eq!(v["overflow"], 0);
+}

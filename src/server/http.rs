@@ -14,7 +14,8 @@
 //! - `/metrics`: Prometheus text format; `/v1/usage`: the tracked scopes
 //!   with their counters read from the store now (`tollgate usage`);
 //!   `/v1/spend`: the spend account, grouped and filtered (`tollgate
-//!   spend`).
+//!   spend`); `/v1/pricing/missing`: models seen without a price
+//!   (`tollgate pricing missing`).
 //! - `/ui/` and `/v1/dashboard`: the budget dashboard (`server::dashboard`),
 //!   unless `--dashboard off`; `/` redirects to `/ui/`.
 //! - A counter-store fault answers 503: both proxies then refuse the
@@ -72,6 +73,7 @@ pub(crate) fn router_with(
         .route("/metrics", get(metrics))
         .route("/v1/usage", get(usage))
         .route("/v1/spend", get(spend))
+        .route("/v1/pricing/missing", get(pricing_missing))
         .route("/v1/authz/forward", any(forward))
         .route("/v1/authz/forward/{*rest}", any(forward))
         .route("/v1/authz/nginx", any(nginx))
@@ -150,6 +152,12 @@ async fn usage(State(state): State<HttpState>) -> Response {
         .into_response(),
         Err(e) => refuse(Flavor::Forward, Refusal::from_gate_error(&e)),
     }
+}
+
+/// The models requests named that have no price (`tollgate pricing
+/// missing`).
+async fn pricing_missing(State(state): State<HttpState>) -> Json<crate::usage::MissingReport> {
+    Json(super::pricing::report(&state.gate))
 }
 
 /// The spend account, as `tollgate spend --json` prints it.

@@ -13,6 +13,7 @@ pub mod http;
 pub mod http_request;
 pub mod meter;
 pub mod native;
+pub mod pricing;
 pub mod settle;
 pub mod spend;
 pub mod status;
