@@ -527,3 +527,186 @@ async fn the_official_sdks_raise_the_cut_error_event() {
         }
     }
 }
+
+/// An OpenAI chat stream the client asks the usage of: a role chunk,
+/// `chunks` content deltas of `chars` characters (`chars / 4` output
+/// tokens each), the stop chunk, the usage chunk and `[DONE]`.
+fn openai_stream(chunks: usize, chars: usize) -> (HttpRequest, UpstreamResponse) {
+    let body = serde_json::json!({
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "Tell me everything."}],
+        "max_tokens": MAX_TOKENS,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let request = HttpRequest::post("/v1/chat/completions", &body.to_string())
+        .header("authorization", "Bearer sk-test-overrun");
+    let event = |choices: serde_json::Value, usage: serde_json::Value| {
+        let chunk = serde_json::json!({
+            "id": "chatcmpl-long",
+            "object": "chat.completion.chunk",
+            "created": 1_700_000_000,
+            "model": "gpt-4o-2024-08-06",
+            "choices": choices,
+            "usage": usage,
+        });
+        format!("data: {chunk}\n\n")
+    };
+    let delta = |d: serde_json::Value, finish: serde_json::Value| serde_json::json!([{"index": 0, "delta": d, "finish_reason": finish}]);
+    let null = serde_json::Value::Null;
+    let mut events = vec![event(
+        delta(
+            serde_json::json!({"role": "assistant", "content": ""}),
+            null.clone(),
+        ),
+        null.clone(),
+    )];
+    for i in 0..chunks {
+        let content = format!("{:<chars$}", format!("Part {i} of a long answer;"));
+        events.push(event(
+            delta(serde_json::json!({ "content": content }), null.clone()),
+            null.clone(),
+        ));
+    }
+    events.push(event(
+        delta(serde_json::json!({}), "stop".into()),
+        null.clone(),
+    ));
+    let output = (chunks * chars / 4) as u64;
+    events.push(event(
+        serde_json::json!([]),
+        serde_json::json!({"prompt_tokens": 12, "completion_tokens": output, "total_tokens": 12 + output}),
+    ));
+    events.push("data: [DONE]\n\n".to_string());
+    let refs: Vec<&str> = events.iter().map(String::as_str).collect();
+    (request, UpstreamResponse::sse(&refs, false))
+}
+
+/// `tollgate_ext_proc_top_ups_total` for one outcome.
+async fn top_ups(http_port: u16, outcome: &str) -> f64 {
+    let series = format!("tollgate_ext_proc_top_ups_total{{outcome=\"{outcome}\"}}");
+    tokio::task::spawn_blocking(move || common::metric(http_port, &series))
+        .await
+        .unwrap()
+}
+
+/// A top-up follows the stream's rate: each reserves about what the
+/// stream has used so far, so an answer of 20,000 output tokens past a
+/// reservation of 100 is covered in a handful of store calls (about six:
+/// 1,000, 1,000, then doubling), where a fixed step of 1,000 would take
+/// about twenty. The net charge is still what the answer used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_ups_grow_with_the_stream_so_a_long_answer_needs_few() {
+    let (tollgate, envoy, _dir) = start(&budget(1_000_000, Some("cut")), &[]).await;
+    let port = tollgate.http_port;
+    // 200 chunks of 100 output tokens.
+    let (request, upstream) = openai_stream(200, 400);
+    let served = upstream.clone();
+    let x = envoy.run(request, move |_| served).await;
+    let (status, _, body) = x.response();
+    assert_eq!(status, 200);
+    assert_eq!(body, upstream.chunks.concat(), "the client gets every byte");
+    wait_used(port, "output-daily", 20_000, SETTLE_DEADLINE).await;
+    let reserved = top_ups(port, "reserved").await;
+    assert!(
+        (2.0..=8.0).contains(&reserved),
+        "{reserved} top-ups for 20,000 tokens"
+    );
+    assert_eq!(top_ups(port, "no_room").await, 0.0);
+}
+
+/// A top-up that finds no room is counted by its outcome, as the ones
+/// that reserve are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_with_no_room_is_counted() {
+    let (tollgate, envoy, _dir) = start(&budget(150, None), &[]).await;
+    let port = tollgate.http_port;
+    let (request, upstream) = openai_stream(CONTENT_CHUNKS, 80);
+    let served = upstream.clone();
+    let x = envoy.run(request, move |_| served).await;
+    assert_eq!(x.response().2, upstream.chunks.concat());
+    wait_used(
+        port,
+        "output-daily",
+        TOKENS_PER_CHUNK * CONTENT_CHUNKS as u64,
+        SETTLE_DEADLINE,
+    )
+    .await;
+    assert_eq!(top_ups(port, "no_room").await, 1.0);
+    assert_eq!(top_ups(port, "reserved").await, 0.0);
+}
+
+/// Redis dies while a stream runs, just before its first top-up: the
+/// top-up fails, and the rules' `on_store_error` says what follows.
+/// Returns the exchange, what the upstream sent, and the server (with its
+/// policy directory).
+async fn top_up_on_a_dead_store(
+    on_store_error: &str,
+) -> (
+    Exchange,
+    UpstreamResponse,
+    (common::TollgateProcess, tempfile::TempDir),
+) {
+    let policy = format!(
+        "
+rules:
+  - id: output-daily
+    limit: {{ output_tokens: 1000000, window: daily }}
+    on_overrun: cut
+    on_store_error: {on_store_error}
+"
+    );
+    let mut redis = common::RedisServer::start();
+    let url = redis.url();
+    let (tollgate, envoy, dir) = start(&policy, &["--redis", &url]).await;
+    // 300 chunks of 20 tokens: long enough for the failed top-up's answer
+    // (within the store timeout) to come in while the stream runs.
+    let (request, upstream) = openai_stream(300, 80);
+    // The role chunk, then 20 tokens a chunk: the 4th content chunk
+    // (index 4) brings the count to 80 of the 100 covered and starts the
+    // first top-up. Redis dies before it.
+    let (request, mut paused) = request.pause_after(Step::ResponseBody(3));
+    let served = upstream.clone();
+    let run = tokio::spawn(async move { envoy.run(request, move |_| served).await });
+    paused.reached().await;
+    redis.kill();
+    paused.resume();
+    let x = run.await.unwrap();
+    (x, upstream, (tollgate, dir))
+}
+
+/// Fail closed and `on_overrun: cut`: the stream is cut past what its
+/// reservation covered, with an error event that names the store, and the
+/// fault is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_fault_in_a_top_up_cuts_a_fail_closed_stream() {
+    let (x, upstream, (tollgate, _dir)) = top_up_on_a_dead_store("fail_closed").await;
+    let chunks = cut_chunks(&x);
+    assert!(chunks.len() < upstream.chunks.len(), "{x:#?}");
+    let last = String::from_utf8(chunks.last().unwrap().clone()).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(last.strip_prefix("data: ").unwrap().trim_end()).unwrap();
+    assert_eq!(json["error"]["code"], "store_unavailable", "{last}");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`output-daily`"),
+        "{last}"
+    );
+    // Every chunk before the error event is the upstream's own.
+    for (i, chunk) in chunks[..chunks.len() - 1].iter().enumerate() {
+        assert_eq!(chunk, &upstream.chunks[i], "chunk {i}");
+    }
+    assert_eq!(top_ups(tollgate.http_port, "store_error").await, 1.0);
+}
+
+/// Fail open: the stream runs to its end, and the fault is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_fault_in_a_top_up_lets_a_fail_open_stream_finish() {
+    let (x, upstream, (tollgate, _dir)) = top_up_on_a_dead_store("fail_open").await;
+    let (status, _, body) = x.response();
+    assert_eq!(status, 200);
+    assert_eq!(body, upstream.chunks.concat(), "the client gets every byte");
+    assert_eq!(top_ups(tollgate.http_port, "store_error").await, 1.0);
+}

@@ -17,12 +17,17 @@
 //!   team and environment are route attributes, in the stream's
 //!   `tollgate-route-*` initial metadata. A request counts as done, and
 //!   its latency ends, when the body's reply arrives.
+//! - `ext-authz-settle`: what ext_proc's request phase stands in for: the
+//!   `ext-authz` call, then a native `Settle` of its reservation (with the
+//!   input estimate and no output, as ext_proc settles a request phase), on
+//!   the same connection. The request's latency ends with the decision.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{
     attribute_context, AttributeContext, CheckRequest,
 };
@@ -40,6 +45,7 @@ use tonic::transport::Channel;
 enum Mode {
     Native,
     ExtAuthz,
+    ExtAuthzSettle,
     ExtProc,
 }
 
@@ -79,8 +85,11 @@ fn args() -> Args {
                 a.mode = match value.as_str() {
                     "native" => Mode::Native,
                     "ext-authz" => Mode::ExtAuthz,
+                    "ext-authz-settle" => Mode::ExtAuthzSettle,
                     "ext-proc" => Mode::ExtProc,
-                    other => panic!("--mode is native, ext-authz or ext-proc, not {other}"),
+                    other => panic!(
+                        "--mode is native, ext-authz, ext-authz-settle or ext-proc, not {other}"
+                    ),
                 }
             }
             other => panic!("unknown flag {other}"),
@@ -177,6 +186,7 @@ fn processing(request: Msg) -> ProcessingRequest {
 enum Client {
     Native(TollgateClient<Channel>),
     ExtAuthz(AuthorizationClient<Channel>),
+    ExtAuthzSettle(AuthorizationClient<Channel>, TollgateClient<Channel>),
     ExtProc(ExternalProcessorClient<Channel>),
 }
 
@@ -185,6 +195,10 @@ impl Client {
         match mode {
             Mode::Native => Client::Native(TollgateClient::new(channel)),
             Mode::ExtAuthz => Client::ExtAuthz(AuthorizationClient::new(channel)),
+            Mode::ExtAuthzSettle => Client::ExtAuthzSettle(
+                AuthorizationClient::new(channel.clone()),
+                TollgateClient::new(channel),
+            ),
             Mode::ExtProc => Client::ExtProc(ExternalProcessorClient::new(channel)),
         }
     }
@@ -207,6 +221,36 @@ impl Client {
                 .check(check_request(i, keys, id()))
                 .await
                 .map(|r| r.get_ref().status.as_ref().is_some_and(|s| s.code == 0)),
+            Client::ExtAuthzSettle(authz, native) => {
+                let response = match authz.check(check_request(i, keys, id())).await {
+                    Ok(r) => r.into_inner(),
+                    Err(e) => return (Err(e), Instant::now()),
+                };
+                let decided = Instant::now();
+                let allowed = response.status.as_ref().is_some_and(|s| s.code == 0);
+                let reservation = match &response.http_response {
+                    Some(HttpResponse::OkResponse(ok)) => ok
+                        .headers
+                        .iter()
+                        .filter_map(|h| h.header.as_ref())
+                        .find(|h| h.key == "x-tollgate-reservation")
+                        .map(|h| h.value.clone()),
+                    _ => None,
+                };
+                if let Some(reservation_id) = reservation {
+                    let settle = pb::SettleRequest {
+                        reservation_id,
+                        usage: Some(pb::ActualUsage {
+                            input_tokens: (BODY.len() as u64).div_ceil(4),
+                            ..Default::default()
+                        }),
+                    };
+                    if let Err(e) = native.settle(settle).await {
+                        return (Err(e), decided);
+                    }
+                }
+                return (Ok(allowed), decided);
+            }
             Client::ExtProc(c) => {
                 let id = id();
                 let (result, decided) = ext_proc_request_phase(c, i, keys, &id).await;

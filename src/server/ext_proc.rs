@@ -32,7 +32,10 @@
 //! releases its concurrency slots.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderValue, HeaderValueOption};
@@ -45,21 +48,22 @@ use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request a
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response as Reply;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     body_mutation, BodyMutation, BodyResponse, CommonResponse, HeaderMutation, HeadersResponse,
-    HttpHeaders, ImmediateResponse, ProcessingRequest, ProcessingResponse, TrailersResponse,
+    HttpBody, HttpHeaders, ImmediateResponse, ProcessingRequest, ProcessingResponse,
+    TrailersResponse,
 };
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::oneshot;
+use tokio_stream::Stream;
 use tollgate_core::engine::{Decision, Verdict};
 use tollgate_core::gate::{
     reserved_output_tokens, ActualUsage, CheckInput, Gate, GateError, TopUp,
 };
-use tollgate_core::policy::{CompiledPolicy, OnUpstreamError};
+use tollgate_core::policy::{CompiledPolicy, OnOverrun, OnUpstreamError, StoreFailure, Unit};
 use tollgate_core::store::SettleOutcome;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::authorize::{authorize, Allowed, Answer};
 use super::body::CHARS_PER_TOKEN;
-use super::http_request::{check_input, envoy_header, HttpRequest};
+use super::http_request::{check_input, HttpRequest};
 use super::meter::sse::{Piece, Splitter};
 use super::meter::{Api, Meter, Metered};
 use super::status::Refusal;
@@ -92,39 +96,137 @@ impl ExtProc {
 
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProc {
-    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+    type ProcessStream = ExchangeStream;
 
     async fn process(
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let route = route_metadata(request.metadata());
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        let gate = self.gate.clone();
-        tokio::spawn(async move {
-            let mut exchange = Exchange::new(route);
-            while let Ok(Some(message)) = inbound.message().await {
-                let Some(message) = message.request else {
-                    continue;
-                };
-                let reply = exchange.step(&gate, message).await;
-                let last = matches!(
-                    reply,
-                    Err(_)
-                        | Ok(ProcessingResponse {
-                            response: Some(Reply::ImmediateResponse(_)),
-                            ..
-                        })
-                );
-                if tx.send(reply).await.is_err() || last {
-                    break;
+        Ok(Response::new(ExchangeStream {
+            gate: self.gate.clone(),
+            inbound: request.into_inner(),
+            exchange: Some(Exchange::new(route)),
+            deciding: None,
+            ended: false,
+        }))
+    }
+}
+
+/// A decision under way, holding its exchange until the store answers.
+type Deciding = Pin<Box<dyn Future<Output = (Exchange, ProcessingResponse)> + Send>>;
+
+/// The replies of one `Process` stream: each inbound message is read and
+/// answered in the reply stream's own poll, with no task or channel of its
+/// own. Only a decision waits (on the store); every other reply is made at
+/// once. When the exchange ends (Envoy half-closes, the stream fails, an
+/// `ImmediateResponse` went out) or Envoy drops the stream, it is
+/// finished: settled, or released, off the reply path.
+pub struct ExchangeStream {
+    gate: Arc<Gate>,
+    inbound: Streaming<ProcessingRequest>,
+    /// None while a decision holds it, and once finished.
+    exchange: Option<Exchange>,
+    deciding: Option<Deciding>,
+    /// No more replies: the next poll ends the stream.
+    ended: bool,
+}
+
+impl ExchangeStream {
+    /// Hands out a reply; the one that ends the exchange (an
+    /// `ImmediateResponse`) finishes it.
+    fn deliver(
+        &mut self,
+        reply: ProcessingResponse,
+    ) -> Poll<Option<Result<ProcessingResponse, Status>>> {
+        if matches!(reply.response, Some(Reply::ImmediateResponse(_))) {
+            self.end();
+        }
+        Poll::Ready(Some(Ok(reply)))
+    }
+
+    fn end(&mut self) {
+        self.ended = true;
+        if let Some(exchange) = self.exchange.take() {
+            exchange.finish(self.gate.clone());
+        }
+    }
+}
+
+impl Stream for ExchangeStream {
+    type Item = Result<ProcessingResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(deciding) = &mut this.deciding {
+                let (exchange, reply) = ready!(deciding.as_mut().poll(cx));
+                this.deciding = None;
+                this.exchange = Some(exchange);
+                return this.deliver(reply);
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let message = match ready!(Pin::new(&mut this.inbound).poll_next(cx)) {
+                Some(Ok(message)) => message,
+                // Envoy half-closed the stream, or it failed.
+                Some(Err(_)) | None => {
+                    this.end();
+                    return Poll::Ready(None);
+                }
+            };
+            let Some(message) = message.request else {
+                continue;
+            };
+            let Some(exchange) = this.exchange.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match exchange.step(&this.gate, message) {
+                Step::Reply(reply) => return this.deliver(reply),
+                Step::Decide { with_body } => {
+                    let (Some(mut exchange), gate) = (this.exchange.take(), this.gate.clone())
+                    else {
+                        return Poll::Ready(None);
+                    };
+                    this.deciding = Some(Box::pin(async move {
+                        let reply = exchange.decide(&gate, with_body).await;
+                        (exchange, reply)
+                    }));
                 }
             }
-            exchange.finish(gate);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        }
     }
+}
+
+impl Drop for ExchangeStream {
+    /// Envoy closed the stream before its end (the client went away, a
+    /// timeout): what was seen is settled all the same, and a decision
+    /// under way runs to its end first, so that its reservation is not
+    /// left to expire.
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if let Some(deciding) = self.deciding.take() {
+            let gate = self.gate.clone();
+            runtime.spawn(async move {
+                let (exchange, _) = deciding.await;
+                exchange.finish(gate);
+            });
+        } else if let Some(exchange) = self.exchange.take() {
+            let _enter = runtime.enter();
+            exchange.finish(self.gate.clone());
+        }
+    }
+}
+
+/// What an inbound message needs: a reply now, or a decision first.
+/// Returned and matched at once, never kept: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Step {
+    Reply(ProcessingResponse),
+    Decide { with_body: bool },
 }
 
 /// Route attributes from the stream's initial metadata.
@@ -188,104 +290,112 @@ impl Exchange {
         }
     }
 
-    async fn step(&mut self, gate: &Arc<Gate>, message: Msg) -> Result<ProcessingResponse, Status> {
-        match message {
+    /// Answers one message, or says that it needs a decision first
+    /// ([`Exchange::decide`]): nothing else here waits.
+    fn step(&mut self, gate: &Arc<Gate>, message: Msg) -> Step {
+        Step::Reply(match message {
             Msg::RequestHeaders(h) => {
-                self.headers = header_pairs(&h);
-                if h.end_of_stream {
-                    return Ok(self.decide(gate, false).await);
+                let end_of_stream = h.end_of_stream;
+                self.headers = header_pairs(h);
+                if end_of_stream {
+                    return Step::Decide { with_body: false };
                 }
-                Ok(reply(Reply::RequestHeaders(HeadersResponse::default())))
+                reply(Reply::RequestHeaders(HeadersResponse::default()))
             }
             Msg::RequestBody(b) => {
-                let room = MAX_REQUEST_BODY.saturating_sub(self.body.len());
-                self.body
-                    .extend_from_slice(&b.body[..b.body.len().min(room)]);
+                if self.body.is_empty() && b.body.len() <= MAX_REQUEST_BODY {
+                    // The whole body in one message, as Envoy buffers it:
+                    // kept as it came.
+                    self.body = b.body;
+                } else {
+                    let room = MAX_REQUEST_BODY.saturating_sub(self.body.len());
+                    self.body
+                        .extend_from_slice(&b.body[..b.body.len().min(room)]);
+                }
                 if !b.end_of_stream {
-                    return Ok(reply(Reply::RequestBody(BodyResponse::default())));
+                    reply(Reply::RequestBody(BodyResponse::default()))
+                } else {
+                    return Step::Decide { with_body: true };
                 }
-                Ok(self.decide(gate, true).await)
             }
-            Msg::ResponseHeaders(h) => Ok(self.response_headers(&h)),
-            Msg::ResponseBody(b) => {
-                let mut response = BodyResponse::default();
-                let Some(a) = &mut self.admitted else {
-                    return Ok(reply(Reply::ResponseBody(response)));
-                };
-                if a.overrun.state == OverrunState::CutSent {
-                    return Ok(reset_after_cut());
-                }
-                if let Some(meter) = &mut a.meter {
-                    meter.feed(&b.body);
-                }
-                a.completed |= b.end_of_stream;
-                let mut body = None;
-                if let Some(splitter) = &mut a.rewrite {
-                    let rewritten = without_added_usage(splitter, &b.body, b.end_of_stream);
-                    if rewritten != b.body {
-                        body = Some(rewritten);
-                    }
-                }
-                let counted = a.meter.as_ref().map(Meter::counted_output_tokens);
-                if let (Some(counted), true) = (counted, (200..300).contains(&a.upstream_status)) {
-                    let (route, headers, request_body) = (&self.route, &self.headers, &self.body);
-                    let with_body = a.with_body;
-                    let input = || {
-                        request_input(&a.policy, route, headers, with_body.then_some(request_body))
-                    };
-                    let cut = a.overrun.after_chunk(
-                        gate,
-                        &a.policy,
-                        &a.decision,
-                        a.event_stream,
-                        counted,
-                        input,
-                    );
-                    let delivered = body.as_deref().unwrap_or(&b.body);
-                    let replaced = match (cut, a.api) {
-                        (true, Some(api)) => a.overrun.cut(api, delivered),
-                        _ => None,
-                    };
-                    match replaced {
-                        Some(replaced) => body = Some(replaced),
-                        None if a.event_stream => a.overrun.edge.feed(delivered),
-                        None => {}
-                    }
-                }
-                if let Some(body) = body {
-                    response.response = Some(CommonResponse {
-                        body_mutation: Some(BodyMutation {
-                            mutation: Some(body_mutation::Mutation::Body(body)),
-                        }),
-                        ..Default::default()
-                    });
-                }
-                Ok(reply(Reply::ResponseBody(response)))
-            }
-            Msg::RequestTrailers(_) => {
-                Ok(reply(Reply::RequestTrailers(TrailersResponse::default())))
-            }
+            Msg::ResponseHeaders(h) => self.response_headers(h),
+            Msg::ResponseBody(b) => self.response_body(gate, b),
+            Msg::RequestTrailers(_) => reply(Reply::RequestTrailers(TrailersResponse::default())),
             Msg::ResponseTrailers(_) => {
                 if let Some(a) = &mut self.admitted {
                     a.completed = true;
                 }
-                Ok(reply(Reply::ResponseTrailers(TrailersResponse::default())))
+                reply(Reply::ResponseTrailers(TrailersResponse::default()))
+            }
+        })
+    }
+
+    fn response_body(&mut self, gate: &Arc<Gate>, b: HttpBody) -> ProcessingResponse {
+        let mut response = BodyResponse::default();
+        let Some(a) = &mut self.admitted else {
+            return reply(Reply::ResponseBody(response));
+        };
+        if a.overrun.state == OverrunState::CutSent {
+            return reset_after_cut(a.overrun.reason);
+        }
+        if let Some(meter) = &mut a.meter {
+            meter.feed(&b.body);
+        }
+        a.completed |= b.end_of_stream;
+        let mut body = None;
+        if let Some(splitter) = &mut a.rewrite {
+            let rewritten = without_added_usage(splitter, &b.body, b.end_of_stream);
+            if rewritten != b.body {
+                body = Some(rewritten);
             }
         }
+        let counted = a.meter.as_ref().map(Meter::counted_output_tokens);
+        if let (Some(counted), true) = (counted, (200..300).contains(&a.upstream_status)) {
+            let (route, headers, request_body) = (&self.route, &self.headers, &self.body);
+            let with_body = a.with_body;
+            let input =
+                || request_input(&a.policy, route, headers, with_body.then_some(request_body));
+            let cut =
+                a.overrun
+                    .after_chunk(gate, &a.policy, &a.decision, a.event_stream, counted, input);
+            let delivered = body.as_deref().unwrap_or(&b.body);
+            let replaced = match (cut, a.api) {
+                (true, Some(api)) => a.overrun.cut(api, delivered),
+                _ => None,
+            };
+            match replaced {
+                Some(replaced) => body = Some(replaced),
+                None if a.event_stream => a.overrun.edge.feed(delivered),
+                None => {}
+            }
+        }
+        if let Some(body) = body {
+            response.response = Some(CommonResponse {
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(body_mutation::Mutation::Body(body)),
+                }),
+                ..Default::default()
+            });
+        }
+        reply(Reply::ResponseBody(response))
     }
 
     /// Decides the request, in the reply to its headers (no body) or to its
     /// body.
     async fn decide(&mut self, gate: &Gate, with_body: bool) -> ProcessingResponse {
-        let (method, path, headers) = request_parts(&self.headers, self.body.len());
+        let method = header_str(&self.headers, ":method")
+            .unwrap_or_default()
+            .to_string();
+        let path = header_str(&self.headers, ":path")
+            .unwrap_or_default()
+            .to_string();
         // Envoy sets x-request-id itself at the edge (replacing a client's,
         // unless told to keep it), as it does for ext_authz's `http.id`.
-        let envoy_id = self
-            .headers
-            .iter()
-            .find(|(k, _)| k == "x-request-id")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            .map(str::to_string);
+        let envoy_id = header_str(&self.headers, "x-request-id").map(str::to_string);
+        // The headers are lent to the decision, not copied: the top-ups
+        // read them again.
+        let mut headers = std::mem::take(&mut self.headers);
+        let marked = mark_partial(&mut headers, self.body.len());
         let view = HttpRequest {
             method: &method,
             path: &path,
@@ -295,6 +405,10 @@ impl Exchange {
             proxy_request_id: envoy_id.as_deref(),
         };
         let answer = authorize(gate, &view, true).await;
+        self.headers = view.headers;
+        if marked {
+            self.headers.pop();
+        }
         let Allowed {
             allowance,
             decision,
@@ -341,36 +455,26 @@ impl Exchange {
                 rewrite: None,
             });
         }
-        let response = HeadersResponse {
-            response: Some(common.clone()),
-        };
         if with_body {
             reply(Reply::RequestBody(BodyResponse {
                 response: Some(common),
             }))
         } else {
-            reply(Reply::RequestHeaders(response))
+            reply(Reply::RequestHeaders(HeadersResponse {
+                response: Some(common),
+            }))
         }
     }
 
-    fn response_headers(&mut self, h: &HttpHeaders) -> ProcessingResponse {
+    fn response_headers(&mut self, h: HttpHeaders) -> ProcessingResponse {
+        let end_of_stream = h.end_of_stream;
         let pairs = header_pairs(h);
-        let header = |name: &str| {
-            pairs
-                .iter()
-                .find(|(k, _)| k == name)
-                .and_then(|(_, v)| std::str::from_utf8(v).ok())
-        };
-        let status = header(":status").and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = header_str(&pairs, ":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let event_stream =
-            header("content-type").is_some_and(|c| c.starts_with("text/event-stream"));
-        let path = self
-            .headers
-            .iter()
-            .find(|(k, _)| k == ":path")
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            .unwrap_or("")
-            .to_string();
+            header_str(&pairs, "content-type").is_some_and(|c| c.starts_with("text/event-stream"));
+        let path = header_str(&self.headers, ":path").unwrap_or("");
         let mut out = ProcessingResponse {
             response: Some(Reply::ResponseHeaders(HeadersResponse {
                 response: Some(CommonResponse {
@@ -387,12 +491,12 @@ impl Exchange {
             Some(a) => {
                 a.upstream_status = status;
                 a.event_stream = event_stream;
-                a.api = Api::from_path(&path);
+                a.api = Api::from_path(path);
                 a.meter = a.api.map(|api| Meter::new(api, event_stream));
                 if a.asked_for_usage && event_stream && (200..300).contains(&status) {
                     a.rewrite = Some(Splitter::new(Splitter::DEFAULT_MAX_EVENT_BYTES));
                 }
-                if h.end_of_stream {
+                if end_of_stream {
                     a.completed = true;
                 }
             }
@@ -424,7 +528,7 @@ impl Exchange {
         for id in a.overrun.top_ups {
             tokio::spawn(release_with_retries(gate.clone(), id));
         }
-        if let Some(pending) = a.overrun.pending {
+        if let Some((_, pending)) = a.overrun.pending {
             let gate = gate.clone();
             tokio::spawn(async move {
                 if let Ok(Ok(TopUp::Reserved(id))) = pending.await {
@@ -458,22 +562,33 @@ impl Exchange {
 fn request_parts(
     headers: &[(String, Vec<u8>)],
     body_len: usize,
-) -> (String, String, Vec<(String, Vec<u8>)>) {
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-            .map(str::to_string)
-    };
-    let method = header(":method").unwrap_or_default();
-    let path = header(":path").unwrap_or_default();
+) -> (&str, &str, Vec<(String, Vec<u8>)>) {
+    let method = header_str(headers, ":method").unwrap_or_default();
+    let path = header_str(headers, ":path").unwrap_or_default();
     let mut headers = headers.to_vec();
-    let declared: Option<usize> = header("content-length").and_then(|v| v.parse().ok());
-    if declared.is_some_and(|n| n > body_len) {
+    mark_partial(&mut headers, body_len);
+    (method, path, headers)
+}
+
+/// Marks a body shorter than the request's declared length as Envoy's
+/// ext_authz marks a partial one (`x-envoy-auth-partial-body: true`, the
+/// last header); says whether it did.
+fn mark_partial(headers: &mut Vec<(String, Vec<u8>)>, body_len: usize) -> bool {
+    let declared: Option<usize> =
+        header_str(headers, "content-length").and_then(|v| v.parse().ok());
+    let partial = declared.is_some_and(|n| n > body_len);
+    if partial {
         headers.push(("x-envoy-auth-partial-body".to_string(), b"true".to_vec()));
     }
-    (method, path, headers)
+    partial
+}
+
+/// A header's value, if it is there and UTF-8.
+fn header_str<'h>(headers: &'h [(String, Vec<u8>)], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
 /// The request as it was decided, read again on the snapshot that
@@ -486,8 +601,8 @@ fn request_input(
 ) -> Option<CheckInput> {
     let (method, path, headers) = request_parts(headers, body.map_or(0, Vec::len));
     let view = HttpRequest {
-        method: &method,
-        path: &path,
+        method,
+        path,
         headers,
         context: Some(route),
         body: body.map(|b| &b[..]),
@@ -499,14 +614,23 @@ fn request_input(
 /// The least a top-up reserves, in output tokens.
 const MIN_TOP_UP: u64 = 1_000;
 
+/// The most one top-up reserves, in output tokens.
+const MAX_TOP_UP: u64 = 32_000;
+
 /// Keeps a response covered while it streams past what its reservation
 /// covered (the request's output estimate, or the default output).
 ///
 /// When the output counted so far nears the coverage, a top-up reserves
-/// more ([`Gate::top_up`]: half the first coverage, at least
-/// [`MIN_TOP_UP`] output tokens), off the reply path: no chunk's reply
-/// waits for the store (Envoy's `message_timeout` applies to every
-/// message). A later chunk reads its answer. When the exchange ends, the
+/// more ([`Gate::top_up`]), off the reply path: no chunk's reply waits
+/// for the store (Envoy's `message_timeout` applies to every message). A
+/// later chunk reads its answer. A top-up follows the stream's rate: it
+/// reserves what the stream has used so far (the first one half the first
+/// coverage), at least [`MIN_TOP_UP`] and at most [`MAX_TOP_UP`] output
+/// tokens, so that the coverage about doubles with each and an answer of
+/// N tokens needs about log2(N / 1,000) store calls, not N / 1,000. A
+/// top-up larger than the first that finds no room is asked again at the
+/// first one's size (and later ones stay at it): near the limit, the
+/// stream takes what is left in small steps. When the exchange ends, the
 /// first reservation is settled at what the call used and every top-up
 /// is given back whole, so the net charge is the real usage.
 ///
@@ -521,20 +645,29 @@ const MIN_TOP_UP: u64 = 1_000;
 /// resets (the error event among them) can be lost with the reset.
 /// Otherwise (`finish`, the default, or a body that is not an event
 /// stream) the response runs to its end and is charged what it used,
-/// which may pass the limit. A top-up that fails (a store fault, a model
-/// that cannot be priced) lets the response finish.
+/// which may pass the limit.
+///
+/// A top-up the store fails is judged by the rules' `on_store_error`, as
+/// a decision is: when one of the top-up's rules fails closed and says
+/// `on_overrun: cut`, an event stream is cut the same way, past its
+/// coverage, with an error event that names the store; otherwise the
+/// response finishes. Every top-up's outcome is logged and counted in
+/// `tollgate_ext_proc_top_ups_total{outcome}` (`reserved`, `no_room`,
+/// `store_error`, `error`).
 #[derive(Default)]
 struct Overrun {
     /// What the first reservation covered: read from the request at the
     /// first chunk that counts output.
     coverage: Option<Coverage>,
     state: OverrunState,
-    /// A top-up under way.
-    pending: Option<oneshot::Receiver<Result<TopUp, GateError>>>,
+    /// A top-up under way, and the output tokens it asked for.
+    pending: Option<(u64, oneshot::Receiver<Result<TopUp, GateError>>)>,
     /// The top-ups made, to give back at the end.
     top_ups: Vec<String>,
-    /// The rules that had no room, for the error event.
+    /// The rules that had no room (or failed closed), for the error event.
     rules: Vec<String>,
+    /// Why the stream is cut, for the error event.
+    reason: CutReason,
     /// Where the bytes the client got so far stop, in the event stream.
     edge: SseEdge,
 }
@@ -543,8 +676,23 @@ struct Coverage {
     input: Arc<CheckInput>,
     /// Output tokens the reservations cover so far.
     covered: u64,
-    /// Output tokens each top-up adds.
-    chunk: u64,
+    /// The first top-up's size, in output tokens: half the first
+    /// coverage, at least [`MIN_TOP_UP`].
+    base: u64,
+    /// Top-ups grow with the stream; false once a larger one found no
+    /// room.
+    grow: bool,
+}
+
+impl Coverage {
+    /// The next top-up's size, once the stream has counted `counted`.
+    fn step(&self, counted: u64) -> u64 {
+        if self.grow {
+            counted.clamp(self.base, self.base.max(MAX_TOP_UP))
+        } else {
+            self.base
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -558,6 +706,46 @@ enum OverrunState {
     CutPast,
     /// The error event went out; the next message ends the exchange.
     CutSent,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum CutReason {
+    /// The rules' budget is spent.
+    #[default]
+    NoRoom,
+    /// The store failed a top-up under a rule that fails closed.
+    StoreFault,
+}
+
+/// The rules a top-up reserves on (the decision's enforced counters of
+/// what output adds to: tokens, output tokens, spend) whose
+/// `on_store_error` is `fail_closed`, and whether one of them says
+/// `on_overrun: cut`: what a store fault during a top-up is judged by.
+fn fail_closed_rules(policy: &CompiledPolicy, decision: &Decision) -> (Vec<String>, bool) {
+    let mut rules: Vec<String> = Vec::new();
+    let mut cut = false;
+    for counter in &decision.counters {
+        let counts_output = matches!(
+            counter.unit,
+            Unit::OutputTokens | Unit::Tokens | Unit::Spend
+        );
+        if !counter.enforced || !counts_output || rules.contains(&counter.rule) {
+            continue;
+        }
+        let Some(rule) = policy.rules().iter().find(|r| r.id == counter.rule) else {
+            continue;
+        };
+        if rule.on_store_error == StoreFailure::FailClosed {
+            cut |= rule.on_overrun == OnOverrun::Cut;
+            rules.push(rule.id.clone());
+        }
+    }
+    (rules, cut)
+}
+
+/// Counts a top-up's outcome.
+fn count_top_up(outcome: &'static str) {
+    metrics::counter!(names::EXT_PROC_TOP_UPS, "outcome" => outcome).increment(1);
 }
 
 impl Overrun {
@@ -587,11 +775,13 @@ impl Overrun {
                 self.coverage.insert(Coverage {
                     input: Arc::new(input),
                     covered,
-                    chunk: (covered / 2).max(MIN_TOP_UP),
+                    base: (covered / 2).max(MIN_TOP_UP),
+                    grow: true,
                 })
             }
         };
-        if let Some(pending) = &mut self.pending {
+        if let Some((asked, pending)) = &mut self.pending {
+            let asked = *asked;
             let answer = match pending.try_recv() {
                 Err(oneshot::error::TryRecvError::Empty) => None,
                 Ok(answer) => Some(answer),
@@ -601,22 +791,74 @@ impl Overrun {
             };
             if let Some(answer) = answer {
                 self.pending = None;
+                let reservation = &decision.reservation_id;
                 match answer {
                     Ok(TopUp::Reserved(id)) => {
-                        coverage.covered = coverage.covered.saturating_add(coverage.chunk);
+                        count_top_up("reserved");
+                        coverage.covered = coverage.covered.saturating_add(asked);
+                        tracing::debug!(
+                            reservation = reservation.as_deref(),
+                            top_up = id,
+                            output_tokens = asked,
+                            covered = coverage.covered,
+                            "stream topped up"
+                        );
                         self.top_ups.push(id);
                     }
                     Ok(TopUp::Unmetered) => self.state = OverrunState::Finish,
+                    Ok(TopUp::NoRoom { .. }) if asked > coverage.base => {
+                        // Asked again at the first size, below.
+                        count_top_up("no_room");
+                        coverage.grow = false;
+                    }
                     Ok(TopUp::NoRoom { cut, rules }) => {
-                        self.state = if cut && event_stream {
+                        count_top_up("no_room");
+                        let cut = cut && event_stream;
+                        tracing::info!(
+                            reservation = reservation.as_deref(),
+                            rules = ?rules,
+                            output_tokens = counted,
+                            cut,
+                            "no room to top the stream up"
+                        );
+                        self.state = if cut {
                             OverrunState::CutPast
                         } else {
                             OverrunState::Finish
                         };
                         self.rules = rules;
                     }
+                    Err(GateError::Store(error)) => {
+                        count_top_up("store_error");
+                        let (rules, cut) = fail_closed_rules(policy, decision);
+                        let cut = cut && event_stream;
+                        tracing::warn!(
+                            reservation = reservation.as_deref(),
+                            error = %error,
+                            fail_closed = ?rules,
+                            cut,
+                            "counter store fault while topping a stream up; {}",
+                            if cut {
+                                "it is cut past its coverage"
+                            } else {
+                                "it runs to its end"
+                            }
+                        );
+                        if cut {
+                            self.state = OverrunState::CutPast;
+                            self.reason = CutReason::StoreFault;
+                            self.rules = rules;
+                        } else {
+                            self.state = OverrunState::Finish;
+                        }
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "top-up failed; the response runs to its end");
+                        count_top_up("error");
+                        tracing::warn!(
+                            reservation = reservation.as_deref(),
+                            error = %e,
+                            "top-up failed; the response runs to its end"
+                        );
                         self.state = OverrunState::Finish;
                     }
                 }
@@ -624,14 +866,15 @@ impl Overrun {
         }
         match self.state {
             OverrunState::Topping => {
-                let margin = coverage.covered.min(coverage.chunk) / 4;
+                let step = coverage.step(counted);
+                let margin = coverage.covered.min(step) / 4;
                 if self.pending.is_none() && counted >= coverage.covered - margin {
                     let (tx, rx) = oneshot::channel();
-                    self.pending = Some(rx);
+                    self.pending = Some((step, rx));
                     let (gate, policy, decision) = (gate.clone(), policy.clone(), decision.clone());
-                    let (input, chunk) = (coverage.input.clone(), coverage.chunk);
+                    let input = coverage.input.clone();
                     tokio::spawn(async move {
-                        let answer = gate.top_up(&policy, &input, &decision, chunk).await;
+                        let answer = gate.top_up(&policy, &input, &decision, step).await;
                         // The exchange is gone without reading it: give
                         // it back here.
                         if let Err(Ok(TopUp::Reserved(id))) = tx.send(answer) {
@@ -657,7 +900,10 @@ impl Overrun {
             let end = self.edge.clone().end_of_event(delivered)?;
             out.extend_from_slice(&delivered[..end]);
         }
-        out.extend_from_slice(&error_event(api, &self.rules));
+        out.extend_from_slice(&match self.reason {
+            CutReason::NoRoom => error_event(api, &self.rules),
+            CutReason::StoreFault => store_fault_event(api, &self.rules),
+        });
         self.state = OverrunState::CutSent;
         Some(out)
     }
@@ -728,8 +974,35 @@ impl SseEdge {
 /// raises it: the Anthropic SDK on an `error` event only, the OpenAI SDKs
 /// on a `data:` line whose object has an `error`.
 fn error_event(api: Api, rules: &[String]) -> Vec<u8> {
-    let named = match rules {
-        [] => "its budget".to_string(),
+    let message = format!(
+        "budget exceeded: the response used all that {} leaves, and tollgate stopped it",
+        named(rules, "its budget")
+    );
+    api_error_event(
+        api,
+        &message,
+        ("budget_exceeded", "insufficient_quota", "budget_exceeded"),
+    )
+}
+
+/// The error event that ends a stream cut because the counter store
+/// failed its top-up under a rule that fails closed.
+fn store_fault_event(api: Api, rules: &[String]) -> Vec<u8> {
+    let message = format!(
+        "the counter store could not cover the rest of the response under {}, which fails \
+         closed, and tollgate stopped it",
+        named(rules, "its rules")
+    );
+    api_error_event(
+        api,
+        &message,
+        ("api_error", "server_error", "store_unavailable"),
+    )
+}
+
+fn named(rules: &[String], none: &str) -> String {
+    match rules {
+        [] => none.to_string(),
         [one] => format!("rule `{one}`"),
         many => format!(
             "rules {}",
@@ -738,15 +1011,17 @@ fn error_event(api: Api, rules: &[String]) -> Vec<u8> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-    };
-    let message = format!(
-        "budget exceeded: the response used all that {named} leaves, and tollgate stopped it"
-    );
+    }
+}
+
+/// `kinds`: the Anthropic error type, then the OpenAI type and code.
+fn api_error_event(api: Api, message: &str, kinds: (&str, &str, &str)) -> Vec<u8> {
+    let (anthropic_type, openai_type, openai_code) = kinds;
     match api {
         Api::Anthropic => {
             let data = serde_json::json!({
                 "type": "error",
-                "error": {"type": "budget_exceeded", "message": message},
+                "error": {"type": anthropic_type, "message": message},
             });
             format!("event: error\ndata: {data}\n\n").into_bytes()
         }
@@ -754,8 +1029,8 @@ fn error_event(api: Api, rules: &[String]) -> Vec<u8> {
             let data = serde_json::json!({
                 "error": {
                     "message": message,
-                    "type": "insufficient_quota",
-                    "code": "budget_exceeded",
+                    "type": openai_type,
+                    "code": openai_code,
                 },
             });
             format!("data: {data}\n\n").into_bytes()
@@ -765,10 +1040,14 @@ fn error_event(api: Api, rules: &[String]) -> Vec<u8> {
 
 /// The reply to the message after a cut's error event: once the response
 /// has started downstream, Envoy resets the stream on it.
-fn reset_after_cut() -> ProcessingResponse {
+fn reset_after_cut(reason: CutReason) -> ProcessingResponse {
+    let (code, details) = match reason {
+        CutReason::NoRoom => (429, "tollgate_budget_exceeded"),
+        CutReason::StoreFault => (503, "tollgate_store_unavailable"),
+    };
     reply(Reply::ImmediateResponse(ImmediateResponse {
-        status: Some(HttpStatus { code: 429 }),
-        details: "tollgate_budget_exceeded".to_string(),
+        status: Some(HttpStatus { code }),
+        details: details.to_string(),
         ..Default::default()
     }))
 }
@@ -994,12 +1273,21 @@ fn raw_header((key, value): (String, String)) -> HeaderValueOption {
     }
 }
 
-/// The headers of a headers message, read as ext_authz reads them.
-fn header_pairs(h: &HttpHeaders) -> Vec<(String, Vec<u8>)> {
+/// The headers of a headers message, read as ext_authz reads them
+/// ([`super::http_request::envoy_header`]), taken over without copying.
+fn header_pairs(h: HttpHeaders) -> Vec<(String, Vec<u8>)> {
     h.headers
-        .iter()
-        .flat_map(|map| map.headers.iter())
-        .map(envoy_header)
+        .into_iter()
+        .flat_map(|map| map.headers)
+        .map(|h| {
+            let (mut key, value) = if h.raw_value.is_empty() {
+                (h.key, h.value.into_bytes())
+            } else {
+                (h.key, h.raw_value)
+            };
+            key.make_ascii_lowercase();
+            (key, value)
+        })
         .collect()
 }
 
@@ -1024,8 +1312,8 @@ mod tests {
         ];
         let (method, path, headers) = request_parts(&headers, prefix.len());
         let view = HttpRequest {
-            method: &method,
-            path: &path,
+            method,
+            path,
             headers,
             context: None,
             body: Some(prefix.as_bytes()),
