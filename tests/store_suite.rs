@@ -698,7 +698,7 @@ rules:
     for day in 0..30 {
         clock.set(at(2026, 11, 1 + day, 9, 0));
         for (i, (model, modality, used)) in calls.iter().enumerate() {
-            if (day as usize + i) % 3 == 0 {
+            if (day as usize + i).is_multiple_of(3) {
                 continue;
             }
             let decision = gate
@@ -729,6 +729,7 @@ rules:
                 video_jobs: 0,
                 video_seconds: used.video_seconds,
                 audio_seconds: used.audio_seconds,
+                detail: Default::default(),
             };
             let price = compiled.price(model).expect("shipped price");
             *expected.entry(model.to_string()).or_default() += cost(price, &usage, model).unwrap();
