@@ -36,6 +36,7 @@ fn native(bytes: &[u8]) -> Option<SettleForm> {
             image_quality: Some(u.image_quality),
             video_seconds: Some(u.video_seconds),
             audio_seconds: Some(u.audio_seconds),
+            ..Default::default()
         },
     })
 }
@@ -92,7 +93,10 @@ fuzz_target!(|data: &[u8]| {
     assert!(!actual.video_seconds.is_sign_negative(), "{actual:?}");
     assert!(!actual.audio_seconds.is_sign_negative(), "{actual:?}");
     assert!(actual.image_quality.as_deref() != Some(""), "{actual:?}");
-    assert!(actual.reasoning_tokens <= actual.output_tokens, "{actual:?}");
+    assert!(
+        actual.reasoning_tokens <= actual.output_tokens,
+        "{actual:?}"
+    );
 
     let policy = tollgate_fuzz::policy(false);
     tollgate_fuzz::check_charges(&Usage {
