@@ -128,6 +128,15 @@ pub struct ActualUsage {
     pub image_quality: Option<String>,
     pub video_seconds: Decimal,
     pub audio_seconds: Decimal,
+    /// Of `input_tokens`, those written to a prompt cache.
+    pub cache_write_tokens: u64,
+    /// Of the input and output tokens, the audio ones.
+    pub audio_input_tokens: u64,
+    pub audio_output_tokens: u64,
+    /// Calls with a fee made within the request, by name.
+    pub calls: std::collections::BTreeMap<String, u64>,
+    /// The call went through a provider's batch API.
+    pub batch: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -620,6 +629,14 @@ impl Gate {
             video_jobs: 0,
             video_seconds: actual.video_seconds,
             audio_seconds: actual.audio_seconds,
+            detail: crate::engine::charge::Detail {
+                cache_write_tokens: actual.cache_write_tokens,
+                reasoning_tokens: actual.reasoning_tokens,
+                audio_input_tokens: actual.audio_input_tokens,
+                audio_output_tokens: actual.audio_output_tokens,
+                batch: actual.batch,
+                calls: actual.calls.clone(),
+            },
         };
         let decided = reservation.model.as_deref();
         let model = match (served, decided) {
@@ -703,6 +720,10 @@ impl Gate {
             image_quality: input.estimate.image_quality.clone(),
             video_seconds: Some(Decimal::ZERO),
             audio_seconds: Some(Decimal::ZERO),
+            detail: crate::engine::charge::Detail {
+                batch: input.estimate.detail.batch,
+                ..Default::default()
+            },
         };
         let mut plan = decide::plan(policy, &attrs, &estimate, now)?;
         plan.withhold_downgrades();

@@ -97,7 +97,21 @@ fn parse_estimate(pairs: &[String]) -> Result<Estimate, String> {
             "image_quality" => estimate.image_quality = Some(value.to_string()),
             "video_seconds" => estimate.video_seconds = Some(dec()?),
             "audio_seconds" => estimate.audio_seconds = Some(dec()?),
-            other => return Err(format!("unknown estimate field {other:?}")),
+            "cache_write_tokens" => estimate.detail.cache_write_tokens = int()?,
+            "reasoning_tokens" => estimate.detail.reasoning_tokens = int()?,
+            "audio_input_tokens" => estimate.detail.audio_input_tokens = int()?,
+            "audio_output_tokens" => estimate.detail.audio_output_tokens = int()?,
+            "batch" => {
+                estimate.detail.batch = value
+                    .parse::<bool>()
+                    .map_err(|_| "batch must be true or false".to_string())?
+            }
+            other => match other.strip_prefix("calls.") {
+                Some(call) if !call.is_empty() => {
+                    estimate.detail.calls.insert(call.to_string(), int()?);
+                }
+                _ => return Err(format!("unknown estimate field {other:?}")),
+            },
         }
     }
     Ok(estimate)

@@ -66,6 +66,7 @@ impl pb::tollgate_server::Tollgate for NativeApi {
                 image_quality: Some(u.image_quality),
                 video_seconds: Some(u.video_seconds),
                 audio_seconds: Some(u.audio_seconds),
+                ..Default::default()
             },
         };
         let (reservation_id, actual) = form
@@ -150,6 +151,7 @@ fn estimate(e: pb::Estimate) -> Result<Estimate, Status> {
         image_quality: non_empty(e.image_quality),
         video_seconds: decimal("estimate.video_seconds", &e.video_seconds)?,
         audio_seconds: decimal("estimate.audio_seconds", &e.audio_seconds)?,
+        detail: Default::default(),
     })
 }
 

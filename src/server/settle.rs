@@ -31,6 +31,21 @@ pub struct UsageForm {
     pub video_seconds: Option<String>,
     #[serde(default, deserialize_with = "amount_text")]
     pub audio_seconds: Option<String>,
+    /// Of `input_tokens`, those written to a prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`).
+    #[serde(default)]
+    pub cache_write_tokens: u64,
+    /// Of the input and output tokens, the audio ones.
+    #[serde(default)]
+    pub audio_input_tokens: u64,
+    #[serde(default)]
+    pub audio_output_tokens: u64,
+    /// Calls with a fee made within the request, by name (`web_search`).
+    #[serde(default)]
+    pub calls: std::collections::BTreeMap<String, u64>,
+    /// The call went through the provider's batch API.
+    #[serde(default)]
+    pub batch: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -57,6 +72,17 @@ impl UsageForm {
             None | Some("") => Ok(Default::default()),
             Some(t) => parse_amount(field, t),
         };
+        if self.calls.len() > tollgate_core::engine::request::MAX_CALL_KINDS {
+            return Err(RequestError::invalid(format!(
+                "usage.calls names more than {} kinds of calls",
+                tollgate_core::engine::request::MAX_CALL_KINDS
+            )));
+        }
+        if let Some(name) = self.calls.keys().find(|n| n.is_empty() || n.len() > 128) {
+            return Err(RequestError::invalid(format!(
+                "usage.calls has a bad call name {name:?} (1 to 128 characters)"
+            )));
+        }
         Ok(ActualUsage {
             input_tokens: self.input_tokens,
             cached_input_tokens: self.cached_input_tokens,
@@ -66,6 +92,11 @@ impl UsageForm {
             image_quality: self.image_quality.filter(|q| !q.is_empty()),
             video_seconds: seconds("usage.video_seconds", &self.video_seconds)?,
             audio_seconds: seconds("usage.audio_seconds", &self.audio_seconds)?,
+            cache_write_tokens: self.cache_write_tokens,
+            audio_input_tokens: self.audio_input_tokens,
+            audio_output_tokens: self.audio_output_tokens,
+            calls: self.calls,
+            batch: self.batch,
         })
     }
 }
@@ -96,6 +127,34 @@ fn amount_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_writes_audio_calls_and_batch_are_read() {
+        let form: SettleForm = serde_json::from_str(
+            r#"{"reservation_id":"r1","usage":{"input_tokens":10,"cache_write_tokens":4,
+                "audio_input_tokens":3,"audio_output_tokens":2,"output_tokens":5,
+                "calls":{"web_search":2},"batch":true}}"#,
+        )
+        .unwrap();
+        let (_, a) = form.checked().unwrap();
+        assert_eq!(
+            (
+                a.cache_write_tokens,
+                a.audio_input_tokens,
+                a.audio_output_tokens
+            ),
+            (4, 3, 2)
+        );
+        assert_eq!(a.calls["web_search"], 2);
+        assert!(a.batch);
+        let bad: SettleForm =
+            serde_json::from_str(r#"{"reservation_id":"r1","usage":{"calls":{"":1}}}"#).unwrap();
+        assert!(bad
+            .checked()
+            .unwrap_err()
+            .to_string()
+            .contains("bad call name"));
+    }
 
     #[test]
     fn json_numbers_and_strings_read_alike_and_mistakes_are_named() {

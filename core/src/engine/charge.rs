@@ -20,6 +20,27 @@ pub struct Usage {
     pub video_jobs: u64,
     pub video_seconds: Decimal,
     pub audio_seconds: Decimal,
+    pub detail: Detail,
+}
+
+/// How the tokens of a usage are billed beyond input, cached input and
+/// output. Each token count is a part of `input_tokens` or
+/// `output_tokens`, not in addition to them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Detail {
+    /// Of the input tokens, those written to a prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`).
+    pub cache_write_tokens: u64,
+    /// Of the output tokens, those spent reasoning.
+    pub reasoning_tokens: u64,
+    /// Of the input and output tokens, the audio ones.
+    pub audio_input_tokens: u64,
+    pub audio_output_tokens: u64,
+    /// A call through a provider's batch API.
+    pub batch: bool,
+    /// Calls made within the request that carry a fee (`web_search`), by
+    /// name, with how many.
+    pub calls: std::collections::BTreeMap<String, u64>,
 }
 
 impl Usage {
@@ -65,6 +86,7 @@ impl Usage {
             } else {
                 Decimal::ZERO
             }),
+            detail: est.detail.clone(),
         }
     }
 }
@@ -129,23 +151,93 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
             }
             Ok(())
         };
-    let uncached = usage.input_tokens.saturating_sub(usage.cached_input_tokens);
+    let detail = &usage.detail;
+    // Above its threshold, a long-context tier's prices replace the base
+    // ones for every token of the request.
+    let long = price
+        .long_context
+        .as_ref()
+        .filter(|l| usage.input_tokens > l.above_input_tokens);
+    let tier = |pick: fn(&crate::policy::LongContext) -> Option<Decimal>, base: Option<Decimal>| {
+        long.and_then(pick).or(base)
+    };
+    let input_rate = tier(|l| l.input_per_mtok, price.input_per_mtok);
+    let cached_rate = tier(|l| l.cached_input_per_mtok, price.cached_input_per_mtok).or(input_rate);
+    let write_rate = tier(|l| l.cache_write_per_mtok, price.cache_write_per_mtok).or(input_rate);
+    let output_rate = tier(|l| l.output_per_mtok, price.output_per_mtok);
+    let reasoning_rate = price.reasoning_per_mtok.or(output_rate);
+    let audio_in_rate = price.audio_input_per_mtok.or(input_rate);
+    let audio_out_rate = price.audio_output_per_mtok.or(output_rate);
+    // A batch call takes the discount off every token price.
+    let factor = match (detail.batch, price.batch_discount) {
+        (true, Some(d)) => Decimal::ONE - d,
+        _ => Decimal::ONE,
+    };
+    let per_token = |rate: Option<Decimal>| rate.map(|p| p * factor / mtok);
+    // The parts of the input and of the output, each counted once: a
+    // report whose parts add up to more than its total is taken as far as
+    // the total goes.
+    let mut input_left = usage.input_tokens;
+    let mut take_input = |n: u64| {
+        let n = n.min(input_left);
+        input_left -= n;
+        n
+    };
+    let cached = take_input(usage.cached_input_tokens);
+    let written = take_input(detail.cache_write_tokens);
+    let audio_in = take_input(detail.audio_input_tokens);
+    let uncached = input_left;
+    let mut output_left = usage.output_tokens;
+    let mut take_output = |n: u64| {
+        let n = n.min(output_left);
+        output_left -= n;
+        n
+    };
+    let reasoning = take_output(detail.reasoning_tokens);
+    let audio_out = take_output(detail.audio_output_tokens);
+    let text_output = output_left;
     add(
-        price.input_per_mtok.map(|p| p / mtok),
+        per_token(input_rate),
         Decimal::from(uncached),
         "input tokens",
     )?;
-    let cached_rate = price.cached_input_per_mtok.or(price.input_per_mtok);
     add(
-        cached_rate.map(|p| p / mtok),
-        Decimal::from(usage.cached_input_tokens),
+        per_token(cached_rate),
+        Decimal::from(cached),
         "cached input tokens",
     )?;
     add(
-        price.output_per_mtok.map(|p| p / mtok),
-        Decimal::from(usage.output_tokens),
+        per_token(write_rate),
+        Decimal::from(written),
+        "cache write tokens",
+    )?;
+    add(
+        per_token(audio_in_rate),
+        Decimal::from(audio_in),
+        "audio input tokens",
+    )?;
+    add(
+        per_token(output_rate),
+        Decimal::from(text_output),
         "output tokens",
     )?;
+    add(
+        per_token(reasoning_rate),
+        Decimal::from(reasoning),
+        "reasoning tokens",
+    )?;
+    add(
+        per_token(audio_out_rate),
+        Decimal::from(audio_out),
+        "audio output tokens",
+    )?;
+    for (call, n) in &detail.calls {
+        add(
+            price.per_call.get(call).copied(),
+            Decimal::from(*n),
+            "calls with a fee",
+        )?;
+    }
     add(price.per_request, Decimal::ONE, "requests")?;
     let image_rate = match &price.per_image {
         None => None,
@@ -217,6 +309,172 @@ mod tests {
             cached_input_per_mtok: Some(d("1.25")),
             ..Default::default()
         }
+    }
+
+    fn sonnet() -> ModelPrice {
+        ModelPrice {
+            input_per_mtok: Some(d("3")),
+            cached_input_per_mtok: Some(d("0.30")),
+            cache_write_per_mtok: Some(d("3.75")),
+            output_per_mtok: Some(d("15")),
+            long_context: Some(crate::policy::LongContext {
+                above_input_tokens: 200_000,
+                input_per_mtok: Some(d("6")),
+                cached_input_per_mtok: Some(d("0.60")),
+                cache_write_per_mtok: Some(d("7.50")),
+                output_per_mtok: Some(d("22.50")),
+            }),
+            batch_discount: Some(d("0.5")),
+            per_call: [("web_search".to_string(), d("0.01"))].into(),
+            ..Default::default()
+        }
+    }
+
+    fn tokens(input: u64, cached: u64, output: u64, detail: Detail) -> Usage {
+        Usage {
+            input_tokens: input,
+            cached_input_tokens: cached,
+            output_tokens: output,
+            detail,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn anthropic_cache_writes_and_reads_are_priced_apart() {
+        // 10 000 input: 6 000 read from the cache, 3 000 written to it,
+        // 1 000 plain; 2 000 output.
+        let usage = tokens(
+            10_000,
+            6_000,
+            2_000,
+            Detail {
+                cache_write_tokens: 3_000,
+                ..Default::default()
+            },
+        );
+        // 1000*3e-6 + 6000*0.3e-6 + 3000*3.75e-6 + 2000*15e-6
+        // = 0.003 + 0.0018 + 0.01125 + 0.03
+        assert_eq!(cost(&sonnet(), &usage, "m").unwrap(), d("0.04605"));
+        // Without a cache write price, writes cost as input.
+        let plain = ModelPrice {
+            cache_write_per_mtok: None,
+            ..sonnet()
+        };
+        assert_eq!(cost(&plain, &usage, "m").unwrap(), d("0.0438"));
+    }
+
+    #[test]
+    fn reasoning_tokens_have_their_own_rate_or_the_output_rate() {
+        let flash = ModelPrice {
+            input_per_mtok: Some(d("0.15")),
+            output_per_mtok: Some(d("0.60")),
+            reasoning_per_mtok: Some(d("3.50")),
+            ..Default::default()
+        };
+        let usage = tokens(
+            1_000,
+            0,
+            5_000,
+            Detail {
+                reasoning_tokens: 4_000,
+                ..Default::default()
+            },
+        );
+        // 1000*0.15e-6 + 1000*0.6e-6 + 4000*3.5e-6 = 0.00015 + 0.0006 + 0.014
+        assert_eq!(cost(&flash, &usage, "m").unwrap(), d("0.01475"));
+        let as_output = ModelPrice {
+            reasoning_per_mtok: None,
+            ..flash
+        };
+        // 0.00015 + 5000*0.6e-6
+        assert_eq!(cost(&as_output, &usage, "m").unwrap(), d("0.00315"));
+    }
+
+    #[test]
+    fn a_long_context_tier_prices_every_token_above_its_threshold() {
+        let at_threshold = tokens(200_000, 0, 1_000, Detail::default());
+        // 200000*3e-6 + 1000*15e-6 = 0.6 + 0.015
+        assert_eq!(cost(&sonnet(), &at_threshold, "m").unwrap(), d("0.615"));
+        let above = tokens(
+            200_001,
+            100_000,
+            1_000,
+            Detail {
+                cache_write_tokens: 1,
+                ..Default::default()
+            },
+        );
+        // 100000*6e-6 + 100000*0.6e-6 + 1*7.5e-6 + 1000*22.5e-6
+        // = 0.6 + 0.06 + 0.0000075 + 0.0225
+        assert_eq!(cost(&sonnet(), &above, "m").unwrap(), d("0.6825075"));
+    }
+
+    #[test]
+    fn a_batch_call_takes_the_discount_off_the_tokens_only() {
+        let mut detail = Detail {
+            batch: true,
+            ..Default::default()
+        };
+        detail.calls.insert("web_search".into(), 3);
+        let usage = tokens(1_000, 0, 1_000, detail);
+        // (1000*3e-6 + 1000*15e-6) * 0.5 + 3 * 0.01 = 0.009 + 0.03
+        assert_eq!(cost(&sonnet(), &usage, "m").unwrap(), d("0.039"));
+        let full = ModelPrice {
+            per_request: Some(d("0.001")),
+            ..sonnet()
+        };
+        let mut not_batch = usage.clone();
+        not_batch.detail.batch = false;
+        // 0.018 + 0.03 + 0.001
+        assert_eq!(cost(&full, &not_batch, "m").unwrap(), d("0.049"));
+    }
+
+    #[test]
+    fn per_call_fees_are_charged_per_call_and_an_unpriced_call_is_named() {
+        let mut detail = Detail::default();
+        detail.calls.insert("web_search".into(), 7);
+        let usage = tokens(0, 0, 0, detail);
+        assert_eq!(cost(&sonnet(), &usage, "m").unwrap(), d("0.07"));
+        let mut other = usage.clone();
+        other.detail.calls = [("code_interpreter".to_string(), 1)].into();
+        let err = cost(&sonnet(), &other, "m").unwrap_err().to_string();
+        assert!(err.contains("calls with a fee"), "{err}");
+    }
+
+    #[test]
+    fn audio_tokens_have_their_own_rates_in_and_out() {
+        let audio = ModelPrice {
+            input_per_mtok: Some(d("2.50")),
+            output_per_mtok: Some(d("10")),
+            audio_input_per_mtok: Some(d("40")),
+            audio_output_per_mtok: Some(d("80")),
+            ..Default::default()
+        };
+        let usage = tokens(
+            3_000,
+            0,
+            1_500,
+            Detail {
+                audio_input_tokens: 2_000,
+                audio_output_tokens: 1_000,
+                ..Default::default()
+            },
+        );
+        // 1000*2.5e-6 + 2000*40e-6 + 500*10e-6 + 1000*80e-6
+        // = 0.0025 + 0.08 + 0.005 + 0.08
+        assert_eq!(cost(&audio, &usage, "m").unwrap(), d("0.1675"));
+        // Parts past the total are counted only as far as the total goes.
+        let over = tokens(
+            1_000,
+            0,
+            0,
+            Detail {
+                audio_input_tokens: 5_000,
+                ..Default::default()
+            },
+        );
+        assert_eq!(cost(&audio, &over, "m").unwrap(), d("0.04"));
     }
 
     #[test]

@@ -237,6 +237,8 @@ pub struct Estimate {
     pub image_quality: Option<String>,
     pub video_seconds: Option<Decimal>,
     pub audio_seconds: Option<Decimal>,
+    /// Cache writes, reasoning and audio tokens, batch, calls with a fee.
+    pub detail: super::charge::Detail,
 }
 
 /// Upper bounds on one request's usage; anything larger is refused as
@@ -244,6 +246,8 @@ pub struct Estimate {
 pub const MAX_TOKENS: u64 = 100_000_000;
 pub const MAX_IMAGES: u64 = 10_000;
 pub const MAX_MEDIA_SECONDS: u64 = 7 * 86_400;
+/// Kinds of calls with a fee one request may name.
+pub const MAX_CALL_KINDS: usize = 16;
 
 impl Estimate {
     pub fn validate(&self) -> Result<(), RequestError> {
@@ -261,6 +265,24 @@ impl Estimate {
                     "cached_input_tokens ({cached}) exceeds input_tokens ({input})"
                 )));
             }
+        }
+        let d = &self.detail;
+        for (name, v) in [
+            ("cache_write_tokens", d.cache_write_tokens),
+            ("reasoning_tokens", d.reasoning_tokens),
+            ("audio_input_tokens", d.audio_input_tokens),
+            ("audio_output_tokens", d.audio_output_tokens),
+        ] {
+            bound(name, Some(v), MAX_TOKENS)?;
+        }
+        if d.calls.len() > MAX_CALL_KINDS {
+            return Err(RequestError::invalid(format!(
+                "more than {MAX_CALL_KINDS} kinds of calls with a fee"
+            )));
+        }
+        for (name, n) in &d.calls {
+            check_len("calls", name)?;
+            bound("calls", Some(*n), MAX_IMAGES)?;
         }
         bound("images", self.images, MAX_IMAGES)?;
         if let Some(q) = &self.image_quality {

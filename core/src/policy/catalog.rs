@@ -13,7 +13,7 @@ use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
-use super::model::{ImagePrice, ModelPrice, Origin};
+use super::model::{ImagePrice, LongContext, ModelPrice, Origin};
 use super::yaml::{Node, Pos, Value};
 use super::Diagnostic;
 
@@ -168,6 +168,25 @@ fn litellm_entry(entry: &Node) -> Result<ModelPrice, String> {
     p.input_per_mtok = per_mtok("input_cost_per_token")?;
     p.output_per_mtok = per_mtok("output_cost_per_token")?;
     p.cached_input_per_mtok = per_mtok("cache_read_input_token_cost")?;
+    p.cache_write_per_mtok = per_mtok("cache_creation_input_token_cost")?;
+    p.reasoning_per_mtok = per_mtok("output_cost_per_reasoning_token")?;
+    p.audio_input_per_mtok = per_mtok("input_cost_per_audio_token")?;
+    p.audio_output_per_mtok = per_mtok("output_cost_per_audio_token")?;
+    let long = LongContext {
+        above_input_tokens: 200_000,
+        input_per_mtok: per_mtok("input_cost_per_token_above_200k_tokens")?,
+        cached_input_per_mtok: per_mtok("cache_read_input_token_cost_above_200k_tokens")?,
+        cache_write_per_mtok: per_mtok("cache_creation_input_token_cost_above_200k_tokens")?,
+        output_per_mtok: per_mtok("output_cost_per_token_above_200k_tokens")?,
+    };
+    if long
+        != (LongContext {
+            above_input_tokens: 200_000,
+            ..LongContext::default()
+        })
+    {
+        p.long_context = Some(long);
+    }
     p.per_request = field(entry, "input_cost_per_request").transpose()?;
     if let Some(d) = field(entry, "output_cost_per_image").transpose()? {
         p.per_image = Some(ImagePrice::Flat(d));
@@ -205,8 +224,18 @@ fn openrouter_entry(entry: &Node) -> Result<(String, ModelPrice), String> {
         input_per_mtok: per_mtok("prompt")?,
         output_per_mtok: per_mtok("completion")?,
         cached_input_per_mtok: per_mtok("input_cache_read")?,
+        cache_write_per_mtok: per_mtok("input_cache_write")?,
+        reasoning_per_mtok: per_mtok("internal_reasoning")?.filter(|d| !d.is_zero()),
         ..ModelPrice::default()
     };
+    if let Some(fee) = field(pricing, "web_search")
+        .transpose()
+        .map_err(|e| format!("`{id}`: {e}"))?
+    {
+        if !fee.is_zero() {
+            p.per_call.insert("web_search".to_string(), fee);
+        }
+    }
     p.per_request = field(pricing, "request")
         .transpose()
         .map_err(|e| format!("`{id}`: {e}"))?
@@ -610,6 +639,40 @@ mod tests {
             skipped[1].contains("at 13:36 is not a number"),
             "{skipped:?}"
         );
+    }
+
+    #[test]
+    fn litellm_cache_writes_reasoning_audio_and_long_context() {
+        let text = r#"{
+  "claude-sonnet-4": {
+    "input_cost_per_token": 3e-06,
+    "output_cost_per_token": 1.5e-05,
+    "cache_creation_input_token_cost": 3.75e-06,
+    "cache_read_input_token_cost": 3e-07,
+    "input_cost_per_token_above_200k_tokens": 6e-06,
+    "output_cost_per_token_above_200k_tokens": 2.25e-05
+  },
+  "gpt-4o-audio-preview": {
+    "input_cost_per_token": 2.5e-06,
+    "output_cost_per_token": 1e-05,
+    "input_cost_per_audio_token": 4e-05,
+    "output_cost_per_audio_token": 8e-05,
+    "output_cost_per_reasoning_token": 1.2e-05
+  }
+}"#;
+        let c = read("c.json", text).unwrap();
+        let sonnet = &c.prices[0].1;
+        assert_eq!(sonnet.cache_write_per_mtok, Some(d("3.75")));
+        assert_eq!(sonnet.cached_input_per_mtok, Some(d("0.3")));
+        let long = sonnet.long_context.as_ref().unwrap();
+        assert_eq!(long.above_input_tokens, 200_000);
+        assert_eq!(long.input_per_mtok, Some(d("6")));
+        assert_eq!(long.output_per_mtok, Some(d("22.5")));
+        let audio = &c.prices[1].1;
+        assert_eq!(audio.audio_input_per_mtok, Some(d("40")));
+        assert_eq!(audio.audio_output_per_mtok, Some(d("80")));
+        assert_eq!(audio.reasoning_per_mtok, Some(d("12")));
+        assert!(audio.long_context.is_none());
     }
 
     #[test]

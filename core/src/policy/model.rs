@@ -279,6 +279,32 @@ pub struct ModelPrice {
     pub per_audio_minute: Option<Decimal>,
     /// Output tokens assumed when a request names no maximum.
     pub default_output_tokens: Option<u64>,
+    /// Input tokens written to a prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`); else charged as input.
+    pub cache_write_per_mtok: Option<Decimal>,
+    /// Output tokens spent reasoning; else charged as output.
+    pub reasoning_per_mtok: Option<Decimal>,
+    /// Audio input and output tokens; else charged as text tokens.
+    pub audio_input_per_mtok: Option<Decimal>,
+    pub audio_output_per_mtok: Option<Decimal>,
+    /// Higher token prices for a request whose input is above a size.
+    pub long_context: Option<LongContext>,
+    /// The fraction taken off the token parts of a batch call (0.5 is half
+    /// price).
+    pub batch_discount: Option<Decimal>,
+    /// A fee per named call made within the request (`web_search`).
+    pub per_call: BTreeMap<String, Decimal>,
+}
+
+/// Token prices that replace the base ones when a request's input tokens
+/// (cached ones included) are above `above_input_tokens`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LongContext {
+    pub above_input_tokens: u64,
+    pub input_per_mtok: Option<Decimal>,
+    pub cached_input_per_mtok: Option<Decimal>,
+    pub cache_write_per_mtok: Option<Decimal>,
+    pub output_per_mtok: Option<Decimal>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

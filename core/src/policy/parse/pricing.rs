@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use rust_decimal::Decimal;
+
 use super::{FilePolicy, Reader};
 use crate::policy::glob::Pattern;
 use crate::policy::model::*;
@@ -87,6 +89,13 @@ impl Reader<'_> {
                 "per_video_second",
                 "per_audio_minute",
                 "default_output_tokens",
+                "cache_write_per_mtok",
+                "reasoning_per_mtok",
+                "audio_input_per_mtok",
+                "audio_output_per_mtok",
+                "long_context",
+                "batch_discount",
+                "per_call",
             ],
         )?;
         let mut p = ModelPrice::default();
@@ -100,6 +109,70 @@ impl Reader<'_> {
                 "per_video_second" => p.per_video_second = self.amount(value, &name),
                 "per_audio_minute" => p.per_audio_minute = self.amount(value, &name),
                 "default_output_tokens" => p.default_output_tokens = self.count(value, &name),
+                "cache_write_per_mtok" => p.cache_write_per_mtok = self.amount(value, &name),
+                "reasoning_per_mtok" => p.reasoning_per_mtok = self.amount(value, &name),
+                "audio_input_per_mtok" => p.audio_input_per_mtok = self.amount(value, &name),
+                "audio_output_per_mtok" => p.audio_output_per_mtok = self.amount(value, &name),
+                "batch_discount" => {
+                    p.batch_discount = self.amount(value, &name);
+                    if p.batch_discount.is_some_and(|d| d > Decimal::ONE) {
+                        self.error(
+                            value.pos,
+                            format!("`{name}` is the fraction taken off, from 0 to 1 (0.5 is half price)"),
+                        );
+                        p.batch_discount = None;
+                    }
+                }
+                "per_call" => {
+                    for (call, fee, _) in self.open_map(value, &name) {
+                        if let Some(d) = self.amount(fee, &format!("{name}.{call}")) {
+                            p.per_call.insert(call.to_string(), d);
+                        }
+                    }
+                }
+                "long_context" => {
+                    let what = format!("`{name}`");
+                    let Some(fields) = self.map(
+                        value,
+                        &what,
+                        &[
+                            "above_input_tokens",
+                            "input_per_mtok",
+                            "cached_input_per_mtok",
+                            "cache_write_per_mtok",
+                            "output_per_mtok",
+                        ],
+                    ) else {
+                        continue;
+                    };
+                    let mut long = LongContext::default();
+                    let mut above = None;
+                    for (k, v) in fields {
+                        let field = format!("{name}.{k}");
+                        match k {
+                            "above_input_tokens" => above = self.count(v, &field),
+                            "input_per_mtok" => long.input_per_mtok = self.amount(v, &field),
+                            "cached_input_per_mtok" => {
+                                long.cached_input_per_mtok = self.amount(v, &field)
+                            }
+                            "cache_write_per_mtok" => {
+                                long.cache_write_per_mtok = self.amount(v, &field)
+                            }
+                            "output_per_mtok" => long.output_per_mtok = self.amount(v, &field),
+                            _ => unreachable!(),
+                        }
+                    }
+                    match above {
+                        Some(n) => {
+                            long.above_input_tokens = n;
+                            p.long_context = Some(long);
+                        }
+                        None => self.error(
+                            value.pos,
+                            format!("{what} needs `above_input_tokens`, the input size past which its prices apply"),
+                        ),
+                    }
+                }
                 "per_image" => {
                     p.per_image = if let Value::Map(_) = value.value {
                         let mut by_quality = BTreeMap::new();
