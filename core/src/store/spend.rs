@@ -72,12 +72,15 @@ impl DayCalendar {
         let Ok(ts) = jiff::Timestamp::from_millisecond(at) else {
             return utc_day(at);
         };
-        let date = ts.to_zoned(tz.clone()).date();
-        crate::engine::window::days_from_civil(
-            i64::from(date.year()),
-            date.month() as u32,
-            date.day() as u32,
-        )
+        // The local date, named as the UTC day of its midnight.
+        match ts
+            .to_zoned(tz.clone())
+            .date()
+            .to_zoned(jiff::tz::TimeZone::UTC)
+        {
+            Ok(midnight) => utc_day(midnight.timestamp().as_millisecond()),
+            Err(_) => utc_day(at),
+        }
     }
 }
 
@@ -336,12 +339,15 @@ mod tests {
     #[test]
     fn days_are_cut_at_local_midnight_through_dst() {
         let berlin = DayCalendar::named("Europe/Berlin").unwrap();
-        let at = |y: i64, m: u32, d: u32, hh: i64, mm: i64| {
-            crate::engine::window::days_from_civil(y, m, d) * 86_400_000
-                + hh * 3_600_000
-                + mm * 60_000
+        let day = |y: i16, m: i8, d: i8| {
+            let midnight = jiff::civil::date(y, m, d)
+                .to_zoned(jiff::tz::TimeZone::UTC)
+                .unwrap();
+            utc_day(midnight.timestamp().as_millisecond())
         };
-        let day = |y, m, d| crate::engine::window::days_from_civil(y, m, d);
+        let at = |y: i16, m: i8, d: i8, hh: i64, mm: i64| {
+            day(y, m, d) * 86_400_000 + hh * 3_600_000 + mm * 60_000
+        };
         // 23:30 UTC on 1 December is 00:30 on the 2nd in Berlin (UTC+1).
         assert_eq!(berlin.day(at(2026, 12, 1, 23, 30)), day(2026, 12, 2));
         assert_eq!(
