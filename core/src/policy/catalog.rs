@@ -23,6 +23,10 @@ pub const MAX_CATALOG_BYTES: u64 = 32 * 1024 * 1024;
 /// Deeper than any catalog; keeps a hostile file from overflowing the stack.
 const MAX_DEPTH: usize = 32;
 
+/// More values than any catalog holds (LiteLLM's has a few hundred
+/// thousand); bounds the memory a file of tiny values can take.
+pub const MAX_CATALOG_VALUES: usize = 4_000_000;
+
 /// Which format a catalog is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CatalogFormat {
@@ -304,6 +308,11 @@ struct Json<'a> {
     line: u32,
     line_start: usize,
     depth: usize,
+    values: usize,
+    /// The last column worked out: (byte offset, characters since the
+    /// line's start), so that positions on one long line (a minified
+    /// catalog) cost what was read since, not the whole line again.
+    col_cache: std::cell::Cell<(usize, usize)>,
 }
 
 type Fail = (Pos, String);
@@ -317,14 +326,24 @@ impl<'a> Json<'a> {
             line: 1,
             line_start: 0,
             depth: 0,
+            values: 0,
+            col_cache: std::cell::Cell::new((0, 0)),
         }
     }
 
     fn pos(&self) -> Pos {
-        // Columns count characters, as the YAML reader's do.
-        let col = std::str::from_utf8(&self.bytes[self.line_start..self.at])
-            .map(|s| s.chars().count())
-            .unwrap_or(self.at - self.line_start);
+        // Columns count characters, as the YAML reader's do: bytes that
+        // do not continue a UTF-8 sequence.
+        let (mut from, mut chars) = self.col_cache.get();
+        if from < self.line_start || from > self.at {
+            (from, chars) = (self.line_start, 0);
+        }
+        chars += self.bytes[from..self.at]
+            .iter()
+            .filter(|&&b| b & 0xc0 != 0x80)
+            .count();
+        self.col_cache.set((self.at, chars));
+        let col = chars;
         Pos {
             line: self.line,
             col: col as u32 + 1,
@@ -364,6 +383,12 @@ impl<'a> Json<'a> {
         let Some(&b) = self.bytes.get(self.at) else {
             return self.fail("unexpected end of the file");
         };
+        self.values += 1;
+        if self.values > MAX_CATALOG_VALUES {
+            return self.fail(format!(
+                "more than {MAX_CATALOG_VALUES} values in one catalog"
+            ));
+        }
         let value = match b {
             b'{' | b'[' => {
                 self.depth += 1;
@@ -713,6 +738,7 @@ mod tests {
         for (text, at) in [
             ("{\"a\": 1,\n \"b\": }", "2:7"),
             ("{\"a\": 01}", "1:7"),
+            ("{\"é\": 01}", "1:7"),
             ("[1, 2]", "1:1"),
             ("{\"a\": \"x}", "1:10"),
             ("{\"a\": 1} x", "1:10"),
@@ -720,6 +746,12 @@ mod tests {
             let e = read("c.json", text).unwrap_err();
             assert_eq!(e.pos.to_string(), at, "{text}: {}", e.message);
         }
+        // One long line, as a minified catalog is: read in linear time.
+        let many = format!("{{\"a\": [{}1]}}", "1,".repeat(MAX_CATALOG_VALUES));
+        assert!(read("c.json", &many)
+            .unwrap_err()
+            .message
+            .contains("more than 4000000 values"));
         let deep = format!("{}1{}", "[".repeat(40), "]".repeat(40));
         assert!(read("c.json", &deep)
             .unwrap_err()
