@@ -55,6 +55,8 @@ const HOUR: Millis = 3_600_000;
 pub const CACHE_FOR: Duration = Duration::from_secs(1);
 /// Budget rows listed at most.
 pub const MAX_ROWS: usize = 5_000;
+/// Scopes read from the store in one call.
+const READ_SLICE: usize = 100;
 /// Entries read from each log.
 const RECENT_DENIALS_READ: usize = 500;
 const RECENT_DENIALS_SHOWN: usize = 50;
@@ -105,7 +107,8 @@ pub struct Dashboard {
     token: Option<AdminToken>,
     admin: AdminPlace,
     rates: Mutex<Rates>,
-    cache: tokio::sync::Mutex<Option<(Instant, Arc<String>)>>,
+    /// The last answer, or refusal, and when it was built.
+    cache: tokio::sync::Mutex<Option<(Instant, Result<Arc<String>, Refusal>)>>,
 }
 
 pub struct DashboardConfig {
@@ -197,18 +200,21 @@ impl Dashboard {
         });
     }
 
-    /// The JSON, from the cache when it is fresh.
+    /// The JSON, from the cache when it is fresh. A refusal is kept as
+    /// long, so that a store in trouble is not asked again by every caller.
     pub async fn answer(&self) -> Result<Arc<String>, Refusal> {
         let mut cache = self.cache.lock().await;
-        if let Some((at, body)) = cache.as_ref() {
+        if let Some((at, answer)) = cache.as_ref() {
             if at.elapsed() < CACHE_FOR {
-                return Ok(body.clone());
+                return answer.clone();
             }
         }
-        let view = self.build().await?;
-        let body = Arc::new(serde_json::to_string(&view).unwrap_or_default());
-        *cache = Some((Instant::now(), body.clone()));
-        Ok(body)
+        let answer = self
+            .build()
+            .await
+            .map(|view| Arc::new(serde_json::to_string(&view).unwrap_or_default()));
+        *cache = Some((Instant::now(), answer.clone()));
+        answer
     }
 
     async fn build(&self) -> Result<View, Refusal> {
@@ -236,11 +242,27 @@ impl Dashboard {
             }
         }
         wanted.truncate(MAX_ROWS);
-        let counters = self
-            .gate
-            .read_scopes(&wanted)
-            .await
-            .map_err(|e| Refusal::from_gate_error(&e))?;
+        // In slices, one after the other: each read is bounded by the
+        // decisions' own store timeout, and a slice that misses it costs
+        // its rows, not the answer.
+        let mut counters = Vec::with_capacity(wanted.len());
+        let mut unread = 0;
+        let mut last_error = None;
+        for slice in wanted.chunks(READ_SLICE) {
+            match self.gate.read_scopes(slice).await {
+                Ok(c) => counters.extend(c),
+                Err(e) => {
+                    unread += slice.len();
+                    last_error = Some(e);
+                }
+            }
+        }
+        if let Some(e) = last_error {
+            if counters.is_empty() {
+                return Err(Refusal::from_gate_error(&e));
+            }
+            warnings.push(format!("{unread} scopes not read: {e}"));
+        }
         let mut budgets: Vec<Budget> = counters
             .iter()
             .map(|c| Budget::of(&policy, c, now))
@@ -874,4 +896,155 @@ fn pending_asks(
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(
+        used: f64,
+        limit: f64,
+        now: Millis,
+        resets: Option<Millis>,
+        rate: Option<f64>,
+    ) -> Budget {
+        Budget {
+            rule: "r".to_string(),
+            scope: format!("team={}", rate.unwrap_or(used)),
+            attributes: BTreeMap::new(),
+            unit: "requests".to_string(),
+            window: "daily".to_string(),
+            used: used.to_string(),
+            limit: limit.to_string(),
+            remaining: (limit - used).to_string(),
+            percent: None,
+            window_start: None,
+            resets_at: None,
+            resets_at_ms: resets,
+            enforced: true,
+            enforcement: "hard",
+            owner: None,
+            description: None,
+            alerts: vec![],
+            alert_level: None,
+            rate_window: rate,
+            rate_last_hour: None,
+            forecast: Forecast::default(),
+            used_f: used,
+            limit_f: limit,
+            now,
+        }
+    }
+
+    #[test]
+    fn the_forecast_says_when_a_budget_runs_out_or_that_the_window_resets_first() {
+        let now = 10 * HOUR;
+        // 50 left at 10 an hour: five hours, before the reset in ten.
+        let f = budget(50.0, 100.0, now, Some(now + 10 * HOUR), Some(10.0)).forecast();
+        assert_eq!(
+            (f.state, f.at_ms, f.basis),
+            ("runs_out", Some(now + 5 * HOUR), Some("window"))
+        );
+        // The same with the reset in two hours.
+        let f = budget(50.0, 100.0, now, Some(now + 2 * HOUR), Some(10.0)).forecast();
+        assert_eq!(f.state, "not_this_window");
+        assert_eq!(
+            budget(100.0, 100.0, now, None, Some(1.0)).forecast().state,
+            "exhausted"
+        );
+        assert_eq!(
+            budget(0.0, 100.0, now, Some(now + HOUR), None)
+                .forecast()
+                .state,
+            "idle"
+        );
+        assert_eq!(
+            budget(5.0, 100.0, now, None, None).forecast().state,
+            "unknown"
+        );
+    }
+
+    #[test]
+    fn the_last_hour_is_sampled_for_the_busiest_scopes_only() {
+        let mut rates = Rates::default();
+        let now = 100 * HOUR;
+        let mut budgets: Vec<Budget> = (1..=(TOP_N as u32 + 30))
+            .map(|i| {
+                budget(
+                    f64::from(i),
+                    1000.0,
+                    now,
+                    Some(now + 10 * HOUR),
+                    Some(f64::from(i)),
+                )
+            })
+            .collect();
+        rates.sample(&mut budgets, now);
+        assert_eq!(rates.samples.len(), TOP_N);
+        // The busiest kept: the largest rates.
+        assert!(rates.samples.keys().all(|(_, s)| s != "team=1"));
+        // A minute later each followed scope used 60 more: 3600 an hour.
+        let later = now + 60_000;
+        let mut budgets: Vec<Budget> = (1..=(TOP_N as u32 + 30))
+            .map(|i| {
+                budget(
+                    f64::from(i) + 60.0,
+                    1000.0,
+                    later,
+                    Some(later + 10 * HOUR),
+                    Some(f64::from(i)),
+                )
+            })
+            .collect();
+        rates.sample(&mut budgets, later);
+        let followed: Vec<&Budget> = budgets
+            .iter()
+            .filter(|b| b.rate_last_hour.is_some())
+            .collect();
+        assert_eq!(followed.len(), TOP_N);
+        for b in followed {
+            assert!((b.rate_last_hour.unwrap() - 3600.0).abs() < 1e-6);
+            assert_eq!(b.forecast.basis, Some("last_hour"));
+        }
+        assert!(rates.samples.values().all(|s| s.len() <= MAX_SAMPLES));
+    }
+
+    #[test]
+    fn the_history_sums_minutes_into_hours_and_folds_the_small_series() {
+        let now = 500 * HOUR + 30 * 60_000;
+        let mut records = vec![
+            CountsRecord {
+                at: now - 60_000,
+                counts: vec![("a".into(), "budget_exceeded".into(), 2)],
+            },
+            CountsRecord {
+                at: now - 2 * 60_000,
+                counts: vec![("a".into(), "budget_exceeded".into(), 3)],
+            },
+            CountsRecord {
+                at: now - 5 * HOUR,
+                counts: vec![("b".into(), "blocked".into(), 1)],
+            },
+            // Too old to show.
+            CountsRecord {
+                at: now - 100 * HOUR,
+                counts: vec![("c".into(), "blocked".into(), 9)],
+            },
+        ];
+        for i in 0..20 {
+            records.push(CountsRecord {
+                at: now - HOUR,
+                counts: vec![(format!("x{i}"), "blocked".into(), 1)],
+            });
+        }
+        let h = history(&records, now);
+        assert_eq!(h.series.len(), HISTORY_SERIES);
+        assert_eq!(h.series[0].rule, "a");
+        assert_eq!(h.series[0].counts[HISTORY_HOURS - 1], 5);
+        assert_eq!(h.series.last().unwrap().rule, "other");
+        let total: u64 = h.series.iter().map(|s| s.total).sum();
+        assert_eq!(total, 5 + 1 + 20);
+        assert!(h.series.iter().all(|s| s.counts.len() == HISTORY_HOURS));
+    }
 }

@@ -99,6 +99,9 @@ function renderFreshness() {
 
 function render() {
   renderFreshness();
+  const w = $("warnings");
+  w.hidden = !(data && data.warnings && data.warnings.length);
+  w.textContent = w.hidden ? "" : "Partial data: " + data.warnings.join("; ");
   renderToken();
   if (!data) return;
   renderPolicy();
