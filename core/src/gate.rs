@@ -856,6 +856,18 @@ impl Gate {
         counters: &[decide::RuleCounter],
         now: Millis,
     ) -> Result<Vec<CounterReport>, GateError> {
+        self.report_within(policy, counters, now, self.config.store_timeout)
+            .await
+    }
+
+    /// [`Gate::report`] with each store call bounded by `limit`.
+    async fn report_within(
+        &self,
+        policy: &CompiledPolicy,
+        counters: &[decide::RuleCounter],
+        now: Millis,
+        limit: Duration,
+    ) -> Result<Vec<CounterReport>, GateError> {
         let refs: Vec<CounterRef> = counters
             .iter()
             .map(|c| CounterRef {
@@ -863,14 +875,14 @@ impl Gate {
                 kind: decide::counter_kind(&policy.rules()[c.rule].limit),
             })
             .collect();
-        let states = self.bounded(self.store.read(&refs, now)).await?;
+        let states = self.bounded_by(limit, self.store.read(&refs, now)).await?;
         // An approved extension raises what a scope may use.
         let takes_approvals = |c: &decide::RuleCounter| {
             let rule = &policy.rules()[c.rule];
             rule.enforcement == Enforcement::Approval || rule.on_exceed == OnExceed::Approval
         };
         let grants = if counters.iter().any(takes_approvals) {
-            self.bounded(self.store.grants(now)).await?
+            self.bounded_by(limit, self.store.grants(now)).await?
         } else {
             Vec::new()
         };

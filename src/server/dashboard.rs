@@ -242,14 +242,15 @@ impl Dashboard {
             }
         }
         wanted.truncate(MAX_ROWS);
-        // In slices, one after the other: each read is bounded by the
-        // decisions' own store timeout, and a slice that misses it costs
-        // its rows, not the answer.
+        // In slices, one after the other, each bounded by its own timeout
+        // (not the decisions' one, which a read of many counters on a busy
+        // store can miss): a slice that fails costs its rows, not the
+        // answer.
         let mut counters = Vec::with_capacity(wanted.len());
         let mut unread = 0;
         let mut last_error = None;
         for slice in wanted.chunks(READ_SLICE) {
-            match self.gate.read_scopes(slice).await {
+            match self.gate.read_scopes_within(slice, STORE_READ_TIMEOUT).await {
                 Ok(c) => counters.extend(c),
                 Err(e) => {
                     unread += slice.len();

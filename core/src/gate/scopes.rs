@@ -14,6 +14,18 @@ impl Gate {
         &self,
         scopes: &[(String, String)],
     ) -> Result<Vec<CounterReport>, GateError> {
+        self.read_scopes_within(scopes, self.config.store_timeout)
+            .await
+    }
+
+    /// [`Gate::read_scopes`] with the store calls bounded by `limit`
+    /// rather than the decisions' store timeout: for readers that are not
+    /// deciding and can wait (the dashboard).
+    pub async fn read_scopes_within(
+        &self,
+        scopes: &[(String, String)],
+        limit: std::time::Duration,
+    ) -> Result<Vec<CounterReport>, GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
         let counters: Vec<RuleCounter> = scopes
@@ -27,7 +39,7 @@ impl Gate {
                 (&counter.scope == scope).then_some(counter)
             })
             .collect();
-        self.report(&policy, &counters, now).await
+        self.report_within(&policy, &counters, now, limit).await
     }
 }
 
