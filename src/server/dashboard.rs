@@ -250,7 +250,11 @@ impl Dashboard {
         let mut unread = 0;
         let mut last_error = None;
         for slice in wanted.chunks(READ_SLICE) {
-            match self.gate.read_scopes_within(slice, STORE_READ_TIMEOUT).await {
+            match self
+                .gate
+                .read_scopes_within(slice, STORE_READ_TIMEOUT)
+                .await
+            {
                 Ok(c) => counters.extend(c),
                 Err(e) => {
                     unread += slice.len();
