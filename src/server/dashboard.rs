@@ -108,8 +108,11 @@ pub struct Dashboard {
     admin: AdminPlace,
     rates: Mutex<Rates>,
     /// The last answer, or refusal, and when it was built.
-    cache: tokio::sync::Mutex<Option<(Instant, Result<Arc<String>, Refusal>)>>,
+    cache: tokio::sync::Mutex<Option<(Instant, Answer)>>,
 }
+
+/// One built answer: the JSON, or why there is none.
+type Answer = Result<Arc<String>, Refusal>;
 
 pub struct DashboardConfig {
     pub mode: DashboardMode,
