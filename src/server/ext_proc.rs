@@ -1068,6 +1068,7 @@ fn settle_usage(
             input_tokens: r.input_tokens,
             cached_input_tokens: r.cached_input_tokens.min(r.input_tokens),
             output_tokens: r.output_tokens,
+            reasoning_tokens: r.reasoning_tokens,
             images: r.images,
             ..Default::default()
         },
