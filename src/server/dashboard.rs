@@ -193,7 +193,9 @@ impl Dashboard {
         let me = self.clone();
         tokio::spawn(async move {
             tokio::pin!(shutdown);
-            let mut tick = tokio::time::interval(every);
+            // The first a period after the start: a server nobody looks at
+            // reads nothing for the dashboard in its first moments.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 tokio::select! {
                     _ = tick.tick() => { let _ = me.answer().await; }
