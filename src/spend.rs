@@ -258,7 +258,7 @@ impl SpendReport {
             let mut cells: Vec<String> = self
                 .by
                 .iter()
-                .map(|d| g.group.get(d).cloned().unwrap_or_default())
+                .map(|d| defused(g.group.get(d).cloned().unwrap_or_default()))
                 .collect();
             cells.extend(entry_cells(&g.settled));
             cells.extend(entry_cells(&g.estimated));
@@ -302,7 +302,7 @@ impl SpendReport {
                     group: header[..by]
                         .iter()
                         .cloned()
-                        .zip(cells[..by].iter().cloned())
+                        .zip(cells[..by].iter().map(|c| undefused(c)))
                         .collect(),
                     settled: entry(&cells[by..by + 9])?,
                     estimated: entry(&cells[by + 9..])?,
@@ -383,6 +383,24 @@ impl SpendReport {
     }
 }
 
+/// A dimension value a spreadsheet would run as a formula (`=`, `+`, `-`,
+/// `@`) gets a leading `'`, which spreadsheets show as text; values come
+/// from requests, so they are not trusted.
+fn defused(value: String) -> String {
+    if value.starts_with(['=', '+', '-', '@', '\'']) {
+        format!("'{value}")
+    } else {
+        value
+    }
+}
+
+fn undefused(cell: &str) -> String {
+    match cell.strip_prefix('\'') {
+        Some(rest) if rest.starts_with(['=', '+', '-', '@', '\'']) => rest.to_string(),
+        _ => cell.to_string(),
+    }
+}
+
 fn csv_line(cells: &[String]) -> String {
     let mut out = String::new();
     for (i, cell) in cells.iter().enumerate() {
@@ -457,6 +475,14 @@ mod tests {
             .unwrap_err()
             .contains("model"));
         assert!(SpendQuery::parse("2026-12-01", "2026-12-01", "", &["team".into()]).is_err());
+    }
+
+    #[test]
+    fn csv_defuses_formulas_and_reads_them_back() {
+        for v in ["=HYPERLINK(\"x\")", "+1", "-2", "@sum", "'quoted", "plain"] {
+            assert_eq!(undefused(&defused(v.to_string())), v);
+            assert!(!defused(v.to_string()).starts_with(['=', '+', '-', '@']));
+        }
     }
 
     #[test]

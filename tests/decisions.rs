@@ -1730,3 +1730,33 @@ rules:
         assert_eq!(usage[0].used.to_string(), "0.0549");
     });
 }
+
+/// An attribute value with a newline or another control character is a
+/// malformed request: such values would break store records and rows.
+#[tokio::test]
+async fn an_attribute_with_a_control_character_is_refused() {
+    let (gate, _) = common::memory_gate(
+        "
+rules:
+  - id: team-daily
+    match: { team: '*' }
+    per: [team]
+    limit: { requests: 5, window: daily }
+",
+        common::at(2026, 12, 1, 12, 0),
+    );
+    for bad in ["gro\nwth", "a\tb", "x\u{1e}y"] {
+        let result = gate
+            .check(tollgate_core::gate::CheckInput {
+                attributes: tollgate_core::engine::Attributes {
+                    team: Some(bad.to_string()),
+                    ..Default::default()
+                },
+                ..Default::default()
+            })
+            .await;
+        let err = result.expect_err("refused");
+        assert_eq!(err.code(), "invalid_request", "{bad:?}: {err}");
+        assert!(err.to_string().contains("control character"), "{err}");
+    }
+}

@@ -377,6 +377,18 @@ impl Gate {
         let (result, reserving) = self.reserve(&request).await;
         match result {
             Ok(outcome) => {
+                let mut decision = decide::decide(policy, plan, &outcome, now);
+                // A replay repeats a decision whose alerts already went out.
+                decision.alerts = match outcome.replayed {
+                    true => Vec::new(),
+                    false => {
+                        self.fire_once(std::mem::take(&mut decision.alerts), now)
+                            .await
+                    }
+                };
+                // Only now, past the last await: a caller that went away
+                // during the marker call leaves the reservation to be
+                // taken back.
                 if let Some(r) = reserving {
                     r.resolve(Fate::Kept);
                 }
@@ -389,15 +401,6 @@ impl Gate {
                         self.ledger.add(account.day, row, false, *estimate);
                     }
                 }
-                let mut decision = decide::decide(policy, plan, &outcome, now);
-                // A replay repeats a decision whose alerts already went out.
-                decision.alerts = match outcome.replayed {
-                    true => Vec::new(),
-                    false => {
-                        self.fire_once(std::mem::take(&mut decision.alerts), now)
-                            .await
-                    }
-                };
                 if let (Some(sink), false) = (&self.alerts, decision.alerts.is_empty()) {
                     sink.send(policy, &decision.alerts, now);
                 }
@@ -527,7 +530,11 @@ impl Gate {
                 self.ledger.add(tag.day, row, false, estimate.negated());
             }
             let model = model.as_deref();
-            let used = ledger::entry(policy, model, &usage, actual.reasoning_tokens);
+            // Usage that cannot be priced kept the estimate on the
+            // counters; the account books it too.
+            let used = ledger::entry(policy, model, &usage, actual.reasoning_tokens)
+                .or_else(|| tag.estimate(decided).copied())
+                .unwrap_or_default();
             let row = ledger::row(policy, &tag.owner, model);
             self.observer.spent(&row.0[0], &row.0[2], &used);
             self.ledger.add(tag.day, row, true, used);
@@ -557,8 +564,8 @@ impl Gate {
                     price,
                     &policy.set.defaults,
                 );
-                let entry = ledger::entry(policy, model, &usage, 0);
-                (model.unwrap_or_default().to_string(), entry)
+                let entry = ledger::entry(policy, model, &usage, 0).unwrap_or_default();
+                (crate::store::spend::clean(model.unwrap_or_default()), entry)
             })
             .collect();
         AccountTag {
@@ -580,12 +587,14 @@ impl Gate {
                 return Ok(());
             };
             let now = self.clock.now();
-            let sent = self
-                .admin(
-                    self.store
-                        .record_spend(&id, &deltas, self.config.spend, now),
-                )
-                .await;
+            // Not a decision's store call: kept out of the store metrics.
+            let call = self
+                .store
+                .record_spend(&id, &deltas, self.config.spend, now);
+            let sent = match tokio::time::timeout(ADMIN_STORE_TIMEOUT, call).await {
+                Ok(sent) => sent,
+                Err(_) => Err(StoreError::Timeout(ADMIN_STORE_TIMEOUT.as_millis() as u64)),
+            };
             if let Err(e) = sent {
                 self.ledger.unsent((id, deltas));
                 return Err(e.into());

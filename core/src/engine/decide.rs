@@ -770,13 +770,14 @@ pub fn reached(thresholds: &[u32], used: i64, limit: i64) -> impl Iterator<Item 
 }
 
 impl AlertCrossing {
-    /// The marker that makes this threshold fire once per counter and
-    /// window. The counter key names a calendar window; the window's end
-    /// tells a rolling window's successive lives apart.
+    /// The marker that makes this threshold fire once per counter, limit
+    /// and window. The counter key names a calendar window; the window's
+    /// end tells a rolling window's successive lives apart; the limit
+    /// makes a raised cap's thresholds new ones.
     pub fn marker(&self) -> crate::store::AlertMarker {
         let end = self.window_end.map_or("-".to_string(), |e| e.to_string());
         crate::store::AlertMarker {
-            key: format!("{}|{}|{end}", self.counter, self.threshold),
+            key: format!("{}|{}|{}|{end}", self.counter, self.limit, self.threshold),
             expires_at: self.window_end,
             token: String::new(),
         }

@@ -137,6 +137,13 @@ fn check_len(name: &str, value: &str) -> Result<(), RequestError> {
             value.len()
         )));
     }
+    // Values travel in store records, keys and account rows, which a
+    // newline or another control character would break.
+    if value.chars().any(char::is_control) {
+        return Err(RequestError::invalid(format!(
+            "attribute `{name}` holds a control character; attribute values are text on one line"
+        )));
+    }
     Ok(())
 }
 

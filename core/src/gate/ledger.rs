@@ -73,10 +73,10 @@ impl AccountTag {
 
     /// The estimate recorded for a reservation that runs `model`.
     pub(super) fn estimate(&self, model: Option<&str>) -> Option<&SpendEntry> {
-        let model = model.unwrap_or("");
+        let model = crate::store::spend::clean(model.unwrap_or(""));
         self.estimates
             .iter()
-            .find(|(m, _)| m == model)
+            .find(|(m, _)| *m == model)
             .map(|(_, e)| e)
     }
 }
@@ -109,21 +109,26 @@ pub(super) fn row(policy: &CompiledPolicy, owner: &SpendDims, model: Option<&str
     dims
 }
 
+/// Counts past this are clamped: the same bound as a counter's, so that
+/// sums of many entries still fit.
+const MAX_COUNT: u64 = 1 << 52;
+
 /// One call's usage as an account entry, priced at `model`'s price (an
-/// unpriced model's spend counts 0; no rule charged it either).
+/// unpriced model's spend counts 0; no rule charged it either). `None`
+/// when the model has a price the usage cannot be priced at (counts past
+/// every bound): the caller books the estimate instead, as the counters do.
 pub(super) fn entry(
     policy: &CompiledPolicy,
     model: Option<&str>,
     usage: &Usage,
     reasoning_tokens: u64,
-) -> SpendEntry {
-    let spend = model
-        .and_then(|m| Some((m, policy.price(m)?)))
-        .and_then(|(m, price)| cost(price, usage, m).ok())
-        .map(to_pico)
-        .unwrap_or(0);
-    let n = |x: u64| i64::try_from(x).unwrap_or(i64::MAX);
-    SpendEntry {
+) -> Option<SpendEntry> {
+    let spend = match model.and_then(|m| Some((m, policy.price(m)?))) {
+        Some((m, price)) => to_pico(cost(price, usage, m).ok()?),
+        None => 0,
+    };
+    let n = |x: u64| x.min(MAX_COUNT) as i64;
+    Some(SpendEntry {
         requests: 1,
         input_tokens: n(usage.input_tokens),
         cached_input_tokens: n(usage.cached_input_tokens),
@@ -133,7 +138,7 @@ pub(super) fn entry(
         video_us: to_micros(usage.video_seconds),
         audio_us: to_micros(usage.audio_seconds),
         spend_pico: spend,
-    }
+    })
 }
 
 /// Changes not yet written to the store.

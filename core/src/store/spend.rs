@@ -212,8 +212,15 @@ impl SpendEntry {
     }
 
     /// Spend in USD, exact.
+    /// Spend in USD, exact (saturating far past any real total).
     pub fn spend(&self) -> Decimal {
-        Decimal::from_i128_with_scale(self.spend_pico, 12).normalize()
+        Decimal::try_from_i128_with_scale(self.spend_pico, 12)
+            .unwrap_or(if self.spend_pico < 0 {
+                Decimal::MIN
+            } else {
+                Decimal::MAX
+            })
+            .normalize()
     }
 
     /// Text form, the [`FIELDS`](Self::FIELDS) in order, space-separated.

@@ -6,7 +6,7 @@
 --          split into whole microdollars (8) and picodollars left (9))
 -- KEYS[3]  the day's folded rows: a HyperLogLog of row ids
 -- KEYS[4]  this batch's marker: a batch sent again (its answer was lost)
---          finds it and adds nothing
+--          finds it and adds nothing; it lives as long as the day's keys
 -- ARGV: most rows a day keeps, the keys' lifetime (ms), the `other` row's
 --       dimensions, then per delta: row id, dimensions, s or e, and its
 --       ten values.
@@ -15,7 +15,7 @@
 -- Returns the number of deltas folded, or -1 for a batch already added.
 
 local call = redis.call
-if call('SET', KEYS[4], '1', 'NX', 'PX', 3600000) == false then return -1 end
+if call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[2]) == false then return -1 end
 local max = tonumber(ARGV[1])
 local folded = 0
 local i = 4

@@ -15,6 +15,9 @@ use crate::store::*;
 
 const PICO_PER_MICRO: i128 = 1_000_000;
 
+/// Deltas one `spend.lua` call adds at most.
+const MAX_DELTAS_A_CALL: usize = 500;
+
 impl RedisStore {
     fn spend_keys(&self, day: Day) -> [String; 3] {
         let p = &self.prefix;
@@ -42,28 +45,32 @@ impl RedisStore {
         }
         let other = SpendDims::other().to_text();
         for (day, deltas) in by_day {
-            let mut inv = self.spend.prepare_invoke();
-            for key in self.spend_keys(day) {
-                inv.key(key);
-            }
-            inv.key(self.spend_batch_key(day, batch));
-            // Kept its retention past the day's end (a day in a timezone
-            // ends at most a day after its UTC namesake).
-            let lifetime = ((day + 2) * 86_400_000 - now).max(1) + bounds.retention;
-            inv.arg(bounds.max_rows_per_day).arg(lifetime).arg(&other);
-            for d in deltas {
-                let dims = d.dims.to_text();
-                inv.arg(row_id(&dims))
-                    .arg(dims)
-                    .arg(if d.settled { "s" } else { "e" });
-                let v = d.entry.values();
-                for x in &v[..8] {
-                    inv.arg(x.to_string());
+            // Each script call stays short: Redis runs nothing else while
+            // it runs. A chunk is added once, by its own id.
+            for (n, chunk) in deltas.chunks(MAX_DELTAS_A_CALL).enumerate() {
+                let mut inv = self.spend.prepare_invoke();
+                for key in self.spend_keys(day) {
+                    inv.key(key);
                 }
-                inv.arg(v[8].div_euclid(PICO_PER_MICRO).to_string())
-                    .arg(v[8].rem_euclid(PICO_PER_MICRO).to_string());
+                inv.key(self.spend_batch_key(day, &format!("{batch}-{n}")));
+                // Kept its retention past the day's end (a day in a time
+                // zone ends at most a day after its UTC namesake).
+                let lifetime = ((day + 2) * 86_400_000 - now).max(1) + bounds.retention;
+                inv.arg(bounds.max_rows_per_day).arg(lifetime).arg(&other);
+                for d in chunk {
+                    let dims = d.dims.to_text();
+                    inv.arg(row_id(&dims))
+                        .arg(dims)
+                        .arg(if d.settled { "s" } else { "e" });
+                    let v = d.entry.values();
+                    for x in &v[..8] {
+                        inv.arg(x.to_string());
+                    }
+                    inv.arg(v[8].div_euclid(PICO_PER_MICRO).to_string())
+                        .arg(v[8].rem_euclid(PICO_PER_MICRO).to_string());
+                }
+                self.invoke::<i64>(&inv).await?;
             }
-            self.invoke::<i64>(&inv).await?;
         }
         Ok(())
     }
