@@ -139,6 +139,34 @@ pub struct ActualUsage {
     pub batch: bool,
 }
 
+impl ActualUsage {
+    /// The usage to price, with `default_quality` for images that name
+    /// none.
+    pub fn usage(&self, default_quality: &str) -> Usage {
+        Usage {
+            input_tokens: self.input_tokens,
+            cached_input_tokens: self.cached_input_tokens,
+            output_tokens: self.output_tokens,
+            images: self.images,
+            image_quality: self
+                .image_quality
+                .clone()
+                .unwrap_or_else(|| default_quality.to_string()),
+            video_jobs: 0,
+            video_seconds: self.video_seconds,
+            audio_seconds: self.audio_seconds,
+            detail: crate::engine::charge::Detail {
+                cache_write_tokens: self.cache_write_tokens,
+                reasoning_tokens: self.reasoning_tokens,
+                audio_input_tokens: self.audio_input_tokens,
+                audio_output_tokens: self.audio_output_tokens,
+                batch: self.batch,
+                calls: self.calls.clone(),
+            },
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GateError {
     #[error(transparent)]
@@ -626,27 +654,7 @@ impl Gate {
         actual: &ActualUsage,
         served: Option<&'a str>,
     ) -> (Vec<i64>, Usage, Option<&'a str>) {
-        let usage = Usage {
-            input_tokens: actual.input_tokens,
-            cached_input_tokens: actual.cached_input_tokens,
-            output_tokens: actual.output_tokens,
-            images: actual.images,
-            image_quality: actual
-                .image_quality
-                .clone()
-                .unwrap_or_else(|| policy.set.defaults.image_quality.clone()),
-            video_jobs: 0,
-            video_seconds: actual.video_seconds,
-            audio_seconds: actual.audio_seconds,
-            detail: crate::engine::charge::Detail {
-                cache_write_tokens: actual.cache_write_tokens,
-                reasoning_tokens: actual.reasoning_tokens,
-                audio_input_tokens: actual.audio_input_tokens,
-                audio_output_tokens: actual.audio_output_tokens,
-                batch: actual.batch,
-                calls: actual.calls.clone(),
-            },
-        };
+        let usage = actual.usage(&policy.set.defaults.image_quality);
         let decided = reservation.model.as_deref();
         let model = match (served, decided) {
             (Some(served), Some(decided))

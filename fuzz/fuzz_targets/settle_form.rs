@@ -15,7 +15,6 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use tollgate::proto::v1 as pb;
 use tollgate::server::settle::{SettleForm, UsageForm};
-use tollgate_core::engine::charge::Usage;
 use tollgate_core::engine::{Attributes, Estimate, Verdict};
 use tollgate_core::gate::{CheckInput, GateError};
 use tollgate_core::policy::Attr;
@@ -99,19 +98,7 @@ fuzz_target!(|data: &[u8]| {
     );
 
     let policy = tollgate_fuzz::policy(false);
-    tollgate_fuzz::check_charges(&Usage {
-        input_tokens: actual.input_tokens,
-        cached_input_tokens: actual.cached_input_tokens,
-        output_tokens: actual.output_tokens,
-        images: actual.images,
-        image_quality: actual
-            .image_quality
-            .clone()
-            .unwrap_or_else(|| policy.set.defaults.image_quality.clone()),
-        video_jobs: 0,
-        video_seconds: actual.video_seconds,
-        audio_seconds: actual.audio_seconds,
-    });
+    tollgate_fuzz::check_charges(&actual.usage(&policy.set.defaults.image_quality));
 
     let (model, modality) = MODELS[usize::from(flags >> 1) % MODELS.len()];
     let gate = tollgate_fuzz::gate(tollgate_fuzz::fresh_policy(false));
