@@ -4,18 +4,39 @@
 use std::fmt::Write;
 use std::sync::Arc;
 
-use tollgate_core::engine::charge::from_counter;
+use tollgate_core::engine::charge::{from_counter, Basis, InputSource, OutputSource, Usage};
 use tollgate_core::engine::decide::scope_counters;
+use tollgate_core::engine::tokens::EXACT_MAX_BYTES;
 use tollgate_core::engine::window::format_in;
-use tollgate_core::engine::{Decision, RequestError, Verdict};
-use tollgate_core::gate::{CheckInput, Gate, GateConfig, ManualClock};
-use tollgate_core::policy::{Attr, CompiledPolicy, Condition, Enforcement, OnExceed, Unit};
+use tollgate_core::engine::{Attributes, Decision, Estimate, RequestError, Verdict};
+use tollgate_core::gate::{CheckInput, Gate, GateConfig, LearnedRow, ManualClock};
+use tollgate_core::policy::{
+    Attr, CompiledPolicy, Condition, Enforcement, OnExceed, Tokenizer, Unit,
+};
 use tollgate_core::store::MemoryStore;
 
 pub fn explain(
     policy: CompiledPolicy,
+    input: CheckInput,
+    now: i64,
+) -> Result<String, RequestError> {
+    explain_learned(policy, input, now, None)
+}
+
+/// The output tokens a running server learned (`GET /v1/dashboard`'s
+/// `learned_output`), and which server.
+pub struct Learned {
+    pub server: String,
+    pub rows: Vec<LearnedRow>,
+}
+
+/// [`explain`], with the output tokens `learned` lists reserved where the
+/// policy learns them, as that server would reserve them.
+pub fn explain_learned(
+    policy: CompiledPolicy,
     mut input: CheckInput,
     now: i64,
+    learned: Option<Learned>,
 ) -> Result<String, RequestError> {
     // What a client may not set is dropped here as the HTTP front ends
     // drop it, and shown as ignored.
@@ -51,10 +72,13 @@ pub fn explain(
         GateConfig::default(),
     );
     let policy = gate.policy();
-    let (plan, decision) = gate.explain(input.clone()).map_err(|e| match e {
-        tollgate_core::gate::GateError::Request(r) => r,
-        other => RequestError::invalid(other.to_string()),
-    })?;
+    let rows = learned.as_ref().map(|l| l.rows.as_slice());
+    let (plan, decision) = gate
+        .explain_with(input.clone(), rows)
+        .map_err(|e| match e {
+            tollgate_core::gate::GateError::Request(r) => r,
+            other => RequestError::invalid(other.to_string()),
+        })?;
 
     let resolved = tollgate_core::gate::resolve(&policy, &input);
     let mut attrs = resolved.attributes;
@@ -95,6 +119,14 @@ pub fn explain(
             None => writeln!(out, "price of {model}: none"),
         };
     }
+    estimate_lines(
+        &mut out,
+        &policy,
+        &attrs,
+        &input.estimate,
+        decision.learned_output_tokens,
+        learned.as_ref(),
+    );
     if !ignored.is_empty() {
         let _ = writeln!(
             out,
@@ -182,6 +214,88 @@ pub fn explain(
         );
     }
     Ok(out)
+}
+
+/// The request's input and output tokens at the model asked for, and where
+/// each comes from: how the prompt was counted, or which default applied.
+fn estimate_lines(
+    out: &mut String,
+    policy: &CompiledPolicy,
+    attrs: &Attributes,
+    est: &Estimate,
+    learned_output: Option<u64>,
+    learned: Option<&Learned>,
+) {
+    let model = attrs.model.as_deref();
+    let basis = Basis {
+        model,
+        modality: attrs.modality.as_deref(),
+        price: model.and_then(|m| policy.price(m)),
+        defaults: &policy.set.defaults,
+        learned_output,
+    };
+    let usage = Usage::from_estimate(est, &basis);
+    let input = match basis.input_source(est) {
+        InputSource::Prompt(Tokenizer::Approximate) => {
+            "approximated from the prompt at 4 characters a token".to_string()
+        }
+        InputSource::Prompt(t) => format!("counted from the prompt with {t} (exact)"),
+        InputSource::PromptTooLarge(t) => format!(
+            "approximated from the prompt at 4 characters a token: its text is over {} KiB, \
+             past which {t} is not used",
+            EXACT_MAX_BYTES / 1024
+        ),
+        InputSource::Request => "as the request says".to_string(),
+        InputSource::Default => "defaults.input_tokens".to_string(),
+        InputSource::None => return,
+    };
+    let _ = writeln!(out, "input tokens: {} ({input})", usage.input_tokens);
+    let workflow = attrs.workflow.as_deref().unwrap_or("");
+    let row = learned.and_then(|l| {
+        l.rows
+            .iter()
+            .find(|r| Some(r.model.as_str()) == model && r.workflow == workflow)
+    });
+    let learning = policy
+        .set
+        .defaults
+        .learn_output
+        .map(|l| match (learned, row) {
+            (Some(from), Some(r)) => format!(
+                "; {} has {} of the {} settled calls of this model and workflow that learning \
+             needs (p{} so far: {})",
+                from.server, r.samples, l.min_samples, l.percentile, r.output_tokens
+            ),
+            (Some(from), None) => format!(
+                "; {} has settled no call of this model and workflow to learn from",
+                from.server
+            ),
+            (None, _) => format!(
+                "; learned p{} replaces it once {} calls of this model and workflow have settled \
+             on a server (--server shows a running server's)",
+                l.percentile, l.min_samples
+            ),
+        });
+    let output = match basis.output_source(est) {
+        OutputSource::Request => "the request's maximum".to_string(),
+        OutputSource::Learned => match (learned, row) {
+            (Some(from), Some(r)) => format!(
+                "learned: the p{} of the last {} settled calls of {} in workflow {:?} on {} \
+                 ({} settled in all)",
+                r.percentile, r.samples, r.model, r.workflow, from.server, r.settled
+            ),
+            _ => "learned from settled calls".to_string(),
+        },
+        OutputSource::Model => format!(
+            "the model's default_output_tokens{}",
+            learning.unwrap_or_default()
+        ),
+        OutputSource::Default => {
+            format!("defaults.output_tokens{}", learning.unwrap_or_default())
+        }
+        OutputSource::None => return,
+    };
+    let _ = writeln!(out, "output tokens: {} ({output})", usage.output_tokens);
 }
 
 /// Rules that budget the attempts of one user action, and which of them

@@ -414,3 +414,71 @@ fn health_and_usage_reach_a_server_on_a_unix_socket() {
     assert_eq!(String::from_utf8_lossy(&usage.stdout), "no counters\n");
     assert_eq!(requests.recv().unwrap(), "GET /v1/usage HTTP/1.1");
 }
+
+#[test]
+fn explain_counts_a_bodys_prompt_with_the_models_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        "\
+pricing:
+  models:
+    gpt-4o: { input_per_mtok: 2.5, output_per_mtok: 10 }
+    gpt-4: { input_per_mtok: 30, output_per_mtok: 60 }
+    claude-sonnet-4: { input_per_mtok: 3, output_per_mtok: 15 }
+    house-model: { input_per_mtok: 1, output_per_mtok: 1, tokenizer: cl100k_base }
+rules:
+  - id: tokens
+    limit: { input_tokens: 1000000, window: daily }
+",
+    )
+    .unwrap();
+    // One user message of 34 characters: 7 tokens in o200k_base and 12 in
+    // cl100k_base, plus 1 for the role, 3 for the message and 3 for the
+    // reply; 9 by the approximation.
+    let body = dir.path().join("body.json");
+    std::fs::write(
+        &body,
+        r#"{"model":"gpt-4o","messages":[{"role":"user","content":"I'm we'll they've she'd IT'S DON'T"}],"max_tokens":50}"#,
+    )
+    .unwrap();
+    let run = |model: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["explain", dir.path().to_str().unwrap()]);
+        cmd.args(["--body", body.to_str().unwrap()]);
+        if let Some(m) = model {
+            cmd.args(["--attr", &format!("model={m}")]);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(None);
+    assert!(
+        text.contains("input tokens: 14 (counted from the prompt with o200k_base (exact))"),
+        "{text}"
+    );
+    assert!(
+        text.contains("output tokens: 50 (the request's maximum)"),
+        "{text}"
+    );
+    let text = run(Some("gpt-4"));
+    assert!(
+        text.contains("input tokens: 19 (counted from the prompt with cl100k_base"),
+        "{text}"
+    );
+    let text = run(Some("house-model"));
+    assert!(
+        text.contains("input tokens: 19 (counted from the prompt with cl100k_base"),
+        "{text}"
+    );
+    let text = run(Some("claude-sonnet-4"));
+    assert!(
+        text.contains("input tokens: 9 (approximated from the prompt at 4 characters a token)"),
+        "{text}"
+    );
+}

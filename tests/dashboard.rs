@@ -347,3 +347,113 @@ fn the_dashboard_can_be_off_or_behind_the_admin_token() {
     assert_eq!(v["admin"]["api"], "own");
     assert_eq!(v["admin"]["address"], format!("127.0.0.1:{own}"));
 }
+
+/// `defaults.output_tokens: learned`: calls settled through the server
+/// show in `GET /v1/dashboard` as the learned p95 of their model and
+/// workflow, in use once `min_samples` have settled.
+#[test]
+fn the_dashboard_api_shows_the_learned_output_tokens() {
+    let policy = "
+attributes:
+  trusted_headers: { workflow: x-tollgate-workflow, model: x-tollgate-model }
+defaults:
+  output_tokens: { learned: p95, default: 4096, min_samples: 5 }
+rules:
+  - id: output
+    match: { workflow: \"*\" }
+    per: [workflow]
+    limit: { output_tokens: 100000000, window: daily }
+";
+    let dir = policy_dir(&[("p.yaml", policy)]);
+    let server =
+        TollgateProcess::start(&["--policies", dir.path().to_str().unwrap(), "--ephemeral"]);
+    let rt = runtime();
+    let learned = |server: &TollgateProcess| {
+        let (code, body) = http_get(server.http_port, "/v1/dashboard").unwrap();
+        assert_eq!(code, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["learned_output"].clone()
+    };
+    let view = learned(&server);
+    assert_eq!(view["enabled"], true);
+    assert_eq!(view["percentile"], 95);
+    assert_eq!(view["entries"], serde_json::json!([]));
+    // Outputs 100, 200, ... 1000: the nearest-rank p95 of ten is the 10th.
+    for i in 1..=10u64 {
+        let reply = rt
+            .block_on(common::http_request(
+                server.http_port,
+                "POST",
+                "/v1/authz/forward",
+                &[
+                    ("x-tollgate-workflow", "support"),
+                    ("x-tollgate-model", "gpt-4o"),
+                ],
+                "",
+            ))
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let reservation = reply.header("x-tollgate-reservation").unwrap().to_string();
+        let body = format!(
+            r#"{{"reservation_id":"{reservation}","usage":{{"input_tokens":10,"output_tokens":{}}}}}"#,
+            i * 100
+        );
+        let settled = rt
+            .block_on(common::http_request(
+                server.http_port,
+                "POST",
+                "/v1/settle",
+                &[("content-type", "application/json")],
+                &body,
+            ))
+            .unwrap();
+        assert_eq!(settled.status, 200, "{}", settled.body);
+    }
+    // The view is built at most once a second.
+    std::thread::sleep(Duration::from_millis(1_100));
+    let view = learned(&server);
+    let entries = view["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 1, "{view}");
+    assert_eq!(entries[0]["model"], "gpt-4o");
+    assert_eq!(entries[0]["workflow"], "support");
+    assert_eq!(entries[0]["samples"], 10);
+    assert_eq!(entries[0]["output_tokens"], 1000);
+    assert_eq!(entries[0]["in_use"], true);
+
+    // `explain --server` reserves what that server learned.
+    let url = format!("http://127.0.0.1:{}", server.http_port);
+    let explain = |workflow: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["explain", dir.path().to_str().unwrap(), "--server", &url])
+            .args([
+                "--attr",
+                &format!("workflow={workflow}"),
+                "--attr",
+                "model=gpt-4o",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = explain("support");
+    assert!(
+        text.contains(&format!(
+            "output tokens: 1000 (learned: the p95 of the last 10 settled calls of gpt-4o in \
+             workflow \"support\" on {url} (10 settled in all))"
+        )),
+        "{text}"
+    );
+    let text = explain("triage");
+    assert!(
+        text.contains(&format!(
+            "output tokens: 4096 (defaults.output_tokens; {url} has settled no call of this \
+             model and workflow to learn from)"
+        )),
+        "{text}"
+    );
+}

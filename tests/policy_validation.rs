@@ -515,3 +515,80 @@ rules: []
     );
     assert_eq!(errs.len(), 3, "{}", errs.join("\n"));
 }
+
+#[test]
+fn tokenizer_and_learned_output_mistakes_are_positioned() {
+    let yaml = "\
+pricing:
+  models:
+    gpt-4o: { input_per_mtok: 2.5, tokenizer: p50k_base }
+    my-model: { tokenizer: o200k_base }
+defaults:
+  output_tokens: { learned: p100 }
+rules:
+  - id: a
+    limit: { requests: 10, window: daily }
+";
+    let errs = errors(&[("p.yaml", yaml)]);
+    has(
+        &errs,
+        "p.yaml:3:47:",
+        "`gpt-4o.tokenizer` is `o200k_base`, `cl100k_base` or `approximate`",
+    );
+    // A tokenizer is not a price.
+    has(
+        &errs,
+        "p.yaml:4:15:",
+        "the price of my-model names no price",
+    );
+    has(&errs, "p.yaml:6:29:", "a percentile from p50 to p99");
+    assert_eq!(errs.len(), 3, "{}", errs.join("\n"));
+
+    let errs = errors(&[(
+        "q.yaml",
+        "defaults:\n  output_tokens: { default: 500, min_samples: 0 }\n",
+    )]);
+    has(&errs, "q.yaml:2:47:", "is from 1 to 256");
+    has(&errs, "q.yaml:2:18:", "needs `learned`");
+    assert_eq!(errs.len(), 2, "{}", errs.join("\n"));
+}
+
+#[test]
+fn tokenizer_and_learned_output_load() {
+    let policy = compile(&[(
+        "p.yaml",
+        "\
+pricing:
+  models:
+    house-gpt: { input_per_mtok: 1, tokenizer: o200k_base }
+    gpt-4o: { input_per_mtok: 2.5, tokenizer: approximate }
+defaults:
+  output_tokens: { learned: p90, default: 2000, min_samples: 50 }
+",
+    )])
+    .unwrap_or_else(|e| panic!("{e}"));
+    use tollgate_core::policy::{LearnOutput, Tokenizer};
+    assert_eq!(
+        policy.price("house-gpt").and_then(|p| p.tokenizer),
+        Some(Tokenizer::O200kBase)
+    );
+    assert_eq!(
+        policy.price("gpt-4o").and_then(|p| p.tokenizer),
+        Some(Tokenizer::Approximate)
+    );
+    assert_eq!(policy.set.defaults.output_tokens, 2000);
+    assert_eq!(
+        policy.set.defaults.learn_output,
+        Some(LearnOutput {
+            percentile: 90,
+            min_samples: 50
+        })
+    );
+    let plain = compile(&[("p.yaml", "defaults:\n  output_tokens: learned\n")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        plain.set.defaults.learn_output,
+        Some(LearnOutput::default())
+    );
+    assert_eq!(plain.set.defaults.output_tokens, 1000);
+}

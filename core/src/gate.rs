@@ -12,7 +12,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use rust_decimal::Decimal;
 
-use crate::engine::charge::{counter_amount, from_counter, to_counter, Usage};
+use crate::engine::charge::{
+    counter_amount, from_counter, to_counter, Basis, LearnedOutput, Usage,
+};
 use crate::engine::decide::{self, empty_store_outcome, AlertCrossing};
 use crate::engine::request::{apply_key, fill_from_client, hash_key, Source};
 use crate::engine::window::Millis;
@@ -28,6 +30,7 @@ use crate::store::{
 pub use crate::clock::{Clock, ManualClock, SystemClock};
 
 mod fired;
+mod learned;
 mod ledger;
 mod observe;
 mod reserving;
@@ -38,6 +41,7 @@ mod unpriced;
 pub use observe::{AlertSink, DecisionReport, Observer, Unobserved};
 
 use fired::FiredMarkers;
+pub use learned::{LearnedRow, MAX_KEYS as MAX_LEARNED_KEYS};
 use ledger::{AccountTag, Ledger};
 use reserving::{Fate, Reserving};
 use unknown_keys::UnknownKeyBucket;
@@ -222,6 +226,7 @@ pub struct Gate {
     fired: FiredMarkers,
     ledger: Ledger,
     unpriced: UnpricedSeen,
+    learned: learned::Learned,
 }
 
 impl Gate {
@@ -242,6 +247,7 @@ impl Gate {
             fired: FiredMarkers::default(),
             ledger: Ledger::default(),
             unpriced: UnpricedSeen::default(),
+            learned: learned::Learned::default(),
         }
     }
 
@@ -368,9 +374,17 @@ impl Gate {
                 Some(id)
             }
         };
+        // What settled calls of this workflow used, where the policy
+        // learns it and the request names no maximum.
+        let learned = match policy.set.defaults.learn_output {
+            Some(learn) if input.estimate.output_tokens.is_none() => self
+                .learned
+                .for_workflow(attrs.workflow.as_deref().unwrap_or(""), learn),
+            _ => LearnedOutput::default(),
+        };
         // `plan` checks the attributes and the estimate before anything
         // else, so a malformed request never reaches the store.
-        let mut plan = decide::plan(policy, attrs, &input.estimate, now)?;
+        let mut plan = decide::plan_with(policy, attrs, &input.estimate, &learned, now)?;
         if !input.can_switch_model {
             plan.withhold_downgrades();
         }
@@ -389,7 +403,7 @@ impl Gate {
         let account = self
             .config
             .spend_account
-            .then(|| self.account_tag(policy, attrs, &input.estimate, plan, now));
+            .then(|| self.account_tag(policy, attrs, &input.estimate, &learned, plan, now));
         let request = Arc::new(ReserveRequest {
             now,
             candidates: plan.candidates.clone(),
@@ -406,6 +420,8 @@ impl Gate {
         match result {
             Ok(outcome) => {
                 let mut decision = decide::decide(policy, plan, &outcome, now);
+                decision.learned_output_tokens =
+                    learned.get(policy, decision.model.as_deref().or(attrs.model.as_deref()));
                 // A replay repeats a decision whose alerts already went out.
                 decision.alerts = match outcome.replayed {
                     true => Vec::new(),
@@ -504,16 +520,45 @@ impl Gate {
         }
     }
 
+    /// The output tokens learned from settled calls, by model and
+    /// workflow, with how many keys took the place of another; `None`
+    /// when the policy in force does not learn them.
+    pub fn learned_outputs(&self) -> Option<(Vec<LearnedRow>, u64)> {
+        let learn = self.policy.load().set.defaults.learn_output?;
+        Some(self.learned.rows(learn))
+    }
+
     /// The decision a request would get on an empty store; touches nothing.
     pub fn explain(&self, input: CheckInput) -> Result<(decide::Plan, Decision), GateError> {
+        self.explain_with(input, None)
+    }
+
+    /// [`Gate::explain`], with the learned output tokens of `learned` (as
+    /// another process's table lists them) in place of this gate's own.
+    pub fn explain_with(
+        &self,
+        input: CheckInput,
+        learned: Option<&[LearnedRow]>,
+    ) -> Result<(decide::Plan, Decision), GateError> {
         let policy = self.policy.load_full();
         let now = self.clock.now();
         let attrs = resolve(&policy, &input).attributes;
-        let mut plan = decide::plan(&policy, &attrs, &input.estimate, now)?;
+        let workflow = attrs.workflow.as_deref().unwrap_or("");
+        let learned = match (policy.set.defaults.learn_output, learned) {
+            (Some(_), _) if input.estimate.output_tokens.is_some() => LearnedOutput::default(),
+            (Some(_), Some(rows)) => learned::in_use(rows, workflow),
+            (Some(learn), None) => self.learned.for_workflow(workflow, learn),
+            (None, _) => LearnedOutput::default(),
+        };
+        let mut plan = decide::plan_with(&policy, &attrs, &input.estimate, &learned, now)?;
         if !input.can_switch_model {
             plan.withhold_downgrades();
         }
-        let decision = decide::decide(&policy, &plan, &empty_store_outcome(&plan), now);
+        let mut decision = decide::decide(&policy, &plan, &empty_store_outcome(&plan), now);
+        decision.learned_output_tokens = learned.get(
+            &policy,
+            decision.model.as_deref().or(attrs.model.as_deref()),
+        );
         Ok((plan, decision))
     }
 
@@ -566,6 +611,11 @@ impl Gate {
             let row = ledger::row(policy, &tag.owner, model);
             self.observer.spent(&row.0[0], &row.0[2], &used);
             self.ledger.add(tag.day, row, true, used);
+            if let (Some(_), Some(model)) = (policy.set.defaults.learn_output, model) {
+                // The owner's workflow, as the check resolved it.
+                self.learned
+                    .add(model, &tag.owner.0[4], actual.output_tokens);
+            }
         }
         Ok(outcome)
     }
@@ -577,6 +627,7 @@ impl Gate {
         policy: &CompiledPolicy,
         attrs: &Attributes,
         estimate: &Estimate,
+        learned: &LearnedOutput,
         plan: &decide::Plan,
         now: Millis,
     ) -> AccountTag {
@@ -588,9 +639,13 @@ impl Gate {
                 let price = model.and_then(|m| policy.price(m));
                 let usage = Usage::from_estimate(
                     estimate,
-                    attrs.modality.as_deref(),
-                    price,
-                    &policy.set.defaults,
+                    &Basis {
+                        model,
+                        modality: attrs.modality.as_deref(),
+                        price,
+                        defaults: &policy.set.defaults,
+                        learned_output: learned.get(policy, model),
+                    },
                 );
                 let entry = ledger::entry(policy, model, &usage, 0).unwrap_or_default();
                 (crate::store::spend::clean(model.unwrap_or_default()), entry)
@@ -741,6 +796,7 @@ impl Gate {
                 batch: input.estimate.detail.batch,
                 ..Default::default()
             },
+            prompt: None,
         };
         let mut plan = decide::plan(policy, &attrs, &estimate, now)?;
         plan.withhold_downgrades();
@@ -1128,9 +1184,13 @@ pub fn reserved_output_tokens(
     let price = attrs.model.as_deref().and_then(|m| policy.price(m));
     Usage::from_estimate(
         &input.estimate,
-        attrs.modality.as_deref(),
-        price,
-        &policy.set.defaults,
+        &Basis {
+            model: attrs.model.as_deref(),
+            modality: attrs.modality.as_deref(),
+            price,
+            defaults: &policy.set.defaults,
+            learned_output: decided.learned_output_tokens,
+        },
     )
     .output_tokens
 }

@@ -9,7 +9,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tollgate::server::body::{model_from_path, read, read_prefix, BodyFacts};
-use tollgate_core::engine::charge::Usage;
+use tollgate_core::engine::charge::{Basis, Usage};
 
 fn input_tokens(bytes: u64) -> Option<u64> {
     (bytes > 0).then(|| bytes.div_ceil(4))
@@ -26,7 +26,16 @@ fn priced(facts: &BodyFacts) {
         Some("video"),
         Some("audio"),
     ] {
-        let usage = Usage::from_estimate(&facts.estimate, modality, price, &policy.set.defaults);
+        let usage = Usage::from_estimate(
+            &facts.estimate,
+            &Basis {
+                model,
+                modality,
+                price,
+                defaults: &policy.set.defaults,
+                learned_output: None,
+            },
+        );
         tollgate_fuzz::check_charges(&usage);
     }
 }

@@ -3,13 +3,19 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
+
+use axum::http::Method;
+use hyper::body::Bytes;
 
 use tollgate_core::engine::request::parse_amount;
 use tollgate_core::engine::Estimate;
-use tollgate_core::gate::{CheckInput, Clock, SystemClock};
+use tollgate_core::gate::{CheckInput, Clock, LearnedRow, SystemClock};
 use tollgate_core::policy;
 
 use super::args::{parse_attrs, split_pair};
+use super::client::{Server, ServerTlsArgs};
+use super::runtime::{runtime, Threads};
 
 #[derive(clap::Args)]
 pub(super) struct ExplainArgs {
@@ -35,6 +41,18 @@ pub(super) struct ExplainArgs {
     /// images, image_quality, video_seconds or audio_seconds.
     #[arg(long = "estimate", value_name = "FIELD=VALUE")]
     estimate: Vec<String>,
+    /// A request body (JSON) to read the model and estimate from, as the
+    /// HTTP front ends read one: its prompt is counted with the model's
+    /// tokenizer. `--estimate` fields then override what it says.
+    #[arg(long, value_name = "FILE")]
+    body: Option<PathBuf>,
+    /// A running server's HTTP address (http://127.0.0.1:8080): explain
+    /// with the output tokens it learned from settled calls
+    /// (`defaults.output_tokens: learned`), read from its dashboard API.
+    #[arg(long)]
+    server: Option<String>,
+    #[command(flatten)]
+    tls: ServerTlsArgs,
 }
 
 pub(super) fn explain(args: ExplainArgs) -> ExitCode {
@@ -52,7 +70,20 @@ pub(super) fn explain(args: ExplainArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match tollgate::explain::explain(policy, input, SystemClock.now()) {
+    let learned = match &args.server {
+        None => None,
+        Some(server) => match learned_from(server, &args.tls) {
+            Ok(rows) => Some(tollgate::explain::Learned {
+                server: server.clone(),
+                rows,
+            }),
+            Err(e) => {
+                eprintln!("error: {server}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    match tollgate::explain::explain_learned(policy, input, SystemClock.now(), learned) {
         Ok(text) => {
             print!("{text}");
             ExitCode::SUCCESS
@@ -64,9 +95,48 @@ pub(super) fn explain(args: ExplainArgs) -> ExitCode {
     }
 }
 
+/// The learned output tokens in a running server's `GET /v1/dashboard`.
+fn learned_from(server: &str, tls: &ServerTlsArgs) -> Result<Vec<LearnedRow>, String> {
+    let runtime = runtime(Threads::One).map_err(|_| "cannot start a runtime".to_string())?;
+    runtime.block_on(async {
+        let server = Server::new(server, tls)?;
+        let answer = tollgate::http_client::send_with(
+            &server.target,
+            server.tls,
+            Method::GET,
+            "/v1/dashboard",
+            &[],
+            Bytes::new(),
+            Duration::from_secs(10),
+        )
+        .await?;
+        if answer.status != 200 {
+            return Err(format!(
+                "HTTP {} from /v1/dashboard: {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            ));
+        }
+        let view: serde_json::Value = serde_json::from_slice(&answer.body)
+            .map_err(|e| format!("bad /v1/dashboard answer: {e}"))?;
+        serde_json::from_value(view["learned_output"]["entries"].clone())
+            .map_err(|e| format!("bad learned_output in /v1/dashboard: {e}"))
+    })
+}
+
 fn explain_input(args: &ExplainArgs) -> Result<CheckInput, String> {
-    let attributes = parse_attrs(&args.attrs)?;
-    let estimate = parse_estimate(&args.estimate)?;
+    let mut attributes = parse_attrs(&args.attrs)?;
+    let mut estimate = Estimate::default();
+    if let Some(path) = &args.body {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let facts = tollgate::server::body::read(&bytes);
+        if attributes.model.is_none() {
+            attributes.model = facts.model;
+        }
+        estimate = facts.estimate;
+    }
+    parse_estimate(&args.estimate, &mut estimate)?;
     Ok(CheckInput {
         attributes,
         client_attributes: parse_attrs(&args.client_attrs)?,
@@ -78,9 +148,8 @@ fn explain_input(args: &ExplainArgs) -> Result<CheckInput, String> {
     })
 }
 
-/// `--estimate FIELD=VALUE` pairs.
-fn parse_estimate(pairs: &[String]) -> Result<Estimate, String> {
-    let mut estimate = Estimate::default();
+/// `--estimate FIELD=VALUE` pairs, over what `estimate` holds.
+fn parse_estimate(pairs: &[String], estimate: &mut Estimate) -> Result<(), String> {
     for pair in pairs {
         let (name, value) = split_pair(pair)?;
         let int = || {
@@ -90,7 +159,11 @@ fn parse_estimate(pairs: &[String]) -> Result<Estimate, String> {
         };
         let dec = || parse_amount(name, value).map_err(|e| e.to_string());
         match name {
-            "input_tokens" => estimate.input_tokens = Some(int()?),
+            "input_tokens" => {
+                estimate.input_tokens = Some(int()?);
+                // A number given beats the body's text.
+                estimate.prompt = None;
+            }
             "cached_input_tokens" => estimate.cached_input_tokens = Some(int()?),
             "output_tokens" => estimate.output_tokens = Some(int()?),
             "images" => estimate.images = Some(int()?),
@@ -114,5 +187,5 @@ fn parse_estimate(pairs: &[String]) -> Result<Estimate, String> {
             },
         }
     }
-    Ok(estimate)
+    Ok(())
 }

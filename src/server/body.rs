@@ -4,14 +4,20 @@
 //!
 //! Input tokens are approximated as one token per four characters of
 //! prompt text (rounded up), counting every text part the request sends:
-//! messages, system prompts, instructions, inputs and prompts. Output
-//! tokens are the request's own maximum. Anything missing or malformed is
-//! left unset, so the policy's defaults apply. A body cut short by the
-//! proxy is read by [`read_prefix`] instead.
+//! messages, system prompts, instructions, inputs and prompts. A whole
+//! body of at most `EXACT_MAX_BYTES` of such text also keeps the text, as
+//! the estimate's [`Prompt`], so that the charge can count it exactly at
+//! each model whose tokenizer it has (OpenAI's); the approximation is then
+//! what every other model is charged. Output tokens are the request's own
+//! maximum. Anything missing or malformed is left unset, so the policy's
+//! defaults apply. A body cut short by the proxy is read by
+//! [`read_prefix`] instead, and is always approximated: the rest of its
+//! text never arrives.
 
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
+use tollgate_core::engine::tokens::{Prompt, EXACT_MAX_BYTES};
 use tollgate_core::engine::Estimate;
 
 /// What a body says about the request.
@@ -22,7 +28,7 @@ pub struct BodyFacts {
 }
 
 /// Characters per token in the input approximation.
-pub(crate) const CHARS_PER_TOKEN: u64 = 4;
+pub(crate) const CHARS_PER_TOKEN: u64 = tollgate_core::engine::tokens::CHARS_PER_TOKEN;
 
 /// Facts from a whole JSON body. A body that does not parse as a JSON
 /// object yields no facts.
@@ -34,7 +40,7 @@ pub fn read(body: &[u8]) -> BodyFacts {
         return BodyFacts::default();
     };
     let mut facts = member_facts(obj);
-    let mut chars = 0u64;
+    let mut text = Text::default();
     for field in [
         "messages",
         "system",
@@ -45,13 +51,86 @@ pub fn read(body: &[u8]) -> BodyFacts {
         "systemInstruction",
     ] {
         if let Some(v) = obj.get(field) {
-            chars = chars.saturating_add(text_chars(v));
+            text.parts(v);
+            if matches!(field, "messages" | "input") {
+                text.messages(v);
+            }
         }
     }
-    if chars > 0 {
-        facts.estimate.input_tokens = Some(chars.div_ceil(CHARS_PER_TOKEN));
+    if text.chars > 0 {
+        facts.estimate.input_tokens = Some(text.chars.div_ceil(CHARS_PER_TOKEN));
+    }
+    if text.chars > 0 && text.bytes <= EXACT_MAX_BYTES {
+        facts.estimate.prompt = Some(Prompt::new(
+            text.parts.into_iter().map(Box::from).collect(),
+            text.framing.into_iter().map(Box::from).collect(),
+            text.messages,
+        ));
     }
     facts
+}
+
+/// The prompt's text parts (strings, and in objects their `content`,
+/// `text`, `parts` and `input`, at any depth), and the
+/// roles and names of its chat messages: borrowed from the body until a
+/// [`Prompt`] is made of them.
+#[derive(Default)]
+struct Text<'a> {
+    parts: Vec<&'a str>,
+    framing: Vec<&'a str>,
+    messages: u64,
+    chars: u64,
+    bytes: usize,
+}
+
+impl<'a> Text<'a> {
+    fn parts(&mut self, v: &'a Value) {
+        match v {
+            Value::String(s) => {
+                self.chars = self.chars.saturating_add(s.chars().count() as u64);
+                self.keep(s);
+            }
+            Value::Array(items) => items.iter().for_each(|i| self.parts(i)),
+            Value::Object(o) => ["content", "text", "parts", "input"]
+                .iter()
+                .filter_map(|k| o.get(*k))
+                .for_each(|v| self.parts(v)),
+            _ => {}
+        }
+    }
+
+    /// The messages of a chat list: each item that has a `role`.
+    fn messages(&mut self, v: &'a Value) {
+        let Value::Array(items) = v else {
+            return;
+        };
+        for item in items {
+            let Some(role) = item.get("role").and_then(Value::as_str) else {
+                continue;
+            };
+            self.messages += 1;
+            self.framing_part(role);
+            if let Some(name) = item.get("name").and_then(Value::as_str) {
+                self.framing_part(name);
+            }
+        }
+    }
+
+    fn framing_part(&mut self, s: &'a str) {
+        self.bytes = self.bytes.saturating_add(s.len());
+        if self.bytes <= EXACT_MAX_BYTES {
+            self.framing.push(s);
+        }
+    }
+
+    /// Keeps a part while the prompt is small enough to count exactly;
+    /// past that only its size is kept.
+    fn keep(&mut self, s: &'a str) {
+        self.bytes = self.bytes.saturating_add(s.len());
+        if self.bytes <= EXACT_MAX_BYTES && !s.is_empty() {
+            self.parts.push(s);
+        }
+    }
 }
 
 /// Facts from the first bytes of a body that may have been cut short, as
@@ -320,19 +399,6 @@ fn wanted_key(raw: &[u8], wanted: &[&'static str]) -> Option<&'static str> {
 
 /// Characters of prompt text anywhere inside a value: strings, and the
 /// `text`/`content` of message parts.
-fn text_chars(v: &Value) -> u64 {
-    match v {
-        Value::String(s) => s.chars().count() as u64,
-        Value::Array(items) => items.iter().map(text_chars).fold(0, u64::saturating_add),
-        Value::Object(o) => ["content", "text", "parts", "input"]
-            .iter()
-            .filter_map(|k| o.get(*k))
-            .map(text_chars)
-            .fold(0, u64::saturating_add),
-        _ => 0,
-    }
-}
-
 fn seconds(v: &Value) -> Option<Decimal> {
     match v {
         Value::Number(n) => n.to_string().parse().ok(),
@@ -716,7 +782,10 @@ mod tests {
         ] {
             let mut whole = read(body.as_bytes());
             let f = prefix(body, None);
+            // The input differs by design: a prefix is approximated from
+            // its length and keeps no prompt.
             whole.estimate.input_tokens = f.estimate.input_tokens;
+            whole.estimate.prompt = None;
             assert_eq!(f, whole, "{body}");
         }
     }
@@ -808,5 +877,60 @@ mod tests {
             Some("gemini-2.5-flash")
         );
         assert_eq!(model_from_path("/v1/chat/completions"), None);
+    }
+
+    #[test]
+    fn a_whole_body_keeps_its_prompt_for_an_exact_count() {
+        use tollgate_core::policy::Tokenizer;
+        // Chat: two messages, their contents as parts, their roles and the
+        // name as framing.
+        let f = est(
+            r#"{"model":"gpt-4o","messages":[{"role":"system","content":"Hello, world!"},{"role":"user","name":"ann","content":[{"type":"text","text":"hello"},{"type":"image_url","image_url":{"url":"https://x"}}]}]}"#,
+        );
+        let p = f.estimate.prompt.expect("a prompt");
+        assert_eq!(
+            p,
+            Prompt::new(
+                vec!["Hello, world!".into(), "hello".into()],
+                vec!["system".into(), "user".into(), "ann".into()],
+                2
+            )
+        );
+        assert_eq!(f.estimate.input_tokens, Some(18u64.div_ceil(4)));
+        assert_eq!(p.approximate(), 5);
+        // "Hello, world!" 4, "hello" 1, "system" "user" "ann" 3 (each one
+        // token in both encodings), 3 a message, 3 for the reply.
+        assert_eq!(p.count(Tokenizer::O200kBase), 4 + 1 + 3 + 6 + 3);
+
+        // Responses: instructions and input text; no messages, no framing.
+        let f = est(r#"{"model":"gpt-5","instructions":"hello","input":"Hello, world!"}"#);
+        let p = f.estimate.prompt.expect("a prompt");
+        assert_eq!(p.messages(), 0);
+        assert_eq!(p.count(Tokenizer::O200kBase), 5);
+
+        // A body with no text has no prompt, so the default applies.
+        let f = est(r#"{"model":"gpt-4o","messages":[{"role":"user","content":""}]}"#);
+        assert_eq!(f.estimate.prompt, None);
+        assert_eq!(f.estimate.input_tokens, None);
+    }
+
+    #[test]
+    fn a_large_or_cut_prompt_is_only_approximated() {
+        let text = "a".repeat(EXACT_MAX_BYTES);
+        let at =
+            format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{text}"}}]}}"#);
+        // The role's four bytes put it past the size.
+        assert_eq!(est(&at).estimate.prompt, None);
+        assert_eq!(
+            est(&at).estimate.input_tokens,
+            Some((EXACT_MAX_BYTES as u64).div_ceil(4))
+        );
+        let under = &text[..EXACT_MAX_BYTES - 4];
+        let under =
+            format!(r#"{{"model":"gpt-4o","messages":[{{"role":"user","content":"{under}"}}]}}"#);
+        let p = est(&under).estimate.prompt.expect("a prompt");
+        assert_eq!(p.bytes(), EXACT_MAX_BYTES);
+        // The prefix of a cut body never carries its prompt.
+        assert_eq!(prefix(&under, Some(1 << 20)).estimate.prompt, None);
     }
 }

@@ -346,6 +346,7 @@ impl Dashboard {
                 grants: grants.iter().map(grant_view).collect(),
                 pending,
             },
+            learned_output: learned_view(&policy, &self.gate),
             warnings,
         })
     }
@@ -446,7 +447,35 @@ struct View {
     denials: Denials,
     alerts: Vec<AlertView>,
     approvals: Approvals,
+    learned_output: LearnedView,
     warnings: Vec<String>,
+}
+
+/// The output tokens this replica learned from the calls it settled
+/// (`defaults.output_tokens: learned`); unlike the rest of the view, not
+/// read from the store: each replica learns its own.
+#[derive(Serialize)]
+struct LearnedView {
+    enabled: bool,
+    percentile: Option<u8>,
+    min_samples: Option<u32>,
+    keys_max: usize,
+    /// Keys that took the place of the one settled longest ago.
+    keys_evicted: u64,
+    entries: Vec<tollgate_core::gate::LearnedRow>,
+}
+
+fn learned_view(policy: &CompiledPolicy, gate: &Gate) -> LearnedView {
+    let learn = policy.set.defaults.learn_output;
+    let (entries, keys_evicted) = gate.learned_outputs().unwrap_or_default();
+    LearnedView {
+        enabled: learn.is_some(),
+        percentile: learn.map(|l| l.percentile),
+        min_samples: learn.map(|l| l.min_samples),
+        keys_max: tollgate_core::gate::MAX_LEARNED_KEYS,
+        keys_evicted,
+        entries,
+    }
 }
 
 #[derive(Serialize)]

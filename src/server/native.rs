@@ -152,6 +152,8 @@ fn estimate(e: pb::Estimate) -> Result<Estimate, Status> {
         video_seconds: decimal("estimate.video_seconds", &e.video_seconds)?,
         audio_seconds: decimal("estimate.audio_seconds", &e.audio_seconds)?,
         detail: Default::default(),
+        // The native API sends counts, never the prompt's text.
+        prompt: None,
     })
 }
 

@@ -5,8 +5,9 @@
 use rust_decimal::Decimal;
 
 use super::request::Estimate;
+use super::tokens;
 use super::RequestError;
-use crate::policy::{Defaults, ImagePrice, ModelPrice, Unit};
+use crate::policy::{Defaults, ImagePrice, ModelPrice, Tokenizer, Unit};
 
 /// Usage with every field known: an estimate filled from defaults, or the
 /// actual usage reported at settle.
@@ -43,29 +44,138 @@ pub struct Detail {
     pub calls: std::collections::BTreeMap<String, u64>,
 }
 
+/// What an estimate is filled from besides itself: the model it is priced
+/// at, and what the policy (and the gate's learned table) assume.
+#[derive(Debug, Clone, Copy)]
+pub struct Basis<'a> {
+    pub model: Option<&'a str>,
+    pub modality: Option<&'a str>,
+    pub price: Option<&'a ModelPrice>,
+    pub defaults: &'a Defaults,
+    /// The output tokens learned from this model's settled calls in the
+    /// request's workflow, when the policy learns them
+    /// (`defaults.output_tokens: learned`) and enough were settled.
+    pub learned_output: Option<u64>,
+}
+
+/// The output tokens learned from settled calls for one request's
+/// workflow, by model: what the gate's table (`gate::learned`) holds for
+/// the keys that have enough samples, handed to the engine as data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LearnedOutput {
+    pub by_model: Vec<(String, u64)>,
+}
+
+impl LearnedOutput {
+    /// The learned output of `model`, when the policy learns it.
+    pub fn get(&self, policy: &crate::policy::CompiledPolicy, model: Option<&str>) -> Option<u64> {
+        policy.set.defaults.learn_output?;
+        let model = model?;
+        self.by_model
+            .iter()
+            .find(|(m, _)| m == model)
+            .map(|(_, n)| *n)
+    }
+}
+
+/// Where an estimate's input tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputSource {
+    /// Counted from the prompt's text with this tokenizer
+    /// (`Approximate`: at four characters a token).
+    Prompt(Tokenizer),
+    /// Approximated although the model has an exact tokenizer: the prompt
+    /// is over `tokens::EXACT_MAX_BYTES`.
+    PromptTooLarge(Tokenizer),
+    /// The number the request gave.
+    Request,
+    /// `defaults.input_tokens`.
+    Default,
+    /// None: not a text request.
+    None,
+}
+
+/// Where an estimate's output tokens come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputSource {
+    /// The request's own maximum (`max_tokens` and the like).
+    Request,
+    /// Learned from settled calls (`defaults.output_tokens: learned`).
+    Learned,
+    /// The model's `default_output_tokens`.
+    Model,
+    /// `defaults.output_tokens`.
+    Default,
+    /// None: not a text request.
+    None,
+}
+
+impl Basis<'_> {
+    fn text(&self) -> bool {
+        matches!(self.modality, None | Some("text"))
+    }
+
+    pub fn input_source(&self, est: &Estimate) -> InputSource {
+        if let Some(prompt) = &est.prompt {
+            let tokenizer = tokens::tokenizer_for(self.model, self.price);
+            return match prompt.method(tokenizer) {
+                Tokenizer::Approximate if tokenizer != Tokenizer::Approximate => {
+                    InputSource::PromptTooLarge(tokenizer)
+                }
+                method => InputSource::Prompt(method),
+            };
+        }
+        match (est.input_tokens, self.modality) {
+            (Some(_), _) => InputSource::Request,
+            (None, None | Some("text") | Some("embedding")) => InputSource::Default,
+            (None, _) => InputSource::None,
+        }
+    }
+
+    pub fn output_source(&self, est: &Estimate) -> OutputSource {
+        if est.output_tokens.is_some() {
+            OutputSource::Request
+        } else if !self.text() {
+            OutputSource::None
+        } else if self.learned_output.is_some() {
+            OutputSource::Learned
+        } else if self.price.and_then(|p| p.default_output_tokens).is_some() {
+            OutputSource::Model
+        } else {
+            OutputSource::Default
+        }
+    }
+}
+
 impl Usage {
-    /// Fills what the estimate leaves open from the defaults, by modality:
-    /// text assumes the default prompt and the model's (or the default)
-    /// output length; images, video and audio assume one default-sized item.
-    pub fn from_estimate(
-        est: &Estimate,
-        modality: Option<&str>,
-        price: Option<&ModelPrice>,
-        defaults: &Defaults,
-    ) -> Usage {
-        let text = matches!(modality, None | Some("text"));
-        let default_output = price
-            .and_then(|p| p.default_output_tokens)
-            .unwrap_or(defaults.output_tokens);
-        Usage {
-            input_tokens: est.input_tokens.unwrap_or(match modality {
+    /// Fills what the estimate leaves open, by modality: text counts the
+    /// prompt with the model's tokenizer (else assumes the default prompt)
+    /// and assumes the request's maximum, else the learned output, else
+    /// the model's or the policy's default; images, video and audio assume
+    /// one default-sized item.
+    pub fn from_estimate(est: &Estimate, basis: &Basis) -> Usage {
+        let modality = basis.modality;
+        let defaults = basis.defaults;
+        let input_tokens = match &est.prompt {
+            Some(prompt) => prompt.count(tokens::tokenizer_for(basis.model, basis.price)),
+            None => est.input_tokens.unwrap_or(match modality {
                 None | Some("text") | Some("embedding") => defaults.input_tokens,
                 _ => 0,
             }),
+        };
+        let output_tokens = est.output_tokens.unwrap_or(match basis.output_source(est) {
+            OutputSource::Learned => basis.learned_output.unwrap_or(defaults.output_tokens),
+            OutputSource::Model => basis
+                .price
+                .and_then(|p| p.default_output_tokens)
+                .unwrap_or(defaults.output_tokens),
+            OutputSource::Default => defaults.output_tokens,
+            OutputSource::Request | OutputSource::None => 0,
+        });
+        Usage {
+            input_tokens,
             cached_input_tokens: est.cached_input_tokens.unwrap_or(0),
-            output_tokens: est
-                .output_tokens
-                .unwrap_or(if text { default_output } else { 0 }),
+            output_tokens,
             images: est.images.unwrap_or(if modality == Some("image") {
                 defaults.images
             } else {
@@ -603,5 +713,113 @@ mod tests {
     fn overflow_is_refused() {
         assert!(to_counter(Decimal::MAX, 1_000_000, Unit::Spend).is_err());
         assert!(to_counter(Decimal::from(MAX_COUNTER) + Decimal::ONE, 1, Unit::Tokens).is_err());
+    }
+
+    fn basis<'a>(
+        model: &'a str,
+        price: Option<&'a ModelPrice>,
+        defaults: &'a Defaults,
+    ) -> Basis<'a> {
+        Basis {
+            model: Some(model),
+            modality: Some("text"),
+            price,
+            defaults,
+            learned_output: None,
+        }
+    }
+
+    #[test]
+    fn the_prompt_is_counted_with_each_models_tokenizer() {
+        use crate::engine::tokens::Prompt;
+        let defaults = Defaults::default();
+        // 44 characters; 10 tokens in both OpenAI encodings (see
+        // engine::tokens), one user message: + 1 (the role) + 3 + 3.
+        let est = Estimate {
+            input_tokens: Some(11),
+            prompt: Some(Prompt::new(
+                vec!["The quick brown fox jumps over the lazy dog.".into()],
+                vec!["user".into()],
+                1,
+            )),
+            ..Default::default()
+        };
+        let input = |b: Basis| Usage::from_estimate(&est, &b).input_tokens;
+        assert_eq!(input(basis("gpt-4o", None, &defaults)), 17);
+        assert_eq!(input(basis("gpt-3.5-turbo", None, &defaults)), 17);
+        assert_eq!(input(basis("claude-sonnet-4", None, &defaults)), 11);
+        assert_eq!(
+            basis("gpt-4o", None, &defaults).input_source(&est),
+            InputSource::Prompt(Tokenizer::O200kBase)
+        );
+        assert_eq!(
+            basis("claude-sonnet-4", None, &defaults).input_source(&est),
+            InputSource::Prompt(Tokenizer::Approximate)
+        );
+        // The price entry's tokenizer beats the name.
+        let house = ModelPrice {
+            tokenizer: Some(Tokenizer::Cl100kBase),
+            ..gpt4o()
+        };
+        assert_eq!(input(basis("house-model", Some(&house), &defaults)), 17);
+        let approx = ModelPrice {
+            tokenizer: Some(Tokenizer::Approximate),
+            ..gpt4o()
+        };
+        assert_eq!(input(basis("gpt-4o", Some(&approx), &defaults)), 11);
+
+        // The encodings differ on other text: "I'm we'll they've she'd
+        // IT'S DON'T" is 7 tokens in o200k_base and 12 in cl100k_base.
+        let est = Estimate {
+            prompt: Some(Prompt::text("I'm we'll they've she'd IT'S DON'T")),
+            ..Default::default()
+        };
+        let input = |b: Basis| Usage::from_estimate(&est, &b).input_tokens;
+        assert_eq!(input(basis("gpt-4.1", None, &defaults)), 7);
+        assert_eq!(input(basis("gpt-4", None, &defaults)), 12);
+        assert_eq!(input(basis("gemini-2.5-pro", None, &defaults)), 9);
+    }
+
+    #[test]
+    fn without_a_prompt_the_given_or_default_input_applies() {
+        let defaults = Defaults::default();
+        let b = basis("gpt-4o", None, &defaults);
+        let given = Estimate {
+            input_tokens: Some(42),
+            ..Default::default()
+        };
+        assert_eq!(Usage::from_estimate(&given, &b).input_tokens, 42);
+        assert_eq!(b.input_source(&given), InputSource::Request);
+        let none = Estimate::default();
+        assert_eq!(Usage::from_estimate(&none, &b).input_tokens, 1_000);
+        assert_eq!(b.input_source(&none), InputSource::Default);
+    }
+
+    #[test]
+    fn output_comes_from_the_request_then_learned_then_the_defaults() {
+        let defaults = Defaults::default();
+        let priced = ModelPrice {
+            default_output_tokens: Some(700),
+            ..gpt4o()
+        };
+        let mut b = basis("gpt-4o", Some(&priced), &defaults);
+        let asked = Estimate {
+            output_tokens: Some(64),
+            ..Default::default()
+        };
+        let none = Estimate::default();
+        let out = |e: &Estimate, b: &Basis| {
+            (Usage::from_estimate(e, b).output_tokens, b.output_source(e))
+        };
+        assert_eq!(out(&asked, &b), (64, OutputSource::Request));
+        assert_eq!(out(&none, &b), (700, OutputSource::Model));
+        b.learned_output = Some(321);
+        assert_eq!(out(&asked, &b), (64, OutputSource::Request));
+        assert_eq!(out(&none, &b), (321, OutputSource::Learned));
+        b.learned_output = None;
+        b.price = None;
+        assert_eq!(out(&none, &b), (1_000, OutputSource::Default));
+        b.modality = Some("image");
+        assert_eq!(out(&none, &b), (0, OutputSource::None));
     }
 }

@@ -4,7 +4,7 @@
 use rust_decimal::Decimal;
 use sha2::{Digest, Sha256};
 
-use super::charge::{counter_amount, from_counter, to_counter, Usage};
+use super::charge::{counter_amount, from_counter, to_counter, Basis, LearnedOutput, Usage};
 use super::request::{Attributes, Estimate};
 use super::window::{self, format_in, seconds_until, Millis};
 use super::RequestError;
@@ -186,6 +186,10 @@ pub struct Decision {
     /// reading it was made at (both set by the gate).
     pub policy_version: std::sync::Arc<str>,
     pub decided_at: Millis,
+    /// The output tokens learned from settled calls that the reservation
+    /// assumed for the model decided, when it assumed any (set by the
+    /// gate): what a stream's top-ups start from.
+    pub learned_output_tokens: Option<u64>,
 }
 
 impl Decision {
@@ -206,6 +210,7 @@ impl Decision {
             action_id: None,
             policy_version: std::sync::Arc::from(""),
             decided_at: 0,
+            learned_output_tokens: None,
         }
     }
 }
@@ -216,6 +221,19 @@ pub fn plan(
     policy: &CompiledPolicy,
     attrs: &Attributes,
     estimate: &Estimate,
+    now: Millis,
+) -> Result<Plan, RequestError> {
+    plan_with(policy, attrs, estimate, &LearnedOutput::default(), now)
+}
+
+/// [`plan`], with the output tokens learned for the request's workflow
+/// (the gate's table, as data), used where the policy learns them and the
+/// request names no maximum.
+pub fn plan_with(
+    policy: &CompiledPolicy,
+    attrs: &Attributes,
+    estimate: &Estimate,
+    learned: &LearnedOutput,
     now: Millis,
 ) -> Result<Plan, RequestError> {
     estimate.validate()?;
@@ -240,9 +258,13 @@ pub fn plan(
         let price = attrs.model.as_deref().and_then(|m| policy.price(m));
         let usage = Usage::from_estimate(
             estimate,
-            attrs.modality.as_deref(),
-            price,
-            &policy.set.defaults,
+            &Basis {
+                model: attrs.model.as_deref(),
+                modality: attrs.modality.as_deref(),
+                price,
+                defaults: &policy.set.defaults,
+                learned_output: learned.get(policy, attrs.model.as_deref()),
+            },
         );
         let mut ops = Vec::with_capacity(matched.len());
         let mut counters = Vec::with_capacity(matched.len());
@@ -603,6 +625,7 @@ pub fn decide(
             action_id: None,
             policy_version: std::sync::Arc::from(""),
             decided_at: 0,
+            learned_output_tokens: None,
         };
     }
 
@@ -730,6 +753,7 @@ pub fn decide(
         action_id: None,
         policy_version: std::sync::Arc::from(""),
         decided_at: 0,
+        learned_output_tokens: None,
     }
 }
 

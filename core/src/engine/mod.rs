@@ -5,11 +5,12 @@
 pub mod charge;
 pub mod decide;
 pub mod request;
+pub mod tokens;
 pub mod window;
 
 use crate::policy::Unit;
 
-pub use charge::Usage;
+pub use charge::{Basis, Usage};
 pub use decide::{decide, plan, scope_counters, CounterReport, Decision, Plan, Reason, Verdict};
 pub use request::{Attributes, Estimate};
 

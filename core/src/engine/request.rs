@@ -246,6 +246,10 @@ pub struct Estimate {
     pub audio_seconds: Option<Decimal>,
     /// Cache writes, reasoning and audio tokens, batch, calls with a fee.
     pub detail: super::charge::Detail,
+    /// The prompt's text, when the front end read it: counted at each
+    /// model priced with that model's tokenizer, in place of
+    /// `input_tokens` (which then holds the approximation).
+    pub prompt: Option<super::tokens::Prompt>,
 }
 
 /// Upper bounds on one request's usage; anything larger is refused as

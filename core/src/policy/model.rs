@@ -294,6 +294,50 @@ pub struct ModelPrice {
     pub batch_discount: Option<Decimal>,
     /// A fee per named call made within the request (`web_search`).
     pub per_call: BTreeMap<String, Decimal>,
+    /// How the input tokens of a request's prompt are counted; unset, the
+    /// model's name decides (`engine::tokens::tokenizer_for`). Not a price:
+    /// an entry with only a tokenizer names no price.
+    pub tokenizer: Option<Tokenizer>,
+}
+
+/// How a prompt's input tokens are counted before the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tokenizer {
+    /// OpenAI's `o200k_base`, exact: gpt-4o, gpt-4.1, gpt-4.5, gpt-5, o1,
+    /// o3, o4.
+    O200kBase,
+    /// OpenAI's `cl100k_base`, exact: gpt-4, gpt-3.5, the text-embedding-3
+    /// models and ada-002.
+    Cl100kBase,
+    /// One token per four characters, rounded up.
+    Approximate,
+}
+
+impl Tokenizer {
+    pub const ALL: [Tokenizer; 3] = [
+        Tokenizer::O200kBase,
+        Tokenizer::Cl100kBase,
+        Tokenizer::Approximate,
+    ];
+
+    /// The name written in a policy's `tokenizer:`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tokenizer::O200kBase => "o200k_base",
+            Tokenizer::Cl100kBase => "cl100k_base",
+            Tokenizer::Approximate => "approximate",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Tokenizer> {
+        Tokenizer::ALL.into_iter().find(|t| t.name() == name)
+    }
+}
+
+impl std::fmt::Display for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Token prices that replace the base ones when a request's input tokens
@@ -333,6 +377,31 @@ pub struct Defaults {
     pub image_quality: String,
     pub video_seconds: Decimal,
     pub audio_seconds: Decimal,
+    /// `output_tokens: learned`: reserve what settled calls used instead
+    /// of `output_tokens`, once enough were settled.
+    pub learn_output: Option<LearnOutput>,
+}
+
+/// How output tokens are learned from settled calls: the `percentile` of
+/// the output tokens of each model's calls in each workflow, used once
+/// `min_samples` calls of that model and workflow have settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LearnOutput {
+    pub percentile: u8,
+    pub min_samples: u32,
+}
+
+/// The most settled calls `min_samples` may ask for: what the gate's
+/// learned table keeps of each model and workflow (`gate::learned`).
+pub const MAX_MIN_SAMPLES: u64 = 256;
+
+impl Default for LearnOutput {
+    fn default() -> Self {
+        LearnOutput {
+            percentile: 95,
+            min_samples: 20,
+        }
+    }
 }
 
 impl Default for Defaults {
@@ -344,6 +413,7 @@ impl Default for Defaults {
             image_quality: "medium".to_string(),
             video_seconds: Decimal::from(8),
             audio_seconds: Decimal::from(60),
+            learn_output: None,
         }
     }
 }

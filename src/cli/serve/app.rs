@@ -91,6 +91,10 @@ impl App {
         policy: CompiledPolicy,
         tls: Option<ListenerTls>,
     ) -> Result<App, String> {
+        // The exact tokenizers' vocabularies load (about 0.2 s) while the
+        // store opens, and before the server is ready, so that no request
+        // waits for them (Envoy's ext_proc gives a reply 200 ms).
+        let warming = tokio::task::spawn_blocking(tollgate_core::engine::tokens::warm);
         let (store, durable) = open_store(&args).await?;
         let admin_token = admin_token(args.admin_token_file.as_ref())
             .and_then(|t| t.map(|t| AdminToken::new(&t)).transpose())?;
@@ -122,6 +126,7 @@ impl App {
                 .with_alerts(sink)
                 .with_observer(telemetry.clone()),
         );
+        let _ = warming.await;
         let readiness = Readiness::new();
         readiness.set_policies_loaded();
         let reloader = Reloader::new(

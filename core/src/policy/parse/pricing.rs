@@ -96,12 +96,29 @@ impl Reader<'_> {
                 "long_context",
                 "batch_discount",
                 "per_call",
+                "tokenizer",
             ],
         )?;
         let mut p = ModelPrice::default();
+        let mut tokenizer = None;
         for (key, value) in fields {
             let name = format!("{model}.{key}");
             match key {
+                "tokenizer" => {
+                    let Some(text) = self.string(value, &name) else {
+                        continue;
+                    };
+                    tokenizer = Tokenizer::parse(text.trim());
+                    if tokenizer.is_none() {
+                        self.error(
+                            value.pos,
+                            format!(
+                                "`{name}` is `o200k_base`, `cl100k_base` or `approximate`, \
+                                 found {text:?}"
+                            ),
+                        );
+                    }
+                }
                 "input_per_mtok" => p.input_per_mtok = self.amount(value, &name),
                 "cached_input_per_mtok" => p.cached_input_per_mtok = self.amount(value, &name),
                 "output_per_mtok" => p.output_per_mtok = self.amount(value, &name),
@@ -193,6 +210,7 @@ impl Reader<'_> {
             self.error(node.pos, format!("{what} names no price"));
             return None;
         }
+        p.tokenizer = tokenizer;
         Some(p)
     }
 }
