@@ -29,6 +29,10 @@ pub struct UsageRow {
     pub unit: String,
     pub window: String,
     pub used: String,
+    /// Counted in Redis but held unspent in replicas' leases: neither used
+    /// nor remaining. Absent when nothing is leased.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leased: Option<String>,
     pub limit: String,
     pub remaining: String,
     /// Unix seconds; absent when the counter never resets.
@@ -48,6 +52,7 @@ impl From<&CounterReport> for UsageRow {
             unit: c.unit.name().to_string(),
             window: c.window.to_string(),
             used: c.used.normalize().to_string(),
+            leased: (!c.leased.is_zero()).then(|| c.leased.normalize().to_string()),
             limit: c.limit.normalize().to_string(),
             remaining: c.remaining.normalize().to_string(),
             resets_at: c.resets_at.map(|t| t.div_euclid(1000)),
@@ -137,11 +142,20 @@ pub fn table(rows: &[UsageRow]) -> String {
             [
                 r.rule.clone(),
                 r.scope.clone(),
-                format!(
-                    "{} / {}",
-                    amount(&r.unit, &r.used),
-                    amount(&r.unit, &r.limit)
-                ),
+                match &r.leased {
+                    // Leased budget is neither spent nor free: shown apart.
+                    Some(leased) => format!(
+                        "{} / {} (+{} leased)",
+                        amount(&r.unit, &r.used),
+                        amount(&r.unit, &r.limit),
+                        amount(&r.unit, leased)
+                    ),
+                    None => format!(
+                        "{} / {}",
+                        amount(&r.unit, &r.used),
+                        amount(&r.unit, &r.limit)
+                    ),
+                },
                 format!("{} {}", r.unit, r.window),
                 bar(pct),
                 pct.map(|p| format!("{p:.1}%"))
@@ -229,6 +243,7 @@ mod tests {
             unit: "spend".into(),
             window: "daily".into(),
             used: used.into(),
+            leased: None,
             limit: limit.into(),
             remaining: "0".into(),
             resets_at: None,

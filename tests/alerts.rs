@@ -1,12 +1,13 @@
-//! Alerts end to end: two tollgate processes share one Redis, 500
-//! concurrent reservations cross 50/75/90/100 percent of a budget, and a
+//! Alerts end to end: two tollgate processes share one Redis, 700
+//! concurrent requests fill a budget of 500, crossing 50/75/90/100
+//! percent of it, and a
 //! real HTTP receiver started here gets each threshold exactly once, with
 //! a valid signature, even though it fails at first.
 
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -30,13 +31,14 @@ struct Received {
 #[derive(Clone)]
 struct Receiver {
     log: Arc<Mutex<Received>>,
-    /// Every delivery before this moment is answered 503.
-    fails_until: Instant,
+    /// This many deliveries are answered 503 first (counted, not timed,
+    /// so that a slow start on a busy machine cannot skip them).
+    fail_first: usize,
 }
 
 async fn receive(State(r): State<Receiver>, headers: HeaderMap, body: Bytes) -> StatusCode {
     let mut log = r.log.lock().unwrap();
-    if Instant::now() < r.fails_until {
+    if log.refused < r.fail_first {
         log.refused += 1;
         return StatusCode::SERVICE_UNAVAILABLE;
     }
@@ -101,7 +103,7 @@ fn each_threshold_reaches_the_webhook_once_across_replicas_despite_failures() {
         .route("/alerts", post(receive))
         .with_state(Receiver {
             log: received.clone(),
-            fails_until: Instant::now() + Duration::from_millis(1_500),
+            fail_first: 3,
         });
     rt.spawn(async move { axum::serve(listener, app).await });
 
@@ -125,7 +127,11 @@ fn each_threshold_reaches_the_webhook_once_across_replicas_despite_failures() {
     let allowed = rt.block_on(async {
         let clients = common::grpc_clients(&servers).await;
         let mut tasks = Vec::new();
-        for i in 0..500 {
+        // Demand above the cap: with leases, a replica can hold the last
+        // few units in a lease when the other's demand ends (a bounded
+        // early denial, docs/ARCHITECTURE.md), so demand of exactly the
+        // cap need not fill it.
+        for i in 0..700 {
             let mut client = clients[i % 2].clone();
             tasks.push(tokio::spawn(async move {
                 let response = client

@@ -70,6 +70,9 @@ fn start_tollgate(redis: &RedisServer, timeout_ms: u64) -> (TollgateProcess, tem
     let dir = policy_dir(&[("p.yaml", POLICY)]);
     let url = redis.url();
     let timeout = timeout_ms.to_string();
+    // Without leases, so that every decision reaches Redis: these tests
+    // are about the decisions that do. Decisions inside a lease go on
+    // through an outage (tests/leases.rs).
     let tollgate = TollgateProcess::start(&[
         "--policies",
         dir.path().to_str().unwrap(),
@@ -77,6 +80,8 @@ fn start_tollgate(redis: &RedisServer, timeout_ms: u64) -> (TollgateProcess, tem
         &url,
         "--store-timeout-ms",
         &timeout,
+        "--redis-leases",
+        "off",
     ]);
     (tollgate, dir)
 }

@@ -159,11 +159,15 @@ async fn a_redis_outage_is_answered_within_the_timeout_and_recovered_from() {
     let mut redis = RedisServer::start();
     let port = redis.port;
     let dir = policy_dir(&[("p.yaml", POLICY)]);
+    // Without leases, every decision needs Redis; with them, decisions
+    // inside a lease go on through an outage (tests/leases.rs).
     let server = TollgateProcess::start(&[
         "--redis",
         &redis.url(),
         "--policies",
         dir.path().to_str().unwrap(),
+        "--redis-leases",
+        "off",
     ]);
     let mut client = TollgateClient::new(channel(server.endpoint()).await);
 

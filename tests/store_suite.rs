@@ -20,7 +20,7 @@ use tollgate_core::engine::{Attributes, Estimate, Verdict};
 use tollgate_core::gate::{CheckInput, ManualClock};
 use tollgate_core::store::{
     Candidate, CounterKind, CounterOp, CounterRef, CounterStore, Expiry, Grant, GrantRef,
-    MemoryStore, ReserveRequest, SettleOutcome, StoreError,
+    LeaseConfig, LeasedStore, MemoryStore, ReserveRequest, SettleOutcome, StoreError,
 };
 
 /// The store one generated test runs its scenario against, and the
@@ -56,6 +56,28 @@ impl Backend {
             store: Arc::new(common::shared_cluster().store(&key_prefix(scenario)).await),
         }
     }
+
+    /// The shared `redis-server` with leases, as `serve` runs by default.
+    async fn leased(scenario: &str) -> Backend {
+        let redis = common::shared_redis()
+            .store(&key_prefix(&format!("leased-{scenario}")))
+            .await;
+        Backend {
+            name: "redis-leased",
+            store: LeasedStore::start(redis, LeaseConfig::default()),
+        }
+    }
+
+    /// The shared Redis Cluster with leases.
+    async fn leased_cluster(scenario: &str) -> Backend {
+        let redis = common::shared_cluster()
+            .store(&key_prefix(&format!("leased-{scenario}")))
+            .await;
+        Backend {
+            name: "redis-cluster-leased",
+            store: LeasedStore::start(redis, LeaseConfig::default()),
+        }
+    }
 }
 
 /// One prefix per scenario: each backend module holds a scenario once, and
@@ -74,6 +96,8 @@ macro_rules! backend_matrix {
         backend_matrix!(@backend memory: $($scenario),+);
         backend_matrix!(@backend redis: $($scenario),+);
         backend_matrix!(@backend cluster: $($scenario),+);
+        backend_matrix!(@backend leased: $($scenario),+);
+        backend_matrix!(@backend leased_cluster: $($scenario),+);
     };
     (@backend $backend:ident: $($scenario:ident),+) => {
         mod $backend {
@@ -277,6 +301,7 @@ fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
         expiry: Expiry::Never,
         kind: CounterKind::Plain,
         grant: None,
+        alert_at: Vec::new(),
     }
 }
 

@@ -476,6 +476,10 @@ impl Gate {
         &self,
         request: &Arc<ReserveRequest>,
     ) -> (Result<ReserveOutcome, StoreError>, Option<Reserving>) {
+        // Decided in the process (from a lease): nothing can stall.
+        if let Some(outcome) = self.store.reserve_now(request) {
+            return (Ok(outcome), None);
+        }
         if !self.store.can_stall() {
             return (self.bounded(self.store.reserve(request)).await, None);
         }
@@ -978,7 +982,8 @@ impl Gate {
                     window: rule.limit.window,
                     limit: from_counter(limit, unit),
                     used: from_counter(s.used_before, unit),
-                    remaining: from_counter((limit - s.used_before).max(0), unit),
+                    leased: from_counter(s.leased, unit),
+                    remaining: from_counter((limit - s.used_before - s.leased).max(0), unit),
                     resets_at: c.window_end.or(s.resets_at),
                     enforced: rule.enforcement != Enforcement::Soft,
                 }

@@ -61,6 +61,13 @@ pub mod names {
     pub const SPEND_TOKENS: &str = "tollgate_spend_tokens_total";
     pub const SETTLE_RETRIES: &str = "tollgate_settle_retries_total";
     pub const EXT_PROC_TOP_UPS: &str = "tollgate_ext_proc_top_ups_total";
+    // Copied from the leasing Redis store's own counts.
+    pub const LEASE_HITS: &str = "tollgate_lease_hits_total";
+    pub const LEASE_MISSES: &str = "tollgate_lease_misses_total";
+    pub const LEASE_REFILLS: &str = "tollgate_lease_refills_total";
+    pub const LEASE_RETURNS: &str = "tollgate_lease_returns_total";
+    pub const LEASE_EARLY_DENIALS: &str = "tollgate_lease_early_denials_total";
+    pub const LEASE_REDIS_CALLS: &str = "tollgate_lease_redis_calls_total";
     // Recorded by the TLS listeners' certificate reload.
     pub const TLS_RELOADS: &str = "tollgate_tls_certificate_reloads_total";
     // Recorded by the dashboard's activity feed.
@@ -196,6 +203,27 @@ fn describe() {
         "Settled tokens by model, team and kind (input, cached_input, output, reasoning); the same label bound as tollgate_spend_usd_total"
     );
     describe_counter!(
+        names::LEASE_HITS,
+        "Decisions made from this replica's leases, with no Redis round trip"
+    );
+    describe_counter!(
+        names::LEASE_MISSES,
+        "Decisions that went to Redis (refilling leases where they could)"
+    );
+    describe_counter!(names::LEASE_REFILLS, "Leases granted to this replica");
+    describe_counter!(
+        names::LEASE_RETURNS,
+        "Unused leases handed back to Redis (refills, expiries, shutdown)"
+    );
+    describe_counter!(
+        names::LEASE_EARLY_DENIALS,
+        "Denials made only because other replicas held unused leases on the counter"
+    );
+    describe_counter!(
+        names::LEASE_REDIS_CALLS,
+        "Calls the leasing store made to Redis; divided by hits plus misses, the Redis calls per decision"
+    );
+    describe_counter!(
         names::WITHDRAWN,
         "Reservations made by a store call that outlived its timeout or its caller, taken back: refunded (a refused call) or kept at their estimate with their slots freed (a call that failed open); failed: left to lapse charged"
     );
@@ -324,6 +352,31 @@ fn render_policy(text: &mut String, s: &PolicyStatus) {
 /// call, the tracked scopes, reservations in flight, and the decision log.
 /// A failed write of the embedded store's data directory (`file` is `log`
 /// or `snapshot`); called from the store's writer thread.
+/// Copies the leasing store's counts into the metrics, every second
+/// until the store goes.
+pub fn watch_leases(stats: std::sync::Weak<tollgate_core::store::LeaseStats>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(s) = stats.upgrade() else {
+                return;
+            };
+            for (name, value) in [
+                (names::LEASE_HITS, &s.hits),
+                (names::LEASE_MISSES, &s.misses),
+                (names::LEASE_REFILLS, &s.refills),
+                (names::LEASE_RETURNS, &s.returns),
+                (names::LEASE_EARLY_DENIALS, &s.early_denials),
+                (names::LEASE_REDIS_CALLS, &s.redis_calls),
+            ] {
+                metrics::counter!(name).absolute(value.load(Relaxed));
+            }
+        }
+    });
+}
+
 pub fn record_store_disk_error(file: &'static str) {
     metrics::counter!(names::STORE_DISK_ERRORS, "file" => file).increment(1);
 }

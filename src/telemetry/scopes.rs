@@ -171,6 +171,7 @@ mod tests {
             window: Window::Lifetime,
             limit: Decimal::from(10),
             used: Decimal::from(1),
+            leased: Decimal::ZERO,
             remaining: Decimal::from(9),
             resets_at: None,
             enforced: true,

@@ -133,6 +133,9 @@ pub struct CounterReport {
     pub window: Window,
     pub limit: Decimal,
     pub used: Decimal,
+    /// Counted in the store but held unspent in replicas' leases: neither
+    /// used nor remaining (see the store's leases).
+    pub leased: Decimal,
     pub remaining: Decimal,
     pub resets_at: Option<Millis>,
     pub enforced: bool,
@@ -296,6 +299,7 @@ pub fn plan_with(
                 expiry: expiry(rule.limit.window, counter.window_end),
                 kind: counter_kind(&rule.limit),
                 grant,
+                alert_at: alert_values(&rule.alerts, counter.limit),
             });
             counters.push(counter);
         }
@@ -551,6 +555,7 @@ pub fn decide(
                 window: rule.limit.window,
                 limit: from_counter(limit, op.unit),
                 used: from_counter(used, op.unit),
+                leased: Decimal::ZERO,
                 remaining: from_counter((limit - used).max(0), op.unit),
                 resets_at: s.resets_at.or(c.window_end),
                 enforced: op.enforced,
@@ -791,6 +796,23 @@ pub fn reached(thresholds: &[u32], used: i64, limit: i64) -> impl Iterator<Item 
         .iter()
         .copied()
         .filter(move |&t| limit > 0 && i128::from(used) * 100 >= i128::from(limit) * i128::from(t))
+}
+
+/// The smallest counter value at which each threshold is [`reached`],
+/// lowest first.
+pub fn alert_values(thresholds: &[u32], limit: i64) -> Vec<i64> {
+    if limit <= 0 {
+        return Vec::new();
+    }
+    let mut values: Vec<i64> = thresholds
+        .iter()
+        .map(|&t| {
+            let scaled = i128::from(limit) * i128::from(t);
+            i64::try_from((scaled + 99) / 100).unwrap_or(i64::MAX)
+        })
+        .collect();
+    values.sort_unstable();
+    values
 }
 
 impl AlertCrossing {

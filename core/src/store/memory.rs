@@ -114,6 +114,7 @@ impl Inner {
                     _ => None,
                 },
                 grant,
+                leased: 0,
             },
             None => CounterState {
                 used_before: 0,
@@ -122,6 +123,7 @@ impl Inner {
                     _ => None,
                 },
                 grant,
+                leased: 0,
             },
         }
     }
@@ -452,6 +454,7 @@ impl CounterStore for MemoryStore {
                         used_before: c.value,
                         resets_at: c.expires_at,
                         grant: None,
+                        leased: 0,
                     },
                     None => CounterState::default(),
                 },

@@ -19,9 +19,11 @@ use tollgate::telemetry::{Telemetry, TelemetryConfig};
 use tollgate_core::gate::{Clock, Gate, GateConfig, SystemClock};
 use tollgate_core::policy::CompiledPolicy;
 use tollgate_core::store::durable::{DurableConfig, DurableStore};
-use tollgate_core::store::{CounterStore, MemoryStore, RedisConfig, RedisStore};
+use tollgate_core::store::{
+    CounterStore, LeaseConfig, LeasedStore, MemoryStore, RedisConfig, RedisStore,
+};
 
-use super::args::DashboardArg;
+use super::args::{DashboardArg, Switch};
 use super::{ListenerTls, ServeArgs};
 use crate::cli::admin::admin_token;
 use tollgate::server::dashboard::{AdminPlace, Dashboard, DashboardConfig, DashboardMode};
@@ -162,6 +164,13 @@ impl App {
         if let Some(d) = &dashboard {
             d.spawn_sampler(Duration::from_secs(30), shutdown.wait());
         }
+        let leased_store = store.clone();
+        flush.add("leases", async move {
+            // Unused leases go back, so other replicas can spend them now.
+            if let Err(e) = leased_store.close(SystemClock.now()).await {
+                tracing::error!(error = %e, "cannot hand the unused leases back at shutdown; they stay counted until their window ends");
+            }
+        });
         let spend_gate = gate.clone();
         flush.add("spend account", async move {
             if let Err(e) = spend_gate.flush_spend().await {
@@ -384,7 +393,26 @@ async fn open_store(
         Ok(Err(e)) => tracing::warn!(error = %e, "Redis is not answering yet"),
         Err(_) => tracing::warn!("Redis did not answer within 3 s; continuing"),
     }
-    Ok((Arc::new(store), None))
+    if args.redis_leases == Switch::Off {
+        tracing::info!("Redis leases off: every decision is one Redis call");
+        return Ok((Arc::new(store), None));
+    }
+    let defaults = LeaseConfig::default();
+    // An early denial is decided again once other replicas' idle leases
+    // can have come back, when the store timeout leaves room for the wait.
+    let retry = defaults.idle + 3 * tollgate_core::store::redis::FLUSH_EVERY;
+    let leases = LeaseConfig {
+        lifetime: args.redis_lease_ms as i64,
+        retry_early_denial_after: if args.store_timeout_ms as i64 >= 2 * retry {
+            retry
+        } else {
+            0
+        },
+        ..defaults
+    };
+    let leased = LeasedStore::start(store, leases);
+    tollgate::telemetry::watch_leases(Arc::downgrade(&leased.stats()));
+    Ok((leased, None))
 }
 
 /// The embedded store in `--data-dir`: its snapshot read and its log

@@ -21,6 +21,12 @@ pub(crate) enum DashboardArg {
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Switch {
+    On,
+    Off,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum LogFormat {
     Text,
     Json,
@@ -77,6 +83,18 @@ pub(crate) struct ServeArgs {
     #[arg(long, env = "TOLLGATE_REDIS_CONNECTIONS", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub(crate) redis_connections: u16,
+    /// Leases on Redis counters: each replica decides most requests from
+    /// budget already counted in Redis on its behalf, with no round trip,
+    /// and never past a cap (docs/ARCHITECTURE.md, Leases). `off` makes
+    /// every decision one Redis call.
+    #[arg(long, env = "TOLLGATE_REDIS_LEASES", value_enum, default_value = "on")]
+    pub(crate) redis_leases: Switch,
+    /// How long a lease lives, in milliseconds: also the bound on how long
+    /// a lowered cap, a revocation or another replica's unused lease can
+    /// take to be felt, and the demand a lease is sized for.
+    #[arg(long, env = "TOLLGATE_REDIS_LEASE_MS", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(500..=60_000))]
+    pub(crate) redis_lease_ms: u64,
     /// Entries kept in each Redis log stream (the approvals audit trail,
     /// the alert feed), about; older ones are trimmed first.
     #[arg(long, env = "TOLLGATE_REDIS_LOG_MAX_ENTRIES", default_value_t = tollgate_core::store::redis::MAX_LOG_ENTRIES)]

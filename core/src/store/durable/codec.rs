@@ -366,6 +366,8 @@ pub(super) fn call(body: &[u8], base: usize) -> Result<Call, Damage> {
                         expiry,
                         kind,
                         grant,
+                        // Only a leasing store reads it.
+                        alert_at: Vec::new(),
                     });
                 }
                 candidates.push(Candidate { model, ops });
@@ -650,6 +652,7 @@ mod tests {
                             key: "r|ab12".into(),
                             required: true,
                         }),
+                        alert_at: Vec::new(),
                     }],
                 },
                 Candidate {
@@ -664,6 +667,7 @@ mod tests {
                         expiry: Expiry::AfterFirstUse(60_000),
                         kind: CounterKind::Gauge,
                         grant: None,
+                        alert_at: Vec::new(),
                     }],
                 },
             ],

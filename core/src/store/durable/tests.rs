@@ -28,6 +28,7 @@ fn request(id: &str, now: Millis) -> ReserveRequest {
                 expiry: Expiry::At(now + 86_400_000),
                 kind: CounterKind::Plain,
                 grant: None,
+                alert_at: Vec::new(),
             }],
         }],
         reservation_id: id.into(),

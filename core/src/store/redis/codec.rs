@@ -167,6 +167,56 @@ pub(super) fn decode_outcome(reply: &[Value]) -> Result<ReserveOutcome, Malforme
     decode_numbers(&rid, &numbers, replayed).ok_or_else(bad)
 }
 
+/// What a reserve that refills leases answers beyond the outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct LeaseAnswer {
+    /// The lease granted on each op of the last candidate tried.
+    pub granted: Vec<i64>,
+    /// Enforced ops that blocked only because other replicas hold unused
+    /// leases on them.
+    pub early_denials: i64,
+    /// Enforced ops that blocked only because of this replica's own lease,
+    /// from a refill whose answer is still on its way.
+    pub own_blocked: i64,
+}
+
+/// `reserve.lua`'s reply when it refilled the leases of `ops` ops: the
+/// outcome, then a lease per op and the early denials.
+pub(super) fn decode_leasing_outcome(
+    reply: &[Value],
+    ops: usize,
+) -> Result<(ReserveOutcome, LeaseAnswer), Malformed> {
+    let bad = || malformed("leasing reserve reply", format!("{reply:?}"));
+    // A replay answers as it answered first, with no lease part.
+    if reply.first() == Some(&Value::Int(1)) {
+        return Ok((
+            decode_outcome(reply)?,
+            LeaseAnswer {
+                granted: vec![0; ops],
+                ..LeaseAnswer::default()
+            },
+        ));
+    }
+    let split = reply.len().checked_sub(ops + 2).ok_or_else(bad)?;
+    let tail = reply[split..]
+        .iter()
+        .map(|v| match v {
+            Value::Int(n) => Some(*n),
+            _ => None,
+        })
+        .collect::<Option<Vec<i64>>>()
+        .ok_or_else(bad)?;
+    let outcome = decode_outcome(&reply[..split])?;
+    Ok((
+        outcome,
+        LeaseAnswer {
+            granted: tail[..ops].to_vec(),
+            early_denials: tail[ops],
+            own_blocked: tail[ops + 1],
+        },
+    ))
+}
+
 /// `<applied or -1> <tried> (<n> (<used> <reset or -1> <grant or -1>)*)*`;
 /// a negative reset or grant reads as none.
 fn decode_numbers(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveOutcome> {
@@ -185,6 +235,7 @@ fn decode_numbers(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveO
                 used_before: used,
                 resets_at: (reset >= 0).then_some(reset),
                 grant: (grant >= 0).then_some(grant),
+                leased: 0,
             });
         }
         tried.push(states);
@@ -242,20 +293,22 @@ pub(super) fn decode_replay(text: &str, now: Millis) -> Result<Option<ReserveOut
         .ok_or_else(bad)
 }
 
-/// `read.lua`'s reply for `n` counters: value, then resets_at or -1, each.
+/// `read.lua`'s reply for `n` counters: usage, then resets_at or -1, then
+/// what leases hold, each.
 pub(super) fn decode_counters(values: &[i64], n: usize) -> Result<Vec<CounterState>, Malformed> {
-    if values.len() != 2 * n {
+    if values.len() != 3 * n {
         return Err(malformed(
             "read reply",
             format!("{} numbers for {n} counters", values.len()),
         ));
     }
     Ok(values
-        .chunks(2)
-        .map(|pair| CounterState {
-            used_before: pair[0],
-            resets_at: (pair[1] >= 0).then_some(pair[1]),
+        .chunks(3)
+        .map(|v| CounterState {
+            used_before: v[0],
+            resets_at: (v[1] >= 0).then_some(v[1]),
             grant: None,
+            leased: v[2],
         })
         .collect())
 }

@@ -5,10 +5,19 @@
 //! cap; an undo that fails leaves its counters charged, on the side of
 //! denying rather than overspending.
 
-use super::codec::{decode_replay, encode_replay, encode_reservation, flag};
+use super::codec::{decode_replay, encode_replay, encode_reservation, flag, LeaseAnswer};
 use super::keys::by_tag;
+use super::reserve::{LeaseAsk, OpAsk};
 use super::{RedisStore, CLEANUP_GRACE};
 use crate::store::*;
+
+/// What a leasing reserve across slots answers beyond the outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SlotLeases {
+    pub answer: LeaseAnswer,
+    /// Per op: its slot's script ran, so it took back the unused lease.
+    pub reached: Vec<bool>,
+}
 
 impl RedisStore {
     /// A decision whose keys span several cluster slots: one script per
@@ -17,6 +26,28 @@ impl RedisStore {
         &self,
         req: &ReserveRequest,
     ) -> Result<ReserveOutcome, StoreError> {
+        self.reserve_across_slots_leasing(req, None)
+            .await
+            .map(|(outcome, _)| outcome)
+    }
+
+    /// The same, giving back and refilling leases in each slot's script
+    /// when `lease` is given (one candidate only): the leases granted per
+    /// op, and which ops' slots were reached (only those gave back their
+    /// unused lease).
+    pub(super) async fn reserve_across_slots_leasing(
+        &self,
+        req: &ReserveRequest,
+        lease: Option<&LeaseAsk<'_>>,
+    ) -> Result<(ReserveOutcome, Option<SlotLeases>), StoreError> {
+        let lease = lease.filter(|_| req.candidates.len() == 1);
+        let mut leases = lease.map(|l| SlotLeases {
+            answer: LeaseAnswer {
+                granted: vec![0; l.ops.len()],
+                ..LeaseAnswer::default()
+            },
+            reached: vec![false; l.ops.len()],
+        });
         let replay_key = self.replay_key(
             &format!("q{}", req.request_id.as_deref().unwrap_or("")),
             req.request_id.as_deref(),
@@ -26,7 +57,7 @@ impl RedisStore {
             // A record that does not read is decided afresh.
             let prev = prev.and_then(|p| decode_replay(&p, req.now).ok().flatten());
             if let Some(outcome) = prev {
-                return Ok(outcome);
+                return Ok((outcome, leases));
             }
         }
         let rid = req.reservation_id.clone();
@@ -42,11 +73,37 @@ impl RedisStore {
                     model: candidate.model.clone(),
                     ops: indices.iter().map(|&i| candidate.ops[i].clone()).collect(),
                 };
+                let part_asks: Vec<OpAsk> = lease
+                    .map(|l| indices.iter().map(|&i| l.ops[i]).collect())
+                    .unwrap_or_default();
+                let part_lease = lease.map(|l| LeaseAsk {
+                    spec: l.spec,
+                    ops: &part_asks,
+                });
                 let out = match self
-                    .reserve_in_slot(req, &[&part], tag, &format!("{rid}.{tag}"), &rid, false)
+                    .reserve_in_slot(
+                        req,
+                        &[&part],
+                        tag,
+                        &format!("{rid}.{tag}"),
+                        &rid,
+                        false,
+                        part_lease.as_ref(),
+                    )
                     .await
                 {
-                    Ok(out) => out,
+                    Ok((out, answer)) => {
+                        if let (Some(leases), Some(answer)) = (leases.as_mut(), answer) {
+                            for (k, &i) in indices.iter().enumerate() {
+                                leases.reached[i] = true;
+                                leases.answer.granted[i] =
+                                    answer.granted.get(k).copied().unwrap_or(0);
+                            }
+                            leases.answer.early_denials += answer.early_denials;
+                            leases.answer.own_blocked += answer.own_blocked;
+                        }
+                        out
+                    }
                     Err(e) => {
                         self.undo(req.now, &rid, candidate, &done).await;
                         return Err(e);
@@ -90,6 +147,7 @@ impl RedisStore {
         }
         if let Some(ci) = applied {
             let candidate = &req.candidates[ci];
+            let all: Vec<usize> = (0..candidate.ops.len()).collect();
             let keys: Vec<String> = candidate
                 .ops
                 .iter()
@@ -111,7 +169,6 @@ impl RedisStore {
                 )
                 .await;
             if let Err(e) = stored {
-                let all: Vec<usize> = (0..candidate.ops.len()).collect();
                 self.undo(req.now, &rid, candidate, &all).await;
                 return Err(e);
             }
@@ -139,7 +196,7 @@ impl RedisStore {
                 tracing::warn!(error = %e, "could not record a request id for replays");
             }
         }
-        Ok(outcome)
+        Ok((outcome, leases))
     }
 
     /// The states of `candidate`'s ops at `indices` as `reserve.lua` would
@@ -161,7 +218,7 @@ impl RedisStore {
                 kind: candidate.ops[i].kind,
             })
             .collect();
-        let mut states = self.read_counters(&refs, now).await?;
+        let mut states = self.read_counters(&refs, now, "-", &[]).await?;
         let grant_keys: Vec<&str> = indices
             .iter()
             .filter_map(|&i| candidate.ops[i].grant.as_ref().map(|g| g.key.as_str()))

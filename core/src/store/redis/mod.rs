@@ -26,6 +26,7 @@ mod codec;
 mod cross_slot;
 mod grants;
 mod keys;
+mod leased;
 mod logs;
 mod markers;
 mod reserve;
@@ -60,6 +61,7 @@ pub const MAX_LOG_ENTRIES: usize = 1_000_000;
 pub const LOG_RETENTION: Duration = Duration::from_secs(366 * 86_400);
 
 pub use grants::MAX_GRANTS;
+pub use leased::{LeaseStats, LeasedStore, FLUSH_EVERY};
 
 /// How the append-only log streams are bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -361,7 +363,7 @@ impl CounterStore for RedisStore {
         counters: &[CounterRef],
         now: Millis,
     ) -> Result<Vec<CounterState>, StoreError> {
-        self.read_counters(counters, now).await
+        self.read_counters(counters, now, "", &[]).await
     }
 
     async fn put_grant(&self, grant: &Grant, now: Millis) -> Result<(), StoreError> {

@@ -6,9 +6,11 @@
 -- KEYS[3..] candidate by candidate: its counter keys, op by op, then the
 --           grant key of each op that names one, in op order
 -- ARGV: now, reservation key lifetime (ms), reservation id, replay window
---       (0 = none), cleanup grace, candidate count, then per candidate: op
---       count and its reservation record ('' = none; stored as given),
---       then per op: amount, limit, mode, expiry.
+--       (0 = none), cleanup grace, candidate count, lease spec ('' = no
+--       leases), then per candidate: op count and its reservation record
+--       ('' = none; stored as given), then per op: amount, limit, mode,
+--       expiry, and with leases also: unused, want, alert values.
+--   lease spec: '<replica> <lease lifetime ms> <share>' (see Leases below).
 --   mode: one character, '0' plus the sum of 1 enforced, 2 downgradable,
 --   4 concurrency gauge, 8 rolling window, 16 if an active grant adds its
 --   extra to the limit, 32 if in addition the op blocks without one (an
@@ -24,7 +26,24 @@
 --
 -- Returns {replayed (0/1), reservation id or '-', applied index or -1,
 -- candidates tried, then per candidate tried: op count, then per op: used
--- before, resets_at or -1, granted extra or -1 (no active grant)}.
+-- before, resets_at or -1, granted extra or -1 (no active grant)}; with
+-- leases, then per op of the last candidate tried: the lease granted;
+-- then the number of its enforced ops that blocked only because of other
+-- replicas' unused leases (early denials), and of those that blocked only
+-- because of this replica's own lease, granted by a refill whose answer
+-- it has not read yet (it waits for that answer and decides again).
+--
+-- Leases (only for a request with one candidate). A replica's lease on a
+-- plain counter is an amount already added to the counter on its behalf,
+-- which it spends in its own process. `unused` is what the replica holds
+-- and gives back now: the counter's usage is its value less `unused`, and
+-- the counter drops by `unused` whether or not the candidate applies.
+-- `want` is the lease the replica asks for; it gets it whole while that is
+-- at most 1/share of the room left below the cap and below the next alert
+-- value (space-separated, ascending, in `alert values`), and nothing after,
+-- so that near a cap or a threshold decisions come here one at a time. Each replica's lease is listed in the hash `l:{..}` beside
+-- the counter (field: replica, value '<amount> <until>'), for reports and
+-- for telling early denials apart; the counter alone keeps the cap.
 --
 -- Costs, measured: each redis.call about 1.5 us, each tonumber() of an
 -- argument about 0.2 us, everything else far less. So the common case
@@ -65,14 +84,46 @@ local function granted(key)
 end
 
 local ncand = tonumber(ARGV[6])
-local a, k = 7, 3          -- this candidate's first ARGV and KEYS index
+local lease = ARGV[7] ~= ''
+local per = lease and 7 or 4
+local replica, lease_life, share
+if lease then
+  local spec = {}
+  for token in string.gmatch(ARGV[7], '%S+') do spec[#spec + 1] = token end
+  replica, lease_life, share = spec[1], tonumber(spec[2]), tonumber(spec[3])
+end
+local a, k = 8, 3          -- this candidate's first ARGV and KEYS index
 local out, len = {0, '-', -1, 0}, 4
-local applied, first, values, rolling_fresh
+local applied, first, values, rolling_fresh, ck
+-- With leases, per op of the candidate: unused given back, usage (less
+-- the unused), limit in force; and the early denials.
+local unused_of, used_of, limit_of, early, own_blocked = {}, {}, {}, 0, 0
+
+-- `<prefix>l:{tag}<key>` beside the counter `<prefix>c:{tag}<key>`: the
+-- prefix holds no `{`, so the first one opens the tag.
+local function lease_key(key)
+  local brace = string.find(key, '{', 1, true)
+  return string.sub(key, 1, brace - 3) .. 'l:' .. string.sub(key, brace)
+end
+
+-- What other replicas, and this one, hold of a counter in live leases.
+local function leased(key)
+  local others, own, fields = 0, 0, call('HGETALL', lease_key(key))
+  for i = 1, #fields, 2 do
+    local sep = string.find(fields[i + 1], ' ', 1, true)
+    if tonumber(string.sub(fields[i + 1], sep + 1)) > now then
+      local held = tonumber(string.sub(fields[i + 1], 1, sep - 1))
+      if fields[i] == replica then own = own + held else others = others + held end
+    end
+  end
+  return others, own
+end
 
 for c = 1, ncand do
   local n = tonumber(ARGV[a])
+  ck = k
   first = a + 2
-  a = first + 4 * n
+  a = first + per * n
   -- Gauges and rolling counters read nil here; they are read below.
   values = {}
   if n > 0 then values = call('MGET', unpack(KEYS, k, k + n - 1)) end
@@ -84,7 +135,7 @@ for c = 1, ncand do
   local blocked, only_downgradable = false, true
   local g = k + n          -- the next grant key
   for o = 0, n - 1 do
-    local base = first + 4 * o
+    local base = first + per * o
     local mode = byte(ARGV[base + 2]) - 48
     local used, reset, grant = 0, -1, -1
     if mode % 32 >= 16 then
@@ -107,14 +158,30 @@ for c = 1, ncand do
     elseif values[o + 1] then
       used = tonumber(values[o + 1])
     end
+    if lease then
+      -- A lease on a counter that has gone (its window ended) went with it.
+      local unused = 0
+      if mode % 16 < 4 and values[o + 1] then
+        unused = math.min(tonumber(ARGV[base + 4]), used)
+      end
+      used = used - unused
+      unused_of[o], used_of[o] = unused, used
+    end
     out[len + 1], out[len + 2], out[len + 3] = used, reset, grant
     len = len + 3
     if mode % 2 == 1 then
       local limit = tonumber(ARGV[base + 1])
       if grant > 0 then limit = limit + grant end
+      if lease then limit_of[o] = limit end
       if (mode >= 32 and grant < 0) or used + tonumber(ARGV[base]) > limit then
         blocked = true
         if mode % 4 < 2 then only_downgradable = false end
+        if lease and not (mode >= 32 and grant < 0) and mode % 16 < 4 then
+          local others, own = leased(KEYS[k + o])
+          local amount = tonumber(ARGV[base])
+          if used - others + amount <= limit then early = early + 1 end
+          if own > 0 and used - own + amount <= limit then own_blocked = own_blocked + 1 end
+        end
       end
     end
   end
@@ -128,12 +195,47 @@ for c = 1, ncand do
   k = g
 end
 
+-- The lease op `o` gets once its own amount is added: what it asked for,
+-- if that is at most 1/share of the room below the cap and the next alert
+-- value; otherwise none.
+local function lease_for(o, base)
+  local want = tonumber(ARGV[base + 5])
+  if want <= 0 then return 0 end
+  local amount = tonumber(ARGV[base])
+  local value = used_of[o] + amount
+  local ceiling = limit_of[o]
+  for stop in string.gmatch(ARGV[base + 6], '%S+') do
+    stop = tonumber(stop)
+    if stop > value then
+      if not ceiling or stop - 1 < ceiling then ceiling = stop - 1 end
+      break
+    end
+  end
+  if not ceiling then return want end
+  -- Whole or none: within `share` leases of a cap or a threshold, every
+  -- decision comes here, one at a time, and fills it exactly.
+  if math.floor((ceiling - value) / share) < want then return 0 end
+  return want
+end
+
+-- Records replica's lease on counter `key` (none when `amount` is 0).
+local function note_lease(key, amount)
+  local lkey = lease_key(key)
+  if amount > 0 then
+    call('HSET', lkey, replica, int(amount) .. ' ' .. int(now + lease_life))
+    call('PEXPIRE', lkey, int(lease_life + tonumber(ARGV[5])))
+  else
+    call('HDEL', lkey, replica)
+  end
+end
+
+local leased = {}
 if applied then
   local rid = ARGV[3]
   out[2] = rid
   for o = 0, tonumber(ARGV[first - 2]) - 1 do
     local key = KEYS[k + o]
-    local base = first + 4 * o
+    local base = first + per * o
     local amount, exp = ARGV[base], ARGV[base + 3]
     local mode = byte(ARGV[base + 2]) - 48
     if mode % 16 >= 8 then
@@ -147,10 +249,18 @@ if applied then
     elseif mode % 8 >= 4 then
       call('ZADD', key, int(now + tonumber(exp)), rid)
       call('PEXPIRE', key, ARGV[2])
-    elseif values[o + 1] or exp == '0' then
-      call('INCRBY', key, amount)
     else
-      call('SET', key, amount, 'PX', exp)
+      if lease then
+        local got = lease_for(o, base)
+        leased[o + 1] = got
+        amount = int(tonumber(amount) - unused_of[o] + got)
+        if got > 0 or unused_of[o] > 0 then note_lease(key, got) end
+      end
+      if values[o + 1] or exp == '0' then
+        call('INCRBY', key, amount)
+      else
+        call('SET', key, amount, 'PX', exp)
+      end
     end
   end
   -- Partial reservations across cluster slots pass no record; the caller
@@ -159,11 +269,26 @@ if applied then
   if record ~= '' then
     call('SET', KEYS[1], record, 'PX', ARGV[2])
   end
+elseif lease then
+  -- Refused: what the replica gave back is given back all the same.
+  for o = 0, tonumber(ARGV[first - 2]) - 1 do
+    if (unused_of[o] or 0) > 0 then
+      call('DECRBY', KEYS[ck + o], int(unused_of[o]))
+      note_lease(KEYS[ck + o], 0)
+    end
+  end
 end
 
 if ARGV[4] ~= '0' then
   local text = {}
   for i = 2, len do text[i - 1] = type(out[i]) == 'number' and int(out[i]) or out[i] end
   call('SET', KEYS[2], int(now + tonumber(ARGV[4])) .. ' ' .. table.concat(text, ' '), 'PX', int(tonumber(ARGV[4]) + tonumber(ARGV[5])))
+end
+if lease then
+  for o = 1, tonumber(ARGV[first - 2]) do
+    out[len + o] = leased[o] or 0
+  end
+  out[#out + 1] = early
+  out[#out + 1] = own_blocked
 end
 return out

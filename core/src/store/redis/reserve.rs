@@ -3,7 +3,9 @@
 
 use ::redis::Value;
 
-use super::codec::{decode_outcome, encode_reservation, op_mode};
+use super::codec::{
+    decode_leasing_outcome, decode_outcome, encode_reservation, op_mode, LeaseAnswer,
+};
 use super::keys::by_tag;
 use super::{RedisStore, CLEANUP_GRACE};
 use crate::store::*;
@@ -25,8 +27,10 @@ impl RedisStore {
                     &req.reservation_id,
                     &req.reservation_id,
                     true,
+                    None,
                 )
-                .await;
+                .await
+                .map(|(outcome, _)| outcome);
         }
         let tags = by_tag(
             req.candidates
@@ -36,8 +40,9 @@ impl RedisStore {
         match tags.keys().next() {
             Some(tag) if tags.len() == 1 => {
                 let id = format!("{}.{tag}", req.reservation_id);
-                self.reserve_in_slot(req, &candidates, tag, &id, &id, true)
+                self.reserve_in_slot(req, &candidates, tag, &id, &id, true, None)
                     .await
+                    .map(|(outcome, _)| outcome)
             }
             _ => self.reserve_across_slots(req).await,
         }
@@ -46,6 +51,9 @@ impl RedisStore {
     /// Runs `reserve.lua` for `candidates` whose keys all share `tag`'s
     /// slot. `key_id` places the reservation key; `reservation_id` is what
     /// the reservation is known by (and what holds concurrency slots).
+    /// With `lease` (one candidate only), the replica gives back and asks
+    /// for leases on the candidate's plain counters in the same call.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn reserve_in_slot(
         &self,
         req: &ReserveRequest,
@@ -54,7 +62,8 @@ impl RedisStore {
         key_id: &str,
         reservation_id: &str,
         record: bool,
-    ) -> Result<ReserveOutcome, StoreError> {
+        lease: Option<&LeaseAsk<'_>>,
+    ) -> Result<(ReserveOutcome, Option<LeaseAnswer>), StoreError> {
         let mut inv = self.reserve.prepare_invoke();
         inv.key(self.reservation_key(key_id));
         inv.key(self.replay_key(tag, req.request_id.as_deref()));
@@ -68,7 +77,8 @@ impl RedisStore {
             .arg(reservation_id)
             .arg(replay)
             .arg(CLEANUP_GRACE)
-            .arg(candidates.len());
+            .arg(candidates.len())
+            .arg(lease.map_or("", |l| l.spec));
         for candidate in candidates {
             let keys: Vec<String> = candidate
                 .ops
@@ -86,20 +96,57 @@ impl RedisStore {
                 String::new()
             };
             inv.arg(candidate.ops.len()).arg(text);
-            for (op, key) in candidate.ops.iter().zip(keys) {
+            for (o, (op, key)) in candidate.ops.iter().zip(keys).enumerate() {
                 inv.key(key);
                 inv.arg(op.amount)
                     .arg(op.limit)
                     .arg(&op_mode(op)[..])
                     .arg(script_expiry(op, req));
+                if let Some(lease) = lease {
+                    let ask = lease.ops.get(o).copied().unwrap_or_default();
+                    inv.arg(ask.unused)
+                        .arg(ask.want)
+                        .arg(alert_values_text(&op.alert_at));
+                }
             }
             for grant in candidate.ops.iter().filter_map(|op| op.grant.as_ref()) {
                 inv.key(self.grant_key(&grant.key));
             }
         }
         let reply: Vec<Value> = self.invoke(&inv).await?;
-        Ok(decode_outcome(&reply)?)
+        match lease {
+            None => Ok((decode_outcome(&reply)?, None)),
+            Some(lease) => {
+                let (outcome, answer) = decode_leasing_outcome(&reply, lease.ops.len())?;
+                Ok((outcome, Some(answer)))
+            }
+        }
     }
+}
+
+/// What a replica gives back and asks for, per op of the one candidate,
+/// in a reserve that refills its leases; see `reserve.lua`.
+pub(super) struct LeaseAsk<'a> {
+    /// `<replica> <lease lifetime ms> <share>`.
+    pub spec: &'a str,
+    pub ops: &'a [OpAsk],
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct OpAsk {
+    pub unused: i64,
+    pub want: i64,
+}
+
+fn alert_values_text(values: &[i64]) -> String {
+    let mut text = String::new();
+    for v in values {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(&v.to_string());
+    }
+    text
 }
 
 /// An op's `expiry` for `reserve.lua`, relative to the caller's clock.

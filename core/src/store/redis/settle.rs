@@ -100,10 +100,15 @@ impl RedisStore {
         Ok(outcome)
     }
 
+    /// Reads counters with what leases hold of them apart: `replica`'s own
+    /// unused leases are `own[i]` (it knows them exactly), every other
+    /// replica's as of its last refill.
     pub(super) async fn read_counters(
         &self,
         counters: &[CounterRef],
         now: Millis,
+        replica: &str,
+        own: &[i64],
     ) -> Result<Vec<CounterState>, StoreError> {
         let mut out = vec![CounterState::default(); counters.len()];
         for group in by_tag(counters.iter().map(|c| c.key.as_str())).values() {
@@ -111,7 +116,10 @@ impl RedisStore {
             for &i in group {
                 inv.key(self.counter_key(&counters[i].key));
             }
-            inv.arg(now);
+            inv.arg(now).arg(replica);
+            for &i in group {
+                inv.arg(own.get(i).copied().unwrap_or(0));
+            }
             let values: Vec<i64> = self.invoke(&inv).await?;
             for (&i, state) in group.iter().zip(decode_counters(&values, group.len())?) {
                 out[i] = state;

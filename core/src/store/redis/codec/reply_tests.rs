@@ -9,6 +9,7 @@ fn outcomes() -> Vec<ReserveOutcome> {
         used_before,
         resets_at,
         grant,
+        leased: 0,
     };
     vec![
         ReserveOutcome {
@@ -146,25 +147,28 @@ fn a_malformed_reserve_reply_or_replay_record_is_an_error() {
 
 #[test]
 fn counter_values_read_back() {
-    let values = [0, -1, i64::MAX, 5, 3, 0];
+    let values = [0, -1, 0, i64::MAX, 5, 0, 3, 0, 7];
     let want = vec![
         CounterState::default(),
         CounterState {
             used_before: i64::MAX,
             resets_at: Some(5),
             grant: None,
+            leased: 0,
         },
         CounterState {
             used_before: 3,
             resets_at: Some(0),
             grant: None,
+            leased: 7,
         },
     ];
     assert_eq!(decode_counters(&values, 3), Ok(want));
     assert_eq!(decode_counters(&[], 0), Ok(vec![]));
     for (values, n) in [
         (&values[..], 2),
-        (&values[..5], 3),
+        (&values[..8], 3),
+        (&values[..6], 3),
         (&values[..], 4),
         (&[][..], 1),
     ] {

@@ -18,6 +18,7 @@ fn op(key: &str, unit: Unit, kind: CounterKind, amount: i64) -> CounterOp {
         expiry: Expiry::Never,
         kind,
         grant: None,
+        alert_at: Vec::new(),
     }
 }
 

@@ -1,0 +1,385 @@
+//! A replica's leases: budget already counted in the shared store on this
+//! replica's behalf, spent here without a round trip.
+//!
+//! Invariant: no I/O and no clock of its own; every call is given `now`.
+//! The book never lets a decision spend more than a lease holds, and it
+//! hands every unused amount back exactly once: to a refill, to an expiry
+//! return, or to a drain at shutdown. What it hands back is taken out of
+//! the lease first, so an amount in flight to the store can never also be
+//! spent here.
+//!
+//! A lease is only ever taken on a plain counter (a calendar window or a
+//! lifetime total). Concurrency gauges are never leased (a slot must be
+//! freed when its call ends, on whichever replica), nor are rolling
+//! windows (their end is set by the store at first use).
+
+use std::collections::HashMap;
+
+use super::{CounterKind, CounterOp, CounterState, Expiry};
+use crate::clock::Millis;
+
+/// How leases are sized and how long they are used.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LeaseConfig {
+    /// How long the store keeps a lease record; also the demand a lease is
+    /// sized for.
+    pub lifetime: Millis,
+    /// Stop using a lease this long before its record lapses, so that a
+    /// decision made here never relies on a lease the store has let go.
+    pub margin: Millis,
+    /// A lease takes at most 1/`share` of the room left below the cap (and
+    /// below the next alert value).
+    pub share: i64,
+    /// A lease is at least this many of the asking request's amount.
+    pub min_requests: i64,
+    /// Leases kept, at most; a counter past it is decided in the store.
+    pub max_leases: usize,
+    /// A lease nothing has spent from for this long goes back at the next
+    /// batch: a replica whose demand stopped does not sit on budget.
+    pub idle: Millis,
+    /// A decision refused only because other replicas hold unused leases
+    /// is decided again once, this long after, when they may have come
+    /// back idle; 0 never. Must stay under the store timeout.
+    pub retry_early_denial_after: Millis,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        LeaseConfig {
+            lifetime: 2_000,
+            margin: 250,
+            share: 4,
+            min_requests: 8,
+            max_leases: 100_000,
+            idle: 200,
+            retry_early_denial_after: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Lease {
+    /// Counted in the store, not yet spent here.
+    remaining: i64,
+    /// The counter as the store last answered, this lease included: what
+    /// this replica reports as used is `seen - remaining`.
+    seen: i64,
+    /// The limit of the op it was granted for: a changed limit (a reload)
+    /// sends the next decision to the store, which takes the lease back.
+    limit: i64,
+    /// The grant in force when it was granted (see [`CounterState::grant`]).
+    grant: Option<i64>,
+    /// Spendable before this instant.
+    usable_until: Millis,
+    /// A refill of this counter is in flight: no second one asks for more.
+    refilling: bool,
+    /// Spent here since `since`, for the demand estimate.
+    spent: i64,
+    since: Millis,
+    /// Demand, in units per second, as last estimated.
+    rate: i64,
+    /// When this replica last spent from it.
+    last_spent: Millis,
+    /// Spent or credited since the store last heard what it holds.
+    dirty: bool,
+}
+
+/// What a decision that goes to the store gives back and asks for, per op.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ask {
+    pub unused: i64,
+    pub want: i64,
+}
+
+/// An amount handed back to the store: `unused` of counter `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Return {
+    pub key: String,
+    pub unused: i64,
+}
+
+#[derive(Debug)]
+pub struct LeaseBook {
+    config: LeaseConfig,
+    leases: HashMap<String, Lease>,
+}
+
+/// Whether an op's counter can be leased at all.
+pub fn leasable(op: &CounterOp) -> bool {
+    op.kind == CounterKind::Plain && !matches!(op.expiry, Expiry::AfterFirstUse(_))
+}
+
+impl LeaseBook {
+    pub fn new(config: LeaseConfig) -> LeaseBook {
+        LeaseBook {
+            config,
+            leases: HashMap::new(),
+        }
+    }
+
+    pub fn config(&self) -> &LeaseConfig {
+        &self.config
+    }
+
+    /// Spends `ops` from their leases, all or none: the states a store
+    /// would have answered, as this replica knows them, or `None` when an
+    /// op has no live lease holding its amount under the same limit (or,
+    /// for an approval gate, no grant seen open).
+    pub fn spend(&mut self, ops: &[CounterOp], now: Millis) -> Option<Vec<CounterState>> {
+        let usable = |op: &CounterOp, lease: &Lease| {
+            leasable(op)
+                && !lease.refilling
+                && lease.usable_until > now
+                && lease.limit == op.limit
+                && lease.remaining >= op.amount
+                && (op.grant.as_ref().is_none_or(|g| !g.required) || lease.grant.is_some())
+        };
+        if ops.is_empty()
+            || !ops
+                .iter()
+                .all(|op| self.leases.get(&op.key).is_some_and(|l| usable(op, l)))
+        {
+            return None;
+        }
+        Some(
+            ops.iter()
+                .map(|op| {
+                    let lease = self.leases.get_mut(&op.key).expect("checked above");
+                    let state = CounterState {
+                        used_before: lease.seen - lease.remaining,
+                        resets_at: None,
+                        grant: lease.grant,
+                        leased: 0,
+                    };
+                    lease.remaining -= op.amount;
+                    lease.spent += op.amount;
+                    lease.dirty = true;
+                    lease.last_spent = now;
+                    state
+                })
+                .collect(),
+        )
+    }
+
+    /// What a decision going to the store gives back and asks for, per op:
+    /// every unused amount (taken out of the lease now), and a new lease
+    /// sized to demand, unless a refill of that counter is already in
+    /// flight or the book is full.
+    pub fn ask(&mut self, ops: &[CounterOp], now: Millis) -> Vec<Ask> {
+        let config = self.config;
+        ops.iter()
+            .map(|op| {
+                if !leasable(op) {
+                    return Ask::default();
+                }
+                if !self.leases.contains_key(&op.key) {
+                    if self.leases.len() >= config.max_leases {
+                        return Ask::default();
+                    }
+                    self.leases.insert(
+                        op.key.clone(),
+                        Lease {
+                            since: now,
+                            ..Lease::default()
+                        },
+                    );
+                }
+                let lease = self.leases.get_mut(&op.key).expect("inserted above");
+                let unused = std::mem::take(&mut lease.remaining);
+                if lease.refilling {
+                    return Ask { unused, want: 0 };
+                }
+                lease.refilling = true;
+                let elapsed = (now - lease.since).max(1);
+                let measured = lease.spent.saturating_mul(1000) / elapsed;
+                // Smoothed, so that one quiet moment does not shrink it.
+                lease.rate = (lease.rate + measured.max(lease.rate / 2)) / 2;
+                let for_demand = lease.rate.saturating_mul(config.lifetime) / 1000;
+                let floor = op.amount.max(1).saturating_mul(config.min_requests);
+                Ask {
+                    unused,
+                    want: for_demand.max(floor).saturating_add(op.amount),
+                }
+            })
+            .collect()
+    }
+
+    /// Records the store's answer to [`LeaseBook::ask`]: `granted[i]` is op
+    /// i's new lease, counted in the store, whose counter stood at
+    /// `states[i].used_before` before the decision. `applied` says whether
+    /// the decision's own amounts were added. `sent_at` is the `now` the
+    /// store was given: a lease is timed from then, never from its answer.
+    pub fn refilled(
+        &mut self,
+        ops: &[CounterOp],
+        asks: &[Ask],
+        states: &[CounterState],
+        granted: &[i64],
+        applied: bool,
+        sent_at: Millis,
+    ) {
+        for (i, op) in ops.iter().enumerate() {
+            let Some(lease) = self.leases.get_mut(&op.key) else {
+                continue;
+            };
+            // An op that asked for nothing leaves the lease to the refill
+            // that did.
+            if asks.get(i).is_none_or(|a| a.want == 0) {
+                continue;
+            }
+            let got = granted.get(i).copied().unwrap_or(0).max(0);
+            let used = states.get(i).map_or(0, |s| s.used_before);
+            lease.refilling = false;
+            lease.remaining += got;
+            lease.seen = used + if applied { op.amount } else { 0 } + got;
+            lease.limit = op.limit;
+            lease.grant = states.get(i).and_then(|s| s.grant);
+            lease.usable_until = sent_at + self.config.lifetime - self.config.margin;
+            lease.spent = 0;
+            lease.since = sent_at;
+            lease.last_spent = sent_at;
+        }
+    }
+
+    /// A refill that never reached the store for the ops where `reached`
+    /// is false (a reserve across cluster slots stopped before their
+    /// slot): what they sent is theirs again, under their old lifetime.
+    pub fn not_reached(&mut self, ops: &[CounterOp], asks: &[Ask], reached: &[bool]) {
+        for ((op, ask), reached) in ops.iter().zip(asks).zip(reached) {
+            if *reached {
+                continue;
+            }
+            if let Some(lease) = self.leases.get_mut(&op.key) {
+                lease.remaining += ask.unused;
+                if ask.want > 0 {
+                    lease.refilling = false;
+                }
+            }
+        }
+    }
+
+    /// The refill of `ops` failed: whether or not the store gave back what
+    /// was sent is unknown, so it stays counted there (on the side of
+    /// denying) and the leases are free to be refilled again.
+    pub fn refill_failed(&mut self, ops: &[CounterOp], asks: &[Ask]) {
+        for (op, ask) in ops.iter().zip(asks) {
+            if ask.want > 0 {
+                if let Some(lease) = self.leases.get_mut(&op.key) {
+                    lease.refilling = false;
+                }
+            }
+        }
+    }
+
+    /// Gives `amount` back to the lease of counter `key` (a settle that
+    /// used less, or a withdrawn decision), or takes `-amount` more from
+    /// it (a settle that used more). `false` when the lease cannot take
+    /// it: it has lapsed, is being refilled, or holds too little; the
+    /// caller then moves the counter in the store.
+    pub fn credit(&mut self, key: &str, amount: i64, now: Millis) -> bool {
+        match self.leases.get_mut(key) {
+            Some(lease)
+                if !lease.refilling
+                    && lease.usable_until > now
+                    && lease.remaining.saturating_add(amount) >= 0 =>
+            {
+                lease.remaining += amount;
+                if amount < 0 {
+                    lease.spent -= amount;
+                }
+                lease.dirty = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Takes out every lease past its use or idle, to be handed back, and
+    /// forgets counters that have been idle for a lifetime.
+    pub fn expired(&mut self, now: Millis) -> Vec<Return> {
+        let LeaseConfig { lifetime, idle, .. } = self.config;
+        let mut out = Vec::new();
+        self.leases.retain(|key, lease| {
+            if lease.refilling {
+                return true;
+            }
+            if lease.usable_until > now {
+                if lease.remaining == 0 || now.saturating_sub(lease.last_spent) < idle {
+                    return true;
+                }
+                lease.usable_until = now;
+            }
+            if lease.remaining > 0 {
+                out.push(Return {
+                    key: key.clone(),
+                    unused: std::mem::take(&mut lease.remaining),
+                });
+            }
+            // Kept a while for its demand estimate, then forgotten.
+            now.saturating_sub(lease.usable_until) < lifetime
+        });
+        out
+    }
+
+    /// The live leases whose unused amount changed since last asked: the
+    /// counter, what is left, and when the store's record of it lapses. So
+    /// that other replicas see what this one holds, about one batch late.
+    pub fn changed(&mut self, now: Millis) -> Vec<(String, i64, Millis)> {
+        let margin = self.config.margin;
+        self.leases
+            .iter_mut()
+            .filter(|(_, l)| l.dirty && !l.refilling && l.usable_until > now)
+            .map(|(key, l)| {
+                l.dirty = false;
+                (key.clone(), l.remaining, l.usable_until + margin)
+            })
+            .collect()
+    }
+
+    /// Takes out every unused amount (at shutdown).
+    pub fn drain(&mut self) -> Vec<Return> {
+        let out = self
+            .leases
+            .iter_mut()
+            .filter(|(_, l)| l.remaining > 0)
+            .map(|(key, l)| Return {
+                key: key.clone(),
+                unused: std::mem::take(&mut l.remaining),
+            })
+            .collect();
+        for lease in self.leases.values_mut() {
+            lease.usable_until = Millis::MIN;
+        }
+        out
+    }
+
+    /// Whether a refill of any of `ops`' counters is in flight.
+    pub fn refilling(&self, ops: &[CounterOp]) -> bool {
+        ops.iter()
+            .any(|op| self.leases.get(&op.key).is_some_and(|l| l.refilling))
+    }
+
+    /// What this replica holds unused of counter `key` now.
+    pub fn unused(&self, key: &str) -> i64 {
+        self.leases.get(key).map_or(0, |l| l.remaining)
+    }
+
+    /// Unused amounts held now, by counter.
+    pub fn outstanding(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.remaining > 0)
+            .map(|(k, l)| (k.as_str(), l.remaining))
+    }
+
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,230 @@
+use super::*;
+use crate::policy::Unit;
+use crate::store::GrantRef;
+
+fn op(key: &str, amount: i64, limit: i64) -> CounterOp {
+    CounterOp {
+        key: key.to_string(),
+        unit: Unit::Tokens,
+        amount,
+        limit,
+        enforced: true,
+        downgradable: false,
+        expiry: Expiry::Never,
+        kind: CounterKind::Plain,
+        grant: None,
+        alert_at: Vec::new(),
+    }
+}
+
+fn state(used: i64) -> CounterState {
+    CounterState {
+        used_before: used,
+        ..CounterState::default()
+    }
+}
+
+fn book() -> LeaseBook {
+    LeaseBook::new(LeaseConfig::default())
+}
+
+/// Grants `lease` on each op as a store would after adding the op's amount
+/// to a counter at `used`.
+fn refill(book: &mut LeaseBook, ops: &[CounterOp], used: i64, lease: i64, now: Millis) {
+    let asks = book.ask(ops, now);
+    let states: Vec<_> = ops.iter().map(|_| state(used)).collect();
+    let granted: Vec<_> = ops.iter().map(|_| lease).collect();
+    book.refilled(ops, &asks, &states, &granted, true, now);
+}
+
+#[test]
+fn a_decision_spends_from_its_leases_all_or_nothing() {
+    let mut book = book();
+    let a = op("a", 10, 1000);
+    let b = op("b", 10, 1000);
+    assert_eq!(
+        book.spend(std::slice::from_ref(&a), 0),
+        None,
+        "no lease yet"
+    );
+    refill(&mut book, std::slice::from_ref(&a), 100, 25, 0);
+    let got = book.spend(std::slice::from_ref(&a), 1).expect("leased");
+    // The counter stood at 100, then this replica added 10 and a lease of
+    // 25: used as this replica knows it is 110, then 120 after.
+    assert_eq!(got[0].used_before, 110);
+    assert_eq!(book.unused("a"), 15);
+    // b has no lease: a decision on a and b spends nothing at all.
+    assert_eq!(book.spend(&[a.clone(), b], 1), None);
+    assert_eq!(book.unused("a"), 15);
+    assert!(book.spend(std::slice::from_ref(&a), 2).is_some());
+    assert_eq!(book.unused("a"), 5, "5 left, less than a request");
+    assert_eq!(book.spend(&[a], 3), None);
+}
+
+#[test]
+fn a_lease_is_not_used_past_its_life_nor_under_another_limit() {
+    let mut book = book();
+    let config = LeaseConfig::default();
+    let a = op("a", 1, 1000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 100, 0);
+    let last = config.lifetime - config.margin;
+    assert!(book.spend(std::slice::from_ref(&a), last - 1).is_some());
+    assert_eq!(
+        book.spend(std::slice::from_ref(&a), last),
+        None,
+        "a margin before the record lapses"
+    );
+    refill(&mut book, std::slice::from_ref(&a), 0, 100, last);
+    let lowered = op("a", 1, 500);
+    assert_eq!(
+        book.spend(&[lowered], last + 1),
+        None,
+        "a reloaded limit asks the store"
+    );
+}
+
+#[test]
+fn asking_hands_back_everything_once_and_one_refill_at_a_time() {
+    let mut book = book();
+    let a = op("a", 10, 1000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 40, 0);
+    let first = book.ask(std::slice::from_ref(&a), 5);
+    assert_eq!(first[0].unused, 40, "the whole unused lease goes back");
+    assert!(first[0].want >= 10 * LeaseConfig::default().min_requests);
+    let second = book.ask(std::slice::from_ref(&a), 6);
+    assert_eq!(
+        second[0],
+        Ask { unused: 0, want: 0 },
+        "nothing twice; no second refill"
+    );
+    assert_eq!(
+        book.spend(std::slice::from_ref(&a), 6),
+        None,
+        "nothing spendable while refilling"
+    );
+    book.refilled(
+        std::slice::from_ref(&a),
+        &first,
+        &[state(0)],
+        &[30],
+        true,
+        5,
+    );
+    assert_eq!(book.unused("a"), 30);
+}
+
+#[test]
+fn a_failed_refill_keeps_what_was_sent_counted_and_frees_the_lease() {
+    let mut book = book();
+    let a = op("a", 10, 1000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 40, 0);
+    let asks = book.ask(std::slice::from_ref(&a), 5);
+    book.refill_failed(std::slice::from_ref(&a), &asks);
+    assert_eq!(book.unused("a"), 0, "never spent here again");
+    assert!(
+        book.ask(std::slice::from_ref(&a), 6)[0].want > 0,
+        "refillable again"
+    );
+}
+
+#[test]
+fn the_lease_asked_for_follows_demand() {
+    let mut book = book();
+    let a = op("a", 1, 1_000_000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 10_000, 0);
+    // 1,000 units a second for a second.
+    for t in 0..1000 {
+        assert!(book.spend(std::slice::from_ref(&a), t).is_some());
+    }
+    let want = book.ask(std::slice::from_ref(&a), 1000)[0].want;
+    // Smoothed from nothing towards 1,000/s over a 2 s lifetime.
+    assert!((900..=2100).contains(&want), "want {want}");
+}
+
+#[test]
+fn credits_go_to_a_live_lease_and_are_refused_otherwise() {
+    let mut book = book();
+    let a = op("a", 10, 1000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 40, 0);
+    assert!(book.credit("a", 7, 1));
+    assert_eq!(book.unused("a"), 47);
+    assert!(book.credit("a", -47, 1), "a top-up the lease can pay");
+    assert!(!book.credit("a", -1, 1), "a top-up it cannot");
+    assert!(!book.credit("b", 5, 1), "no lease");
+    assert!(
+        !book.credit("a", 5, LeaseConfig::default().lifetime),
+        "lapsed"
+    );
+}
+
+#[test]
+fn expired_and_drained_leases_are_handed_back_once() {
+    let mut book = book();
+    let a = op("a", 10, 1000);
+    let b = op("b", 10, 1000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 40, 0);
+    refill(&mut book, std::slice::from_ref(&b), 0, 30, 1000);
+    let life = LeaseConfig::default().lifetime - LeaseConfig::default().margin;
+    // b is in use, so not idle.
+    assert!(book.spend(std::slice::from_ref(&b), life - 50).is_some());
+    assert_eq!(
+        book.expired(life),
+        vec![Return {
+            key: "a".into(),
+            unused: 40
+        }]
+    );
+    assert_eq!(book.expired(life + 1), vec![], "once");
+    let mut drained = book.drain();
+    drained.sort_by(|x, y| x.key.cmp(&y.key));
+    assert_eq!(
+        drained,
+        vec![Return {
+            key: "b".into(),
+            unused: 20
+        }]
+    );
+    assert_eq!(book.spend(&[b], 1001), None, "nothing after a drain");
+    assert!(book.drain().is_empty());
+}
+
+#[test]
+fn gauges_rolling_windows_and_shut_gates_are_never_spent_here() {
+    let mut book = book();
+    let mut gauge = op("g", 1, 10);
+    gauge.kind = CounterKind::Gauge;
+    let mut rolling = op("r", 1, 10);
+    rolling.kind = CounterKind::Rolling;
+    rolling.expiry = Expiry::AfterFirstUse(60_000);
+    assert_eq!(
+        book.ask(&[gauge.clone(), rolling.clone()], 0),
+        vec![Ask::default(); 2]
+    );
+    assert!(book.is_empty());
+    let mut gate = op("gate", 0, 10);
+    gate.grant = Some(GrantRef {
+        key: "gate|x".into(),
+        required: true,
+    });
+    // Leased while the gate was shut: no grant was seen.
+    refill(&mut book, std::slice::from_ref(&gate), 0, 5, 0);
+    assert_eq!(book.spend(&[gate], 1), None);
+}
+
+#[test]
+fn a_lease_nothing_spends_from_goes_back_idle_before_its_life_ends() {
+    let mut book = book();
+    let idle = LeaseConfig::default().idle;
+    let a = op("a", 10, 1000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 40, 0);
+    assert!(book.spend(std::slice::from_ref(&a), 10).is_some());
+    assert_eq!(book.expired(10 + idle - 1), vec![], "still in use");
+    assert_eq!(
+        book.expired(10 + idle),
+        vec![Return {
+            key: "a".into(),
+            unused: 30
+        }]
+    );
+    assert_eq!(book.spend(&[a], 10 + idle), None, "no longer spendable");
+}

@@ -1,0 +1,251 @@
+//! What a leasing replica keeps about the decisions it made itself: their
+//! reservations (to settle them here), the request ids it answered (to
+//! replay them here), and what it still owes Redis, gathered into the next
+//! batch.
+//!
+//! Invariants: a reservation is settled here only before its record is
+//! written to Redis (within one batch interval); after that, Redis alone
+//! settles it, so that a settle sent to two replicas counts once. Bounded:
+//! a reservation is kept until it is written, or [`KEEP`] has passed (Redis
+//! down); request ids for [`REPLAY_WINDOW`];
+//! counter moves and lease returns are summed per counter; records and
+//! request ids waiting for Redis are capped at [`MAX_WAITING`] each.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::super::{RedisStore, CLEANUP_GRACE, SETTLED_KEY_LIFETIME};
+use crate::store::*;
+
+/// How long a reservation Redis cannot take is kept here, in ms.
+const KEEP: Millis = 60_000;
+
+/// Records, and request ids, waiting for Redis, at most; past it the
+/// oldest go unwritten (a settle of such a reservation on another replica
+/// finds nothing, and its estimate stays charged).
+const MAX_WAITING: usize = 200_000;
+
+/// A decision made here.
+pub(super) struct Made {
+    /// The reservation record, as `reserve.lua` would have stored it.
+    pub record: String,
+    /// Each counter and the amount reserved on it.
+    pub ops: Vec<(String, i64)>,
+    pub expires_at: Millis,
+    pub reservation: Reservation,
+    /// The request id, its replay key and the outcome to store there,
+    /// remembered until the last.
+    pub replay: Option<(String, String, String, Millis)>,
+    pub outcome: ReserveOutcome,
+    pub now: Millis,
+}
+
+#[derive(Debug)]
+struct Entry {
+    record: String,
+    ops: Vec<(String, i64)>,
+    expires_at: Millis,
+    reservation: Reservation,
+}
+
+/// One batch for Redis: full keys with what to write there.
+#[derive(Debug, Default)]
+pub(super) struct Pending {
+    /// Reservation key, record, lifetime (ms).
+    pub records: Vec<(String, String, Millis)>,
+    /// Replay key, outcome, lifetime (ms).
+    pub replays: Vec<(String, String, Millis)>,
+    /// The reservation each replay belongs to, by index.
+    pub replay_ids: Vec<String>,
+    /// Counter key, delta.
+    pub moves: Vec<(String, i64)>,
+    /// Counter key, unused lease handed back.
+    pub returns: Vec<(String, i64)>,
+    /// Counter key, what the lease still holds, when its record lapses.
+    pub updates: Vec<(String, i64, Millis)>,
+}
+
+impl Pending {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+            && self.replays.is_empty()
+            && self.moves.is_empty()
+            && self.returns.is_empty()
+            && self.updates.is_empty()
+    }
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Local {
+    reservations: HashMap<String, Entry>,
+    /// When each reservation may be forgotten, oldest first.
+    forget_at: VecDeque<(Millis, String)>,
+    replays: HashMap<String, (Millis, ReserveOutcome)>,
+    replay_order: VecDeque<(Millis, String)>,
+    /// Reservations whose record is to be written (again, once settled).
+    unwritten: VecDeque<String>,
+    /// Request ids to write: replay key, outcome, until, reservation.
+    replays_unwritten: VecDeque<(String, String, Millis, String)>,
+    moves: HashMap<String, i64>,
+    returns: HashMap<String, i64>,
+    /// Records that a failed batch could not write.
+    records_again: Vec<(String, String, Millis)>,
+}
+
+impl Local {
+    pub fn made(&mut self, id: &str, made: Made) {
+        if let Some((rid, key, text, until)) = made.replay {
+            self.replays_unwritten
+                .push_back((key, text, until, id.to_string()));
+            self.remember(
+                &rid,
+                until,
+                ReserveOutcome {
+                    replayed: true,
+                    ..made.outcome
+                },
+            );
+            if self.replays_unwritten.len() > MAX_WAITING {
+                self.replays_unwritten.pop_front();
+            }
+        }
+        self.unwritten.push_back(id.to_string());
+        if self.unwritten.len() > MAX_WAITING {
+            self.unwritten.pop_front();
+        }
+        self.forget_at
+            .push_back(((made.now + KEEP).min(made.expires_at), id.to_string()));
+        self.reservations.insert(
+            id.to_string(),
+            Entry {
+                record: made.record,
+                ops: made.ops,
+                expires_at: made.expires_at,
+                reservation: made.reservation,
+            },
+        );
+    }
+
+    pub fn remember(&mut self, rid: &str, until: Millis, outcome: ReserveOutcome) {
+        self.replay_order.push_back((until, rid.to_string()));
+        self.replays.insert(rid.to_string(), (until, outcome));
+    }
+
+    pub fn replayed(&self, rid: &str, now: Millis) -> Option<ReserveOutcome> {
+        self.replays
+            .get(rid)
+            .filter(|(until, _)| *until > now)
+            .map(|(_, o)| o.clone())
+    }
+
+    pub fn forget(&mut self, rid: &str) {
+        self.replays.remove(rid);
+    }
+
+    pub fn reservation(&self, id: &str, now: Millis) -> Option<Reservation> {
+        self.reservations
+            .get(id)
+            .filter(|e| e.expires_at > now)
+            .map(|e| e.reservation.clone())
+    }
+
+    /// Settles a reservation made here, once: its counters with the
+    /// amounts reserved, or what a settle of it answers now. `None` when it was not made
+    /// here (or is forgotten).
+    pub fn settle(
+        &mut self,
+        id: &str,
+        now: Millis,
+    ) -> Option<Result<Vec<(String, i64)>, SettleOutcome>> {
+        let entry = self.reservations.get_mut(id)?;
+        if entry.expires_at <= now {
+            self.reservations.remove(id);
+            return Some(Err(SettleOutcome::Unknown));
+        }
+        if entry.reservation.settled {
+            return Some(Err(SettleOutcome::AlreadySettled));
+        }
+        entry.reservation.settled = true;
+        Some(Ok(entry.ops.clone()))
+    }
+
+    /// Adds counter moves (and anything a failed batch carried) to the
+    /// next batch.
+    pub fn requeue(&mut self, batch: Pending) {
+        for (key, delta) in batch.moves {
+            *self.moves.entry(key).or_default() += delta;
+        }
+        for (key, unused) in batch.returns {
+            *self.returns.entry(key).or_default() += unused;
+        }
+        self.records_again.extend(batch.records);
+        self.records_again.truncate(MAX_WAITING);
+        for ((key, text, lifetime), id) in batch.replays.into_iter().zip(batch.replay_ids) {
+            self.replays_unwritten.push_back((key, text, lifetime, id));
+        }
+    }
+
+    /// Everything to write now, taken out; reservations and request ids
+    /// past their time are forgotten.
+    pub fn take_batch(&mut self, now: Millis, redis: &RedisStore) -> Pending {
+        let mut batch = Pending {
+            records: std::mem::take(&mut self.records_again),
+            moves: self.moves.drain().filter(|(_, d)| *d != 0).collect(),
+            returns: self.returns.drain().filter(|(_, u)| *u > 0).collect(),
+            ..Pending::default()
+        };
+        while let Some(id) = self.unwritten.pop_front() {
+            let Some(entry) = self.reservations.get_mut(&id) else {
+                continue;
+            };
+            if entry.expires_at <= now {
+                continue;
+            }
+            let settled = entry.reservation.settled;
+            let (text, lifetime) = if settled {
+                let keep = (now + SETTLED_RETENTION).min(entry.expires_at);
+                let rest = entry.record.split_once('\n').map_or("", |(_, r)| r);
+                (format!("1 {keep}\n{rest}"), SETTLED_KEY_LIFETIME)
+            } else {
+                (entry.record.clone(), entry.expires_at - now + CLEANUP_GRACE)
+            };
+            batch
+                .records
+                .push((redis.reservation_key(&id), text, lifetime));
+            // Redis answers for it from now on, for every replica.
+            self.reservations.remove(&id);
+        }
+        while let Some((key, text, until, id)) = self.replays_unwritten.pop_front() {
+            if until > now {
+                batch.replays.push((key, text, until - now + CLEANUP_GRACE));
+                batch.replay_ids.push(id);
+            }
+        }
+        while self.forget_at.front().is_some_and(|(at, _)| *at <= now) {
+            // Unwritten this long (Redis down), it is let go rather than
+            // kept without bound.
+            let (_, id) = self.forget_at.pop_front().expect("checked");
+            self.reservations.remove(&id);
+        }
+        while self.replay_order.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, rid) = self.replay_order.pop_front().expect("checked");
+            if self
+                .replays
+                .get(&rid)
+                .is_some_and(|(until, _)| *until <= now)
+            {
+                self.replays.remove(&rid);
+            }
+        }
+        batch
+    }
+
+    /// The reservations made here whose request id another replica had
+    /// decided first: each is to be taken back, so that the request is
+    /// charged once.
+    pub fn duplicates(batch: &Pending, duplicates: &[usize]) -> Vec<String> {
+        duplicates
+            .iter()
+            .filter_map(|&i| batch.replay_ids.get(i).cloned())
+            .collect()
+    }
+}

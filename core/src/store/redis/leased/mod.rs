@@ -1,0 +1,774 @@
+//! Redis with leases: most decisions are made in the process, from budget
+//! already counted in Redis on this replica's behalf, with no round trip.
+//!
+//! Invariants:
+//! - Every amount a decision here spends was added to its Redis counter
+//!   before (a lease), so the counters, summed over replicas, never pass a
+//!   cap: a lease is granted only below the cap, by the same script that
+//!   decides. A replica that dies keeps its unused leases counted (at most
+//!   one lease per counter), on the side of denying.
+//! - A decision that cannot be made from leases goes to Redis as one
+//!   reserve, which gives back this replica's unused leases on its
+//!   counters and grants new ones in the same call ([`LeaseBook::ask`]).
+//! - What a decision here must still tell Redis (its reservation record,
+//!   its request id's outcome, a settle its lease cannot absorb, a lease
+//!   handed back) is written in batches, every [`FLUSH_EVERY`] ms: that is
+//!   how stale another replica's view of them can be.
+
+mod local;
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use ::redis::Script;
+use async_trait::async_trait;
+
+use self::local::{Local, Pending};
+use super::codec::encode_replay;
+use super::cross_slot::SlotLeases;
+use super::keys::{by_tag, slot_tag};
+use super::reserve::{LeaseAsk, OpAsk};
+use super::RedisStore;
+use crate::store::lease::{leasable, Ask, LeaseBook, LeaseConfig};
+use crate::store::*;
+
+/// How often batched writes and expired leases go to Redis, in ms.
+pub const FLUSH_EVERY: Millis = 20;
+
+/// How long a decision refused only for this replica's own lease in flight
+/// waits for that lease.
+const REFILL_WAIT: Duration = Duration::from_millis(100);
+
+/// What the leasing store counts, for metrics.
+#[derive(Debug, Default)]
+pub struct LeaseStats {
+    /// Decisions made from leases, with no round trip.
+    pub hits: AtomicU64,
+    /// Decisions that went to Redis.
+    pub misses: AtomicU64,
+    /// Leases granted by Redis.
+    pub refills: AtomicU64,
+    /// Unused leases handed back.
+    pub returns: AtomicU64,
+    /// Denials only because other replicas held unused leases.
+    pub early_denials: AtomicU64,
+    /// Calls made to Redis (decisions, batches, settles, reads).
+    pub redis_calls: AtomicU64,
+}
+
+impl LeaseStats {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug)]
+pub struct LeasedStore {
+    redis: RedisStore,
+    replica: String,
+    /// `<replica> <lifetime> <share>`, as `reserve.lua` takes it.
+    spec: String,
+    book: Mutex<LeaseBook>,
+    local: Mutex<Local>,
+    /// One batch at a time, so that batches land in order.
+    flushing: tokio::sync::Mutex<()>,
+    stats: Arc<LeaseStats>,
+    clock: CallerClock,
+    flush: Arc<Script>,
+    /// Told whenever a refill's answer has been read into the book.
+    refilled: tokio::sync::Notify,
+}
+
+/// Time as the callers give it (the store has no clock of its own, like
+/// every store): the latest `now` seen, moved on by the time that passed
+/// since, so that leases of an idle replica still lapse and go back.
+#[derive(Debug)]
+struct CallerClock {
+    seen: AtomicI64,
+    seen_at: AtomicU64,
+    start: Instant,
+}
+
+impl Default for CallerClock {
+    fn default() -> Self {
+        CallerClock {
+            seen: AtomicI64::new(Millis::MIN),
+            seen_at: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+}
+
+impl CallerClock {
+    fn saw(&self, now: Millis) {
+        if self.seen.fetch_max(now, Ordering::Relaxed) < now {
+            self.seen_at
+                .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// `None` before any caller gave a time.
+    fn now(&self) -> Option<Millis> {
+        let seen = self.seen.load(Ordering::Relaxed);
+        if seen == Millis::MIN {
+            return None;
+        }
+        let since = (self.start.elapsed().as_millis() as u64)
+            .saturating_sub(self.seen_at.load(Ordering::Relaxed));
+        Some(seen + since as Millis)
+    }
+}
+
+impl LeasedStore {
+    /// Wraps `redis`, and writes batches every [`FLUSH_EVERY`] ms until
+    /// the store is dropped. Must be called inside a Tokio runtime.
+    pub fn start(redis: RedisStore, config: LeaseConfig) -> Arc<LeasedStore> {
+        let replica = replica_id();
+        let store = Arc::new(LeasedStore {
+            spec: format!("{replica} {} {}", config.lifetime, config.share.max(1)),
+            replica,
+            redis,
+            book: Mutex::new(LeaseBook::new(config)),
+            local: Mutex::new(Local::default()),
+            flushing: tokio::sync::Mutex::new(()),
+            stats: Arc::new(LeaseStats::default()),
+            clock: CallerClock::default(),
+            refilled: tokio::sync::Notify::new(),
+            flush: Arc::new(Script::new(concat!(
+                include_str!("../move_counter.lua"),
+                include_str!("flush.lua")
+            ))),
+        });
+        spawn_flusher(Arc::downgrade(&store));
+        store
+    }
+
+    pub fn stats(&self) -> Arc<LeaseStats> {
+        self.stats.clone()
+    }
+
+    /// The unused lease this replica holds on each counter.
+    pub fn outstanding(&self) -> Vec<(String, i64)> {
+        let book = self.book.lock().unwrap();
+        book.outstanding()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect()
+    }
+
+    /// Where a reservation made here lives in Redis.
+    fn local_id(&self, req: &ReserveRequest, ops: &[CounterOp]) -> String {
+        let id = format!("L{}", req.reservation_id);
+        if !self.redis.cluster() {
+            return id;
+        }
+        // In the first counter's slot, so that one batch writes the
+        // records of many decisions across slots in few calls.
+        match ops.first() {
+            Some(op) => format!("{id}.{}", slot_tag(&op.key)),
+            None => id,
+        }
+    }
+
+    /// The decision, made from leases, if every counter of the first
+    /// candidate has a lease that holds its amount.
+    fn decide_here(&self, req: &ReserveRequest) -> Option<ReserveOutcome> {
+        self.clock.saw(req.now);
+        let candidate = req.candidates.first()?;
+        if let Some(rid) = &req.request_id {
+            if let Some(outcome) = self.local.lock().unwrap().replayed(rid, req.now) {
+                return Some(outcome);
+            }
+        }
+        let states = self.book.lock().unwrap().spend(&candidate.ops, req.now)?;
+        let id = self.local_id(req, &candidate.ops);
+        let outcome = ReserveOutcome {
+            applied: Some(0),
+            tried: vec![states],
+            reservation_id: Some(id.clone()),
+            replayed: false,
+        };
+        let replay = req.request_id.as_ref().map(|rid| {
+            let until = req.now + REPLAY_WINDOW;
+            (
+                rid.clone(),
+                self.redis.replay_key_of(&id, rid),
+                encode_replay(until, &outcome),
+                until,
+            )
+        });
+        let keys: Vec<String> = candidate
+            .ops
+            .iter()
+            .map(|op| self.redis.counter_key(&op.key))
+            .collect();
+        let record = super::codec::encode_reservation(
+            req.now + req.reservation_ttl,
+            candidate,
+            &keys,
+            req.account.as_deref(),
+        );
+        self.local.lock().unwrap().made(
+            &id,
+            local::Made {
+                record,
+                ops: candidate
+                    .ops
+                    .iter()
+                    .map(|op| (op.key.clone(), op.amount))
+                    .collect(),
+                expires_at: req.now + req.reservation_ttl,
+                reservation: Reservation {
+                    model: candidate.model.clone(),
+                    ops: candidate
+                        .ops
+                        .iter()
+                        .map(|op| ReservedOp {
+                            key: op.key.clone(),
+                            unit: op.unit,
+                            amount: op.amount,
+                            kind: op.kind,
+                        })
+                        .collect(),
+                    settled: false,
+                    expires_at: req.now + req.reservation_ttl,
+                    account: req.account.clone(),
+                },
+                replay,
+                outcome: outcome.clone(),
+                now: req.now,
+            },
+        );
+        LeaseStats::add(&self.stats.hits, 1);
+        Some(outcome)
+    }
+
+    /// The decision, made in Redis, refilling this replica's leases on the
+    /// counters it touches when it can.
+    async fn decide_in_redis(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        LeaseStats::add(&self.stats.misses, 1);
+        LeaseStats::add(&self.stats.redis_calls, 1);
+        let candidate = match req.candidates.as_slice() {
+            [only] if only.ops.iter().any(leasable) => only,
+            _ => {
+                let outcome = self.redis.reserve(req).await?;
+                self.remember_replay(req, &outcome);
+                return Ok(outcome);
+            }
+        };
+        let asks = self.book.lock().unwrap().ask(&candidate.ops, req.now);
+        let op_asks: Vec<OpAsk> = asks.iter().copied().map(OpAsk::from).collect();
+        let lease = LeaseAsk {
+            spec: &self.spec,
+            ops: &op_asks,
+        };
+        let tags = by_tag(candidate.ops.iter().map(|op| op.key.as_str()));
+        let answer = if !self.redis.cluster() || tags.len() == 1 {
+            let tag = tags
+                .keys()
+                .next()
+                .filter(|_| self.redis.cluster())
+                .cloned()
+                .unwrap_or_default();
+            let id = if tag.is_empty() {
+                req.reservation_id.clone()
+            } else {
+                format!("{}.{tag}", req.reservation_id)
+            };
+            self.redis
+                .reserve_in_slot(req, &[candidate], &tag, &id, &id, true, Some(&lease))
+                .await
+                .map(|(outcome, answer)| {
+                    let reached = vec![true; candidate.ops.len()];
+                    (outcome, answer.unwrap_or_default(), reached)
+                })
+        } else {
+            // One script per slot, in order; a slot not reached took
+            // nothing back.
+            LeaseStats::add(&self.stats.redis_calls, tags.len() as u64);
+            self.redis
+                .reserve_across_slots_leasing(req, Some(&lease))
+                .await
+                .map(|(outcome, leases)| {
+                    let leases = leases.unwrap_or_else(|| SlotLeases {
+                        answer: Default::default(),
+                        reached: vec![false; candidate.ops.len()],
+                    });
+                    (outcome, leases.answer, leases.reached)
+                })
+        };
+        let (outcome, granted, reached) = match answer {
+            Ok(answer) => answer,
+            Err(e) => {
+                self.book
+                    .lock()
+                    .unwrap()
+                    .refill_failed(&candidate.ops, &asks);
+                self.refilled.notify_waiters();
+                return Err(e);
+            }
+        };
+        {
+            let mut book = self.book.lock().unwrap();
+            book.not_reached(&candidate.ops, &asks, &reached);
+            if outcome.replayed {
+                // A replay changed nothing in Redis; what was sent back
+                // stays counted there.
+                book.refill_failed(&candidate.ops, &asks);
+            } else if let Some(states) = outcome.tried.last() {
+                let reached_asks: Vec<Ask> = asks
+                    .iter()
+                    .zip(&reached)
+                    .map(|(a, r)| if *r { *a } else { Ask::default() })
+                    .collect();
+                book.refilled(
+                    &candidate.ops,
+                    &reached_asks,
+                    states,
+                    &granted.granted,
+                    outcome.applied.is_some(),
+                    req.now,
+                );
+            }
+        }
+        self.refilled.notify_waiters();
+        if outcome.applied.is_none() && !outcome.replayed && granted.own_blocked > 0 {
+            // Refused only for this replica's own lease, granted by a refill
+            // still on its way: once it lands, the lease decides.
+            if let Some(outcome) = self.after_refills(req, &candidate.ops).await {
+                return Ok(outcome);
+            }
+        }
+        let retry_after = self.book.lock().unwrap().config().retry_early_denial_after;
+        if outcome.applied.is_none()
+            && !outcome.replayed
+            && granted.early_denials > 0
+            && retry_after > 0
+            && !req.candidates.is_empty()
+        {
+            // Another replica's lease may come back idle by then.
+            LeaseStats::add(
+                &self.stats.early_denials,
+                granted.early_denials.max(0) as u64,
+            );
+            tokio::time::sleep(Duration::from_millis(retry_after as u64)).await;
+            LeaseStats::add(&self.stats.redis_calls, 1);
+            let again = ReserveRequest {
+                now: req.now + retry_after,
+                ..req.clone()
+            };
+            let outcome = self.redis.reserve(&again).await?;
+            self.remember_replay(req, &outcome);
+            return Ok(outcome);
+        }
+        let refills = granted.granted.iter().filter(|&&g| g > 0).count() as u64;
+        LeaseStats::add(&self.stats.refills, refills);
+        let returned = asks
+            .iter()
+            .zip(&reached)
+            .filter(|(a, r)| a.unused > 0 && **r)
+            .count() as u64;
+        LeaseStats::add(&self.stats.returns, returned);
+        if outcome.applied.is_none() {
+            LeaseStats::add(
+                &self.stats.early_denials,
+                granted.early_denials.max(0) as u64,
+            );
+        }
+        self.remember_replay(req, &outcome);
+        Ok(outcome)
+    }
+
+    /// The decision made from leases once the refills in flight on `ops`
+    /// have landed, if it can be (waiting at most [`REFILL_WAIT`]).
+    async fn after_refills(
+        &self,
+        req: &ReserveRequest,
+        ops: &[CounterOp],
+    ) -> Option<ReserveOutcome> {
+        let deadline = tokio::time::Instant::now() + REFILL_WAIT;
+        loop {
+            let landed = self.refilled.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            if !self.book.lock().unwrap().refilling(ops) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, landed).await.is_err() {
+                break;
+            }
+        }
+        self.decide_here(req)
+    }
+
+    /// A request id decided in Redis is answered here too if it comes back.
+    fn remember_replay(&self, req: &ReserveRequest, outcome: &ReserveOutcome) {
+        if let Some(rid) = &req.request_id {
+            let mut replayed = outcome.clone();
+            replayed.replayed = true;
+            self.local
+                .lock()
+                .unwrap()
+                .remember(rid, req.now + REPLAY_WINDOW, replayed);
+        }
+    }
+
+    /// Moves a local reservation's counters by `deltas` (actual less
+    /// reserved): through its leases where they can take it, the rest in
+    /// the next batch.
+    fn move_local(
+        &self,
+        ops: &[(String, i64)],
+        deltas: &[i64],
+        now: Millis,
+        pending: &mut Pending,
+    ) {
+        let mut book = self.book.lock().unwrap();
+        for ((key, _), &delta) in ops.iter().zip(deltas) {
+            if delta != 0 && !book.credit(key, -delta, now) {
+                pending.moves.push((self.redis.counter_key(key), delta));
+            }
+        }
+    }
+
+    /// Writes what gathered, and hands back expired leases: one script per
+    /// slot. A batch that fails is kept for the next.
+    async fn flush_batch(&self, now: Millis, drain: bool) -> Result<(), StoreError> {
+        let _one = self.flushing.lock().await;
+        let (returns, updates) = {
+            let mut book = self.book.lock().unwrap();
+            if drain {
+                (book.drain(), Vec::new())
+            } else {
+                (book.expired(now), book.changed(now))
+            }
+        };
+        let mut batch = self.local.lock().unwrap().take_batch(now, &self.redis);
+        batch.updates = updates
+            .into_iter()
+            .map(|(key, unused, until)| (self.redis.counter_key(&key), unused, until))
+            .collect();
+        LeaseStats::add(&self.stats.returns, returns.len() as u64);
+        batch.returns.extend(
+            returns
+                .into_iter()
+                .map(|r| (self.redis.counter_key(&r.key), r.unused)),
+        );
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match self.write(&batch, now).await {
+            Ok(duplicates) => {
+                // Written in this batch: Redis takes each back.
+                for id in Local::duplicates(&batch, &duplicates) {
+                    LeaseStats::add(&self.stats.redis_calls, 1);
+                    if let Err(e) = self.redis.withdraw(&id, None, now).await {
+                        tracing::error!(reservation = %id, error = %e, "could not take back a decision another replica had made for the same request id; it stays charged");
+                    }
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.local.lock().unwrap().requeue(batch);
+                Err(e)
+            }
+        }
+    }
+
+    /// One `flush.lua` per slot; the request ids another replica decided
+    /// first, by their index in `batch.replays`.
+    async fn write(&self, batch: &Pending, now: Millis) -> Result<Vec<usize>, StoreError> {
+        enum Item<'b> {
+            Record(&'b str, &'b str, Millis),
+            Replay(usize, &'b str, &'b str, Millis),
+            Move(&'b str, i64),
+            Return(&'b str, i64),
+            Update(&'b str, i64, Millis),
+        }
+        let mut groups: std::collections::BTreeMap<&str, Vec<Item>> = Default::default();
+        let cluster = self.redis.cluster();
+        fn tag(cluster: bool, key: &str) -> &str {
+            if cluster {
+                full_key_tag(key)
+            } else {
+                ""
+            }
+        }
+        let tag = |key| tag(cluster, key);
+        for (key, text, lifetime) in &batch.records {
+            groups
+                .entry(tag(key))
+                .or_default()
+                .push(Item::Record(key, text, *lifetime));
+        }
+        for (i, (key, text, lifetime)) in batch.replays.iter().enumerate() {
+            groups
+                .entry(tag(key))
+                .or_default()
+                .push(Item::Replay(i, key, text, *lifetime));
+        }
+        for (key, delta) in &batch.moves {
+            groups
+                .entry(tag(key))
+                .or_default()
+                .push(Item::Move(key, *delta));
+        }
+        for (key, unused) in &batch.returns {
+            groups
+                .entry(tag(key))
+                .or_default()
+                .push(Item::Return(key, *unused));
+        }
+        for (key, unused, until) in &batch.updates {
+            groups
+                .entry(tag(key))
+                .or_default()
+                .push(Item::Update(key, *unused, *until));
+        }
+        let mut duplicates = Vec::new();
+        for items in groups.values() {
+            let mut inv = self.flush.prepare_invoke();
+            inv.arg(now).arg(&self.replica);
+            let mut replays = Vec::new();
+            for item in items {
+                match *item {
+                    Item::Record(key, text, lifetime) => {
+                        inv.key(key).arg("r").arg(text).arg(lifetime);
+                    }
+                    Item::Replay(i, key, text, lifetime) => {
+                        inv.key(key).arg("q").arg(text).arg(lifetime);
+                        replays.push(i);
+                    }
+                    Item::Move(key, delta) => {
+                        inv.key(key).arg("m").arg("p").arg(delta);
+                    }
+                    Item::Return(key, unused) => {
+                        inv.key(key).arg("l").arg(unused);
+                    }
+                    Item::Update(key, unused, until) => {
+                        inv.key(key).arg("u").arg(unused).arg(until);
+                    }
+                }
+            }
+            LeaseStats::add(&self.stats.redis_calls, 1);
+            let dup: Vec<i64> = self.redis.invoke(&inv).await?;
+            duplicates.extend(
+                dup.into_iter()
+                    .filter_map(|q| usize::try_from(q - 1).ok())
+                    .filter_map(|q| replays.get(q).copied()),
+            );
+        }
+        Ok(duplicates)
+    }
+}
+
+/// The hash tag of a full key: what is between its first braces.
+fn full_key_tag(key: &str) -> &str {
+    key.split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .map_or("", |(tag, _)| tag)
+}
+
+/// A fresh id for this replica's leases.
+fn replica_id() -> String {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        bytes = (nanos ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    crate::policy::hex(&bytes)
+}
+
+fn spawn_flusher(store: Weak<LeasedStore>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(FLUSH_EVERY as u64));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failing = false;
+        loop {
+            tick.tick().await;
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            let Some(now) = store.clock.now() else {
+                continue;
+            };
+            match store.flush_batch(now, false).await {
+                Ok(()) => failing = false,
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %e, "cannot write the leased decisions' batch to Redis; keeping it to write later");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    });
+}
+
+#[async_trait]
+impl CounterStore for LeasedStore {
+    fn reserve_now(&self, req: &ReserveRequest) -> Option<ReserveOutcome> {
+        self.decide_here(req)
+    }
+
+    async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
+        if let Some(outcome) = self.decide_here(req) {
+            return Ok(outcome);
+        }
+        self.decide_in_redis(req).await
+    }
+
+    async fn reservation(&self, id: &str, now: Millis) -> Result<Option<Reservation>, StoreError> {
+        if let Some(r) = self.local.lock().unwrap().reservation(id, now) {
+            return Ok(Some(r));
+        }
+        LeaseStats::add(&self.stats.redis_calls, 1);
+        let found = self.redis.reservation(id, now).await?;
+        if found.is_none() && id.starts_with('L') {
+            // Made on another replica, whose batch may not have landed.
+            tokio::time::sleep(Duration::from_millis(FLUSH_EVERY as u64 + 5)).await;
+            LeaseStats::add(&self.stats.redis_calls, 1);
+            return self.redis.reservation(id, now).await;
+        }
+        Ok(found)
+    }
+
+    async fn settle(
+        &self,
+        id: &str,
+        actual: &[i64],
+        now: Millis,
+    ) -> Result<SettleOutcome, StoreError> {
+        self.clock.saw(now);
+        let found = self.local.lock().unwrap().settle(id, now);
+        match found {
+            Some(Ok(ops)) => {
+                let deltas: Vec<i64> = ops
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, reserved))| actual.get(i).copied().unwrap_or(0) - reserved)
+                    .collect();
+                let mut pending = Pending::default();
+                self.move_local(&ops, &deltas, now, &mut pending);
+                self.local.lock().unwrap().requeue(pending);
+                return Ok(SettleOutcome::Settled);
+            }
+            Some(Err(outcome)) => return Ok(outcome),
+            None => {}
+        }
+        LeaseStats::add(&self.stats.redis_calls, 1);
+        let outcome = self.redis.settle(id, actual, now).await?;
+        if outcome == SettleOutcome::Unknown && id.starts_with('L') {
+            tokio::time::sleep(Duration::from_millis(FLUSH_EVERY as u64 + 5)).await;
+            LeaseStats::add(&self.stats.redis_calls, 1);
+            return self.redis.settle(id, actual, now).await;
+        }
+        Ok(outcome)
+    }
+
+    async fn withdraw(
+        &self,
+        id: &str,
+        request_id: Option<&str>,
+        now: Millis,
+    ) -> Result<SettleOutcome, StoreError> {
+        self.clock.saw(now);
+        if let Some(rid) = request_id {
+            self.local.lock().unwrap().forget(rid);
+        }
+        let found = self.local.lock().unwrap().settle(id, now);
+        match found {
+            Some(Ok(ops)) => {
+                let deltas: Vec<i64> = ops.iter().map(|(_, reserved)| -reserved).collect();
+                let mut pending = Pending::default();
+                self.move_local(&ops, &deltas, now, &mut pending);
+                self.local.lock().unwrap().requeue(pending);
+                Ok(SettleOutcome::Settled)
+            }
+            Some(Err(outcome)) => Ok(outcome),
+            None => {
+                LeaseStats::add(&self.stats.redis_calls, 1);
+                self.redis.withdraw(id, request_id, now).await
+            }
+        }
+    }
+
+    async fn mark_alerts(
+        &self,
+        markers: &[AlertMarker],
+        now: Millis,
+    ) -> Result<Vec<bool>, StoreError> {
+        LeaseStats::add(&self.stats.redis_calls, 1);
+        self.redis.mark_alerts(markers, now).await
+    }
+
+    fn can_stall(&self) -> bool {
+        true
+    }
+
+    async fn close(&self, now: Millis) -> Result<(), StoreError> {
+        // What gathered, then every lease handed back.
+        self.flush_batch(now, false).await?;
+        self.flush_batch(now, true).await
+    }
+
+    async fn record_spend(
+        &self,
+        batch: &str,
+        deltas: &[SpendDelta],
+        bounds: SpendBounds,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        self.redis.record_spend(batch, deltas, bounds, now).await
+    }
+
+    async fn spend(&self, from: spend::Day, to: spend::Day) -> Result<Vec<SpendDay>, StoreError> {
+        self.redis.spend(from, to).await
+    }
+
+    async fn read(
+        &self,
+        counters: &[CounterRef],
+        now: Millis,
+    ) -> Result<Vec<CounterState>, StoreError> {
+        let own: Vec<i64> = {
+            let book = self.book.lock().unwrap();
+            counters.iter().map(|c| book.unused(&c.key)).collect()
+        };
+        LeaseStats::add(&self.stats.redis_calls, 1);
+        self.redis
+            .read_counters(counters, now, &self.replica, &own)
+            .await
+    }
+
+    async fn put_grant(&self, grant: &Grant, now: Millis) -> Result<(), StoreError> {
+        self.redis.put_grant(grant, now).await
+    }
+
+    async fn remove_grant(&self, key: &str, now: Millis) -> Result<Option<Grant>, StoreError> {
+        self.redis.remove_grant(key, now).await
+    }
+
+    async fn grants(&self, now: Millis) -> Result<Vec<Grant>, StoreError> {
+        self.redis.grants(now).await
+    }
+
+    async fn append(&self, log: &str, entry: &str) -> Result<(), StoreError> {
+        self.redis.append(log, entry).await
+    }
+
+    async fn entries(&self, log: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.redis.entries(log, limit).await
+    }
+}
+
+impl From<Ask> for OpAsk {
+    fn from(a: Ask) -> OpAsk {
+        OpAsk {
+            unused: a.unused,
+            want: a.want,
+        }
+    }
+}

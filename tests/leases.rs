@@ -1,0 +1,438 @@
+//! Leases across replicas, on a real `redis-server` and a real Redis
+//! Cluster: each replica is a gate over a leasing store of its own, on the
+//! same keys, as two `tollgate serve` processes would be. The guarantees
+//! proved here are the ones docs/ARCHITECTURE.md states under Leases.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{at, gate_with, policy};
+use tollgate_core::engine::{Attributes, Estimate, Verdict};
+use tollgate_core::gate::{CheckInput, Clock, Gate, ManualClock};
+use tollgate_core::store::{CounterStore, LeaseConfig, LeasedStore, RedisStore};
+
+const CAP: &str = "
+rules:
+  - id: team-tokens
+    per: [team]
+    limit: { tokens: 1000, window: daily }
+    alerts: [50, 80]
+  - id: key-requests
+    per: [key]
+    limit: { requests: 1000000, window: daily }
+";
+
+fn input(team: &str, tokens: u64) -> CheckInput {
+    CheckInput {
+        attributes: Attributes {
+            team: Some(team.to_string()),
+            ..Default::default()
+        },
+        api_key: Some("sk-lease-test".to_string()),
+        estimate: Estimate {
+            input_tokens: Some(tokens),
+            output_tokens: Some(0),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// One replica: a gate over a leasing store of its own.
+struct Replica {
+    gate: Arc<Gate>,
+    store: Arc<LeasedStore>,
+}
+
+fn replica(redis: RedisStore, yaml: &str, clock: Arc<ManualClock>) -> Replica {
+    let store = LeasedStore::start(redis, LeaseConfig::default());
+    Replica {
+        gate: Arc::new(gate_with(policy(yaml), store.clone(), clock)),
+        store,
+    }
+}
+
+enum Backend {
+    Redis,
+    Cluster,
+}
+
+async fn redis_store(backend: &Backend, prefix: &str) -> RedisStore {
+    match backend {
+        Backend::Redis => common::shared_redis().store(prefix).await,
+        Backend::Cluster => common::shared_cluster().store(prefix).await,
+    }
+}
+
+async fn replicas(
+    backend: &Backend,
+    prefix: &str,
+    yaml: &str,
+    clock: &Arc<ManualClock>,
+) -> (Replica, Replica) {
+    (
+        replica(redis_store(backend, prefix).await, yaml, clock.clone()),
+        replica(redis_store(backend, prefix).await, yaml, clock.clone()),
+    )
+}
+
+/// What the team's counter holds as a report reads it: used, and leased.
+async fn team_usage(gate: &Gate, team: &str) -> (String, String) {
+    let usage = gate
+        .usage(
+            Attributes {
+                team: Some(team.to_string()),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let c = usage.iter().find(|c| c.rule == "team-tokens").unwrap();
+    (c.used.to_string(), c.leased.to_string())
+}
+
+/// Two replicas, 32 tasks each, 1 token a request against a cap of 1,000
+/// with demand of 3,200: never more allowed than the cap, and once the
+/// leases are back, the cap filled to the request.
+async fn two_replicas_fill_a_cap_exactly_and_never_past_it(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-fill-{}:", backend_name(&backend));
+    let (a, b) = replicas(&backend, &prefix, CAP, &clock).await;
+    let allowed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..64 {
+        let gate = if t % 2 == 0 {
+            a.gate.clone()
+        } else {
+            b.gate.clone()
+        };
+        let allowed = allowed.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..50 {
+                let d = gate.check(input("growth", 1)).await.expect("decision");
+                if d.verdict == Verdict::Allow {
+                    allowed.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let during = allowed.load(Ordering::SeqCst);
+    assert!(during <= 1000, "allowed {during} past a cap of 1000");
+    // Whatever a replica still holds goes back (its lease lapses, or it
+    // shuts down); demand after that fills the cap to the request.
+    a.store.close(clock.now()).await.unwrap();
+    b.store.close(clock.now()).await.unwrap();
+    let mut after = 0;
+    let mut denied_in_a_row = 0;
+    for i in 0.. {
+        let gate = if i % 2 == 0 { &a.gate } else { &b.gate };
+        if gate.check(input("growth", 1)).await.unwrap().verdict == Verdict::Allow {
+            after += 1;
+            denied_in_a_row = 0;
+        } else {
+            denied_in_a_row += 1;
+            if denied_in_a_row == 4 {
+                break;
+            }
+        }
+        assert!(i < 2000, "never filled");
+    }
+    a.store.close(clock.now()).await.unwrap();
+    b.store.close(clock.now()).await.unwrap();
+    assert_eq!(
+        during + after,
+        1000,
+        "the cap fills exactly: {during} then {after}"
+    );
+    assert_eq!(
+        team_usage(&a.gate, "growth").await,
+        ("1000".into(), "0".into())
+    );
+    let hits =
+        a.store.stats().hits.load(Ordering::SeqCst) + b.store.stats().hits.load(Ordering::SeqCst);
+    assert!(hits > 0, "some decisions were made from leases");
+}
+
+/// Sequential traffic far from the cap is decided almost entirely in the
+/// process: fewer than 0.1 Redis calls per decision.
+async fn far_from_a_cap_most_decisions_make_no_round_trip(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-hits-{}:", backend_name(&backend));
+    let big = CAP.replace("tokens: 1000,", "tokens: 100000000,");
+    let (a, _b) = replicas(&backend, &prefix, &big, &clock).await;
+    let decisions = 2000;
+    for i in 0..decisions {
+        if i % 100 == 0 {
+            clock.advance(10);
+        }
+        let d = a.gate.check(input("growth", 10)).await.unwrap();
+        assert_eq!(d.verdict, Verdict::Allow);
+    }
+    let stats = a.store.stats();
+    let calls = stats.redis_calls.load(Ordering::SeqCst);
+    let hits = stats.hits.load(Ordering::SeqCst);
+    assert!(
+        (calls as f64) < 0.1 * decisions as f64,
+        "{calls} Redis calls for {decisions} decisions ({hits} from leases)"
+    );
+    // What a report shows: spent apart from what the lease still holds.
+    let (used, leased) = team_usage(&a.gate, "growth").await;
+    assert_eq!(used, (decisions * 10).to_string(), "leased {leased}");
+    a.store.close(clock.now()).await.unwrap();
+    assert_eq!(team_usage(&a.gate, "growth").await.1, "0");
+}
+
+/// Alerts at 50% and 80% fire once each across two replicas, however the
+/// leases move the counter.
+async fn each_alert_fires_once_across_replicas(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-alerts-{}:", backend_name(&backend));
+    let (a, b) = replicas(&backend, &prefix, CAP, &clock).await;
+    let fired = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let gate = if t % 2 == 0 {
+            a.gate.clone()
+        } else {
+            b.gate.clone()
+        };
+        let fired = fired.clone();
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..100 {
+                let d = gate.check(input("growth", 1)).await.unwrap();
+                fired
+                    .lock()
+                    .unwrap()
+                    .extend(d.alerts.iter().map(|c| c.threshold));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut fired = fired.lock().unwrap().clone();
+    fired.sort_unstable();
+    assert_eq!(fired, vec![50, 80], "each threshold once");
+}
+
+/// A reservation made from a lease on one replica is settled on the other
+/// (a load balancer in front of the native API), once.
+async fn a_reservation_made_from_a_lease_settles_on_another_replica(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-settle-{}:", backend_name(&backend));
+    let (a, b) = replicas(&backend, &prefix, CAP, &clock).await;
+    // The first decision refills; the second is made from the lease.
+    a.gate.check(input("growth", 10)).await.unwrap();
+    let d = a.gate.check(input("growth", 10)).await.unwrap();
+    assert!(
+        a.store.stats().hits.load(Ordering::SeqCst) >= 1,
+        "made from the lease"
+    );
+    let id = d.reservation_id.clone().expect("a reservation");
+    let store: &dyn CounterStore = b.store.as_ref();
+    let found = store.reservation(&id, clock.now()).await.unwrap();
+    let ops = found.expect("the other replica finds it").ops;
+    let actual: Vec<i64> = ops
+        .iter()
+        .map(|op| if op.amount == 10 { 3 } else { op.amount })
+        .collect();
+    assert_eq!(
+        store.settle(&id, &actual, clock.now()).await.unwrap(),
+        tollgate_core::store::SettleOutcome::Settled
+    );
+    assert_eq!(
+        a.store.settle(&id, &actual, clock.now()).await.unwrap(),
+        tollgate_core::store::SettleOutcome::AlreadySettled,
+        "the replica that made it knows it was settled elsewhere only through Redis"
+    );
+    a.store.close(clock.now()).await.unwrap();
+    b.store.close(clock.now()).await.unwrap();
+    assert_eq!(
+        team_usage(&a.gate, "growth").await,
+        ("13".into(), "0".into())
+    );
+}
+
+/// The same request id decided from leases on two replicas is charged
+/// once, as soon as the batches land.
+async fn a_request_id_decided_on_two_replicas_is_charged_once(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-replay-{}:", backend_name(&backend));
+    let (a, b) = replicas(&backend, &prefix, CAP, &clock).await;
+    // Leases on both replicas first.
+    a.gate.check(input("growth", 1)).await.unwrap();
+    b.gate.check(input("growth", 1)).await.unwrap();
+    let with_id = || CheckInput {
+        request_id: Some("envoy-stream-7".to_string()),
+        ..input("growth", 100)
+    };
+    let first = a.gate.check(with_id()).await.unwrap();
+    let again_here = a.gate.check(with_id()).await.unwrap();
+    assert_eq!(
+        first.reservation_id, again_here.reservation_id,
+        "replayed here"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    b.gate.check(with_id()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.store.close(clock.now()).await.unwrap();
+    b.store.close(clock.now()).await.unwrap();
+    assert_eq!(
+        team_usage(&a.gate, "growth").await.0,
+        "102",
+        "1 + 1 + 100 once"
+    );
+}
+
+/// While another replica holds an unused lease, a request it would fit is
+/// denied early; once that lease lapses (the holder went idle), it is
+/// allowed. The time it took is within a lease lifetime and a batch.
+async fn an_early_denial_lasts_no_longer_than_a_lease(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-early-{}:", backend_name(&backend));
+    let small = CAP.replace("tokens: 1000,", "tokens: 100,");
+    let (a, b) = replicas(&backend, &prefix, &small, &clock).await;
+    // A takes a lease: 1 of 100 spent, a quarter of the rest leased.
+    assert_eq!(
+        a.gate.check(input("growth", 1)).await.unwrap().verdict,
+        Verdict::Allow
+    );
+    let held = a.store.outstanding();
+    let leased: i64 = held
+        .iter()
+        .filter(|(k, _)| k.starts_with("team-tokens"))
+        .map(|(_, v)| v)
+        .sum();
+    assert!(leased > 0, "A holds a lease: {held:?}");
+    // B asks for everything that is not spent: it fits only A's lease aside.
+    let d = b.gate.check(input("growth", 99)).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(b.store.stats().early_denials.load(Ordering::SeqCst), 1);
+    let started = Instant::now();
+    let bound = Duration::from_millis(LeaseConfig::default().lifetime as u64 + 500);
+    loop {
+        // The clock moves with real time, as it would.
+        clock.advance(50);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if b.gate.check(input("growth", 99)).await.unwrap().verdict == Verdict::Allow {
+            break;
+        }
+        assert!(
+            started.elapsed() < bound,
+            "still denied after {:?}",
+            started.elapsed()
+        );
+    }
+    eprintln!(
+        "early denial lasted {:?} (lease lifetime {} ms)",
+        started.elapsed(),
+        LeaseConfig::default().lifetime
+    );
+}
+
+/// With Redis paused, decisions inside a lease go on; past it, the rule's
+/// store-error policy applies (here: fail closed).
+/// (On a server of its own: pausing a node of the shared cluster would
+/// stall every other test of this binary.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decisions_inside_a_lease_go_on_while_redis_is_down() {
+    let server = common::RedisServer::start();
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let big = CAP.replace("tokens: 1000,", "tokens: 100000000,");
+    let store = LeasedStore::start(server.store().await, LeaseConfig::default());
+    let config = tollgate_core::gate::GateConfig {
+        store_timeout: Duration::from_millis(200),
+        ..Default::default()
+    };
+    let gate = Gate::new(policy(&big), store.clone(), clock.clone(), config);
+    // Demand of 10 a request builds up a lease of at least 8 requests.
+    for _ in 0..3 {
+        assert_eq!(
+            gate.check(input("growth", 10)).await.unwrap().verdict,
+            Verdict::Allow
+        );
+    }
+    let pid = redis_pid(&server);
+    signal(&pid, "-STOP");
+    let mut inside = 0;
+    let outcome = loop {
+        match gate.check(input("growth", 10)).await {
+            Ok(d) if d.verdict == Verdict::Allow => inside += 1,
+            other => break other,
+        }
+        assert!(inside < 100_000, "a lease never runs out");
+    };
+    signal(&pid, "-CONT");
+    assert!(
+        inside >= 1,
+        "decided inside the lease while Redis was paused"
+    );
+    assert!(outcome.is_err(), "past the lease, fail closed: {outcome:?}");
+    eprintln!("{inside} decisions made while Redis was paused");
+}
+
+fn redis_pid(server: &common::RedisServer) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", &server.url(), "INFO", "server"])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .map(|p| p.trim().to_string())
+        .expect("process_id in INFO server")
+}
+
+fn signal(pid: &str, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+fn backend_name(backend: &Backend) -> &'static str {
+    match backend {
+        Backend::Redis => "redis",
+        Backend::Cluster => "cluster",
+    }
+}
+
+/// One test per scenario per backend: `redis::<scenario>` and
+/// `cluster::<scenario>`.
+macro_rules! on_both {
+    ($($scenario:ident),+ $(,)?) => {
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Backend::Redis).await;
+                }
+            )+
+        }
+        mod cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $scenario() {
+                    super::$scenario(super::Backend::Cluster).await;
+                }
+            )+
+        }
+    };
+}
+
+on_both!(
+    two_replicas_fill_a_cap_exactly_and_never_past_it,
+    far_from_a_cap_most_decisions_make_no_round_trip,
+    each_alert_fires_once_across_replicas,
+    a_reservation_made_from_a_lease_settles_on_another_replica,
+    a_request_id_decided_on_two_replicas_is_charged_once,
+    an_early_denial_lasts_no_longer_than_a_lease,
+);
