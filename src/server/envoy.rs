@@ -43,15 +43,20 @@ impl Authorization for EnvoyAuthz {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let attrs = request.into_inner().attributes.unwrap_or_default();
-        let http = attrs.request.and_then(|r| r.http).unwrap_or_default();
+        let mut http = attrs.request.and_then(|r| r.http).unwrap_or_default();
         // With `encode_raw_headers`, values arrive as bytes in `header_map`;
-        // otherwise as strings in `headers`.
-        let headers: Vec<(String, Vec<u8>)> = match &http.header_map {
-            Some(map) if !map.headers.is_empty() => map.headers.iter().map(envoy_header).collect(),
-            _ => http
-                .headers
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.as_bytes().to_vec()))
+        // otherwise as strings in `headers`. Either way they are moved out
+        // of the message, not copied.
+        let headers: Vec<(String, Vec<u8>)> = match http.header_map.take() {
+            Some(map) if !map.headers.is_empty() => {
+                map.headers.into_iter().map(envoy_header).collect()
+            }
+            _ => std::mem::take(&mut http.headers)
+                .into_iter()
+                .map(|(mut k, v)| {
+                    k.make_ascii_lowercase();
+                    (k, v.into_bytes())
+                })
                 .collect(),
         };
         let body: &[u8] = if !http.raw_body.is_empty() {

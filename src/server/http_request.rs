@@ -67,16 +67,17 @@ const CLIENT_SETTABLE: [Attr; 9] = [
 
 /// One header as Envoy sends it, name lower-cased: current Envoy puts the
 /// value in `raw_value` (with `value` empty), older Envoy in `value`; both
-/// are read, and the bytes kept as they are.
-pub fn envoy_header(
-    h: &envoy_types::pb::envoy::config::core::v3::HeaderValue,
-) -> (String, Vec<u8>) {
+/// are read, and the bytes kept as they are. The name and value are moved
+/// out of the message, not copied.
+pub fn envoy_header(h: envoy_types::pb::envoy::config::core::v3::HeaderValue) -> (String, Vec<u8>) {
+    let mut key = h.key;
+    key.make_ascii_lowercase();
     let value = if h.raw_value.is_empty() {
-        h.value.as_bytes().to_vec()
+        h.value.into_bytes()
     } else {
-        h.raw_value.clone()
+        h.raw_value
     };
-    (h.key.to_ascii_lowercase(), value)
+    (key, value)
 }
 
 impl HttpRequest<'_> {

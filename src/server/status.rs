@@ -233,18 +233,22 @@ pub fn allowance(d: &Decision, model_header: &str) -> Allowance {
         _ => a.remove.push(model_header.to_string()),
     }
     if let Some(c) = d.counters.iter().find(|c| c.enforced) {
-        let unit = c.unit.name().replace('_', "-");
+        // Built by pushing, not `format!`: every allowed request has them.
+        let unit = c.unit.name();
+        let named = |prefix: &str| {
+            let mut name = String::with_capacity(prefix.len() + unit.len());
+            name.push_str(prefix);
+            name.extend(unit.chars().map(|ch| if ch == '_' { '-' } else { ch }));
+            name
+        };
         a.downstream
-            .push((format!("x-ratelimit-limit-{unit}"), c.limit.to_string()));
-        a.downstream.push((
-            format!("x-ratelimit-remaining-{unit}"),
-            c.remaining.to_string(),
-        ));
+            .push((named("x-ratelimit-limit-"), c.limit.to_string()));
+        a.downstream
+            .push((named("x-ratelimit-remaining-"), c.remaining.to_string()));
         if let Some(t) = c.resets_at {
-            a.downstream.push((
-                format!("x-ratelimit-reset-{unit}"),
-                format!("{}s", seconds_until(d.decided_at, t)),
-            ));
+            let mut reset = seconds_until(d.decided_at, t).to_string();
+            reset.push('s');
+            a.downstream.push((named("x-ratelimit-reset-"), reset));
         }
         a.downstream
             .push(("x-tollgate-rule".to_string(), c.rule.clone()));

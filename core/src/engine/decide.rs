@@ -357,9 +357,23 @@ pub fn rule_counter(
     let (scope, scope_hash) = scope_of(rule, attrs)?;
     let span = window::span(rule.limit.window, now);
     let limit = to_counter(rule.limit.amount, rule.limit.unit.scale(), rule.limit.unit)?;
+    // `rule|unit|scope hash|window`, pushed rather than formatted: every
+    // counter of every decision has one.
+    let unit = rule.limit.unit.name();
+    let mut key =
+        String::with_capacity(rule.id.len() + unit.len() + scope_hash.len() + span.id.len() + 3);
+    for (sep, part) in [
+        ("", rule.id.as_str()),
+        ("|", unit),
+        ("|", &scope_hash),
+        ("|", &span.id),
+    ] {
+        key.push_str(sep);
+        key.push_str(part);
+    }
     Ok(RuleCounter {
         rule: i,
-        key: format!("{}|{}|{}|{}", rule.id, rule.limit.unit, scope_hash, span.id),
+        key,
         scope,
         scope_hash,
         limit,
@@ -472,8 +486,18 @@ fn scope_of(rule: &Rule, attrs: &Attributes) -> Result<(String, String), Request
         if !display.is_empty() {
             display.push(',');
         }
-        display.push_str(&format!("{attr}={value}"));
-        hasher.update(attr.to_string().as_bytes());
+        // The attribute's name as `Display` writes it (`labels.<name>` for
+        // a label), without formatting a string for it.
+        let (prefix, name) = match attr {
+            crate::policy::Attr::Label(label) => ("labels.", label.as_str()),
+            other => ("", other.name()),
+        };
+        display.push_str(prefix);
+        display.push_str(name);
+        display.push('=');
+        display.push_str(value);
+        hasher.update(prefix.as_bytes());
+        hasher.update(name.as_bytes());
         hasher.update([0]);
         hasher.update(value.as_bytes());
         hasher.update([0]);

@@ -42,13 +42,29 @@ pub fn span(window: Window, now: Millis) -> WindowSpan {
             let (y, m, d) = civil_from_days(start.div_euclid(DAY));
             let hh = start.rem_euclid(DAY) / HOUR;
             let mm = start.rem_euclid(HOUR) / MINUTE;
-            let id = match period {
-                CalendarPeriod::Minute => format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}"),
-                CalendarPeriod::Hour => format!("{y:04}-{m:02}-{d:02}T{hh:02}"),
-                CalendarPeriod::Day => format!("{y:04}-{m:02}-{d:02}"),
-                CalendarPeriod::Week => format!("w{y:04}-{m:02}-{d:02}"),
-                CalendarPeriod::Month => format!("{y:04}-{m:02}"),
-            };
+            // Every counter of every decision has one of these ids, so it
+            // is written digit by digit rather than through `format!`:
+            // `y:04-m:02-d:02`, with `w` before a week's, `Thh` after an
+            // hour's and `Thh:mm` after a minute's.
+            let mut id = String::with_capacity(17);
+            if period == CalendarPeriod::Week {
+                id.push('w');
+            }
+            push_padded(&mut id, y, 4);
+            id.push('-');
+            push_padded(&mut id, i64::from(m), 2);
+            if period != CalendarPeriod::Month {
+                id.push('-');
+                push_padded(&mut id, i64::from(d), 2);
+            }
+            if matches!(period, CalendarPeriod::Minute | CalendarPeriod::Hour) {
+                id.push('T');
+                push_padded(&mut id, hh, 2);
+            }
+            if period == CalendarPeriod::Minute {
+                id.push(':');
+                push_padded(&mut id, mm, 2);
+            }
             WindowSpan {
                 id,
                 end: Some(end),
@@ -72,6 +88,32 @@ pub fn span(window: Window, now: Millis) -> WindowSpan {
                 start: Some(start),
             }
         }
+    }
+}
+
+/// Appends `n` as `format!("{n:0width$}")` writes it.
+fn push_padded(out: &mut String, n: i64, width: usize) {
+    if n < 0 {
+        use std::fmt::Write;
+        let _ = write!(out, "{n:0width$}");
+        return;
+    }
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = n as u64;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for _ in digits.len() - start..width {
+        out.push('0');
+    }
+    for &b in &digits[start..] {
+        out.push(char::from(b));
     }
 }
 
@@ -246,6 +288,39 @@ mod tests {
 
     fn at(y: i64, m: u32, d: u32, hh: i64, mm: i64, ss: i64) -> Millis {
         days_from_civil(y, m, d) * DAY + hh * HOUR + mm * MINUTE + ss * 1000
+    }
+
+    #[test]
+    fn calendar_ids_are_written_as_format_writes_them() {
+        let periods = [
+            CalendarPeriod::Minute,
+            CalendarPeriod::Hour,
+            CalendarPeriod::Day,
+            CalendarPeriod::Week,
+            CalendarPeriod::Month,
+        ];
+        // From before 1970 to past 9999, a few days and minutes apart.
+        let mut t: Millis = -90 * 365 * DAY;
+        while t < 8100 * 365 * DAY {
+            for period in periods {
+                let (start, _) = calendar_bounds(period, t);
+                let (y, m, d) = civil_from_days(start.div_euclid(DAY));
+                let hh = start.rem_euclid(DAY) / HOUR;
+                let mm = start.rem_euclid(HOUR) / MINUTE;
+                let want = match period {
+                    CalendarPeriod::Minute => format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}"),
+                    CalendarPeriod::Hour => format!("{y:04}-{m:02}-{d:02}T{hh:02}"),
+                    CalendarPeriod::Day => format!("{y:04}-{m:02}-{d:02}"),
+                    CalendarPeriod::Week => format!("w{y:04}-{m:02}-{d:02}"),
+                    CalendarPeriod::Month => format!("{y:04}-{m:02}"),
+                };
+                assert_eq!(span(Window::Calendar(period), t).id, want, "at {t}");
+            }
+            t += 3 * DAY + 7 * HOUR + 13 * MINUTE;
+        }
+        let mut out = String::new();
+        push_padded(&mut out, -7, 4);
+        assert_eq!(out, format!("{:04}", -7));
     }
 
     #[test]
