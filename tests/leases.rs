@@ -378,6 +378,76 @@ async fn decisions_inside_a_lease_go_on_while_redis_is_down() {
     eprintln!("{inside} decisions made while Redis was paused");
 }
 
+const APPROVED: &str = "
+rules:
+  - id: team-tokens
+    per: [team]
+    limit: { tokens: 100, window: daily }
+    on_exceed: approval
+";
+
+/// An extension approved on one replica is spent from leases on another;
+/// revoked, it stops counting there within one lease lifetime.
+async fn a_revocation_takes_effect_within_a_lease_lifetime(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-revoke-{}:", backend_name(&backend));
+    let (a, b) = replicas(&backend, &prefix, APPROVED, &clock).await;
+    let grant = tollgate_core::gate::GrantRequest {
+        rule: "team-tokens".into(),
+        scope: "team=growth".into(),
+        extra: Some(rust_decimal::Decimal::from(100_000)),
+        duration: Duration::from_secs(3600),
+        approver: "finance@example.com".into(),
+        reason: "launch".into(),
+    };
+    b.gate.approve(grant).await.unwrap();
+    // Past the cap of 100 on A, from leases taken under the grant.
+    for _ in 0..30 {
+        assert_eq!(
+            a.gate.check(input("growth", 10)).await.unwrap().verdict,
+            Verdict::Allow
+        );
+    }
+    assert!(
+        a.store.stats().hits.load(Ordering::SeqCst) > 0,
+        "made from leases"
+    );
+    b.gate
+        .revoke("team-tokens", "team=growth", "finance@example.com", "over")
+        .await
+        .unwrap();
+    let lifetime = LeaseConfig::default().lifetime;
+    // Within a lease lifetime of the revocation, A denies past the cap.
+    clock.advance(lifetime);
+    assert_eq!(
+        a.gate.check(input("growth", 10)).await.unwrap().verdict,
+        Verdict::Deny
+    );
+}
+
+/// A lowered cap (a reload on this replica) is in force at the next
+/// decision: a lease taken under the old one is not spent under the new.
+async fn a_lowered_cap_is_in_force_at_once(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-lowered-{}:", backend_name(&backend));
+    let big = CAP.replace("tokens: 1000,", "tokens: 100000,");
+    let (a, _b) = replicas(&backend, &prefix, &big, &clock).await;
+    for _ in 0..5 {
+        assert_eq!(
+            a.gate.check(input("growth", 10)).await.unwrap().verdict,
+            Verdict::Allow
+        );
+    }
+    assert!(a.store.unused_on("team-tokens") > 0, "a lease is held");
+    a.gate
+        .replace_policy(policy(&CAP.replace("tokens: 1000,", "tokens: 50,")));
+    assert_eq!(
+        a.gate.check(input("growth", 10)).await.unwrap().verdict,
+        Verdict::Deny,
+        "50 were used; the lowered cap of 50 denies at once"
+    );
+}
+
 fn redis_pid(server: &common::RedisServer) -> String {
     let out = std::process::Command::new("redis-cli")
         .args(["-u", &server.url(), "INFO", "server"])
@@ -435,4 +505,6 @@ on_both!(
     a_reservation_made_from_a_lease_settles_on_another_replica,
     a_request_id_decided_on_two_replicas_is_charged_once,
     an_early_denial_lasts_no_longer_than_a_lease,
+    a_revocation_takes_effect_within_a_lease_lifetime,
+    a_lowered_cap_is_in_force_at_once,
 );

@@ -555,6 +555,9 @@ struct Budget {
     unit: String,
     window: String,
     used: String,
+    /// Held unspent in replicas' leases (Redis); absent when none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    leased: Option<String>,
     limit: String,
     remaining: String,
     percent: Option<f64>,
@@ -620,6 +623,7 @@ impl Budget {
             unit: c.unit.name().to_string(),
             window: c.window.to_string(),
             used: c.used.normalize().to_string(),
+            leased: (!c.leased.is_zero()).then(|| c.leased.normalize().to_string()),
             limit: c.limit.normalize().to_string(),
             remaining: c.remaining.normalize().to_string(),
             percent,

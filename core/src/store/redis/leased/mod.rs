@@ -156,6 +156,16 @@ impl LeasedStore {
             .collect()
     }
 
+    /// What this replica holds unused on the counters of rule `rule`.
+    pub fn unused_on(&self, rule: &str) -> i64 {
+        let prefix = format!("{rule}|");
+        let book = self.book.lock().unwrap();
+        book.outstanding()
+            .filter(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
     /// Where a reservation made here lives in Redis.
     fn local_id(&self, req: &ReserveRequest, ops: &[CounterOp]) -> String {
         let id = format!("L{}", req.reservation_id);
