@@ -132,6 +132,7 @@ fn counting(c: &mut Criterion) {
 fn policy() -> CompiledPolicy {
     let yaml = "\
 pricing:
+  unpriced_models: reject
   models:
     gpt-4o: { input_per_mtok: 2.5, output_per_mtok: 10 }
     claude-sonnet-4: { input_per_mtok: 3, output_per_mtok: 15 }

@@ -54,6 +54,10 @@ fn pricing_show_prints_the_price_and_where_it_was_written() {
         out.contains("catalog/litellm.json:4:3 (an imported catalog)"),
         "{out}"
     );
+    assert!(
+        out.contains("tokens: o200k_base (exact, for prompts up to 64 KiB, by its name)"),
+        "{out}"
+    );
     // The policy's own price wins over the catalog's.
     let (code, out, _) = run(&[
         "pricing",
@@ -67,6 +71,7 @@ fn pricing_show_prints_the_price_and_where_it_was_written() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["price"]["input_per_mtok"], "2");
     assert_eq!(v["source"], "policy");
+    assert_eq!(v["tokenizer"], "o200k_base");
     assert!(v["origin"].as_str().unwrap().ends_with("p.yaml:4:5"), "{v}");
     let (code, out, _) = run(&["pricing", "show", "mystery-model", "--policies", policies]);
     assert_eq!(code, Some(1));

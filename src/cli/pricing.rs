@@ -9,8 +9,9 @@ use axum::http::Method;
 use hyper::body::Bytes;
 use tollgate::reload;
 use tollgate::usage::MissingReport;
+use tollgate_core::engine::tokens::tokenizer_for;
 use tollgate_core::engine::window::format_utc;
-use tollgate_core::policy::{ImagePrice, ModelPrice, PriceSource, UnpricedModels};
+use tollgate_core::policy::{ImagePrice, ModelPrice, PriceSource, Tokenizer, UnpricedModels};
 
 use super::client::{Server, ServerTlsArgs};
 use super::runtime::{runtime, Threads};
@@ -75,6 +76,7 @@ fn show(args: &ShowArgs) -> ExitCode {
                 "price": parts(price).into_iter().collect::<serde_json::Map<_, _>>(),
                 "source": source_name(source),
                 "origin": origin.to_string(),
+                "tokenizer": tokenizer_for(Some(&args.model), Some(price)).name(),
             }),
             None => serde_json::json!({ "model": args.model, "price": null }),
         };
@@ -103,6 +105,18 @@ fn show(args: &ShowArgs) -> ExitCode {
         println!("  {name}: {}", value.as_str().unwrap_or_default());
     }
     println!("from:   {origin} ({})", source_text(source));
+    let tokenizer = tokenizer_for(Some(&args.model), Some(price));
+    println!(
+        "tokens: {tokenizer} ({}, {})",
+        match tokenizer {
+            Tokenizer::Approximate => "4 characters a token",
+            _ => "exact, for prompts up to 64 KiB",
+        },
+        match price.tokenizer {
+            Some(_) => "its price entry's tokenizer",
+            None => "by its name",
+        }
+    );
     ExitCode::SUCCESS
 }
 

@@ -21,9 +21,9 @@ use crate::policy::{ModelPrice, Tokenizer};
 pub const CHARS_PER_TOKEN: u64 = 4;
 
 /// Prompts with more text than this are approximated: an exact count
-/// costs about 4 µs a KiB (docs/PERFORMANCE.md), so this bounds what one
-/// decision spends counting to about a quarter of a millisecond, while
-/// the prompts of most chat calls are far below it.
+/// costs 7 to 15 µs a KiB on a busy two-core machine (docs/PERFORMANCE.md),
+/// so this bounds what one decision spends counting to about a
+/// millisecond, while the prompts of most chat calls are far below it.
 pub const EXACT_MAX_BYTES: usize = 64 * 1024;
 
 /// Tokens OpenAI adds for each chat message (its start and end markers
