@@ -32,11 +32,7 @@ struct Noop;
 
 #[tonic::async_trait]
 impl Authorization for Noop {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        drop(request);
+    async fn check(&self, _: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         Ok(Response::new(CheckResponse {
             status: Some(rpc::Status {
                 code: tonic::Code::Ok as i32,
@@ -52,9 +48,8 @@ impl Authorization for Noop {
 impl Tollgate for Noop {
     async fn check(
         &self,
-        request: Request<pb::CheckRequest>,
+        _: Request<pb::CheckRequest>,
     ) -> Result<Response<pb::CheckResponse>, Status> {
-        drop(request);
         Ok(Response::new(pb::CheckResponse {
             verdict: pb::Verdict::Allow as i32,
             ..Default::default()

@@ -2,10 +2,12 @@
 //! second and latency percentiles.
 //!
 //! cargo run --release --example loadgen -- --target http://127.0.0.1:50051 \
-//!     --concurrency 64 --connections 4 --seconds 10 [--mode native]
+//!     --concurrency 64 --connections 4 --seconds 10 [--mode native] [--keys 1000]
 //!
+//! `--keys`: how many distinct API keys the requests cycle through.
 //! Modes, all against the scenario in `policy.yaml`, each request matching
-//! the same four rules (its key, its team, the premium family, production):
+//! the same four rules (its key, its team, the premium family, production;
+//! twenty with `20-rules/policy.yaml`):
 //! - `native` (the default): `Check` on tollgate's own API.
 //! - `ext-authz`: Envoy's `Authorization/Check`, one unary call shaped as
 //!   Envoy sends it (lower-cased headers with `:path` and `:method`, the
