@@ -1187,17 +1187,15 @@ pub fn reserved_output_tokens(
 ) -> u64 {
     let attrs = decided_attributes(policy, input, decided);
     let price = attrs.model.as_deref().and_then(|m| policy.price(m));
-    Usage::from_estimate(
-        &input.estimate,
-        &Basis {
-            model: attrs.model.as_deref(),
-            modality: attrs.modality.as_deref(),
-            price,
-            defaults: &policy.set.defaults,
-            learned_output: decided.learned_output_tokens,
-        },
-    )
-    .output_tokens
+    // Output alone: the prompt need not be counted again.
+    Basis {
+        model: attrs.model.as_deref(),
+        modality: attrs.modality.as_deref(),
+        price,
+        defaults: &policy.set.defaults,
+        learned_output: decided.learned_output_tokens,
+    }
+    .output_tokens(&input.estimate)
 }
 
 /// The attributes a decided call ran with: resolved as the decision

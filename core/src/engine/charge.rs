@@ -147,6 +147,23 @@ impl Basis<'_> {
     }
 }
 
+impl Basis<'_> {
+    /// The output tokens of [`Usage::from_estimate`] alone, without
+    /// counting the prompt.
+    pub fn output_tokens(&self, est: &Estimate) -> u64 {
+        let defaults = self.defaults;
+        est.output_tokens.unwrap_or(match self.output_source(est) {
+            OutputSource::Learned => self.learned_output.unwrap_or(defaults.output_tokens),
+            OutputSource::Model => self
+                .price
+                .and_then(|p| p.default_output_tokens)
+                .unwrap_or(defaults.output_tokens),
+            OutputSource::Default => defaults.output_tokens,
+            OutputSource::Request | OutputSource::None => 0,
+        })
+    }
+}
+
 impl Usage {
     /// Fills what the estimate leaves open, by modality: text counts the
     /// prompt with the model's tokenizer (else assumes the default prompt)
@@ -163,15 +180,7 @@ impl Usage {
                 _ => 0,
             }),
         };
-        let output_tokens = est.output_tokens.unwrap_or(match basis.output_source(est) {
-            OutputSource::Learned => basis.learned_output.unwrap_or(defaults.output_tokens),
-            OutputSource::Model => basis
-                .price
-                .and_then(|p| p.default_output_tokens)
-                .unwrap_or(defaults.output_tokens),
-            OutputSource::Default => defaults.output_tokens,
-            OutputSource::Request | OutputSource::None => 0,
-        });
+        let output_tokens = basis.output_tokens(est);
         Usage {
             input_tokens,
             cached_input_tokens: est.cached_input_tokens.unwrap_or(0),
