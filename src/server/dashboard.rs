@@ -960,6 +960,7 @@ mod tests {
             window: "daily".to_string(),
             used: used.to_string(),
             limit: limit.to_string(),
+            leased: None,
             remaining: (limit - used).to_string(),
             percent: None,
             window_start: None,
