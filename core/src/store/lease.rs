@@ -161,10 +161,11 @@ impl LeaseBook {
         )
     }
 
-    /// What a decision going to the store gives back and asks for, per op:
-    /// every unused amount (taken out of the lease now), and a new lease
-    /// sized to demand, unless a refill of that counter is already in
-    /// flight or the book is full.
+    /// What a decision going to the store gives back and asks for, per op
+    /// whose lease cannot serve it: the unused amount (taken out of the
+    /// lease now), and a new lease sized to demand, unless a refill of that
+    /// counter is already in flight or the book is full. An op whose lease
+    /// could serve it asks for nothing.
     pub fn ask(&mut self, ops: &[CounterOp], now: Millis) -> Vec<Ask> {
         let config = self.config;
         ops.iter()
@@ -185,6 +186,16 @@ impl LeaseBook {
                     );
                 }
                 let lease = self.leases.get_mut(&op.key).expect("inserted above");
+                // A lease that could serve this op is left as it is: the
+                // decision goes to Redis for another counter, and this
+                // one is charged there directly.
+                if !lease.refilling
+                    && lease.usable_until > now
+                    && lease.limit == op.limit
+                    && lease.remaining >= op.amount
+                {
+                    return Ask::default();
+                }
                 let unused = std::mem::take(&mut lease.remaining);
                 if lease.refilling {
                     return Ask { unused, want: 0 };

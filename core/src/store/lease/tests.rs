@@ -87,11 +87,17 @@ fn a_lease_is_not_used_past_its_life_nor_under_another_limit() {
 fn asking_hands_back_everything_once_and_one_refill_at_a_time() {
     let mut book = book();
     let a = op("a", 10, 1000);
+    let big = op("a", 50, 1000);
     refill(&mut book, std::slice::from_ref(&a), 0, 40, 0);
-    let first = book.ask(std::slice::from_ref(&a), 5);
+    assert_eq!(
+        book.ask(std::slice::from_ref(&a), 5),
+        vec![Ask::default()],
+        "a lease that can serve the op is left alone"
+    );
+    let first = book.ask(std::slice::from_ref(&big), 5);
     assert_eq!(first[0].unused, 40, "the whole unused lease goes back");
-    assert!(first[0].want >= 10 * LeaseConfig::default().min_requests);
-    let second = book.ask(std::slice::from_ref(&a), 6);
+    assert!(first[0].want >= 50 * LeaseConfig::default().min_requests);
+    let second = book.ask(std::slice::from_ref(&big), 6);
     assert_eq!(
         second[0],
         Ask { unused: 0, want: 0 },
@@ -103,7 +109,7 @@ fn asking_hands_back_everything_once_and_one_refill_at_a_time() {
         "nothing spendable while refilling"
     );
     book.refilled(
-        std::slice::from_ref(&a),
+        std::slice::from_ref(&big),
         &first,
         &[state(0)],
         &[30],
@@ -114,11 +120,28 @@ fn asking_hands_back_everything_once_and_one_refill_at_a_time() {
 }
 
 #[test]
+fn a_refill_for_one_counter_leaves_the_others_leases_alone() {
+    let mut book = book();
+    let shared = op("shared", 1, 1_000_000);
+    let key = op("key", 1, 1_000_000);
+    refill(&mut book, std::slice::from_ref(&shared), 0, 500, 0);
+    let asks = book.ask(&[shared.clone(), key.clone()], 1);
+    assert_eq!(asks[0], Ask::default(), "the shared lease serves");
+    assert!(asks[1].want > 0);
+    assert_eq!(book.unused("shared"), 500);
+    assert!(
+        book.spend(std::slice::from_ref(&shared), 2).is_some(),
+        "still spendable while the other counter refills"
+    );
+}
+
+#[test]
 fn a_failed_refill_keeps_what_was_sent_counted_and_frees_the_lease() {
     let mut book = book();
-    let a = op("a", 10, 1000);
+    let a = op("a", 50, 1000);
     refill(&mut book, std::slice::from_ref(&a), 0, 40, 0);
     let asks = book.ask(std::slice::from_ref(&a), 5);
+    assert_eq!(asks[0].unused, 40);
     book.refill_failed(std::slice::from_ref(&a), &asks);
     assert_eq!(book.unused("a"), 0, "never spent here again");
     assert!(
@@ -131,14 +154,33 @@ fn a_failed_refill_keeps_what_was_sent_counted_and_frees_the_lease() {
 fn the_lease_asked_for_follows_demand() {
     let mut book = book();
     let a = op("a", 1, 1_000_000);
-    refill(&mut book, std::slice::from_ref(&a), 0, 10_000, 0);
-    // 1,000 units a second for a second.
+    refill(&mut book, std::slice::from_ref(&a), 0, 1000, 0);
+    // 1,000 units a second until the lease runs out.
     for t in 0..1000 {
         assert!(book.spend(std::slice::from_ref(&a), t).is_some());
     }
     let want = book.ask(std::slice::from_ref(&a), 1000)[0].want;
     // Smoothed from nothing towards 1,000/s over a 2 s lifetime.
     assert!((900..=2100).contains(&want), "want {want}");
+    book.refilled(
+        std::slice::from_ref(&a),
+        &[Ask { unused: 0, want }],
+        &[state(1000)],
+        &[want],
+        true,
+        1000,
+    );
+    // Ten times less demand: the next lease asked for shrinks.
+    for t in 0..want / 10 {
+        assert!(book
+            .spend(std::slice::from_ref(&a), 1000 + t * 10)
+            .is_some());
+    }
+    let later = 1000 + (want / 10) * 10;
+    let expired = book.expired(later + 1750);
+    assert_eq!(expired.len(), 1);
+    let smaller = book.ask(std::slice::from_ref(&a), later + 1751)[0].want;
+    assert!(smaller < want, "want {smaller} after {want}");
 }
 
 #[test]
