@@ -77,6 +77,7 @@ fn headers(check: &CheckRequest) -> Vec<(String, Vec<u8>)> {
         Some(map) if !map.headers.is_empty() => map
             .headers
             .iter()
+            .cloned()
             .map(tollgate::server::http_request::envoy_header)
             .collect(),
         _ => http

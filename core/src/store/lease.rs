@@ -34,8 +34,9 @@ pub struct LeaseConfig {
     pub min_requests: i64,
     /// Leases kept, at most; a counter past it is decided in the store.
     pub max_leases: usize,
-    /// A lease nothing has spent from for this long goes back at the next
-    /// batch: a replica whose demand stopped does not sit on budget.
+    /// A lease nothing has spent from for this long, and for four of its
+    /// usual gaps between spends, goes back at the next batch: a replica
+    /// whose demand stopped does not sit on budget.
     pub idle: Millis,
     /// A decision refused only because other replicas hold unused leases
     /// is decided again once, this long after, when they may have come
@@ -80,6 +81,9 @@ struct Lease {
     rate: i64,
     /// When this replica last spent from it.
     last_spent: Millis,
+    /// The usual time between two spends, smoothed: a lease is idle only
+    /// after several of them pass with none.
+    gap: Millis,
     /// Spent or credited since the store last heard what it holds.
     dirty: bool,
 }
@@ -154,6 +158,7 @@ impl LeaseBook {
                     lease.remaining -= op.amount;
                     lease.spent += op.amount;
                     lease.dirty = true;
+                    lease.gap = (3 * lease.gap + (now - lease.last_spent).clamp(0, 60_000)) / 4;
                     lease.last_spent = now;
                     state
                 })
@@ -315,7 +320,8 @@ impl LeaseBook {
                 return true;
             }
             if lease.usable_until > now {
-                if lease.remaining == 0 || now.saturating_sub(lease.last_spent) < idle {
+                let quiet = idle.max(4 * lease.gap);
+                if lease.remaining == 0 || now.saturating_sub(lease.last_spent) < quiet {
                     return true;
                 }
                 lease.usable_until = now;
