@@ -210,7 +210,10 @@ impl LeaseBook {
                 let measured = lease.spent.saturating_mul(1000) / elapsed;
                 // Smoothed, so that one quiet moment does not shrink it.
                 lease.rate = (lease.rate + measured.max(lease.rate / 2)) / 2;
-                let for_demand = lease.rate.saturating_mul(config.lifetime) / 1000;
+                // Demand over most of the time it can be used, so that it
+                // is spent rather than left to lapse.
+                let usable = (config.lifetime - config.margin) * 9 / 10;
+                let for_demand = lease.rate.saturating_mul(usable) / 1000;
                 let floor = op.amount.max(1).saturating_mul(config.min_requests);
                 Ask {
                     unused,
@@ -270,6 +273,18 @@ impl LeaseBook {
                 if ask.want > 0 {
                     lease.refilling = false;
                 }
+            }
+        }
+    }
+
+    /// A decision on `ops` was applied in the store, not from leases: it is
+    /// demand all the same, and leases are sized to demand. (Counting only
+    /// what leases served would shrink them each time decisions went to
+    /// the store, and send more there.)
+    pub fn demanded(&mut self, ops: &[CounterOp]) {
+        for op in ops {
+            if let Some(lease) = self.leases.get_mut(&op.key) {
+                lease.spent = lease.spent.saturating_add(op.amount);
             }
         }
     }

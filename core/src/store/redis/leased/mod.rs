@@ -326,6 +326,9 @@ impl LeasedStore {
                 // stays counted there.
                 book.refill_failed(&candidate.ops, &asks);
             } else if let Some(states) = outcome.tried.last() {
+                if outcome.applied.is_some() {
+                    book.demanded(&candidate.ops);
+                }
                 let reached_asks: Vec<Ask> = asks
                     .iter()
                     .zip(&reached)
@@ -626,6 +629,16 @@ impl CounterStore for LeasedStore {
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
         if let Some(outcome) = self.decide_here(req) {
             return Ok(outcome);
+        }
+        // A refill of one of its counters is on its way: waiting for it
+        // costs no more than a round trip of its own, and no Redis call.
+        if let Some(candidate) = req.candidates.first() {
+            let refilling = self.book.lock().unwrap().refilling(&candidate.ops);
+            if refilling {
+                if let Some(outcome) = self.after_refills(req, &candidate.ops).await {
+                    return Ok(outcome);
+                }
+            }
         }
         self.decide_in_redis(req).await
     }
