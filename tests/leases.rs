@@ -359,8 +359,7 @@ async fn decisions_inside_a_lease_go_on_while_redis_is_down() {
             Verdict::Allow
         );
     }
-    let pid = redis_pid(&server);
-    signal(&pid, "-STOP");
+    server.signal("STOP");
     let mut inside = 0;
     let outcome = loop {
         match gate.check(input("growth", 10)).await {
@@ -369,7 +368,7 @@ async fn decisions_inside_a_lease_go_on_while_redis_is_down() {
         }
         assert!(inside < 100_000, "a lease never runs out");
     };
-    signal(&pid, "-CONT");
+    server.signal("CONT");
     assert!(
         inside >= 1,
         "decided inside the lease while Redis was paused"
@@ -446,26 +445,6 @@ async fn a_lowered_cap_is_in_force_at_once(backend: Backend) {
         Verdict::Deny,
         "50 were used; the lowered cap of 50 denies at once"
     );
-}
-
-fn redis_pid(server: &common::RedisServer) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-u", &server.url(), "INFO", "server"])
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .map(|p| p.trim().to_string())
-        .expect("process_id in INFO server")
-}
-
-fn signal(pid: &str, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, pid])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {sig} {pid}");
 }
 
 fn backend_name(backend: &Backend) -> &'static str {

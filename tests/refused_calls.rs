@@ -47,27 +47,6 @@ fn call(request_id: &str) -> CheckInput {
     }
 }
 
-/// The redis-server's pid, from its own INFO.
-fn redis_pid(server: &RedisServer) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .args(["-u", &server.url(), "INFO", "server"])
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix("process_id:"))
-        .map(|p| p.trim().to_string())
-        .expect("process_id in INFO server")
-}
-
-fn signal(pid: &str, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, pid])
-        .status()
-        .expect("kill");
-    assert!(status.success(), "kill {sig} {pid}");
-}
-
 async fn gate_on(server: &RedisServer, on_store_error: &str) -> (Gate, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
     let store = Arc::new(server.store().await);
@@ -119,15 +98,14 @@ async fn sorted_used(gate: &Gate) -> Vec<(String, String)> {
 async fn a_reserve_that_outlives_the_timeout_is_taken_back_and_a_retry_is_charged_once() {
     let server = RedisServer::start();
     let (gate, _clock) = gate_on(&server, "fail_closed").await;
-    let pid = redis_pid(&server);
 
-    signal(&pid, "-STOP");
+    server.signal("STOP");
     let started = Instant::now();
     let refused = gate.check(call("call-1")).await;
     let waited = started.elapsed();
     // The client retries (same request id) while Redis is still paused.
     let retried = gate.check(call("call-1")).await;
-    signal(&pid, "-CONT");
+    server.signal("CONT");
 
     assert!(
         matches!(refused, Err(GateError::Store(StoreError::Timeout(_)))),
@@ -171,11 +149,10 @@ async fn a_reserve_that_outlives_the_timeout_is_taken_back_and_a_retry_is_charge
 async fn a_call_allowed_by_fail_open_keeps_its_estimate_and_frees_its_slot() {
     let server = RedisServer::start();
     let (gate, _clock) = gate_on(&server, "fail_open").await;
-    let pid = redis_pid(&server);
 
-    signal(&pid, "-STOP");
+    server.signal("STOP");
     let allowed = gate.check(call("call-2")).await;
-    signal(&pid, "-CONT");
+    server.signal("CONT");
     let allowed = allowed.expect("fail open allows");
     assert_eq!(allowed.verdict, Verdict::Allow);
     assert_eq!(

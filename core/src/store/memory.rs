@@ -287,22 +287,7 @@ impl CounterStore for MemoryStore {
             }
             inner.reservations.insert(
                 req.reservation_id.clone(),
-                Reservation {
-                    model: candidate.model.clone(),
-                    ops: candidate
-                        .ops
-                        .iter()
-                        .map(|op| ReservedOp {
-                            key: op.key.clone(),
-                            unit: op.unit,
-                            amount: op.amount,
-                            kind: op.kind,
-                        })
-                        .collect(),
-                    settled: false,
-                    expires_at,
-                    account: req.account.clone(),
-                },
+                Reservation::of(candidate, expires_at, req.account.clone()),
             );
         }
 

@@ -234,6 +234,29 @@ pub struct Reservation {
     pub account: Option<String>,
 }
 
+impl Reservation {
+    /// The unsettled reservation a store keeps for `candidate` once it
+    /// applies.
+    pub fn of(candidate: &Candidate, expires_at: Millis, account: Option<String>) -> Reservation {
+        Reservation {
+            model: candidate.model.clone(),
+            ops: candidate
+                .ops
+                .iter()
+                .map(|op| ReservedOp {
+                    key: op.key.clone(),
+                    unit: op.unit,
+                    amount: op.amount,
+                    kind: op.kind,
+                })
+                .collect(),
+            settled: false,
+            expires_at,
+            account,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ReservedOp {
     pub key: String,

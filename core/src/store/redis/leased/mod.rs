@@ -228,22 +228,11 @@ impl LeasedStore {
                     .map(|op| (op.key.clone(), op.amount))
                     .collect(),
                 expires_at: req.now + req.reservation_ttl,
-                reservation: Reservation {
-                    model: candidate.model.clone(),
-                    ops: candidate
-                        .ops
-                        .iter()
-                        .map(|op| ReservedOp {
-                            key: op.key.clone(),
-                            unit: op.unit,
-                            amount: op.amount,
-                            kind: op.kind,
-                        })
-                        .collect(),
-                    settled: false,
-                    expires_at: req.now + req.reservation_ttl,
-                    account: req.account.clone(),
-                },
+                reservation: Reservation::of(
+                    candidate,
+                    req.now + req.reservation_ttl,
+                    req.account.clone(),
+                ),
                 replay,
                 outcome: outcome.clone(),
                 now: req.now,
