@@ -1355,12 +1355,15 @@ pub fn durable_redis(port: u16, dir: &std::path::Path) -> super::RedisServer {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("redis-server must be installed for these tests: {e}"));
-    let server = super::RedisServer {
+    let mut server = super::RedisServer {
         child,
         port,
         _dir: tempfile::tempdir().unwrap(),
     };
-    server.wait_ready();
+    assert!(
+        server.wait_ready(),
+        "redis-server exited at start on port {port}"
+    );
     server
 }
 

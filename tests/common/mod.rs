@@ -82,7 +82,14 @@ pub fn free_port() -> u16 {
 
 impl RedisServer {
     pub fn start() -> RedisServer {
-        Self::start_on(free_port())
+        // Another test's server can take the free port first; then this
+        // one exits at once, and would otherwise be mistaken for ready.
+        for _ in 0..5 {
+            if let Some(server) = Self::try_start(free_port(), &[]) {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on any of five free ports");
     }
 
     pub fn start_on(port: u16) -> RedisServer {
@@ -91,6 +98,13 @@ impl RedisServer {
 
     /// Starts with extra `redis-server` arguments, such as `--requirepass`.
     pub fn start_with(port: u16, extra: &[&str]) -> RedisServer {
+        Self::try_start(port, extra)
+            .unwrap_or_else(|| panic!("redis-server exited at start on port {port}"))
+    }
+
+    /// A server on `port`, or `None` if it exited before it answered (the
+    /// port was taken).
+    fn try_start(port: u16, extra: &[&str]) -> Option<RedisServer> {
         let dir = tempfile::tempdir().unwrap();
         let child = std::process::Command::new("redis-server")
             .args([
@@ -109,18 +123,21 @@ impl RedisServer {
             .stdout(std::process::Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("redis-server must be installed for these tests: {e}"));
-        let server = RedisServer {
+        let mut server = RedisServer {
             child,
             port,
             _dir: dir,
         };
-        server.wait_ready();
-        server
+        server.wait_ready().then_some(server)
     }
 
-    fn wait_ready(&self) {
+    /// Whether it answers; `false` if it exited first.
+    fn wait_ready(&mut self) -> bool {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return false;
+            }
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"PING\r\n");
@@ -128,7 +145,10 @@ impl RedisServer {
                 // Without the password the server answers NOAUTH, which
                 // still shows it is up.
                 if s.read(&mut buf).is_ok_and(|n| n > 0) && (buf[0] == b'+' || buf[0] == b'-') {
-                    return;
+                    // Answered, but perhaps by another test's server on
+                    // the same port: this one must still be running.
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    return self.child.try_wait().ok().flatten().is_none();
                 }
             }
             assert!(
