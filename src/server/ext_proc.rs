@@ -1069,6 +1069,7 @@ fn settle_usage(
             cached_input_tokens: r.cached_input_tokens.min(r.input_tokens),
             output_tokens: r.output_tokens,
             reasoning_tokens: r.reasoning_tokens,
+            cache_write_tokens: r.cache_write_tokens,
             images: r.images,
             ..Default::default()
         },
@@ -1295,6 +1296,22 @@ fn header_pairs(h: HttpHeaders) -> Vec<(String, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Anthropic's cache writes reach the settle apart from the rest of the
+    /// input, so that they are priced at their own rate.
+    #[test]
+    fn an_anthropic_responses_cache_writes_are_settled_as_cache_writes() {
+        let mut meter =
+            crate::server::meter::Meter::new(crate::server::meter::Api::Anthropic, false);
+        meter.feed(br#"{"model":"claude-sonnet-4-5","usage":{"input_tokens":20,"cache_creation_input_tokens":300,"cache_read_input_tokens":1000,"output_tokens":7}}"#);
+        let metered = meter.finish();
+        let (actual, served) = settle_usage(50, 200, Some(&metered));
+        assert_eq!(served.as_deref(), Some("claude-sonnet-4-5"));
+        assert_eq!(actual.input_tokens, 1320);
+        assert_eq!(actual.cached_input_tokens, 1000);
+        assert_eq!(actual.cache_write_tokens, 300);
+        assert_eq!(actual.output_tokens, 7);
+    }
 
     /// A body Envoy cut at its buffer (BUFFERED_PARTIAL sends a prefix, and
     /// the request keeps its own content-length) is read as ext_authz reads

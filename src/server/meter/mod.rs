@@ -160,6 +160,9 @@ pub struct Reported {
     pub output_tokens: u64,
     /// Of `output_tokens`, those spent reasoning, where reported.
     pub reasoning_tokens: u64,
+    /// Of `input_tokens`, those written to the prompt cache (Anthropic's
+    /// `cache_creation_input_tokens`), billed at their own rate.
+    pub cache_write_tokens: u64,
     /// Images generated: the entries of an images response's `data`, or
     /// its stream's `image_generation.completed` / `image_edit.completed`
     /// events.
@@ -354,6 +357,10 @@ fn report(
         cached_input_tokens: n(Slot::Cached).min(input),
         output_tokens: output,
         reasoning_tokens: reasoning.min(output),
+        cache_write_tokens: match api {
+            Api::Anthropic => n(Slot::CacheWrite).min(input),
+            _ => 0,
+        },
         images,
     })
 }
