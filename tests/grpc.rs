@@ -17,6 +17,12 @@ pricing:
   models:
     gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
     gpt-4o-mini: { input_per_mtok: 0.15, output_per_mtok: 0.60 }
+    claude-sonnet-4:
+      input_per_mtok: 3.00
+      cache_write_per_mtok: 3.75
+      output_per_mtok: 15.00
+      batch_discount: 0.5
+      per_call: { web_search: 0.01 }
 rules:
   - id: team-spend
     match: { team: \"*\" }
@@ -280,5 +286,55 @@ async fn grpc_health_reports_serving() {
     assert_eq!(
         resp.status(),
         tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
+
+/// The native Settle carries every way a provider bills: cache writes at
+/// their own rate, per-call fees and the batch discount, as HTTP's does.
+#[tokio::test]
+async fn a_native_settle_prices_cache_writes_calls_and_batch() {
+    let (mut client, _stop) = client().await;
+    let allowed = client
+        .check(check("research", "acme", "claude-sonnet-4"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(allowed.verdict(), pb::Verdict::Allow, "{}", allowed.message);
+    let settled = client
+        .settle(pb::SettleRequest {
+            reservation_id: allowed.reservation_id,
+            usage: Some(pb::ActualUsage {
+                input_tokens: 2000,
+                cache_write_tokens: 1000,
+                output_tokens: 100,
+                calls: [("web_search".to_string(), 2)].into(),
+                batch: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(settled.outcome, "settled");
+    let usage = client
+        .usage(pb::UsageRequest {
+            attributes: check("research", "acme", "claude-sonnet-4").attributes,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let spend = usage
+        .counters
+        .iter()
+        .find(|c| c.rule == "team-spend")
+        .unwrap();
+    // 1000 plain input at 3.00 and 1000 written at 3.75 per million, 100
+    // output at 15.00: 0.003 + 0.00375 + 0.0015 = 0.00825, halved by the
+    // batch discount, plus two searches at 0.01.
+    let used: rust_decimal::Decimal = spend.used.parse().unwrap();
+    assert_eq!(
+        used,
+        "0.024125".parse::<rust_decimal::Decimal>().unwrap(),
+        "spend {used}"
     );
 }

@@ -14,30 +14,16 @@
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 use tollgate::proto::v1 as pb;
-use tollgate::server::settle::{SettleForm, UsageForm};
+use tollgate::server::settle::SettleForm;
 use tollgate_core::engine::{Attributes, Estimate, Verdict};
 use tollgate_core::gate::{CheckInput, GateError};
 use tollgate_core::policy::Attr;
 use tollgate_core::store::SettleOutcome;
 
-/// The native API's form, exactly as `native.rs` fills it.
+/// The native API's form, as `native.rs` makes it.
 fn native(bytes: &[u8]) -> Option<SettleForm> {
     let req = pb::SettleRequest::decode(bytes).ok()?;
-    let u = req.usage.unwrap_or_default();
-    Some(SettleForm {
-        reservation_id: req.reservation_id,
-        usage: UsageForm {
-            input_tokens: u.input_tokens,
-            cached_input_tokens: u.cached_input_tokens,
-            output_tokens: u.output_tokens,
-            reasoning_tokens: u.reasoning_tokens,
-            images: u.images,
-            image_quality: Some(u.image_quality),
-            video_seconds: Some(u.video_seconds),
-            audio_seconds: Some(u.audio_seconds),
-            ..Default::default()
-        },
-    })
+    Some(tollgate::server::native::settle_form(req))
 }
 
 const MODELS: [(&str, &str); 6] = [

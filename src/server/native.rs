@@ -53,23 +53,7 @@ impl pb::tollgate_server::Tollgate for NativeApi {
         &self,
         request: Request<pb::SettleRequest>,
     ) -> Result<Response<pb::SettleResponse>, Status> {
-        let req = request.into_inner();
-        let u = req.usage.unwrap_or_default();
-        let form = SettleForm {
-            reservation_id: req.reservation_id,
-            usage: UsageForm {
-                input_tokens: u.input_tokens,
-                cached_input_tokens: u.cached_input_tokens,
-                output_tokens: u.output_tokens,
-                reasoning_tokens: u.reasoning_tokens,
-                images: u.images,
-                image_quality: Some(u.image_quality),
-                video_seconds: Some(u.video_seconds),
-                audio_seconds: Some(u.audio_seconds),
-                ..Default::default()
-            },
-        };
-        let (reservation_id, actual) = form
+        let (reservation_id, actual) = settle_form(request.into_inner())
             .checked()
             .map_err(|e| Refusal::invalid(&e).grpc_status())?;
         let outcome = self
@@ -213,5 +197,29 @@ fn counter_status(c: CounterReport) -> pb::CounterStatus {
         remaining: c.remaining.to_string(),
         resets_at: c.resets_at.map(|t| t.div_euclid(1000)).unwrap_or(0),
         enforced: c.enforced,
+    }
+}
+
+/// The native Settle as the one form every front end settles with, which
+/// checks it.
+pub fn settle_form(req: pb::SettleRequest) -> SettleForm {
+    let u = req.usage.unwrap_or_default();
+    SettleForm {
+        reservation_id: req.reservation_id,
+        usage: UsageForm {
+            input_tokens: u.input_tokens,
+            cached_input_tokens: u.cached_input_tokens,
+            output_tokens: u.output_tokens,
+            reasoning_tokens: u.reasoning_tokens,
+            images: u.images,
+            image_quality: Some(u.image_quality),
+            video_seconds: Some(u.video_seconds),
+            audio_seconds: Some(u.audio_seconds),
+            cache_write_tokens: u.cache_write_tokens,
+            audio_input_tokens: u.audio_input_tokens,
+            audio_output_tokens: u.audio_output_tokens,
+            calls: u.calls.into_iter().collect(),
+            batch: u.batch,
+        },
     }
 }
