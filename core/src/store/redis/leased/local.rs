@@ -7,7 +7,7 @@
 //! written to Redis (within one batch interval); after that, Redis alone
 //! settles it, so that a settle sent to two replicas counts once. Bounded:
 //! a reservation is kept until it is written, or [`KEEP`] has passed (Redis
-//! down); request ids for [`REPLAY_WINDOW`];
+//! down); request ids for [`REPLAY_WINDOW`], at most [`MAX_REPLAYS`];
 //! counter moves and lease returns are summed per counter; records and
 //! request ids waiting for Redis are capped at [`MAX_WAITING`] each.
 
@@ -23,6 +23,9 @@ const KEEP: Millis = 60_000;
 /// oldest go unwritten (a settle of such a reservation on another replica
 /// finds nothing, and its estimate stays charged).
 const MAX_WAITING: usize = 200_000;
+
+/// Request ids answered here, at most.
+const MAX_REPLAYS: usize = 100_000;
 
 /// A decision made here.
 pub(super) struct Made {
@@ -128,6 +131,15 @@ impl Local {
     pub fn remember(&mut self, rid: &str, until: Millis, outcome: ReserveOutcome) {
         self.replay_order.push_back((until, rid.to_string()));
         self.replays.insert(rid.to_string(), (until, outcome));
+        // Past the cap the oldest go first: a repeat of one is decided
+        // afresh here, and its batch finds the id in Redis and takes the
+        // new decision back, so it is still charged once.
+        while self.replays.len() > MAX_REPLAYS {
+            let Some((_, old)) = self.replay_order.pop_front() else {
+                break;
+            };
+            self.replays.remove(&old);
+        }
     }
 
     pub fn replayed(&self, rid: &str, now: Millis) -> Option<ReserveOutcome> {
