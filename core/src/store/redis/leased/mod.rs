@@ -148,14 +148,6 @@ impl LeasedStore {
         self.stats.clone()
     }
 
-    /// The unused lease this replica holds on each counter.
-    pub fn outstanding(&self) -> Vec<(String, i64)> {
-        let book = self.book.lock().unwrap();
-        book.outstanding()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect()
-    }
-
     /// What this replica holds unused on the counters of rule `rule`.
     pub fn unused_on(&self, rule: &str) -> i64 {
         let prefix = format!("{rule}|");
@@ -341,28 +333,6 @@ impl LeasedStore {
                 return Ok(outcome);
             }
         }
-        let retry_after = self.book.lock().unwrap().config().retry_early_denial_after;
-        if outcome.applied.is_none()
-            && !outcome.replayed
-            && granted.early_denials > 0
-            && retry_after > 0
-            && !req.candidates.is_empty()
-        {
-            // Another replica's lease may come back idle by then.
-            LeaseStats::add(
-                &self.stats.early_denials,
-                granted.early_denials.max(0) as u64,
-            );
-            tokio::time::sleep(Duration::from_millis(retry_after as u64)).await;
-            LeaseStats::add(&self.stats.redis_calls, 1);
-            let again = ReserveRequest {
-                now: req.now + retry_after,
-                ..req.clone()
-            };
-            let outcome = self.redis.reserve(&again).await?;
-            self.remember_replay(req, &outcome);
-            return Ok(outcome);
-        }
         let refills = granted.granted.iter().filter(|&&g| g > 0).count() as u64;
         LeaseStats::add(&self.stats.refills, refills);
         let returned = asks
@@ -376,6 +346,23 @@ impl LeasedStore {
                 &self.stats.early_denials,
                 granted.early_denials.max(0) as u64,
             );
+        }
+        let retry_after = self.book.lock().unwrap().config().retry_early_denial_after;
+        if outcome.applied.is_none()
+            && !outcome.replayed
+            && granted.early_denials > 0
+            && retry_after > 0
+        {
+            // Another replica's lease may come back idle by then.
+            tokio::time::sleep(Duration::from_millis(retry_after as u64)).await;
+            LeaseStats::add(&self.stats.redis_calls, 1);
+            let again = ReserveRequest {
+                now: req.now + retry_after,
+                ..req.clone()
+            };
+            let outcome = self.redis.reserve(&again).await?;
+            self.remember_replay(req, &outcome);
+            return Ok(outcome);
         }
         self.remember_replay(req, &outcome);
         Ok(outcome)
@@ -714,10 +701,6 @@ impl CounterStore for LeasedStore {
     ) -> Result<Vec<bool>, StoreError> {
         LeaseStats::add(&self.stats.redis_calls, 1);
         self.redis.mark_alerts(markers, now).await
-    }
-
-    fn can_stall(&self) -> bool {
-        true
     }
 
     async fn close(&self, now: Millis) -> Result<(), StoreError> {
