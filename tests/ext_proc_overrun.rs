@@ -710,3 +710,69 @@ async fn a_store_fault_in_a_top_up_lets_a_fail_open_stream_finish() {
     assert_eq!(body, upstream.chunks.concat(), "the client gets every byte");
     assert_eq!(top_ups(tollgate.http_port, "store_error").await, 1.0);
 }
+
+/// Runs `openai_stream(chunks, chars)` against `policy` with the decision
+/// log on, stops the server (which flushes the log) and returns its lines.
+async fn logged_stream(policy: &str, chunks: usize, chars: usize) -> Vec<serde_json::Value> {
+    let out = tempfile::tempdir().unwrap();
+    let log = out.path().join("audit.jsonl");
+    let (mut tollgate, envoy, _dir) = start(policy, &["--audit-log", log.to_str().unwrap()]).await;
+    let (request, upstream) = openai_stream(chunks, chars);
+    let served = upstream.clone();
+    let x = envoy.run(request, move |_| served).await;
+    assert_eq!(x.response().2, upstream.chunks.concat());
+    wait_used(
+        tollgate.http_port,
+        "output-daily",
+        (chunks * chars / 4) as u64,
+        SETTLE_DEADLINE,
+    )
+    .await;
+    assert!(tollgate.signal_and_wait("TERM").success());
+    std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Each top-up is a line of the decision log, after the call's decision
+/// and with its request id: what it reserved, or the rule with no room
+/// and what the stream does next.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_ups_are_in_the_decision_log() {
+    let lines = logged_stream(&budget(1_000_000, None), 200, 400).await;
+    assert_eq!(lines[0]["event"], "decision", "{lines:#?}");
+    assert_eq!(lines[0]["verdict"], "allow");
+    let request_id = lines[0]["request_id"].as_str().unwrap();
+    let top_ups = &lines[1..];
+    assert!((2..=8).contains(&top_ups.len()), "{lines:#?}");
+    let mut reserved = 0;
+    for line in top_ups {
+        assert_eq!(line["event"], "top_up", "{line}");
+        assert_eq!(line["request_id"], request_id, "{line}");
+        assert_eq!(line["verdict"], "allow", "{line}");
+        assert_eq!(line["reason"], "topped_up", "{line}");
+        assert_eq!(line["charged"], true, "{line}");
+        assert_eq!(line["rules"], serde_json::json!(["output-daily"]), "{line}");
+        let charge = &line["charge"][0];
+        assert_eq!(charge["unit"], "output_tokens", "{line}");
+        reserved += charge["amount"].as_str().unwrap().parse::<u64>().unwrap();
+    }
+    // Together with the first 100, the top-ups covered the 20,000 used.
+    assert!(reserved + MAX_TOKENS >= 20_000, "{reserved}: {lines:#?}");
+
+    let lines = logged_stream(&budget(150, None), CONTENT_CHUNKS, 80).await;
+    let denied: Vec<_> = lines.iter().filter(|l| l["event"] == "top_up").collect();
+    assert_eq!(denied.len(), 1, "{lines:#?}");
+    let line = denied[0];
+    assert_eq!(line["verdict"], "deny", "{line}");
+    assert_eq!(line["reason"], "budget_exceeded", "{line}");
+    assert_eq!(line["rule"], "output-daily", "{line}");
+    assert_eq!(line["charged"], false, "{line}");
+    let message = line["message"].as_str().unwrap();
+    assert!(
+        message.contains("under `output-daily`") && message.contains("on_overrun: finish"),
+        "{message}"
+    );
+}

@@ -23,8 +23,8 @@ use crate::policy::{
     Attr, CompiledPolicy, Enforcement, OnExceed, OnOverrun, StoreFailure, Unit, UnknownKeys,
 };
 use crate::store::{
-    Candidate, CounterKind, CounterRef, CounterStore, Grant, Reservation, ReserveOutcome,
-    ReserveRequest, SettleOutcome, SpendBounds, SpendDay, StoreError,
+    Candidate, CounterKind, CounterOp, CounterRef, CounterStore, Grant, Reservation,
+    ReserveOutcome, ReserveRequest, SettleOutcome, SpendBounds, SpendDay, StoreError,
 };
 
 pub use crate::clock::{Clock, ManualClock, SystemClock};
@@ -38,7 +38,7 @@ mod scopes;
 mod unknown_keys;
 mod unpriced;
 
-pub use observe::{AlertSink, DecisionReport, Observer, Unobserved};
+pub use observe::{AlertSink, DecisionReport, Observer, TopUpReport, Unobserved};
 
 use fired::FiredMarkers;
 pub use learned::{LearnedRow, MAX_KEYS as MAX_LEARNED_KEYS};
@@ -788,6 +788,38 @@ impl Gate {
     ) -> Result<TopUp, GateError> {
         let now = self.clock.now();
         let attrs = decided_attributes(policy, input, decided);
+        let mut asked = (Vec::new(), Vec::new());
+        let result = self
+            .top_up_at(policy, input, &attrs, output_tokens, now, &mut asked)
+            .await;
+        // A top-up with nothing to reserve is not an event: the call's
+        // output is counted by no rule.
+        if !matches!(result, Ok(TopUp::Unmetered)) {
+            self.observer.topped_up(&TopUpReport {
+                policy,
+                now,
+                input,
+                attributes: &attrs,
+                output_tokens,
+                ops: &asked.0,
+                counters: &asked.1,
+                result: &result,
+            });
+        }
+        result
+    }
+
+    /// [`Gate::top_up`] itself; `asked` gets the ops it reserved or tried,
+    /// with their counters, for the report.
+    async fn top_up_at(
+        &self,
+        policy: &CompiledPolicy,
+        input: &CheckInput,
+        attrs: &Attributes,
+        output_tokens: u64,
+        now: Millis,
+        asked: &mut (Vec<CounterOp>, Vec<decide::RuleCounter>),
+    ) -> Result<TopUp, GateError> {
         let estimate = Estimate {
             input_tokens: Some(0),
             cached_input_tokens: Some(0),
@@ -802,7 +834,7 @@ impl Gate {
             },
             prompt: None,
         };
-        let mut plan = decide::plan(policy, &attrs, &estimate, now)?;
+        let mut plan = decide::plan(policy, attrs, &estimate, now)?;
         plan.withhold_downgrades();
         let (Some(candidate), Some(counters)) = (plan.candidates.pop(), plan.counters.pop()) else {
             return Ok(TopUp::Unmetered);
@@ -835,6 +867,9 @@ impl Gate {
         if ops.is_empty() {
             return Ok(TopUp::Unmetered);
         }
+        asked.0.clone_from(&ops);
+        asked.1 = counters;
+        let counters = &asked.1;
         let request = Arc::new(ReserveRequest {
             now,
             candidates: vec![Candidate { model, ops }],
@@ -859,7 +894,7 @@ impl Gate {
         let states = outcome.tried.last();
         let mut blocking: Vec<usize> = ops
             .iter()
-            .zip(&counters)
+            .zip(counters)
             .enumerate()
             .filter(|(i, (op, _))| {
                 states

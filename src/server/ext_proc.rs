@@ -599,6 +599,9 @@ fn request_input(
     headers: &[(String, Vec<u8>)],
     body: Option<&Vec<u8>>,
 ) -> Option<CheckInput> {
+    // The decision's request id, so that the decision log ties each
+    // top-up to its call (a top-up itself is never replayed by it).
+    let envoy_id = header_str(headers, "x-request-id");
     let (method, path, headers) = request_parts(headers, body.map_or(0, Vec::len));
     let view = HttpRequest {
         method,
@@ -606,7 +609,7 @@ fn request_input(
         headers,
         context: Some(route),
         body: body.map(|b| &b[..]),
-        proxy_request_id: None,
+        proxy_request_id: envoy_id,
     };
     check_input(&policy.set.attributes, &view).ok()
 }

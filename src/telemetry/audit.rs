@@ -23,7 +23,7 @@ use tollgate_core::engine::decide::Plan;
 use tollgate_core::engine::request::hash_key;
 use tollgate_core::engine::window::{format_utc, Millis};
 use tollgate_core::engine::{Attributes, Decision, Verdict};
-use tollgate_core::gate::{DecisionReport, GateError};
+use tollgate_core::gate::{DecisionReport, GateError, TopUp, TopUpReport};
 use tollgate_core::policy::{hex, Attr, CompiledPolicy, Unit};
 
 /// Records waiting for the writer before new ones are dropped.
@@ -58,7 +58,15 @@ struct Record {
     /// What the decision charged (or, for a denial, would have charged).
     charge: Vec<Charge>,
     policy_version: String,
-    outcome: Result<Decision, GateError>,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Decision(Result<Decision, GateError>),
+    TopUp {
+        output_tokens: u64,
+        result: Result<TopUp, GateError>,
+    },
 }
 
 struct Charge {
@@ -117,14 +125,17 @@ impl AuditLog {
     /// Keeps a record of a finished decision, if it is sampled. Sampling
     /// is by count, not chance: of every n decisions, `sample * n` are
     /// kept, spread evenly. Nothing is copied for a decision not kept.
-    pub(crate) fn record(&self, report: &DecisionReport<'_>) {
+    /// Whether the next record is written: the sample, then the denials
+    /// filter.
+    fn keeps(&self, denial: bool) -> bool {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
         let kept = |n: u64| (u128::from(n) * u128::from(self.sample)) >> 32;
-        if kept(n + 1) == kept(n) {
-            return;
-        }
+        kept(n + 1) != kept(n) && (denial || !self.denials_only)
+    }
+
+    pub(crate) fn record(&self, report: &DecisionReport<'_>) {
         let denial = !matches!(report.result, Ok(d) if d.verdict != Verdict::Deny);
-        if self.denials_only && !denial {
+        if !self.keeps(denial) {
             return;
         }
         let policy = report.policy;
@@ -148,8 +159,61 @@ impl AuditLog {
             rules,
             charge,
             policy_version: policy.version.to_string(),
-            outcome: report.result.clone(),
+            outcome: Outcome::Decision(report.result.clone()),
         };
+        self.queue(record);
+    }
+
+    /// A top-up is written as a line of its own (`"event": "top_up"`),
+    /// with the call's request id and attributes, so that the decision
+    /// log shows every reservation a streamed call made. It is sampled
+    /// and filtered as decisions are; one without room, or failed, counts
+    /// as a denial.
+    pub(crate) fn record_top_up(&self, report: &TopUpReport<'_>) {
+        let denial = !matches!(report.result, Ok(TopUp::Reserved(_)));
+        if !self.keeps(denial) {
+            return;
+        }
+        let policy = report.policy;
+        let charge = report
+            .ops
+            .iter()
+            .zip(report.counters)
+            .map(|(op, rc)| Charge {
+                rule: policy.rules()[rc.rule].id.clone(),
+                scope: rc.scope.clone(),
+                unit: op.unit,
+                amount: op.amount,
+            })
+            .collect();
+        let mut rules: Vec<String> = report
+            .counters
+            .iter()
+            .map(|rc| policy.rules()[rc.rule].id.clone())
+            .collect();
+        rules.dedup();
+        let record = Record {
+            now: report.now,
+            request_id: report.input.request_id.clone(),
+            key_sha256: report
+                .input
+                .api_key
+                .as_deref()
+                .filter(|k| !k.trim().is_empty())
+                .map(hash_key),
+            attributes: report.attributes.clone(),
+            rules,
+            charge,
+            policy_version: policy.version.to_string(),
+            outcome: Outcome::TopUp {
+                output_tokens: report.output_tokens,
+                result: report.result.clone(),
+            },
+        };
+        self.queue(record);
+    }
+
+    fn queue(&self, record: Record) {
         match self.tx.try_send(Message::Record(Box::new(record))) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.dropped(),
@@ -227,6 +291,9 @@ fn write_loop(mut rx: mpsc::Receiver<Message>, mut out: impl Write) {
 #[derive(Serialize)]
 struct Line<'a> {
     ts: String,
+    /// `decision`, or `top_up` for more output reserved by a streamed call
+    /// already decided.
+    event: &'static str,
     request_id: Option<&'a str>,
     verdict: &'static str,
     reason: &'static str,
@@ -257,6 +324,7 @@ fn line(r: &Record) -> String {
         .collect();
     let mut line = Line {
         ts: format_utc_millis(r.now),
+        event: "decision",
         request_id: r.request_id.as_deref(),
         verdict: "error",
         reason: "",
@@ -271,6 +339,21 @@ fn line(r: &Record) -> String {
         policy_version: &r.policy_version,
     };
     match &r.outcome {
+        Outcome::Decision(result) => decision_fields(&mut line, result),
+        Outcome::TopUp {
+            output_tokens,
+            result,
+        } => {
+            line.model = r.attributes.model.as_deref();
+            top_up_fields(&mut line, *output_tokens, result)
+        }
+    }
+    // Written as a struct, not a map, to keep the field order.
+    serde_json::to_string(&line).unwrap_or_default()
+}
+
+fn decision_fields<'a>(line: &mut Line<'a>, result: &'a Result<Decision, GateError>) {
+    match result {
         Ok(d) => {
             line.verdict = d.verdict.name();
             line.reason = d.reason.code();
@@ -285,8 +368,41 @@ fn line(r: &Record) -> String {
             line.message = e.to_string();
         }
     }
-    // Written as a struct, not a map, to keep the field order.
-    serde_json::to_string(&line).unwrap_or_default()
+}
+
+fn top_up_fields<'a>(line: &mut Line<'a>, tokens: u64, result: &'a Result<TopUp, GateError>) {
+    line.event = "top_up";
+    match result {
+        Ok(TopUp::Reserved(_)) => {
+            line.verdict = "allow";
+            line.reason = "topped_up";
+            line.charged = true;
+            line.message = format!("reserved {tokens} more output tokens for a streamed call");
+        }
+        Ok(TopUp::NoRoom { cut, rules }) => {
+            line.verdict = "deny";
+            line.reason = "budget_exceeded";
+            line.rule = rules.first().map(String::as_str);
+            let names: Vec<String> = rules.iter().map(|r| format!("`{r}`")).collect();
+            let then = if *cut {
+                "the stream is cut (on_overrun: cut)"
+            } else {
+                "the stream runs to its end and is charged what it used (on_overrun: finish)"
+            };
+            line.message = format!(
+                "no room for {tokens} more output tokens under {}; {then}",
+                names.join(", ")
+            );
+        }
+        Ok(TopUp::Unmetered) => {
+            line.verdict = "allow";
+            line.reason = "unmetered";
+        }
+        Err(e) => {
+            line.reason = e.code();
+            line.message = e.to_string();
+        }
+    }
 }
 
 /// The rules the request matched, and what the decision charged (or, for

@@ -18,7 +18,7 @@ use crate::status::PolicyStatus;
 use audit::AuditLog;
 use tollgate_core::engine::window::Millis;
 use tollgate_core::engine::{Decision, Verdict};
-use tollgate_core::gate::{DecisionReport, GateError, Observer};
+use tollgate_core::gate::{DecisionReport, GateError, Observer, TopUpReport};
 use tollgate_core::store::StoreError;
 
 pub mod audit;
@@ -402,6 +402,12 @@ impl Observer for Telemetry {
         }
         if let Some(audit) = &self.audit {
             audit.record(report);
+        }
+    }
+
+    fn topped_up(&self, report: &TopUpReport<'_>) {
+        if let Some(audit) = &self.audit {
+            audit.record_top_up(report);
         }
     }
 

@@ -6,12 +6,12 @@
 use std::fmt;
 use std::time::Duration;
 
-use super::{CheckInput, GateError};
-use crate::engine::decide::{AlertCrossing, Plan};
+use super::{CheckInput, GateError, TopUp};
+use crate::engine::decide::{AlertCrossing, Plan, RuleCounter};
 use crate::engine::window::Millis;
 use crate::engine::{Attributes, Decision};
 use crate::policy::CompiledPolicy;
-use crate::store::StoreError;
+use crate::store::{CounterOp, StoreError};
 
 /// One finished decision, with what it was made from.
 #[derive(Debug)]
@@ -33,11 +33,33 @@ pub struct DecisionReport<'a> {
     pub result: &'a Result<Decision, GateError>,
 }
 
+/// One finished top-up: more output reserved for a call whose response
+/// streams past what its reservation covered ([`super::Gate::top_up`]).
+#[derive(Debug)]
+pub struct TopUpReport<'a> {
+    /// The snapshot that decided the call, which the top-up also uses.
+    pub policy: &'a CompiledPolicy,
+    pub now: Millis,
+    /// The call's request, as for its decision.
+    pub input: &'a CheckInput,
+    /// The attributes the call was decided on, with the model decided.
+    pub attributes: &'a Attributes,
+    /// The output tokens asked for.
+    pub output_tokens: u64,
+    /// What the top-up reserved (or, with no room, tried to), parallel to
+    /// `counters`; empty when it failed before it was planned.
+    pub ops: &'a [CounterOp],
+    pub counters: &'a [RuleCounter],
+    pub result: &'a Result<TopUp, GateError>,
+}
+
 /// Everything the gate reports. Each method has an empty default, so an
 /// observer implements only what it records.
 pub trait Observer: Send + Sync + fmt::Debug {
     /// A decision finished, allowed, denied or failed.
     fn decided(&self, _report: &DecisionReport<'_>) {}
+    /// A top-up finished, reserved, without room or failed.
+    fn topped_up(&self, _report: &TopUpReport<'_>) {}
     /// A decision was abandoned mid-way (its caller went away). Its store
     /// call may still have reserved; that reservation expires.
     fn cancelled(&self) {}
