@@ -271,3 +271,29 @@ fn a_lease_nothing_spends_from_goes_back_idle_before_its_life_ends() {
     );
     assert_eq!(book.spend(&[a], 10 + idle), None, "no longer spendable");
 }
+
+/// A lease spent from every 50 ms is not idle after a pause of four such
+/// gaps, which steady random demand often has, only after eight.
+#[test]
+fn a_lease_goes_back_idle_only_after_several_of_its_usual_gaps() {
+    let mut book = book();
+    let a = op("a", 1, 1_000_000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 1000, 0);
+    for i in 1..=12 {
+        assert!(book.spend(std::slice::from_ref(&a), i * 50).is_some());
+    }
+    let last = 600;
+    assert_eq!(
+        book.expired(last + 4 * 50),
+        vec![],
+        "four gaps: still in use"
+    );
+    assert_eq!(book.expired(last + (IDLE_GAPS - 1) * 50), vec![]);
+    assert_eq!(
+        book.expired(last + IDLE_GAPS * 50),
+        vec![Return {
+            key: "a".into(),
+            unused: 988
+        }]
+    );
+}
