@@ -291,6 +291,57 @@ async fn a_request_id_decided_on_two_replicas_is_charged_once(backend: Backend) 
     );
 }
 
+/// With nothing to settle it (`settle: never`: ext_authz alone), a
+/// decision made from a lease writes no reservation record, only its
+/// request id's outcome. The same request id decided from leases on two
+/// replicas at once is still charged once: the second takes back what it
+/// charged on each counter.
+async fn a_final_estimate_from_a_lease_has_no_record_and_is_charged_once(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-final-{}:", backend_name(&backend));
+    let (a, b) = replicas(&backend, &prefix, CAP, &clock).await;
+    let final_input = |tokens| CheckInput {
+        estimate_is_final: true,
+        ..input("growth", tokens)
+    };
+    let hits = |r: &Replica| r.store.stats().hits.load(Ordering::SeqCst);
+    // Leases on both replicas first.
+    a.gate.check(final_input(1)).await.unwrap();
+    b.gate.check(final_input(1)).await.unwrap();
+    let d = a.gate.check(final_input(2)).await.unwrap();
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert_eq!(hits(&a), 1, "made from the lease");
+    let with_id = || CheckInput {
+        request_id: Some("envoy-stream-9".to_string()),
+        ..final_input(2)
+    };
+    let first = a.gate.check(with_id()).await.unwrap();
+    let again_here = a.gate.check(with_id()).await.unwrap();
+    assert_eq!(
+        first.reservation_id, again_here.reservation_id,
+        "replayed here"
+    );
+    // Before either batch lands, the other replica decides it too.
+    b.gate.check(with_id()).await.unwrap();
+    assert_eq!(hits(&b), 1, "made from the other replica's lease");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let id = d.reservation_id.expect("an id");
+    for store in [&a.store, &b.store] {
+        let store: &dyn CounterStore = store.as_ref();
+        assert!(
+            store.reservation(&id, clock.now()).await.unwrap().is_none(),
+            "a final estimate made from a lease has no record"
+        );
+    }
+    a.store.close(clock.now()).await.unwrap();
+    b.store.close(clock.now()).await.unwrap();
+    assert_eq!(
+        team_usage(&a.gate, "growth").await,
+        ("6".into(), "0".into()),
+        "1 + 1 + 2, and 2 once"
+    );
+}
+
 /// While another replica holds an unused lease, a request it would fit is
 /// denied early; once that lease lapses (the holder went idle), it is
 /// allowed. The time it took is within a lease lifetime and a batch.
@@ -477,6 +528,7 @@ on_both!(
     each_alert_fires_once_across_replicas,
     a_reservation_made_from_a_lease_settles_on_another_replica,
     a_request_id_decided_on_two_replicas_is_charged_once,
+    a_final_estimate_from_a_lease_has_no_record_and_is_charged_once,
     an_early_denial_lasts_no_longer_than_a_lease,
     a_revocation_takes_effect_within_a_lease_lifetime,
     a_lowered_cap_is_in_force_at_once,

@@ -331,6 +331,7 @@ fn request(ops: Vec<CounterOp>, id: &str, now: i64) -> ReserveRequest {
         reservation_ttl: 60_000,
         request_id: None,
         account: None,
+        final_estimate: false,
     }
 }
 

@@ -415,6 +415,7 @@ impl Gate {
             },
             request_id: replay_id,
             account: account.as_ref().map(AccountTag::to_text),
+            final_estimate: input.estimate_is_final,
         });
         let (result, reserving) = self.reserve(&request).await;
         match result {
@@ -877,6 +878,7 @@ impl Gate {
             reservation_ttl: self.config.reservation_ttl.as_millis() as Millis,
             request_id: None,
             account: None,
+            final_estimate: false,
         });
         let (result, reserving) = self.reserve(&request).await;
         let outcome = result?;

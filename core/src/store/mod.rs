@@ -166,6 +166,10 @@ pub struct ReserveRequest {
     /// replica settles it can move its estimate to settled usage. Opaque
     /// to stores; never holds a newline or a tab.
     pub account: Option<String>,
+    /// Nothing will settle this reservation (ext_authz alone, `settle:
+    /// never`): its estimate is the charge. A store need keep its record
+    /// only for taking back a decision that stalled past its caller.
+    pub final_estimate: bool,
 }
 
 /// A counter as the store saw it, just before this request.

@@ -380,6 +380,8 @@ pub(super) fn call(body: &[u8], base: usize) -> Result<Call, Damage> {
                 reservation_ttl,
                 request_id,
                 account,
+                // Not logged: it only spares a leasing store a record.
+                final_estimate: false,
             })
         }
         SETTLE => {
@@ -675,6 +677,7 @@ mod tests {
             reservation_ttl: 600_000,
             request_id: Some("req-é".into()),
             account: Some("20423\u{1e}\u{1f}growth".into()),
+            final_estimate: false,
         }
     }
 

@@ -35,6 +35,7 @@ fn request(id: &str, now: Millis) -> ReserveRequest {
         reservation_ttl: 600_000,
         request_id: None,
         account: None,
+        final_estimate: false,
     }
 }
 

@@ -57,8 +57,8 @@ pub(super) struct Pending {
     pub records: Vec<(String, String, Millis)>,
     /// Replay key, outcome, lifetime (ms).
     pub replays: Vec<(String, String, Millis)>,
-    /// The reservation each replay belongs to, by index.
-    pub replay_ids: Vec<String>,
+    /// The decision each replay belongs to, by index.
+    pub replay_ids: Vec<Decided>,
     /// Counter key, delta.
     pub moves: Vec<(String, i64)>,
     /// Counter key, unused lease handed back.
@@ -77,6 +77,17 @@ impl Pending {
     }
 }
 
+/// A decision made here, as a repeat of its request id on another replica
+/// would take it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Decided {
+    /// Through its reservation record, in Redis by then.
+    Reservation(String),
+    /// A final estimate, which has no record: each counter with what it
+    /// charged there.
+    Final(Vec<(String, i64)>),
+}
+
 #[derive(Debug, Default)]
 pub(super) struct Local {
     reservations: HashMap<String, Entry>,
@@ -86,8 +97,8 @@ pub(super) struct Local {
     replay_order: VecDeque<(Millis, String)>,
     /// Reservations whose record is to be written (again, once settled).
     unwritten: VecDeque<String>,
-    /// Request ids to write: replay key, outcome, until, reservation.
-    replays_unwritten: VecDeque<(String, String, Millis, String)>,
+    /// Request ids to write: replay key, outcome, until, decision.
+    replays_unwritten: VecDeque<(String, String, Millis, Decided)>,
     moves: HashMap<String, i64>,
     returns: HashMap<String, i64>,
     /// Records that a failed batch could not write.
@@ -97,19 +108,11 @@ pub(super) struct Local {
 impl Local {
     pub fn made(&mut self, id: &str, made: Made) {
         if let Some((rid, key, text, until)) = made.replay {
-            self.replays_unwritten
-                .push_back((key, text, until, id.to_string()));
-            self.remember(
-                &rid,
-                until,
-                ReserveOutcome {
-                    replayed: true,
-                    ..made.outcome
-                },
+            self.answered_as(
+                (rid, key, text, until),
+                Decided::Reservation(id.to_string()),
+                made.outcome,
             );
-            if self.replays_unwritten.len() > MAX_WAITING {
-                self.replays_unwritten.pop_front();
-            }
         }
         self.unwritten.push_back(id.to_string());
         if self.unwritten.len() > MAX_WAITING {
@@ -126,6 +129,38 @@ impl Local {
                 reservation: made.reservation,
             },
         );
+    }
+
+    /// A final estimate decided here (no record, see [`Decided::Final`]):
+    /// only its request id is kept, and written.
+    pub fn answered(
+        &mut self,
+        replay: (String, String, String, Millis),
+        ops: Vec<(String, i64)>,
+        outcome: ReserveOutcome,
+    ) {
+        self.answered_as(replay, Decided::Final(ops), outcome);
+    }
+
+    fn answered_as(
+        &mut self,
+        (rid, key, text, until): (String, String, String, Millis),
+        decided: Decided,
+        outcome: ReserveOutcome,
+    ) {
+        self.replays_unwritten
+            .push_back((key, text, until, decided));
+        self.remember(
+            &rid,
+            until,
+            ReserveOutcome {
+                replayed: true,
+                ..outcome
+            },
+        );
+        if self.replays_unwritten.len() > MAX_WAITING {
+            self.replays_unwritten.pop_front();
+        }
     }
 
     pub fn remember(&mut self, rid: &str, until: Millis, outcome: ReserveOutcome) {
@@ -254,7 +289,7 @@ impl Local {
     /// The reservations made here whose request id another replica had
     /// decided first: each is to be taken back, so that the request is
     /// charged once.
-    pub fn duplicates(batch: &Pending, duplicates: &[usize]) -> Vec<String> {
+    pub fn duplicates(batch: &Pending, duplicates: &[usize]) -> Vec<Decided> {
         duplicates
             .iter()
             .filter_map(|&i| batch.replay_ids.get(i).cloned())

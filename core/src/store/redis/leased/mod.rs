@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use ::redis::Script;
 use async_trait::async_trait;
 
-use self::local::{Local, Pending};
+use self::local::{Decided, Local, Pending};
 use super::codec::encode_replay;
 use super::cross_slot::SlotLeases;
 use super::keys::{by_tag, slot_tag};
@@ -199,6 +199,24 @@ impl LeasedStore {
                 until,
             )
         });
+        LeaseStats::add(&self.stats.hits, 1);
+        if req.final_estimate {
+            // Nothing settles it, and decided here it never stalled, so
+            // nothing takes it back: it needs no record, only its request
+            // id's outcome for a repeat on another replica.
+            if let Some(replay) = replay {
+                let ops = candidate
+                    .ops
+                    .iter()
+                    .map(|op| (op.key.clone(), op.amount))
+                    .collect();
+                self.local
+                    .lock()
+                    .unwrap()
+                    .answered(replay, ops, outcome.clone());
+            }
+            return Some(outcome);
+        }
         let keys: Vec<String> = candidate
             .ops
             .iter()
@@ -230,7 +248,6 @@ impl LeasedStore {
                 now: req.now,
             },
         );
-        LeaseStats::add(&self.stats.hits, 1);
         Some(outcome)
     }
 
@@ -448,11 +465,23 @@ impl LeasedStore {
         }
         match self.write(&batch, now).await {
             Ok(duplicates) => {
-                // Written in this batch: Redis takes each back.
-                for id in Local::duplicates(&batch, &duplicates) {
-                    LeaseStats::add(&self.stats.redis_calls, 1);
-                    if let Err(e) = self.redis.withdraw(&id, None, now).await {
-                        tracing::error!(reservation = %id, error = %e, "could not take back a decision another replica had made for the same request id; it stays charged");
+                for decided in Local::duplicates(&batch, &duplicates) {
+                    match decided {
+                        // Written in this batch: Redis takes it back.
+                        Decided::Reservation(id) => {
+                            LeaseStats::add(&self.stats.redis_calls, 1);
+                            if let Err(e) = self.redis.withdraw(&id, None, now).await {
+                                tracing::error!(reservation = %id, error = %e, "could not take back a decision another replica had made for the same request id; it stays charged");
+                            }
+                        }
+                        // No record: its counters go back by what it
+                        // charged, through the leases or the next batch.
+                        Decided::Final(ops) => {
+                            let deltas: Vec<i64> = ops.iter().map(|(_, a)| -a).collect();
+                            let mut pending = Pending::default();
+                            self.move_local(&ops, &deltas, now, &mut pending);
+                            self.local.lock().unwrap().requeue(pending);
+                        }
                     }
                 }
                 Ok(())
