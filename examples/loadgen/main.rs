@@ -5,6 +5,9 @@
 //!     --concurrency 64 --connections 4 --seconds 10 [--mode native] [--keys 1000]
 //!
 //! `--keys`: how many distinct API keys the requests cycle through.
+//! `--target` may list several servers, comma-separated (replicas on one
+//! Redis): each gets `--connections` connections, and the requests in
+//! flight take the connections in turn.
 //! Modes, all against the scenario in `policy.yaml`, each request matching
 //! the same four rules (its key, its team, the premium family, production;
 //! twenty with `20-rules/policy.yaml`):
@@ -333,14 +336,18 @@ async fn ext_proc_request_phase(
 #[tokio::main]
 async fn main() {
     let a = args();
+    // Several targets (replicas) each get `connections` of their own; the
+    // requests in flight take the connections in turn.
     let mut channels = Vec::new();
     for _ in 0..a.connections.max(1) {
-        let ch = Channel::from_shared(a.target.clone())
-            .expect("target URL")
-            .connect()
-            .await
-            .expect("connect to target");
-        channels.push(ch);
+        for target in a.target.split(',') {
+            let ch = Channel::from_shared(target.to_string())
+                .expect("target URL")
+                .connect()
+                .await
+                .expect("connect to target");
+            channels.push(ch);
+        }
     }
     // Request ids unique to this run: a repeated id would be a replay.
     let run = format!("{:x}", std::process::id());
