@@ -63,6 +63,8 @@ impl Default for LeaseConfig {
 struct Lease {
     /// Counted in the store, not yet spent here.
     remaining: i64,
+    /// What the last refill granted.
+    granted: i64,
     /// The counter as the store last answered, this lease included: what
     /// this replica reports as used is `seen - remaining`.
     seen: i64,
@@ -89,12 +91,37 @@ struct Lease {
     dirty: bool,
 }
 
-/// What a decision that goes to the store gives back and asks for, per op.
+impl Lease {
+    /// A decision on this counter, now: the usual gap between them
+    /// follows.
+    fn touched(&mut self, now: Millis) {
+        self.gap = (3 * self.gap + (now - self.last_spent).clamp(0, 60_000)) / 4;
+        self.last_spent = now;
+    }
+}
+
+/// What a decision that goes to the store gives back and asks for, per op:
+/// a lease of `want`, usable for `life` less the margin.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Ask {
     pub unused: i64,
     pub want: i64,
+    pub life: Millis,
 }
+
+/// A counter this replica spends from too slowly to use even the smallest
+/// lease (`min_requests`) within `lifetime` would see each lease lapse
+/// after a request or two, and send nearly every decision to the store
+/// (ten replicas sharing 1,000 keys do: each sees a key about once a
+/// second). Such a lease lives long enough to be spent, up to this many
+/// lifetimes, but only while it is at most 1/[`FAR_SHARE`] of the room the
+/// replica last saw below the cap and the next alert value, and never on
+/// an approval gate: near a cap or a threshold, and wherever a revocation
+/// must take effect, leases keep the one lifetime.
+pub const LONGEST_LIFE: Millis = 5;
+
+/// See [`LONGEST_LIFE`].
+pub const FAR_SHARE: i64 = 1000;
 
 /// An amount handed back to the store: `unused` of counter `key`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +142,15 @@ pub struct LeaseBook {
 /// in fifty went back by mistake and cost a refill (a third of all
 /// refills at 1,000 keys); at 8 it is one in three thousand.
 pub const IDLE_GAPS: Millis = 8;
+
+/// Whether a lease of `want` on `op`'s counter, last seen at `seen`, is at
+/// most 1/[`FAR_SHARE`] of the room below the cap and the next alert value
+/// (see [`LONGEST_LIFE`]).
+fn far_below(op: &CounterOp, seen: i64, want: i64) -> bool {
+    let next_alert = op.alert_at.iter().copied().find(|&v| v > seen);
+    let ceiling = next_alert.map_or(op.limit, |v| v.min(op.limit));
+    op.grant.is_none() && ceiling.saturating_sub(seen) / FAR_SHARE >= want
+}
 
 /// Whether an op's counter can be leased at all.
 pub fn leasable(op: &CounterOp) -> bool {
@@ -166,8 +202,7 @@ impl LeaseBook {
                     lease.remaining -= op.amount;
                     lease.spent += op.amount;
                     lease.dirty = true;
-                    lease.gap = (3 * lease.gap + (now - lease.last_spent).clamp(0, 60_000)) / 4;
-                    lease.last_spent = now;
+                    lease.touched(now);
                     state
                 })
                 .collect(),
@@ -199,19 +234,34 @@ impl LeaseBook {
                     );
                 }
                 let lease = self.leases.get_mut(&op.key).expect("inserted above");
-                // A lease that could serve this op is left as it is: the
-                // decision goes to Redis for another counter, and this
-                // one is charged there directly.
+                // A decision that goes to the store is demand here too: a
+                // counter whose decisions mostly miss must not look idle.
+                lease.touched(now);
+                // A lease that could serve this op is left as it is while
+                // it holds at least half of what it was granted, for at
+                // least half of its time: the decision goes to Redis for
+                // another counter, and this one is charged there
+                // directly. One spent further is refilled now, with the
+                // counter that sent the decision there: the leases of
+                // counters that are decided together then run out
+                // together, rather than each sending decisions to Redis
+                // at its own moment (with 20 rules a request, one in
+                // eight did).
                 if !lease.refilling
                     && lease.usable_until > now
                     && lease.limit == op.limit
                     && lease.remaining >= op.amount
+                    && (lease.remaining * 2 >= lease.granted
+                        && (lease.usable_until - now) * 2 >= lease.usable_until - lease.since)
                 {
                     return Ask::default();
                 }
                 let unused = std::mem::take(&mut lease.remaining);
                 if lease.refilling {
-                    return Ask { unused, want: 0 };
+                    return Ask {
+                        unused,
+                        ..Ask::default()
+                    };
                 }
                 lease.refilling = true;
                 let elapsed = (now - lease.since).max(1);
@@ -223,10 +273,17 @@ impl LeaseBook {
                 let usable = (config.lifetime - config.margin) * 9 / 10;
                 let for_demand = lease.rate.saturating_mul(usable) / 1000;
                 let floor = op.amount.max(1).saturating_mul(config.min_requests);
-                Ask {
-                    unused,
-                    want: for_demand.max(floor).saturating_add(op.amount),
+                let want = for_demand.max(floor).saturating_add(op.amount);
+                let mut life = config.lifetime;
+                if for_demand < floor && lease.rate > 0 && far_below(op, lease.seen, want) {
+                    // Time to spend it at this demand, as for_demand
+                    // spends its lease over 90% of the usable time.
+                    let to_spend = want.saturating_mul(1000) / lease.rate * 10 / 9;
+                    life = to_spend
+                        .saturating_add(config.margin)
+                        .clamp(config.lifetime, config.lifetime * LONGEST_LIFE);
                 }
+                Ask { unused, want, life }
             })
             .collect()
     }
@@ -258,10 +315,12 @@ impl LeaseBook {
             let used = states.get(i).map_or(0, |s| s.used_before);
             lease.refilling = false;
             lease.remaining += got;
+            lease.granted = got;
             lease.seen = used + if applied { op.amount } else { 0 } + got;
             lease.limit = op.limit;
             lease.grant = states.get(i).and_then(|s| s.grant);
-            lease.usable_until = sent_at + self.config.lifetime - self.config.margin;
+            let life = asks[i].life.max(self.config.lifetime);
+            lease.usable_until = sent_at + life - self.config.margin;
             lease.spent = 0;
             lease.since = sent_at;
             lease.last_spent = sent_at;
@@ -334,7 +393,7 @@ impl LeaseBook {
     }
 
     /// Takes out every lease past its use or idle, to be handed back, and
-    /// forgets counters that have been idle for a lifetime.
+    /// forgets counters that have been idle for the longest lease life.
     pub fn expired(&mut self, now: Millis) -> Vec<Return> {
         let LeaseConfig { lifetime, idle, .. } = self.config;
         let mut out = Vec::new();
@@ -355,8 +414,9 @@ impl LeaseBook {
                     unused: std::mem::take(&mut lease.remaining),
                 });
             }
-            // Kept a while for its demand estimate, then forgotten.
-            now.saturating_sub(lease.usable_until) < lifetime
+            // Kept a while for its demand estimate (as long as a slow
+            // counter's lease lives), then forgotten.
+            now.saturating_sub(lease.usable_until) < lifetime * LONGEST_LIFE
         });
         out
     }

@@ -9,8 +9,9 @@
 --       (0 = none), cleanup grace, candidate count, lease spec ('' = no
 --       leases), then per candidate: op count and its reservation record
 --       ('' = none; stored as given), then per op: amount, limit, mode,
---       expiry, and with leases also: unused, want, alert values.
---   lease spec: '<replica> <lease lifetime ms> <share>' (see Leases below).
+--       expiry, and with leases also: unused, want, alert values, life.
+--   lease spec: '<replica> <longest lease life ms> <share>' (see Leases
+--   below).
 --   mode: one character, '0' plus the sum of 1 enforced, 2 downgradable,
 --   4 concurrency gauge, 8 rolling window, 16 if an active grant adds its
 --   extra to the limit, 32 if in addition the op blocks without one (an
@@ -41,9 +42,13 @@
 -- `want` is the lease the replica asks for; it gets it whole while that is
 -- at most 1/share of the room left below the cap and below the next alert
 -- value (space-separated, ascending, in `alert values`), and nothing after,
--- so that near a cap or a threshold decisions come here one at a time. Each replica's lease is listed in the hash `l:{..}` beside
--- the counter (field: replica, value '<amount> <until>'), for reports and
--- for telling early denials apart; the counter alone keeps the cap.
+-- so that near a cap or a threshold decisions come here one at a time.
+-- `life` is how long the replica will use it (ms; the replica chooses it,
+-- longer only far from the cap). Each replica's lease is listed in the
+-- hash `l:{..}` beside the counter (field: replica, value '<amount>
+-- <until>'), for reports and for telling early denials apart; the hash
+-- lives as long as the longest lease could. The counter alone keeps the
+-- cap.
 --
 -- Costs, measured: each redis.call about 1.5 us, each tonumber() of an
 -- argument about 0.2 us, everything else far less. So the common case
@@ -85,7 +90,7 @@ end
 
 local ncand = tonumber(ARGV[6])
 local lease = ARGV[7] ~= ''
-local per = lease and 7 or 4
+local per = lease and 8 or 4
 local replica, lease_life, share
 if lease then
   local spec = {}
@@ -218,11 +223,12 @@ local function lease_for(o, base)
   return want
 end
 
--- Records replica's lease on counter `key` (none when `amount` is 0).
-local function note_lease(key, amount)
+-- Records replica's lease on counter `key` (none when `amount` is 0),
+-- used for `life` ms.
+local function note_lease(key, amount, life)
   local lkey = lease_key(key)
   if amount > 0 then
-    call('HSET', lkey, replica, int(amount) .. ' ' .. int(now + lease_life))
+    call('HSET', lkey, replica, int(amount) .. ' ' .. int(now + tonumber(life)))
     call('PEXPIRE', lkey, int(lease_life + tonumber(ARGV[5])))
   else
     call('HDEL', lkey, replica)
@@ -254,7 +260,7 @@ if applied then
         local got = lease_for(o, base)
         leased[o + 1] = got
         amount = int(tonumber(amount) - unused_of[o] + got)
-        if got > 0 or unused_of[o] > 0 then note_lease(key, got) end
+        if got > 0 or unused_of[o] > 0 then note_lease(key, got, ARGV[base + 7]) end
       end
       if values[o + 1] or exp == '0' then
         call('INCRBY', key, amount)
@@ -274,7 +280,7 @@ elseif lease then
   for o = 0, tonumber(ARGV[first - 2]) - 1 do
     if (unused_of[o] or 0) > 0 then
       call('DECRBY', KEYS[ck + o], int(unused_of[o]))
-      note_lease(KEYS[ck + o], 0)
+      note_lease(KEYS[ck + o], 0, 0)
     end
   end
 end

@@ -106,7 +106,8 @@ impl RedisStore {
                     let ask = lease.ops.get(o).copied().unwrap_or_default();
                     inv.arg(ask.unused)
                         .arg(ask.want)
-                        .arg(alert_values_text(&op.alert_at));
+                        .arg(alert_values_text(&op.alert_at))
+                        .arg(ask.life);
                 }
             }
             for grant in candidate.ops.iter().filter_map(|op| op.grant.as_ref()) {
@@ -127,7 +128,7 @@ impl RedisStore {
 /// What a replica gives back and asks for, per op of the one candidate,
 /// in a reserve that refills its leases; see `reserve.lua`.
 pub(super) struct LeaseAsk<'a> {
-    /// `<replica> <lease lifetime ms> <share>`.
+    /// `<replica> <longest lease life ms> <share>`.
     pub spec: &'a str,
     pub ops: &'a [OpAsk],
 }
@@ -136,6 +137,8 @@ pub(super) struct LeaseAsk<'a> {
 pub(super) struct OpAsk {
     pub unused: i64,
     pub want: i64,
+    /// How long the replica will use the lease, in ms.
+    pub life: i64,
 }
 
 fn alert_values_text(values: &[i64]) -> String {

@@ -30,7 +30,7 @@ use super::cross_slot::SlotLeases;
 use super::keys::{by_tag, slot_tag};
 use super::reserve::{LeaseAsk, OpAsk};
 use super::RedisStore;
-use crate::store::lease::{leasable, Ask, LeaseBook, LeaseConfig};
+use crate::store::lease::{leasable, Ask, LeaseBook, LeaseConfig, LONGEST_LIFE};
 use crate::store::*;
 
 /// How often batched writes and expired leases go to Redis, in ms.
@@ -126,7 +126,11 @@ impl LeasedStore {
     pub fn start(redis: RedisStore, config: LeaseConfig) -> Arc<LeasedStore> {
         let replica = replica_id();
         let store = Arc::new(LeasedStore {
-            spec: format!("{replica} {} {}", config.lifetime, config.share.max(1)),
+            spec: format!(
+                "{replica} {} {}",
+                config.lifetime * LONGEST_LIFE,
+                config.share.max(1)
+            ),
             replica,
             redis,
             book: Mutex::new(LeaseBook::new(config)),
@@ -793,6 +797,7 @@ impl From<Ask> for OpAsk {
         OpAsk {
             unused: a.unused,
             want: a.want,
+            life: a.life,
         }
     }
 }
