@@ -89,6 +89,8 @@ struct Lease {
     gap: Millis,
     /// Spent or credited since the store last heard what it holds.
     dirty: bool,
+    /// When the store last heard what it holds.
+    reported_at: Millis,
 }
 
 impl Lease {
@@ -109,15 +111,16 @@ pub struct Ask {
     pub life: Millis,
 }
 
-/// A counter this replica spends from too slowly to use even the smallest
-/// lease (`min_requests`) within `lifetime` would see each lease lapse
-/// after a request or two, and send nearly every decision to the store
-/// (ten replicas sharing 1,000 keys do: each sees a key about once a
-/// second). Such a lease lives long enough to be spent, up to this many
-/// lifetimes, but only while it is at most 1/[`FAR_SHARE`] of the room the
-/// replica last saw below the cap and the next alert value, and never on
-/// an approval gate: near a cap or a threshold, and wherever a revocation
-/// must take effect, leases keep the one lifetime.
+/// Far from the cap a lease lives this many lifetimes, and is sized to the
+/// demand over that time: refills are that many times rarer, and a
+/// counter this replica spends from too slowly to use even the smallest
+/// lease (`min_requests`) within one lifetime (ten replicas sharing 1,000
+/// keys each see a key about once a second) no longer sees each lease
+/// lapse after a request or two. Far means the lease is at most
+/// 1/[`FAR_SHARE`] of the room the replica last saw below the cap and the
+/// next alert value; an approval gate is never far. Near a cap or a
+/// threshold, and wherever a revocation must take effect, a lease keeps
+/// the one lifetime.
 pub const LONGEST_LIFE: Millis = 5;
 
 /// See [`LONGEST_LIFE`].
@@ -142,6 +145,12 @@ pub struct LeaseBook {
 /// in fifty went back by mistake and cost a refill (a third of all
 /// refills at 1,000 keys); at 8 it is one in three thousand.
 pub const IDLE_GAPS: Millis = 8;
+
+/// How often, at most, the store hears what a lease still holds. Every
+/// batch (20 ms) was one write per busy lease per batch, most of what
+/// Redis did for leased decisions; what it is for (reports, and telling
+/// early denials apart) can be this late.
+pub const REPORT_EVERY: Millis = 250;
 
 /// Whether a lease of `want` on `op`'s counter, last seen at `seen`, is at
 /// most 1/[`FAR_SHARE`] of the room below the cap and the next alert value
@@ -270,19 +279,22 @@ impl LeaseBook {
                 lease.rate = (lease.rate + measured.max(lease.rate / 2)) / 2;
                 // Demand over most of the time it can be used, so that it
                 // is spent rather than left to lapse.
-                let usable = (config.lifetime - config.margin) * 9 / 10;
-                let for_demand = lease.rate.saturating_mul(usable) / 1000;
                 let floor = op.amount.max(1).saturating_mul(config.min_requests);
-                let want = for_demand.max(floor).saturating_add(op.amount);
-                let mut life = config.lifetime;
-                if for_demand < floor && lease.rate > 0 && far_below(op, lease.seen, want) {
-                    // Time to spend it at this demand, as for_demand
-                    // spends its lease over 90% of the usable time.
-                    let to_spend = want.saturating_mul(1000) / lease.rate * 10 / 9;
-                    life = to_spend
-                        .saturating_add(config.margin)
-                        .clamp(config.lifetime, config.lifetime * LONGEST_LIFE);
-                }
+                // Sized to demand over 90% of the time it can be used, so
+                // that it is spent rather than left to lapse: far from the
+                // cap over the longest life, otherwise over one lifetime.
+                let sized = |life: Millis| {
+                    let usable = (life - config.margin) * 9 / 10;
+                    let for_demand = lease.rate.saturating_mul(usable) / 1000;
+                    for_demand.max(floor).saturating_add(op.amount)
+                };
+                let longest = config.lifetime * LONGEST_LIFE;
+                let long = sized(longest);
+                let (want, life) = if lease.rate > 0 && far_below(op, lease.seen, long) {
+                    (long, longest)
+                } else {
+                    (sized(config.lifetime), config.lifetime)
+                };
                 Ask { unused, want, life }
             })
             .collect()
@@ -316,6 +328,8 @@ impl LeaseBook {
             lease.refilling = false;
             lease.remaining += got;
             lease.granted = got;
+            // The grant itself told the store what it holds.
+            lease.reported_at = sent_at;
             lease.seen = used + if applied { op.amount } else { 0 } + got;
             lease.limit = op.limit;
             lease.grant = states.get(i).and_then(|s| s.grant);
@@ -421,16 +435,23 @@ impl LeaseBook {
         out
     }
 
-    /// The live leases whose unused amount changed since last asked: the
-    /// counter, what is left, and when the store's record of it lapses. So
-    /// that other replicas see what this one holds, about one batch late.
+    /// The live leases whose unused amount changed since the store last
+    /// heard it, at most every [`REPORT_EVERY`]: the counter, what is
+    /// left, and when the store's record of it lapses. So that other
+    /// replicas (and reports) see what this one holds.
     pub fn changed(&mut self, now: Millis) -> Vec<(String, i64, Millis)> {
         let margin = self.config.margin;
         self.leases
             .iter_mut()
-            .filter(|(_, l)| l.dirty && !l.refilling && l.usable_until > now)
+            .filter(|(_, l)| {
+                l.dirty
+                    && !l.refilling
+                    && l.usable_until > now
+                    && now.saturating_sub(l.reported_at) >= REPORT_EVERY
+            })
             .map(|(key, l)| {
                 l.dirty = false;
+                l.reported_at = now;
                 (key.clone(), l.remaining, l.usable_until + margin)
             })
             .collect()

@@ -420,3 +420,25 @@ fn a_counter_decided_on_once_a_second_is_mostly_decided_from_its_lease() {
         hits + misses
     );
 }
+
+/// What a lease still holds reaches the store at most every
+/// `REPORT_EVERY`, however often it is spent from, and only when it moved.
+#[test]
+fn what_a_lease_holds_is_reported_at_most_every_so_often() {
+    let mut book = book();
+    let a = op("a", 1, 1_000_000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 100, 0);
+    assert!(book.spend(std::slice::from_ref(&a), 10).is_some());
+    assert_eq!(book.changed(20), vec![], "the grant itself was news");
+    let until = LeaseConfig::default().lifetime;
+    assert_eq!(book.changed(REPORT_EVERY), vec![("a".into(), 99, until)]);
+    assert!(book
+        .spend(std::slice::from_ref(&a), REPORT_EVERY + 1)
+        .is_some());
+    assert_eq!(book.changed(REPORT_EVERY + 20), vec![]);
+    assert_eq!(
+        book.changed(2 * REPORT_EVERY),
+        vec![("a".into(), 98, until)]
+    );
+    assert_eq!(book.changed(3 * REPORT_EVERY), vec![], "unmoved");
+}
