@@ -61,8 +61,10 @@ struct Record {
     outcome: Outcome,
 }
 
+/// The record itself is boxed on its way to the writer; a decision's
+/// outcome is boxed here too, so that a top-up's record is not as large.
 enum Outcome {
-    Decision(Result<Decision, GateError>),
+    Decision(Box<Result<Decision, GateError>>),
     TopUp {
         output_tokens: u64,
         result: Result<TopUp, GateError>,
@@ -159,7 +161,7 @@ impl AuditLog {
             rules,
             charge,
             policy_version: policy.version.to_string(),
-            outcome: Outcome::Decision(report.result.clone()),
+            outcome: Outcome::Decision(Box::new(report.result.clone())),
         };
         self.queue(record);
     }

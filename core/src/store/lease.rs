@@ -277,9 +277,22 @@ impl LeaseBook {
                 let measured = lease.spent.saturating_mul(1000) / elapsed;
                 // Smoothed, so that one quiet moment does not shrink it.
                 lease.rate = (lease.rate + measured.max(lease.rate / 2)) / 2;
-                // Demand over most of the time it can be used, so that it
-                // is spent rather than left to lapse.
                 let floor = op.amount.max(1).saturating_mul(config.min_requests);
+                let longest = config.lifetime * LONGEST_LIFE;
+                // A counter that has had a lease, and at whose demand here
+                // (measured over a lifetime at least) one would serve
+                // fewer than two decisions in the longest life (100,000
+                // keys at 10k/s: each seen every 10 s), is decided in the
+                // store without one: a lease there only adds a grant and a
+                // return to every decision.
+                let seldom = lease.spent.saturating_mul(longest - config.margin) / elapsed;
+                if lease.granted > 0 && elapsed >= config.lifetime && seldom < 2 * op.amount {
+                    lease.refilling = false;
+                    return Ask {
+                        unused,
+                        ..Ask::default()
+                    };
+                }
                 // Sized to demand over 90% of the time it can be used, so
                 // that it is spent rather than left to lapse: far from the
                 // cap over the longest life, otherwise over one lifetime.
@@ -288,7 +301,6 @@ impl LeaseBook {
                     let for_demand = lease.rate.saturating_mul(usable) / 1000;
                     for_demand.max(floor).saturating_add(op.amount)
                 };
-                let longest = config.lifetime * LONGEST_LIFE;
                 let long = sized(longest);
                 let (want, life) = if lease.rate > 0 && far_below(op, lease.seen, long) {
                     (long, longest)
@@ -428,17 +440,18 @@ impl LeaseBook {
                     unused: std::mem::take(&mut lease.remaining),
                 });
             }
-            // Kept a while for its demand estimate (as long as a slow
-            // counter's lease lives), then forgotten.
-            now.saturating_sub(lease.usable_until) < lifetime * LONGEST_LIFE
+            // Kept while decisions come (its demand estimate), then
+            // forgotten once none has for the longest lease life.
+            now.saturating_sub(lease.usable_until.max(lease.last_spent)) < lifetime * LONGEST_LIFE
         });
         out
     }
 
     /// The live leases whose unused amount changed since the store last
-    /// heard it, at most every [`REPORT_EVERY`]: the counter, what is
-    /// left, and when the store's record of it lapses. So that other
-    /// replicas (and reports) see what this one holds.
+    /// heard it, at most every [`REPORT_EVERY`] (at once when a lease is
+    /// spent out): the counter, what is left, and when the store's record
+    /// of it lapses. So that other replicas (and reports) see what this
+    /// one holds.
     pub fn changed(&mut self, now: Millis) -> Vec<(String, i64, Millis)> {
         let margin = self.config.margin;
         self.leases
@@ -447,7 +460,7 @@ impl LeaseBook {
                 l.dirty
                     && !l.refilling
                     && l.usable_until > now
-                    && now.saturating_sub(l.reported_at) >= REPORT_EVERY
+                    && (l.remaining == 0 || now.saturating_sub(l.reported_at) >= REPORT_EVERY)
             })
             .map(|(key, l)| {
                 l.dirty = false;

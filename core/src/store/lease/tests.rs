@@ -395,6 +395,9 @@ fn a_counter_decided_on_once_a_second_is_mostly_decided_from_its_lease() {
         } else {
             misses += 1;
             let asks = book.ask(std::slice::from_ref(&a), now);
+            // Applied in the store: demand all the same, as the leasing
+            // store reports it.
+            book.demanded(std::slice::from_ref(&a));
             let got = asks[0].want;
             book.refilled(
                 std::slice::from_ref(&a),
@@ -441,4 +444,35 @@ fn what_a_lease_holds_is_reported_at_most_every_so_often() {
         vec![("a".into(), 98, until)]
     );
     assert_eq!(book.changed(3 * REPORT_EVERY), vec![], "unmoved");
+}
+
+/// A counter decided on here once every 8 s, whose lease lapsed unused,
+/// is decided in the store without a lease, and is not left refilling:
+/// once its demand grows it gets one again.
+#[test]
+fn a_counter_too_seldom_for_a_lease_asks_for_none() {
+    let mut book = book();
+    let a = op("a", 10, 1_000_000_000);
+    let asks = book.ask(std::slice::from_ref(&a), 0);
+    assert!(asks[0].want > 0, "a first lease, for want of history");
+    book.refilled(
+        std::slice::from_ref(&a),
+        &asks,
+        &[state(0)],
+        &[asks[0].want],
+        true,
+        0,
+    );
+    let _ = book.expired(7_000);
+    let asks = book.ask(std::slice::from_ref(&a), 8_000);
+    assert_eq!(asks[0].want, 0, "{asks:?}");
+    assert!(!book.refilling(std::slice::from_ref(&a)));
+    book.demanded(std::slice::from_ref(&a));
+    // Then a hundred decisions in a second: within it, a lease again.
+    let asked = (0..100).find(|t| {
+        let asks = book.ask(std::slice::from_ref(&a), 8_001 + t * 10);
+        book.demanded(std::slice::from_ref(&a));
+        asks[0].want > 0
+    });
+    assert!(asked.is_some(), "{book:?}");
 }

@@ -448,7 +448,10 @@ impl LeasedStore {
         let (returns, updates) = {
             let mut book = self.book.lock().unwrap();
             if drain {
-                (book.drain(), Vec::new())
+                // What is spent out goes from the store's list too; what
+                // is left is handed back.
+                let updates = book.changed(now);
+                (book.drain(), updates)
             } else {
                 (book.expired(now), book.changed(now))
             }
