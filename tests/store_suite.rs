@@ -1266,6 +1266,32 @@ async fn a_withdrawn_reservation_refunds_and_forgets_its_request_id(
     );
 }
 
+/// A final estimate (nothing settles it) reserved through `reserve`, the
+/// path that can outlive the store timeout, can still be taken back: on
+/// a leasing store the second one is decided from the lease the first
+/// refilled, and must keep what a withdraw needs.
+async fn a_final_estimate_reserved_through_reserve_can_be_withdrawn(
+    Backend { name, store }: Backend,
+) {
+    let final_request = |id: &str, now| ReserveRequest {
+        final_estimate: true,
+        ..request(vec![op("fin", 10, 1_000_000)], id, now)
+    };
+    let first = store.reserve(&final_request("f1", 1_000)).await.unwrap();
+    assert!(first.applied.is_some(), "{name}");
+    let second = store.reserve(&final_request("f2", 1_001)).await.unwrap();
+    assert!(second.applied.is_some(), "{name}");
+    let id = second.reservation_id.clone().unwrap();
+    assert_eq!(
+        store.withdraw(&id, None, 1_002).await.unwrap(),
+        SettleOutcome::Settled,
+        "{name}"
+    );
+    store.close(1_003).await.unwrap();
+    let s = store.read(&refs(&["fin"]), 1_004).await.unwrap();
+    assert_eq!(s[0].used_before, 10, "{name}: the second was taken back");
+}
+
 const PRICED: &str = "
 pricing:
   unpriced_models: reject
@@ -1541,6 +1567,7 @@ backend_matrix!(
     a_settled_reservation_is_kept_only_to_recognise_a_repeat,
     an_alert_fires_once_per_threshold_and_window_across_refunds_and_replicas,
     a_withdrawn_reservation_refunds_and_forgets_its_request_id,
+    a_final_estimate_reserved_through_reserve_can_be_withdrawn,
     the_spend_account_adds_up_exactly_by_every_dimension,
     the_spend_account_folds_rows_past_its_cap,
 );

@@ -238,6 +238,9 @@ impl LeaseBook {
                         op.key.clone(),
                         Lease {
                             since: now,
+                            // Its first gap is timed from now, not from
+                            // the epoch.
+                            last_spent: now,
                             ..Lease::default()
                         },
                     );
@@ -288,6 +291,13 @@ impl LeaseBook {
                 let seldom = lease.spent.saturating_mul(longest - config.margin) / elapsed;
                 if lease.granted > 0 && elapsed >= config.lifetime && seldom < 2 * op.amount {
                     lease.refilling = false;
+                    // Measured over the last longest life only, so that a
+                    // counter seldom for hours is not judged on its past
+                    // once demand comes.
+                    if elapsed > longest {
+                        lease.spent = lease.spent.saturating_mul(longest) / elapsed;
+                        lease.since = now - longest;
+                    }
                     return Ask {
                         unused,
                         ..Ask::default()

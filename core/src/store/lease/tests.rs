@@ -276,13 +276,15 @@ fn a_lease_nothing_spends_from_goes_back_idle_before_its_life_ends() {
 /// gaps, which steady random demand often has, only after eight.
 #[test]
 fn a_lease_goes_back_idle_only_after_several_of_its_usual_gaps() {
+    // On the real clock: a new lease's first gap is not timed from 0.
+    let t0: Millis = 1_764_547_200_000;
     let mut book = book();
     let a = op("a", 1, 1_000_000);
-    refill(&mut book, std::slice::from_ref(&a), 0, 1000, 0);
+    refill(&mut book, std::slice::from_ref(&a), 0, 1000, t0);
     for i in 1..=12 {
-        assert!(book.spend(std::slice::from_ref(&a), i * 50).is_some());
+        assert!(book.spend(std::slice::from_ref(&a), t0 + i * 50).is_some());
     }
-    let last = 600;
+    let last = t0 + 600;
     assert_eq!(
         book.expired(last + 4 * 50),
         vec![],

@@ -177,8 +177,11 @@ impl LeasedStore {
     }
 
     /// The decision, made from leases, if every counter of the first
-    /// candidate has a lease that holds its amount.
-    fn decide_here(&self, req: &ReserveRequest) -> Option<ReserveOutcome> {
+    /// candidate has a lease that holds its amount. `at_once`: asked by
+    /// [`CounterStore::reserve_now`], so that nothing can stall it and
+    /// nothing will take it back (a decision made here inside `reserve`
+    /// may be, when it outlives the store timeout or its caller).
+    fn decide_here(&self, req: &ReserveRequest, at_once: bool) -> Option<ReserveOutcome> {
         self.clock.saw(req.now);
         let candidate = req.candidates.first()?;
         if let Some(rid) = &req.request_id {
@@ -204,10 +207,10 @@ impl LeasedStore {
             )
         });
         LeaseStats::add(&self.stats.hits, 1);
-        if req.final_estimate {
-            // Nothing settles it, and decided here it never stalled, so
-            // nothing takes it back: it needs no record, only its request
-            // id's outcome for a repeat on another replica.
+        if req.final_estimate && at_once {
+            // Nothing settles it, and decided at once it never stalled,
+            // so nothing takes it back: it needs no record, only its
+            // request id's outcome for a repeat on another replica.
             if let Some(replay) = replay {
                 let ops = candidate
                     .ops
@@ -408,7 +411,7 @@ impl LeasedStore {
                 break;
             }
         }
-        self.decide_here(req)
+        self.decide_here(req, false)
     }
 
     /// A request id decided in Redis is answered here too if it comes back.
@@ -635,11 +638,11 @@ fn spawn_flusher(store: Weak<LeasedStore>) {
 #[async_trait]
 impl CounterStore for LeasedStore {
     fn reserve_now(&self, req: &ReserveRequest) -> Option<ReserveOutcome> {
-        self.decide_here(req)
+        self.decide_here(req, true)
     }
 
     async fn reserve(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
-        if let Some(outcome) = self.decide_here(req) {
+        if let Some(outcome) = self.decide_here(req, false) {
             return Ok(outcome);
         }
         // A refill of one of its counters is on its way: waiting for it
