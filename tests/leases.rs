@@ -533,3 +533,51 @@ on_both!(
     a_revocation_takes_effect_within_a_lease_lifetime,
     a_lowered_cap_is_in_force_at_once,
 );
+
+/// A batch whose reply was lost (Redis ran it, the answer never came) is
+/// sent again whole and under its id: `flush.lua` applies it once and
+/// answers the same. Sent twice here by hand: a counter move and a
+/// request id's outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_again_is_applied_once() {
+    let server = common::RedisServer::start();
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let flush = ::redis::Script::new(concat!(
+        include_str!("../core/src/store/redis/move_counter.lua"),
+        include_str!("../core/src/store/redis/leased/flush.lua")
+    ));
+    let send = |mut con: ::redis::aio::MultiplexedConnection| {
+        let mut inv = flush.prepare_invoke();
+        inv.key("t:fb:{}replica.0")
+            .key("t:c:{}n")
+            .key("t:q:{}request")
+            .arg(1_000)
+            .arg("replica")
+            .arg("m")
+            .arg("p")
+            .arg(5)
+            .arg("q")
+            .arg("outcome")
+            .arg(60_000);
+        async move { inv.invoke_async::<Vec<i64>>(&mut con).await.unwrap() }
+    };
+    let _: () = ::redis::cmd("SET")
+        .arg("t:c:{}n")
+        .arg(10)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(send(con.clone()).await, Vec::<i64>::new());
+    assert_eq!(
+        send(con.clone()).await,
+        Vec::<i64>::new(),
+        "the same answer: its own request id is not another replica's"
+    );
+    let n: i64 = ::redis::cmd("GET")
+        .arg("t:c:{}n")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(n, 15, "the move applied once");
+}

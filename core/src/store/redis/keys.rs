@@ -63,6 +63,11 @@ impl RedisStore {
         }
     }
 
+    /// Where `flush.lua` marks batch `id` applied, in the slot `tag`.
+    pub(super) fn batch_key(&self, tag: &str, id: &str) -> String {
+        format!("{}fb:{{{tag}}}{id}", self.prefix)
+    }
+
     pub(super) fn replay_key(&self, tag: &str, request_id: Option<&str>) -> String {
         let hash = request_id
             .map(|r| hex(&Sha256::digest(r.as_bytes())[..16]))

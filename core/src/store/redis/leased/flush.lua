@@ -3,7 +3,10 @@
 -- (settles decided in the replica that its leases could not absorb), and
 -- unused leases handed back.
 --
--- KEYS: one per item, in item order.
+-- KEYS[1]: the batch's own key: once the batch is applied it holds the
+--          reply, so that a batch sent again (its first reply was lost)
+--          is applied once and answered the same.
+-- KEYS[2..]: one per item, in item order.
 -- ARGV: now, replica, then per item: its kind and its arguments:
 --   'r' text, lifetime (ms)   SET the reservation record
 --   'q' text, lifetime (ms)   SET the request id's outcome unless one is
@@ -15,11 +18,19 @@
 -- another replica had decided already: the replica takes its own
 -- decision's charge back.
 
+local done = redis.call('GET', KEYS[1])
+if done then
+  local again = {}
+  for n in string.gmatch(done, '%d+') do again[#again + 1] = tonumber(n) end
+  return again
+end
+
 local now = tonumber(ARGV[1])
 local replica = ARGV[2]
 local a, q, dup = 3, 0, {}
 
-for i, key in ipairs(KEYS) do
+for i = 2, #KEYS do
+  local key = KEYS[i]
   local kind = ARGV[a]
   if kind == 'r' then
     redis.call('SET', key, ARGV[a + 1], 'PX', ARGV[a + 2])
@@ -50,4 +61,7 @@ for i, key in ipairs(KEYS) do
     end
   end
 end
+-- Kept well past any resend (a failed batch is sent again at the next
+-- flush, 20 ms later, until Redis answers).
+redis.call('SET', KEYS[1], 'd ' .. table.concat(dup, ' '), 'PX', 600000)
 return dup

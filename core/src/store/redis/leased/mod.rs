@@ -63,6 +63,12 @@ impl LeaseStats {
     }
 }
 
+/// A batch whose write failed: its id, the `now` it was taken at, and
+/// what it holds. Its reply may only have been lost, so it is sent again
+/// as it was, and `flush.lua` applies it once.
+#[derive(Debug)]
+struct Unsent(String, Millis, Pending);
+
 #[derive(Debug)]
 pub struct LeasedStore {
     redis: RedisStore,
@@ -71,8 +77,12 @@ pub struct LeasedStore {
     spec: String,
     book: Mutex<LeaseBook>,
     local: Mutex<Local>,
-    /// One batch at a time, so that batches land in order.
-    flushing: tokio::sync::Mutex<()>,
+    /// One batch at a time, so that batches land in order; it holds the
+    /// batch whose write failed, sent again, whole and under its id,
+    /// before anything newer.
+    flushing: tokio::sync::Mutex<Option<Unsent>>,
+    /// Numbers this replica's batches.
+    batches: AtomicU64,
     stats: Arc<LeaseStats>,
     clock: CallerClock,
     flush: Arc<Script>,
@@ -135,7 +145,8 @@ impl LeasedStore {
             redis,
             book: Mutex::new(LeaseBook::new(config)),
             local: Mutex::new(Local::default()),
-            flushing: tokio::sync::Mutex::new(()),
+            flushing: tokio::sync::Mutex::new(None),
+            batches: AtomicU64::new(0),
             stats: Arc::new(LeaseStats::default()),
             clock: CallerClock::default(),
             refilled: tokio::sync::Notify::new(),
@@ -445,9 +456,20 @@ impl LeasedStore {
     }
 
     /// Writes what gathered, and hands back expired leases: one script per
-    /// slot. A batch that fails is kept for the next.
+    /// slot. A batch that fails is sent again, whole and under its id,
+    /// before anything newer: if Redis ran it and only the reply was lost,
+    /// `flush.lua` knows it by its id and applies it once.
     async fn flush_batch(&self, now: Millis, drain: bool) -> Result<(), StoreError> {
-        let _one = self.flushing.lock().await;
+        let mut unsent = self.flushing.lock().await;
+        if let Some(Unsent(id, taken_at, batch)) = unsent.take() {
+            match self.write(&id, &batch, taken_at).await {
+                Ok(duplicates) => self.take_back(&batch, &duplicates, now).await,
+                Err(e) => {
+                    *unsent = Some(Unsent(id, taken_at, batch));
+                    return Err(e);
+                }
+            }
+        }
         let (returns, updates) = {
             let mut book = self.book.lock().unwrap();
             if drain {
@@ -473,39 +495,55 @@ impl LeasedStore {
         if batch.is_empty() {
             return Ok(());
         }
-        match self.write(&batch, now).await {
+        let id = format!(
+            "{}.{}",
+            self.replica,
+            self.batches.fetch_add(1, Ordering::Relaxed)
+        );
+        match self.write(&id, &batch, now).await {
             Ok(duplicates) => {
-                for decided in Local::duplicates(&batch, &duplicates) {
-                    match decided {
-                        // Written in this batch: Redis takes it back.
-                        Decided::Reservation(id) => {
-                            LeaseStats::add(&self.stats.redis_calls, 1);
-                            if let Err(e) = self.redis.withdraw(&id, None, now).await {
-                                tracing::error!(reservation = %id, error = %e, "could not take back a decision another replica had made for the same request id; it stays charged");
-                            }
-                        }
-                        // No record: its counters go back by what it
-                        // charged, through the leases or the next batch.
-                        Decided::Final(ops) => {
-                            let deltas: Vec<i64> = ops.iter().map(|(_, a)| -a).collect();
-                            let mut pending = Pending::default();
-                            self.move_local(&ops, &deltas, now, &mut pending);
-                            self.local.lock().unwrap().requeue(pending);
-                        }
-                    }
-                }
+                self.take_back(&batch, &duplicates, now).await;
                 Ok(())
             }
             Err(e) => {
-                self.local.lock().unwrap().requeue(batch);
+                *unsent = Some(Unsent(id, now, batch));
                 Err(e)
+            }
+        }
+    }
+
+    /// Takes back each decision of `batch` whose request id another
+    /// replica had decided first.
+    async fn take_back(&self, batch: &Pending, duplicates: &[usize], now: Millis) {
+        for decided in Local::duplicates(batch, duplicates) {
+            match decided {
+                // Written in this batch: Redis takes it back.
+                Decided::Reservation(id) => {
+                    LeaseStats::add(&self.stats.redis_calls, 1);
+                    if let Err(e) = self.redis.withdraw(&id, None, now).await {
+                        tracing::error!(reservation = %id, error = %e, "could not take back a decision another replica had made for the same request id; it stays charged");
+                    }
+                }
+                // No record: its counters go back by what it charged,
+                // through the leases or the next batch.
+                Decided::Final(ops) => {
+                    let deltas: Vec<i64> = ops.iter().map(|(_, a)| -a).collect();
+                    let mut pending = Pending::default();
+                    self.move_local(&ops, &deltas, now, &mut pending);
+                    self.local.lock().unwrap().requeue(pending);
+                }
             }
         }
     }
 
     /// One `flush.lua` per slot; the request ids another replica decided
     /// first, by their index in `batch.replays`.
-    async fn write(&self, batch: &Pending, now: Millis) -> Result<Vec<usize>, StoreError> {
+    async fn write(
+        &self,
+        id: &str,
+        batch: &Pending,
+        now: Millis,
+    ) -> Result<Vec<usize>, StoreError> {
         enum Item<'b> {
             Record(&'b str, &'b str, Millis),
             Replay(usize, &'b str, &'b str, Millis),
@@ -554,8 +592,9 @@ impl LeasedStore {
                 .push(Item::Update(key, *unused, *until));
         }
         let mut duplicates = Vec::new();
-        for items in groups.values() {
+        for (group, items) in &groups {
             let mut inv = self.flush.prepare_invoke();
+            inv.key(self.redis.batch_key(group, id));
             inv.arg(now).arg(&self.replica);
             let mut replays = Vec::new();
             for item in items {
