@@ -101,8 +101,6 @@ pub(super) struct Local {
     replays_unwritten: VecDeque<(String, String, Millis, Decided)>,
     moves: HashMap<String, i64>,
     returns: HashMap<String, i64>,
-    /// Records that a failed batch could not write.
-    records_again: Vec<(String, String, Millis)>,
 }
 
 impl Local {
@@ -215,19 +213,10 @@ impl Local {
         Some(Ok(entry.ops.clone()))
     }
 
-    /// Adds counter moves (and anything a failed batch carried) to the
-    /// next batch.
-    pub fn requeue(&mut self, batch: Pending) {
-        for (key, delta) in batch.moves {
+    /// Adds counter moves (full key, delta) to the next batch.
+    pub fn moved(&mut self, moves: Vec<(String, i64)>) {
+        for (key, delta) in moves {
             *self.moves.entry(key).or_default() += delta;
-        }
-        for (key, unused) in batch.returns {
-            *self.returns.entry(key).or_default() += unused;
-        }
-        self.records_again.extend(batch.records);
-        self.records_again.truncate(MAX_WAITING);
-        for ((key, text, lifetime), id) in batch.replays.into_iter().zip(batch.replay_ids) {
-            self.replays_unwritten.push_back((key, text, lifetime, id));
         }
     }
 
@@ -235,7 +224,6 @@ impl Local {
     /// past their time are forgotten.
     pub fn take_batch(&mut self, now: Millis, redis: &RedisStore) -> Pending {
         let mut batch = Pending {
-            records: std::mem::take(&mut self.records_again),
             moves: self.moves.drain().filter(|(_, d)| *d != 0).collect(),
             returns: self.returns.drain().filter(|(_, u)| *u > 0).collect(),
             ..Pending::default()

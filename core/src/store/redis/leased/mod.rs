@@ -440,19 +440,16 @@ impl LeasedStore {
     /// Moves a local reservation's counters by `deltas` (actual less
     /// reserved): through its leases where they can take it, the rest in
     /// the next batch.
-    fn move_local(
-        &self,
-        ops: &[(String, i64)],
-        deltas: &[i64],
-        now: Millis,
-        pending: &mut Pending,
-    ) {
-        let mut book = self.book.lock().unwrap();
-        for ((key, _), &delta) in ops.iter().zip(deltas) {
-            if delta != 0 && !book.credit(key, -delta, now) {
-                pending.moves.push((self.redis.counter_key(key), delta));
-            }
-        }
+    fn move_local(&self, ops: &[(String, i64)], deltas: &[i64], now: Millis) {
+        let moves: Vec<(String, i64)> = {
+            let mut book = self.book.lock().unwrap();
+            ops.iter()
+                .zip(deltas)
+                .filter(|((key, _), &delta)| delta != 0 && !book.credit(key, -delta, now))
+                .map(|((key, _), &delta)| (self.redis.counter_key(key), delta))
+                .collect()
+        };
+        self.local.lock().unwrap().moved(moves);
     }
 
     /// Writes what gathered, and hands back expired leases: one script per
@@ -528,9 +525,7 @@ impl LeasedStore {
                 // through the leases or the next batch.
                 Decided::Final(ops) => {
                     let deltas: Vec<i64> = ops.iter().map(|(_, a)| -a).collect();
-                    let mut pending = Pending::default();
-                    self.move_local(&ops, &deltas, now, &mut pending);
-                    self.local.lock().unwrap().requeue(pending);
+                    self.move_local(&ops, &deltas, now);
                 }
             }
         }
@@ -727,9 +722,7 @@ impl CounterStore for LeasedStore {
                     .enumerate()
                     .map(|(i, (_, reserved))| actual.get(i).copied().unwrap_or(0) - reserved)
                     .collect();
-                let mut pending = Pending::default();
-                self.move_local(&ops, &deltas, now, &mut pending);
-                self.local.lock().unwrap().requeue(pending);
+                self.move_local(&ops, &deltas, now);
                 return Ok(SettleOutcome::Settled);
             }
             Some(Err(outcome)) => return Ok(outcome),
@@ -759,9 +752,7 @@ impl CounterStore for LeasedStore {
         match found {
             Some(Ok(ops)) => {
                 let deltas: Vec<i64> = ops.iter().map(|(_, reserved)| -reserved).collect();
-                let mut pending = Pending::default();
-                self.move_local(&ops, &deltas, now, &mut pending);
-                self.local.lock().unwrap().requeue(pending);
+                self.move_local(&ops, &deltas, now);
                 Ok(SettleOutcome::Settled)
             }
             Some(Err(outcome)) => Ok(outcome),
