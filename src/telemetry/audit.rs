@@ -19,12 +19,13 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::names;
 use tollgate_core::engine::charge::from_counter;
-use tollgate_core::engine::decide::Plan;
+use tollgate_core::engine::decide::{Plan, RuleCounter};
 use tollgate_core::engine::request::hash_key;
 use tollgate_core::engine::window::{format_utc, Millis};
 use tollgate_core::engine::{Attributes, Decision, Verdict};
-use tollgate_core::gate::{DecisionReport, GateError, TopUp, TopUpReport};
+use tollgate_core::gate::{CheckInput, DecisionReport, GateError, TopUp, TopUpReport};
 use tollgate_core::policy::{hex, Attr, CompiledPolicy, Unit};
+use tollgate_core::store::CounterOp;
 
 /// Records waiting for the writer before new ones are dropped.
 pub const DEFAULT_QUEUE: usize = 8192;
@@ -149,11 +150,7 @@ impl AuditLog {
         let record = Record {
             now: report.now,
             request_id: input.request_id.clone(),
-            key_sha256: input
-                .api_key
-                .as_deref()
-                .filter(|k| !k.trim().is_empty())
-                .map(hash_key),
+            key_sha256: key_sha256(input),
             attributes: report
                 .attributes
                 .cloned()
@@ -177,17 +174,7 @@ impl AuditLog {
             return;
         }
         let policy = report.policy;
-        let charge = report
-            .ops
-            .iter()
-            .zip(report.counters)
-            .map(|(op, rc)| Charge {
-                rule: policy.rules()[rc.rule].id.clone(),
-                scope: rc.scope.clone(),
-                unit: op.unit,
-                amount: op.amount,
-            })
-            .collect();
+        let charge = charges(policy, report.ops, report.counters);
         let mut rules: Vec<String> = report
             .counters
             .iter()
@@ -197,12 +184,7 @@ impl AuditLog {
         let record = Record {
             now: report.now,
             request_id: report.input.request_id.clone(),
-            key_sha256: report
-                .input
-                .api_key
-                .as_deref()
-                .filter(|k| !k.trim().is_empty())
-                .map(hash_key),
+            key_sha256: key_sha256(report.input),
             attributes: report.attributes.clone(),
             rules,
             charge,
@@ -428,20 +410,32 @@ fn rules_and_charge(
         _ => 0,
     };
     let charge = match (plan.candidates.get(chosen), plan.counters.get(chosen)) {
-        (Some(c), Some(counters)) => c
-            .ops
-            .iter()
-            .zip(counters)
-            .map(|(op, rc)| Charge {
-                rule: policy.rules()[rc.rule].id.clone(),
-                scope: rc.scope.clone(),
-                unit: op.unit,
-                amount: op.amount,
-            })
-            .collect(),
+        (Some(c), Some(counters)) => charges(policy, &c.ops, counters),
         _ => Vec::new(),
     };
     (rules, charge)
+}
+
+/// Each op with the rule and scope of its counter (parallel slices).
+fn charges(policy: &CompiledPolicy, ops: &[CounterOp], counters: &[RuleCounter]) -> Vec<Charge> {
+    ops.iter()
+        .zip(counters)
+        .map(|(op, rc)| Charge {
+            rule: policy.rules()[rc.rule].id.clone(),
+            scope: rc.scope.clone(),
+            unit: op.unit,
+            amount: op.amount,
+        })
+        .collect()
+}
+
+/// The only form of the API key that leaves the decision path.
+fn key_sha256(input: &CheckInput) -> Option<[u8; 32]> {
+    input
+        .api_key
+        .as_deref()
+        .filter(|k| !k.trim().is_empty())
+        .map(hash_key)
 }
 
 fn attributes_json(attrs: &Attributes, key_sha256: Option<&[u8; 32]>) -> Value {
