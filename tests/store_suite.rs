@@ -21,6 +21,7 @@ use tollgate_core::gate::{CheckInput, ManualClock};
 use tollgate_core::store::{
     Candidate, CounterKind, CounterOp, CounterRef, CounterStore, Expiry, Grant, GrantRef,
     LeaseConfig, LeasedStore, MemoryStore, ReserveRequest, SettleOutcome, StoreError,
+    FINAL_REPLAY_WINDOW, REPLAY_WINDOW,
 };
 
 /// The store one generated test runs its scenario against, and the
@@ -1292,6 +1293,124 @@ async fn a_final_estimate_reserved_through_reserve_can_be_withdrawn(
     assert_eq!(s[0].used_before, 10, "{name}: the second was taken back");
 }
 
+/// A request id that nothing will settle (`settle: never`, ext_authz
+/// alone) is remembered for seconds; one that something will settle, for
+/// a minute. Past its window a repeat is decided, and charged, afresh.
+async fn a_final_estimates_request_id_is_remembered_seconds_not_a_minute(
+    Backend { name, store }: Backend,
+) {
+    let ask = |reservation: &str, request_id: &str, now, final_estimate| ReserveRequest {
+        request_id: Some(request_id.to_string()),
+        final_estimate,
+        reservation_ttl: if final_estimate { 5_000 } else { 60_000 },
+        ..request(vec![op("ids", 1, 1_000)], reservation, now)
+    };
+    let t = 1_000_000;
+    for (res, rid, now, fin) in [("f1", "fin", t, true), ("k1", "kept", t, false)] {
+        let first = store.reserve(&ask(res, rid, now, fin)).await.unwrap();
+        assert!(first.applied.is_some() && !first.replayed, "{name}: {rid}");
+    }
+    let within = store
+        .reserve(&ask("f2", "fin", t + FINAL_REPLAY_WINDOW - 1_000, true))
+        .await
+        .unwrap();
+    assert!(within.replayed, "{name}: a repeat within seconds replays");
+    let past = store
+        .reserve(&ask("f3", "fin", t + FINAL_REPLAY_WINDOW + 1_000, true))
+        .await
+        .unwrap();
+    assert!(
+        !past.replayed && past.applied.is_some(),
+        "{name}: past its window a final estimate's id is forgotten"
+    );
+    let kept = store
+        .reserve(&ask("k2", "kept", t + REPLAY_WINDOW - 1_000, false))
+        .await
+        .unwrap();
+    assert!(
+        kept.replayed,
+        "{name}: a settled call's id is kept a minute"
+    );
+    store.close(t + REPLAY_WINDOW).await.unwrap();
+    let s = store
+        .read(&refs(&["ids"]), t + REPLAY_WINDOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        s[0].used_before, 3,
+        "{name}: f1, f3 and k1 charged once each"
+    );
+}
+
+/// On Redis every key a final estimate leaves lives seconds: its
+/// reservation record and its request id go within twice their 5 s, where
+/// a call that something settles keeps its request id for a minute and
+/// more. Checked from the keys' own `PTTL`, with and without leases.
+#[tokio::test]
+async fn redis_keeps_what_a_final_estimate_leaves_for_seconds() {
+    use tollgate_core::store::{RedisConfig, RedisStore};
+    let server = common::RedisServer::start();
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-u", &server.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let now = 1_000_000;
+    for (prefix, leases, final_estimate) in [
+        ("final", false, true),
+        ("settled", false, false),
+        ("leased-final", true, true),
+        ("leased-settled", true, false),
+    ] {
+        let redis = RedisStore::connect(&RedisConfig {
+            prefix: format!("{prefix}:"),
+            ..RedisConfig::new(server.url())
+        })
+        .await
+        .unwrap();
+        let store: Arc<dyn CounterStore> = match leases {
+            true => LeasedStore::start(redis, LeaseConfig::default()),
+            false => Arc::new(redis),
+        };
+        for i in 0..20 {
+            let req = ReserveRequest {
+                request_id: Some(format!("call-{i}")),
+                final_estimate,
+                reservation_ttl: if final_estimate { 5_000 } else { 600_000 },
+                ..request(vec![op("n", 1, 1_000_000)], &format!("r{i}"), now + i)
+            };
+            assert!(store.reserve(&req).await.unwrap().applied.is_some());
+        }
+        store.close(now + 100).await.unwrap();
+    }
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    let keys = cli(&["--scan"]);
+    for key in keys.lines() {
+        let (prefix, rest) = key.split_once(':').unwrap();
+        // Reservation records (`r:`) and request ids (`q:`); counters
+        // live to their window's end.
+        if !(rest.starts_with("r:") || rest.starts_with("q:")) {
+            continue;
+        }
+        let ttl: i64 = cli(&["PTTL", key]).parse().unwrap();
+        if prefix.ends_with("final") {
+            assert!((1..=10_000).contains(&ttl), "{key} lives {ttl} ms");
+        } else {
+            assert!(ttl > 60_000, "{key} lives {ttl} ms");
+        }
+        *seen.entry(prefix).or_default() += 1;
+    }
+    for prefix in ["final", "settled", "leased-final", "leased-settled"] {
+        assert!(
+            seen.get(prefix).copied().unwrap_or(0) >= 20,
+            "every request id under {prefix} is stored: {seen:?}"
+        );
+    }
+}
+
 const PRICED: &str = "
 pricing:
   unpriced_models: reject
@@ -1568,6 +1687,7 @@ backend_matrix!(
     an_alert_fires_once_per_threshold_and_window_across_refunds_and_replicas,
     a_withdrawn_reservation_refunds_and_forgets_its_request_id,
     a_final_estimate_reserved_through_reserve_can_be_withdrawn,
+    a_final_estimates_request_id_is_remembered_seconds_not_a_minute,
     the_spend_account_adds_up_exactly_by_every_dimension,
     the_spend_account_folds_rows_past_its_cap,
 );

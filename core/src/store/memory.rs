@@ -300,7 +300,7 @@ impl CounterStore for MemoryStore {
         if let Some(rid) = &req.request_id {
             inner
                 .replays
-                .insert(rid.clone(), (outcome.clone(), now + REPLAY_WINDOW));
+                .insert(rid.clone(), (outcome.clone(), now + req.replay_window()));
         }
         Ok(outcome)
     }

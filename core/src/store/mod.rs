@@ -172,6 +172,16 @@ pub struct ReserveRequest {
     pub final_estimate: bool,
 }
 
+impl ReserveRequest {
+    /// How long this request's id is remembered for replays.
+    pub fn replay_window(&self) -> Millis {
+        match self.final_estimate {
+            true => FINAL_REPLAY_WINDOW,
+            false => REPLAY_WINDOW,
+        }
+    }
+}
+
 /// A counter as the store saw it, just before this request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct CounterState {
@@ -276,6 +286,13 @@ pub const SETTLED_RETENTION: Millis = 60_000;
 
 /// How long a request id is remembered for replays.
 pub const REPLAY_WINDOW: Millis = 60_000;
+
+/// How long the request id of a call that nothing will settle is
+/// remembered. Its repeat is a caller's retry after a timeout, which comes
+/// within seconds, and a proxy's own ids (Envoy's `x-request-id`) never
+/// repeat: remembering each for a minute would keep a minute of traffic in
+/// the store for nothing.
+pub const FINAL_REPLAY_WINDOW: Millis = 5_000;
 
 /// A marker that an alert threshold fired for one counter in one window.
 /// Set at most once, atomically, whatever the counter does afterwards.

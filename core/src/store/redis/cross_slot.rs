@@ -8,7 +8,7 @@
 use super::codec::{decode_replay, encode_replay, encode_reservation, flag, LeaseAnswer};
 use super::keys::by_tag;
 use super::reserve::{LeaseAsk, OpAsk};
-use super::{RedisStore, CLEANUP_GRACE};
+use super::{key_lifetime, RedisStore};
 use crate::store::*;
 
 /// What a leasing reserve across slots answers beyond the outcome.
@@ -165,7 +165,7 @@ impl RedisStore {
                         .arg(self.reservation_key(&rid))
                         .arg(text)
                         .arg("PX")
-                        .arg(req.reservation_ttl + CLEANUP_GRACE),
+                        .arg(key_lifetime(req.reservation_ttl)),
                 )
                 .await;
             if let Err(e) = stored {
@@ -180,7 +180,7 @@ impl RedisStore {
             replayed: false,
         };
         if req.request_id.is_some() {
-            let text = encode_replay(req.now + REPLAY_WINDOW, &outcome);
+            let text = encode_replay(req.now + req.replay_window(), &outcome);
             // The decision stands without it; only a repeat would be
             // decided again.
             if let Err(e) = self
@@ -189,7 +189,7 @@ impl RedisStore {
                         .arg(&replay_key)
                         .arg(text)
                         .arg("PX")
-                        .arg(REPLAY_WINDOW + CLEANUP_GRACE),
+                        .arg(key_lifetime(req.replay_window())),
                 )
                 .await
             {

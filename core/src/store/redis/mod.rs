@@ -49,6 +49,14 @@ use super::*;
 /// arriving just after still finds it.
 const CLEANUP_GRACE: Millis = 60_000;
 
+/// How long a key meant to last `span` lives in Redis: the span and the
+/// grace, the grace never longer than the span. What is meant for seconds
+/// (a final estimate's record and request id, which nothing settles) then
+/// lives seconds, not a minute.
+fn key_lifetime(span: Millis) -> Millis {
+    span + CLEANUP_GRACE.min(span)
+}
+
 /// How long the key of a settled reservation lives: it is kept
 /// [`SETTLED_RETENTION`], plus the grace.
 const SETTLED_KEY_LIFETIME: Millis = SETTLED_RETENTION + CLEANUP_GRACE;

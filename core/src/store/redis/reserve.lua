@@ -6,7 +6,8 @@
 -- KEYS[3..] candidate by candidate: its counter keys, op by op, then the
 --           grant key of each op that names one, in op order
 -- ARGV: now, reservation key lifetime (ms), reservation id, replay window
---       (0 = none), cleanup grace, candidate count, lease spec ('' = no
+--       (0 = none; the replay key lives it and the grace, the grace at
+--       most the window), cleanup grace, candidate count, lease spec ('' = no
 --       leases), then per candidate: op count and its reservation record
 --       ('' = none; stored as given), then per op: amount, limit, mode,
 --       expiry, and with leases also: unused, want, alert values, life.
@@ -288,7 +289,8 @@ end
 if ARGV[4] ~= '0' then
   local text = {}
   for i = 2, len do text[i - 1] = type(out[i]) == 'number' and int(out[i]) or out[i] end
-  call('SET', KEYS[2], int(now + tonumber(ARGV[4])) .. ' ' .. table.concat(text, ' '), 'PX', int(tonumber(ARGV[4]) + tonumber(ARGV[5])))
+  local window = tonumber(ARGV[4])
+  call('SET', KEYS[2], int(now + window) .. ' ' .. table.concat(text, ' '), 'PX', int(window + math.min(window, tonumber(ARGV[5]))))
 end
 if lease then
   for o = 1, tonumber(ARGV[first - 2]) do

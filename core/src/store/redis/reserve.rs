@@ -7,7 +7,7 @@ use super::codec::{
     decode_leasing_outcome, decode_outcome, encode_reservation, op_mode, LeaseAnswer,
 };
 use super::keys::by_tag;
-use super::{RedisStore, CLEANUP_GRACE};
+use super::{key_lifetime, RedisStore, CLEANUP_GRACE};
 use crate::store::*;
 
 impl RedisStore {
@@ -68,12 +68,12 @@ impl RedisStore {
         inv.key(self.reservation_key(key_id));
         inv.key(self.replay_key(tag, req.request_id.as_deref()));
         let replay = if record && req.request_id.is_some() {
-            REPLAY_WINDOW
+            req.replay_window()
         } else {
             0
         };
         inv.arg(req.now)
-            .arg(req.reservation_ttl + CLEANUP_GRACE)
+            .arg(key_lifetime(req.reservation_ttl))
             .arg(reservation_id)
             .arg(replay)
             .arg(CLEANUP_GRACE)

@@ -7,13 +7,13 @@
 //! written to Redis (within one batch interval); after that, Redis alone
 //! settles it, so that a settle sent to two replicas counts once. Bounded:
 //! a reservation is kept until it is written, or [`KEEP`] has passed (Redis
-//! down); request ids for [`REPLAY_WINDOW`], at most [`MAX_REPLAYS`];
+//! down); request ids for their replay window, at most [`MAX_REPLAYS`];
 //! counter moves and lease returns are summed per counter; records and
 //! request ids waiting for Redis are capped at [`MAX_WAITING`] each.
 
 use std::collections::{HashMap, VecDeque};
 
-use super::super::{RedisStore, CLEANUP_GRACE, SETTLED_KEY_LIFETIME};
+use super::super::{key_lifetime, RedisStore, SETTLED_KEY_LIFETIME};
 use crate::store::*;
 
 /// How long a reservation Redis cannot take is kept here, in ms.
@@ -241,7 +241,7 @@ impl Local {
                 let rest = entry.record.split_once('\n').map_or("", |(_, r)| r);
                 (format!("1 {keep}\n{rest}"), SETTLED_KEY_LIFETIME)
             } else {
-                (entry.record.clone(), entry.expires_at - now + CLEANUP_GRACE)
+                (entry.record.clone(), key_lifetime(entry.expires_at - now))
             };
             batch
                 .records
@@ -251,7 +251,7 @@ impl Local {
         }
         while let Some((key, text, until, id)) = self.replays_unwritten.pop_front() {
             if until > now {
-                batch.replays.push((key, text, until - now + CLEANUP_GRACE));
+                batch.replays.push((key, text, key_lifetime(until - now)));
                 batch.replay_ids.push(id);
             }
         }

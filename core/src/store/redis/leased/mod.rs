@@ -209,7 +209,7 @@ impl LeasedStore {
             replayed: false,
         };
         let replay = req.request_id.as_ref().map(|rid| {
-            let until = req.now + REPLAY_WINDOW;
+            let until = req.now + req.replay_window();
             (
                 rid.clone(),
                 self.redis.replay_key_of(&id, rid),
@@ -433,7 +433,7 @@ impl LeasedStore {
             self.local
                 .lock()
                 .unwrap()
-                .remember(rid, req.now + REPLAY_WINDOW, replayed);
+                .remember(rid, req.now + req.replay_window(), replayed);
         }
     }
 
