@@ -288,6 +288,65 @@ rules:
     });
 }
 
+/// Settle prices the model the response names. A dated snapshot of the
+/// model decided on (`gpt-4o-2024-08-06` for `gpt-4o`) is that model, at
+/// its price, even with a catch-all price beside it; another priced model
+/// is charged as itself.
+#[test]
+fn settle_prices_the_served_model_and_a_snapshot_as_the_one_decided() {
+    let yaml = "
+pricing:
+  models:
+    gpt-4o: { input_per_mtok: 2.50, output_per_mtok: 10.00 }
+    gpt-4o-mini: { input_per_mtok: 0.15, output_per_mtok: 0.60 }
+    '*': { input_per_mtok: 100, output_per_mtok: 100 }
+rules:
+  - id: spend
+    limit: { spend: 100, window: daily }
+";
+    let (gate, _) = memory_gate(yaml, at(2026, 11, 21, 12, 0));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let policy = gate.policy();
+        let actual = ActualUsage {
+            input_tokens: 1000,
+            output_tokens: 100,
+            ..Default::default()
+        };
+        let mut spent = Vec::new();
+        for served in [None, Some("gpt-4o-2024-08-06"), Some("gpt-4o-mini")] {
+            let before = gate
+                .usage(attrs(&[("model", "gpt-4o")]), None)
+                .await
+                .unwrap()[0]
+                .used;
+            let decision = gate
+                .check(CheckInput {
+                    attributes: attrs(&[("model", "gpt-4o")]),
+                    estimate: Estimate {
+                        input_tokens: Some(1000),
+                        output_tokens: Some(100),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let id = decision.reservation_id.unwrap();
+            gate.settle_on(&policy, &id, &actual, served).await.unwrap();
+            let after = gate
+                .usage(attrs(&[("model", "gpt-4o")]), None)
+                .await
+                .unwrap()[0]
+                .used;
+            spent.push((after - before).to_string());
+        }
+        // 1000 * 2.5e-6 + 100 * 1e-5 for gpt-4o, whichever name it is
+        // served under; 1000 * 1.5e-7 + 100 * 6e-7 for gpt-4o-mini.
+        assert_eq!(spent, ["0.0035", "0.0035", "0.00021"]);
+    });
+}
+
 #[test]
 fn unsettled_reservations_expire_keeping_the_estimate_and_freeing_slots() {
     let yaml = "

@@ -718,7 +718,8 @@ impl Gate {
         let decided = reservation.model.as_deref();
         let model = match (served, decided) {
             (Some(served), Some(decided))
-                if served != decided && policy.price(served).is_some() =>
+                if !crate::policy::same_model(decided, served)
+                    && policy.price(served).is_some() =>
             {
                 tracing::warn!(reservation = reservation_id, decided, served, "the upstream served another model than the one decided; charging the one served");
                 self.observer.served_other_model();
@@ -1410,27 +1411,36 @@ pub fn grant_view(g: &Grant) -> serde_json::Value {
 /// reservation.
 fn replay_id(request_id: &str, attrs: &Attributes, estimate: &Estimate) -> String {
     use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    let mut field = |name: &str, value: &str| {
-        h.update(name.as_bytes());
-        h.update([0]);
-        h.update(value.as_bytes());
-        h.update([0]);
+    use std::fmt::Write;
+    /// Feeds formatted text straight into the hash, so that nothing is
+    /// formatted into a string of its own first.
+    struct Feed(Sha256);
+    impl Write for Feed {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.0.update(s.as_bytes());
+            Ok(())
+        }
+    }
+    let mut h = Feed(Sha256::new());
+    let mut field = |name: std::fmt::Arguments<'_>, value: std::fmt::Arguments<'_>| {
+        // Each field as `name\0value\0`: the id is the same bytes hashed
+        // as when each was a string of its own.
+        let _ = write!(h, "{name}\0{value}\0");
     };
-    field("request_id", request_id);
+    field(format_args!("request_id"), format_args!("{request_id}"));
     for attr in crate::policy::Attr::WELL_KNOWN.iter() {
         if let Some(v) = attrs
             .get(attr)
             .filter(|_| *attr != crate::policy::Attr::ModelFamily)
         {
-            field(attr.name(), v);
+            field(format_args!("{}", attr.name()), format_args!("{v}"));
         }
     }
     for (k, v) in &attrs.labels {
-        field(&format!("labels.{k}"), v);
+        field(format_args!("labels.{k}"), format_args!("{v}"));
     }
-    field("estimate", &format!("{estimate:?}"));
-    crate::policy::hex(&h.finalize()[..16])
+    field(format_args!("estimate"), format_args!("{estimate:?}"));
+    crate::policy::hex(&h.0.finalize()[..16])
 }
 
 /// An id derived from another, for what must be the same on a replay.
@@ -1468,4 +1478,68 @@ fn new_reservation_id() -> String {
         .chain_update(n.to_le_bytes())
         .finalize();
     crate::policy::hex(&digest[..16])
+}
+
+#[cfg(test)]
+mod replay_id_tests {
+    use super::*;
+
+    /// The id as it was first computed, each field formatted into a
+    /// string of its own: ids must not change across an upgrade, or a
+    /// repeat that straddles one would be charged twice.
+    fn replay_id_from_strings(request_id: &str, attrs: &Attributes, estimate: &Estimate) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        let mut field = |name: &str, value: &str| {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(value.as_bytes());
+            h.update([0]);
+        };
+        field("request_id", request_id);
+        for attr in crate::policy::Attr::WELL_KNOWN.iter() {
+            if let Some(v) = attrs
+                .get(attr)
+                .filter(|_| *attr != crate::policy::Attr::ModelFamily)
+            {
+                field(attr.name(), v);
+            }
+        }
+        for (k, v) in &attrs.labels {
+            field(&format!("labels.{k}"), v);
+        }
+        field("estimate", &format!("{estimate:?}"));
+        crate::policy::hex(&h.finalize()[..16])
+    }
+
+    #[test]
+    fn the_replay_id_is_the_same_bytes_hashed_as_before() {
+        let mut attrs = Attributes {
+            key: Some("sha256:abc".into()),
+            team: Some("growth".into()),
+            model: Some("gpt-4o".into()),
+            ..Attributes::default()
+        };
+        attrs.labels.insert("tier".into(), "gold\u{e9}".into());
+        let estimate = Estimate {
+            input_tokens: Some(120),
+            output_tokens: Some(900),
+            image_quality: Some("hd".into()),
+            ..Estimate::default()
+        };
+        for id in ["req-1", "", "x\u{0}y"] {
+            assert_eq!(
+                replay_id(id, &attrs, &estimate),
+                replay_id_from_strings(id, &attrs, &estimate)
+            );
+        }
+        let other = Estimate {
+            output_tokens: Some(901),
+            ..estimate.clone()
+        };
+        assert_ne!(
+            replay_id("req-1", &attrs, &estimate),
+            replay_id("req-1", &attrs, &other)
+        );
+    }
 }

@@ -247,3 +247,70 @@ fn condition_holds(cond: &Condition, req: &impl AttrLookup) -> bool {
         None => false,
     }
 }
+
+/// Whether the model a response names (`served`) is the model a request
+/// asked for (`decided`): the same name, or a dated snapshot of it, as
+/// providers answer (`gpt-4o` is served as `gpt-4o-2024-08-06`,
+/// `claude-sonnet-4-5` as `claude-sonnet-4-5-20250929`, a `-latest` alias
+/// as the snapshot it stands for, `gemini-1.5-pro` as `gemini-1.5-pro-002`).
+/// A snapshot is priced as the model asked for, and is no mismatch.
+pub fn same_model(decided: &str, served: &str) -> bool {
+    if decided == served {
+        return true;
+    }
+    let base = decided.strip_suffix("-latest").unwrap_or(decided);
+    let Some(version) = served
+        .strip_prefix(base)
+        .and_then(|rest| rest.strip_prefix('-'))
+    else {
+        return false;
+    };
+    // A date (2024-08-06, 20250929), a month and day (gpt-4-0613) or a
+    // version number (002); anything else names another model
+    // (claude-sonnet-4 is not claude-sonnet-4-5).
+    let digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = version.split('-').collect();
+    match parts[..] {
+        [one] => digits(one, 8) || digits(one, 4) || digits(one, 3),
+        [y, m, d] => digits(y, 4) && digits(m, 2) && digits(d, 2),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod same_model_tests {
+    use super::same_model;
+
+    #[test]
+    fn a_dated_snapshot_is_the_model_asked_for() {
+        for (decided, served) in [
+            ("gpt-4o", "gpt-4o"),
+            ("gpt-4o", "gpt-4o-2024-08-06"),
+            ("gpt-4o-mini", "gpt-4o-mini-2024-07-18"),
+            ("gpt-5", "gpt-5-2025-08-07"),
+            ("claude-sonnet-4-5", "claude-sonnet-4-5-20250929"),
+            ("claude-3-5-sonnet-latest", "claude-3-5-sonnet-20241022"),
+            ("gemini-1.5-pro", "gemini-1.5-pro-002"),
+            ("gpt-4", "gpt-4-0613"),
+        ] {
+            assert!(same_model(decided, served), "{decided} served as {served}");
+        }
+    }
+
+    #[test]
+    fn another_model_is_not() {
+        for (decided, served) in [
+            ("gpt-4o-mini", "gpt-4o"),
+            ("gpt-4o", "gpt-4o-mini"),
+            ("gpt-4o", "gpt-4o-mini-2024-07-18"),
+            ("gpt-4", "gpt-4o-2024-08-06"),
+            ("gpt-4o", "gpt-4o-"),
+            ("gpt-4o", "gpt-4o-2024--06"),
+            ("o1", "o1-pro-2025-03-19"),
+            ("claude-sonnet-4", "claude-sonnet-4-5-20250929"),
+            ("claude-3-5-haiku-latest", "claude-3-5-sonnet-20241022"),
+        ] {
+            assert!(!same_model(decided, served), "{decided} served as {served}");
+        }
+    }
+}

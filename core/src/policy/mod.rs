@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-pub use compile::{AttrLookup, CompiledPolicy};
+pub use compile::{same_model, AttrLookup, CompiledPolicy};
 pub use model::*;
 pub use parse::parse_duration;
 pub use yaml::Pos;
