@@ -36,6 +36,12 @@ pub struct ScopeTracker {
     len: AtomicUsize,
     max: usize,
     overflowed: AtomicU64,
+    /// Each rule's `scope="other"` decisions counter, and the overflow
+    /// counter, taken from the registry at first use (after the recorder
+    /// is installed), so that a scope past the set costs no registry
+    /// lookup either. Rules are bounded by the policy.
+    other: RwLock<HashMap<String, Counter>>,
+    overflow_total: std::sync::OnceLock<Counter>,
 }
 
 impl ScopeTracker {
@@ -46,6 +52,8 @@ impl ScopeTracker {
             len: AtomicUsize::new(0),
             max,
             overflowed: AtomicU64::new(0),
+            other: RwLock::new(HashMap::new()),
+            overflow_total: std::sync::OnceLock::new(),
         }
     }
 
@@ -100,8 +108,22 @@ impl ScopeTracker {
 
     fn overflow(&self, report: &CounterReport) {
         self.overflowed.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!(names::USAGE_SCOPES_OVERFLOW).increment(1);
-        metrics::counter!(names::USAGE_DECISIONS, "rule" => report.rule.clone(), "scope" => "other")
+        self.overflow_total
+            .get_or_init(|| metrics::counter!(names::USAGE_SCOPES_OVERFLOW))
+            .increment(1);
+        let known = self.other.read().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = known.get(&report.rule) {
+            c.increment(1);
+            return;
+        }
+        drop(known);
+        self.other
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(report.rule.clone())
+            .or_insert_with(|| {
+                metrics::counter!(names::USAGE_DECISIONS, "rule" => report.rule.clone(), "scope" => "other")
+            })
             .increment(1);
     }
 
