@@ -680,6 +680,53 @@ async fn usage_straight_from_redis() {
     assert_eq!(json_counter(&json, "team-daily", "team=data")["used"], "0");
 }
 
+/// On Redis, where leases are on by default, `/metrics` counts the
+/// decisions made from a lease, those that went to Redis, the leases
+/// granted and the Redis calls, as the lease store counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_metrics_count_hits_misses_refills_and_redis_calls() {
+    let redis = common::RedisServer::start();
+    let dir = common::policy_dir(&[(
+        "p.yaml",
+        "rules:\n  - id: far\n    match: { team: '*' }\n    per: [team]\n    limit: { requests: 1000000000, window: daily }\n",
+    )]);
+    let server = common::TollgateProcess::start(&[
+        "--policies",
+        dir.path().to_str().unwrap(),
+        "--redis",
+        &redis.url(),
+    ]);
+    let mut grpc = client(&server).await;
+    for _ in 0..200 {
+        let r = grpc.check(check("growth", "")).await.unwrap().into_inner();
+        assert_eq!(verdict(&r), pb::Verdict::Allow);
+    }
+    // The lease store's counts reach the metrics once a second.
+    let port = server.http_port;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = Scrape::take(port).await;
+        let counted = m.sum("tollgate_lease_hits_total") + m.sum("tollgate_lease_misses_total");
+        if counted >= 200.0 || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (hits, misses) = (
+        m.sum("tollgate_lease_hits_total"),
+        m.sum("tollgate_lease_misses_total"),
+    );
+    assert_eq!(hits + misses, 200.0, "every decision is a hit or a miss");
+    assert!(misses >= 1.0, "the first decision goes to Redis: {misses}");
+    assert!(hits > 150.0, "most are made from the lease: {hits}");
+    assert!(m.sum("tollgate_lease_refills_total") >= 1.0);
+    let calls = m.sum("tollgate_lease_redis_calls_total");
+    assert!(
+        calls >= misses && calls < 100.0,
+        "Redis calls {calls} for 200 decisions, {misses} of them in Redis"
+    );
+}
+
 /// `--audit-log -` writes the lines to standard output, flushed by the
 /// time the process has exited on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
