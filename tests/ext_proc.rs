@@ -531,6 +531,20 @@ rules:
     let reply = x.reply_to(Step::RequestBody).unwrap();
     assert!(matches!(&reply.response, Some(Reply::RequestBody(b))
         if b.response.as_ref().is_some_and(|c| c.body_mutation.is_some())));
+
+    // A Gemini call names its model in its path, which no body rewrite
+    // changes: past the cap it is refused, never reported as downgraded
+    // while the premium model runs.
+    let gemini = HttpRequest::post(
+        "/v1beta/models/gpt-5:generateContent",
+        r#"{"contents":[{"parts":[{"text":"Summarise this"}]}]}"#,
+    );
+    let x = envoy
+        .run(gemini, |_| panic!("past the cap with no rewrite"))
+        .await;
+    let (status, headers, _) = x.local();
+    assert_eq!(status, 429);
+    assert_eq!(headers.get("x-tollgate-rule"), Some("premium"));
 }
 
 /// 5. A call no rule meters has nothing to settle: the reply to its

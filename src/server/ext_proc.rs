@@ -180,14 +180,14 @@ impl Stream for ExchangeStream {
                 continue;
             };
             let Some(exchange) = this.exchange.as_mut() else {
-                return Poll::Ready(None);
+                return broken("a message came with no exchange to take it");
             };
             match exchange.step(&this.gate, message) {
                 Step::Reply(reply) => return this.deliver(reply),
                 Step::Decide { with_body } => {
                     let (Some(mut exchange), gate) = (this.exchange.take(), this.gate.clone())
                     else {
-                        return Poll::Ready(None);
+                        return broken("a decision was asked for with no exchange");
                     };
                     this.deciding = Some(Box::pin(async move {
                         let reply = exchange.decide(&gate, with_body).await;
@@ -197,6 +197,16 @@ impl Stream for ExchangeStream {
             }
         }
     }
+}
+
+/// Ends the stream with an error status. An OK close would tell Envoy to
+/// carry on without processing, which would let the call through
+/// unmetered; an error makes Envoy apply `failure_mode_allow: false`.
+fn broken(what: &str) -> Poll<Option<Result<ProcessingResponse, Status>>> {
+    tracing::error!(what, "ext_proc exchange in a state it cannot be in");
+    Poll::Ready(Some(Err(Status::internal(format!(
+        "tollgate ext_proc: {what}"
+    )))))
 }
 
 impl Drop for ExchangeStream {
@@ -404,7 +414,10 @@ impl Exchange {
             body: with_body.then_some(&self.body[..]),
             proxy_request_id: envoy_id.as_deref(),
         };
-        let answer = authorize(gate, &view, true).await;
+        // A downgrade is real only where the body that goes upstream names
+        // the model, and is rewritten: not a Gemini call, whose model is in
+        // its path, nor one without a body.
+        let answer = authorize(gate, &view, with_body && model_in_body(&path)).await;
         self.headers = view.headers;
         if marked {
             self.headers.pop();
@@ -1145,6 +1158,12 @@ struct Rewritten {
     asked_for_usage: bool,
 }
 
+/// Whether the model a call runs is the one its body names, so that a
+/// rewritten body changes it: not on Gemini's `/models/{model}:...` paths.
+fn model_in_body(path: &str) -> bool {
+    !path.contains("/models/")
+}
+
 /// The request body to send upstream instead, if it must change: on a
 /// downgrade, the cheaper model in place of the one asked for; and an
 /// OpenAI stream that does not ask for its usage is made to, so that it
@@ -1153,7 +1172,7 @@ fn rewritten_body(body: &[u8], decision: &Decision, path: &str) -> Option<Rewrit
     let downgrade = decision
         .model
         .as_deref()
-        .filter(|_| decision.verdict == Verdict::Downgrade && !path.contains("/models/"));
+        .filter(|_| decision.verdict == Verdict::Downgrade && model_in_body(path));
     // Most calls need no rewrite; a call that might stream is parsed only
     // when its body mentions `stream` at all.
     let openai_stream = matches!(
