@@ -641,6 +641,20 @@ fn the_shipped_envoy_config_matches_the_server() {
     );
     assert_eq!(text(get(ctx, "environment")), "production");
     assert_eq!(text(get(ctx, "workflow")), "research-agent");
+    // Nothing settles behind ext_authz alone: every route says so.
+    for route in routes.iter() {
+        let ctx = get(
+            get(
+                get(
+                    get(route, "typed_per_filter_config"),
+                    "envoy.filters.http.ext_authz",
+                ),
+                "check_settings",
+            ),
+            "context_extensions",
+        );
+        assert_eq!(text(get(ctx, "settle")), "never");
+    }
 }
 
 /// The shipped Envoy config, deploy/envoy/envoy.yaml: one ext_proc filter
