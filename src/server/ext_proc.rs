@@ -83,6 +83,45 @@ const MAX_REQUEST_BODY: usize = 4 * 1024 * 1024;
 const SETTLE_PATIENCE: Duration = Duration::from_secs(600);
 const SETTLE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
 
+/// Settles (and releases) waiting to be tried again after a store fault,
+/// at most. Through a long outage at a high rate they would otherwise pile
+/// up without bound; past it a settle that fails is given up at once, and
+/// its reservation keeps its estimate until it expires (the safe side: a
+/// call is never charged less than it used).
+const MAX_WAITING_SETTLES: usize = 100_000;
+
+/// How many settles wait for a retry, and the most that may.
+struct Waiting {
+    now: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+static WAITING_SETTLES: Waiting = Waiting {
+    now: std::sync::atomic::AtomicUsize::new(0),
+    max: MAX_WAITING_SETTLES,
+};
+
+impl Waiting {
+    /// A place to wait in, if one is left; given back on drop.
+    fn enter(&self) -> Option<WaitingSlot<'_>> {
+        use std::sync::atomic::Ordering;
+        self.now
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| WaitingSlot(self))
+    }
+}
+
+struct WaitingSlot<'a>(&'a Waiting);
+
+impl Drop for WaitingSlot<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct ExtProc {
     gate: Arc<Gate>,
@@ -1120,13 +1159,22 @@ async fn release_with_retries(gate: Arc<Gate>, reservation_id: String) {
     with_retries(&reservation_id, || gate.release(&reservation_id)).await;
 }
 
-async fn with_retries<F, Fut>(reservation_id: &str, mut call: F)
+async fn with_retries<F, Fut>(reservation_id: &str, call: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<SettleOutcome, GateError>>,
+{
+    retried_within(&WAITING_SETTLES, reservation_id, call).await;
+}
+
+async fn retried_within<F, Fut>(waiting: &Waiting, reservation_id: &str, mut call: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<SettleOutcome, GateError>>,
 {
     let deadline = tokio::time::Instant::now() + SETTLE_PATIENCE;
     let mut backoff = SETTLE_BACKOFF.0;
+    let mut slot = None;
     loop {
         match call().await {
             Ok(SettleOutcome::Settled | SettleOutcome::AlreadySettled) => return,
@@ -1138,6 +1186,14 @@ where
                 return;
             }
             Err(GateError::Store(e)) if tokio::time::Instant::now() < deadline => {
+                if slot.is_none() {
+                    slot = waiting.enter();
+                    if slot.is_none() {
+                        tracing::warn!(reservation = reservation_id, error = %e, "too many settles waiting for the store; this one keeps its estimate until it expires");
+                        metrics::counter!(names::SETTLES_ABANDONED).increment(1);
+                        return;
+                    }
+                }
                 tracing::debug!(reservation = reservation_id, error = %e, "settle retried after a store fault");
                 metrics::counter!(names::SETTLE_RETRIES).increment(1);
                 tokio::time::sleep(backoff).await;
@@ -1318,6 +1374,57 @@ fn header_pairs(h: HttpHeaders) -> Vec<(String, Vec<u8>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Past its bound of settles waiting for a retry, a settle that fails
+    /// on the store is given up at once instead of waiting too; one that
+    /// gets through frees its place.
+    #[tokio::test]
+    async fn settles_waiting_for_the_store_are_bounded() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tollgate_core::store::StoreError;
+        static WAITING: Waiting = Waiting {
+            now: AtomicUsize::new(0),
+            max: 1,
+        };
+        let down = || async { Err(GateError::Store(StoreError::Unavailable("down".into()))) };
+        let first_calls = Arc::new(AtomicUsize::new(0));
+        let calls = first_calls.clone();
+        let waiting = tokio::spawn(async move {
+            retried_within(&WAITING, "r1", || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < 3 {
+                        Err(GateError::Store(StoreError::Unavailable("down".into())))
+                    } else {
+                        Ok(SettleOutcome::Settled)
+                    }
+                }
+            })
+            .await
+        });
+        while WAITING.now.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        // The one place is taken: a second failing settle tries once.
+        let second_calls = AtomicUsize::new(0);
+        retried_within(&WAITING, "r2", || {
+            second_calls.fetch_add(1, Ordering::SeqCst);
+            down()
+        })
+        .await;
+        assert_eq!(second_calls.load(Ordering::SeqCst), 1);
+        waiting.await.unwrap();
+        assert_eq!(
+            first_calls.load(Ordering::SeqCst),
+            4,
+            "retried until through"
+        );
+        assert_eq!(
+            WAITING.now.load(Ordering::SeqCst),
+            0,
+            "its place is given back"
+        );
+    }
 
     /// Anthropic's cache writes reach the settle apart from the rest of the
     /// input, so that they are priced at their own rate.

@@ -60,6 +60,7 @@ pub mod names {
     pub const SPEND_USD: &str = "tollgate_spend_usd_total";
     pub const SPEND_TOKENS: &str = "tollgate_spend_tokens_total";
     pub const SETTLE_RETRIES: &str = "tollgate_settle_retries_total";
+    pub const SETTLES_ABANDONED: &str = "tollgate_settles_abandoned_total";
     pub const EXT_PROC_TOP_UPS: &str = "tollgate_ext_proc_top_ups_total";
     // Copied from the leasing Redis store's own counts.
     pub const LEASE_HITS: &str = "tollgate_lease_hits_total";
@@ -131,6 +132,10 @@ fn describe() {
     describe_counter!(
         names::SETTLE_RETRIES,
         "ext_proc settles retried after a counter-store fault"
+    );
+    describe_counter!(
+        names::SETTLES_ABANDONED,
+        "ext_proc settles given up on a store fault because too many already waited to retry; their reservations keep the estimate"
     );
     describe_counter!(
         names::EXT_PROC_TOP_UPS,
