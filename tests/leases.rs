@@ -538,6 +538,111 @@ on_both!(
 /// sent again whole and under its id: `flush.lua` applies it once and
 /// answers the same. Sent twice here by hand: a counter move and a
 /// request id's outcome.
+/// A replica that dies holding a lease (a `tollgate serve` killed with
+/// SIGKILL, which returns nothing) does not keep that budget from the
+/// others for good: once its lease is a longest lease life and the
+/// cleanup grace (60 s) past its end, the first decision it blocks takes
+/// it back, and the cap fills. What the dead replica decided after its
+/// last report (at most 250 ms of its decisions) is the bound on what the
+/// fill can pass the cap by; here it decided 40 requests in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_lease_is_taken_back_and_the_cap_fills() {
+    use tollgate::proto::v1 as pb;
+    use tollgate::proto::v1::tollgate_client::TollgateClient;
+    const YAML: &str = "
+rules:
+  - id: team-requests
+    per: [team]
+    limit: { requests: 1000, window: none }
+";
+    let redis = common::RedisServer::start();
+    let dir = common::policy_dir(&[("p.yaml", YAML)]);
+    let mut dead = common::TollgateProcess::start(&[
+        "--policies",
+        dir.path().to_str().unwrap(),
+        "--redis",
+        &redis.url(),
+    ]);
+    let mut client = TollgateClient::connect(dead.endpoint()).await.unwrap();
+    let request = || pb::CheckRequest {
+        attributes: Some(pb::Attributes {
+            team: "growth".to_string(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    for _ in 0..40 {
+        let r = client.check(request()).await.unwrap().into_inner();
+        assert_eq!(r.verdict(), pb::Verdict::Allow);
+    }
+    dead.signal_and_wait("KILL");
+    // It died holding a lease: its entry is listed beside the counter.
+    let hashes = common::redis_cli(redis.port, &["--scan", "--pattern", "tollgate:l:*"]);
+    let hash = hashes.lines().next().expect("a lease hash").trim();
+    let entries = common::redis_cli(redis.port, &["HLEN", hash]);
+    let entries = entries.trim();
+    assert_eq!(entries, "1", "the dead replica's lease is listed");
+
+    // The other replica, its clock well past the lease's end and the grace.
+    let clock = Arc::new(ManualClock::new(
+        tollgate_core::clock::SystemClock.now() + 90_000,
+    ));
+    let live = replica(redis.store().await, YAML, clock.clone());
+    let mut allowed = 0u64;
+    let mut denied_in_a_row = 0;
+    for i in 0.. {
+        let d = live.gate.check(CheckInput {
+            attributes: Attributes {
+                team: Some("growth".to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        if d.await.unwrap().verdict == Verdict::Allow {
+            allowed += 1;
+            denied_in_a_row = 0;
+        } else {
+            denied_in_a_row += 1;
+            if denied_in_a_row == 4 {
+                break;
+            }
+        }
+        assert!(i < 2_000, "never filled");
+    }
+    live.store.close(clock.now()).await.unwrap();
+    let total = 40 + allowed;
+    assert!(
+        (1000..=1040).contains(&total),
+        "the cap of 1000 fills, past it by at most what the dead replica decided: {total}"
+    );
+    let (used, leased) = team_usage_requests(&live.gate, "growth").await;
+    assert_eq!(leased, "0", "nothing is left leased");
+    assert_eq!(used, total.min(1000).to_string());
+    assert_eq!(
+        common::redis_cli(redis.port, &["HLEN", hash]).trim(),
+        "0",
+        "the dead replica's entry is gone"
+    );
+}
+
+async fn team_usage_requests(gate: &Gate, team: &str) -> (String, String) {
+    let usage = gate
+        .usage(
+            Attributes {
+                team: Some(team.to_string()),
+                ..Default::default()
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let c = usage
+        .iter()
+        .find(|c| c.rule == "team-requests")
+        .expect("team-requests counter");
+    (c.used.to_string(), c.leased.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_sent_again_is_applied_once() {
     let server = common::RedisServer::start();

@@ -47,9 +47,11 @@
 -- `life` is how long the replica will use it (ms; the replica chooses it,
 -- longer only far from the cap). Each replica's lease is listed in the
 -- hash `l:{..}` beside the counter (field: replica, value '<amount>
--- <until>'), for reports and for telling early denials apart; the hash
--- lives as long as the longest lease could. The counter alone keeps the
--- cap.
+-- <until>'), for reports, for telling early denials apart, and for taking
+-- back the lease of a replica that died holding it: an entry a longest
+-- lease life and the cleanup grace past its end is reclaimed by the next
+-- decision it blocks (see reclaim). The hash lives as long as its
+-- counter. The counter alone keeps the cap.
 --
 -- Costs, measured: each redis.call about 1.5 us, each tonumber() of an
 -- argument about 0.2 us, everything else far less. So the common case
@@ -125,6 +127,32 @@ local function leased(key)
   return others, own
 end
 
+-- Gives back the leases on counter `key` of replicas that died holding
+-- them. A live replica stops using a lease a margin before its end and
+-- gives it back at its next batch (20 ms), deleting its entry; an entry
+-- still there a longest lease life and the cleanup grace (ARGV[5], 60 s)
+-- after its end is a dead replica's. The amount is what that replica
+-- last reported holding: what it decided after its last report (at most
+-- 250 ms of its decisions) is then not counted. Returns what was given
+-- back, at most `value`, the counter's value.
+local function reclaim(key, value)
+  local lkey, back = lease_key(key), 0
+  local dead_before = now - lease_life - tonumber(ARGV[5])
+  local fields = call('HGETALL', lkey)
+  for i = 1, #fields, 2 do
+    if fields[i] ~= replica then
+      local sep = string.find(fields[i + 1], ' ', 1, true)
+      if tonumber(string.sub(fields[i + 1], sep + 1)) <= dead_before then
+        back = back + tonumber(string.sub(fields[i + 1], 1, sep - 1))
+        call('HDEL', lkey, fields[i])
+      end
+    end
+  end
+  back = math.min(back, value)
+  if back > 0 then call('DECRBY', key, int(back)) end
+  return back
+end
+
 for c = 1, ncand do
   local n = tonumber(ARGV[a])
   ck = k
@@ -179,6 +207,16 @@ for c = 1, ncand do
       local limit = tonumber(ARGV[base + 1])
       if grant > 0 then limit = limit + grant end
       if lease then limit_of[o] = limit end
+      if lease and mode % 16 < 4 and values[o + 1] and not (mode >= 32 and grant < 0)
+          and used + tonumber(ARGV[base]) > limit then
+        -- Blocked: first take back what dead replicas' leases hold.
+        local back = reclaim(KEYS[k + o], used)
+        if back > 0 then
+          used = used - back
+          used_of[o] = used
+          out[len - 2] = used
+        end
+      end
       if (mode >= 32 and grant < 0) or used + tonumber(ARGV[base]) > limit then
         blocked = true
         if mode % 4 < 2 then only_downgradable = false end
@@ -226,11 +264,17 @@ end
 
 -- Records replica's lease on counter `key` (none when `amount` is 0),
 -- used for `life` ms.
-local function note_lease(key, amount, life)
+-- The hash lives as long as the counter (`exp`, as an op's expiry: 0 for
+-- never), so that a dead replica's entry stays until it is reclaimed.
+local function note_lease(key, amount, life, exp)
   local lkey = lease_key(key)
   if amount > 0 then
     call('HSET', lkey, replica, int(amount) .. ' ' .. int(now + tonumber(life)))
-    call('PEXPIRE', lkey, int(lease_life + tonumber(ARGV[5])))
+    if exp == '0' then
+      call('PERSIST', lkey)
+    else
+      call('PEXPIRE', lkey, int(math.max(tonumber(exp), lease_life + tonumber(ARGV[5]))))
+    end
   else
     call('HDEL', lkey, replica)
   end
@@ -261,7 +305,7 @@ if applied then
         local got = lease_for(o, base)
         leased[o + 1] = got
         amount = int(tonumber(amount) - unused_of[o] + got)
-        if got > 0 or unused_of[o] > 0 then note_lease(key, got, ARGV[base + 7]) end
+        if got > 0 or unused_of[o] > 0 then note_lease(key, got, ARGV[base + 7], exp) end
       end
       if values[o + 1] or exp == '0' then
         call('INCRBY', key, amount)
