@@ -492,6 +492,114 @@ async fn a_lowered_cap_is_in_force_at_once(backend: Backend) {
     );
 }
 
+/// With no shutdown to hand leases back, the cap still fills exactly once
+/// they lapse: demand on both replicas one lease lifetime after the
+/// contended phase takes what each had left.
+async fn the_cap_fills_exactly_once_leases_lapse(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-lapse-{}:", backend_name(&backend));
+    let (a, b) = replicas(&backend, &prefix, CAP, &clock).await;
+    let mut allowed = 0;
+    // Both replicas take leases on the way up.
+    for i in 0..900 {
+        let gate = if i % 2 == 0 { &a.gate } else { &b.gate };
+        if gate.check(input("growth", 1)).await.unwrap().verdict == Verdict::Allow {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 900);
+    clock.advance(LeaseConfig::default().lifetime);
+    let mut denied_in_a_row = 0;
+    for i in 0.. {
+        let gate = if i % 2 == 0 { &a.gate } else { &b.gate };
+        if gate.check(input("growth", 1)).await.unwrap().verdict == Verdict::Allow {
+            allowed += 1;
+            denied_in_a_row = 0;
+        } else {
+            denied_in_a_row += 1;
+            if denied_in_a_row == 4 {
+                break;
+            }
+        }
+        assert!(i < 2000, "never filled");
+    }
+    assert_eq!(allowed, 1000, "the cap fills to the request");
+    a.store.close(clock.now()).await.unwrap();
+    b.store.close(clock.now()).await.unwrap();
+    assert_eq!(
+        team_usage(&a.gate, "growth").await,
+        ("1000".into(), "0".into())
+    );
+}
+
+/// A threshold fires once per counter and window across replicas even
+/// when a settle on the other replica moves usage back below it and
+/// demand carries it up again.
+async fn an_alert_fires_once_when_a_refund_elsewhere_moves_usage_back_below_it(backend: Backend) {
+    use tollgate_core::gate::ActualUsage;
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-refund-alert-{}:", backend_name(&backend));
+    let (a, b) = replicas(&backend, &prefix, CAP, &clock).await;
+    let alerts = |d: &tollgate_core::engine::Decision| -> Vec<u32> {
+        d.alerts.iter().map(|c| c.threshold).collect()
+    };
+    let first = a.gate.check(input("growth", 400)).await.unwrap();
+    assert_eq!(alerts(&first), Vec::<u32>::new());
+    let crossing = a.gate.check(input("growth", 200)).await.unwrap();
+    assert_eq!(alerts(&crossing), vec![50], "600 of 1000 crosses 50%");
+    // Settled on B at nothing: usage goes back to 400, below 50%.
+    let id = crossing.reservation_id.clone().unwrap();
+    b.gate.settle(&id, &ActualUsage::default()).await.unwrap();
+    assert_eq!(team_usage(&b.gate, "growth").await.0, "400");
+    let again = b.gate.check(input("growth", 200)).await.unwrap();
+    assert_eq!(again.verdict, Verdict::Allow);
+    assert_eq!(alerts(&again), Vec::<u32>::new(), "50% fired already");
+    let higher = a.gate.check(input("growth", 250)).await.unwrap();
+    assert_eq!(alerts(&higher), vec![80], "850 crosses 80%, once");
+}
+
+/// A cap lowered on one replica (its reload came first) is in force there
+/// at once, counting what another replica still holds in its lease under
+/// the old cap as used.
+async fn a_cap_lowered_on_one_replica_counts_the_others_lease(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-lowered-elsewhere-{}:", backend_name(&backend));
+    let big = CAP.replace("tokens: 1000,", "tokens: 100000,");
+    let (a, b) = replicas(&backend, &prefix, &big, &clock).await;
+    for _ in 0..5 {
+        assert_eq!(
+            a.gate.check(input("growth", 10)).await.unwrap().verdict,
+            Verdict::Allow
+        );
+    }
+    let held = a.store.unused_on("team-tokens");
+    assert!(held > 0, "A holds a lease");
+    // 50 used and A's lease outstanding; B now has a cap of 60.
+    b.gate
+        .replace_policy(policy(&CAP.replace("tokens: 1000,", "tokens: 60,")));
+    assert_eq!(
+        b.gate.check(input("growth", 10)).await.unwrap().verdict,
+        if 50 + held + 10 <= 60 {
+            Verdict::Allow
+        } else {
+            Verdict::Deny
+        },
+        "B judges 50 used plus A's {held} leased against 60"
+    );
+    // Once A reloads too, its lease goes back at its next decision, and
+    // the two together never allow past the new cap.
+    a.gate
+        .replace_policy(policy(&CAP.replace("tokens: 1000,", "tokens: 60,")));
+    let mut allowed = 0;
+    for i in 0..10 {
+        let gate = if i % 2 == 0 { &a.gate } else { &b.gate };
+        if gate.check(input("growth", 10)).await.unwrap().verdict == Verdict::Allow {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 1, "60 fits one more call of 10 after 50");
+}
+
 fn backend_name(backend: &Backend) -> &'static str {
     match backend {
         Backend::Redis => "redis",
@@ -532,12 +640,11 @@ on_both!(
     an_early_denial_lasts_no_longer_than_a_lease,
     a_revocation_takes_effect_within_a_lease_lifetime,
     a_lowered_cap_is_in_force_at_once,
+    the_cap_fills_exactly_once_leases_lapse,
+    an_alert_fires_once_when_a_refund_elsewhere_moves_usage_back_below_it,
+    a_cap_lowered_on_one_replica_counts_the_others_lease,
 );
 
-/// A batch whose reply was lost (Redis ran it, the answer never came) is
-/// sent again whole and under its id: `flush.lua` applies it once and
-/// answers the same. Sent twice here by hand: a counter move and a
-/// request id's outcome.
 /// A replica that dies holding a lease (a `tollgate serve` killed with
 /// SIGKILL, which returns nothing) does not keep that budget from the
 /// others for good: once its lease is a longest lease life and the
@@ -643,6 +750,10 @@ async fn team_usage_requests(gate: &Gate, team: &str) -> (String, String) {
     (c.used.to_string(), c.leased.to_string())
 }
 
+/// A batch whose reply was lost (Redis ran it, the answer never came) is
+/// sent again whole and under its id: `flush.lua` applies it once and
+/// answers the same. Sent twice here by hand: a counter move and a
+/// request id's outcome.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_sent_again_is_applied_once() {
     let server = common::RedisServer::start();
