@@ -255,22 +255,37 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
     let mut priced = false;
     let mut unpriced_parts: Vec<&str> = Vec::new();
     let overflow = || RequestError::too_large(Unit::Spend);
-    let mut add =
-        |part: Option<Decimal>, qty: Decimal, name: &'static str| -> Result<(), RequestError> {
-            if qty.is_zero() {
-                return Ok(());
-            }
-            match part {
-                Some(p) => {
-                    priced = true;
-                    let c = p.checked_mul(qty).ok_or_else(overflow)?;
-                    total = total.checked_add(c).ok_or_else(overflow)?;
-                }
-                None => unpriced_parts.push(name),
-            }
-            Ok(())
-        };
     let detail = &usage.detail;
+    // A batch call takes the discount off every token price.
+    let factor = match (detail.batch, price.batch_discount) {
+        (true, Some(d)) => Decimal::ONE - d,
+        _ => Decimal::ONE,
+    };
+    // `part`'s price a unit, or with `per_mtok` its token price per
+    // million (less the batch discount): worked out per token only for a
+    // part the usage has, since most calls have two or three of the seven.
+    let mut add = |part: Option<Decimal>,
+                   qty: Decimal,
+                   name: &'static str,
+                   per_mtok: bool|
+     -> Result<(), RequestError> {
+        if qty.is_zero() {
+            return Ok(());
+        }
+        let part = match per_mtok {
+            true => part.map(|p| p * factor / mtok),
+            false => part,
+        };
+        match part {
+            Some(p) => {
+                priced = true;
+                let c = p.checked_mul(qty).ok_or_else(overflow)?;
+                total = total.checked_add(c).ok_or_else(overflow)?;
+            }
+            None => unpriced_parts.push(name),
+        }
+        Ok(())
+    };
     // Above its threshold, a long-context tier's prices replace the base
     // ones for every token of the request.
     let long = price
@@ -287,12 +302,6 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
     let reasoning_rate = price.reasoning_per_mtok.or(output_rate);
     let audio_in_rate = price.audio_input_per_mtok.or(input_rate);
     let audio_out_rate = price.audio_output_per_mtok.or(output_rate);
-    // A batch call takes the discount off every token price.
-    let factor = match (detail.batch, price.batch_discount) {
-        (true, Some(d)) => Decimal::ONE - d,
-        _ => Decimal::ONE,
-    };
-    let per_token = |rate: Option<Decimal>| rate.map(|p| p * factor / mtok);
     // The parts of the input and of the output, each counted once: a
     // report whose parts add up to more than its total is taken as far as
     // the total goes.
@@ -315,49 +324,52 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
     let reasoning = take_output(detail.reasoning_tokens);
     let audio_out = take_output(detail.audio_output_tokens);
     let text_output = output_left;
+    add(input_rate, Decimal::from(uncached), "input tokens", true)?;
     add(
-        per_token(input_rate),
-        Decimal::from(uncached),
-        "input tokens",
-    )?;
-    add(
-        per_token(cached_rate),
+        cached_rate,
         Decimal::from(cached),
         "cached input tokens",
+        true,
     )?;
     add(
-        per_token(write_rate),
+        write_rate,
         Decimal::from(written),
         "cache write tokens",
+        true,
     )?;
     add(
-        per_token(audio_in_rate),
+        audio_in_rate,
         Decimal::from(audio_in),
         "audio input tokens",
+        true,
     )?;
     add(
-        per_token(output_rate),
+        output_rate,
         Decimal::from(text_output),
         "output tokens",
+        true,
     )?;
     add(
-        per_token(reasoning_rate),
+        reasoning_rate,
         Decimal::from(reasoning),
         "reasoning tokens",
+        true,
     )?;
     add(
-        per_token(audio_out_rate),
+        audio_out_rate,
         Decimal::from(audio_out),
         "audio output tokens",
+        true,
     )?;
     for (call, n) in &detail.calls {
         add(
             price.per_call.get(call).copied(),
             Decimal::from(*n),
             "calls with a fee",
+            false,
         )?;
     }
-    add(price.per_request, Decimal::ONE, "requests")?;
+    add(price.per_request, Decimal::ONE, "requests", false)?;
     let image_rate = match &price.per_image {
         None => None,
         Some(ImagePrice::Flat(p)) => Some(*p),
@@ -374,10 +386,20 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
             }
         },
     };
-    add(image_rate, Decimal::from(usage.images), "images")?;
-    add(price.per_video_second, usage.video_seconds, "video seconds")?;
+    add(image_rate, Decimal::from(usage.images), "images", false)?;
+    add(
+        price.per_video_second,
+        usage.video_seconds,
+        "video seconds",
+        false,
+    )?;
     let per_audio_second = price.per_audio_minute.map(|p| p / Decimal::from(60));
-    add(per_audio_second, usage.audio_seconds, "audio seconds")?;
+    add(
+        per_audio_second,
+        usage.audio_seconds,
+        "audio seconds",
+        false,
+    )?;
     if !priced && !unpriced_parts.is_empty() {
         return Err(RequestError::Unpriced {
             message: format!(
@@ -408,7 +430,9 @@ pub const MAX_COUNTER: i64 = 1 << 52;
 
 /// A counter amount back in the unit's natural scale.
 pub fn from_counter(value: i64, unit: Unit) -> Decimal {
-    (Decimal::from(value) / Decimal::from(unit.scale())).normalize()
+    // A counter holds the unit's smallest step (a millionth of a dollar
+    // for spend): moving the decimal point is exact, and no division.
+    Decimal::new(value, unit.decimals()).normalize()
 }
 
 #[cfg(test)]
@@ -416,6 +440,29 @@ mod tests {
     use super::*;
     use std::collections::BTreeMap;
     use std::str::FromStr;
+
+    #[test]
+    fn a_counter_value_reads_as_its_division_by_the_units_scale() {
+        for unit in Unit::ALL {
+            for v in [
+                0,
+                1,
+                -1,
+                7,
+                999_999,
+                1_000_000,
+                1_500_000,
+                123_456_789,
+                i64::MAX,
+                i64::MIN,
+            ] {
+                let divided = (Decimal::from(v) / Decimal::from(unit.scale())).normalize();
+                let read = from_counter(v, unit);
+                assert_eq!(read, divided, "{v} {unit}");
+                assert_eq!(read.to_string(), divided.to_string(), "{v} {unit}");
+            }
+        }
+    }
 
     fn d(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()

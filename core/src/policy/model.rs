@@ -590,9 +590,15 @@ impl Unit {
     /// Counters hold integers; this is how many counter units make one
     /// natural unit. Spend is counted in micro-USD.
     pub fn scale(self) -> i64 {
+        10_i64.pow(self.decimals())
+    }
+
+    /// The decimal places of one counter step: 6 for spend (a counter
+    /// counts millionths of a dollar), 0 for whole units.
+    pub fn decimals(self) -> u32 {
         match self {
-            Unit::Spend => 1_000_000,
-            _ => 1,
+            Unit::Spend => 6,
+            _ => 0,
         }
     }
 }
