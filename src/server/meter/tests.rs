@@ -110,7 +110,18 @@ fn chat_sse(include_usage: bool) -> (String, String) {
     (sse(&events), format!("{hello}{world}{args}"))
 }
 
+/// A Responses API stream ending in `terminal`, whose response carries
+/// the status, error and incomplete details that event comes with.
 fn responses_sse(terminal: &str) -> String {
+    let (status, error, incomplete) = match terminal {
+        "response.incomplete" => ("incomplete", "null", r#"{"reason":"max_output_tokens"}"#),
+        "response.failed" => (
+            "failed",
+            r#"{"code":"server_error","message":"The model failed to finish."}"#,
+            "null",
+        ),
+        _ => ("completed", "null", "null"),
+    };
     sse(&[
         r#"event: response.created
 data: {"type":"response.created","sequence_number":0,"response":{"id":"resp_1","object":"response","created_at":1741290958,"status":"in_progress","error":null,"model":"gpt-4.1-2025-04-14","output":[],"usage":null,"metadata":{}}}"#.to_string(),
@@ -128,7 +139,7 @@ data: {"type":"response.function_call_arguments.delta","sequence_number":5,"item
 data: {"type":"response.output_text.done","sequence_number":6,"item_id":"msg_1","output_index":0,"content_index":0,"text":"Hi there, ünïcode","logprobs":[]}"#.to_string(),
         format!(
             r#"event: {terminal}
-data: {{"type":"{terminal}","sequence_number":7,"response":{{"id":"resp_1","object":"response","created_at":1741290958,"status":"completed","error":null,"incomplete_details":null,"model":"gpt-4.1-2025-04-14","output":[{{"id":"msg_1","type":"message","status":"completed","role":"assistant","content":[{{"type":"output_text","text":"Hi there, ünïcode","annotations":[]}}]}}],"temperature":1.0,"usage":{{"input_tokens":37,"input_tokens_details":{{"cached_tokens":5}},"output_tokens":11,"output_tokens_details":{{"reasoning_tokens":3}},"total_tokens":48}},"metadata":{{}}}}}}"#
+data: {{"type":"{terminal}","sequence_number":7,"response":{{"id":"resp_1","object":"response","created_at":1741290958,"status":"{status}","error":{error},"incomplete_details":{incomplete},"model":"gpt-4.1-2025-04-14","output":[{{"id":"msg_1","type":"message","status":"completed","role":"assistant","content":[{{"type":"output_text","text":"Hi there, ünïcode","annotations":[]}}]}}],"temperature":1.0,"usage":{{"input_tokens":37,"input_tokens_details":{{"cached_tokens":5}},"output_tokens":11,"output_tokens_details":{{"reasoning_tokens":3}},"total_tokens":48}},"metadata":{{}}}}}}"#
         ),
     ])
 }
@@ -263,6 +274,16 @@ fn cases() -> Vec<Case> {
             api: Api::OpenAiResponses,
             sse: true,
             body: responses_sse("response.incomplete"),
+            reported: reported(37, 5, 11, 3, 0),
+            model: Some("gpt-4.1-2025-04-14"),
+            text: "Hi there, ünïcode{\"a\":1}".to_string(),
+            complete: true,
+        },
+        Case {
+            name: "openai responses sse failed",
+            api: Api::OpenAiResponses,
+            sse: true,
+            body: responses_sse("response.failed"),
             reported: reported(37, 5, 11, 3, 0),
             model: Some("gpt-4.1-2025-04-14"),
             text: "Hi there, ünïcode{\"a\":1}".to_string(),
