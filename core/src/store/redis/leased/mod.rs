@@ -273,10 +273,21 @@ impl LeasedStore {
     /// counters it touches when it can.
     async fn decide_in_redis(&self, req: &ReserveRequest) -> Result<ReserveOutcome, StoreError> {
         LeaseStats::add(&self.stats.misses, 1);
-        LeaseStats::add(&self.stats.redis_calls, 1);
         let candidate = match req.candidates.as_slice() {
             [only] if only.ops.iter().any(leasable) => only,
             _ => {
+                // One script call, or one per slot a cluster spreads the
+                // candidates' counters over.
+                let slots = match self.redis.cluster() {
+                    true => by_tag(
+                        req.candidates
+                            .iter()
+                            .flat_map(|c| c.ops.iter().map(|op| op.key.as_str())),
+                    )
+                    .len(),
+                    false => 1,
+                };
+                LeaseStats::add(&self.stats.redis_calls, slots.max(1) as u64);
                 let outcome = self.redis.reserve(req).await?;
                 self.remember_replay(req, &outcome);
                 return Ok(outcome);
@@ -290,6 +301,7 @@ impl LeasedStore {
         };
         let tags = by_tag(candidate.ops.iter().map(|op| op.key.as_str()));
         let answer = if !self.redis.cluster() || tags.len() == 1 {
+            LeaseStats::add(&self.stats.redis_calls, 1);
             let tag = tags
                 .keys()
                 .next()
