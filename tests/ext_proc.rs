@@ -912,6 +912,41 @@ mod the_fake_envoy {
         assert!(v.contains("invalid characters"), "{v}");
     }
 
+    /// Header values go in `raw_value`, or, when asked, in `value` alone,
+    /// in the request and the response headers alike.
+    #[tokio::test]
+    async fn sends_header_values_in_raw_value_or_when_asked_in_value() {
+        for in_value in [false, true] {
+            let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let record = seen.clone();
+            let envoy = envoy_for(Arc::new(move |m| {
+                if let Msg::RequestHeaders(h) | Msg::ResponseHeaders(h) = m {
+                    let headers = h.headers.clone().unwrap_or_default().headers;
+                    record.lock().unwrap().extend(headers);
+                }
+                vec![pass(m)]
+            }))
+            .await;
+            let request = if in_value {
+                chat(10, true).values_in_value()
+            } else {
+                chat(10, true)
+            };
+            let upstream = chat_sse(3);
+            let x = envoy.run(request, |_| upstream.clone()).await;
+            assert_served(&x, &upstream);
+            let seen = seen.lock().unwrap();
+            for key in [":path", ":status", "authorization", "content-type"] {
+                let h = seen.iter().find(|h| h.key == key).unwrap();
+                assert_eq!(
+                    (h.value.is_empty(), h.raw_value.is_empty()),
+                    (!in_value, in_value),
+                    "{h:?}"
+                );
+            }
+        }
+    }
+
     #[tokio::test]
     async fn refuses_a_mutated_body_whose_content_length_does_not_match() {
         let v = violation(on_request_body(|| common(Vec::new(), Some("{}")))).await;
@@ -1065,4 +1100,300 @@ rules:
         let next = envoy.run(chat(10, false), |_| ok.clone()).await;
         assert!(!next.is_local(), "{setting}: the slot was not given back");
     }
+}
+
+/// A request with no body (a GET, or a POST with `content-length: 0`), as
+/// Envoy sends it: one headers message with `end_of_stream`.
+fn bodiless(method: &str, path: &str) -> HttpRequest {
+    let mut request = HttpRequest::post(path, "");
+    request.method = method.to_string();
+    request.headers = vec![(
+        "authorization".to_string(),
+        "Bearer sk-test-ext-proc".to_string(),
+    )];
+    if method == "POST" {
+        request = request.header("content-length", "0");
+    }
+    request
+}
+
+/// A request without a body is decided in the reply to its headers, since
+/// no body message follows: allowed, that reply carries the header
+/// mutations (the decision for the upstream, the client's model header
+/// taken off) and the response is metered and settled; over the cap, it is
+/// the `ImmediateResponse`, and the upstream never sees the call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_a_body_is_decided_at_its_headers() {
+    let policy = r#"
+rules:
+  - id: requests-daily
+    limit: { requests: 2, window: daily }
+  - id: no-preview-models
+    match: { model: "*-preview" }
+    limit: { requests: 0, window: daily }
+"#;
+    let (tollgate, envoy, _dir) = start(policy, &[]).await;
+    let port = tollgate.http_port;
+    let models = UpstreamResponse::json(r#"{"object":"list","data":[{"id":"gpt-4o"}]}"#);
+    let denied_at_headers = |x: &Exchange, want: (u16, &str), rule: &str| {
+        let (status, headers, body) = x.local();
+        assert_eq!((status, body["error"]["code"].as_str().unwrap()), want);
+        assert_eq!(headers.get("x-tollgate-rule"), Some(rule));
+        assert_eq!(headers.get("content-type"), Some("application/json"));
+        assert_eq!(x.sent, [Step::RequestHeaders]);
+        assert!(matches!(
+            x.reply_to(Step::RequestHeaders).unwrap().response,
+            Some(Reply::ImmediateResponse(_))
+        ));
+    };
+
+    // A model no call may use, declared in the header of a bodiless call.
+    let preview =
+        bodiless("POST", "/v1/chat/completions").header("x-tollgate-model", "gpt-5-preview");
+    let x = envoy
+        .run(preview, |_| {
+            panic!("a denied call must not reach the upstream")
+        })
+        .await;
+    denied_at_headers(&x, (403, "blocked"), "no-preview-models");
+
+    for request in [
+        bodiless("GET", "/v1/models").header("x-tollgate-model", "gpt-4o"),
+        bodiless("POST", "/v1/chat/completions"),
+    ] {
+        let x = envoy.run(request, |_| models.clone()).await;
+        assert_served(&x, &models);
+        assert_eq!(x.sent[..2], [Step::RequestHeaders, Step::ResponseHeaders]);
+        assert!(!x.sent.contains(&Step::RequestBody), "{:?}", x.sent);
+        let reply = x.reply_to(Step::RequestHeaders).unwrap();
+        let Some(Reply::RequestHeaders(h)) = &reply.response else {
+            panic!("the headers are answered with a headers reply: {reply:?}")
+        };
+        let mutation = h
+            .response
+            .as_ref()
+            .and_then(|c| c.header_mutation.as_ref())
+            .unwrap_or_else(|| panic!("the decision's headers are in this reply: {reply:?}"));
+        assert!(!mutation.set_headers.is_empty(), "{mutation:?}");
+        let sent = forwarded(&x);
+        assert_eq!(sent.headers.get("x-tollgate-decision"), Some("allow"));
+        assert!(sent.headers.contains("x-tollgate-reservation"));
+        assert!(
+            !sent.headers.contains("x-tollgate-model"),
+            "the client's model header is taken off: {:?}",
+            sent.headers
+        );
+        assert!(sent.body.is_empty());
+        let (_, headers, _) = x.response();
+        assert_eq!(headers.get("x-tollgate-rule"), Some("requests-daily"));
+    }
+    wait_used(port, "requests-daily", 2, SETTLE_DEADLINE).await;
+
+    // Over the cap: denied at the headers.
+    let x = envoy
+        .run(bodiless("GET", "/v1/models"), |_| {
+            panic!("a denied call must not reach the upstream")
+        })
+        .await;
+    denied_at_headers(&x, (429, "budget_exceeded"), "requests-daily");
+    assert_eq!(
+        used(port, "requests-daily").await,
+        Some(2),
+        "a denial costs nothing"
+    );
+}
+
+/// Header values in `value` rather than `raw_value`, as Envoy sent them
+/// before 1.27, decide as they do in `raw_value`: the key (authorization)
+/// names the team, a trusted header the workflow, the declared model of a
+/// bodiless call its rule, and the response's `:status` and content type
+/// still let tollgate take out of a stream the usage it asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_values_in_value_as_older_envoy_sent_them_decide_the_same() {
+    let policy = r#"
+keys:
+  - id: checkout-prod
+    sha256: "f526f809ed1da4ee5db2c5b3b4f8e220c330abc60856cbf4ca07182795c98042"
+    team: growth
+attributes:
+  trusted_headers: { workflow: x-workflow }
+rules:
+  - id: growth-agent
+    match: { team: growth, workflow: research-agent }
+    limit: { requests: 1, window: daily }
+  - id: output-daily
+    limit: { output_tokens: 100000, window: daily }
+  - id: no-preview-models
+    match: { model: "*-preview" }
+    limit: { requests: 0, window: daily }
+"#;
+    for in_value in [false, true] {
+        let (tollgate, envoy, _dir) = start(policy, &[]).await;
+        let play = |r: HttpRequest| if in_value { r.values_in_value() } else { r };
+        // A stream that does not ask for its usage: tollgate asks.
+        let mut body: serde_json::Value = serde_json::from_str(&chat_body(900, true)).unwrap();
+        body.as_object_mut().unwrap().remove("stream_options");
+        let agent = || {
+            play(
+                HttpRequest::post("/v1/chat/completions", &body.to_string())
+                    .header("authorization", "Bearer sk-test-ext-proc")
+                    .header("x-workflow", "research-agent"),
+            )
+        };
+
+        let x = envoy
+            .run(agent(), |fwd| {
+                let asked = fwd.json()["stream_options"]["include_usage"] == true;
+                split(&chat_sse_text(asked, 25), 3, true)
+            })
+            .await;
+        let (status, headers, got) = x.response();
+        assert_eq!(status, 200, "in value: {in_value}");
+        assert_eq!(headers.get("x-tollgate-rule"), Some("growth-agent"));
+        assert_eq!(
+            String::from_utf8(got).unwrap(),
+            chat_sse_text(false, 25),
+            "in value: {in_value}: the usage tollgate asked for is taken out"
+        );
+        wait_used(tollgate.http_port, "output-daily", 25, SETTLE_DEADLINE).await;
+
+        // The team's agent has had its one request.
+        let x = envoy.run(agent(), |_| panic!("over growth-agent")).await;
+        let (status, headers, _) = x.local();
+        assert_eq!(status, 429, "in value: {in_value}");
+        assert_eq!(headers.get("x-tollgate-rule"), Some("growth-agent"));
+
+        // Another workflow of the same team is not under it; an
+        // unregistered key is refused.
+        let upstream = chat_json(3);
+        let other = play(chat(10, false).header("x-workflow", "batch"));
+        let x = envoy.run(other, |_| upstream.clone()).await;
+        assert_served(&x, &upstream);
+        let unknown = play(
+            HttpRequest::post("/v1/chat/completions", &chat_body(10, false))
+                .header("authorization", "Bearer sk-someone-else")
+                .header("x-workflow", "research-agent"),
+        );
+        let x = envoy.run(unknown, |_| panic!("an unknown key")).await;
+        let (status, _, body) = x.local();
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (403, Some("unknown_key")),
+            "in value: {in_value}"
+        );
+
+        // A bodiless call's declared model, and its path, from `value`.
+        let preview = play(bodiless("GET", "/v1/models").header("x-tollgate-model", "o1-preview"));
+        let x = envoy.run(preview, |_| panic!("a preview model")).await;
+        let (status, headers, _) = x.local();
+        assert_eq!(status, 403, "in value: {in_value}");
+        assert_eq!(headers.get("x-tollgate-rule"), Some("no-preview-models"));
+        wait_used(tollgate.http_port, "output-daily", 28, SETTLE_DEADLINE).await;
+    }
+}
+
+/// The policy version `/status` reports.
+async fn policy_version(http_port: u16) -> String {
+    tokio::task::spawn_blocking(move || {
+        let (code, body) = common::http_get(http_port, "/status").unwrap();
+        assert_eq!(code, 200, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+        json["version"].as_str().unwrap().to_string()
+    })
+    .await
+    .unwrap()
+}
+
+/// `used` of `rule`'s counters, summed, as a decimal (spend is in dollars).
+async fn used_amount(http_port: u16, rule: &str) -> Option<f64> {
+    let rule = rule.to_string();
+    tokio::task::spawn_blocking(move || {
+        let (code, body) = common::http_get(http_port, "/v1/usage").ok()?;
+        if code != 200 {
+            return None;
+        }
+        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
+        let rows: Vec<f64> = json["counters"]
+            .as_array()?
+            .iter()
+            .filter(|c| c["rule"] == rule.as_str())
+            .filter_map(|c| c["used"].as_str()?.parse().ok())
+            .collect();
+        (!rows.is_empty()).then(|| rows.iter().sum())
+    })
+    .await
+    .unwrap()
+}
+
+/// Waits until `rule`'s counter reads `want` (to within a millionth of a
+/// cent); panics with the last value seen.
+async fn wait_amount(http_port: u16, rule: &str, want: f64) {
+    let deadline = Instant::now() + SETTLE_DEADLINE;
+    loop {
+        let now = used_amount(http_port, rule).await;
+        if now.is_some_and(|n| (n - want).abs() < 1e-8) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{rule}: used is {now:?} after {SETTLE_DEADLINE:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A call decided under one price and finished after a reload that
+/// changed it is charged at the price it was decided under: the settle
+/// uses the snapshot that made the decision. The next call, decided
+/// after the reload, pays the new price.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settle_prices_on_the_snapshot_that_decided_even_across_a_reload() {
+    let policy = |input: &str, output: &str| {
+        format!(
+            "
+pricing:
+  models:
+    gpt-4o: {{ input_per_mtok: {input}, output_per_mtok: {output} }}
+rules:
+  - id: spend-daily
+    match: {{ model: gpt-4o }}
+    limit: {{ spend: 100, window: daily }}
+"
+        )
+    };
+    let (tollgate, envoy, dir) = start(&policy("2.50", "10.00"), &[]).await;
+    let port = tollgate.http_port;
+    let before = policy_version(port).await;
+
+    // Decided at $2.50/$10 per million; the upstream thinks meanwhile.
+    let upstream = chat_json(20);
+    let (request, mut paused) = chat(900, false).pause_after(Step::RequestBody);
+    let exchange = tokio::spawn({
+        let envoy = envoy.clone();
+        let upstream = upstream.clone();
+        async move { envoy.run(request, move |_| upstream).await }
+    });
+    paused.reached().await;
+
+    // Ten times the price, applied before the response comes back.
+    std::fs::write(dir.path().join("p.yaml"), policy("25.00", "100.00")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while policy_version(port).await == before {
+        assert!(
+            Instant::now() < deadline,
+            "the new policy was not applied within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    paused.resume();
+    let x = exchange.await.unwrap();
+    assert_served(&x, &upstream);
+    // 14 input and 20 output tokens: 14 × 2.5e-6 + 20 × 1e-5.
+    let old_price = 0.000235;
+    wait_amount(port, "spend-daily", old_price).await;
+
+    // Decided after the reload: 14 × 2.5e-5 + 20 × 1e-4 on top.
+    let x = envoy.run(chat(900, false), |_| upstream.clone()).await;
+    assert_served(&x, &upstream);
+    wait_amount(port, "spend-daily", old_price + 0.00235).await;
 }

@@ -152,16 +152,24 @@ impl Headers {
     /// `envoy.reloadable_features.send_header_raw_value`, on by default
     /// since 1.27; api/envoy/service/ext_proc/v3/external_processor.proto,
     /// `HttpHeaders.headers`: "The header value is encoded in the
-    /// raw_value field").
-    fn to_proto(&self) -> HeaderMap {
+    /// raw_value field"). With `in_value`, as Envoy did before (and does
+    /// with that guard off): in `value`, with `raw_value` empty.
+    fn to_proto(&self, in_value: bool) -> HeaderMap {
         HeaderMap {
             headers: self
                 .0
                 .iter()
-                .map(|(k, v)| HeaderValue {
-                    key: k.clone(),
-                    value: String::new(),
-                    raw_value: v.clone(),
+                .map(|(k, v)| {
+                    let (value, raw_value) = if in_value {
+                        (String::from_utf8_lossy(v).into_owned(), Vec::new())
+                    } else {
+                        (String::new(), v.clone())
+                    };
+                    HeaderValue {
+                        key: k.clone(),
+                        value,
+                        raw_value,
+                    }
                 })
                 .collect(),
         }
@@ -192,6 +200,7 @@ pub struct HttpRequest {
     pub route_metadata: Vec<(String, String)>,
     close_after: Option<Step>,
     pause_after: Option<(Step, PausePoint)>,
+    values_in_value: bool,
 }
 
 impl HttpRequest {
@@ -206,6 +215,7 @@ impl HttpRequest {
             route_metadata: Vec::new(),
             close_after: None,
             pause_after: None,
+            values_in_value: false,
         }
     }
 
@@ -218,6 +228,14 @@ impl HttpRequest {
     pub fn route(mut self, attribute: &str, value: &str) -> HttpRequest {
         self.route_metadata
             .push((format!("tollgate-route-{attribute}"), value.to_string()));
+        self
+    }
+
+    /// Every header value, of the request and of the response, goes in
+    /// `value` with `raw_value` empty, as Envoy sent them before 1.27
+    /// (`send_header_raw_value` off).
+    pub fn values_in_value(mut self) -> HttpRequest {
+        self.values_in_value = true;
         self
     }
 
@@ -577,6 +595,8 @@ struct Run {
     /// closed it, or said CONTINUE_AND_REPLACE for the rest).
     processing: bool,
     send_response_headers: bool,
+    /// Header values go in `value`, not `raw_value`.
+    values_in_value: bool,
     request_body_mode: BodySendMode,
     response_body_mode: BodySendMode,
     sent: Vec<Step>,
@@ -743,7 +763,11 @@ fn describe(m: &Option<Msg>) -> String {
                 .map(|m| m
                     .headers
                     .iter()
-                    .map(|h| format!("{}: {}", h.key, String::from_utf8_lossy(&h.raw_value)))
+                    .map(|h| if h.raw_value.is_empty() {
+                        format!("{}: {} (in value)", h.key, h.value)
+                    } else {
+                        format!("{}: {}", h.key, String::from_utf8_lossy(&h.raw_value))
+                    })
                     .collect::<Vec<_>>())
                 .unwrap_or_default()
         ),
@@ -817,6 +841,7 @@ impl Run {
             first: true,
             processing: true,
             send_response_headers: true,
+            values_in_value: request.values_in_value,
             request_body_mode: BodySendMode::Buffered,
             response_body_mode: BodySendMode::Streamed,
             sent: Vec::new(),
@@ -984,7 +1009,7 @@ impl Run {
         // (external_processor.proto, HttpHeaders.end_of_stream).
         let step = Step::RequestHeaders;
         let msg = Msg::RequestHeaders(HttpHeaders {
-            headers: Some(headers.to_proto()),
+            headers: Some(headers.to_proto(self.values_in_value)),
             end_of_stream: !has_body,
             ..Default::default()
         });
@@ -1083,7 +1108,7 @@ impl Run {
         let mut status = answer.status;
         if self.processing && self.send_response_headers {
             let msg = Msg::ResponseHeaders(HttpHeaders {
-                headers: Some(response.to_proto()),
+                headers: Some(response.to_proto(self.values_in_value)),
                 end_of_stream: !has_response_body,
                 ..Default::default()
             });
