@@ -978,3 +978,48 @@ async fn a_route_nothing_settles_refuses_concurrency_rules() {
     let r = client.check(render("always")).await.unwrap().into_inner();
     assert!(matches!(outcome(r), Outcome::Allowed { .. }));
 }
+
+/// `settle: never` in the policy's own `attributes` (not a route's) says
+/// nothing settles any call: a `concurrent` rule is refused with 400 on
+/// every route that does not say otherwise, a rule that needs no settle
+/// still allows, and a route's `settle: always` overrides it.
+#[tokio::test]
+async fn a_server_that_says_nothing_settles_refuses_concurrency_rules() {
+    let policy = format!("\nattributes:\n  settle: never\n{RETRY_POLICY}");
+    let mut client = start(&policy).await;
+    let render =
+        |context: &[(&str, &str)]| envoy_request("/v1/chat/completions", &[], CHAT, context);
+    // Twice: a refusal holds no slot, so the second is refused the same
+    // way, never found busy.
+    for _ in 0..2 {
+        let r = client
+            .check(render(&[("workflow", "render")]))
+            .await
+            .unwrap()
+            .into_inner();
+        let Outcome::Denied {
+            status,
+            body,
+            headers,
+        } = outcome(r)
+        else {
+            panic!("must refuse")
+        };
+        assert_eq!(status, 400);
+        assert_eq!(header(&headers, "x-should-retry"), Some("false"));
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("renders-in-flight") && message.contains("settle: never"),
+            "{message}"
+        );
+    }
+    // Under the other rules alone, it is allowed.
+    let r = client.check(render(&[])).await.unwrap().into_inner();
+    assert!(matches!(outcome(r), Outcome::Allowed { .. }));
+    // The route's own setting wins: one slot, then it is busy.
+    let settled = [("workflow", "render"), ("settle", "always")];
+    let r = client.check(render(&settled)).await.unwrap().into_inner();
+    assert!(matches!(outcome(r), Outcome::Allowed { .. }));
+    let r = client.check(render(&settled)).await.unwrap().into_inner();
+    assert!(matches!(outcome(r), Outcome::Denied { status: 429, .. }));
+}
