@@ -695,14 +695,14 @@ fn the_shipped_ext_proc_config_matches_the_server() {
     assert!(seconds > 0.0, "message_timeout {timeout:?}");
 
     // Exactly the mode the server is written for: the request whole, the
-    // response as it streams, no trailers.
+    // response as it streams, request trailers when a request has them.
     let mode = get(config, "processing_mode");
     let expected = [
         ("request_header_mode", "SEND"),
         ("request_body_mode", "BUFFERED"),
         ("response_header_mode", "SEND"),
         ("response_body_mode", "STREAMED"),
-        ("request_trailer_mode", "SKIP"),
+        ("request_trailer_mode", "SEND"),
         ("response_trailer_mode", "SKIP"),
     ];
     for (field, value) in expected {

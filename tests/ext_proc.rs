@@ -1397,3 +1397,171 @@ rules:
     assert_served(&x, &upstream);
     wait_amount(port, "spend-daily", old_price + 0.00235).await;
 }
+
+/// Raw `Process` streams, message by message, for the sequences the fake
+/// Envoy does not play: a request that never carries `end_of_stream` in a
+/// message tollgate could wait on must still be decided before anything
+/// reaches the upstream, and a response that begins with nothing decided
+/// must fail the request (an error status: Envoy then applies
+/// `failure_mode_allow: false`), never pass.
+mod undecided {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Msg;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
+    };
+    use tokio_stream::wrappers::ReceiverStream;
+
+    const BLOCKED: &str = "
+rules:
+  - id: nothing
+    limit: { requests: 0, window: daily }
+";
+
+    fn headers(end_of_stream: bool) -> Msg {
+        let pairs = [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions"),
+            (":authority", "api"),
+            ("content-type", "application/json"),
+            ("x-request-id", "raw-1"),
+        ];
+        Msg::RequestHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: pairs
+                    .iter()
+                    .map(|(k, v)| HeaderValue {
+                        key: k.to_string(),
+                        raw_value: v.as_bytes().to_vec(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+            end_of_stream,
+            ..Default::default()
+        })
+    }
+
+    /// Sends `messages` one at a time, each after the reply to the one
+    /// before; returns the replies, and the status the stream ended with
+    /// if it was an error.
+    async fn exchange(
+        endpoint: String,
+        messages: Vec<Msg>,
+    ) -> (Vec<ProcessingResponse>, Option<tonic::Status>) {
+        let mut client = ExternalProcessorClient::connect(endpoint).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut replies = client
+            .process(tonic::Request::new(ReceiverStream::new(rx)))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut got = Vec::new();
+        for m in messages {
+            tx.send(ProcessingRequest {
+                request: Some(m),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            match tokio::time::timeout(Duration::from_secs(5), replies.message()).await {
+                Ok(Ok(Some(r))) => {
+                    let immediate = matches!(r.response, Some(Reply::ImmediateResponse(_)));
+                    got.push(r);
+                    if immediate {
+                        break;
+                    }
+                }
+                Ok(Ok(None)) => break,
+                Ok(Err(status)) => return (got, Some(status)),
+                Err(_) => panic!("no reply within 5 s after {} replies", got.len()),
+            }
+        }
+        (got, None)
+    }
+
+    fn is_denial(r: &ProcessingResponse) -> bool {
+        matches!(&r.response, Some(Reply::ImmediateResponse(i))
+            if i.status.as_ref().is_some_and(|s| s.code == 403 || s.code == 429))
+    }
+
+    /// A buffered body followed by trailers comes without `end_of_stream`
+    /// (Envoy's ext_proc filter, `onTrailers`: the buffered body is sent
+    /// with end_of_stream false), and with trailers skipped nothing
+    /// follows it: it is decided there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_without_end_of_stream_is_decided() {
+        let (tollgate, _envoy, _dir) = start(BLOCKED, &[]).await;
+        let body = Msg::RequestBody(HttpBody {
+            body: br#"{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}"#.to_vec(),
+            end_of_stream: false,
+            ..Default::default()
+        });
+        let (replies, status) = exchange(tollgate.endpoint(), vec![headers(false), body]).await;
+        assert!(status.is_none(), "{status:?}");
+        assert_eq!(replies.len(), 2, "{replies:?}");
+        assert!(
+            is_denial(&replies[1]),
+            "the body's reply refuses: {replies:?}"
+        );
+    }
+
+    /// Headers, then trailers, and no body: the trailers are decided.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn trailers_after_headers_alone_are_decided() {
+        let (tollgate, _envoy, _dir) = start(BLOCKED, &[]).await;
+        let trailers = Msg::RequestTrailers(HttpTrailers::default());
+        let (replies, status) = exchange(tollgate.endpoint(), vec![headers(false), trailers]).await;
+        assert!(status.is_none(), "{status:?}");
+        assert!(is_denial(replies.last().unwrap()), "{replies:?}");
+    }
+
+    /// Headers without `end_of_stream`, then straight to the response
+    /// (trailers skipped, no body): nothing was decided, and the stream
+    /// ends with an error rather than let the response through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_response_to_an_undecided_call_fails_the_stream() {
+        let (tollgate, _envoy, _dir) = start(BLOCKED, &[]).await;
+        let response = Msg::ResponseHeaders(HttpHeaders {
+            headers: Some(HeaderMap {
+                headers: vec![HeaderValue {
+                    key: ":status".into(),
+                    raw_value: b"200".to_vec(),
+                    ..Default::default()
+                }],
+            }),
+            end_of_stream: true,
+            ..Default::default()
+        });
+        let (replies, status) = exchange(tollgate.endpoint(), vec![headers(false), response]).await;
+        assert_eq!(
+            replies.len(),
+            1,
+            "only the headers were answered: {replies:?}"
+        );
+        let status = status.expect("an error status");
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    }
+}
+
+/// ext_proc settles every call, so a `settle: never` in the policy (meant
+/// for ext_authz routes) does not apply to it: a `concurrent` rule is
+/// enforced, not refused, and the slot comes back when the exchange ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ext_proc_settles_even_where_the_policy_says_nothing_settles() {
+    let policy = "
+attributes:
+  settle: never
+rules:
+  - id: one-at-a-time
+    limit: { concurrent: 1 }
+";
+    let (_tollgate, envoy, _dir) = start(policy, &[]).await;
+    let upstream = chat_sse(5);
+    for _ in 0..3 {
+        let x = envoy.run(chat(100, true), |_| upstream.clone()).await;
+        assert_served(&x, &upstream);
+    }
+}

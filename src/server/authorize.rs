@@ -28,15 +28,29 @@ pub struct Allowed {
     pub policy: Arc<CompiledPolicy>,
 }
 
-/// `rewrites_body`: the front end can put a downgrade into effect itself
-/// (ext_proc rewrites the body's model), whatever the route says.
-pub async fn authorize(gate: &Gate, request: &HttpRequest<'_>, rewrites_body: bool) -> Answer {
+/// What a front end does itself, beyond asking for a decision. ext_authz
+/// and forward auth do neither (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FrontEnd {
+    /// It puts a downgrade into effect (ext_proc rewrites the body's
+    /// model), whatever the route says.
+    pub rewrites_body: bool,
+    /// It settles every call it lets through when the call ends (ext_proc),
+    /// whatever the policy or the route says about settling: its calls
+    /// are never final estimates.
+    pub settles: bool,
+}
+
+pub async fn authorize(gate: &Gate, request: &HttpRequest<'_>, front_end: FrontEnd) -> Answer {
     let policy = gate.policy();
     let mut input = match check_input(&policy.set.attributes, request) {
         Ok(input) => input,
         Err(e) => return Answer::Refused(Refusal::invalid(&e)),
     };
-    input.can_switch_model |= rewrites_body;
+    input.can_switch_model |= front_end.rewrites_body;
+    if front_end.settles {
+        input.estimate_is_final = false;
+    }
     match gate.check_on(policy.clone(), input).await {
         Ok(d) if d.verdict == Verdict::Deny => Answer::Refused(Refusal::denied(&d)),
         Ok(d) => Answer::Allowed(Box::new(Allowed {

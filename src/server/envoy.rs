@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::authorize::{authorize, Answer};
+use super::authorize::{authorize, Answer, FrontEnd};
 use super::http_request::{envoy_header, HttpRequest};
 use super::status::Refusal;
 use tollgate_core::gate::Gate;
@@ -78,7 +78,7 @@ impl Authorization for EnvoyAuthz {
             body: Some(body),
             proxy_request_id: Some(&http.id),
         };
-        match authorize(&self.gate, &view, false).await {
+        match authorize(&self.gate, &view, FrontEnd::default()).await {
             Answer::Allowed(allowed) => Ok(Response::new(CheckResponse {
                 status: Some(rpc::Status {
                     code: tonic::Code::Ok as i32,

@@ -8,7 +8,11 @@
 //!
 //! 1. `request_headers`: kept; decided at once only when the request has
 //!    no body (`end_of_stream`), since no body message will follow.
-//! 2. `request_body`: decided through the one authorize pipeline. A denial
+//!    Request trailers after headers alone are decided in turn.
+//! 2. `request_body`: decided at the first body message, whether or not it
+//!    ends the body (one followed by trailers does not), through the one
+//!    authorize pipeline. A response that begins with nothing decided ends
+//!    the stream with an error status, so no call passes undecided. A denial
 //!    is an `ImmediateResponse` with the same status, headers and JSON body
 //!    as ext_authz. An allow mutates the headers as ext_authz does, and on
 //!    a downgrade rewrites the body's `model` (with the matching
@@ -61,7 +65,7 @@ use tollgate_core::policy::{CompiledPolicy, OnOverrun, OnUpstreamError, StoreFai
 use tollgate_core::store::SettleOutcome;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::authorize::{authorize, Allowed, Answer};
+use super::authorize::{authorize, Allowed, Answer, FrontEnd};
 use super::body::CHARS_PER_TOKEN;
 use super::http_request::{check_input, HttpRequest};
 use super::meter::sse::{Piece, Splitter};
@@ -223,13 +227,17 @@ impl Stream for ExchangeStream {
             };
             match exchange.step(&this.gate, message) {
                 Step::Reply(reply) => return this.deliver(reply),
-                Step::Decide { with_body } => {
+                Step::Undecided => {
+                    this.end();
+                    return broken("the response began before any request message was decided");
+                }
+                Step::Decide { with_body, phase } => {
                     let (Some(mut exchange), gate) = (this.exchange.take(), this.gate.clone())
                     else {
                         return broken("a decision was asked for with no exchange");
                     };
                     this.deciding = Some(Box::pin(async move {
-                        let reply = exchange.decide(&gate, with_body).await;
+                        let reply = exchange.decide(&gate, with_body, phase).await;
                         (exchange, reply)
                     }));
                 }
@@ -275,7 +283,21 @@ impl Drop for ExchangeStream {
 #[allow(clippy::large_enum_variant)]
 enum Step {
     Reply(ProcessingResponse),
-    Decide { with_body: bool },
+    Decide {
+        with_body: bool,
+        phase: Phase,
+    },
+    /// The response began with no decision made.
+    Undecided,
+}
+
+/// The request message a decision answers: its reply must be of the same
+/// kind, or Envoy fails the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Headers,
+    Body,
+    Trailers,
 }
 
 /// Route attributes from the stream's initial metadata.
@@ -326,6 +348,9 @@ struct Exchange {
     admitted: Option<Admitted>,
     /// Headers to add to the client's response, from the decision.
     downstream: Vec<(String, String)>,
+    /// A decision was made (allowed or not): every call gets one before
+    /// its response.
+    decided: bool,
 }
 
 impl Exchange {
@@ -336,6 +361,7 @@ impl Exchange {
             body: Vec::new(),
             admitted: None,
             downstream: Vec::new(),
+            decided: false,
         }
     }
 
@@ -347,7 +373,10 @@ impl Exchange {
                 let end_of_stream = h.end_of_stream;
                 self.headers = header_pairs(h);
                 if end_of_stream {
-                    return Step::Decide { with_body: false };
+                    return Step::Decide {
+                        with_body: false,
+                        phase: Phase::Headers,
+                    };
                 }
                 reply(Reply::RequestHeaders(HeadersResponse::default()))
             }
@@ -361,14 +390,34 @@ impl Exchange {
                     self.body
                         .extend_from_slice(&b.body[..b.body.len().min(room)]);
                 }
-                if !b.end_of_stream {
-                    reply(Reply::RequestBody(BodyResponse::default()))
-                } else {
-                    return Step::Decide { with_body: true };
+                // Decided at the first body message, whether or not it
+                // ends the body: a buffered body followed by trailers
+                // comes without `end_of_stream` (and nothing follows it
+                // while trailers are skipped), as does a prefix cut at the
+                // buffer. Waiting for the end would let such a call go
+                // upstream undecided.
+                if !self.decided {
+                    return Step::Decide {
+                        with_body: true,
+                        phase: Phase::Body,
+                    };
                 }
+                reply(Reply::RequestBody(BodyResponse::default()))
             }
+            // A response to a call nothing decided (a processing mode that
+            // sends no request message tollgate could decide on) must not
+            // pass: an error status makes Envoy fail the request.
+            Msg::ResponseHeaders(_) if !self.decided => return Step::Undecided,
             Msg::ResponseHeaders(h) => self.response_headers(h),
             Msg::ResponseBody(b) => self.response_body(gate, b),
+            // Headers and trailers with no body between: the trailers are
+            // the last request message.
+            Msg::RequestTrailers(_) if !self.decided => {
+                return Step::Decide {
+                    with_body: false,
+                    phase: Phase::Trailers,
+                }
+            }
             Msg::RequestTrailers(_) => reply(Reply::RequestTrailers(TrailersResponse::default())),
             Msg::ResponseTrailers(_) => {
                 if let Some(a) = &mut self.admitted {
@@ -431,7 +480,8 @@ impl Exchange {
 
     /// Decides the request, in the reply to its headers (no body) or to its
     /// body.
-    async fn decide(&mut self, gate: &Gate, with_body: bool) -> ProcessingResponse {
+    async fn decide(&mut self, gate: &Gate, with_body: bool, phase: Phase) -> ProcessingResponse {
+        self.decided = true;
         let method = header_str(&self.headers, ":method")
             .unwrap_or_default()
             .to_string();
@@ -456,7 +506,13 @@ impl Exchange {
         // A downgrade is real only where the body that goes upstream names
         // the model, and is rewritten: not a Gemini call, whose model is in
         // its path, nor one without a body.
-        let answer = authorize(gate, &view, with_body && model_in_body(&path)).await;
+        let front_end = FrontEnd {
+            rewrites_body: phase == Phase::Body && !marked && model_in_body(&path),
+            // ext_proc settles every call when it ends, whatever the
+            // policy or the route says for ext_authz.
+            settles: true,
+        };
+        let answer = authorize(gate, &view, front_end).await;
         self.headers = view.headers;
         if marked {
             self.headers.pop();
@@ -476,7 +532,7 @@ impl Exchange {
         self.downstream = allowance.downstream;
         let mut common = CommonResponse::default();
         let mut asked_for_usage = false;
-        if with_body {
+        if phase == Phase::Body && !marked {
             let rewritten = rewritten_body(&self.body, &decision, &path);
             asked_for_usage = rewritten.as_ref().is_some_and(|r| r.asked_for_usage);
             if let Some(Rewritten { body, .. }) = rewritten {
@@ -507,14 +563,16 @@ impl Exchange {
                 rewrite: None,
             });
         }
-        if with_body {
-            reply(Reply::RequestBody(BodyResponse {
+        match phase {
+            Phase::Body => reply(Reply::RequestBody(BodyResponse {
                 response: Some(common),
-            }))
-        } else {
-            reply(Reply::RequestHeaders(HeadersResponse {
+            })),
+            Phase::Headers => reply(Reply::RequestHeaders(HeadersResponse {
                 response: Some(common),
-            }))
+            })),
+            // The headers went upstream already: what is left to change
+            // is the trailers, which tollgate does not.
+            Phase::Trailers => reply(Reply::RequestTrailers(TrailersResponse::default())),
         }
     }
 
@@ -663,7 +721,10 @@ fn request_input(
         body: body.map(|b| &b[..]),
         proxy_request_id: envoy_id,
     };
-    check_input(&policy.set.attributes, &view).ok()
+    let mut input = check_input(&policy.set.attributes, &view).ok()?;
+    // Settled with the call, as the decision was.
+    input.estimate_is_final = false;
+    Some(input)
 }
 
 /// The least a top-up reserves, in output tokens.

@@ -34,7 +34,7 @@ use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use tokio::net::TcpListener;
 
-use super::authorize::{authorize, Answer};
+use super::authorize::{authorize, Answer, FrontEnd};
 use super::health::Readiness;
 use super::http_request::HttpRequest;
 use super::settle::{outcome_name, SettleForm};
@@ -266,7 +266,7 @@ async fn decide(
         body: (!body.is_empty()).then_some(&body[..]),
         proxy_request_id: None,
     };
-    match authorize(&state.gate, &view, false).await {
+    match authorize(&state.gate, &view, FrontEnd::default()).await {
         Answer::Allowed(allowed) => {
             let mut response = StatusCode::OK.into_response();
             let a = allowed.allowance;
