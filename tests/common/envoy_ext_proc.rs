@@ -5,7 +5,8 @@
 //!
 //! The processing mode is the shipped one (deploy/envoy/envoy.yaml):
 //! request headers SEND, request body BUFFERED, response headers SEND,
-//! response body STREAMED, request trailers SEND (this fake sends none), response trailers SKIP, `allow_mode_override: true`,
+//! response body STREAMED, request trailers SEND (this fake sends none),
+//! response trailers SKIP, `allow_mode_override: true`,
 //! `failure_mode_allow: false`. Each rule is cited next to the code that
 //! enforces it; "Envoy" below means upstream Envoy at 1.27 or later. The
 //! sources cited are in Envoy's tree: ext_proc.cc, processor_state.cc,
