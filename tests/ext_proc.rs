@@ -1565,3 +1565,47 @@ rules:
         assert_served(&x, &upstream);
     }
 }
+
+/// A hostile stream through the whole exchange: a valid first chunk, then
+/// an event of invalid JSON that runs 4 MiB with no newline, then bytes
+/// that are not UTF-8. Nothing panics, the client gets every byte as the
+/// upstream sent it, and with no usage reported the call settles at the
+/// counted estimate: the input from the request body (four bytes a token)
+/// and the output counted from the text that did stream, never zero and
+/// never the reserved estimate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_stream_passes_and_settles_at_the_counted_estimate() {
+    let policy = "
+rules:
+  - id: tokens-daily
+    limit: { tokens: 100000000, window: daily }
+";
+    let (tollgate, envoy, _dir) = start(policy, &[]).await;
+    let valid = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello there\"}}]}\n\n";
+    let mut junk = b"data: {not json ".to_vec();
+    junk.extend(std::iter::repeat_n(b'x', 4 << 20));
+    let upstream = UpstreamResponse {
+        status: 200,
+        headers: vec![("content-type".into(), "text/event-stream".into())],
+        chunks: vec![
+            valid.as_bytes().to_vec(),
+            junk,
+            vec![0xff, 0xfe, b'\n', 0xc3],
+        ],
+        separate_end: true,
+    };
+    let request = chat(5000, true);
+    let input = (chat_body(5000, true).len() as u64).div_ceil(4);
+    let x = envoy.run(request, |_| upstream.clone()).await;
+    let (status, _, body) = x.response();
+    assert_eq!(status, 200);
+    assert_eq!(body, upstream.chunks.concat(), "every byte, unchanged");
+    // "Hello there": 11 characters, 3 tokens.
+    wait_used(
+        tollgate.http_port,
+        "tokens-daily",
+        input + 3,
+        SETTLE_DEADLINE,
+    )
+    .await;
+}
