@@ -600,6 +600,42 @@ async fn a_cap_lowered_on_one_replica_counts_the_others_lease(backend: Backend) 
     assert_eq!(allowed, 1, "60 fits one more call of 10 after 50");
 }
 
+/// An alert threshold added by a reload while replicas hold leases fires
+/// once, and no later than the decision that takes consumption to it.
+/// The leases were granted without that threshold, so each replica's next
+/// decision goes to Redis, which takes its lease back; a threshold is
+/// judged on the counter as Redis holds it (consumption and the leases
+/// still out), so it can fire a decision early, never late or twice.
+async fn an_alert_added_by_a_reload_fires_at_its_crossing(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-new-alert-{}:", backend_name(&backend));
+    let quiet = CAP.replace("    alerts: [50, 80]\n", "");
+    let (a, b) = replicas(&backend, &prefix, &quiet, &clock).await;
+    for i in 0..8 {
+        let gate = if i % 2 == 0 { &a.gate } else { &b.gate };
+        let d = gate.check(input("growth", 10)).await.unwrap();
+        assert!(d.alerts.is_empty());
+    }
+    assert!(a.store.unused_on("team-tokens") > 0, "A holds a lease");
+    assert!(b.store.unused_on("team-tokens") > 0, "B holds a lease");
+    let alerting = CAP.replace("alerts: [50, 80]", "alerts: [10]");
+    a.gate.replace_policy(policy(&alerting));
+    b.gate.replace_policy(policy(&alerting));
+    let mut fired = Vec::new();
+    for i in 0..6 {
+        let gate = if i % 2 == 0 { &a.gate } else { &b.gate };
+        let d = gate.check(input("growth", 10)).await.unwrap();
+        fired.extend(d.alerts.iter().map(|c| (i, c.threshold)));
+    }
+    // 80 used, then 10 a call: the second reaches 100, 10% of the cap.
+    assert_eq!(fired.len(), 1, "10% fires once: {fired:?}");
+    assert_eq!(fired[0].1, 10);
+    assert!(
+        fired[0].0 <= 1,
+        "no later than where it is reached: {fired:?}"
+    );
+}
+
 fn backend_name(backend: &Backend) -> &'static str {
     match backend {
         Backend::Redis => "redis",
@@ -643,6 +679,7 @@ on_both!(
     the_cap_fills_exactly_once_leases_lapse,
     an_alert_fires_once_when_a_refund_elsewhere_moves_usage_back_below_it,
     a_cap_lowered_on_one_replica_counts_the_others_lease,
+    an_alert_added_by_a_reload_fires_at_its_crossing,
 );
 
 /// A replica that dies holding a lease (a `tollgate serve` killed with

@@ -68,9 +68,12 @@ struct Lease {
     /// The counter as the store last answered, this lease included: what
     /// this replica reports as used is `seen - remaining`.
     seen: i64,
-    /// The limit of the op it was granted for: a changed limit (a reload)
-    /// sends the next decision to the store, which takes the lease back.
+    /// The limit and the alert values of the op it was granted for: a
+    /// change to either (a reload) sends the next decision to the store,
+    /// which takes the lease back, so that a new threshold is crossed
+    /// there, once.
     limit: i64,
+    alert_at: Vec<i64>,
     /// The grant in force when it was granted (see [`CounterState::grant`]).
     grant: Option<i64>,
     /// Spendable before this instant.
@@ -188,6 +191,7 @@ impl LeaseBook {
                 && !lease.refilling
                 && lease.usable_until > now
                 && lease.limit == op.limit
+                && lease.alert_at == op.alert_at
                 && lease.remaining >= op.amount
                 && (op.grant.as_ref().is_none_or(|g| !g.required) || lease.grant.is_some())
         };
@@ -262,6 +266,7 @@ impl LeaseBook {
                 if !lease.refilling
                     && lease.usable_until > now
                     && lease.limit == op.limit
+                    && lease.alert_at == op.alert_at
                     && lease.remaining >= op.amount
                     && (lease.remaining * 2 >= lease.granted
                         && (lease.usable_until - now) * 2 >= lease.usable_until - lease.since)
@@ -354,6 +359,9 @@ impl LeaseBook {
             lease.reported_at = sent_at;
             lease.seen = used + if applied { op.amount } else { 0 } + got;
             lease.limit = op.limit;
+            if lease.alert_at != op.alert_at {
+                lease.alert_at = op.alert_at.clone();
+            }
             lease.grant = states.get(i).and_then(|s| s.grant);
             let life = asks[i].life.max(self.config.lifetime);
             lease.usable_until = sent_at + life - self.config.margin;
