@@ -727,6 +727,51 @@ async fn lease_metrics_count_hits_misses_refills_and_redis_calls() {
     );
 }
 
+/// What a replica holds unspent in its lease is reported apart from what
+/// was used, in `/v1/usage` and in the dashboard's data, not as spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_and_the_dashboard_show_leases_apart_from_use() {
+    let redis = common::RedisServer::start();
+    let dir = common::policy_dir(&[(
+        "p.yaml",
+        "rules:\n  - id: far\n    match: { team: '*' }\n    per: [team]\n    limit: { requests: 1000000, window: daily }\n",
+    )]);
+    let server = common::TollgateProcess::start(&[
+        "--policies",
+        dir.path().to_str().unwrap(),
+        "--redis",
+        &redis.url(),
+    ]);
+    let mut grpc = client(&server).await;
+    for _ in 0..20 {
+        grpc.check(check("growth", "")).await.unwrap();
+    }
+    // Read while the lease is held (it goes back after 200 ms idle).
+    let (_, usage) = http_get(server.http_port, "/v1/usage").await;
+    let (_, dashboard) = http_get(server.http_port, "/v1/dashboard").await;
+    let usage: serde_json::Value = serde_json::from_str(&usage).unwrap();
+    let row = usage["counters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["rule"] == "far")
+        .unwrap_or_else(|| panic!("{usage}"))
+        .clone();
+    assert_eq!(row["used"], "20", "{row}");
+    let leased: u64 = row["leased"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{row}"))
+        .parse()
+        .unwrap();
+    assert!(leased > 0, "{row}");
+    let dashboard: serde_json::Value = serde_json::from_str(&dashboard).unwrap();
+    let text = dashboard.to_string();
+    assert!(
+        text.contains("\"leased\""),
+        "the dashboard data shows the lease: {text}"
+    );
+}
+
 /// `--audit-log -` writes the lines to standard output, flushed by the
 /// time the process has exited on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

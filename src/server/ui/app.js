@@ -238,7 +238,9 @@ function renderBudgets() {
           el("td", { class: "scope", "data-label": "Scope", text: b.scope }),
           el("td", { class: "num usedlimit", "data-label": "Used / limit" },
             el("span", { class: "used", text: amount(b.unit, b.used) }), " / ",
-            el("span", { class: "limit", text: amount(b.unit, b.limit) })),
+            el("span", { class: "limit", text: amount(b.unit, b.limit) }),
+            // Held in replicas' leases (Redis): counted against the cap, not spent.
+            b.leased ? el("span", { class: "leased muted", title: "held unspent in replicas' leases", text: " (+" + amount(b.unit, b.leased) + " leased)" }) : null),
           el("td", { class: "num percent", "data-label": "%", text: pct }),
           el("td", { "data-label": "Bar" }, el("div", {
             class: "bar l" + lv, role: "img",
