@@ -1306,23 +1306,7 @@ async fn policy_version(http_port: u16) -> String {
 
 /// `used` of `rule`'s counters, summed, as a decimal (spend is in dollars).
 async fn used_amount(http_port: u16, rule: &str) -> Option<f64> {
-    let rule = rule.to_string();
-    tokio::task::spawn_blocking(move || {
-        let (code, body) = common::http_get(http_port, "/v1/usage").ok()?;
-        if code != 200 {
-            return None;
-        }
-        let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let rows: Vec<f64> = json["counters"]
-            .as_array()?
-            .iter()
-            .filter(|c| c["rule"] == rule.as_str())
-            .filter_map(|c| c["used"].as_str()?.parse().ok())
-            .collect();
-        (!rows.is_empty()).then(|| rows.iter().sum())
-    })
-    .await
-    .unwrap()
+    common::envoy_ext_proc::used_as(http_port, rule).await
 }
 
 /// Waits until `rule`'s counter reads `want` (to within a millionth of a

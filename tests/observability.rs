@@ -680,11 +680,13 @@ async fn usage_straight_from_redis() {
     assert_eq!(json_counter(&json, "team-daily", "team=data")["used"], "0");
 }
 
-/// On Redis, where leases are on by default, `/metrics` counts the
-/// decisions made from a lease, those that went to Redis, the leases
-/// granted and the Redis calls, as the lease store counts them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lease_metrics_count_hits_misses_refills_and_redis_calls() {
+/// A server on a Redis of its own, with leases (the default), and one
+/// rule per team far from its cap, so that its counters are leased.
+fn leasing_server() -> (
+    common::RedisServer,
+    tempfile::TempDir,
+    common::TollgateProcess,
+) {
     let redis = common::RedisServer::start();
     let dir = common::policy_dir(&[(
         "p.yaml",
@@ -696,6 +698,15 @@ async fn lease_metrics_count_hits_misses_refills_and_redis_calls() {
         "--redis",
         &redis.url(),
     ]);
+    (redis, dir, server)
+}
+
+/// On Redis, where leases are on by default, `/metrics` counts the
+/// decisions made from a lease, those that went to Redis, the leases
+/// granted and the Redis calls, as the lease store counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_metrics_count_hits_misses_refills_and_redis_calls() {
+    let (_redis, _dir, server) = leasing_server();
     let mut grpc = client(&server).await;
     for _ in 0..200 {
         let r = grpc.check(check("growth", "")).await.unwrap().into_inner();
@@ -731,17 +742,7 @@ async fn lease_metrics_count_hits_misses_refills_and_redis_calls() {
 /// was used, in `/v1/usage` and in the dashboard's data, not as spent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_and_the_dashboard_show_leases_apart_from_use() {
-    let redis = common::RedisServer::start();
-    let dir = common::policy_dir(&[(
-        "p.yaml",
-        "rules:\n  - id: far\n    match: { team: '*' }\n    per: [team]\n    limit: { requests: 1000000, window: daily }\n",
-    )]);
-    let server = common::TollgateProcess::start(&[
-        "--policies",
-        dir.path().to_str().unwrap(),
-        "--redis",
-        &redis.url(),
-    ]);
+    let (_redis, _dir, server) = leasing_server();
     let mut grpc = client(&server).await;
     for _ in 0..20 {
         grpc.check(check("growth", "")).await.unwrap();

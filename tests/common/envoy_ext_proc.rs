@@ -1409,6 +1409,14 @@ pub async fn start(
 /// `used` of `rule`'s counter(s), summed, from `/v1/usage`; `None` when
 /// the server cannot say (the store is down) or tracks none yet.
 pub async fn used(http_port: u16, rule: &str) -> Option<u64> {
+    used_as(http_port, rule).await
+}
+
+/// [`used`], read as `T` (`f64` for spend, which is in dollars).
+pub async fn used_as<T>(http_port: u16, rule: &str) -> Option<T>
+where
+    T: std::str::FromStr + std::iter::Sum + Send + 'static,
+{
     let rule = rule.to_string();
     tokio::task::spawn_blocking(move || {
         let (code, body) = super::http_get(http_port, "/v1/usage").ok()?;
@@ -1416,13 +1424,13 @@ pub async fn used(http_port: u16, rule: &str) -> Option<u64> {
             return None;
         }
         let json: serde_json::Value = serde_json::from_str(&body).ok()?;
-        let rows: Vec<u64> = json["counters"]
+        let rows: Vec<T> = json["counters"]
             .as_array()?
             .iter()
             .filter(|c| c["rule"] == rule.as_str())
             .filter_map(|c| c["used"].as_str()?.parse().ok())
             .collect();
-        (!rows.is_empty()).then(|| rows.iter().sum())
+        (!rows.is_empty()).then(|| rows.into_iter().sum())
     })
     .await
     .unwrap()
