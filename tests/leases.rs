@@ -81,6 +81,11 @@ async fn replicas(
 
 /// What the team's counter holds as a report reads it: used, and leased.
 async fn team_usage(gate: &Gate, team: &str) -> (String, String) {
+    rule_usage(gate, "team-tokens", team).await
+}
+
+/// `rule`'s counter for `team`: used and leased.
+async fn rule_usage(gate: &Gate, rule: &str, team: &str) -> (String, String) {
     let usage = gate
         .usage(
             Attributes {
@@ -91,7 +96,7 @@ async fn team_usage(gate: &Gate, team: &str) -> (String, String) {
         )
         .await
         .unwrap();
-    let c = usage.iter().find(|c| c.rule == "team-tokens").unwrap();
+    let c = usage.iter().find(|c| c.rule == rule).unwrap();
     (c.used.to_string(), c.leased.to_string())
 }
 
@@ -759,7 +764,7 @@ rules:
         (1000..=1040).contains(&total),
         "the cap of 1000 fills, past it by at most what the dead replica decided: {total}"
     );
-    let (used, leased) = team_usage_requests(&live.gate, "growth").await;
+    let (used, leased) = rule_usage(&live.gate, "team-requests", "growth").await;
     assert_eq!(leased, "0", "nothing is left leased");
     assert_eq!(used, total.min(1000).to_string());
     assert_eq!(
@@ -767,24 +772,6 @@ rules:
         "0",
         "the dead replica's entry is gone"
     );
-}
-
-async fn team_usage_requests(gate: &Gate, team: &str) -> (String, String) {
-    let usage = gate
-        .usage(
-            Attributes {
-                team: Some(team.to_string()),
-                ..Default::default()
-            },
-            None,
-        )
-        .await
-        .unwrap();
-    let c = usage
-        .iter()
-        .find(|c| c.rule == "team-requests")
-        .expect("team-requests counter");
-    (c.used.to_string(), c.leased.to_string())
 }
 
 /// A batch whose reply was lost (Redis ran it, the answer never came) is

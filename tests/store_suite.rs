@@ -1350,14 +1350,7 @@ async fn a_final_estimates_request_id_is_remembered_seconds_not_a_minute(
 async fn redis_keeps_what_a_final_estimate_leaves_for_seconds() {
     use tollgate_core::store::{RedisConfig, RedisStore};
     let server = common::RedisServer::start();
-    let cli = |args: &[&str]| -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-u", &server.url()])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let cli = |args: &[&str]| common::redis_cli(server.port, args).trim().to_string();
     let now = 1_000_000;
     for (prefix, leases, final_estimate) in [
         ("final", false, true),
