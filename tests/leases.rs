@@ -100,6 +100,26 @@ async fn rule_usage(gate: &Gate, rule: &str, team: &str) -> (String, String) {
     (c.used.to_string(), c.leased.to_string())
 }
 
+/// Sends `input()` to `gates` in turn until four in a row are denied;
+/// how many were allowed. Fails past 2,000 requests.
+async fn fill(gates: &[&Gate], input: impl Fn() -> CheckInput) -> u64 {
+    let (mut allowed, mut denied_in_a_row) = (0, 0);
+    for i in 0.. {
+        let gate = gates[i % gates.len()];
+        if gate.check(input()).await.unwrap().verdict == Verdict::Allow {
+            allowed += 1;
+            denied_in_a_row = 0;
+        } else {
+            denied_in_a_row += 1;
+            if denied_in_a_row == 4 {
+                break;
+            }
+        }
+        assert!(i < 2000, "never filled");
+    }
+    allowed
+}
+
 /// Two replicas, 32 tasks each, 1 token a request against a cap of 1,000
 /// with demand of 3,200: never more allowed than the cap, and once the
 /// leases are back, the cap filled to the request.
@@ -134,21 +154,7 @@ async fn two_replicas_fill_a_cap_exactly_and_never_past_it(backend: Backend) {
     // shuts down); demand after that fills the cap to the request.
     a.store.close(clock.now()).await.unwrap();
     b.store.close(clock.now()).await.unwrap();
-    let mut after = 0;
-    let mut denied_in_a_row = 0;
-    for i in 0.. {
-        let gate = if i % 2 == 0 { &a.gate } else { &b.gate };
-        if gate.check(input("growth", 1)).await.unwrap().verdict == Verdict::Allow {
-            after += 1;
-            denied_in_a_row = 0;
-        } else {
-            denied_in_a_row += 1;
-            if denied_in_a_row == 4 {
-                break;
-            }
-        }
-        assert!(i < 2000, "never filled");
-    }
+    let after = fill(&[&a.gate, &b.gate], || input("growth", 1)).await;
     a.store.close(clock.now()).await.unwrap();
     b.store.close(clock.now()).await.unwrap();
     assert_eq!(
@@ -514,20 +520,7 @@ async fn the_cap_fills_exactly_once_leases_lapse(backend: Backend) {
     }
     assert_eq!(allowed, 900);
     clock.advance(LeaseConfig::default().lifetime);
-    let mut denied_in_a_row = 0;
-    for i in 0.. {
-        let gate = if i % 2 == 0 { &a.gate } else { &b.gate };
-        if gate.check(input("growth", 1)).await.unwrap().verdict == Verdict::Allow {
-            allowed += 1;
-            denied_in_a_row = 0;
-        } else {
-            denied_in_a_row += 1;
-            if denied_in_a_row == 4 {
-                break;
-            }
-        }
-        assert!(i < 2000, "never filled");
-    }
+    allowed += fill(&[&a.gate, &b.gate], || input("growth", 1)).await;
     assert_eq!(allowed, 1000, "the cap fills to the request");
     a.store.close(clock.now()).await.unwrap();
     b.store.close(clock.now()).await.unwrap();
@@ -737,27 +730,14 @@ rules:
         tollgate_core::clock::SystemClock.now() + 90_000,
     ));
     let live = replica(redis.store().await, YAML, clock.clone());
-    let mut allowed = 0u64;
-    let mut denied_in_a_row = 0;
-    for i in 0.. {
-        let d = live.gate.check(CheckInput {
-            attributes: Attributes {
-                team: Some("growth".to_string()),
-                ..Default::default()
-            },
+    let allowed = fill(&[&live.gate], || CheckInput {
+        attributes: Attributes {
+            team: Some("growth".to_string()),
             ..Default::default()
-        });
-        if d.await.unwrap().verdict == Verdict::Allow {
-            allowed += 1;
-            denied_in_a_row = 0;
-        } else {
-            denied_in_a_row += 1;
-            if denied_in_a_row == 4 {
-                break;
-            }
-        }
-        assert!(i < 2_000, "never filled");
-    }
+        },
+        ..Default::default()
+    })
+    .await;
     live.store.close(clock.now()).await.unwrap();
     let total = 40 + allowed;
     assert!(
