@@ -207,6 +207,20 @@ impl TollgateProcess {
 
     /// [`start`](Self::start) with extra environment variables.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> TollgateProcess {
+        // A free port can be taken by another test between `free_port` and
+        // the bind: a process that exits for that is started again on
+        // other ports; anything else fails the test with its log.
+        for _ in 0..5 {
+            match Self::try_start(args, env) {
+                Ok(p) => return p,
+                Err(log) if log.iter().any(|l| l.contains("cannot listen on")) => continue,
+                Err(log) => panic!("tollgate did not start serving:\n{}", log.join("\n")),
+            }
+        }
+        panic!("tollgate found no free ports in five tries");
+    }
+
+    fn try_start(args: &[&str], env: &[(&str, &str)]) -> Result<TollgateProcess, Vec<String>> {
         use std::io::BufRead;
         let port = free_port();
         let http_port = free_port();
@@ -243,15 +257,22 @@ impl TollgateProcess {
                 }
             }
         });
-        rx.recv_timeout(std::time::Duration::from_secs(20))
-            .expect("tollgate did not start serving");
-        TollgateProcess {
+        if rx.recv_timeout(std::time::Duration::from_secs(20)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            // The reader thread ends with the process; give it a moment
+            // to keep the last lines.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let lines = log.lock().unwrap().clone();
+            return Err(lines);
+        }
+        Ok(TollgateProcess {
             child,
             port,
             http_port,
             _data: data,
             log,
-        }
+        })
     }
 
     /// The log lines written so far.
