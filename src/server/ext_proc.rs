@@ -94,37 +94,9 @@ const SETTLE_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durati
 /// call is never charged less than it used).
 const MAX_WAITING_SETTLES: usize = 100_000;
 
-/// How many settles wait for a retry, and the most that may.
-struct Waiting {
-    now: std::sync::atomic::AtomicUsize,
-    max: usize,
-}
-
-static WAITING_SETTLES: Waiting = Waiting {
-    now: std::sync::atomic::AtomicUsize::new(0),
-    max: MAX_WAITING_SETTLES,
-};
-
-impl Waiting {
-    /// A place to wait in, if one is left; given back on drop.
-    fn enter(&self) -> Option<WaitingSlot<'_>> {
-        use std::sync::atomic::Ordering;
-        self.now
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| WaitingSlot(self))
-    }
-}
-
-struct WaitingSlot<'a>(&'a Waiting);
-
-impl Drop for WaitingSlot<'_> {
-    fn drop(&mut self) {
-        self.0.now.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
+/// The places to wait in: a settle takes one for as long as it waits.
+static WAITING_SETTLES: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(MAX_WAITING_SETTLES);
 
 #[derive(Debug, Clone)]
 pub struct ExtProc {
@@ -231,13 +203,13 @@ impl Stream for ExchangeStream {
                     this.end();
                     return broken("the response began before any request message was decided");
                 }
-                Step::Decide { with_body, phase } => {
+                Step::Decide(phase) => {
                     let (Some(mut exchange), gate) = (this.exchange.take(), this.gate.clone())
                     else {
                         return broken("a decision was asked for with no exchange");
                     };
                     this.deciding = Some(Box::pin(async move {
-                        let reply = exchange.decide(&gate, with_body, phase).await;
+                        let reply = exchange.decide(&gate, phase).await;
                         (exchange, reply)
                     }));
                 }
@@ -283,10 +255,7 @@ impl Drop for ExchangeStream {
 #[allow(clippy::large_enum_variant)]
 enum Step {
     Reply(ProcessingResponse),
-    Decide {
-        with_body: bool,
-        phase: Phase,
-    },
+    Decide(Phase),
     /// The response began with no decision made.
     Undecided,
 }
@@ -373,10 +342,7 @@ impl Exchange {
                 let end_of_stream = h.end_of_stream;
                 self.headers = header_pairs(h);
                 if end_of_stream {
-                    return Step::Decide {
-                        with_body: false,
-                        phase: Phase::Headers,
-                    };
+                    return Step::Decide(Phase::Headers);
                 }
                 reply(Reply::RequestHeaders(HeadersResponse::default()))
             }
@@ -397,10 +363,7 @@ impl Exchange {
                 // buffer. Waiting for the end would let such a call go
                 // upstream undecided.
                 if !self.decided {
-                    return Step::Decide {
-                        with_body: true,
-                        phase: Phase::Body,
-                    };
+                    return Step::Decide(Phase::Body);
                 }
                 reply(Reply::RequestBody(BodyResponse::default()))
             }
@@ -412,12 +375,7 @@ impl Exchange {
             Msg::ResponseBody(b) => self.response_body(gate, b),
             // Headers and trailers with no body between: the trailers are
             // the last request message.
-            Msg::RequestTrailers(_) if !self.decided => {
-                return Step::Decide {
-                    with_body: false,
-                    phase: Phase::Trailers,
-                }
-            }
+            Msg::RequestTrailers(_) if !self.decided => return Step::Decide(Phase::Trailers),
             Msg::RequestTrailers(_) => reply(Reply::RequestTrailers(TrailersResponse::default())),
             Msg::ResponseTrailers(_) => {
                 if let Some(a) = &mut self.admitted {
@@ -480,8 +438,11 @@ impl Exchange {
 
     /// Decides the request, in the reply to its headers (no body) or to its
     /// body.
-    async fn decide(&mut self, gate: &Gate, with_body: bool, phase: Phase) -> ProcessingResponse {
+    async fn decide(&mut self, gate: &Gate, phase: Phase) -> ProcessingResponse {
         self.decided = true;
+        // Only a body message carries the body: decided on headers or on
+        // trailers after headers alone, there is none.
+        let with_body = phase == Phase::Body;
         let method = header_str(&self.headers, ":method")
             .unwrap_or_default()
             .to_string();
@@ -495,6 +456,8 @@ impl Exchange {
         // read them again.
         let mut headers = std::mem::take(&mut self.headers);
         let marked = mark_partial(&mut headers, self.body.len());
+        // Only a whole body can be rewritten.
+        let whole_body = with_body && !marked;
         let view = HttpRequest {
             method: &method,
             path: &path,
@@ -507,7 +470,7 @@ impl Exchange {
         // the model, and is rewritten: not a Gemini call, whose model is in
         // its path, nor one without a body.
         let front_end = FrontEnd {
-            rewrites_body: phase == Phase::Body && !marked && model_in_body(&path),
+            rewrites_body: whole_body && model_in_body(&path),
             // ext_proc settles every call when it ends, whatever the
             // policy or the route says for ext_authz.
             settles: true,
@@ -532,7 +495,7 @@ impl Exchange {
         self.downstream = allowance.downstream;
         let mut common = CommonResponse::default();
         let mut asked_for_usage = false;
-        if phase == Phase::Body && !marked {
+        if whole_body {
             let rewritten = rewritten_body(&self.body, &decision, &path);
             asked_for_usage = rewritten.as_ref().is_some_and(|r| r.asked_for_usage);
             if let Some(Rewritten { body, .. }) = rewritten {
@@ -1228,7 +1191,7 @@ where
     retried_within(&WAITING_SETTLES, reservation_id, call).await;
 }
 
-async fn retried_within<F, Fut>(waiting: &Waiting, reservation_id: &str, mut call: F)
+async fn retried_within<F, Fut>(waiting: &tokio::sync::Semaphore, reservation_id: &str, mut call: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<SettleOutcome, GateError>>,
@@ -1248,7 +1211,7 @@ where
             }
             Err(GateError::Store(e)) if tokio::time::Instant::now() < deadline => {
                 if slot.is_none() {
-                    slot = waiting.enter();
+                    slot = waiting.try_acquire().ok();
                     if slot.is_none() {
                         tracing::warn!(reservation = reservation_id, error = %e, "too many settles waiting for the store; this one keeps its estimate until it expires");
                         metrics::counter!(names::SETTLES_ABANDONED).increment(1);
@@ -1443,10 +1406,7 @@ mod tests {
     async fn settles_waiting_for_the_store_are_bounded() {
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tollgate_core::store::StoreError;
-        static WAITING: Waiting = Waiting {
-            now: AtomicUsize::new(0),
-            max: 1,
-        };
+        static WAITING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
         let down = || async { Err(GateError::Store(StoreError::Unavailable("down".into()))) };
         let first_calls = Arc::new(AtomicUsize::new(0));
         let calls = first_calls.clone();
@@ -1463,7 +1423,7 @@ mod tests {
             })
             .await
         });
-        while WAITING.now.load(Ordering::SeqCst) == 0 {
+        while WAITING.available_permits() == 1 {
             tokio::task::yield_now().await;
         }
         // The one place is taken: a second failing settle tries once.
@@ -1480,11 +1440,7 @@ mod tests {
             4,
             "retried until through"
         );
-        assert_eq!(
-            WAITING.now.load(Ordering::SeqCst),
-            0,
-            "its place is given back"
-        );
+        assert_eq!(WAITING.available_permits(), 1, "its place is given back");
     }
 
     /// Anthropic's cache writes reach the settle apart from the rest of the
