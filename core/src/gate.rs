@@ -1421,25 +1421,21 @@ fn replay_id(request_id: &str, attrs: &Attributes, estimate: &Estimate) -> Strin
             Ok(())
         }
     }
+    // Each field as `name\0value\0`, the bytes the id has always hashed.
     let mut h = Feed(Sha256::new());
-    let mut field = |name: std::fmt::Arguments<'_>, value: std::fmt::Arguments<'_>| {
-        // Each field as `name\0value\0`: the id is the same bytes hashed
-        // as when each was a string of its own.
-        let _ = write!(h, "{name}\0{value}\0");
-    };
-    field(format_args!("request_id"), format_args!("{request_id}"));
+    let _ = write!(h, "request_id\0{request_id}\0");
     for attr in crate::policy::Attr::WELL_KNOWN.iter() {
         if let Some(v) = attrs
             .get(attr)
             .filter(|_| *attr != crate::policy::Attr::ModelFamily)
         {
-            field(format_args!("{}", attr.name()), format_args!("{v}"));
+            let _ = write!(h, "{}\0{v}\0", attr.name());
         }
     }
     for (k, v) in &attrs.labels {
-        field(format_args!("labels.{k}"), format_args!("{v}"));
+        let _ = write!(h, "labels.{k}\0{v}\0");
     }
-    field(format_args!("estimate"), format_args!("{estimate:?}"));
+    let _ = write!(h, "estimate\0{estimate:?}\0");
     crate::policy::hex(&h.0.finalize()[..16])
 }
 

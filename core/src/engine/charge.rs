@@ -255,37 +255,22 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
     let mut priced = false;
     let mut unpriced_parts: Vec<&str> = Vec::new();
     let overflow = || RequestError::too_large(Unit::Spend);
-    let detail = &usage.detail;
-    // A batch call takes the discount off every token price.
-    let factor = match (detail.batch, price.batch_discount) {
-        (true, Some(d)) => Decimal::ONE - d,
-        _ => Decimal::ONE,
-    };
-    // `part`'s price a unit, or with `per_mtok` its token price per
-    // million (less the batch discount): worked out per token only for a
-    // part the usage has, since most calls have two or three of the seven.
-    let mut add = |part: Option<Decimal>,
-                   qty: Decimal,
-                   name: &'static str,
-                   per_mtok: bool|
-     -> Result<(), RequestError> {
-        if qty.is_zero() {
-            return Ok(());
-        }
-        let part = match per_mtok {
-            true => part.map(|p| p * factor / mtok),
-            false => part,
-        };
-        match part {
-            Some(p) => {
-                priced = true;
-                let c = p.checked_mul(qty).ok_or_else(overflow)?;
-                total = total.checked_add(c).ok_or_else(overflow)?;
+    let mut add =
+        |part: Option<Decimal>, qty: Decimal, name: &'static str| -> Result<(), RequestError> {
+            if qty.is_zero() {
+                return Ok(());
             }
-            None => unpriced_parts.push(name),
-        }
-        Ok(())
-    };
+            match part {
+                Some(p) => {
+                    priced = true;
+                    let c = p.checked_mul(qty).ok_or_else(overflow)?;
+                    total = total.checked_add(c).ok_or_else(overflow)?;
+                }
+                None => unpriced_parts.push(name),
+            }
+            Ok(())
+        };
+    let detail = &usage.detail;
     // Above its threshold, a long-context tier's prices replace the base
     // ones for every token of the request.
     let long = price
@@ -302,6 +287,15 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
     let reasoning_rate = price.reasoning_per_mtok.or(output_rate);
     let audio_in_rate = price.audio_input_per_mtok.or(input_rate);
     let audio_out_rate = price.audio_output_per_mtok.or(output_rate);
+    // A batch call takes the discount off every token price.
+    let factor = match (detail.batch, price.batch_discount) {
+        (true, Some(d)) => Decimal::ONE - d,
+        _ => Decimal::ONE,
+    };
+    // Worked out only for a part the usage has (`add` skips the others),
+    // since most calls have two or three of the seven.
+    let per_token =
+        |rate: Option<Decimal>, n: u64| rate.filter(|_| n > 0).map(|p| p * factor / mtok);
     // The parts of the input and of the output, each counted once: a
     // report whose parts add up to more than its total is taken as far as
     // the total goes.
@@ -324,52 +318,49 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
     let reasoning = take_output(detail.reasoning_tokens);
     let audio_out = take_output(detail.audio_output_tokens);
     let text_output = output_left;
-    add(input_rate, Decimal::from(uncached), "input tokens", true)?;
     add(
-        cached_rate,
+        per_token(input_rate, uncached),
+        Decimal::from(uncached),
+        "input tokens",
+    )?;
+    add(
+        per_token(cached_rate, cached),
         Decimal::from(cached),
         "cached input tokens",
-        true,
     )?;
     add(
-        write_rate,
+        per_token(write_rate, written),
         Decimal::from(written),
         "cache write tokens",
-        true,
     )?;
     add(
-        audio_in_rate,
+        per_token(audio_in_rate, audio_in),
         Decimal::from(audio_in),
         "audio input tokens",
-        true,
     )?;
     add(
-        output_rate,
+        per_token(output_rate, text_output),
         Decimal::from(text_output),
         "output tokens",
-        true,
     )?;
     add(
-        reasoning_rate,
+        per_token(reasoning_rate, reasoning),
         Decimal::from(reasoning),
         "reasoning tokens",
-        true,
     )?;
     add(
-        audio_out_rate,
+        per_token(audio_out_rate, audio_out),
         Decimal::from(audio_out),
         "audio output tokens",
-        true,
     )?;
     for (call, n) in &detail.calls {
         add(
             price.per_call.get(call).copied(),
             Decimal::from(*n),
             "calls with a fee",
-            false,
         )?;
     }
-    add(price.per_request, Decimal::ONE, "requests", false)?;
+    add(price.per_request, Decimal::ONE, "requests")?;
     let image_rate = match &price.per_image {
         None => None,
         Some(ImagePrice::Flat(p)) => Some(*p),
@@ -386,20 +377,10 @@ pub fn cost(price: &ModelPrice, usage: &Usage, model: &str) -> Result<Decimal, R
             }
         },
     };
-    add(image_rate, Decimal::from(usage.images), "images", false)?;
-    add(
-        price.per_video_second,
-        usage.video_seconds,
-        "video seconds",
-        false,
-    )?;
+    add(image_rate, Decimal::from(usage.images), "images")?;
+    add(price.per_video_second, usage.video_seconds, "video seconds")?;
     let per_audio_second = price.per_audio_minute.map(|p| p / Decimal::from(60));
-    add(
-        per_audio_second,
-        usage.audio_seconds,
-        "audio seconds",
-        false,
-    )?;
+    add(per_audio_second, usage.audio_seconds, "audio seconds")?;
     if !priced && !unpriced_parts.is_empty() {
         return Err(RequestError::Unpriced {
             message: format!(
