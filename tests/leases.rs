@@ -302,6 +302,44 @@ async fn a_request_id_decided_on_two_replicas_is_charged_once(backend: Backend) 
     );
 }
 
+/// A request id decided from a lease on one replica, and repeated on
+/// another that decides in Redis (it holds no lease yet), is answered
+/// there from what the first replica's batch wrote: charged once. On the
+/// Cluster the decision's two counters are in two slots, so the second
+/// replica reserves across slots and finds the outcome where the first
+/// kept it.
+async fn a_request_id_from_a_lease_is_replayed_by_a_replica_deciding_in_redis(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-replay-redis-{}:", backend_name(&backend));
+    let (a, b) = replicas(&backend, &prefix, CAP, &clock).await;
+    a.gate.check(input("growth", 1)).await.unwrap();
+    let with_id = || CheckInput {
+        request_id: Some("envoy-stream-8".to_string()),
+        ..input("growth", 2)
+    };
+    let first = a.gate.check(with_id()).await.unwrap();
+    assert_eq!(
+        a.store.stats().hits.load(Ordering::SeqCst),
+        1,
+        "made from the lease"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let again = b.gate.check(with_id()).await.unwrap();
+    assert_eq!(
+        b.store.stats().hits.load(Ordering::SeqCst),
+        0,
+        "decided in Redis"
+    );
+    assert_eq!(first.reservation_id, again.reservation_id, "replayed");
+    a.store.close(clock.now()).await.unwrap();
+    b.store.close(clock.now()).await.unwrap();
+    assert_eq!(
+        team_usage(&a.gate, "growth").await,
+        ("3".into(), "0".into()),
+        "1 + 2 once"
+    );
+}
+
 /// With nothing to settle it (`settle: never`: ext_authz alone), a
 /// decision made from a lease writes no reservation record, only its
 /// request id's outcome. The same request id decided from leases on two
@@ -666,6 +704,7 @@ on_both!(
     each_alert_fires_once_across_replicas,
     a_reservation_made_from_a_lease_settles_on_another_replica,
     a_request_id_decided_on_two_replicas_is_charged_once,
+    a_request_id_from_a_lease_is_replayed_by_a_replica_deciding_in_redis,
     a_final_estimate_from_a_lease_has_no_record_and_is_charged_once,
     an_early_denial_lasts_no_longer_than_a_lease,
     a_revocation_takes_effect_within_a_lease_lifetime,
@@ -753,7 +792,8 @@ rules:
 /// A batch whose reply was lost (Redis ran it, the answer never came) is
 /// sent again whole and under its id: `flush.lua` applies it once and
 /// answers the same. Sent twice here by hand: a counter move and a
-/// request id's outcome.
+/// request id's outcome. A later batch with the same request id (another
+/// replica's) is told it was decided already.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_sent_again_is_applied_once() {
     let server = common::RedisServer::start();
@@ -763,19 +803,24 @@ async fn a_batch_sent_again_is_applied_once() {
         include_str!("../core/src/store/redis/move_counter.lua"),
         include_str!("../core/src/store/redis/leased/flush.lua")
     ));
-    let send = |mut con: ::redis::aio::MultiplexedConnection| {
+    // At 1,000 ms, a 5 s window: buckets -1 to 1 read, 0 written.
+    let send = |mut con: ::redis::aio::MultiplexedConnection, batch: &str, now: i64| {
         let mut inv = flush.prepare_invoke();
-        inv.key("t:fb:{}replica.0")
+        inv.key(format!("t:fb:{{}}{batch}"))
             .key("t:c:{}n")
-            .key("t:q:{}request")
-            .arg(1_000)
+            .key("t:q:{}a.5000.")
+            .arg(now)
             .arg("replica")
             .arg("m")
             .arg("p")
             .arg(5)
             .arg("q")
-            .arg("outcome")
-            .arg(60_000);
+            .arg("5000 -1 1 0 10000")
+            .arg(2)
+            .arg("a1")
+            .arg("6000 outcome")
+            .arg("a2")
+            .arg("6000 other");
         async move { inv.invoke_async::<Vec<i64>>(&mut con).await.unwrap() }
     };
     let _: () = ::redis::cmd("SET")
@@ -784,9 +829,12 @@ async fn a_batch_sent_again_is_applied_once() {
         .query_async(&mut con)
         .await
         .unwrap();
-    assert_eq!(send(con.clone()).await, Vec::<i64>::new());
     assert_eq!(
-        send(con.clone()).await,
+        send(con.clone(), "replica.0", 1_000).await,
+        Vec::<i64>::new()
+    );
+    assert_eq!(
+        send(con.clone(), "replica.0", 1_000).await,
         Vec::<i64>::new(),
         "the same answer: its own request id is not another replica's"
     );
@@ -796,4 +844,28 @@ async fn a_batch_sent_again_is_applied_once() {
         .await
         .unwrap();
     assert_eq!(n, 15, "the move applied once");
+    let kept: Vec<Option<String>> = ::redis::cmd("HMGET")
+        .arg("t:q:{}a.5000.0")
+        .arg("a1")
+        .arg("a2")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept,
+        [
+            Some("6000 outcome".to_string()),
+            Some("6000 other".to_string())
+        ]
+    );
+    assert_eq!(
+        send(con.clone(), "other.0", 1_000).await,
+        [1, 2],
+        "another batch with the same request ids: both were decided already"
+    );
+    assert_eq!(
+        send(con.clone(), "other.1", 6_000).await,
+        Vec::<i64>::new(),
+        "once their outcomes are no longer valid, they are decided afresh"
+    );
 }

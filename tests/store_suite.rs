@@ -363,17 +363,20 @@ async fn a_blocked_op_leaves_every_other_counter_untouched(Backend { name, store
 async fn settle_applies_the_difference_once(Backend { name, store }: Backend) {
     let mut slot = op("slots", 1, 2);
     slot.kind = CounterKind::Gauge;
-    store
+    // The reservation is settled by the id the store answers with (on a
+    // cluster it names a slot).
+    let made = store
         .reserve(&request(vec![op("tokens", 100, 1000), slot], "r", 0))
         .await
         .unwrap();
+    let id = made.reservation_id.unwrap();
     assert_eq!(
-        store.settle("r", &[30, 1], 10).await.unwrap(),
+        store.settle(&id, &[30, 1], 10).await.unwrap(),
         SettleOutcome::Settled,
         "{name}"
     );
     assert_eq!(
-        store.settle("r", &[30, 1], 20).await.unwrap(),
+        store.settle(&id, &[30, 1], 20).await.unwrap(),
         SettleOutcome::AlreadySettled,
         "{name}"
     );
@@ -1070,8 +1073,8 @@ async fn a_settled_reservation_is_kept_only_to_recognise_a_repeat(
 ) {
     let mut req = request(vec![op("tok", 100, 1000), op("req", 1, 10)], "s1", 1_000);
     req.reservation_ttl = 600_000;
-    store.reserve(&req).await.unwrap();
-    let settle = |at: i64| store.settle("s1", &[30, 1], at);
+    let id = store.reserve(&req).await.unwrap().reservation_id.unwrap();
+    let settle = |at: i64| store.settle(&id, &[30, 1], at);
     assert_eq!(
         settle(2_000).await.unwrap(),
         SettleOutcome::Settled,

@@ -48,19 +48,22 @@ impl RedisStore {
             },
             reached: vec![false; l.ops.len()],
         });
-        let replay_key = self.replay_key(
-            &format!("q{}", req.request_id.as_deref().unwrap_or("")),
-            req.request_id.as_deref(),
-        );
-        if req.request_id.is_some() {
-            let prev: Option<String> = self.query(::redis::cmd("GET").arg(&replay_key)).await?;
+        let replay_tag = self.replay_tag(req);
+        let replay = req
+            .request_id
+            .as_deref()
+            .map(|r| self.replay_spot(&replay_tag, r, req.replay_window()));
+        if let Some(spot) = &replay {
+            let prev = self.kept_replay(spot, req.now).await?;
             // A record that does not read is decided afresh.
             let prev = prev.and_then(|p| decode_replay(&p, req.now).ok().flatten());
             if let Some(outcome) = prev {
                 return Ok((outcome, leases));
             }
         }
-        let rid = req.reservation_id.clone();
+        // Named for the slot of its request id's outcome, so that a
+        // withdrawal finds it there; its record is kept there too.
+        let rid = format!("{}.{replay_tag}", req.reservation_id);
         let mut tried = Vec::new();
         let mut applied = None;
         for (ci, candidate) in req.candidates.iter().enumerate() {
@@ -85,7 +88,7 @@ impl RedisStore {
                         req,
                         &[&part],
                         tag,
-                        &format!("{rid}.{tag}"),
+                        &format!("{}.{tag}", req.reservation_id),
                         &rid,
                         false,
                         part_lease.as_ref(),
@@ -179,20 +182,11 @@ impl RedisStore {
             reservation_id: applied.map(|_| rid),
             replayed: false,
         };
-        if req.request_id.is_some() {
+        if let Some(spot) = &replay {
             let text = encode_replay(req.now + req.replay_window(), &outcome);
             // The decision stands without it; only a repeat would be
             // decided again.
-            if let Err(e) = self
-                .query::<()>(
-                    ::redis::cmd("SET")
-                        .arg(&replay_key)
-                        .arg(text)
-                        .arg("PX")
-                        .arg(key_lifetime(req.replay_window())),
-                )
-                .await
-            {
+            if let Err(e) = self.keep_replay(spot, &text, req.now).await {
                 tracing::warn!(error = %e, "could not record a request id for replays");
             }
         }

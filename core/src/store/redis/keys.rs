@@ -4,7 +4,8 @@
 //!   integer; a hash of value `v` and logical end `e` for rolling windows;
 //!   a sorted set of reservation ids for concurrency gauges).
 //! - `r:{..}<id>`: a reservation, in the slot of the counters it holds.
-//! - `q:{..}<hash>`: a request id's outcome, for replays.
+//! - `q:{..}<shard>.<span>.<bucket>`: request ids' outcomes, for replays:
+//!   a hash of the id's hash to its outcome (see `replays.rs`).
 //! - `g:{<scope>}<rule>|<scope>`: an approval grant in force, in the slot
 //!   of the counters it opens.
 //! - `a:{<scope>}<counter>|<threshold>|<window end>`: an alert marker, set
@@ -22,10 +23,7 @@
 
 use std::collections::BTreeMap;
 
-use sha2::{Digest, Sha256};
-
 use super::RedisStore;
-use crate::policy::hex;
 
 impl RedisStore {
     pub(super) fn counter_key(&self, key: &str) -> String {
@@ -66,29 +64,6 @@ impl RedisStore {
     /// Where `flush.lua` marks batch `id` applied, in the slot `tag`.
     pub(super) fn batch_key(&self, tag: &str, id: &str) -> String {
         format!("{}fb:{{{tag}}}{id}", self.prefix)
-    }
-
-    pub(super) fn replay_key(&self, tag: &str, request_id: Option<&str>) -> String {
-        let hash = request_id
-            .map(|r| hex(&Sha256::digest(r.as_bytes())[..16]))
-            .unwrap_or_default();
-        format!("{}q:{{{tag}}}{hash}", self.prefix)
-    }
-}
-
-impl RedisStore {
-    /// The replay key a reserve that made reservation `id` wrote: in the
-    /// reservation's slot, or for one across slots, in the request id's own.
-    pub(super) fn replay_key_of(&self, id: &str, request_id: &str) -> String {
-        let tag = if !self.cluster() {
-            String::new()
-        } else {
-            match id.split_once('.') {
-                Some((_, tag)) => tag.to_string(),
-                None => format!("q{request_id}"),
-            }
-        };
-        self.replay_key(&tag, Some(request_id))
     }
 }
 

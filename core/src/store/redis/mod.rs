@@ -29,6 +29,7 @@ mod keys;
 mod leased;
 mod logs;
 mod markers;
+mod replays;
 mod reserve;
 mod settle;
 mod spend;
@@ -140,6 +141,7 @@ pub struct RedisStore {
     adjust: Arc<Script>,
     claim: Arc<Script>,
     forget_grant: Arc<Script>,
+    replay: Arc<Script>,
     spend: Arc<Script>,
 }
 
@@ -253,6 +255,7 @@ impl RedisStore {
             ))),
             claim: Arc::new(Script::new(include_str!("claim.lua"))),
             forget_grant: Arc::new(Script::new(include_str!("forget_grant.lua"))),
+            replay: Arc::new(Script::new(include_str!("replay.lua"))),
             spend: Arc::new(Script::new(include_str!("spend.lua"))),
         })
     }

@@ -2,12 +2,16 @@
 -- applies the first whose enforced counters all fit, all of its counters or
 -- none. Time is the caller's (ARGV[1]); Redis TTLs only clean up.
 --
--- KEYS[1]  reservation key       KEYS[2]  replay key (request id)
+-- KEYS[1]  reservation key
+-- KEYS[2]  the request id's replay hashes, less their bucket number (see
+--          ReplaySpot in keys.rs; a bucket's key is this and its number)
 -- KEYS[3..] candidate by candidate: its counter keys, op by op, then the
 --           grant key of each op that names one, in op order
--- ARGV: now, reservation key lifetime (ms), reservation id, replay window
---       (0 = none; the replay key lives it and the grace, the grace at
---       most the window), cleanup grace, candidate count, lease spec ('' = no
+-- ARGV: now, reservation key lifetime (ms), reservation id, replay ('0' =
+--       none, else '<window> <first bucket> <last bucket> <bucket to
+--       write> <its lifetime ms> <field>': the outcome is looked for in
+--       the buckets from first to last and kept in the one to write,
+--       valid for the window), cleanup grace, candidate count, lease spec ('' = no
 --       leases), then per candidate: op count and its reservation record
 --       ('' = none; stored as given), then per op: amount, limit, mode,
 --       expiry, and with leases also: unused, want, alert values, life.
@@ -66,11 +70,14 @@ local function int(x) return string.format('%d', x) end
 
 local now = tonumber(ARGV[1])
 
+local replay
 if ARGV[4] ~= '0' then
-  local prev = call('GET', KEYS[2])
-  if prev then
-    local sep = string.find(prev, ' ', 1, true)
-    if tonumber(string.sub(prev, 1, sep - 1)) > now then
+  replay = {}
+  for token in string.gmatch(ARGV[4], '%S+') do replay[#replay + 1] = token end
+  for b = tonumber(replay[2]), tonumber(replay[3]) do
+    local prev = call('HGET', KEYS[2] .. int(b), replay[6])
+    local sep = prev and string.find(prev, ' ', 1, true)
+    if sep and tonumber(string.sub(prev, 1, sep - 1)) > now then
       -- The first token is the reservation id (or '-'), always text even
       -- when it looks like a number; the rest are integers.
       local out = {1}
@@ -330,11 +337,12 @@ elseif lease then
   end
 end
 
-if ARGV[4] ~= '0' then
+if replay then
   local text = {}
   for i = 2, len do text[i - 1] = type(out[i]) == 'number' and int(out[i]) or out[i] end
-  local window = tonumber(ARGV[4])
-  call('SET', KEYS[2], int(now + window) .. ' ' .. table.concat(text, ' '), 'PX', int(window + math.min(window, tonumber(ARGV[5]))))
+  local key = KEYS[2] .. replay[4]
+  call('HSET', key, replay[6], int(now + tonumber(replay[1])) .. ' ' .. table.concat(text, ' '))
+  call('PEXPIRE', key, replay[5])
 end
 if lease then
   for o = 1, tonumber(ARGV[first - 2]) do

@@ -66,16 +66,19 @@ impl RedisStore {
     ) -> Result<(ReserveOutcome, Option<LeaseAnswer>), StoreError> {
         let mut inv = self.reserve.prepare_invoke();
         inv.key(self.reservation_key(key_id));
-        inv.key(self.replay_key(tag, req.request_id.as_deref()));
-        let replay = if record && req.request_id.is_some() {
-            req.replay_window()
-        } else {
-            0
+        let replay = match (record, req.request_id.as_deref()) {
+            (true, Some(rid)) => Some(self.replay_spot(tag, rid, req.replay_window())),
+            _ => None,
+        };
+        match &replay {
+            Some(spot) => inv.key(&spot.base),
+            // Only to name the slot.
+            None => inv.key(self.replay_slot_key(tag)),
         };
         inv.arg(req.now)
             .arg(key_lifetime(req.reservation_ttl))
             .arg(reservation_id)
-            .arg(replay)
+            .arg(replay.map_or_else(|| "0".to_string(), |spot| spot.script_arg(req.now)))
             .arg(CLEANUP_GRACE)
             .arg(candidates.len())
             .arg(lease.map_or("", |l| l.spec));

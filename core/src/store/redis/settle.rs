@@ -94,8 +94,7 @@ impl RedisStore {
     ) -> Result<SettleOutcome, StoreError> {
         let outcome = self.settle_reservation(id, &[], now).await?;
         if let Some(request_id) = request_id {
-            self.query::<()>(::redis::cmd("DEL").arg(self.replay_key_of(id, request_id)))
-                .await?;
+            self.forget_replay(id, request_id, now).await?;
         }
         Ok(outcome)
     }

@@ -9,14 +9,20 @@
 -- KEYS[2..]: one per item, in item order.
 -- ARGV: now, replica, then per item: its kind and its arguments:
 --   'r' text, lifetime (ms)   SET the reservation record
---   'q' text, lifetime (ms)   SET the request id's outcome unless one is
---                             there: another replica decided it first
+--   'q' buckets, n, then n    request ids of one replay hash (the key is
+--       fields and outcomes   its name less the bucket number, buckets as
+--                             in reserve.lua's ARGV[4] less the field):
+--                             each is kept unless an outcome still valid
+--                             is there: another replica decided it first
 --   'm' kind, delta           move the counter (see move_counter.lua)
 --   'l' unused                give back `unused` of the replica's lease
 --   'u' unused, until         the replica's lease now holds `unused`
--- Returns the ordinals (1-based, among 'q' items) of the request ids that
--- another replica had decided already: the replica takes its own
+-- Returns the ordinals (1-based, among the request ids of the 'q' items)
+-- of those another replica had decided already: the replica takes its own
 -- decision's charge back.
+--
+-- The ids of one hash cost one HMGET per bucket read and one HSET, not a
+-- command each: most of what a replica's batch asks of Redis.
 
 local done = redis.call('GET', KEYS[1])
 if done then
@@ -36,11 +42,40 @@ for i = 2, #KEYS do
     redis.call('SET', key, ARGV[a + 1], 'PX', ARGV[a + 2])
     a = a + 3
   elseif kind == 'q' then
-    q = q + 1
-    if not redis.call('SET', key, ARGV[a + 1], 'PX', ARGV[a + 2], 'NX') then
-      dup[#dup + 1] = q
+    local s = {}
+    for token in string.gmatch(ARGV[a + 1], '%S+') do s[#s + 1] = token end
+    local n = tonumber(ARGV[a + 2])
+    local fields, taken, seen = {}, {}, {}
+    for f = 1, n do
+      local field = ARGV[a + 1 + 2 * f]
+      -- Twice in one batch: the later one is the repeat.
+      if seen[field] then taken[f] = true end
+      fields[f], seen[field] = field, true
     end
-    a = a + 3
+    for b = tonumber(s[2]), tonumber(s[3]) do
+      local found = redis.call('HMGET', key .. string.format('%d', b), unpack(fields))
+      for f = 1, n do
+        local v = found[f]
+        local sep = v and string.find(v, ' ', 1, true)
+        if sep and tonumber(string.sub(v, 1, sep - 1)) > now then taken[f] = true end
+      end
+    end
+    local put = {}
+    for f = 1, n do
+      q = q + 1
+      if taken[f] then
+        dup[#dup + 1] = q
+      else
+        put[#put + 1] = fields[f]
+        put[#put + 1] = ARGV[a + 2 + 2 * f]
+      end
+    end
+    if #put > 0 then
+      local written = key .. s[4]
+      redis.call('HSET', written, unpack(put))
+      redis.call('PEXPIRE', written, s[5])
+    end
+    a = a + 3 + 2 * n
   elseif kind == 'm' then
     move_counter(ARGV[a + 1], key, tonumber(ARGV[a + 2]), now, '')
     a = a + 3

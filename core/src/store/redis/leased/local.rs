@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
+use super::super::replays::ReplaySpot;
 use super::super::{key_lifetime, RedisStore, SETTLED_KEY_LIFETIME};
 use crate::store::*;
 
@@ -35,9 +36,9 @@ pub(super) struct Made {
     pub ops: Vec<(String, i64)>,
     pub expires_at: Millis,
     pub reservation: Reservation,
-    /// The request id, its replay key and the outcome to store there,
+    /// The request id, where Redis keeps it and the outcome to keep there,
     /// remembered until the last.
-    pub replay: Option<(String, String, String, Millis)>,
+    pub replay: Option<(String, ReplaySpot, String, Millis)>,
     pub outcome: ReserveOutcome,
     pub now: Millis,
 }
@@ -55,8 +56,8 @@ struct Entry {
 pub(super) struct Pending {
     /// Reservation key, record, lifetime (ms).
     pub records: Vec<(String, String, Millis)>,
-    /// Replay key, outcome, lifetime (ms).
-    pub replays: Vec<(String, String, Millis)>,
+    /// Where a request id is kept, and its outcome.
+    pub replays: Vec<(ReplaySpot, String)>,
     /// The decision each replay belongs to, by index.
     pub replay_ids: Vec<Decided>,
     /// Counter key, delta.
@@ -97,8 +98,8 @@ pub(super) struct Local {
     replay_order: VecDeque<(Millis, String)>,
     /// Reservations whose record is to be written (again, once settled).
     unwritten: VecDeque<String>,
-    /// Request ids to write: replay key, outcome, until, decision.
-    replays_unwritten: VecDeque<(String, String, Millis, Decided)>,
+    /// Request ids to write: where, outcome, until, decision.
+    replays_unwritten: VecDeque<(ReplaySpot, String, Millis, Decided)>,
     moves: HashMap<String, i64>,
     returns: HashMap<String, i64>,
 }
@@ -133,7 +134,7 @@ impl Local {
     /// only its request id is kept, and written.
     pub fn answered(
         &mut self,
-        replay: (String, String, String, Millis),
+        replay: (String, ReplaySpot, String, Millis),
         ops: Vec<(String, i64)>,
         outcome: ReserveOutcome,
     ) {
@@ -142,7 +143,7 @@ impl Local {
 
     fn answered_as(
         &mut self,
-        (rid, key, text, until): (String, String, String, Millis),
+        (rid, key, text, until): (String, ReplaySpot, String, Millis),
         decided: Decided,
         outcome: ReserveOutcome,
     ) {
@@ -251,7 +252,7 @@ impl Local {
         }
         while let Some((key, text, until, id)) = self.replays_unwritten.pop_front() {
             if until > now {
-                batch.replays.push((key, text, key_lifetime(until - now)));
+                batch.replays.push((key, text));
                 batch.replay_ids.push(id);
             }
         }

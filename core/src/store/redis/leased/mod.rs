@@ -28,6 +28,7 @@ use self::local::{Decided, Local, Pending};
 use super::codec::encode_replay;
 use super::cross_slot::SlotLeases;
 use super::keys::{by_tag, slot_tag};
+use super::replays::ReplaySpot;
 use super::reserve::{LeaseAsk, OpAsk};
 use super::RedisStore;
 use crate::store::lease::{leasable, Ask, LeaseBook, LeaseConfig, LONGEST_LIFE};
@@ -35,6 +36,9 @@ use crate::store::*;
 
 /// How often batched writes and expired leases go to Redis, in ms.
 pub const FLUSH_EVERY: Millis = 20;
+
+/// Request ids in one item of `flush.lua`, at most.
+const REPLAYS_PER_ITEM: usize = 500;
 
 /// How long a decision refused only for this replica's own lease in flight
 /// waits for that lease.
@@ -212,7 +216,8 @@ impl LeasedStore {
             let until = req.now + req.replay_window();
             (
                 rid.clone(),
-                self.redis.replay_key_of(&id, rid),
+                self.redis
+                    .replay_spot(&self.redis.replay_tag(req), rid, req.replay_window()),
                 encode_replay(until, &outcome),
                 until,
             )
@@ -553,7 +558,9 @@ impl LeasedStore {
     ) -> Result<Vec<usize>, StoreError> {
         enum Item<'b> {
             Record(&'b str, &'b str, Millis),
-            Replay(usize, &'b str, &'b str, Millis),
+            /// Request ids of one replay hash: each one's index in
+            /// `batch.replays`, field and outcome.
+            Replays(&'b ReplaySpot, Vec<(usize, &'b str, &'b str)>),
             Move(&'b str, i64),
             Return(&'b str, i64),
             Update(&'b str, i64, Millis),
@@ -574,11 +581,25 @@ impl LeasedStore {
                 .or_default()
                 .push(Item::Record(key, text, *lifetime));
         }
-        for (i, (key, text, lifetime)) in batch.replays.iter().enumerate() {
-            groups
-                .entry(tag(key))
-                .or_default()
-                .push(Item::Replay(i, key, text, *lifetime));
+        let mut hashes: std::collections::BTreeMap<&str, (&ReplaySpot, Vec<_>)> =
+            Default::default();
+        for (i, (spot, text)) in batch.replays.iter().enumerate() {
+            hashes
+                .entry(&spot.base)
+                .or_insert_with(|| (spot, Vec::new()))
+                .1
+                .push((i, spot.field.as_str(), text.as_str()));
+        }
+        for (base, (spot, mut ids)) in hashes {
+            // A few hundred at most in one item: the script spreads them
+            // as arguments of one command.
+            while !ids.is_empty() {
+                let rest = ids.split_off(ids.len().min(REPLAYS_PER_ITEM));
+                groups
+                    .entry(tag(base))
+                    .or_default()
+                    .push(Item::Replays(spot, std::mem::replace(&mut ids, rest)));
+            }
         }
         for (key, delta) in &batch.moves {
             groups
@@ -609,9 +630,15 @@ impl LeasedStore {
                     Item::Record(key, text, lifetime) => {
                         inv.key(key).arg("r").arg(text).arg(lifetime);
                     }
-                    Item::Replay(i, key, text, lifetime) => {
-                        inv.key(key).arg("q").arg(text).arg(lifetime);
-                        replays.push(i);
+                    Item::Replays(spot, ref ids) => {
+                        inv.key(&spot.base)
+                            .arg("q")
+                            .arg(spot.buckets_arg(now))
+                            .arg(ids.len());
+                        for &(i, field, text) in ids {
+                            inv.arg(field).arg(text);
+                            replays.push(i);
+                        }
                     }
                     Item::Move(key, delta) => {
                         inv.key(key).arg("m").arg("p").arg(delta);
