@@ -200,6 +200,41 @@ async fn far_from_a_cap_most_decisions_make_no_round_trip(backend: Backend) {
     assert_eq!(team_usage(&a.gate, "growth").await.1, "0");
 }
 
+/// Under steady demand a busy lease is renewed in the background before
+/// it runs out or lapses: after the first refill no decision goes to
+/// Redis, and what was spent is counted exactly once the leases are back.
+async fn a_busy_lease_is_renewed_before_decisions_miss_it(backend: Backend) {
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let prefix = format!("lease-renew-{}:", backend_name(&backend));
+    let cap = CAP.replace("tokens: 1000,", "tokens: 100000,");
+    let (a, _b) = replicas(&backend, &prefix, &cap, &clock).await;
+    let started = Instant::now();
+    let mut decisions = 0;
+    // Three seconds of real time (a lease lives two), one decision every
+    // 5 ms, the gate's clock kept with real time.
+    while started.elapsed() < Duration::from_secs(3) {
+        let d = a.gate.check(input("growth", 1)).await.unwrap();
+        assert_eq!(d.verdict, Verdict::Allow);
+        decisions += 1;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let behind = started.elapsed().as_millis() as i64 - (clock.now() - at(2026, 12, 1, 12, 0));
+        clock.advance(behind.max(0));
+    }
+    let stats = a.store.stats();
+    let misses = stats.misses.load(Ordering::SeqCst);
+    let renewals = stats.renewals.load(Ordering::SeqCst);
+    assert!(renewals >= 1, "renewed: {renewals}");
+    assert!(
+        misses <= 1,
+        "{misses} of {decisions} decisions went to Redis ({renewals} renewals)"
+    );
+    a.store.close(clock.now()).await.unwrap();
+    assert_eq!(
+        team_usage(&a.gate, "growth").await,
+        (decisions.to_string(), "0".into())
+    );
+}
+
 /// Alerts at 50% and 80% fire once each across two replicas, however the
 /// leases move the counter.
 async fn each_alert_fires_once_across_replicas(backend: Backend) {
@@ -701,6 +736,7 @@ macro_rules! on_both {
 on_both!(
     two_replicas_fill_a_cap_exactly_and_never_past_it,
     far_from_a_cap_most_decisions_make_no_round_trip,
+    a_busy_lease_is_renewed_before_decisions_miss_it,
     each_alert_fires_once_across_replicas,
     a_reservation_made_from_a_lease_settles_on_another_replica,
     a_request_id_decided_on_two_replicas_is_charged_once,

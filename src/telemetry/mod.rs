@@ -66,6 +66,7 @@ pub mod names {
     pub const LEASE_HITS: &str = "tollgate_lease_hits_total";
     pub const LEASE_MISSES: &str = "tollgate_lease_misses_total";
     pub const LEASE_REFILLS: &str = "tollgate_lease_refills_total";
+    pub const LEASE_RENEWALS: &str = "tollgate_lease_renewals_total";
     pub const LEASE_RETURNS: &str = "tollgate_lease_returns_total";
     pub const LEASE_EARLY_DENIALS: &str = "tollgate_lease_early_denials_total";
     pub const LEASE_REDIS_CALLS: &str = "tollgate_lease_redis_calls_total";
@@ -216,6 +217,10 @@ fn describe() {
         "Decisions that went to Redis (refilling leases where they could)"
     );
     describe_counter!(names::LEASE_REFILLS, "Leases granted to this replica");
+    describe_counter!(
+        names::LEASE_RENEWALS,
+        "Of the leases granted, those renewed in the background before a busy lease ran out"
+    );
     describe_counter!(
         names::LEASE_RETURNS,
         "Unused leases handed back to Redis (refills, expiries, shutdown)"
@@ -372,6 +377,7 @@ pub fn watch_leases(stats: std::sync::Weak<tollgate_core::store::LeaseStats>) {
                 (names::LEASE_HITS, &s.hits),
                 (names::LEASE_MISSES, &s.misses),
                 (names::LEASE_REFILLS, &s.refills),
+                (names::LEASE_RENEWALS, &s.renewals),
                 (names::LEASE_RETURNS, &s.returns),
                 (names::LEASE_EARLY_DENIALS, &s.early_denials),
                 (names::LEASE_REDIS_CALLS, &s.redis_calls),

@@ -80,6 +80,11 @@ struct Lease {
     usable_until: Millis,
     /// A refill of this counter is in flight: no second one asks for more.
     refilling: bool,
+    /// A renewal of this lease is in flight (see [`LeaseBook::renewals`]):
+    /// it stays spendable meanwhile, since what it holds stays counted.
+    renewing: bool,
+    /// The op it was last refilled for, which a renewal asks again with.
+    op: Option<CounterOp>,
     /// Spent here since `since`, for the demand estimate.
     spent: i64,
     since: Millis,
@@ -149,6 +154,10 @@ pub struct LeaseBook {
 /// refills at 1,000 keys); at 8 it is one in three thousand.
 pub const IDLE_GAPS: Millis = 8;
 
+/// A busy lease is renewed once 1/`RENEW_AT` of its time or of its
+/// grant is left (see [`LeaseBook::renewals`]).
+pub const RENEW_AT: i64 = 4;
+
 /// How often, at most, the store hears what a lease still holds. Every
 /// batch (20 ms) was one write per busy lease per batch, most of what
 /// Redis did for leased decisions; what it is for (reports, and telling
@@ -162,6 +171,55 @@ fn far_below(op: &CounterOp, seen: i64, want: i64) -> bool {
     let next_alert = op.alert_at.iter().copied().find(|&v| v > seen);
     let ceiling = next_alert.map_or(op.limit, |v| v.min(op.limit));
     op.grant.is_none() && ceiling.saturating_sub(seen) / FAR_SHARE >= want
+}
+
+/// A new lease's size and life for `op` at the demand `lease` has seen
+/// (its rate estimate moves on); `None` for a counter seen too seldom here
+/// to be worth one.
+fn size(
+    config: &LeaseConfig,
+    lease: &mut Lease,
+    op: &CounterOp,
+    now: Millis,
+) -> Option<(i64, Millis)> {
+    let elapsed = (now - lease.since).max(1);
+    let measured = lease.spent.saturating_mul(1000) / elapsed;
+    // Smoothed, so that one quiet moment does not shrink it.
+    lease.rate = (lease.rate + measured.max(lease.rate / 2)) / 2;
+    let floor = op.amount.max(1).saturating_mul(config.min_requests);
+    let longest = config.lifetime * LONGEST_LIFE;
+    // A counter that has had a lease, and at whose demand here
+    // (measured over a lifetime at least) one would serve
+    // fewer than two decisions in the longest life (100,000
+    // keys at 10k/s: each seen every 10 s), is decided in the
+    // store without one: a lease there only adds a grant and a
+    // return to every decision.
+    let seldom = lease.spent.saturating_mul(longest - config.margin) / elapsed;
+    if lease.granted > 0 && elapsed >= config.lifetime && seldom < 2 * op.amount {
+        // Measured over the last longest life only, so that a
+        // counter seldom for hours is not judged on its past
+        // once demand comes.
+        if elapsed > longest {
+            lease.spent = lease.spent.saturating_mul(longest) / elapsed;
+            lease.since = now - longest;
+        }
+        return None;
+    }
+    // Sized to demand over 90% of the time it can be used, so
+    // that it is spent rather than left to lapse: far from the
+    // cap over the longest life, otherwise over one lifetime.
+    let sized = |life: Millis| {
+        let usable = (life - config.margin) * 9 / 10;
+        let for_demand = lease.rate.saturating_mul(usable) / 1000;
+        for_demand.max(floor).saturating_add(op.amount)
+    };
+    let long = sized(longest);
+    let (want, life) = if lease.rate > 0 && far_below(op, lease.seen, long) {
+        (long, longest)
+    } else {
+        (sized(config.lifetime), config.lifetime)
+    };
+    Some((want, life))
 }
 
 /// Whether an op's counter can be leased at all.
@@ -274,55 +332,22 @@ impl LeaseBook {
                     return Ask::default();
                 }
                 let unused = std::mem::take(&mut lease.remaining);
-                if lease.refilling {
+                if lease.refilling || lease.renewing {
                     return Ask {
                         unused,
                         ..Ask::default()
                     };
                 }
-                lease.refilling = true;
-                let elapsed = (now - lease.since).max(1);
-                let measured = lease.spent.saturating_mul(1000) / elapsed;
-                // Smoothed, so that one quiet moment does not shrink it.
-                lease.rate = (lease.rate + measured.max(lease.rate / 2)) / 2;
-                let floor = op.amount.max(1).saturating_mul(config.min_requests);
-                let longest = config.lifetime * LONGEST_LIFE;
-                // A counter that has had a lease, and at whose demand here
-                // (measured over a lifetime at least) one would serve
-                // fewer than two decisions in the longest life (100,000
-                // keys at 10k/s: each seen every 10 s), is decided in the
-                // store without one: a lease there only adds a grant and a
-                // return to every decision.
-                let seldom = lease.spent.saturating_mul(longest - config.margin) / elapsed;
-                if lease.granted > 0 && elapsed >= config.lifetime && seldom < 2 * op.amount {
-                    lease.refilling = false;
-                    // Measured over the last longest life only, so that a
-                    // counter seldom for hours is not judged on its past
-                    // once demand comes.
-                    if elapsed > longest {
-                        lease.spent = lease.spent.saturating_mul(longest) / elapsed;
-                        lease.since = now - longest;
+                match size(&config, lease, op, now) {
+                    Some((want, life)) => {
+                        lease.refilling = true;
+                        Ask { unused, want, life }
                     }
-                    return Ask {
+                    None => Ask {
                         unused,
                         ..Ask::default()
-                    };
+                    },
                 }
-                // Sized to demand over 90% of the time it can be used, so
-                // that it is spent rather than left to lapse: far from the
-                // cap over the longest life, otherwise over one lifetime.
-                let sized = |life: Millis| {
-                    let usable = (life - config.margin) * 9 / 10;
-                    let for_demand = lease.rate.saturating_mul(usable) / 1000;
-                    for_demand.max(floor).saturating_add(op.amount)
-                };
-                let long = sized(longest);
-                let (want, life) = if lease.rate > 0 && far_below(op, lease.seen, long) {
-                    (long, longest)
-                } else {
-                    (sized(config.lifetime), config.lifetime)
-                };
-                Ask { unused, want, life }
             })
             .collect()
     }
@@ -363,11 +388,112 @@ impl LeaseBook {
                 lease.alert_at = op.alert_at.clone();
             }
             lease.grant = states.get(i).and_then(|s| s.grant);
+            if lease.op.as_ref() != Some(op) {
+                lease.op = Some(op.clone());
+            }
             let life = asks[i].life.max(self.config.lifetime);
             lease.usable_until = sent_at + life - self.config.margin;
             lease.spent = 0;
             lease.since = sent_at;
             lease.last_spent = sent_at;
+        }
+    }
+
+    /// The busy leases to renew now, in the background, before decisions
+    /// find them spent or lapsed and wait for a refill: each with the op
+    /// it was last refilled for, at amount 0, and what to ask. A lease is
+    /// renewed when a quarter of its time or of its grant is left, if a
+    /// decision spent from it lately (an idle one goes back instead) and
+    /// it names no grant (a revocation must still take effect within a
+    /// lifetime). It stays spendable while the renewal is in flight: the
+    /// renewal gives nothing back, and what it grants is added.
+    pub fn renewals(&mut self, now: Millis) -> Vec<(CounterOp, Ask)> {
+        let config = self.config;
+        let mut out = Vec::new();
+        for lease in self.leases.values_mut() {
+            let Some(op) = lease.op.as_ref() else {
+                continue;
+            };
+            if lease.refilling
+                || lease.renewing
+                || lease.granted == 0
+                || lease.usable_until <= now
+                || op.grant.is_some()
+                || now.saturating_sub(lease.last_spent) >= config.idle.max(IDLE_GAPS * lease.gap)
+            {
+                continue;
+            }
+            let left = lease.usable_until - now;
+            let near_end = left * RENEW_AT <= lease.usable_until - lease.since;
+            let running_out = lease.remaining * RENEW_AT <= lease.granted;
+            if !(near_end || running_out) {
+                continue;
+            }
+            let op = CounterOp {
+                amount: 0,
+                ..op.clone()
+            };
+            if let Some((want, life)) = size(&config, lease, &op, now) {
+                lease.renewing = true;
+                out.push((
+                    op,
+                    Ask {
+                        unused: 0,
+                        want,
+                        life,
+                    },
+                ));
+            }
+        }
+        out
+    }
+
+    /// Records the store's answer to [`LeaseBook::renewals`], as
+    /// [`LeaseBook::refilled`] does for a refill: what was granted is added
+    /// to what the lease still holds, and the lease is timed from
+    /// `sent_at`. A renewal granted nothing (near a cap or a threshold)
+    /// is not asked again: the lease lapses, and decisions go to the store.
+    pub fn renewed(
+        &mut self,
+        ops: &[CounterOp],
+        asks: &[Ask],
+        states: &[CounterState],
+        granted: &[i64],
+        sent_at: Millis,
+    ) {
+        for (i, op) in ops.iter().enumerate() {
+            let Some(lease) = self.leases.get_mut(&op.key) else {
+                continue;
+            };
+            if !lease.renewing {
+                continue;
+            }
+            lease.renewing = false;
+            let got = granted.get(i).copied().unwrap_or(0).max(0);
+            let Some(state) = states.get(i).filter(|_| got > 0) else {
+                lease.op = None;
+                continue;
+            };
+            lease.remaining += got;
+            lease.granted = got;
+            lease.seen = state.used_before + got;
+            lease.grant = state.grant;
+            lease.dirty = true;
+            let life = asks.get(i).map_or(0, |a| a.life).max(self.config.lifetime);
+            lease.usable_until = sent_at + life - self.config.margin;
+            lease.spent = 0;
+            lease.since = sent_at;
+        }
+    }
+
+    /// A renewal that failed (or was refused) leaves the leases as they
+    /// were, to lapse or be refilled by a decision.
+    pub fn renew_failed(&mut self, ops: &[CounterOp]) {
+        for op in ops {
+            if let Some(lease) = self.leases.get_mut(&op.key) {
+                lease.renewing = false;
+                lease.op = None;
+            }
         }
     }
 
@@ -442,7 +568,7 @@ impl LeaseBook {
         let LeaseConfig { lifetime, idle, .. } = self.config;
         let mut out = Vec::new();
         self.leases.retain(|key, lease| {
-            if lease.refilling {
+            if lease.refilling || lease.renewing {
                 return true;
             }
             if lease.usable_until > now {
@@ -505,10 +631,14 @@ impl LeaseBook {
         out
     }
 
-    /// Whether a refill of any of `ops`' counters is in flight.
+    /// Whether a refill or a renewal of any of `ops`' counters is in
+    /// flight.
     pub fn refilling(&self, ops: &[CounterOp]) -> bool {
-        ops.iter()
-            .any(|op| self.leases.get(&op.key).is_some_and(|l| l.refilling))
+        ops.iter().any(|op| {
+            self.leases
+                .get(&op.key)
+                .is_some_and(|l| l.refilling || l.renewing)
+        })
     }
 
     /// What this replica holds unused of counter `key` now.

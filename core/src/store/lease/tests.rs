@@ -478,3 +478,97 @@ fn a_counter_too_seldom_for_a_lease_asks_for_none() {
     });
     assert!(asked.is_some(), "{book:?}");
 }
+
+/// A busy lease is renewed in the background once a quarter of its time
+/// is left: it stays spendable while the renewal is in flight, and what
+/// the renewal grants is added to what it still holds, timed from the
+/// renewal. An idle lease, or one under a grant, is not renewed; a
+/// renewal that granted nothing is not asked again.
+#[test]
+fn a_busy_lease_is_renewed_before_it_lapses() {
+    let config = LeaseConfig::default();
+    let mut book = book();
+    let a = op("a", 1, 1_000_000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 100, 0);
+    let usable = config.lifetime - config.margin;
+    // Spent from steadily, every 50 ms.
+    let mut t = 0;
+    while (usable - t) * RENEW_AT > usable {
+        t += 50;
+        assert!(book.spend(std::slice::from_ref(&a), t).is_some());
+        if (usable - t) * RENEW_AT > usable {
+            assert_eq!(book.renewals(t), vec![], "more than a quarter left at {t}");
+        }
+    }
+    let renewals = book.renewals(t);
+    assert_eq!(renewals.len(), 1, "a quarter left at {t}");
+    let (renewed, ask) = &renewals[0];
+    assert_eq!((renewed.key.as_str(), renewed.amount), ("a", 0));
+    assert_eq!(ask.unused, 0, "a renewal gives nothing back");
+    assert!(ask.want > 0);
+    assert_eq!(book.renewals(t), vec![], "one renewal in flight at a time");
+    let held = book.unused("a");
+    assert!(
+        book.spend(std::slice::from_ref(&a), t + 1).is_some(),
+        "spendable while renewing"
+    );
+    // The counter stood at 100 (all of it this replica's lease) when the
+    // renewal granted 50 more.
+    book.renewed(
+        std::slice::from_ref(renewed),
+        std::slice::from_ref(ask),
+        &[state(100)],
+        &[50],
+        t,
+    );
+    assert_eq!(book.unused("a"), held - 1 + 50);
+    let later = t + usable - 1;
+    assert!(
+        book.spend(std::slice::from_ref(&a), later).is_some(),
+        "usable for a lifetime from the renewal"
+    );
+    let got = book.spend(std::slice::from_ref(&a), later).unwrap();
+    assert_eq!(
+        got[0].used_before,
+        100 + 50 - book.unused("a") - 1,
+        "used as the store holds it, less what the lease holds"
+    );
+
+    // Renewed, and the store grants nothing: not asked again.
+    let mut book = self::book();
+    refill(&mut book, std::slice::from_ref(&a), 0, 4, 0);
+    for t in 1..4 {
+        assert!(book.spend(std::slice::from_ref(&a), t).is_some());
+    }
+    let renewals = book.renewals(4);
+    assert_eq!(
+        renewals.len(),
+        1,
+        "running out: a quarter of its grant left"
+    );
+    let (ops, asks): (Vec<_>, Vec<_>) = renewals.into_iter().unzip();
+    book.renewed(&ops, &asks, &[state(4)], &[0], 4);
+    assert_eq!(book.renewals(5), vec![]);
+
+    // Idle: not renewed (it goes back instead).
+    let mut book = self::book();
+    refill(&mut book, std::slice::from_ref(&a), 0, 100, 0);
+    assert!(book.spend(std::slice::from_ref(&a), 1).is_some());
+    assert_eq!(book.renewals(usable - 10), vec![]);
+
+    // Under a grant: not renewed (a revocation takes effect within a
+    // lifetime).
+    let mut book = self::book();
+    let gated = CounterOp {
+        grant: Some(GrantRef {
+            key: "g".into(),
+            required: false,
+        }),
+        ..a.clone()
+    };
+    refill(&mut book, std::slice::from_ref(&gated), 0, 100, 0);
+    for t in (50..usable).step_by(50) {
+        assert!(book.spend(std::slice::from_ref(&gated), t).is_some());
+        assert_eq!(book.renewals(t), vec![]);
+    }
+}

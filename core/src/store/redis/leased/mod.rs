@@ -37,6 +37,10 @@ use crate::store::*;
 /// How often batched writes and expired leases go to Redis, in ms.
 pub const FLUSH_EVERY: Millis = 20;
 
+/// Leases renewed in one script call, at most: each costs the script a
+/// few commands, and one call holds Redis while it runs.
+const RENEWALS_PER_CALL: usize = 100;
+
 /// Request ids in one item of `flush.lua`, at most.
 const REPLAYS_PER_ITEM: usize = 500;
 
@@ -53,6 +57,9 @@ pub struct LeaseStats {
     pub misses: AtomicU64,
     /// Leases granted by Redis.
     pub refills: AtomicU64,
+    /// Of those, granted to a busy lease before it ran out, in the
+    /// background: no decision waited for them.
+    pub renewals: AtomicU64,
     /// Unused leases handed back.
     pub returns: AtomicU64,
     /// Denials only because other replicas held unused leases.
@@ -355,9 +362,12 @@ impl LeasedStore {
             let mut book = self.book.lock().unwrap();
             book.not_reached(&candidate.ops, &asks, &reached);
             if outcome.replayed {
-                // A replay changed nothing in Redis; what was sent back
-                // stays counted there.
-                book.refill_failed(&candidate.ops, &asks);
+                // A replay changed nothing in Redis: what was sent back is
+                // still counted there for this replica, so its leases hold
+                // it again, as if the call had not reached Redis.
+                // (Those marked unreached got theirs back just above.)
+                let unrestored: Vec<bool> = reached.iter().map(|r| !r).collect();
+                book.not_reached(&candidate.ops, &asks, &unrestored);
             } else if let Some(states) = outcome.tried.last() {
                 if outcome.applied.is_some() {
                     book.demanded(&candidate.ops);
@@ -522,6 +532,75 @@ impl LeasedStore {
             Err(e) => {
                 *unsent = Some(Unsent(id, now, batch));
                 Err(e)
+            }
+        }
+    }
+
+    /// Renews busy leases before decisions find them spent or lapsed (see
+    /// [`LeaseBook::renewals`]): one `reserve.lua` per slot (and per
+    /// [`RENEWALS_PER_CALL`]), of one candidate whose ops are all at 0, so
+    /// that it decides nothing and writes no record; the script grants
+    /// each lease as it would a refill, near a cap or a threshold nothing.
+    /// The decisions that would have waited for those refills are made
+    /// in the process instead, and many refills share one call.
+    async fn renew(&self, now: Millis) {
+        // Held as a batch is: a shutdown's drain waits for renewals in
+        // flight, and hands back what they granted too.
+        let _flushing = self.flushing.lock().await;
+        let renewals = self.book.lock().unwrap().renewals(now);
+        if renewals.is_empty() {
+            return;
+        }
+        let mut slots: std::collections::BTreeMap<&str, Vec<(CounterOp, Ask)>> = Default::default();
+        for renewal in &renewals {
+            let tag = match self.redis.cluster() {
+                true => slot_tag(&renewal.0.key),
+                false => "",
+            };
+            slots.entry(tag).or_default().push(renewal.clone());
+        }
+        for (tag, group) in slots {
+            for part in group.chunks(RENEWALS_PER_CALL) {
+                let (ops, asks): (Vec<CounterOp>, Vec<Ask>) = part.iter().cloned().unzip();
+                let op_asks: Vec<OpAsk> = asks.iter().copied().map(OpAsk::from).collect();
+                let lease = LeaseAsk {
+                    spec: &self.spec,
+                    ops: &op_asks,
+                };
+                let id = match tag {
+                    "" => format!("renew-{}", self.replica),
+                    tag => format!("renew-{}.{tag}", self.replica),
+                };
+                let req = ReserveRequest {
+                    now,
+                    candidates: vec![Candidate { model: None, ops }],
+                    reservation_id: id.clone(),
+                    reservation_ttl: 1,
+                    request_id: None,
+                    account: None,
+                    final_estimate: true,
+                };
+                let candidate = &req.candidates[0];
+                LeaseStats::add(&self.stats.redis_calls, 1);
+                let answer = self
+                    .redis
+                    .reserve_in_slot(&req, &[candidate], tag, &id, &id, false, Some(&lease))
+                    .await;
+                let mut book = self.book.lock().unwrap();
+                match answer {
+                    Ok((outcome, Some(granted))) if outcome.applied.is_some() => {
+                        let states = outcome.tried.last().map_or(&[][..], Vec::as_slice);
+                        book.renewed(&candidate.ops, &asks, states, &granted.granted, now);
+                        let renewed = granted.granted.iter().filter(|&&g| g > 0).count();
+                        LeaseStats::add(&self.stats.renewals, renewed as u64);
+                        LeaseStats::add(&self.stats.refills, renewed as u64);
+                    }
+                    Ok(_) => book.renew_failed(&candidate.ops),
+                    Err(e) => {
+                        book.renew_failed(&candidate.ops);
+                        tracing::debug!(error = %e, "could not renew leases; they lapse and are refilled by decisions");
+                    }
+                }
             }
         }
     }
@@ -695,6 +774,7 @@ fn spawn_flusher(store: Weak<LeasedStore>) {
             let Some(now) = store.clock.now() else {
                 continue;
             };
+            store.renew(now).await;
             match store.flush_batch(now, false).await {
                 Ok(()) => failing = false,
                 Err(e) => {
