@@ -39,7 +39,7 @@ pub const FLUSH_EVERY: Millis = 20;
 
 /// Leases renewed in one script call, at most: each costs the script a
 /// few commands, and one call holds Redis while it runs.
-const RENEWALS_PER_CALL: usize = 100;
+const RENEWALS_PER_CALL: usize = 25;
 
 /// Request ids in one item of `flush.lua`, at most.
 const REPLAYS_PER_ITEM: usize = 500;
