@@ -839,26 +839,28 @@ async fn a_batch_sent_again_is_applied_once() {
         include_str!("../core/src/store/redis/move_counter.lua"),
         include_str!("../core/src/store/redis/leased/flush.lua")
     ));
-    // At 1,000 ms, a 5 s window: buckets -1 to 1 read, 0 written.
-    let send = |mut con: ::redis::aio::MultiplexedConnection, batch: &str, now: i64| {
-        let mut inv = flush.prepare_invoke();
-        inv.key(format!("t:fb:{{}}{batch}"))
-            .key("t:c:{}n")
-            .key("t:q:{}a.5000.")
-            .arg(now)
-            .arg("replica")
-            .arg("m")
-            .arg("p")
-            .arg(5)
-            .arg("q")
-            .arg("5000 -1 1 0 10000")
-            .arg(2)
-            .arg("a1")
-            .arg("6000 outcome")
-            .arg("a2")
-            .arg("6000 other");
-        async move { inv.invoke_async::<Vec<i64>>(&mut con).await.unwrap() }
-    };
+    // A 5 s window: buckets -1 to 1 read, 0 written; each outcome is
+    // valid for the window from when the batch says it was decided.
+    let send =
+        |mut con: ::redis::aio::MultiplexedConnection, batch: &str, now: i64, decided: i64| {
+            let mut inv = flush.prepare_invoke();
+            inv.key(format!("t:fb:{{}}{batch}"))
+                .key("t:c:{}n")
+                .key("t:q:{}a.5000.")
+                .arg(now)
+                .arg("replica")
+                .arg("m")
+                .arg("p")
+                .arg(5)
+                .arg("q")
+                .arg("5000 -1 1 0 10000")
+                .arg(2)
+                .arg("a1")
+                .arg(format!("{} outcome", decided + 5_000))
+                .arg("a2")
+                .arg(format!("{} other", decided + 5_000));
+            async move { inv.invoke_async::<Vec<i64>>(&mut con).await.unwrap() }
+        };
     let _: () = ::redis::cmd("SET")
         .arg("t:c:{}n")
         .arg(10)
@@ -866,11 +868,11 @@ async fn a_batch_sent_again_is_applied_once() {
         .await
         .unwrap();
     assert_eq!(
-        send(con.clone(), "replica.0", 1_000).await,
+        send(con.clone(), "replica.0", 1_000, 1_000).await,
         Vec::<i64>::new()
     );
     assert_eq!(
-        send(con.clone(), "replica.0", 1_000).await,
+        send(con.clone(), "replica.0", 1_000, 1_000).await,
         Vec::<i64>::new(),
         "the same answer: its own request id is not another replica's"
     );
@@ -895,13 +897,18 @@ async fn a_batch_sent_again_is_applied_once() {
         ]
     );
     assert_eq!(
-        send(con.clone(), "other.0", 1_000).await,
+        send(con.clone(), "other.0", 1_000, 1_000).await,
         [1, 2],
         "another batch with the same request ids: both were decided already"
     );
     assert_eq!(
-        send(con.clone(), "other.1", 6_000).await,
+        send(con.clone(), "other.1", 6_000, 6_000).await,
         Vec::<i64>::new(),
-        "once their outcomes are no longer valid, they are decided afresh"
+        "decided once the first outcomes were no longer valid: afresh"
+    );
+    assert_eq!(
+        send(con.clone(), "other.2", 11_020, 10_999).await,
+        [1, 2],
+        "decided just before those outcomes ran out, though written after"
     );
 }

@@ -1687,3 +1687,50 @@ backend_matrix!(
     the_spend_account_adds_up_exactly_by_every_dimension,
     the_spend_account_folds_rows_past_its_cap,
 );
+
+/// A decision made from a lease and withdrawn before its batch is written
+/// (the caller went away, or the store timed out) leaves no request id in
+/// Redis: the retry, sent to another replica, is decided afresh there,
+/// not answered with the withdrawn reservation.
+#[tokio::test]
+async fn a_withdrawn_leased_decision_leaves_no_request_id_for_another_replica() {
+    use tollgate_core::store::{RedisConfig, RedisStore};
+    let server = common::RedisServer::start();
+    let replica = || async {
+        let redis = RedisStore::connect(&RedisConfig {
+            prefix: "withdrawn:".to_string(),
+            ..RedisConfig::new(server.url())
+        })
+        .await
+        .unwrap();
+        LeasedStore::start(redis, LeaseConfig::default())
+    };
+    let (a, b) = (replica().await, replica().await);
+    let now = 1_000_000;
+    let counter = || vec![op("n", 1, 1_000_000)];
+    // A lease first; then the call, decided from it.
+    a.reserve(&request(counter(), "r0", now)).await.unwrap();
+    let call = ReserveRequest {
+        request_id: Some("call-1".to_string()),
+        ..request(counter(), "r1", now + 1)
+    };
+    let made = a.reserve(&call).await.unwrap();
+    assert!(a.stats().hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let id = made.reservation_id.expect("allowed");
+    a.withdraw(&id, call.request_id.as_deref(), now + 2)
+        .await
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let retry = ReserveRequest {
+        reservation_id: "r2".to_string(),
+        now: now + 3,
+        ..call.clone()
+    };
+    let again = b.reserve(&retry).await.unwrap();
+    assert!(!again.replayed, "decided afresh");
+    assert!(again.applied.is_some());
+    a.close(now + 4).await.unwrap();
+    b.close(now + 4).await.unwrap();
+    let s = a.read(&refs(&["n"]), now + 5).await.unwrap();
+    assert_eq!(s[0].used_before, 2, "the lease's first call and the retry");
+}

@@ -331,8 +331,15 @@ impl LeaseBook {
                 {
                     return Ask::default();
                 }
+                if lease.renewing {
+                    // Left as it is: what a renewal in flight grants is
+                    // added to it, and the entry it writes in the store
+                    // must stay this replica's. This decision is charged
+                    // in the store directly.
+                    return Ask::default();
+                }
                 let unused = std::mem::take(&mut lease.remaining);
-                if lease.refilling || lease.renewing {
+                if lease.refilling {
                     return Ask {
                         unused,
                         ..Ask::default()
@@ -429,14 +436,13 @@ impl LeaseBook {
             if !(near_end || running_out) {
                 continue;
             }
-            let op = CounterOp {
-                amount: 0,
-                ..op.clone()
-            };
+            // Sized for the op as a refill would be (its amount sets the
+            // floor, and whether the counter is seen too seldom); sent at 0.
+            let op = op.clone();
             if let Some((want, life)) = size(&config, lease, &op, now) {
                 lease.renewing = true;
                 out.push((
-                    op,
+                    CounterOp { amount: 0, ..op },
                     Ask {
                         unused: 0,
                         want,

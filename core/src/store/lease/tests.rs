@@ -508,6 +508,13 @@ fn a_busy_lease_is_renewed_before_it_lapses() {
     assert!(ask.want > 0);
     assert_eq!(book.renewals(t), vec![], "one renewal in flight at a time");
     let held = book.unused("a");
+    let big = op("a", 200, 1_000_000);
+    assert_eq!(
+        book.ask(std::slice::from_ref(&big), t),
+        vec![Ask::default()],
+        "a decision the lease cannot serve leaves it to the renewal in flight"
+    );
+    assert_eq!(book.unused("a"), held);
     assert!(
         book.spend(std::slice::from_ref(&a), t + 1).is_some(),
         "spendable while renewing"
@@ -532,6 +539,27 @@ fn a_busy_lease_is_renewed_before_it_lapses() {
         got[0].used_before,
         100 + 50 - book.unused("a") - 1,
         "used as the store holds it, less what the lease holds"
+    );
+
+    // Sized as a refill for the op would be: at least `min_requests` of
+    // its amount, though demand here (one every 200 ms) asks for less.
+    let mut book = self::book();
+    let hundred = op("h", 100, 1_000_000);
+    refill(&mut book, std::slice::from_ref(&hundred), 0, 1_000, 0);
+    let mut t = 0;
+    let renewals = loop {
+        t += 200;
+        assert!(t < usable, "renewed before it lapses");
+        assert!(book.spend(std::slice::from_ref(&hundred), t).is_some());
+        let renewals = book.renewals(t);
+        if !renewals.is_empty() {
+            break renewals;
+        }
+    };
+    assert!(
+        renewals[0].1.want >= config.min_requests * 100,
+        "{:?}",
+        renewals[0].1
     );
 
     // Renewed, and the store grants nothing: not asked again.

@@ -153,6 +153,17 @@ impl ReplaySpot {
 
     /// The same less the field: what every id of one hash shares.
     pub fn buckets_arg(&self, now: Millis) -> String {
+        self.buckets_from(now, 0)
+    }
+
+    /// What a batch written at `now` reads: one bucket further back, for
+    /// ids it decided up to a batch interval (or, Redis down, longer)
+    /// before, each judged at its own decision's time.
+    pub fn batch_buckets_arg(&self, now: Millis) -> String {
+        self.buckets_from(now, 1)
+    }
+
+    fn buckets_from(&self, now: Millis, back: i64) -> String {
         let write = self.bucket(now);
         // Written again with each id: it outlives the last id written,
         // whose outcome is valid for the window from then at most.
@@ -160,7 +171,7 @@ impl ReplaySpot {
         format!(
             "{} {} {} {write} {lifetime}",
             self.window,
-            self.bucket(now - self.window),
+            self.bucket(now - self.window) - back,
             write + 1,
         )
     }

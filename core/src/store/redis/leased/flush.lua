@@ -12,8 +12,10 @@
 --   'q' buckets, n, then n    request ids of one replay hash (the key is
 --       fields and outcomes   its name less the bucket number, buckets as
 --                             in reserve.lua's ARGV[4] less the field):
---                             each is kept unless an outcome still valid
---                             is there: another replica decided it first
+--                             each is kept unless an outcome valid when
+--                             this replica decided it (its own outcome's
+--                             time less the window) is there: another
+--                             replica decided it first
 --   'm' kind, delta           move the counter (see move_counter.lua)
 --   'l' unused                give back `unused` of the replica's lease
 --   'u' unused, until         the replica's lease now holds `unused`
@@ -45,19 +47,23 @@ for i = 2, #KEYS do
     local s = {}
     for token in string.gmatch(ARGV[a + 1], '%S+') do s[#s + 1] = token end
     local n = tonumber(ARGV[a + 2])
-    local fields, taken, seen = {}, {}, {}
+    local window = tonumber(s[1])
+    local fields, decided, taken, seen = {}, {}, {}, {}
     for f = 1, n do
-      local field = ARGV[a + 1 + 2 * f]
+      local field, mine = ARGV[a + 1 + 2 * f], ARGV[a + 2 + 2 * f]
       -- Twice in one batch: the later one is the repeat.
       if seen[field] then taken[f] = true end
       fields[f], seen[field] = field, true
+      -- Judged at when this replica decided it (its outcome is valid from
+      -- then for the window), not at this batch's time, which is later.
+      decided[f] = tonumber(string.sub(mine, 1, string.find(mine, ' ', 1, true) - 1)) - window
     end
     for b = tonumber(s[2]), tonumber(s[3]) do
       local found = redis.call('HMGET', key .. string.format('%d', b), unpack(fields))
       for f = 1, n do
         local v = found[f]
         local sep = v and string.find(v, ' ', 1, true)
-        if sep and tonumber(string.sub(v, 1, sep - 1)) > now then taken[f] = true end
+        if sep and tonumber(string.sub(v, 1, sep - 1)) > decided[f] then taken[f] = true end
       end
     end
     local put = {}

@@ -98,8 +98,8 @@ pub(super) struct Local {
     replay_order: VecDeque<(Millis, String)>,
     /// Reservations whose record is to be written (again, once settled).
     unwritten: VecDeque<String>,
-    /// Request ids to write: where, outcome, until, decision.
-    replays_unwritten: VecDeque<(ReplaySpot, String, Millis, Decided)>,
+    /// Request ids to write: the id, where, outcome, until, decision.
+    replays_unwritten: VecDeque<(String, ReplaySpot, String, Millis, Decided)>,
     moves: HashMap<String, i64>,
     returns: HashMap<String, i64>,
 }
@@ -148,7 +148,7 @@ impl Local {
         outcome: ReserveOutcome,
     ) {
         self.replays_unwritten
-            .push_back((key, text, until, decided));
+            .push_back((rid.clone(), key, text, until, decided));
         self.remember(
             &rid,
             until,
@@ -183,8 +183,12 @@ impl Local {
             .map(|(_, o)| o.clone())
     }
 
+    /// Forgets request id `rid` (its decision was withdrawn), here and
+    /// in the next batch: a retry, here or on another replica, is decided
+    /// afresh rather than replayed, or taken back as a repeat.
     pub fn forget(&mut self, rid: &str) {
         self.replays.remove(rid);
+        self.replays_unwritten.retain(|(r, ..)| r != rid);
     }
 
     pub fn reservation(&self, id: &str, now: Millis) -> Option<Reservation> {
@@ -250,7 +254,7 @@ impl Local {
             // Redis answers for it from now on, for every replica.
             self.reservations.remove(&id);
         }
-        while let Some((key, text, until, id)) = self.replays_unwritten.pop_front() {
+        while let Some((_, key, text, until, id)) = self.replays_unwritten.pop_front() {
             if until > now {
                 batch.replays.push((key, text));
                 batch.replay_ids.push(id);

@@ -601,6 +601,9 @@ impl LeasedStore {
                         tracing::debug!(error = %e, "could not renew leases; they lapse and are refilled by decisions");
                     }
                 }
+                drop(book);
+                // Decisions wait for a renewal in flight as for a refill.
+                self.refilled.notify_waiters();
             }
         }
     }
@@ -712,7 +715,7 @@ impl LeasedStore {
                     Item::Replays(spot, ref ids) => {
                         inv.key(&spot.base)
                             .arg("q")
-                            .arg(spot.buckets_arg(now))
+                            .arg(spot.batch_buckets_arg(now))
                             .arg(ids.len());
                         for &(i, field, text) in ids {
                             inv.arg(field).arg(text);
