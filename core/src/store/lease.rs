@@ -68,12 +68,12 @@ struct Lease {
     /// The counter as the store last answered, this lease included: what
     /// this replica reports as used is `seen - remaining`.
     seen: i64,
-    /// The limit and the alert values of the op it was granted for: a
-    /// change to either (a reload) sends the next decision to the store,
-    /// which takes the lease back, so that a new threshold is crossed
-    /// there, once.
-    limit: i64,
-    alert_at: Vec<i64>,
+    /// The op it was last refilled for. Its limit and alert values are
+    /// the ones the lease is spent under: a change to either (a reload)
+    /// sends the next decision to the store, which takes the lease back,
+    /// so that a new threshold is crossed there, once. A renewal asks
+    /// again with it.
+    op: Option<CounterOp>,
     /// The grant in force when it was granted (see [`CounterState::grant`]).
     grant: Option<i64>,
     /// Spendable before this instant.
@@ -83,8 +83,9 @@ struct Lease {
     /// A renewal of this lease is in flight (see [`LeaseBook::renewals`]):
     /// it stays spendable meanwhile, since what it holds stays counted.
     renewing: bool,
-    /// The op it was last refilled for, which a renewal asks again with.
-    op: Option<CounterOp>,
+    /// Whether it may be renewed: not once a renewal failed or granted
+    /// nothing, until the next refill.
+    renewable: bool,
     /// Spent here since `since`, for the demand estimate.
     spent: i64,
     since: Millis,
@@ -102,6 +103,13 @@ struct Lease {
 }
 
 impl Lease {
+    /// Whether it was granted under `op`'s limit and alert values.
+    fn granted_for(&self, op: &CounterOp) -> bool {
+        self.op
+            .as_ref()
+            .is_some_and(|g| g.limit == op.limit && g.alert_at == op.alert_at)
+    }
+
     /// A decision on this counter, now: the usual gap between them
     /// follows.
     fn touched(&mut self, now: Millis) {
@@ -248,8 +256,7 @@ impl LeaseBook {
             leasable(op)
                 && !lease.refilling
                 && lease.usable_until > now
-                && lease.limit == op.limit
-                && lease.alert_at == op.alert_at
+                && lease.granted_for(op)
                 && lease.remaining >= op.amount
                 && (op.grant.as_ref().is_none_or(|g| !g.required) || lease.grant.is_some())
         };
@@ -323,8 +330,7 @@ impl LeaseBook {
                 // eight did).
                 if !lease.refilling
                     && lease.usable_until > now
-                    && lease.limit == op.limit
-                    && lease.alert_at == op.alert_at
+                    && lease.granted_for(op)
                     && lease.remaining >= op.amount
                     && (lease.remaining * 2 >= lease.granted
                         && (lease.usable_until - now) * 2 >= lease.usable_until - lease.since)
@@ -390,14 +396,9 @@ impl LeaseBook {
             // The grant itself told the store what it holds.
             lease.reported_at = sent_at;
             lease.seen = used + if applied { op.amount } else { 0 } + got;
-            lease.limit = op.limit;
-            if lease.alert_at != op.alert_at {
-                lease.alert_at = op.alert_at.clone();
-            }
+            lease.op = Some(op.clone());
+            lease.renewable = true;
             lease.grant = states.get(i).and_then(|s| s.grant);
-            if lease.op.as_ref() != Some(op) {
-                lease.op = Some(op.clone());
-            }
             let life = asks[i].life.max(self.config.lifetime);
             lease.usable_until = sent_at + life - self.config.margin;
             lease.spent = 0;
@@ -418,7 +419,7 @@ impl LeaseBook {
         let config = self.config;
         let mut out = Vec::new();
         for lease in self.leases.values_mut() {
-            let Some(op) = lease.op.as_ref() else {
+            let Some(op) = lease.op.as_ref().filter(|_| lease.renewable) else {
                 continue;
             };
             if lease.refilling
@@ -477,7 +478,7 @@ impl LeaseBook {
             lease.renewing = false;
             let got = granted.get(i).copied().unwrap_or(0).max(0);
             let Some(state) = states.get(i).filter(|_| got > 0) else {
-                lease.op = None;
+                lease.renewable = false;
                 continue;
             };
             lease.remaining += got;
@@ -498,7 +499,7 @@ impl LeaseBook {
         for op in ops {
             if let Some(lease) = self.leases.get_mut(&op.key) {
                 lease.renewing = false;
-                lease.op = None;
+                lease.renewable = false;
             }
         }
     }

@@ -551,17 +551,15 @@ impl LeasedStore {
         if renewals.is_empty() {
             return;
         }
-        let mut slots: std::collections::BTreeMap<&str, Vec<(CounterOp, Ask)>> = Default::default();
-        for renewal in &renewals {
-            let tag = match self.redis.cluster() {
-                true => slot_tag(&renewal.0.key),
-                false => "",
-            };
-            slots.entry(tag).or_default().push(renewal.clone());
-        }
-        for (tag, group) in slots {
+        let slots = match self.redis.cluster() {
+            true => by_tag(renewals.iter().map(|(op, _)| op.key.as_str())),
+            false => [(String::new(), (0..renewals.len()).collect())].into(),
+        };
+        for (tag, group) in &slots {
+            let tag = tag.as_str();
             for part in group.chunks(RENEWALS_PER_CALL) {
-                let (ops, asks): (Vec<CounterOp>, Vec<Ask>) = part.iter().cloned().unzip();
+                let ops: Vec<CounterOp> = part.iter().map(|&i| renewals[i].0.clone()).collect();
+                let asks: Vec<Ask> = part.iter().map(|&i| renewals[i].1).collect();
                 let op_asks: Vec<OpAsk> = asks.iter().copied().map(OpAsk::from).collect();
                 let lease = LeaseAsk {
                     spec: &self.spec,
