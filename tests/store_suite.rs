@@ -1397,11 +1397,15 @@ async fn redis_keeps_what_a_final_estimate_leaves_for_seconds() {
         } else {
             assert!(ttl > 60_000, "{key} lives {ttl} ms");
         }
-        *seen.entry(prefix).or_default() += 1;
+        if rest.starts_with("q:") {
+            let ids: usize = cli(&["HLEN", key]).parse().unwrap();
+            *seen.entry(prefix).or_default() += ids;
+        }
     }
     for prefix in ["final", "settled", "leased-final", "leased-settled"] {
-        assert!(
-            seen.get(prefix).copied().unwrap_or(0) >= 20,
+        assert_eq!(
+            seen.get(prefix).copied().unwrap_or(0),
+            20,
             "every request id under {prefix} is stored: {seen:?}"
         );
     }
@@ -1733,4 +1737,51 @@ async fn a_withdrawn_leased_decision_leaves_no_request_id_for_another_replica() 
     b.close(now + 4).await.unwrap();
     let s = a.read(&refs(&["n"]), now + 5).await.unwrap();
     assert_eq!(s[0].used_before, 2, "the lease's first call and the retry");
+}
+
+/// A final estimate decided from a lease after a wait (through `reserve`,
+/// which the gate may take back) writes no reservation record to Redis,
+/// and the gate can still take it back here after its batch has gone.
+#[tokio::test]
+async fn a_final_estimate_decided_after_a_wait_is_kept_here_not_in_redis() {
+    use tollgate_core::store::{RedisConfig, RedisStore};
+    let server = common::RedisServer::start();
+    let redis = RedisStore::connect(&RedisConfig {
+        prefix: "held:".to_string(),
+        ..RedisConfig::new(server.url())
+    })
+    .await
+    .unwrap();
+    let store = LeasedStore::start(redis, LeaseConfig::default());
+    let now = 1_000_000;
+    let call = |id: &str, rid: &str, now| ReserveRequest {
+        final_estimate: true,
+        reservation_ttl: 5_000,
+        request_id: Some(rid.to_string()),
+        ..request(vec![op("fin", 10, 1_000_000)], id, now)
+    };
+    // The first refills the lease in Redis; the second is decided from it.
+    store.reserve(&call("f1", "call-1", now)).await.unwrap();
+    let second = store.reserve(&call("f2", "call-2", now + 1)).await.unwrap();
+    assert!(store.stats().hits.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let id = second.reservation_id.expect("allowed");
+    // Past several batches.
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let records = server.cli(&["--scan", "--pattern", "held:r:*"]);
+    assert!(
+        !records.contains(&id),
+        "no record of {id} in Redis: {records:?}"
+    );
+    assert_eq!(
+        store.withdraw(&id, Some("call-2"), now + 2).await.unwrap(),
+        SettleOutcome::Settled
+    );
+    assert_eq!(
+        store.withdraw(&id, Some("call-2"), now + 3).await.unwrap(),
+        SettleOutcome::AlreadySettled,
+        "taken back once"
+    );
+    store.close(now + 4).await.unwrap();
+    let s = store.read(&refs(&["fin"]), now + 5).await.unwrap();
+    assert_eq!(s[0].used_before, 10, "the first alone stays charged");
 }

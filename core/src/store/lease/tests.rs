@@ -370,10 +370,58 @@ fn a_half_spent_lease_is_refilled_with_the_counter_that_ran_out() {
     for t in 22..62 {
         assert!(book.spend(&both, t).is_some());
     }
-    // The key's lease ran out again; the shared one holds 40 of 100.
+    // The key's lease ran out again; the shared one holds 40 of 100: it
+    // is topped up with the key's, giving nothing back, and stays
+    // spendable until the answer lands.
     let asks = book.ask(&both, 62);
-    assert_eq!(asks[0].unused, 40, "{asks:?}");
+    assert_eq!(asks[0].unused, 0, "{asks:?}");
     assert!(asks[0].want > 0 && asks[1].want > 0, "{asks:?}");
+    assert!(book.spend(std::slice::from_ref(&shared), 63).is_some());
+    assert!(
+        !book.refilling(std::slice::from_ref(&shared), 63),
+        "a decision on the shared counter alone does not wait"
+    );
+    assert!(book.refilling(&both, 63), "one on both waits for the key's");
+    // The store added this decision's 1 to both (shared at 61 then, 40 of
+    // it this replica's lease) and granted 50 more of the shared one.
+    book.refilled(&both, &asks, &[state(61), state(61)], &[50, 40], true, 62);
+    assert_eq!(book.unused("shared"), 39 + 50);
+    let got = book.spend(std::slice::from_ref(&shared), 64).unwrap();
+    assert_eq!(
+        got[0].used_before,
+        61 + 1 + 50 - (39 + 50),
+        "used: the shared counter (61, this decision's 1 and the 50 granted) less what this \
+         replica holds"
+    );
+}
+
+/// A top-up that the store answers with nothing (near a cap) leaves the
+/// lease what it holds, under its old life; one that fails leaves it too,
+/// free to be topped up again.
+#[test]
+fn a_lease_topped_up_with_nothing_or_not_at_all_keeps_what_it_holds() {
+    let mut book = book();
+    let shared = op("shared", 1, 1_000_000);
+    let key = op("key", 1, 1_000_000);
+    let both = [shared.clone(), key.clone()];
+    refill(&mut book, std::slice::from_ref(&shared), 0, 100, 0);
+    refill(&mut book, std::slice::from_ref(&key), 0, 60, 0);
+    for t in 1..=60 {
+        assert!(book.spend(&both, t).is_some());
+    }
+    let asks = book.ask(&both, 61);
+    assert!(asks[0].want > 0 && asks[0].unused == 0, "{asks:?}");
+    book.refill_failed(&both, &asks);
+    assert_eq!(book.unused("shared"), 40);
+    let asks = book.ask(&both, 62);
+    assert!(asks[0].want > 0, "asked again after a failure: {asks:?}");
+    book.refilled(&both, &asks, &[state(61), state(61)], &[0, 0], true, 62);
+    assert_eq!(book.unused("shared"), 40);
+    assert!(book.spend(std::slice::from_ref(&shared), 63).is_some());
+    assert!(
+        book.spend(std::slice::from_ref(&shared), 1_800).is_none(),
+        "still under its old life"
+    );
 }
 
 /// A counter this replica decides on about once a second at random (ten
@@ -468,7 +516,7 @@ fn a_counter_too_seldom_for_a_lease_asks_for_none() {
     let _ = book.expired(7_000);
     let asks = book.ask(std::slice::from_ref(&a), 8_000);
     assert_eq!(asks[0].want, 0, "{asks:?}");
-    assert!(!book.refilling(std::slice::from_ref(&a)));
+    assert!(!book.refilling(std::slice::from_ref(&a), 8_000));
     book.demanded(std::slice::from_ref(&a));
     // Then a hundred decisions in a second: within it, a lease again.
     let asked = (0..100).find(|t| {

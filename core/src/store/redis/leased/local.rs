@@ -5,7 +5,9 @@
 //!
 //! Invariants: a reservation is settled here only before its record is
 //! written to Redis (within one batch interval); after that, Redis alone
-//! settles it, so that a settle sent to two replicas counts once. Bounded:
+//! settles it, so that a settle sent to two replicas counts once. (A final
+//! estimate has no record, and nothing but this replica's gate takes it
+//! back: it stays here until it lapses.) Bounded:
 //! a reservation is kept until it is written, or [`KEEP`] has passed (Redis
 //! down); request ids for their replay window, at most [`MAX_REPLAYS`];
 //! counter moves and lease returns are summed per counter; records and
@@ -30,8 +32,10 @@ const MAX_REPLAYS: usize = 100_000;
 
 /// A decision made here.
 pub(super) struct Made {
-    /// The reservation record, as `reserve.lua` would have stored it.
-    pub record: String,
+    /// The reservation record, as `reserve.lua` would have stored it;
+    /// none for a final estimate, which nothing settles: it is kept here
+    /// only for the gate to take back (see [`Decided::Held`]).
+    pub record: Option<String>,
     /// Each counter and the amount reserved on it.
     pub ops: Vec<(String, i64)>,
     pub expires_at: Millis,
@@ -45,7 +49,7 @@ pub(super) struct Made {
 
 #[derive(Debug)]
 struct Entry {
-    record: String,
+    record: Option<String>,
     ops: Vec<(String, i64)>,
     expires_at: Millis,
     reservation: Reservation,
@@ -87,6 +91,10 @@ pub(super) enum Decided {
     /// A final estimate, which has no record: each counter with what it
     /// charged there.
     Final(Vec<(String, i64)>),
+    /// A final estimate kept here under its reservation id, which the
+    /// gate may still take back here: taken back through it, unless the
+    /// gate did first.
+    Held(String, Vec<(String, i64)>),
 }
 
 #[derive(Debug, Default)]
@@ -107,15 +115,17 @@ pub(super) struct Local {
 impl Local {
     pub fn made(&mut self, id: &str, made: Made) {
         if let Some((rid, key, text, until)) = made.replay {
-            self.answered_as(
-                (rid, key, text, until),
-                Decided::Reservation(id.to_string()),
-                made.outcome,
-            );
+            let decided = match made.record {
+                Some(_) => Decided::Reservation(id.to_string()),
+                None => Decided::Held(id.to_string(), made.ops.clone()),
+            };
+            self.answered_as((rid, key, text, until), decided, made.outcome);
         }
-        self.unwritten.push_back(id.to_string());
-        if self.unwritten.len() > MAX_WAITING {
-            self.unwritten.pop_front();
+        if made.record.is_some() {
+            self.unwritten.push_back(id.to_string());
+            if self.unwritten.len() > MAX_WAITING {
+                self.unwritten.pop_front();
+            }
         }
         self.forget_at
             .push_back(((made.now + KEEP).min(made.expires_at), id.to_string()));
@@ -234,19 +244,19 @@ impl Local {
             ..Pending::default()
         };
         while let Some(id) = self.unwritten.pop_front() {
-            let Some(entry) = self.reservations.get_mut(&id) else {
+            let Some(entry) = self.reservations.get(&id) else {
                 continue;
             };
-            if entry.expires_at <= now {
+            let Some(record) = entry.record.as_deref().filter(|_| entry.expires_at > now) else {
                 continue;
-            }
+            };
             let settled = entry.reservation.settled;
             let (text, lifetime) = if settled {
                 let keep = (now + SETTLED_RETENTION).min(entry.expires_at);
-                let rest = entry.record.split_once('\n').map_or("", |(_, r)| r);
+                let rest = record.split_once('\n').map_or("", |(_, r)| r);
                 (format!("1 {keep}\n{rest}"), SETTLED_KEY_LIFETIME)
             } else {
-                (entry.record.clone(), key_lifetime(entry.expires_at - now))
+                (record.to_string(), key_lifetime(entry.expires_at - now))
             };
             batch
                 .records

@@ -247,17 +247,23 @@ impl LeasedStore {
             }
             return Some(outcome);
         }
-        let keys: Vec<String> = candidate
-            .ops
-            .iter()
-            .map(|op| self.redis.counter_key(&op.key))
-            .collect();
-        let record = super::codec::encode_reservation(
-            req.now + req.reservation_ttl,
-            candidate,
-            &keys,
-            req.account.as_deref(),
-        );
+        // A final estimate decided here after a wait (its caller may have
+        // gone, and the gate then takes it back) is kept here until it
+        // lapses, for that alone: nothing else settles it, so Redis needs
+        // no record of it.
+        let record = (!req.final_estimate).then(|| {
+            let keys: Vec<String> = candidate
+                .ops
+                .iter()
+                .map(|op| self.redis.counter_key(&op.key))
+                .collect();
+            super::codec::encode_reservation(
+                req.now + req.reservation_ttl,
+                candidate,
+                &keys,
+                req.account.as_deref(),
+            )
+        });
         self.local.lock().unwrap().made(
             &id,
             local::Made {
@@ -442,7 +448,7 @@ impl LeasedStore {
             let landed = self.refilled.notified();
             tokio::pin!(landed);
             landed.as_mut().enable();
-            if !self.book.lock().unwrap().refilling(ops) {
+            if !self.book.lock().unwrap().refilling(ops, req.now) {
                 break;
             }
             if tokio::time::timeout_at(deadline, landed).await.is_err() {
@@ -624,6 +630,14 @@ impl LeasedStore {
                     let deltas: Vec<i64> = ops.iter().map(|(_, a)| -a).collect();
                     self.move_local(&ops, &deltas, now);
                 }
+                // Kept here: taken back as the gate would, once.
+                Decided::Held(id, ops) => {
+                    let taken = self.local.lock().unwrap().settle(&id, now);
+                    if !matches!(taken, Some(Err(SettleOutcome::AlreadySettled))) {
+                        let deltas: Vec<i64> = ops.iter().map(|(_, a)| -a).collect();
+                        self.move_local(&ops, &deltas, now);
+                    }
+                }
             }
         }
     }
@@ -802,7 +816,7 @@ impl CounterStore for LeasedStore {
         // A refill of one of its counters is on its way: waiting for it
         // costs no more than a round trip of its own, and no Redis call.
         if let Some(candidate) = req.candidates.first() {
-            let refilling = self.book.lock().unwrap().refilling(&candidate.ops);
+            let refilling = self.book.lock().unwrap().refilling(&candidate.ops, req.now);
             if refilling {
                 if let Some(outcome) = self.after_refills(req, &candidate.ops).await {
                     return Ok(outcome);
