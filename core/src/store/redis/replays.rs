@@ -153,17 +153,18 @@ impl ReplaySpot {
 
     /// The same less the field: what every id of one hash shares.
     pub fn buckets_arg(&self, now: Millis) -> String {
-        self.buckets_from(now, 0)
+        self.buckets_from(now, now)
     }
 
-    /// What a batch written at `now` reads: one bucket further back, for
-    /// ids it decided up to a batch interval (or, Redis down, longer)
-    /// before, each judged at its own decision's time.
-    pub fn batch_buckets_arg(&self, now: Millis) -> String {
-        self.buckets_from(now, 1)
+    /// What a batch written at `now` reads for ids decided from `earliest`
+    /// on (a batch interval before, or longer with Redis down), each
+    /// judged at its own decision's time: back to the bucket of the
+    /// oldest outcome still valid at `earliest`, and no further.
+    pub fn batch_buckets_arg(&self, now: Millis, earliest: Millis) -> String {
+        self.buckets_from(now, earliest.min(now))
     }
 
-    fn buckets_from(&self, now: Millis, back: i64) -> String {
+    fn buckets_from(&self, now: Millis, earliest: Millis) -> String {
         let write = self.bucket(now);
         // Written again with each id: it outlives the last id written,
         // whose outcome is valid for the window from then at most.
@@ -171,7 +172,7 @@ impl ReplaySpot {
         format!(
             "{} {} {} {write} {lifetime}",
             self.window,
-            self.bucket(now - self.window) - back,
+            self.bucket(earliest - self.window),
             write + 1,
         )
     }
@@ -199,6 +200,44 @@ mod tests {
     fn the_scripts_are_told_the_buckets_to_read_and_write() {
         assert_eq!(spot(5_000).script_arg(12_345), "5000 1 3 2 10000 ab");
         assert_eq!(spot(60_000).script_arg(100_000), "60000 2 7 6 120000 ab");
+    }
+
+    /// A batch written at `now` finds, for an id it decided at `d`, every
+    /// outcome kept at `t` that is valid at `d` (by a replica up to a span
+    /// ahead, or late), reading from the bucket `earliest` (its oldest
+    /// decision) names; and it reads one bucket fewer than a lookup from
+    /// `now - window` less one would.
+    #[test]
+    fn a_batch_reads_back_only_as_far_as_its_oldest_decision_needs() {
+        for window in [5_000, 60_000] {
+            let spot = spot(window);
+            let span = replay_span(window);
+            let batch = |now, earliest| {
+                let arg = spot.batch_buckets_arg(now, earliest);
+                let n: Vec<i64> = arg.split(' ').map(|t| t.parse().unwrap()).collect();
+                (n[1], n[2])
+            };
+            for t in (1_000_000..1_000_000 + 2 * span).step_by(997) {
+                for ahead in [0, span / 2, span - 1] {
+                    for late in [0, 20, 999] {
+                        let (_, _, written) = buckets(&spot, t + ahead + late);
+                        for d in [t + 1, t + window / 2, t + window - 1] {
+                            for delay in [0, 20, 3_000] {
+                                let now = (d + delay).max(t + late);
+                                let (first, last) = batch(now, d);
+                                assert!(
+                                    (first..=last).contains(&written),
+                                    "window {window}, kept at {t} (+{ahead}, {late} late), decided at {d}, batch at {now}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            let now = 1_000_000 + span / 2;
+            let (first, _) = batch(now, now - 20);
+            assert_eq!(first, spot.bucket(now - window), "window {window}");
+        }
     }
 
     /// An id kept at `t` (by a replica whose clock is up to a span ahead,

@@ -725,9 +725,21 @@ impl LeasedStore {
                         inv.key(key).arg("r").arg(text).arg(lifetime);
                     }
                     Item::Replays(spot, ref ids) => {
+                        // Each outcome begins with when it stops being
+                        // valid: a window after its decision.
+                        let earliest = ids
+                            .iter()
+                            .map(|(_, _, text)| {
+                                text.split(' ')
+                                    .next()
+                                    .and_then(|until| until.parse::<Millis>().ok())
+                                    .map_or(now - spot.window, |until| until - spot.window)
+                            })
+                            .min()
+                            .unwrap_or(now);
                         inv.key(&spot.base)
                             .arg("q")
-                            .arg(spot.batch_buckets_arg(now))
+                            .arg(spot.batch_buckets_arg(now, earliest))
                             .arg(ids.len());
                         for &(i, field, text) in ids {
                             inv.arg(field).arg(text);
