@@ -123,9 +123,18 @@ impl Lease {
     }
 
     /// A decision on this counter, now: the usual gap between them
-    /// follows.
+    /// follows. A decision that waited for a refill comes with the time
+    /// it was asked at, earlier than the last spend's: it says nothing of
+    /// the gaps. (Counted as a gap of 0, such decisions shrank the usual
+    /// gap and moved the last spend back, so that busy leases looked idle
+    /// and went back, their next decisions missed and waited, and the
+    /// waits shrank more gaps: at 1,000 keys a run either stayed clear or
+    /// had a third of its decisions wait.)
     fn touched(&mut self, now: Millis) {
-        self.gap = (3 * self.gap + (now - self.last_spent).clamp(0, 60_000)) / 4;
+        if now < self.last_spent {
+            return;
+        }
+        self.gap = (3 * self.gap + (now - self.last_spent).min(60_000)) / 4;
         self.last_spent = now;
     }
 }

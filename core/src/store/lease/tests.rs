@@ -648,3 +648,30 @@ fn a_busy_lease_is_renewed_before_it_lapses() {
         assert_eq!(book.renewals(t), vec![]);
     }
 }
+
+/// Decisions that waited for a refill are spent with the time they were
+/// asked at, earlier than the last spend: they neither shrink the usual
+/// gap nor move the last spend back, so a busy lease does not go back as
+/// idle after a quiet moment a few of its usual gaps long.
+#[test]
+fn decisions_that_waited_do_not_make_a_busy_lease_look_idle() {
+    let mut book = book();
+    let a = op("a", 1, 1_000_000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 1_000, 0);
+    let mut t = 0;
+    for _ in 0..15 {
+        t += 80;
+        assert!(book.spend(std::slice::from_ref(&a), t).is_some());
+        for _ in 0..4 {
+            assert!(book.spend(std::slice::from_ref(&a), t - 40).is_some());
+        }
+    }
+    assert_eq!(
+        book.expired(t + 250),
+        vec![],
+        "250 ms is about three of its usual gaps"
+    );
+    assert!(book.spend(std::slice::from_ref(&a), t + 251).is_some());
+    let back = book.expired(t + 251 + 8 * 80 + 1);
+    assert_eq!(back.len(), 1, "idle for eight of its usual gaps: {back:?}");
+}
