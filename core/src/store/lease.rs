@@ -35,9 +35,9 @@ pub struct LeaseConfig {
     /// Leases kept, at most; a counter past it is decided in the store.
     pub max_leases: usize,
     /// A lease nothing has spent from for this long, and for
-    /// [`IDLE_GAPS`] of its usual gaps between spends, goes back at the
-    /// next batch: a replica
-    /// whose demand stopped does not sit on budget.
+    /// [`IDLE_GAPS`] of its longest recent gap between spends, goes back
+    /// at the next batch: a replica whose demand stopped does not sit on
+    /// budget.
     pub idle: Millis,
     /// A decision refused only because other replicas hold unused leases
     /// is decided again once, this long after, when they may have come
@@ -93,9 +93,10 @@ struct Lease {
     rate: i64,
     /// When this replica last spent from it.
     last_spent: Millis,
-    /// The usual time between two spends, smoothed: a lease is idle only
-    /// after several of them pass with none.
-    gap: Millis,
+    /// The longest recent time between two spends (ms; see
+    /// [`Lease::touched`]): a lease is idle only after several of them
+    /// pass with none.
+    longest_gap: f64,
     /// Spent or credited since the store last heard what it holds.
     dirty: bool,
     /// When the store last heard what it holds.
@@ -122,20 +123,28 @@ impl Lease {
             && (op.grant.as_ref().is_none_or(|g| !g.required) || self.grant.is_some())
     }
 
-    /// A decision on this counter, now: the usual gap between them
-    /// follows. A decision that waited for a refill comes with the time
-    /// it was asked at, earlier than the last spend's: it says nothing of
-    /// the gaps. (Counted as a gap of 0, such decisions shrank the usual
-    /// gap and moved the last spend back, so that busy leases looked idle
-    /// and went back, their next decisions missed and waited, and the
-    /// waits shrank more gaps: at 1,000 keys a run either stayed clear or
-    /// had a third of its decisions wait.)
+    /// A decision on this counter, now: the longest recent gap between
+    /// them follows. It is the longest, fading with time rather than with
+    /// decisions, because demand comes in bursts: with an average of the
+    /// gaps, a burst's many short ones hid the pause after it, busy leases
+    /// went back as idle between bursts, and each next burst missed and
+    /// waited for a refill (in some runs at 1,000 keys, a third of all
+    /// decisions). A decision that waited for a refill comes with the
+    /// time it was asked at, earlier than the last spend's: it says
+    /// nothing of the gaps.
     fn touched(&mut self, now: Millis) {
         if now < self.last_spent {
             return;
         }
-        self.gap = (3 * self.gap + (now - self.last_spent).min(60_000)) / 4;
+        let gap = (now - self.last_spent).min(60_000) as f64;
+        let faded = self.longest_gap * 0.5f64.powf(gap / GAP_HALF_LIFE as f64);
+        self.longest_gap = gap.max(faded);
         self.last_spent = now;
+    }
+
+    /// How long nothing must spend from it before it counts as idle.
+    fn quiet(&self, idle: Millis) -> Millis {
+        idle.max((IDLE_GAPS * self.longest_gap) as Millis)
     }
 }
 
@@ -176,12 +185,17 @@ pub struct LeaseBook {
     leases: HashMap<String, Lease>,
 }
 
-/// How many of a lease's usual gaps between spends pass with none before
-/// it counts as idle. Under steady random demand a gap longer than k usual
-/// ones comes with a chance of about e^-k per spend: at 4, one busy lease
-/// in fifty went back by mistake and cost a refill (a third of all
-/// refills at 1,000 keys); at 8 it is one in three thousand.
-pub const IDLE_GAPS: Millis = 8;
+/// How many of a lease's longest recent gap between spends pass with none
+/// before it counts as idle. Under steady random demand at a mean gap of
+/// m, the longest recent gap is about m·ln(n) for the n gaps of the last
+/// [`GAP_HALF_LIFE`]; a gap six times that comes with a chance of under
+/// e^-9 per spend once n is past 4.
+pub const IDLE_GAPS: f64 = 6.0;
+
+/// The longest recent gap between spends fades by half over this long
+/// (ms): a counter whose demand quickens is judged on its new gaps within
+/// a few of these.
+pub const GAP_HALF_LIFE: Millis = 2_000;
 
 /// A busy lease is renewed once 1/`RENEW_AT` of its time or of its
 /// grant is left (see [`LeaseBook::renewals`]).
@@ -471,7 +485,7 @@ impl LeaseBook {
                 || lease.granted == 0
                 || lease.usable_until <= now
                 || op.grant.is_some()
-                || now.saturating_sub(lease.last_spent) >= config.idle.max(IDLE_GAPS * lease.gap)
+                || now.saturating_sub(lease.last_spent) >= lease.quiet(config.idle)
             {
                 continue;
             }
@@ -625,7 +639,7 @@ impl LeaseBook {
                 return true;
             }
             if lease.usable_until > now {
-                let quiet = idle.max(IDLE_GAPS * lease.gap);
+                let quiet = lease.quiet(idle);
                 if lease.remaining == 0 || now.saturating_sub(lease.last_spent) < quiet {
                     return true;
                 }

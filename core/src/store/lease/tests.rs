@@ -273,7 +273,7 @@ fn a_lease_nothing_spends_from_goes_back_idle_before_its_life_ends() {
 }
 
 /// A lease spent from every 50 ms is not idle after a pause of four such
-/// gaps, which steady random demand often has, only after eight.
+/// gaps, which steady random demand often has, only after six.
 #[test]
 fn a_lease_goes_back_idle_only_after_several_of_its_usual_gaps() {
     // On the real clock: a new lease's first gap is not timed from 0.
@@ -290,9 +290,10 @@ fn a_lease_goes_back_idle_only_after_several_of_its_usual_gaps() {
         vec![],
         "four gaps: still in use"
     );
-    assert_eq!(book.expired(last + (IDLE_GAPS - 1) * 50), vec![]);
+    let gaps = IDLE_GAPS as Millis;
+    assert_eq!(book.expired(last + (gaps - 1) * 50), vec![]);
     assert_eq!(
-        book.expired(last + IDLE_GAPS * 50),
+        book.expired(last + gaps * 50),
         vec![Return {
             key: "a".into(),
             unused: 988
@@ -669,9 +670,32 @@ fn decisions_that_waited_do_not_make_a_busy_lease_look_idle() {
     assert_eq!(
         book.expired(t + 250),
         vec![],
-        "250 ms is about three of its usual gaps"
+        "250 ms is about three of its gaps"
     );
-    assert!(book.spend(std::slice::from_ref(&a), t + 251).is_some());
-    let back = book.expired(t + 251 + 8 * 80 + 1);
-    assert_eq!(back.len(), 1, "idle for eight of its usual gaps: {back:?}");
+    let back = book.expired(t + IDLE_GAPS as Millis * 80);
+    assert_eq!(back.len(), 1, "idle for six of its gaps: {back:?}");
+}
+
+/// Demand in bursts (eight decisions a millisecond apart every 400 ms):
+/// the pause between two bursts is not taken for idleness, however short
+/// the gaps within them; a pause of six of them is.
+#[test]
+fn a_lease_spent_in_bursts_is_not_idle_between_them() {
+    // Living long enough that only idleness sends it back.
+    let mut book = LeaseBook::new(LeaseConfig {
+        lifetime: 20_000,
+        ..LeaseConfig::default()
+    });
+    let a = op("a", 1, 1_000_000);
+    refill(&mut book, std::slice::from_ref(&a), 0, 1_000, 0);
+    let mut t = 0;
+    for _ in 0..6 {
+        t += 400;
+        for i in 0..8 {
+            assert!(book.spend(std::slice::from_ref(&a), t + i).is_some());
+        }
+        assert_eq!(book.expired(t + 7 + 399), vec![], "between bursts at {t}");
+    }
+    let back = book.expired(t + 7 + IDLE_GAPS as Millis * 400);
+    assert_eq!(back.len(), 1, "six pauses long: {back:?}");
 }
