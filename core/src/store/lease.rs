@@ -287,31 +287,38 @@ impl LeaseBook {
     /// op has no live lease holding its amount under the same limit (or,
     /// for an approval gate, no grant seen open).
     pub fn spend(&mut self, ops: &[CounterOp], now: Millis) -> Option<Vec<CounterState>> {
-        if ops.is_empty()
-            || !ops
-                .iter()
-                .all(|op| self.leases.get(&op.key).is_some_and(|l| l.serves(op, now)))
-        {
+        if ops.is_empty() {
             return None;
         }
-        Some(
-            ops.iter()
-                .map(|op| {
-                    let lease = self.leases.get_mut(&op.key).expect("checked above");
-                    let state = CounterState {
-                        used_before: lease.seen - lease.remaining,
-                        resets_at: None,
-                        grant: lease.grant,
-                        leased: 0,
-                    };
-                    lease.remaining -= op.amount;
-                    lease.spent += op.amount;
-                    lease.dirty = true;
-                    lease.touched(now);
-                    state
-                })
-                .collect(),
-        )
+        // One lookup an op: each is spent as it is checked, and those
+        // spent are put back as they were if a later one cannot be.
+        let mut states = Vec::with_capacity(ops.len());
+        let mut undo = Vec::with_capacity(ops.len());
+        for op in ops {
+            let Some(lease) = self.leases.get_mut(&op.key).filter(|l| l.serves(op, now)) else {
+                for (op, (last_spent, longest_gap, dirty)) in ops.iter().zip(undo) {
+                    let lease = self.leases.get_mut(&op.key).expect("spent above");
+                    lease.remaining += op.amount;
+                    lease.spent -= op.amount;
+                    lease.last_spent = last_spent;
+                    lease.longest_gap = longest_gap;
+                    lease.dirty = dirty;
+                }
+                return None;
+            };
+            undo.push((lease.last_spent, lease.longest_gap, lease.dirty));
+            states.push(CounterState {
+                used_before: lease.seen - lease.remaining,
+                resets_at: None,
+                grant: lease.grant,
+                leased: 0,
+            });
+            lease.remaining -= op.amount;
+            lease.spent += op.amount;
+            lease.dirty = true;
+            lease.touched(now);
+        }
+        Some(states)
     }
 
     /// What a decision going to the store gives back and asks for, per op

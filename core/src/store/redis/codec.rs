@@ -254,22 +254,24 @@ fn decode_numbers(rid: &str, numbers: &[i64], replayed: bool) -> Option<ReserveO
 /// A request id's outcome, remembered until `until`: the form
 /// `reserve.lua` writes, so that both read each other's.
 pub(super) fn encode_replay(until: Millis, o: &ReserveOutcome) -> String {
-    let mut text = format!(
-        "{until} {} {} {}",
-        o.reservation_id.as_deref().unwrap_or("-"),
-        o.applied.map_or(-1, |a| a as i64),
-        o.tried.len()
-    );
+    let ops: usize = o.tried.iter().map(Vec::len).sum();
+    let mut text = String::with_capacity(48 + 8 * o.tried.len() + 40 * ops);
+    let mut numbers = itoa::Buffer::new();
+    let mut number = |text: &mut String, n: i64| {
+        text.push(' ');
+        text.push_str(numbers.format(n));
+    };
+    text.push_str(itoa::Buffer::new().format(until));
+    text.push(' ');
+    text.push_str(o.reservation_id.as_deref().unwrap_or("-"));
+    number(&mut text, o.applied.map_or(-1, |a| a as i64));
+    number(&mut text, o.tried.len() as i64);
     for states in &o.tried {
-        let _ = write!(text, " {}", states.len());
+        number(&mut text, states.len() as i64);
         for s in states {
-            let _ = write!(
-                text,
-                " {} {} {}",
-                s.used_before,
-                s.resets_at.unwrap_or(-1),
-                s.grant.unwrap_or(-1)
-            );
+            number(&mut text, s.used_before);
+            number(&mut text, s.resets_at.unwrap_or(-1));
+            number(&mut text, s.grant.unwrap_or(-1));
         }
     }
     text
