@@ -270,12 +270,24 @@ local function lease_for(o, base)
 end
 
 -- Records replica's lease on counter `key` (none when `amount` is 0),
--- used for `life` ms.
+-- used for `life` ms. `adds`: the replica gave nothing back (a top-up or
+-- a renewal), so it still holds what its live entry last said, and the
+-- grant is added to that: an entry naming the grant alone would have a
+-- replica that dies before its next report reclaimed short, and the cap
+-- never fill. (Its last report may be up to 250 ms stale, as for any
+-- reclaim.)
 -- The hash lives as long as the counter (`exp`, as an op's expiry: 0 for
 -- never), so that a dead replica's entry stays until it is reclaimed.
-local function note_lease(key, amount, life, exp)
+local function note_lease(key, amount, life, exp, adds)
   local lkey = lease_key(key)
   if amount > 0 then
+    if adds then
+      local prev = call('HGET', lkey, replica)
+      local sep = prev and string.find(prev, ' ', 1, true)
+      if sep and tonumber(string.sub(prev, sep + 1)) > now then
+        amount = amount + tonumber(string.sub(prev, 1, sep - 1))
+      end
+    end
     call('HSET', lkey, replica, int(amount) .. ' ' .. int(now + tonumber(life)))
     if exp == '0' then
       call('PERSIST', lkey)
@@ -312,7 +324,9 @@ if applied then
         local got = lease_for(o, base)
         leased[o + 1] = got
         amount = int(tonumber(amount) - unused_of[o] + got)
-        if got > 0 or unused_of[o] > 0 then note_lease(key, got, ARGV[base + 7], exp) end
+        if got > 0 or unused_of[o] > 0 then
+          note_lease(key, got, ARGV[base + 7], exp, unused_of[o] == 0)
+        end
       end
       if values[o + 1] or exp == '0' then
         call('INCRBY', key, amount)
