@@ -60,8 +60,9 @@ struct Entry {
 pub(super) struct Pending {
     /// Reservation key, record, lifetime (ms).
     pub records: Vec<(String, String, Millis)>,
-    /// Where a request id is kept, and its outcome.
-    pub replays: Vec<(ReplaySpot, String)>,
+    /// Where a request id is kept, its outcome, and until when that is
+    /// valid (a window after its decision).
+    pub replays: Vec<(ReplaySpot, String, Millis)>,
     /// The decision each replay belongs to, by index.
     pub replay_ids: Vec<Decided>,
     /// Counter key, delta.
@@ -266,7 +267,7 @@ impl Local {
         }
         while let Some((_, key, text, until, id)) = self.replays_unwritten.pop_front() {
             if until > now {
-                batch.replays.push((key, text));
+                batch.replays.push((key, text, until));
                 batch.replay_ids.push(id);
             }
         }

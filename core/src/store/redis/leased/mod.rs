@@ -470,6 +470,12 @@ impl LeasedStore {
         }
     }
 
+    /// Takes back all a local decision charged on each of its counters.
+    fn give_back(&self, ops: &[(String, i64)], now: Millis) {
+        let deltas: Vec<i64> = ops.iter().map(|(_, reserved)| -reserved).collect();
+        self.move_local(ops, &deltas, now);
+    }
+
     /// Moves a local reservation's counters by `deltas` (actual less
     /// reserved): through its leases where they can take it, the rest in
     /// the next batch.
@@ -626,16 +632,12 @@ impl LeasedStore {
                 }
                 // No record: its counters go back by what it charged,
                 // through the leases or the next batch.
-                Decided::Final(ops) => {
-                    let deltas: Vec<i64> = ops.iter().map(|(_, a)| -a).collect();
-                    self.move_local(&ops, &deltas, now);
-                }
+                Decided::Final(ops) => self.give_back(&ops, now),
                 // Kept here: taken back as the gate would, once.
                 Decided::Held(id, ops) => {
                     let taken = self.local.lock().unwrap().settle(&id, now);
                     if !matches!(taken, Some(Err(SettleOutcome::AlreadySettled))) {
-                        let deltas: Vec<i64> = ops.iter().map(|(_, a)| -a).collect();
-                        self.move_local(&ops, &deltas, now);
+                        self.give_back(&ops, now);
                     }
                 }
             }
@@ -653,8 +655,8 @@ impl LeasedStore {
         enum Item<'b> {
             Record(&'b str, &'b str, Millis),
             /// Request ids of one replay hash: each one's index in
-            /// `batch.replays`, field and outcome.
-            Replays(&'b ReplaySpot, Vec<(usize, &'b str, &'b str)>),
+            /// `batch.replays`, field, outcome, and until when it is valid.
+            Replays(&'b ReplaySpot, Vec<(usize, &'b str, &'b str, Millis)>),
             Move(&'b str, i64),
             Return(&'b str, i64),
             Update(&'b str, i64, Millis),
@@ -677,12 +679,12 @@ impl LeasedStore {
         }
         let mut hashes: std::collections::BTreeMap<&str, (&ReplaySpot, Vec<_>)> =
             Default::default();
-        for (i, (spot, text)) in batch.replays.iter().enumerate() {
+        for (i, (spot, text, until)) in batch.replays.iter().enumerate() {
             hashes
                 .entry(&spot.base)
                 .or_insert_with(|| (spot, Vec::new()))
                 .1
-                .push((i, spot.field.as_str(), text.as_str()));
+                .push((i, spot.field.as_str(), text.as_str(), *until));
         }
         for (base, (spot, mut ids)) in hashes {
             // A few hundred at most in one item: the script spreads them
@@ -725,23 +727,18 @@ impl LeasedStore {
                         inv.key(key).arg("r").arg(text).arg(lifetime);
                     }
                     Item::Replays(spot, ref ids) => {
-                        // Each outcome begins with when it stops being
-                        // valid: a window after its decision.
+                        // Each outcome is valid for a window from its
+                        // decision.
                         let earliest = ids
                             .iter()
-                            .map(|(_, _, text)| {
-                                text.split(' ')
-                                    .next()
-                                    .and_then(|until| until.parse::<Millis>().ok())
-                                    .map_or(now - spot.window, |until| until - spot.window)
-                            })
+                            .map(|&(.., until)| until - spot.window)
                             .min()
                             .unwrap_or(now);
                         inv.key(&spot.base)
                             .arg("q")
                             .arg(spot.batch_buckets_arg(now, earliest))
                             .arg(ids.len());
-                        for &(i, field, text) in ids {
+                        for &(i, field, text, _) in ids {
                             inv.arg(field).arg(text);
                             replays.push(i);
                         }
@@ -897,8 +894,7 @@ impl CounterStore for LeasedStore {
         let found = self.local.lock().unwrap().settle(id, now);
         match found {
             Some(Ok(ops)) => {
-                let deltas: Vec<i64> = ops.iter().map(|(_, reserved)| -reserved).collect();
-                self.move_local(&ops, &deltas, now);
+                self.give_back(&ops, now);
                 Ok(SettleOutcome::Settled)
             }
             Some(Err(outcome)) => Ok(outcome),
