@@ -341,6 +341,26 @@ async fn metrics_count_every_decision_over_grpc_and_http() {
         Some(1.0)
     );
     assert_eq!(m.samples("tollgate_policy_info").len(), 1);
+    // A decision under the new limit moves the scope's limit gauge, which
+    // is set only when the limit changes.
+    let limit = |m: &Scrape| {
+        m.value(
+            "tollgate_usage_limit",
+            &[
+                ("rule", "team-daily"),
+                ("scope", "team=a"),
+                ("unit", "requests"),
+            ],
+        )
+    };
+    assert_eq!(limit(&m), Some(3.0));
+    let r = grpc
+        .check(check("a", "a-after"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(verdict(&r), pb::Verdict::Allow, "the 4th of a limit of 4");
+    assert_eq!(limit(&Scrape::take(server.http_port).await), Some(4.0));
 }
 
 /// Store faults are counted by kind, and the decision they failed is

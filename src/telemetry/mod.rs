@@ -5,6 +5,7 @@
 //! (the library, tests) they do nothing. `serve` installs the Prometheus
 //! recorder once, and `/metrics` renders it.
 
+mod handles;
 mod in_flight;
 mod scopes;
 
@@ -17,8 +18,8 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::status::PolicyStatus;
 use audit::AuditLog;
 use tollgate_core::engine::window::Millis;
-use tollgate_core::engine::{Decision, Verdict};
-use tollgate_core::gate::{DecisionReport, GateError, Observer, TopUpReport};
+use tollgate_core::engine::Verdict;
+use tollgate_core::gate::{DecisionReport, Observer, TopUpReport};
 use tollgate_core::store::StoreError;
 
 pub mod audit;
@@ -259,6 +260,10 @@ pub struct Telemetry {
     spend_labels: SpendLabels,
     /// The dashboard's activity feed, once the server starts one.
     dashboard: OnceLock<dashboard::DashboardFeed>,
+    decisions: handles::DecisionCounters,
+    /// Taken from the recorder at first use, after `serve` installed it.
+    decision_duration: OnceLock<metrics::Histogram>,
+    store_duration: OnceLock<metrics::Histogram>,
 }
 
 /// The (model, team) label pairs of the spend metrics, bounded: past
@@ -295,6 +300,9 @@ impl Telemetry {
             prometheus: OnceLock::new(),
             spend_labels: SpendLabels::default(),
             dashboard: OnceLock::new(),
+            decisions: handles::DecisionCounters::default(),
+            decision_duration: OnceLock::new(),
+            store_duration: OnceLock::new(),
         }
     }
 
@@ -358,8 +366,6 @@ fn render_policy(text: &mut String, s: &PolicyStatus) {
     );
 }
 
-/// The gate reports to telemetry: metrics for every decision and store
-/// call, the tracked scopes, reservations in flight, and the decision log.
 /// A failed write of the embedded store's data directory (`file` is `log`
 /// or `snapshot`); called from the store's writer thread.
 /// Copies the leasing store's counts into the metrics, every second
@@ -392,9 +398,19 @@ pub fn record_store_disk_error(file: &'static str) {
     metrics::counter!(names::STORE_DISK_ERRORS, "file" => file).increment(1);
 }
 
+/// The gate reports to telemetry: metrics for every decision and store
+/// call, the tracked scopes, reservations in flight, and the decision log.
 impl Observer for Telemetry {
     fn decided(&self, report: &DecisionReport<'_>) {
-        record_decision(report.result, report.elapsed);
+        let (result, reason, rule) = match report.result {
+            Ok(d) => (d.verdict.name(), d.reason.code(), d.rule.as_deref()),
+            Err(e) => ("error", e.code(), None),
+        };
+        self.decisions
+            .increment(result, reason, rule.unwrap_or_default());
+        self.decision_duration
+            .get_or_init(|| metrics::histogram!(names::DECISION_DURATION))
+            .record(report.elapsed.as_secs_f64());
         if let Ok(d) = report.result {
             let feed = self.dashboard.get();
             for counter in &d.counters {
@@ -428,7 +444,9 @@ impl Observer for Telemetry {
     }
 
     fn store_call(&self, elapsed: Duration, error: Option<&StoreError>) {
-        metrics::histogram!(names::STORE_DURATION).record(elapsed.as_secs_f64());
+        self.store_duration
+            .get_or_init(|| metrics::histogram!(names::STORE_DURATION))
+            .record(elapsed.as_secs_f64());
         if let Some(e) = error {
             metrics::counter!(names::STORE_ERRORS, "kind" => e.kind()).increment(1);
         }
@@ -473,18 +491,4 @@ impl Observer for Telemetry {
     fn withdraw_failed(&self) {
         metrics::counter!(names::WITHDRAWN, "outcome" => "failed").increment(1);
     }
-}
-
-fn record_decision(result: &Result<Decision, GateError>, elapsed: Duration) {
-    let (result, reason, rule) = match result {
-        Ok(d) => (
-            d.verdict.name(),
-            d.reason.code(),
-            d.rule.clone().unwrap_or_default(),
-        ),
-        Err(e) => ("error", e.code(), String::new()),
-    };
-    metrics::counter!(names::DECISIONS, "result" => result, "reason" => reason, "rule" => rule)
-        .increment(1);
-    metrics::histogram!(names::DECISION_DURATION).record(elapsed.as_secs_f64());
 }

@@ -15,6 +15,7 @@ use std::sync::RwLock;
 use metrics::{Counter, Gauge};
 use rust_decimal::prelude::ToPrimitive;
 
+use super::handles::ByHash;
 use super::names;
 use tollgate_core::engine::CounterReport;
 
@@ -22,12 +23,25 @@ const SHARDS: usize = 16;
 
 #[derive(Debug)]
 struct Tracked {
+    rule: String,
+    scope: String,
     used: Gauge,
     limit: Gauge,
+    /// The limit last set, as `f64` bits: a limit changes only with the
+    /// policy, so most decisions leave its gauge alone.
+    limit_set: AtomicU64,
     decisions: Counter,
 }
 
-type Shard = HashMap<String, HashMap<String, Tracked>>;
+impl Tracked {
+    fn is(&self, rule: &str, scope: &str) -> bool {
+        self.scope == scope && self.rule == rule
+    }
+}
+
+/// The pairs of one shard, by the hash of (rule, scope) that also chose
+/// the shard: one hash per report.
+type Shard = ByHash<Tracked>;
 
 #[derive(Debug)]
 pub struct ScopeTracker {
@@ -47,7 +61,7 @@ pub struct ScopeTracker {
 impl ScopeTracker {
     pub fn new(max: usize) -> ScopeTracker {
         ScopeTracker {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: Default::default(),
             len: AtomicUsize::new(0),
             max,
@@ -57,20 +71,25 @@ impl ScopeTracker {
         }
     }
 
-    fn shard(&self, rule: &str, scope: &str) -> &RwLock<Shard> {
+    fn hash(&self, rule: &str, scope: &str) -> u64 {
         let mut h = self.hasher.build_hasher();
         rule.hash(&mut h);
         scope.hash(&mut h);
-        &self.shards[h.finish() as usize % SHARDS]
+        h.finish()
     }
 
     /// Records a counter's standing as a decision reported it; true when
     /// the pair is tracked from now on.
     pub fn observe(&self, report: &CounterReport) -> bool {
-        let shard = self.shard(&report.rule, &report.scope);
+        let (rule, scope) = (report.rule.as_str(), report.scope.as_str());
+        let hash = self.hash(rule, scope);
+        let shard = &self.shards[hash as usize % SHARDS];
         {
             let map = shard.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(t) = map.get(&report.rule).and_then(|m| m.get(&report.scope)) {
+            if let Some(t) = map
+                .get(&hash)
+                .and_then(|l| l.iter().find(|t| t.is(rule, scope)))
+            {
                 set(t, report);
                 return false;
             }
@@ -81,8 +100,8 @@ impl ScopeTracker {
             return false;
         }
         let mut map = shard.write().unwrap_or_else(|e| e.into_inner());
-        let scopes = map.entry(report.rule.clone()).or_default();
-        if let Some(t) = scopes.get(&report.scope) {
+        let same_hash = map.entry(hash).or_default();
+        if let Some(t) = same_hash.iter().find(|t| t.is(rule, scope)) {
             set(t, report);
             return false;
         }
@@ -97,12 +116,15 @@ impl ScopeTracker {
             ("unit", report.unit.name().to_string()),
         ];
         let t = Tracked {
+            rule: report.rule.clone(),
+            scope: report.scope.clone(),
             used: metrics::gauge!(names::USAGE_USED, &labels),
             limit: metrics::gauge!(names::USAGE_LIMIT, &labels),
+            limit_set: AtomicU64::new(f64::NAN.to_bits()),
             decisions: metrics::counter!(names::USAGE_DECISIONS, &labels[..2]),
         };
         set(&t, report);
-        scopes.insert(report.scope.clone(), t);
+        same_hash.push(t);
         true
     }
 
@@ -142,12 +164,9 @@ impl ScopeTracker {
             .iter()
             .flat_map(|s| {
                 let map = s.read().unwrap_or_else(|e| e.into_inner());
-                map.iter()
-                    .flat_map(|(rule, scopes)| {
-                        scopes
-                            .keys()
-                            .map(move |scope| (rule.clone(), scope.clone()))
-                    })
+                map.values()
+                    .flatten()
+                    .map(|t| (t.rule.clone(), t.scope.clone()))
                     .collect::<Vec<_>>()
             })
             .collect();
@@ -175,7 +194,10 @@ impl ScopeTracker {
 
 fn set(t: &Tracked, r: &CounterReport) {
     t.used.set(r.used.to_f64().unwrap_or(f64::MAX));
-    t.limit.set(r.limit.to_f64().unwrap_or(f64::MAX));
+    let limit = r.limit.to_f64().unwrap_or(f64::MAX);
+    if t.limit_set.swap(limit.to_bits(), Ordering::Relaxed) != limit.to_bits() {
+        t.limit.set(limit);
+    }
     t.decisions.increment(1);
 }
 
