@@ -1411,32 +1411,103 @@ pub fn grant_view(g: &Grant) -> serde_json::Value {
 /// reservation.
 fn replay_id(request_id: &str, attrs: &Attributes, estimate: &Estimate) -> String {
     use sha2::{Digest, Sha256};
-    use std::fmt::Write;
-    /// Feeds formatted text straight into the hash, so that nothing is
-    /// formatted into a string of its own first.
-    struct Feed(Sha256);
-    impl Write for Feed {
-        fn write_str(&mut self, s: &str) -> std::fmt::Result {
-            self.0.update(s.as_bytes());
-            Ok(())
+    let mut h = Sha256::new();
+    let mut field = |name: &[&str], value: &[u8]| {
+        for part in name {
+            h.update(part.as_bytes());
         }
-    }
-    // Each field as `name\0value\0`, the bytes the id has always hashed.
-    let mut h = Feed(Sha256::new());
-    let _ = write!(h, "request_id\0{request_id}\0");
+        // The value's length first: no value, whatever bytes it holds,
+        // reads as the end of one field and the start of another.
+        h.update([0]);
+        h.update((value.len() as u64).to_le_bytes());
+        h.update(value);
+    };
+    field(&["request_id"], request_id.as_bytes());
     for attr in crate::policy::Attr::WELL_KNOWN.iter() {
         if let Some(v) = attrs
             .get(attr)
             .filter(|_| *attr != crate::policy::Attr::ModelFamily)
         {
-            let _ = write!(h, "{}\0{v}\0", attr.name());
+            field(&[attr.name()], v.as_bytes());
         }
     }
     for (k, v) in &attrs.labels {
-        let _ = write!(h, "labels.{k}\0{v}\0");
+        field(&["labels.", k], v.as_bytes());
     }
-    let _ = write!(h, "estimate\0{estimate:?}\0");
-    crate::policy::hex(&h.0.finalize()[..16])
+    estimate_fields(estimate, &mut |name, value| {
+        field(&["estimate.", name], value)
+    });
+    crate::policy::hex(&h.finalize()[..16])
+}
+
+/// Each field of an estimate that is set, by name, with its value's bytes:
+/// what a replay of the same request must repeat. Every field is named
+/// here, so that one added to [`Estimate`] cannot be left out unseen.
+fn estimate_fields(estimate: &Estimate, field: &mut dyn FnMut(&str, &[u8])) {
+    let Estimate {
+        input_tokens,
+        cached_input_tokens,
+        output_tokens,
+        images,
+        image_quality,
+        video_seconds,
+        audio_seconds,
+        detail,
+        prompt,
+    } = estimate;
+    let crate::engine::charge::Detail {
+        cache_write_tokens,
+        reasoning_tokens,
+        audio_input_tokens,
+        audio_output_tokens,
+        batch,
+        calls,
+    } = detail;
+    for (name, n) in [
+        ("input_tokens", input_tokens),
+        ("cached_input_tokens", cached_input_tokens),
+        ("output_tokens", output_tokens),
+        ("images", images),
+    ] {
+        if let Some(n) = n {
+            field(name, &u64::to_le_bytes(*n));
+        }
+    }
+    for (name, n) in [
+        ("cache_write_tokens", cache_write_tokens),
+        ("reasoning_tokens", reasoning_tokens),
+        ("audio_input_tokens", audio_input_tokens),
+        ("audio_output_tokens", audio_output_tokens),
+    ] {
+        if *n != 0 {
+            field(name, &u64::to_le_bytes(*n));
+        }
+    }
+    if *batch {
+        field("batch", &u64::to_le_bytes(1));
+    }
+    if let Some(q) = image_quality {
+        field("image_quality", q.as_bytes());
+    }
+    for (name, seconds) in [
+        ("video_seconds", video_seconds),
+        ("audio_seconds", audio_seconds),
+    ] {
+        if let Some(s) = seconds {
+            // Normalized, so that 1.50 and 1.5 are the same estimate.
+            field(name, s.normalize().to_string().as_bytes());
+        }
+    }
+    for (name, n) in calls {
+        field("calls", name.as_bytes());
+        field("calls.n", &u64::to_le_bytes(*n));
+    }
+    if let Some(p) = prompt {
+        // Its size, never its text: the estimate's other fields already
+        // say what it is expected to cost.
+        field("prompt.bytes", &u64::to_le_bytes(p.bytes() as u64));
+        field("prompt.messages", &u64::to_le_bytes(p.messages()));
+    }
 }
 
 /// An id derived from another, for what must be the same on a replay.
@@ -1480,36 +1551,32 @@ fn new_reservation_id() -> String {
 mod replay_id_tests {
     use super::*;
 
-    /// The id as it was first computed, each field formatted into a
-    /// string of its own: ids must not change across an upgrade, or a
-    /// repeat that straddles one would be charged twice.
-    fn replay_id_from_strings(request_id: &str, attrs: &Attributes, estimate: &Estimate) -> String {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        let mut field = |name: &str, value: &str| {
-            h.update(name.as_bytes());
-            h.update([0]);
-            h.update(value.as_bytes());
-            h.update([0]);
+    fn estimate() -> Estimate {
+        let mut e = Estimate {
+            input_tokens: Some(120),
+            cached_input_tokens: Some(20),
+            output_tokens: Some(900),
+            images: Some(2),
+            image_quality: Some("hd".into()),
+            video_seconds: Some(rust_decimal::Decimal::new(15, 1)),
+            audio_seconds: Some(rust_decimal::Decimal::new(3, 0)),
+            prompt: Some(crate::engine::tokens::Prompt::new(
+                vec!["hello".into()],
+                vec!["user".into()],
+                1,
+            )),
+            ..Estimate::default()
         };
-        field("request_id", request_id);
-        for attr in crate::policy::Attr::WELL_KNOWN.iter() {
-            if let Some(v) = attrs
-                .get(attr)
-                .filter(|_| *attr != crate::policy::Attr::ModelFamily)
-            {
-                field(attr.name(), v);
-            }
-        }
-        for (k, v) in &attrs.labels {
-            field(&format!("labels.{k}"), v);
-        }
-        field("estimate", &format!("{estimate:?}"));
-        crate::policy::hex(&h.finalize()[..16])
+        e.detail.cache_write_tokens = 5;
+        e.detail.reasoning_tokens = 6;
+        e.detail.audio_input_tokens = 7;
+        e.detail.audio_output_tokens = 8;
+        e.detail.batch = true;
+        e.detail.calls.insert("web_search".into(), 2);
+        e
     }
 
-    #[test]
-    fn the_replay_id_is_the_same_bytes_hashed_as_before() {
+    fn attrs() -> Attributes {
         let mut attrs = Attributes {
             key: Some("sha256:abc".into()),
             team: Some("growth".into()),
@@ -1517,25 +1584,84 @@ mod replay_id_tests {
             ..Attributes::default()
         };
         attrs.labels.insert("tier".into(), "gold\u{e9}".into());
-        let estimate = Estimate {
-            input_tokens: Some(120),
-            output_tokens: Some(900),
-            image_quality: Some("hd".into()),
-            ..Estimate::default()
+        attrs
+    }
+
+    /// Ids must not change across an upgrade, or a repeat that straddles
+    /// one would be charged twice. The expected id is SHA-256 over each
+    /// field as `name NUL length(u64 LE) value`, numbers as u64 LE,
+    /// computed apart from this code.
+    #[test]
+    fn the_replay_id_of_a_request_stays_what_it_was() {
+        assert_eq!(
+            replay_id("req-1", &attrs(), &estimate()),
+            "cbab0f4fac8326eb9d73785ad7b0cde1"
+        );
+    }
+
+    #[test]
+    fn every_field_of_the_estimate_changes_the_replay_id() {
+        let base = estimate();
+        let id = |e: &Estimate| replay_id("req-1", &attrs(), e);
+        let mut variants: Vec<Estimate> = Vec::new();
+        let mut vary = |f: &dyn Fn(&mut Estimate)| {
+            let mut e = base.clone();
+            f(&mut e);
+            variants.push(e);
         };
-        for id in ["req-1", "", "x\u{0}y"] {
-            assert_eq!(
-                replay_id(id, &attrs, &estimate),
-                replay_id_from_strings(id, &attrs, &estimate)
+        vary(&|e| e.input_tokens = Some(121));
+        vary(&|e| e.input_tokens = None);
+        vary(&|e| e.cached_input_tokens = Some(21));
+        vary(&|e| e.output_tokens = Some(901));
+        vary(&|e| e.images = Some(3));
+        vary(&|e| e.image_quality = Some("standard".into()));
+        vary(&|e| e.video_seconds = Some(rust_decimal::Decimal::new(16, 1)));
+        vary(&|e| e.audio_seconds = None);
+        vary(&|e| e.detail.cache_write_tokens = 0);
+        vary(&|e| e.detail.reasoning_tokens = 60);
+        vary(&|e| e.detail.audio_input_tokens = 70);
+        vary(&|e| e.detail.audio_output_tokens = 80);
+        vary(&|e| e.detail.batch = false);
+        vary(&|e| {
+            e.detail.calls.insert("web_search".into(), 3);
+        });
+        vary(&|e| {
+            e.detail.calls.insert("code_exec".into(), 1);
+        });
+        vary(&|e| e.prompt = None);
+        vary(&|e| {
+            e.prompt = Some(crate::engine::tokens::Prompt::new(
+                vec!["hello!".into()],
+                vec!["user".into()],
+                1,
+            ))
+        });
+        let mut seen = std::collections::HashSet::new();
+        assert!(seen.insert(id(&base)));
+        for (i, v) in variants.iter().enumerate() {
+            assert!(
+                seen.insert(id(v)),
+                "variant {i} has the base's id or another's"
             );
         }
-        let other = Estimate {
-            output_tokens: Some(901),
-            ..estimate.clone()
-        };
+        // The same estimate, written with other trailing zeros, is a repeat.
+        let mut same = base.clone();
+        same.video_seconds = Some(rust_decimal::Decimal::new(150, 2));
+        assert_eq!(id(&same), id(&base));
+    }
+
+    #[test]
+    fn a_value_cannot_pass_for_the_end_of_its_field() {
+        let mut a = attrs();
+        let mut b = attrs();
+        a.labels.insert("x".into(), "1".into());
+        a.labels.insert("y".into(), "2".into());
+        b.labels.insert("x".into(), "1\u{0}labels.y\u{0}2".into());
+        let e = Estimate::default();
+        assert_ne!(replay_id("r", &a, &e), replay_id("r", &b, &e));
         assert_ne!(
-            replay_id("req-1", &attrs, &estimate),
-            replay_id("req-1", &attrs, &other)
+            replay_id("r", &attrs(), &e),
+            replay_id("r\u{0}", &attrs(), &e)
         );
     }
 }
