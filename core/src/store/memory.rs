@@ -263,10 +263,20 @@ impl CounterStore for MemoryStore {
                 }
             }
             for op in &candidate.ops {
-                let counter = inner.counters.entry(op.key.clone()).or_insert(Counter {
-                    value: 0,
-                    expires_at: Some(now),
-                });
+                // The key is copied only for a counter seen for the first
+                // time: most decisions add to counters that exist.
+                if !inner.counters.contains_key(&op.key) {
+                    inner.counters.insert(
+                        op.key.clone(),
+                        Counter {
+                            value: 0,
+                            expires_at: Some(now),
+                        },
+                    );
+                }
+                let Some(counter) = inner.counters.get_mut(&op.key) else {
+                    continue;
+                };
                 if !counter.live(now) {
                     *counter = Counter {
                         value: 0,
