@@ -59,12 +59,14 @@ impl DecisionCounters {
         }
         let mut known = self.known.write().unwrap_or_else(|e| e.into_inner());
         let list = known.entry(hash).or_default();
-        if !list.iter().any(|e| same(&e)) {
-            let counter = metrics::counter!(super::names::DECISIONS, "result" => result, "reason" => reason, "rule" => rule.to_string());
-            list.push((result, reason, rule.to_string(), counter));
-        }
-        if let Some(e) = list.iter().find(same) {
-            e.3.increment(1);
+        match list.iter().find(same) {
+            // Another decision registered it between the two locks.
+            Some(e) => e.3.increment(1),
+            None => {
+                let counter = metrics::counter!(super::names::DECISIONS, "result" => result, "reason" => reason, "rule" => rule.to_string());
+                counter.increment(1);
+                list.push((result, reason, rule.to_string(), counter));
+            }
         }
     }
 }

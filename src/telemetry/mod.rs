@@ -366,8 +366,6 @@ fn render_policy(text: &mut String, s: &PolicyStatus) {
     );
 }
 
-/// A failed write of the embedded store's data directory (`file` is `log`
-/// or `snapshot`); called from the store's writer thread.
 /// Copies the leasing store's counts into the metrics, every second
 /// until the store goes.
 pub fn watch_leases(stats: std::sync::Weak<tollgate_core::store::LeaseStats>) {
@@ -394,6 +392,8 @@ pub fn watch_leases(stats: std::sync::Weak<tollgate_core::store::LeaseStats>) {
     });
 }
 
+/// A failed write of the embedded store's data directory (`file` is `log`
+/// or `snapshot`); called from the store's writer thread.
 pub fn record_store_disk_error(file: &'static str) {
     metrics::counter!(names::STORE_DISK_ERRORS, "file" => file).increment(1);
 }

@@ -195,6 +195,9 @@ impl ScopeTracker {
 fn set(t: &Tracked, r: &CounterReport) {
     t.used.set(r.used.to_f64().unwrap_or(f64::MAX));
     let limit = r.limit.to_f64().unwrap_or(f64::MAX);
+    // Two decisions racing across a reload can leave the gauge at the
+    // older limit until the limit next changes; it never holds a limit
+    // no policy had.
     if t.limit_set.swap(limit.to_bits(), Ordering::Relaxed) != limit.to_bits() {
         t.limit.set(limit);
     }
