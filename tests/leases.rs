@@ -931,3 +931,136 @@ async fn a_batch_sent_again_is_applied_once() {
         "decided just before those outcomes ran out, though written after"
     );
 }
+
+/// A lease's report or return still in flight when a refill rewrote the
+/// lease's entry (or sent again after a failed batch) leaves the newer
+/// entry's amount and end alone: a replica that then died would otherwise
+/// be reclaimed for what its old lease held (overspend) or not at all.
+/// Sent by hand, as a replica's batches would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_lease_report_or_return_leaves_the_newer_entry_alone() {
+    let server = common::RedisServer::start();
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let con = client.get_multiplexed_async_connection().await.unwrap();
+    let flush = ::redis::Script::new(concat!(
+        include_str!("../core/src/store/redis/move_counter.lua"),
+        include_str!("../core/src/store/redis/leased/flush.lua")
+    ));
+    let mut batches = 0;
+    let mut send = |kind: &str, unused: i64, until: i64| {
+        batches += 1;
+        let mut inv = flush.prepare_invoke();
+        inv.key(format!("t:fb:{{}}replica.{batches}"))
+            .key("t:c:{}n")
+            .arg(1_000)
+            .arg("replica")
+            .arg(kind)
+            .arg(unused)
+            .arg(until);
+        let mut con = con.clone();
+        async move { inv.invoke_async::<Vec<i64>>(&mut con).await.unwrap() }
+    };
+    let redis = |args: &[&str]| common::redis_cli(server.port, args).trim().to_string();
+    // The counter holds 100, of which this replica's newest lease (until
+    // 3000) holds 40; its earlier lease ended at 2000.
+    redis(&["SET", "t:c:{}n", "100"]);
+    redis(&["HSET", "t:l:{}n", "replica", "40 3000"]);
+
+    send("u", 60, 2_000).await;
+    assert_eq!(
+        redis(&["HGET", "t:l:{}n", "replica"]),
+        "40 3000",
+        "a report on the earlier lease is dropped"
+    );
+    send("l", 30, 2_000).await;
+    assert_eq!(
+        redis(&["GET", "t:c:{}n"]),
+        "70",
+        "what it gave back is back"
+    );
+    assert_eq!(
+        redis(&["HGET", "t:l:{}n", "replica"]),
+        "10 3000",
+        "a return of the earlier lease lowers the newer entry, keeping it"
+    );
+    send("u", 25, 3_000).await;
+    assert_eq!(redis(&["HGET", "t:l:{}n", "replica"]), "25 3000");
+    send("l", 25, 3_000).await;
+    assert_eq!(redis(&["GET", "t:c:{}n"]), "45");
+    assert_eq!(
+        redis(&["HEXISTS", "t:l:{}n", "replica"]),
+        "0",
+        "its own return deletes it"
+    );
+    send("u", 5, 3_000).await;
+    assert_eq!(
+        redis(&["HEXISTS", "t:l:{}n", "replica"]),
+        "0",
+        "a report after the return does not bring it back"
+    );
+}
+
+/// What a replica reports of a lease reaches that lease's entry in Redis:
+/// the entry's end, as the refill's script wrote it, is the one the
+/// replica's reports name (a report naming another is dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_report_reaches_the_entry_its_refill_wrote() {
+    const YAML: &str = "
+rules:
+  - id: team-requests
+    per: [team]
+    limit: { requests: 100000000, window: none }
+";
+    let redis = common::RedisServer::start();
+    let clock = Arc::new(ManualClock::new(at(2026, 12, 1, 12, 0)));
+    let a = replica(redis.store().await, YAML, clock.clone());
+    let check = || CheckInput {
+        attributes: Attributes {
+            team: Some("growth".to_string()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let entry = || {
+        let hashes = common::redis_cli(redis.port, &["--scan", "--pattern", "tollgate:l:*"]);
+        let hash = hashes
+            .lines()
+            .next()
+            .map(str::trim)
+            .unwrap_or("")
+            .to_string();
+        let value = common::redis_cli(redis.port, &["HVALS", &hash]);
+        let mut parts = value.split_whitespace();
+        let amount = parts.next().and_then(|a| a.parse::<i64>().ok());
+        (amount, parts.next().map(str::to_string))
+    };
+    let mut decided = 0;
+    let (granted, until) = loop {
+        assert_eq!(a.gate.check(check()).await.unwrap().verdict, Verdict::Allow);
+        decided += 1;
+        if let (Some(amount), Some(until)) = entry() {
+            break (amount, until);
+        }
+        assert!(decided < 100, "no lease after {decided} decisions");
+    };
+    for _ in 0..5 {
+        assert_eq!(a.gate.check(check()).await.unwrap().verdict, Verdict::Allow);
+    }
+    clock.advance(tollgate_core::store::lease::REPORT_EVERY + 1);
+    assert_eq!(a.gate.check(check()).await.unwrap().verdict, Verdict::Allow);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (amount, end) = entry();
+        if amount.is_some_and(|a| a < granted) {
+            assert_eq!(end.as_deref(), Some(until.as_str()), "the same entry");
+            assert_eq!(amount, Some(granted - 6), "six spent from it");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the report never reached the entry: {amount:?} {end:?}, granted {granted}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.store.close(clock.now()).await.unwrap();
+}

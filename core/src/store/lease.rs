@@ -78,6 +78,11 @@ struct Lease {
     grant: Option<i64>,
     /// Spendable before this instant.
     usable_until: Millis,
+    /// When the store's entry for it lapses, as the store wrote it (the
+    /// `now` sent plus the life asked): a report or a return names it, so
+    /// that one still in flight when a later refill rewrote the entry
+    /// cannot overwrite that refill's.
+    record_until: Millis,
     /// A refill of this counter is in flight: no second one asks for more.
     refilling: bool,
     /// A renewal of this lease is in flight (see [`LeaseBook::renewals`]):
@@ -172,11 +177,13 @@ pub const LONGEST_LIFE: Millis = 5;
 /// See [`LONGEST_LIFE`].
 pub const FAR_SHARE: i64 = 1000;
 
-/// An amount handed back to the store: `unused` of counter `key`.
+/// An amount handed back to the store: `unused` of counter `key`, from
+/// the lease whose entry there lapses at `until`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Return {
     pub key: String,
     pub unused: i64,
+    pub until: Millis,
 }
 
 #[derive(Debug)]
@@ -464,6 +471,7 @@ impl LeaseBook {
             lease.grant = states.get(i).and_then(|s| s.grant);
             let life = asks[i].life.max(self.config.lifetime);
             lease.usable_until = sent_at + life - self.config.margin;
+            lease.record_until = sent_at + asks[i].life;
             lease.spent = 0;
             lease.since = sent_at;
             if !topped_up {
@@ -551,8 +559,9 @@ impl LeaseBook {
             lease.seen = state.used_before + got;
             lease.grant = state.grant;
             lease.dirty = true;
-            let life = asks.get(i).map_or(0, |a| a.life).max(self.config.lifetime);
-            lease.usable_until = sent_at + life - self.config.margin;
+            let asked = asks.get(i).map_or(0, |a| a.life);
+            lease.usable_until = sent_at + asked.max(self.config.lifetime) - self.config.margin;
+            lease.record_until = sent_at + asked;
             lease.spent = 0;
             lease.since = sent_at;
         }
@@ -656,6 +665,7 @@ impl LeaseBook {
                 out.push(Return {
                     key: key.clone(),
                     unused: std::mem::take(&mut lease.remaining),
+                    until: lease.record_until,
                 });
             }
             // Kept while decisions come (its demand estimate), then
@@ -671,7 +681,6 @@ impl LeaseBook {
     /// of it lapses. So that other replicas (and reports) see what this
     /// one holds.
     pub fn changed(&mut self, now: Millis) -> Vec<(String, i64, Millis)> {
-        let margin = self.config.margin;
         self.leases
             .iter_mut()
             .filter(|(_, l)| {
@@ -683,7 +692,7 @@ impl LeaseBook {
             .map(|(key, l)| {
                 l.dirty = false;
                 l.reported_at = now;
-                (key.clone(), l.remaining, l.usable_until + margin)
+                (key.clone(), l.remaining, l.record_until)
             })
             .collect()
     }
@@ -697,6 +706,7 @@ impl LeaseBook {
             .map(|(key, l)| Return {
                 key: key.clone(),
                 unused: std::mem::take(&mut l.remaining),
+                until: l.record_until,
             })
             .collect();
         for lease in self.leases.values_mut() {

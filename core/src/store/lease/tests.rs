@@ -214,7 +214,8 @@ fn expired_and_drained_leases_are_handed_back_once() {
         book.expired(life),
         vec![Return {
             key: "a".into(),
-            unused: 40
+            unused: 40,
+            until: LeaseConfig::default().lifetime,
         }]
     );
     assert_eq!(book.expired(life + 1), vec![], "once");
@@ -224,7 +225,8 @@ fn expired_and_drained_leases_are_handed_back_once() {
         drained,
         vec![Return {
             key: "b".into(),
-            unused: 20
+            unused: 20,
+            until: 1000 + LeaseConfig::default().lifetime,
         }]
     );
     assert_eq!(book.spend(&[b], 1001), None, "nothing after a drain");
@@ -266,7 +268,8 @@ fn a_lease_nothing_spends_from_goes_back_idle_before_its_life_ends() {
         book.expired(10 + idle),
         vec![Return {
             key: "a".into(),
-            unused: 30
+            unused: 30,
+            until: LeaseConfig::default().lifetime,
         }]
     );
     assert_eq!(book.spend(&[a], 10 + idle), None, "no longer spendable");
@@ -296,7 +299,8 @@ fn a_lease_goes_back_idle_only_after_several_of_its_usual_gaps() {
         book.expired(last + gaps * 50),
         vec![Return {
             key: "a".into(),
-            unused: 988
+            unused: 988,
+            until: t0 + LeaseConfig::default().lifetime,
         }]
     );
 }

@@ -17,8 +17,17 @@
 --                             time less the window) is there: another
 --                             replica decided it first
 --   'm' kind, delta           move the counter (see move_counter.lua)
---   'l' unused                give back `unused` of the replica's lease
---   'u' unused, until         the replica's lease now holds `unused`
+--   'l' unused, until         give back `unused` of the replica's lease
+--                             whose entry lapses at `until`
+--   'u' unused, until         that lease now holds `unused`
+-- A lease's entry in `l:{..}` (see reserve.lua) is named by its `until`,
+-- which each refill rewrites. A return or a report is about the entry of
+-- its `until` only: one still in flight when a refill rewrote the entry
+-- (or sent again after a failed batch) must not overwrite or delete the
+-- newer lease's. A report for another entry is dropped (the newer entry
+-- is at least as recent); a return for another entry lowers it by the
+-- amount given back, since a refill that added to a live entry counted it
+-- there.
 -- Returns the ordinals (1-based, among the request ids of the 'q' items)
 -- of those another replica had decided already: the replica takes its own
 -- decision's charge back.
@@ -88,18 +97,29 @@ for i = 2, #KEYS do
   else
     local brace = string.find(key, '{', 1, true)
     local lkey = string.sub(key, 1, brace - 3) .. 'l:' .. string.sub(key, brace)
-    if kind == 'l' then
-      move_counter('p', key, -tonumber(ARGV[a + 1]), now, '')
-      redis.call('HDEL', lkey, replica)
-      a = a + 2
-    else
-      if ARGV[a + 1] == '0' then
-        redis.call('HDEL', lkey, replica)
-      elseif redis.call('HEXISTS', lkey, replica) == 1 then
-        redis.call('HSET', lkey, replica, ARGV[a + 1] .. ' ' .. ARGV[a + 2])
-      end
-      a = a + 3
+    local amount, ends = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    local entry = redis.call('HGET', lkey, replica)
+    local sep = entry and string.find(entry, ' ', 1, true)
+    local held, held_until
+    if sep then
+      held, held_until = tonumber(string.sub(entry, 1, sep - 1)), string.sub(entry, sep + 1)
     end
+    local same = held_until and tonumber(held_until) == ends
+    if kind == 'l' then
+      move_counter('p', key, -amount, now, '')
+      if same or (held and held <= amount) then
+        redis.call('HDEL', lkey, replica)
+      elseif held then
+        redis.call('HSET', lkey, replica, string.format('%d', held - amount) .. ' ' .. held_until)
+      end
+    elseif same then
+      if amount == 0 then
+        redis.call('HDEL', lkey, replica)
+      else
+        redis.call('HSET', lkey, replica, ARGV[a + 1] .. ' ' .. held_until)
+      end
+    end
+    a = a + 3
   end
 end
 -- Kept well past any resend (a failed batch is sent again at the next

@@ -10,7 +10,7 @@
 //! back: it stays here until it lapses.) Bounded:
 //! a reservation is kept until it is written, or [`KEEP`] has passed (Redis
 //! down); request ids for their replay window, at most [`MAX_REPLAYS`];
-//! counter moves and lease returns are summed per counter; records and
+//! counter moves are summed per counter; records and
 //! request ids waiting for Redis are capped at [`MAX_WAITING`] each.
 
 use std::collections::{HashMap, VecDeque};
@@ -67,8 +67,8 @@ pub(super) struct Pending {
     pub replay_ids: Vec<Decided>,
     /// Counter key, delta.
     pub moves: Vec<(String, i64)>,
-    /// Counter key, unused lease handed back.
-    pub returns: Vec<(String, i64)>,
+    /// Counter key, unused lease handed back, when its entry lapses.
+    pub returns: Vec<(String, i64, Millis)>,
     /// Counter key, what the lease still holds, when its record lapses.
     pub updates: Vec<(String, i64, Millis)>,
 }
@@ -110,7 +110,6 @@ pub(super) struct Local {
     /// Request ids to write: the id, where, outcome, until, decision.
     replays_unwritten: VecDeque<(String, ReplaySpot, String, Millis, Decided)>,
     moves: HashMap<String, i64>,
-    returns: HashMap<String, i64>,
 }
 
 impl Local {
@@ -241,7 +240,6 @@ impl Local {
     pub fn take_batch(&mut self, now: Millis, redis: &RedisStore) -> Pending {
         let mut batch = Pending {
             moves: self.moves.drain().filter(|(_, d)| *d != 0).collect(),
-            returns: self.returns.drain().filter(|(_, u)| *u > 0).collect(),
             ..Pending::default()
         };
         while let Some(id) = self.unwritten.pop_front() {

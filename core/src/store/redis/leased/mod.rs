@@ -526,7 +526,7 @@ impl LeasedStore {
         batch.returns.extend(
             returns
                 .into_iter()
-                .map(|r| (self.redis.counter_key(&r.key), r.unused)),
+                .map(|r| (self.redis.counter_key(&r.key), r.unused, r.until)),
         );
         if batch.is_empty() {
             return Ok(());
@@ -658,7 +658,7 @@ impl LeasedStore {
             /// `batch.replays`, field, outcome, and until when it is valid.
             Replays(&'b ReplaySpot, Vec<(usize, &'b str, &'b str, Millis)>),
             Move(&'b str, i64),
-            Return(&'b str, i64),
+            Return(&'b str, i64, Millis),
             Update(&'b str, i64, Millis),
         }
         let mut groups: std::collections::BTreeMap<&str, Vec<Item>> = Default::default();
@@ -703,11 +703,11 @@ impl LeasedStore {
                 .or_default()
                 .push(Item::Move(key, *delta));
         }
-        for (key, unused) in &batch.returns {
+        for (key, unused, until) in &batch.returns {
             groups
                 .entry(tag(key))
                 .or_default()
-                .push(Item::Return(key, *unused));
+                .push(Item::Return(key, *unused, *until));
         }
         for (key, unused, until) in &batch.updates {
             groups
@@ -746,8 +746,8 @@ impl LeasedStore {
                     Item::Move(key, delta) => {
                         inv.key(key).arg("m").arg("p").arg(delta);
                     }
-                    Item::Return(key, unused) => {
-                        inv.key(key).arg("l").arg(unused);
+                    Item::Return(key, unused, until) => {
+                        inv.key(key).arg("l").arg(unused).arg(until);
                     }
                     Item::Update(key, unused, until) => {
                         inv.key(key).arg("u").arg(unused).arg(until);
