@@ -501,3 +501,54 @@ impl Outcomes {
         }
     }
 }
+
+/// A usage report is not a decision: it waits out a Redis busy for longer
+/// than a decision would (each of its store calls, 100 scopes a call, up
+/// to 2 s), where a check at the same moment fails closed at the store
+/// timeout, and is not charged. Redis is held busy by a script that runs for 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_report_waits_out_a_busy_redis_that_a_decision_does_not() {
+    let redis = RedisServer::start();
+    let (tollgate, _dir) = start_tollgate(&redis, 50);
+    let port = tollgate.http_port;
+    assert_eq!(check(port, "closed").await.status, 200);
+    assert_eq!(usage(port, "closed").await, Some(1));
+
+    let busy = {
+        let port = redis.port;
+        std::thread::spawn(move || {
+            let spin = "local t = redis.call('TIME'); \
+                 local start = t[1] * 1000000 + t[2]; \
+                 repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] - start > 1000000";
+            common::redis_cli(port, &["EVAL", spin, "0"])
+        })
+    };
+    // Long enough for redis-cli to have started the script: Redis runs
+    // nothing else until it ends (it answers BUSY only after 5 s).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (decision, report) = tokio::join!(check(port, "closed"), async {
+        let started = Instant::now();
+        (usage(port, "closed").await, started.elapsed())
+    });
+    assert_store_refusal(&decision, "timed out");
+    let (used, took) = report;
+    // The refused check's script ran once Redis was free, and the gate
+    // takes back what it reserved: the report may come between the two.
+    assert!(
+        matches!(used, Some(1 | 2)),
+        "the report waited for Redis ({took:?}): {used:?}"
+    );
+    assert!(
+        took > Duration::from_millis(300),
+        "{took:?}: Redis was busy"
+    );
+    busy.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while usage(port, "closed").await != Some(1) {
+        assert!(
+            Instant::now() < deadline,
+            "the refused check stayed charged"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

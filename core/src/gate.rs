@@ -35,6 +35,7 @@ mod ledger;
 mod observe;
 mod reserving;
 mod scopes;
+pub use scopes::{READER_TIMEOUT, SCOPES_PER_READ};
 mod unknown_keys;
 mod unpriced;
 

@@ -37,7 +37,7 @@ use crate::telemetry::dashboard::{
 use crate::telemetry::Telemetry;
 use tollgate_core::engine::window::{format_utc, span, Millis};
 use tollgate_core::engine::CounterReport;
-use tollgate_core::gate::{grant_view, Gate};
+use tollgate_core::gate::{grant_view, Gate, READER_TIMEOUT, SCOPES_PER_READ};
 use tollgate_core::policy::{CompiledPolicy, Enforcement, OnExceed, Rule, Window};
 use tollgate_core::store::CounterStore;
 
@@ -55,8 +55,6 @@ const HOUR: Millis = 3_600_000;
 pub const CACHE_FOR: Duration = Duration::from_secs(1);
 /// Budget rows listed at most.
 pub const MAX_ROWS: usize = 5_000;
-/// Scopes read from the store in one call.
-const READ_SLICE: usize = 100;
 /// Entries read from each log.
 const RECENT_DENIALS_READ: usize = 500;
 const RECENT_DENIALS_SHOWN: usize = 50;
@@ -67,7 +65,6 @@ pub const HISTORY_HOURS: usize = 72;
 const HISTORY_SERIES: usize = 12;
 /// An approval ask is listed this long after its last denial.
 const PENDING_FOR: Millis = 24 * HOUR;
-const STORE_READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 const INDEX_HTML: &str = include_str!("ui/index.html");
 const APP_JS: &str = include_str!("ui/app.js");
@@ -232,7 +229,7 @@ impl Dashboard {
             self.log(DENIALS_LOG, RECENT_DENIALS_READ),
             self.log(DENIAL_COUNTS_LOG, COUNTS_READ),
             self.log(ALERTS_LOG, ALERTS_SHOWN),
-            tokio::time::timeout(STORE_READ_TIMEOUT, self.gate.approvals()),
+            tokio::time::timeout(READER_TIMEOUT, self.gate.approvals()),
         );
         let mut warnings = Vec::new();
         let mut wanted: Vec<(String, String)> = local.list();
@@ -254,12 +251,8 @@ impl Dashboard {
         let mut counters = Vec::with_capacity(wanted.len());
         let mut unread = 0;
         let mut last_error = None;
-        for slice in wanted.chunks(READ_SLICE) {
-            match self
-                .gate
-                .read_scopes_within(slice, STORE_READ_TIMEOUT)
-                .await
-            {
+        for slice in wanted.chunks(SCOPES_PER_READ) {
+            match self.gate.read_scopes_within(slice, READER_TIMEOUT).await {
                 Ok(c) => counters.extend(c),
                 Err(e) => {
                     unread += slice.len();
@@ -352,7 +345,7 @@ impl Dashboard {
     }
 
     async fn log(&self, log: &str, limit: usize) -> Result<Vec<String>, String> {
-        match tokio::time::timeout(STORE_READ_TIMEOUT, self.store.entries(log, limit)).await {
+        match tokio::time::timeout(READER_TIMEOUT, self.store.entries(log, limit)).await {
             Ok(Ok(e)) => Ok(e),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("the store did not answer in time".to_string()),

@@ -141,7 +141,7 @@ async fn usage(State(state): State<HttpState>) -> Response {
     };
     let scopes = telemetry.scopes();
     let version = state.gate.policy().version.clone();
-    match state.gate.read_scopes(&scopes.list()).await {
+    match state.gate.read_all_scopes(&scopes.list()).await {
         Ok(counters) => Json(UsageReport {
             policy_version: version.to_string(),
             scopes_tracked: Some(scopes.len()),

@@ -7,20 +7,34 @@ use crate::engine::decide::{rule_counter, RuleCounter};
 use crate::engine::{Attributes, CounterReport};
 use crate::policy::{Attr, Rule};
 
+/// Scopes read in one store call by a reader of many (a usage report, the
+/// dashboard): one call over thousands holds Redis for longer than a
+/// decision waits.
+pub const SCOPES_PER_READ: usize = 100;
+
+/// How long a reader that is not deciding waits for each such call: a
+/// busy store that a decision would give up on (the decisions' store
+/// timeout, 50 ms by default) still answers it.
+pub const READER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Gate {
-    /// The current counters of (rule id, scope) pairs, read in one store
-    /// call. Pairs whose rule is no longer in the policy are left out.
-    pub async fn read_scopes(
+    /// Every scope's counters, [`SCOPES_PER_READ`] a store call, each call
+    /// bounded by [`READER_TIMEOUT`]: all of them or the first error, so
+    /// that a report never sums a part as if it were the whole.
+    pub async fn read_all_scopes(
         &self,
         scopes: &[(String, String)],
     ) -> Result<Vec<CounterReport>, GateError> {
-        self.read_scopes_within(scopes, self.config.store_timeout)
-            .await
+        let mut counters = Vec::with_capacity(scopes.len());
+        for slice in scopes.chunks(SCOPES_PER_READ) {
+            counters.extend(self.read_scopes_within(slice, READER_TIMEOUT).await?);
+        }
+        Ok(counters)
     }
 
-    /// [`Gate::read_scopes`] with the store calls bounded by `limit`
-    /// rather than the decisions' store timeout: for readers that are not
-    /// deciding and can wait (the dashboard).
+    /// The current counters of (rule id, scope) pairs, read in one store
+    /// call bounded by `limit`. Pairs whose rule is no longer in the
+    /// policy are left out.
     pub async fn read_scopes_within(
         &self,
         scopes: &[(String, String)],
