@@ -983,10 +983,17 @@ async fn a_stale_lease_report_or_return_leaves_the_newer_entry_alone() {
         "10 3000",
         "a return of the earlier lease lowers the newer entry, keeping it"
     );
+    send("l", 15, 2_000).await;
+    assert_eq!(redis(&["GET", "t:c:{}n"]), "55");
+    assert_eq!(
+        redis(&["HGET", "t:l:{}n", "replica"]),
+        "0 3000",
+        "lowered to 0 at most, and kept for the newer lease's reports"
+    );
     send("u", 25, 3_000).await;
     assert_eq!(redis(&["HGET", "t:l:{}n", "replica"]), "25 3000");
     send("l", 25, 3_000).await;
-    assert_eq!(redis(&["GET", "t:c:{}n"]), "45");
+    assert_eq!(redis(&["GET", "t:c:{}n"]), "30");
     assert_eq!(
         redis(&["HEXISTS", "t:l:{}n", "replica"]),
         "0",

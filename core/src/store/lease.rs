@@ -459,6 +459,11 @@ impl LeaseBook {
                 // The store's entry now names the grant alone: the next
                 // report corrects it.
                 lease.dirty = true;
+            } else if asks[i].unused == 0 && got > 0 && lease.record_until > sent_at {
+                // Nothing was given back, so the store added the grant to
+                // its live entry, which names what the lease held at its
+                // last report: the next report corrects it.
+                lease.dirty = true;
             } else {
                 // The grant itself told the store what it holds.
                 lease.reported_at = sent_at;
@@ -471,7 +476,10 @@ impl LeaseBook {
             lease.grant = states.get(i).and_then(|s| s.grant);
             let life = asks[i].life.max(self.config.lifetime);
             lease.usable_until = sent_at + life - self.config.margin;
-            lease.record_until = sent_at + asks[i].life;
+            if got > 0 {
+                // Only a grant rewrites the store's entry.
+                lease.record_until = sent_at + asks[i].life;
+            }
             lease.spent = 0;
             lease.since = sent_at;
             if !topped_up {
@@ -684,8 +692,12 @@ impl LeaseBook {
         self.leases
             .iter_mut()
             .filter(|(_, l)| {
+                // Not while a refill or renewal is in flight: a report
+                // landing after it names the entry it replaced, and is
+                // dropped.
                 l.dirty
                     && !l.refilling
+                    && !l.renewing
                     && l.usable_until > now
                     && (l.remaining == 0 || now.saturating_sub(l.reported_at) >= REPORT_EVERY)
             })

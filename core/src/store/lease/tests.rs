@@ -703,3 +703,51 @@ fn a_lease_spent_in_bursts_is_not_idle_between_them() {
     let back = book.expired(t + 7 + IDLE_GAPS as Millis * 400);
     assert_eq!(back.len(), 1, "six pauses long: {back:?}");
 }
+
+/// The store's entry for a lease is named by its end: a refill that
+/// granted nothing leaves the entry as it was, so the reports keep naming
+/// it; a refill that gave nothing back added its grant to the live entry,
+/// which the next report corrects; and nothing is reported while a renewal
+/// is in flight (a report landing after it would name the entry it
+/// replaced).
+#[test]
+fn reports_name_the_entry_the_store_holds() {
+    let life = LeaseConfig::default().lifetime;
+    let a = op("a", 1, 1_000_000);
+
+    let mut book = book();
+    refill(&mut book, std::slice::from_ref(&a), 0, 2, 0);
+    assert!(book.spend(std::slice::from_ref(&a), 1).is_some());
+    assert!(book.spend(std::slice::from_ref(&a), 1).is_some());
+    let asks = book.ask(std::slice::from_ref(&a), 2);
+    book.refilled(std::slice::from_ref(&a), &asks, &[state(3)], &[0], true, 2);
+    assert_eq!(
+        book.changed(3),
+        vec![("a".into(), 0, life)],
+        "refused a grant: still the first entry"
+    );
+
+    let mut book = self::book();
+    refill(&mut book, std::slice::from_ref(&a), 0, 2, 0);
+    assert!(book.spend(std::slice::from_ref(&a), 1).is_some());
+    assert!(book.spend(std::slice::from_ref(&a), 1).is_some());
+    assert_eq!(book.changed(1), vec![("a".into(), 0, life)], "spent out");
+    let asks = book.ask(std::slice::from_ref(&a), 2);
+    book.refilled(std::slice::from_ref(&a), &asks, &[state(3)], &[10], true, 2);
+    assert_eq!(
+        book.changed(1 + REPORT_EVERY),
+        vec![("a".into(), 10, 2 + life)],
+        "the store added 10 to the entry's last report: corrected"
+    );
+
+    let mut book = self::book();
+    refill(&mut book, std::slice::from_ref(&a), 0, 100, 0);
+    let usable = life - LeaseConfig::default().margin;
+    let late = usable - usable / RENEW_AT;
+    assert!(book.spend(std::slice::from_ref(&a), late).is_some());
+    assert_eq!(book.renewals(late).len(), 1);
+    assert_eq!(
+        book.changed(late + REPORT_EVERY.min(usable - late - 1)),
+        vec![]
+    );
+}

@@ -26,8 +26,8 @@
 -- (or sent again after a failed batch) must not overwrite or delete the
 -- newer lease's. A report for another entry is dropped (the newer entry
 -- is at least as recent); a return for another entry lowers it by the
--- amount given back, since a refill that added to a live entry counted it
--- there.
+-- amount given back (not below 0, and never deletes it), since a refill
+-- that added to a live entry counted it there.
 -- Returns the ordinals (1-based, among the request ids of the 'q' items)
 -- of those another replica had decided already: the replica takes its own
 -- decision's charge back.
@@ -107,10 +107,12 @@ for i = 2, #KEYS do
     local same = held_until and tonumber(held_until) == ends
     if kind == 'l' then
       move_counter('p', key, -amount, now, '')
-      if same or (held and held <= amount) then
+      if same then
         redis.call('HDEL', lkey, replica)
       elseif held then
-        redis.call('HSET', lkey, replica, string.format('%d', held - amount) .. ' ' .. held_until)
+        -- Kept, even at 0: the newer lease's reports name it.
+        redis.call('HSET', lkey, replica,
+          string.format('%d', math.max(held - amount, 0)) .. ' ' .. held_until)
       end
     elseif same then
       if amount == 0 then
